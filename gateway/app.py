@@ -1,0 +1,401 @@
+"""Wiring: the runtime's clients and their lifecycle, the public request path, both listeners.
+
+The public path runs, in order: request id -> policy freshness (row 10) ->
+identity (row 1) -> client IP and countries -> body and model -> decision (rows
+2-8) -> rate limit (row 9) -> streaming proxy -> metrics and audit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from .audit import AuditLog
+from .errors import GatewayError, decision_label, error_response, json_response
+from .geo import GeoResolver
+from .identity import AuthError, Authenticator, Identity
+from .jwks import JwksFetcher, KeyRing
+from .metrics import Metrics
+from .network import TrustedProxies, client_ip
+from .policy import Decision, Rules, decide
+from .proxy import Forwarder, ProxyOutcome, Router, upstream_request_headers
+from .ratelimit import RateLimiter, RateResult
+from .settings import Settings, read_secret
+from .store import Store
+from .watcher import PolicyWatcher
+
+log = logging.getLogger("gateway.app")
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+_UNSAFE_HEADER_CHARS = re.compile(r"[^\x20-\x7e]")
+
+
+def request_id_for(incoming: str | None) -> str:
+    if incoming is not None and _REQUEST_ID.fullmatch(incoming):
+        return incoming
+    return os.urandom(12).hex()
+
+
+def header_safe(value: str | None) -> str:
+    """Claims become upstream header values: no control or non-ASCII bytes may pass raw."""
+    if not value:
+        return ""
+    return _UNSAFE_HEADER_CHARS.sub(lambda m: "%{:02X}".format(ord(m.group()) & 0xFF), value)
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What one public request did, for metrics and the audit record."""
+
+    request_id: str
+    started: float
+    identity: Identity | None = None
+    ip: str = ""
+    ip_country: str | None = None
+    model: str | None = None
+    decision: Decision | None = None
+    status: int = 0
+    code: str = ""
+    outcome: ProxyOutcome = field(default_factory=ProxyOutcome)
+    rate: RateResult | None = None
+
+
+class ModelExtractor:
+    """The model a request names: JSON body ``model`` or ``policy.model_path_pattern``'s group."""
+
+    def __init__(self, pattern: str | None) -> None:
+        self.pattern = re.compile(pattern) if pattern else None
+
+    def extract(self, request: web.Request, body: bytes) -> str | None:
+        if self.pattern is not None:
+            match = self.pattern.search(request.path)
+            if match and match.group("model"):
+                return match.group("model")
+        if not body or body.lstrip()[:1] != b"{":
+            return None
+        try:
+            document = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise GatewayError(400, "invalid_request", "The request body is not valid JSON.") from exc
+        if not isinstance(document, dict) or "model" not in document:
+            return None
+        model = document["model"]
+        if not isinstance(model, str) or not model:
+            raise GatewayError(400, "invalid_request", "The request's 'model' must be a non-empty string.")
+        if body.count(b'"model"') > 1 and _has_duplicate_model(body):
+            # Parsers disagree on duplicate keys; the model decided on must be the one served.
+            raise GatewayError(400, "invalid_request", "The request names 'model' more than once.")
+        return model
+
+
+def _has_duplicate_model(body: bytes) -> bool:
+    import json
+
+    seen: list[int] = []
+
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen.append(sum(1 for key, _ in pairs if key == "model"))
+        return dict(pairs)
+
+    json.loads(body, object_pairs_hook=hook)
+    return bool(seen) and seen[-1] > 1  # the outermost object is finished last
+
+
+class Gateway:
+    """One process's runtime: clients, policy watcher, limiter, observability."""
+
+    def __init__(self, settings: Settings, *, redis_url: str, clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic,
+                 environ: Mapping[str, str] | None = None) -> None:
+        self.settings = settings
+        self.redis_url = redis_url
+        self.clock = clock
+        self.monotonic = monotonic
+        self.environ = os.environ if environ is None else environ
+        self.rules = Rules.from_settings(settings)
+        self.trusted = TrustedProxies(settings.network.trusted_proxies)
+        self.models = ModelExtractor(settings.policy.model_path_pattern)
+        self.metrics = Metrics(settings)
+        self.keyring = KeyRing.from_settings(settings.auth, self.environ)
+        self.authenticator = Authenticator(settings.auth, settings.tiers.keys(), self.keyring, clock=clock,
+                                           on_unknown_kid=self._on_unknown_kid)
+        self.geo = GeoResolver(settings.network.geoip_db)
+        upstream_key = read_secret(settings.upstream.api_key_env, self.environ)
+        self.upstream_auth = f"Bearer {upstream_key}" if upstream_key else None
+        self.store: Store | None = None
+        self.watcher: PolicyWatcher | None = None
+        self.limiter: RateLimiter | None = None
+        self.session: aiohttp.ClientSession | None = None
+        self.forwarder: Forwarder | None = None
+        self.jwks: JwksFetcher | None = None
+        self.audit: AuditLog | None = None
+        self.in_flight = 0
+
+    def _on_unknown_kid(self) -> None:
+        if self.jwks is not None:
+            self.jwks.request_refresh()
+
+    async def start(self) -> None:
+        s = self.settings
+        password = read_secret(s.redis.password_env, self.environ)
+        self.store = Store.from_url(self.redis_url, timeout_s=s.redis.timeout_s, password=password)
+        self.store.on_error = self.metrics.redis_error
+        connector = aiohttp.TCPConnector(limit=s.upstream.max_connections, ttl_dns_cache=300,
+                                         enable_cleanup_closed=True)
+        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                             cookie_jar=aiohttp.DummyCookieJar())
+        self.forwarder = Forwarder(self.session, Router(s.upstream.url, s.upstream.routes),
+                                   read_timeout_s=s.upstream.read_timeout_s,
+                                   connect_timeout_s=s.upstream.connect_timeout_s, clock=time.perf_counter)
+        self.limiter = RateLimiter(self.store, s.tiers, on_fallback=self.metrics.ratelimit_fallback)
+        if s.auth.jwks_url:
+            self.jwks = JwksFetcher(s.auth.jwks_url, self.keyring, self.session,
+                                    refresh_s=s.auth.jwks_refresh_s, cooldown_s=s.auth.jwks_cooldown_s)
+            await self.jwks.start()
+        self.watcher = PolicyWatcher(self.store, s, clock=self.clock, monotonic=self.monotonic)
+        self.watcher.on_change.append(self.metrics.policy_loaded)
+        await self.watcher.start()
+        self.audit = AuditLog(self.store, s.audit, metrics=self.metrics)
+        await self.audit.start()
+
+    async def close(self) -> None:
+        if self.watcher is not None:
+            await self.watcher.close()
+        if self.jwks is not None:
+            await self.jwks.close()
+        if self.audit is not None:
+            await self.audit.close()
+        if self.session is not None:
+            await self.session.close()
+        if self.store is not None:
+            await self.store.close()
+        self.geo.close()
+
+    # --- the public request path ----------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        exchange = Exchange(request_id=request_id_for(request.headers.get("X-Request-Id")),
+                            started=time.perf_counter())
+        self.in_flight += 1
+        self.metrics.in_flight.inc()
+        try:
+            response = await self._admit_and_forward(request, exchange)
+        except GatewayError as err:
+            exchange.status, exchange.code = err.status, err.code
+            response = self._error(err, exchange)
+        finally:
+            self.in_flight -= 1
+            self.metrics.in_flight.dec()
+        self._finish(exchange)
+        return response
+
+    def _error(self, err: GatewayError, exchange: Exchange) -> web.Response:
+        assert self.watcher is not None
+        reason = err.code
+        if err.code == "country_denied" and self.settings.policy.block_style == "openai":
+            err = GatewayError(403, "unsupported_country_region_territory",
+                               "Country, region, or territory not supported",
+                               headers=err.headers, error_type="request_forbidden")
+        headers = err.headers
+        if err.status == 451 and self.settings.policy.blocked_by_url:
+            headers = (*headers, ("Link", f'<{self.settings.policy.blocked_by_url}>; rel="blocked-by"'))
+        if exchange.rate is not None and err.status != 429:
+            headers = (*headers, *exchange.rate.headers(exchange.identity.tier if exchange.identity else ""))
+        err.headers = headers
+        return error_response(err, request_id=exchange.request_id, policy_version=self.watcher.version,
+                              reason=reason)
+
+    async def _admit_and_forward(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
+        watcher, limiter, forwarder = self.watcher, self.limiter, self.forwarder
+        assert watcher is not None and limiter is not None and forwarder is not None
+        snapshot = watcher.snapshot
+        if snapshot is None or watcher.stale():
+            raise GatewayError(503, "policy_stale",
+                               "The gateway cannot confirm its export-control policy; no request is "
+                               "admitted until it can.")
+        try:
+            identity = self.authenticator.authenticate(request.headers.get("Authorization"),
+                                                       snapshot.api_keys)
+        except AuthError as exc:
+            raise GatewayError(401, "unauthenticated", exc.message) from exc
+        exchange.identity = identity
+        ip = client_ip(request.remote, request.headers.getall("X-Forwarded-For", ()), self.trusted)
+        ip_country, ip_subdivision = self.geo.resolve(ip, snapshot.ip_ranges)
+        exchange.ip, exchange.ip_country = ip, ip_subdivision or ip_country
+        body = await self._read_body(request)
+        model = self.models.extract(request, body)
+        exchange.model = model
+        caller = identity.to_caller(ip, ip_country, ip_subdivision)
+        decision = decide(snapshot, caller, model, self.clock(), self.rules)
+        exchange.decision = decision
+        if not decision.allowed:
+            raise GatewayError(decision.status, decision.code, decision.message)
+        rate = await limiter.check(identity.subject, model, identity.tier)
+        exchange.rate = rate
+        rate_headers = rate.headers(identity.tier)
+        if not rate.allowed:
+            raise GatewayError(429, rate.code, _rate_message(rate, model), headers=tuple(rate_headers))
+        headers = upstream_request_headers(
+            request.headers, forwarded_for=self._forwarded_for(request),
+            proto=request.scheme, request_id=exchange.request_id,
+            identity_headers=(("X-Gateway-Subject", header_safe(identity.subject)),
+                              ("X-Gateway-Org", header_safe(identity.org)),
+                              ("X-Gateway-Tier", header_safe(identity.tier))),
+            upstream_auth=self.upstream_auth)
+
+        async def charge(tokens: int) -> None:
+            await limiter.charge(identity.subject, model, identity.tier, tokens)
+
+        tiers = self.settings.tiers
+        needs_usage = tiers[identity.tier].tokens_per_minute is not None
+        return await forwarder.forward(request, body=body, model=model, headers=headers,
+                                       request_id=exchange.request_id, extra_response_headers=rate_headers,
+                                       on_usage=charge if needs_usage else None, outcome=exchange.outcome)
+
+    def _forwarded_for(self, request: web.Request) -> str:
+        peer = request.remote or ""
+        if self.trusted.contains(peer):
+            chain = ", ".join(v.strip() for v in request.headers.getall("X-Forwarded-For", ()) if v.strip())
+            return f"{chain}, {peer}" if chain else peer
+        return peer
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        limit = self.settings.limits.max_body_bytes
+        declared = request.content_length
+        if declared is not None and declared > limit:
+            raise GatewayError(413, "request_too_large",
+                               f"The request body exceeds the limit of {limit} bytes.")
+        if not request.body_exists:
+            return b""
+        chunks: list[bytes] = []
+        size = 0
+        timeout = self.settings.limits.header_read_timeout_s
+        try:
+            while True:
+                async with asyncio.timeout(timeout):
+                    chunk = await request.content.readany()
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > limit:
+                    raise GatewayError(413, "request_too_large",
+                                       f"The request body exceeds the limit of {limit} bytes.")
+                chunks.append(chunk)
+        except TimeoutError as exc:
+            raise GatewayError(400, "invalid_request",
+                               "The request body arrived too slowly.") from exc
+        except aiohttp.web.HTTPException:
+            raise
+        except (aiohttp.ClientPayloadError, ValueError) as exc:
+            raise GatewayError(400, "invalid_request", "The request body is malformed.") from exc
+        return b"".join(chunks)
+
+    def _finish(self, exchange: Exchange) -> None:
+        duration = time.perf_counter() - exchange.started
+        outcome = exchange.outcome
+        if exchange.status == 0:
+            exchange.status = outcome.upstream_status or 502
+        if outcome.error_kind is not None:
+            self.metrics.upstream_errors.labels(outcome.error_kind).inc()
+        decision = "allow" if exchange.code == "" and outcome.upstream_status else decision_label(
+            exchange.status)
+        snapshot = self.watcher.snapshot if self.watcher else None
+        identity = exchange.identity
+        tier = identity.tier if identity else ""
+        self.metrics.request_done(decision=decision, code=exchange.code,
+                                  model=self.metrics.model_label(exchange.model, snapshot), tier=tier,
+                                  duration_s=duration, upstream_s=outcome.upstream_seconds)
+        if self.audit is not None:
+            self.audit.record(self._audit_record(exchange, decision, duration))
+
+    def _audit_record(self, exchange: Exchange, decision: str, duration: float) -> dict[str, Any]:
+        identity = exchange.identity
+        screening = exchange.decision.screening if exchange.decision is not None else None
+        record: dict[str, Any] = {
+            "time": _rfc3339(self.clock()),
+            "request_id": exchange.request_id,
+            "subject": identity.subject if identity else None,
+            "org": identity.org if identity else None,
+            "tier": identity.tier if identity else None,
+            "claimed_country": identity.country if identity else None,
+            "client_ip": exchange.ip or None,
+            "ip_country": exchange.ip_country,
+            "model": exchange.model,
+            "decision": decision,
+            "code": exchange.code,
+            "policy_version": self.watcher.version if self.watcher else 0,
+            "status": exchange.status,
+            "upstream_status": exchange.outcome.upstream_status or None,
+            "duration_ms": round(duration * 1000, 3),
+        }
+        if screening:
+            record["screening"] = screening
+        return record
+
+
+def _rate_message(rate: RateResult, model: str | None) -> str:
+    target = f"model '{model}'" if model else "this gateway"
+    if rate.code == "token_rate_limited":
+        return (f"Token budget for {target} is spent ({rate.token_limit} tokens per minute); "
+                f"retry after {rate.retry_after_s} s.")
+    return (f"Rate limit for {target} reached ({rate.limit} requests per minute); "
+            f"retry after {rate.retry_after_s} s.")
+
+
+def _rfc3339(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + f".{int(epoch % 1 * 1000):03d}Z"
+
+
+# --- applications ---------------------------------------------------------------------------
+
+GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
+
+
+def create_public_app(gateway: Gateway) -> web.Application:
+    """The public listener: every path is proxied after the decision; nothing admin lives here."""
+    app = web.Application(client_max_size=gateway.settings.limits.max_body_bytes,
+                          handler_args={"max_field_size": gateway.settings.limits.max_header_bytes,
+                                        "max_line_size": gateway.settings.limits.max_header_bytes})
+    app[GATEWAY_KEY] = gateway
+    app.router.add_route("*", "/{tail:.*}", gateway.handle)
+    return app
+
+
+def create_admin_app(gateway: Gateway) -> web.Application:
+    """The admin listener: health, readiness, metrics, and the operator API."""
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app[GATEWAY_KEY] = gateway
+
+    async def healthz(_request: web.Request) -> web.Response:
+        return json_response({"status": "ok", "pid": os.getpid()})
+
+    async def readyz(_request: web.Request) -> web.Response:
+        watcher = gateway.watcher
+        ready = watcher is not None and not watcher.stale()
+        body = {"ready": ready, "policy_version": watcher.version if watcher else 0,
+                "policy_age_s": round(watcher.age_s(), 3) if watcher and watcher.confirmed_at else None}
+        return json_response(body, status=200 if ready else 503)
+
+    async def metrics(_request: web.Request) -> web.Response:
+        body, content_type = gateway.metrics.render(gateway.watcher)
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    try:
+        from .admin import register_admin_routes
+    except ImportError:  # pragma: no cover - admin API module optional during bootstrap
+        return app
+    register_admin_routes(app, gateway)
+    return app

@@ -1,0 +1,97 @@
+-- The per-request rate check: GCRA on the request key and the sliding
+-- one-minute token budget, decided together in one round trip.
+--
+-- KEYS[1]  request key: the GCRA theoretical arrival time (TAT), integer microseconds
+-- KEYS[2]  token key: a hash, second -> tokens charged in that second
+-- ARGV[1]  emission interval in microseconds (60e6 / requests_per_minute)
+-- ARGV[2]  burst
+-- ARGV[3]  tokens_per_minute; 0 means no token limit
+-- ARGV[4]  optional: now in milliseconds (tests); empty means Redis server TIME
+--
+-- Returns {allowed 0|1, code 0 ok|1 rate_limited|2 token_rate_limited,
+--          remaining, reset_us, retry_us, tokens_used (-1 without a token limit),
+--          token_reset_us}
+
+-- Redis 5-6: TIME is non-deterministic, so writes after it need effects
+-- replication; Redis 7 always replicates effects and ignores this.
+if redis.replicate_commands then redis.replicate_commands() end
+
+local now
+if ARGV[4] and ARGV[4] ~= '' then
+  now = math.floor(tonumber(ARGV[4]) * 1000)
+else
+  -- Server time, so every gateway process measures against the same clock.
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
+local interval = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local tpm = tonumber(ARGV[3])
+local capacity = interval * burst
+
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local new_tat = tat + interval
+local rate_ok = new_tat - now <= capacity
+
+-- Token window: the 60 one-second buckets ending with the current second.
+-- A bucket for second s leaves the window at the start of second s + 60.
+local used, token_reset, token_retry = -1, 0, 0
+if tpm > 0 then
+  used = 0
+  local now_s = math.floor(now / 1000000)
+  local oldest = now_s - 59
+  local flat = redis.call('HGETALL', KEYS[2])
+  local stale, buckets = {}, {}
+  for i = 1, #flat, 2 do
+    local s = tonumber(flat[i])
+    if s < oldest then
+      stale[#stale + 1] = flat[i]
+    else
+      local n = tonumber(flat[i + 1])
+      used = used + n
+      buckets[#buckets + 1] = {s, n}
+    end
+  end
+  if #stale > 0 then redis.call('HDEL', KEYS[2], unpack(stale)) end
+  if #buckets > 0 then
+    table.sort(buckets, function(a, b) return a[1] < b[1] end)
+    token_reset = (buckets[#buckets][1] + 60) * 1000000 - now
+    if used >= tpm then
+      -- The budget reopens once enough of the oldest buckets have left.
+      local left = used
+      for _, b in ipairs(buckets) do
+        left = left - b[2]
+        if left < tpm then
+          token_retry = (b[1] + 60) * 1000000 - now
+          break
+        end
+      end
+    end
+  end
+end
+local tokens_ok = tpm <= 0 or used < tpm
+
+if rate_ok and tokens_ok then
+  local ttl_ms = math.ceil((new_tat - now) / 1000)
+  redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', ttl_ms)
+  local remaining = math.floor((capacity - (new_tat - now)) / interval)
+  local reset = new_tat - now
+  if remaining == 0 then
+    -- Nothing left: say when the next request passes, not when the bucket is full.
+    reset = new_tat - now - capacity + interval
+  end
+  return {1, 0, remaining, reset, 0, used, token_reset}
+end
+
+-- Blocked: nothing is written, so a refused request costs the caller nothing.
+local code, remaining, retry = 2, math.floor((capacity - (tat - now)) / interval), token_retry
+if not rate_ok then
+  code, remaining = 1, 0
+  local rate_retry = new_tat - now - capacity
+  if rate_retry > retry then retry = rate_retry end
+end
+local reset = retry
+if remaining > 0 then reset = tat - now end
+return {0, code, remaining, reset, retry, used, token_reset}

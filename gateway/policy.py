@@ -1,0 +1,1021 @@
+"""The export-control policy: snapshot types, the §7 wire format, operator-input validation and decide().
+
+Everything here is pure: no aiohttp, no Redis, no clock. Time arrives as
+``now`` (epoch seconds), so an entry that expires stops applying at its
+``expires_at`` without any reload, and a model's timeline moves on its own.
+
+* Wire format <-> types: ``*_from_dict`` / ``*_to_dict``, :func:`build_snapshot`
+  and :func:`policy_document` (the store loads and the admin API shows).
+* Validation: ``validate_*`` turn operator input into the normalised stored
+  dicts, or raise :class:`PolicyValidationError` naming the field.
+* :func:`decide`: CONTRACT §4 rows 2-8 and 10 on a :class:`Snapshot`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import unicodedata
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Protocol
+
+from gateway.countries import validate_region
+from gateway.settings import STAGES
+
+if TYPE_CHECKING:
+    from gateway.caller import Caller
+    from gateway.settings import Settings
+
+DENY_COUNTRIES = "deny-countries"
+DENY_ENTITIES = "deny-entities"
+PARTNERS = "partners"
+IP_RANGES = "ip-ranges"
+LIST_NAMES = (DENY_COUNTRIES, DENY_ENTITIES, PARTNERS, IP_RANGES)
+
+# Decision codes (CONTRACT §4).
+ENTITY_DENIED = "entity_denied"
+COUNTRY_DENIED = "country_denied"
+MODEL_UNKNOWN = "model_unknown"
+EXPORT_SUSPENDED = "export_suspended"
+EXPORT_RESTRICTED = "export_restricted"
+NOT_RELEASED = "not_released"
+PARTNER_REQUIRED = "partner_required"
+POLICY_STALE = "policy_stale"
+
+MAX_REASON_CHARS = 1000
+MAX_KEY_CHARS = 256
+MAX_MODEL_NAME_CHARS = 200
+_MAX_INSTANT_CHARS = 64
+_ECHO_LIMIT = 60
+
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+class PolicyValidationError(ValueError):
+    """Operator input that cannot become policy; ``field`` is the path to the bad value."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+# --------------------------------------------------------------------------- screening protocol
+
+
+class ScreeningHitLike(Protocol):
+    """A name-screening match: blocked at or above the block threshold, else in the review band."""
+
+    @property
+    def blocked(self) -> bool: ...
+
+    @property
+    def score(self) -> float: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+class ScreeningLike(Protocol):
+    """Anything that screens an organisation name against the imported denied-parties list."""
+
+    def match(self, name: str) -> ScreeningHitLike | None: ...
+
+
+# --------------------------------------------------------------------------- snapshot types
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One entry of a live list; ``country`` is set for ip-ranges only."""
+
+    key: str
+    reason: str
+    source: str
+    added_by: str
+    added_at: str
+    expires_at: str | None = None
+    expires_ts: float | None = None
+    country: str | None = None
+
+    def active(self, now: float) -> bool:
+        """True until ``expires_at``; from that instant on the entry no longer applies."""
+        expires = self.expires_ts
+        return expires is None or now < expires
+
+
+@dataclass(frozen=True, slots=True)
+class Model:
+    """A registry entry; ``timeline`` holds ``(at_ts, at_iso, stage)`` sorted by time."""
+
+    name: str
+    stage: str
+    timeline: tuple[tuple[float, str, str], ...] = ()
+    allowed_countries: frozenset[str] | None = None
+    export_suspended: bool = False
+
+    def current_stage(self, now: float) -> str:
+        """The stage of the last timeline entry whose ``at`` has passed, else ``stage``."""
+        stage = self.stage
+        for at_ts, _at_iso, next_stage in self.timeline:
+            if at_ts > now:
+                break
+            stage = next_stage
+        return stage
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """An issued API key as stored: its hash and what it vouches for, never the key itself."""
+
+    id: str
+    key_hash: str
+    subject: str
+    org: str
+    org_name: str | None
+    country: str
+    tier: str
+    expires_at: str | None
+    expires_ts: float | None
+    created_at: str
+    created_by: str
+
+    def active(self, now: float) -> bool:
+        expires = self.expires_ts
+        return expires is None or now < expires
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The outcome for one request; ``code`` is "" when allowed."""
+
+    allowed: bool
+    status: int
+    code: str
+    message: str
+    policy_version: int
+    screening: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The shape ``POST /admin/v1/decide`` answers with."""
+        return {
+            "decision": "allow" if self.allowed else "block",
+            "status": self.status,
+            "code": self.code,
+            "message": self.message,
+            "policy_version": self.policy_version,
+            "screening": self.screening,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """One immutable, confirmed version of the whole policy, queried by :func:`decide`.
+
+    ``lists`` always holds all of :data:`LIST_NAMES`; ``api_keys`` is keyed by
+    the key's hash; ``ip_ranges`` maps each ip-ranges CIDR that was active at
+    ``loaded_at`` to its country code.
+    """
+
+    version: int
+    generation: str
+    loaded_at: float
+    lists: Mapping[str, Mapping[str, Entry]]
+    models: Mapping[str, Model]
+    api_keys: Mapping[str, ApiKey]
+    screening: ScreeningLike | None = None
+    ip_ranges: Mapping[str, str] = field(default_factory=dict)
+    # The allowed decision for this version, built once so the allowed path
+    # allocates nothing per request.
+    allow: Decision = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if any(name not in self.lists for name in LIST_NAMES):
+            lists = {name: self.lists.get(name, _EMPTY) for name in LIST_NAMES}
+            object.__setattr__(self, "lists", MappingProxyType(lists))
+        message = f"Access is permitted under policy version {self.version}."
+        object.__setattr__(self, "allow", Decision(True, 200, "", message, self.version))
+
+
+# --------------------------------------------------------------------------- small validators
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _shown(value: str) -> str:
+    return repr(value if len(value) <= _ECHO_LIMIT else value[:_ECHO_LIMIT] + "...")
+
+
+def _mapping(value: object, where: str, what: str = "an object") -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise PolicyValidationError(where or "body", f"must be {what}, got {_type_name(value)}")
+    return value
+
+
+def _type_name(value: object) -> str:
+    names = {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string",
+             list: "array", dict: "object"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _no_unknown(body: Mapping[str, Any], allowed: Collection[str], where: str) -> None:
+    for name in body:
+        if name not in allowed:
+            shown = name if isinstance(name, str) else repr(name)
+            raise PolicyValidationError(
+                _join(where, shown), f"unknown field; expected one of {', '.join(sorted(allowed))}"
+            )
+
+
+def _is_control(ch: str) -> bool:
+    # Unicode category C: controls, format characters (zero-width joiners,
+    # direction overrides), surrogates, private use and unassigned. None belong
+    # in an identifier an operator has to read and match exactly.
+    return unicodedata.category(ch).startswith("C")
+
+
+def _text(value: object, where: str, *, required: bool, limit: int = MAX_REASON_CHARS) -> str:
+    """Free text (reason, source): stripped, bounded, no control characters except tab and newline."""
+    if value is None:
+        if required:
+            raise PolicyValidationError(where, "is required and must not be empty")
+        return ""
+    if not isinstance(value, str):
+        raise PolicyValidationError(where, f"must be a string, got {_type_name(value)}")
+    text = value.strip()
+    if required and not text:
+        raise PolicyValidationError(where, "is required and must not be empty")
+    if len(text) > limit:
+        raise PolicyValidationError(where, f"must be at most {limit} characters, got {len(text)}")
+    if any(_is_control(ch) and ch not in "\t\n" for ch in text):
+        raise PolicyValidationError(where, "must not contain control characters")
+    return text
+
+
+def _identifier(value: object, where: str, *, limit: int = MAX_KEY_CHARS, spaces: bool = True) -> str:
+    """A name matched exactly (subject, org, model, key id): no surrounding space, no control chars."""
+    if not isinstance(value, str):
+        raise PolicyValidationError(where, f"must be a string, got {_type_name(value)}")
+    if not value:
+        raise PolicyValidationError(where, "must not be empty")
+    if len(value) > limit:
+        raise PolicyValidationError(where, f"must be at most {limit} characters, got {len(value)}")
+    if any(_is_control(ch) for ch in value):
+        raise PolicyValidationError(where, "must not contain control or invisible format characters")
+    if not spaces and any(ch.isspace() for ch in value):
+        raise PolicyValidationError(where, f"{_shown(value)} must not contain whitespace")
+    if value != value.strip():
+        raise PolicyValidationError(where, f"{_shown(value)} must not start or end with whitespace")
+    return value
+
+
+def _region(value: object, where: str) -> str:
+    try:
+        return validate_region(value)
+    except ValueError as exc:
+        raise PolicyValidationError(where, str(exc)) from None
+
+
+def _bool(value: object, where: str) -> bool:
+    # A string "false" must never read as true: only JSON booleans are accepted.
+    if not isinstance(value, bool):
+        raise PolicyValidationError(where, f"must be true or false, got {_type_name(value)}")
+    return value
+
+
+def _stage(value: object, where: str) -> str:
+    if not isinstance(value, str) or value not in STAGES:
+        shown = _shown(value) if isinstance(value, str) else _type_name(value)
+        raise PolicyValidationError(where, f"{shown} is not a stage; expected one of {', '.join(STAGES)}")
+    return value
+
+
+def _format_utc(moment: datetime) -> str:
+    text = moment.astimezone(UTC).isoformat()
+    return text.removesuffix("+00:00") + "Z"
+
+
+def format_instant(ts: float) -> str:
+    """Epoch seconds as the ISO-8601 UTC form the policy stores, e.g. ``2026-01-31T09:30:00Z``."""
+    return _format_utc(datetime.fromtimestamp(ts, UTC))
+
+
+def parse_instant(value: object, where: str) -> tuple[str, float]:
+    """An ISO-8601 date-time with a time zone -> (normalised UTC text, epoch seconds)."""
+    hint = "must be an ISO-8601 date-time with a time zone, e.g. 2026-01-31T00:00:00Z"
+    if not isinstance(value, str) or not value or len(value) > _MAX_INSTANT_CHARS:
+        raise PolicyValidationError(where, hint)
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise PolicyValidationError(where, f"{_shown(value)} {hint[5:]}") from None
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise PolicyValidationError(where, f"{_shown(value)} has no time zone; add Z or an offset (+00:00)")
+    try:
+        return _format_utc(moment), moment.timestamp()
+    except (OverflowError, ValueError):
+        raise PolicyValidationError(where, f"{_shown(value)} is out of range") from None
+
+
+def _optional_instant(value: object, where: str) -> tuple[str | None, float | None]:
+    if value is None:
+        return None, None
+    return parse_instant(value, where)
+
+
+# --------------------------------------------------------------------------- keys and names
+
+
+def _check_list(list_name: object) -> str:
+    if list_name not in LIST_NAMES:
+        shown = _shown(list_name) if isinstance(list_name, str) else _type_name(list_name)
+        raise PolicyValidationError("list", f"{shown} is not a list; expected one of {', '.join(LIST_NAMES)}")
+    return list_name  # type: ignore[return-value]
+
+
+def normalize_key(list_name: str, key: object, *, where: str = "key") -> str:
+    """The stored form of a list key: upper-case region, canonical CIDR, or the checked identifier."""
+    _check_list(list_name)
+    if list_name == DENY_COUNTRIES:
+        return _region(key, where)
+    if list_name == IP_RANGES:
+        if not isinstance(key, str) or not key or len(key) > 64:
+            raise PolicyValidationError(where, "must be a CIDR such as 203.0.113.0/24 or 2001:db8::/32")
+        try:
+            # strict=False: "203.0.113.7/24" means the /24 it lies in.
+            return str(ipaddress.ip_network(key.strip(), strict=False))
+        except ValueError:
+            raise PolicyValidationError(
+                where, f"{_shown(key)} is not a CIDR such as 203.0.113.0/24 or 2001:db8::/32"
+            ) from None
+    return _identifier(key, where)
+
+
+def validate_model_name(name: object, *, where: str = "model") -> str:
+    """A registry name: 1-200 characters, no whitespace or control characters."""
+    return _identifier(name, where, limit=MAX_MODEL_NAME_CHARS, spaces=False)
+
+
+# --------------------------------------------------------------------------- validation of operator input
+
+_ENTRY_FIELDS = frozenset({"reason", "source", "expires_at", "added_by", "added_at"})
+_IP_ENTRY_FIELDS = _ENTRY_FIELDS | {"country"}
+
+
+def validate_entry(
+    list_name: str,
+    key: object,
+    body: object,
+    *,
+    actor: str,
+    now_iso: str,
+    keep_meta: bool = False,
+    where: str = "",
+) -> dict[str, Any]:
+    """Check one list entry and return the dict to store.
+
+    ``added_by``/``added_at`` are set to ``actor``/``now_iso`` unless
+    ``keep_meta`` and the body carries them (a whole-policy import keeps the
+    history it restores). ``where`` prefixes field paths, e.g.
+    ``lists.deny-countries.CU``; use :func:`normalize_key` for the stored key.
+    """
+    _check_list(list_name)
+    normalize_key(list_name, key, where=where or "key")
+    data = _mapping(body, where)
+    ip_list = list_name == IP_RANGES
+    allowed = _IP_ENTRY_FIELDS if ip_list else _ENTRY_FIELDS
+    if not ip_list and "country" in data:
+        raise PolicyValidationError(
+            _join(where, "country"), f"only ip-ranges entries carry a country, not {list_name}"
+        )
+    _no_unknown(data, allowed, where)
+    stored: dict[str, Any] = {
+        "reason": _text(data.get("reason"), _join(where, "reason"), required=True),
+        "source": _text(data.get("source"), _join(where, "source"), required=False),
+        "added_by": actor,
+        "added_at": now_iso,
+        "expires_at": _optional_instant(data.get("expires_at"), _join(where, "expires_at"))[0],
+    }
+    if keep_meta:
+        # An empty value counts as absent: the import stamps it like a new entry.
+        if data.get("added_by") not in (None, ""):
+            stored["added_by"] = _identifier(data["added_by"], _join(where, "added_by"))
+        if data.get("added_at") not in (None, ""):
+            stored["added_at"] = parse_instant(data["added_at"], _join(where, "added_at"))[0]
+    if ip_list:
+        if data.get("country") is None:
+            raise PolicyValidationError(_join(where, "country"), "is required for ip-ranges entries")
+        stored["country"] = _region(data["country"], _join(where, "country"))
+    return stored
+
+
+def validate_list(
+    list_name: str,
+    entries: object,
+    *,
+    actor: str,
+    now_iso: str,
+    keep_meta: bool = False,
+    where: str = "entries",
+) -> dict[str, dict[str, Any]]:
+    """A whole list ``{key: entry}``: keys normalised, two spellings of one key refused."""
+    _check_list(list_name)
+    data = _mapping(entries, where, "an object of key: entry")
+    out: dict[str, dict[str, Any]] = {}
+    for raw_key, body in data.items():
+        path = _join(where, raw_key if isinstance(raw_key, str) else repr(raw_key))
+        key = normalize_key(list_name, raw_key, where=path)
+        if key in out:
+            raise PolicyValidationError(path, f"duplicates the key {key!r} once normalised")
+        out[key] = validate_entry(list_name, key, body, actor=actor, now_iso=now_iso,
+                                  keep_meta=keep_meta, where=path)
+    return out
+
+
+_MODEL_FIELDS = frozenset({"stage", "timeline", "allowed_countries", "export_suspended"})
+_TIMELINE_FIELDS = frozenset({"at", "stage"})
+
+
+def validate_model(name: object, body: object, *, where: str = "") -> dict[str, Any]:
+    """Check a registry entry; the timeline comes back sorted by time, countries sorted and upper case."""
+    validate_model_name(name, where=where or "model")
+    data = _mapping(body, where)
+    _no_unknown(data, _MODEL_FIELDS, where)
+    if "stage" not in data:
+        raise PolicyValidationError(_join(where, "stage"), f"is required; one of {', '.join(STAGES)}")
+    stage = _stage(data["stage"], _join(where, "stage"))
+    timeline = _validate_timeline(data.get("timeline"), _join(where, "timeline"))
+    allowed = data.get("allowed_countries")
+    countries: list[str] | None = None
+    if allowed is not None:
+        path = _join(where, "allowed_countries")
+        if not isinstance(allowed, list):
+            raise PolicyValidationError(
+                path, f"must be a list of country codes or null, got {_type_name(allowed)}"
+            )
+        countries = sorted({_region(code, f"{path}[{i}]") for i, code in enumerate(allowed)})
+    suspended = data.get("export_suspended", False)
+    return {
+        "stage": stage,
+        "timeline": timeline,
+        "allowed_countries": countries,
+        "export_suspended": _bool(suspended, _join(where, "export_suspended")),
+    }
+
+
+def _validate_timeline(value: object, where: str) -> list[dict[str, str]]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise PolicyValidationError(where, f"must be a list of {{at, stage}}, got {_type_name(value)}")
+    steps: list[tuple[float, str, str]] = []
+    seen: dict[float, int] = {}
+    for i, item in enumerate(value):
+        path = f"{where}[{i}]"
+        step = _mapping(item, path)
+        _no_unknown(step, _TIMELINE_FIELDS, path)
+        if "at" not in step:
+            raise PolicyValidationError(f"{path}.at", "is required")
+        if "stage" not in step:
+            raise PolicyValidationError(f"{path}.stage", "is required")
+        at_iso, at_ts = parse_instant(step["at"], f"{path}.at")
+        # Two stages at one instant leave the current stage undefined.
+        if at_ts in seen:
+            raise PolicyValidationError(f"{path}.at", f"repeats the time of {where}[{seen[at_ts]}]")
+        seen[at_ts] = i
+        steps.append((at_ts, at_iso, _stage(step["stage"], f"{path}.stage")))
+    steps.sort()
+    return [{"at": at_iso, "stage": stage} for _ts, at_iso, stage in steps]
+
+
+_KEY_REQUEST_FIELDS = frozenset({"subject", "org", "org_name", "country", "tier", "expires_at"})
+_KEY_RECORD_FIELDS = _KEY_REQUEST_FIELDS | {"hash", "created_at", "created_by"}
+
+
+def _key_attributes(data: Mapping[str, Any], tiers: Collection[str], where: str) -> dict[str, Any]:
+    for name in ("subject", "org", "country", "tier"):
+        if data.get(name) is None:
+            raise PolicyValidationError(_join(where, name), "is required")
+    tier = data["tier"]
+    if not isinstance(tier, str) or tier not in tiers:
+        shown = _shown(tier) if isinstance(tier, str) else _type_name(tier)
+        raise PolicyValidationError(_join(where, "tier"), f"{shown} is not a tier; expected one of "
+                                    f"{', '.join(sorted(tiers))}")
+    org_name = data.get("org_name")
+    return {
+        "subject": _identifier(data["subject"], _join(where, "subject")),
+        "org": _identifier(data["org"], _join(where, "org")),
+        "org_name": None if org_name is None else _text(org_name, _join(where, "org_name"), required=True),
+        "country": _region(data["country"], _join(where, "country")),
+        "tier": tier,
+        "expires_at": _optional_instant(data.get("expires_at"), _join(where, "expires_at"))[0],
+    }
+
+
+def validate_api_key_request(body: object, tiers: Collection[str]) -> dict[str, Any]:
+    """``POST /admin/v1/api-keys``: subject, org, org_name?, country, tier, expires_at?."""
+    data = _mapping(body, "")
+    _no_unknown(data, _KEY_REQUEST_FIELDS, "")
+    return _key_attributes(data, tiers, "")
+
+
+def validate_api_key_record(
+    key_id: object,
+    body: object,
+    *,
+    tiers: Collection[str],
+    actor: str,
+    now_iso: str,
+    where: str = "",
+) -> dict[str, Any]:
+    """A stored API key as a policy import carries it: the attributes plus hash and creation record."""
+    _identifier(key_id, where or "id", spaces=False)
+    data = _mapping(body, where)
+    _no_unknown(data, _KEY_RECORD_FIELDS, where)
+    if data.get("hash") is None:
+        raise PolicyValidationError(_join(where, "hash"), "is required")
+    record: dict[str, Any] = {"hash": _identifier(data["hash"], _join(where, "hash"), spaces=False)}
+    record.update(_key_attributes(data, tiers, where))
+    created_at, created_by = data.get("created_at"), data.get("created_by")
+    record["created_at"] = (
+        now_iso if created_at is None else parse_instant(created_at, _join(where, "created_at"))[0]
+    )
+    record["created_by"] = (
+        actor if created_by is None else _identifier(created_by, _join(where, "created_by"))
+    )
+    return record
+
+
+_DOCUMENT_SECTIONS = frozenset({"version", "lists", "models", "api_keys", "screening"})
+
+
+def validate_policy_document(
+    doc: object,
+    *,
+    actor: str,
+    now_iso: str,
+    tiers: Collection[str],
+) -> dict[str, Any]:
+    """``PUT /admin/v1/policy``: each section present comes back normalised; ``version`` is dropped.
+
+    ``added_by``/``added_at`` (and ``created_*`` of keys) are kept as given so
+    GET then PUT round-trips. The ``screening`` section is only checked to be
+    an object; its entries are the screening module's to validate.
+    """
+    data = _mapping(doc, "", "an object with lists, models, api_keys or screening")
+    _no_unknown(data, _DOCUMENT_SECTIONS, "")
+    out: dict[str, Any] = {}
+    if "lists" in data:
+        lists = _mapping(data["lists"], "lists", "an object of list name: entries")
+        out["lists"] = {}
+        for list_name, entries in lists.items():
+            if list_name not in LIST_NAMES:
+                raise PolicyValidationError(
+                    f"lists.{list_name}", f"unknown list; expected one of {', '.join(LIST_NAMES)}"
+                )
+            out["lists"][list_name] = validate_list(list_name, entries, actor=actor, now_iso=now_iso,
+                                                    keep_meta=True, where=f"lists.{list_name}")
+    if "models" in data:
+        models = _mapping(data["models"], "models", "an object of model name: model")
+        out["models"] = {
+            name: validate_model(name, body, where=f"models.{name}") for name, body in models.items()
+        }
+    if "api_keys" in data:
+        keys = _mapping(data["api_keys"], "api_keys", "an object of key id: key")
+        out["api_keys"] = {}
+        hashes: dict[str, str] = {}
+        for key_id, body in keys.items():
+            path = f"api_keys.{key_id}"
+            record = validate_api_key_record(
+                key_id, body, tiers=tiers, actor=actor, now_iso=now_iso, where=path
+            )
+            if record["hash"] in hashes:
+                other = hashes[record["hash"]]
+                raise PolicyValidationError(f"{path}.hash", f"is also the hash of key {other!r}")
+            hashes[record["hash"]] = key_id
+            out["api_keys"][key_id] = record
+    if "screening" in data:
+        screening = _mapping(data["screening"], "screening", 'an object such as {"entries": [...]}')
+        out["screening"] = dict(screening)
+    return out
+
+
+# --------------------------------------------------------------------------- stored dicts <-> types
+
+
+def entry_from_dict(list_name: str, key: str, d: Mapping[str, Any]) -> Entry:
+    """A stored entry -> :class:`Entry`; a value that cannot be read raises PolicyValidationError."""
+    where = f"lists.{_check_list(list_name)}.{key}"
+    expires_at, expires_ts = _optional_instant(d.get("expires_at"), f"{where}.expires_at")
+    country = None
+    if list_name == IP_RANGES:
+        country = _region(d.get("country"), f"{where}.country")
+    return Entry(
+        key=key,
+        reason=str(d.get("reason") or ""),
+        source=str(d.get("source") or ""),
+        added_by=str(d.get("added_by") or ""),
+        added_at=str(d.get("added_at") or ""),
+        expires_at=expires_at,
+        expires_ts=expires_ts,
+        country=country,
+    )
+
+
+def entry_to_dict(e: Entry) -> dict[str, Any]:
+    d: dict[str, Any] = {
+        "reason": e.reason,
+        "source": e.source,
+        "added_by": e.added_by,
+        "added_at": e.added_at,
+        "expires_at": e.expires_at,
+    }
+    if e.country is not None:
+        d["country"] = e.country
+    return d
+
+
+def model_from_dict(name: str, d: Mapping[str, Any]) -> Model:
+    where = f"models.{name}"
+    stage = _stage(d.get("stage"), f"{where}.stage")
+    steps = []
+    for i, step in enumerate(d.get("timeline") or ()):
+        if not isinstance(step, Mapping):
+            raise PolicyValidationError(f"{where}.timeline[{i}]", "must be an object with at and stage")
+        at_iso, at_ts = parse_instant(step.get("at"), f"{where}.timeline[{i}].at")
+        steps.append((at_ts, at_iso, _stage(step.get("stage"), f"{where}.timeline[{i}].stage")))
+    steps.sort()
+    allowed = d.get("allowed_countries")
+    return Model(
+        name=name,
+        stage=stage,
+        timeline=tuple(steps),
+        allowed_countries=None if allowed is None else frozenset(str(code).upper() for code in allowed),
+        # Anything but an explicit false suspends: a damaged flag fails closed.
+        export_suspended=d.get("export_suspended", False) is not False,
+    )
+
+
+def model_to_dict(m: Model) -> dict[str, Any]:
+    return {
+        "stage": m.stage,
+        "timeline": [{"at": at_iso, "stage": stage} for _ts, at_iso, stage in m.timeline],
+        "allowed_countries": None if m.allowed_countries is None else sorted(m.allowed_countries),
+        "export_suspended": m.export_suspended,
+    }
+
+
+def api_key_from_dict(key_id: str, d: Mapping[str, Any]) -> ApiKey:
+    where = f"api_keys.{key_id}"
+    expires_at, expires_ts = _optional_instant(d.get("expires_at"), f"{where}.expires_at")
+    for name in ("hash", "subject", "org", "country", "tier"):
+        if not isinstance(d.get(name), str) or not d[name]:
+            raise PolicyValidationError(f"{where}.{name}", "is required")
+    org_name = d.get("org_name")
+    return ApiKey(
+        id=key_id,
+        key_hash=d["hash"],
+        subject=d["subject"],
+        org=d["org"],
+        org_name=None if org_name is None else str(org_name),
+        country=str(d["country"]).upper(),
+        tier=d["tier"],
+        expires_at=expires_at,
+        expires_ts=expires_ts,
+        created_at=str(d.get("created_at") or ""),
+        created_by=str(d.get("created_by") or ""),
+    )
+
+
+def api_key_to_dict(k: ApiKey) -> dict[str, Any]:
+    return {
+        "hash": k.key_hash,
+        "subject": k.subject,
+        "org": k.org,
+        "org_name": k.org_name,
+        "country": k.country,
+        "tier": k.tier,
+        "expires_at": k.expires_at,
+        "created_at": k.created_at,
+        "created_by": k.created_by,
+    }
+
+
+def build_snapshot(
+    *,
+    version: int,
+    generation: str,
+    loaded_at: float,
+    lists: Mapping[str, Mapping[str, Mapping[str, Any]]],
+    models: Mapping[str, Mapping[str, Any]],
+    api_keys: Mapping[str, Mapping[str, Any]],
+    screening: ScreeningLike | None = None,
+) -> Snapshot:
+    """Stored dicts -> an immutable :class:`Snapshot`; a list left out is empty."""
+    for list_name in lists:
+        _check_list(list_name)
+    typed_lists = {
+        name: MappingProxyType({key: entry_from_dict(name, key, d) for key, d in lists.get(name, {}).items()})
+        for name in LIST_NAMES
+    }
+    keys = {}
+    for key_id, d in api_keys.items():
+        key = api_key_from_dict(key_id, d)
+        keys[key.key_hash] = key
+    ip_ranges = {
+        cidr: entry.country
+        for cidr, entry in typed_lists[IP_RANGES].items()
+        if entry.country is not None and entry.active(loaded_at)
+    }
+    return Snapshot(
+        version=version,
+        generation=generation,
+        loaded_at=loaded_at,
+        lists=MappingProxyType(typed_lists),
+        models=MappingProxyType({name: model_from_dict(name, d) for name, d in models.items()}),
+        api_keys=MappingProxyType(keys),
+        screening=screening,
+        ip_ranges=MappingProxyType(ip_ranges),
+    )
+
+
+def policy_document(snapshot: Snapshot) -> dict[str, Any]:
+    """The §7 ``GET /admin/v1/policy`` shape, without ``screening`` (the screening module adds it)."""
+    return {
+        "version": snapshot.version,
+        "lists": {
+            name: {key: entry_to_dict(e) for key, e in sorted(snapshot.lists[name].items())}
+            for name in LIST_NAMES
+        },
+        "models": {name: model_to_dict(m) for name, m in sorted(snapshot.models.items())},
+        "api_keys": {
+            k.id: api_key_to_dict(k) for k in sorted(snapshot.api_keys.values(), key=lambda k: k.id)
+        },
+    }
+
+
+# --------------------------------------------------------------------------- the decision
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The static part of the decision, from the config file."""
+
+    home_countries: frozenset[str]
+    unknown_model: str
+    tier_stages: Mapping[str, frozenset[str]]
+    require_ip_country: bool = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Rules:
+        return cls(
+            home_countries=frozenset(settings.network.home_countries),
+            unknown_model=settings.policy.unknown_model,
+            tier_stages=MappingProxyType({name: frozenset(t.stages) for name, t in settings.tiers.items()}),
+            require_ip_country=settings.network.require_ip_country,
+        )
+
+
+# Why a caller's country could not be placed (rows 5 and 6).
+_NO_CLAIM = "no country claim"
+_NO_IP_COUNTRY = "no country known for the client IP"
+
+
+def _inside(code: str, allowed: frozenset[str]) -> bool:
+    # A subdivision is inside when it or its country is: UA-43 with UA allowed.
+    return code in allowed or (code[2:3] == "-" and code[:2] in allowed)
+
+
+def _outside(caller: Caller, allowed: frozenset[str], require_ip_country: bool) -> tuple[str, str] | None:
+    """None when every signal is inside ``allowed``; else (code or "", why unknown)."""
+    claim = caller.claimed_country
+    if not claim:
+        return "", _NO_CLAIM
+    if not _inside(claim, allowed):
+        return claim, ""
+    # The IP's most specific code; the claim and the IP are checked on their
+    # own, so when they disagree the stricter answer wins.
+    ip_code = caller.ip_subdivision or caller.ip_country
+    if not ip_code:
+        return ("", _NO_IP_COUNTRY) if require_ip_country else None
+    if not _inside(ip_code, allowed):
+        return ip_code, ""
+    return None
+
+
+def _place(code: str) -> str:
+    return f"region {code}" if "-" in code else f"country {code}"
+
+
+def _to_model(model: str | None) -> str:
+    return f" to model '{model}'" if model else ""
+
+
+_STATUS = {
+    ENTITY_DENIED: 451,
+    COUNTRY_DENIED: 451,
+    MODEL_UNKNOWN: 403,
+    EXPORT_SUSPENDED: 451,
+    EXPORT_RESTRICTED: 451,
+    NOT_RELEASED: 403,
+    PARTNER_REQUIRED: 403,
+    POLICY_STALE: 503,
+}
+
+
+def _block(snapshot: Snapshot, code: str, message: str, *, screening: dict[str, Any] | None) -> Decision:
+    return Decision(False, _STATUS[code], code, message, snapshot.version, screening)
+
+
+def _stale(snapshot: Snapshot | None) -> Decision:
+    if snapshot is None:
+        message = ("The gateway has no confirmed export-control policy, so it admits no requests "
+                   "until one is loaded (policy_stale).")
+        return Decision(False, 503, POLICY_STALE, message, 0)
+    message = (f"The gateway cannot confirm that export-control policy version {snapshot.version} is "
+               "current, so it admits no requests until it can (policy_stale).")
+    return Decision(False, 503, POLICY_STALE, message, snapshot.version)
+
+
+def _denied_codes_in_order(caller: Caller) -> list[str]:
+    # Name the most telling code in the message: the claim before the IP, a
+    # subdivision before the country it lies in.
+    ordered: list[str] = []
+    for code in (caller.claimed_country, caller.ip_subdivision, caller.ip_country):
+        if code:
+            ordered.append(code)
+    for code in sorted(caller.countries):
+        if code not in ordered:
+            ordered.append(code)
+    return ordered
+
+
+def _country_denied(
+    snapshot: Snapshot, caller: Caller, model: str | None, *, now: float, screening: dict[str, Any] | None
+) -> Decision | None:
+    deny = snapshot.lists[DENY_COUNTRIES]
+    if not deny:
+        return None
+    for code in caller.countries:
+        entry = deny.get(code)
+        if entry is not None and entry.active(now):
+            break
+    else:
+        return None
+    for code in _denied_codes_in_order(caller):
+        entry = deny.get(code)
+        if entry is not None and entry.active(now):
+            message = (f"Access{_to_model(model)} from {_place(code)} is not permitted: {code} is on the "
+                       f"denied countries and regions list (country_denied).")
+            return _block(snapshot, COUNTRY_DENIED, message, screening=screening)
+    return None  # unreachable: the first loop found a denied code
+
+
+def _entity_denied(
+    snapshot: Snapshot, caller: Caller, model: str | None, *, now: float
+) -> tuple[Decision | None, dict[str, Any] | None]:
+    deny = snapshot.lists[DENY_ENTITIES]
+    if deny:
+        entry = deny.get(caller.subject)
+        if entry is not None and entry.active(now):
+            message = (f"Access{_to_model(model)} is not permitted: the caller '{caller.subject}' is on the "
+                       "denied entities list (entity_denied).")
+            return _block(snapshot, ENTITY_DENIED, message, screening=None), None
+        org = caller.org
+        if org:
+            entry = deny.get(org)
+            if entry is not None and entry.active(now):
+                message = (f"Access{_to_model(model)} is not permitted: the organisation '{org}' is on the "
+                           "denied entities list (entity_denied).")
+                return _block(snapshot, ENTITY_DENIED, message, screening=None), None
+    screening = snapshot.screening
+    if screening is None or not caller.org_name:
+        return None, None
+    hit = screening.match(caller.org_name)
+    if hit is None:
+        return None, None
+    found = hit.to_dict()
+    if hit.blocked:
+        message = (f"Access{_to_model(model)} is not permitted: the organisation name '{caller.org_name}' "
+                   f"matches the denied-parties screening list (score {hit.score:.2f}) (entity_denied).")
+        return _block(snapshot, ENTITY_DENIED, message, screening=found), found
+    # A review-band hit does not block; it rides along for the audit record.
+    return None, found
+
+
+def decide(
+    snapshot: Snapshot | None,
+    caller: Caller,
+    model: str | None,
+    now: float,
+    rules: Rules,
+    *,
+    stale: bool = False,
+) -> Decision:
+    """CONTRACT §4 rows 10, 2-8 in order; the first that applies wins. Row 1 (credentials) and
+    row 9 (rate limits) belong to the identity and rate-limit steps around this one."""
+    if snapshot is None or stale:
+        return _stale(snapshot)
+    denied, screening = _entity_denied(snapshot, caller, model, now=now)
+    if denied is not None:
+        return denied
+    denied = _country_denied(snapshot, caller, model, now=now, screening=screening)
+    if denied is not None:
+        return denied
+    if model is None:
+        # A request that names no model is decided by rows 2, 3 and 10 only.
+        return snapshot.allow if screening is None else _allow(snapshot, screening)
+    entry = snapshot.models.get(model)
+    if entry is None:
+        if rules.unknown_model != "allow":
+            message = (f"Model '{model}' is not in the gateway's model registry, and unregistered models "
+                       "are not served (model_unknown).")
+            return _block(snapshot, MODEL_UNKNOWN, message, screening=screening)
+        # With nothing registered there is no suspension, country set or stage to apply.
+        return snapshot.allow if screening is None else _allow(snapshot, screening)
+    if entry.export_suspended:
+        outside = _outside(caller, rules.home_countries, rules.require_ip_country)
+        if outside is not None:
+            message = _suspended_message(model, outside, rules.home_countries)
+            return _block(snapshot, EXPORT_SUSPENDED, message, screening=screening)
+    allowed_countries = entry.allowed_countries
+    if allowed_countries is not None:
+        outside = _outside(caller, allowed_countries, rules.require_ip_country)
+        if outside is not None:
+            message = _restricted_message(model, outside)
+            return _block(snapshot, EXPORT_RESTRICTED, message, screening=screening)
+    stage = entry.current_stage(now)
+    stages = rules.tier_stages.get(caller.tier)
+    if stages is None or stage not in stages:
+        message = (f"Model '{model}' is not released to the '{caller.tier}' tier: its current stage is "
+                   f"'{stage}' (not_released).")
+        return _block(snapshot, NOT_RELEASED, message, screening=screening)
+    if stage == "partners" and "internal" not in stages:
+        org = caller.org
+        partner = snapshot.lists[PARTNERS].get(org) if org else None
+        if partner is None or not partner.active(now):
+            who = f"the organisation '{org}' is" if org else "the caller has no organisation, so it is"
+            message = (f"Model '{model}' is released to approved partners only, and {who} not on the "
+                       "partners list (partner_required).")
+            return _block(snapshot, PARTNER_REQUIRED, message, screening=screening)
+    return snapshot.allow if screening is None else _allow(snapshot, screening)
+
+
+def _allow(snapshot: Snapshot, screening: dict[str, Any]) -> Decision:
+    allow = snapshot.allow
+    return Decision(True, 200, "", allow.message, snapshot.version, screening)
+
+
+def _suspended_message(model: str, outside: tuple[str, str], home: frozenset[str]) -> str:
+    code, unknown = outside
+    homes = ", ".join(sorted(home)) or "no country"
+    if code:
+        return (f"Access to model '{model}' from {_place(code)} is not permitted: the model's export is "
+                f"suspended and {code} is outside the home countries ({homes}) (export_suspended).")
+    return (f"Access to model '{model}' is not permitted: the model's export is suspended outside the home "
+            f"countries ({homes}) and the caller's country is unknown ({unknown}) (export_suspended).")
+
+
+def _restricted_message(model: str, outside: tuple[str, str]) -> str:
+    code, unknown = outside
+    if code:
+        return (f"Access to model '{model}' from {_place(code)} is not permitted: {code} is outside the "
+                "model's allowed countries (export_restricted).")
+    return (f"Access to model '{model}' is not permitted: the model is limited to its allowed countries and "
+            f"the caller's country is unknown ({unknown}) (export_restricted).")
+
+
+__all__ = [
+    "LIST_NAMES",
+    "ApiKey",
+    "Decision",
+    "Entry",
+    "Model",
+    "PolicyValidationError",
+    "Rules",
+    "ScreeningHitLike",
+    "ScreeningLike",
+    "Snapshot",
+    "api_key_from_dict",
+    "api_key_to_dict",
+    "build_snapshot",
+    "decide",
+    "entry_from_dict",
+    "entry_to_dict",
+    "format_instant",
+    "model_from_dict",
+    "model_to_dict",
+    "normalize_key",
+    "parse_instant",
+    "policy_document",
+    "validate_api_key_record",
+    "validate_api_key_request",
+    "validate_entry",
+    "validate_list",
+    "validate_model",
+    "validate_model_name",
+    "validate_policy_document",
+]

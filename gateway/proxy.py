@@ -1,0 +1,276 @@
+"""The streaming forwarder: header hygiene both ways, chunk-by-chunk relay, usage capture.
+
+Nothing here decides who may call; it forwards a request that was already
+admitted and reports what happened (status, usage, errors) to its caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import aiohttp
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from .errors import GatewayError, error_body
+
+log = logging.getLogger("gateway.proxy")
+
+# RFC 9110 §7.6.1 hop-by-hop fields plus the ones proxies traditionally drop.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "te", "trailer", "trailers", "transfer-encoding", "upgrade",
+    "proxy-connection", "proxy-authenticate", "proxy-authorization",
+})
+# Request fields the gateway sets itself or must never pass on.
+_REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "authorization", "x-forwarded-for",
+                               "x-forwarded-proto", "x-request-id", "expect"}
+_RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
+USAGE_CAPTURE_LIMIT = 4 * 1024 * 1024
+
+UsageSink = Callable[[int], Awaitable[None]]
+
+
+def _connection_named(headers: Mapping[str, str] | CIMultiDictProxy[str]) -> set[str]:
+    named: set[str] = set()
+    getall = getattr(headers, "getall", None)
+    values: Iterable[str] = getall("Connection", []) if getall else [headers.get("Connection", "")]
+    for value in values:
+        for token in value.split(","):
+            token = token.strip().lower()
+            if token:
+                named.add(token)
+    return named
+
+
+def upstream_request_headers(incoming: CIMultiDictProxy[str], *, forwarded_for: str, proto: str,
+                             request_id: str, identity_headers: Iterable[tuple[str, str]],
+                             upstream_auth: str | None) -> CIMultiDict[str]:
+    """Caller headers minus hop-by-hop, credentials and ``X-Gateway-*``, plus the gateway's own."""
+    drop = _REQUEST_DROP | _connection_named(incoming)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        lower = name.lower()
+        if lower in drop or lower.startswith("proxy-") or lower.startswith("x-gateway-"):
+            continue
+        out.add(name, value)
+    # Added after the filter so a caller's "Connection: X-Forwarded-For" cannot strip them.
+    out["X-Forwarded-For"] = forwarded_for
+    out["X-Forwarded-Proto"] = proto
+    out["X-Request-Id"] = request_id
+    for name, value in identity_headers:
+        out[name] = value
+    if upstream_auth:
+        out["Authorization"] = upstream_auth
+    return out
+
+
+def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    drop = _RESPONSE_DROP | _connection_named(upstream)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.items():
+        lower = name.lower()
+        if lower in drop or lower.startswith("proxy-"):
+            continue
+        out.add(name, value)
+    return out
+
+
+class Router:
+    """Picks the upstream base URL for a model: ``upstream.routes`` globs, else ``upstream.url``."""
+
+    def __init__(self, default: str, routes: Mapping[str, str]) -> None:
+        self.default = default
+        self.routes = list(routes.items())
+        self._cache: dict[str | None, str] = {}
+
+    def base_for(self, model: str | None) -> str:
+        cached = self._cache.get(model)
+        if cached is not None:
+            return cached
+        base = self.default
+        if model is not None:
+            for glob, url in self.routes:
+                if fnmatch.fnmatchcase(model, glob):
+                    base = url
+                    break
+        if len(self._cache) < 10_000:
+            self._cache[model] = base
+        return base
+
+
+def usage_tokens(document: object) -> int | None:
+    """``usage.total_tokens`` (or prompt + completion) from an OpenAI-style JSON document."""
+    if not isinstance(document, dict):
+        return None
+    usage = document.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    total = usage.get("total_tokens")
+    if isinstance(total, int) and not isinstance(total, bool) and total >= 0:
+        return total
+    parts = [usage.get(k) for k in ("prompt_tokens", "completion_tokens", "input_tokens", "output_tokens")]
+    numbers = [p for p in parts if isinstance(p, int) and not isinstance(p, bool) and p >= 0]
+    return sum(numbers) if numbers else None
+
+
+class SseUsageScanner:
+    """Finds ``usage`` in SSE ``data:`` lines as they pass, without holding the stream."""
+
+    __slots__ = ("_partial",)
+
+    def __init__(self) -> None:
+        self._partial = b""
+
+    def feed(self, chunk: bytes) -> int | None:
+        data = self._partial + chunk
+        lines = data.split(b"\n")
+        self._partial = lines.pop()[-65536:]
+        found: int | None = None
+        for line in lines:
+            if line.startswith(b"data:") and b'"usage"' in line:
+                try:
+                    tokens = usage_tokens(orjson.loads(line[5:].strip()))
+                except orjson.JSONDecodeError:
+                    continue
+                if tokens is not None:
+                    found = tokens
+        return found
+
+
+@dataclass(slots=True)
+class ProxyOutcome:
+    """What the relay saw, for metrics, audit and token charging."""
+
+    upstream_status: int = 0
+    upstream_seconds: float = 0.0
+    tokens: int | None = None
+    error_kind: str | None = None
+    response: web.StreamResponse | None = None
+
+
+def _sse_error_event(code: str, message: str, request_id: str) -> bytes:
+    body = error_body(504 if code == "upstream_timeout" else 502, code, message, request_id)
+    return b"event: error\ndata: " + body + b"\n\n"
+
+
+class Forwarder:
+    """Relays one admitted request upstream and the answer back, chunk by chunk."""
+
+    def __init__(self, session: aiohttp.ClientSession, router: Router, *, read_timeout_s: float,
+                 connect_timeout_s: float, clock: Callable[[], float]) -> None:
+        self.session = session
+        self.router = router
+        self.clock = clock
+        self.timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s,
+                                             sock_connect=connect_timeout_s, sock_read=read_timeout_s)
+
+    async def forward(self, request: web.Request, *, body: bytes, model: str | None,
+                      headers: CIMultiDict[str], request_id: str,
+                      extra_response_headers: Iterable[tuple[str, str]],
+                      on_usage: UsageSink | None, outcome: ProxyOutcome) -> web.StreamResponse:
+        url = URL(self.router.base_for(model) + request.raw_path, encoded=True)
+        started = self.clock()
+        try:
+            upstream = await self.session.request(
+                request.method, url, headers=headers, data=body if body else None,
+                allow_redirects=False, timeout=self.timeout, auto_decompress=False,
+                skip_auto_headers=("User-Agent", "Content-Type", "Accept-Encoding", "Accept"),
+            )
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            outcome.error_kind = "timeout"
+            raise GatewayError(504, "upstream_timeout",
+                               "The model server did not answer in time.") from exc
+        except aiohttp.ClientError as exc:
+            outcome.error_kind = "connect" if isinstance(exc, aiohttp.ClientConnectorError) else "protocol"
+            raise GatewayError(502, "upstream_unreachable",
+                               "The model server could not be reached.") from exc
+        try:
+            return await self._relay(request, upstream, request_id=request_id,
+                                     extra=extra_response_headers, on_usage=on_usage,
+                                     outcome=outcome, started=started)
+        finally:
+            upstream.release()
+            outcome.upstream_seconds = self.clock() - started
+
+    async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse, *, request_id: str,
+                     extra: Iterable[tuple[str, str]], on_usage: UsageSink | None,
+                     outcome: ProxyOutcome, started: float) -> web.StreamResponse:
+        outcome.upstream_status = upstream.status
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
+                                      headers=response_headers(upstream.headers))
+        response.headers["X-Request-Id"] = request_id
+        for name, value in extra:
+            response.headers[name] = value
+        if upstream.content_length is not None and "Transfer-Encoding" not in upstream.headers:
+            response.content_length = upstream.content_length
+        content_type = upstream.headers.get("Content-Type", "")
+        is_sse = content_type.startswith("text/event-stream")
+        is_json = "json" in content_type and on_usage is not None
+        scanner = SseUsageScanner() if is_sse and on_usage is not None else None
+        outcome.response = response
+        await response.prepare(request)
+        held: list[bytes] = []  # JSON bodies: captured (bounded) to read usage before the last byte
+        held_size = 0
+        pending: bytes | None = None
+        try:
+            async for chunk in upstream.content.iter_any():
+                if scanner is not None:
+                    tokens = scanner.feed(chunk)
+                    if tokens is not None and outcome.tokens is None:
+                        outcome.tokens = tokens
+                        await on_usage(tokens)  # type: ignore[misc]
+                    await response.write(chunk)
+                elif is_json:
+                    if held_size <= USAGE_CAPTURE_LIMIT:
+                        held.append(chunk)
+                        held_size += len(chunk)
+                    # One chunk of look-behind, so the charge can land before the last byte.
+                    if pending is not None:
+                        await response.write(pending)
+                    pending = chunk
+                else:
+                    await response.write(chunk)
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            outcome.error_kind = "timeout"
+            await self._abort_stream(response, is_sse, "upstream_timeout",
+                                     "The model server stopped sending mid-response.", request_id)
+            return response
+        except aiohttp.ClientPayloadError:
+            outcome.error_kind = "protocol"
+            await self._abort_stream(response, is_sse, "upstream_unreachable",
+                                     "The model server broke off the response.", request_id)
+            return response
+        if is_json and held_size <= USAGE_CAPTURE_LIMIT and held:
+            try:
+                tokens = usage_tokens(orjson.loads(b"".join(held)))
+            except orjson.JSONDecodeError:
+                tokens = None
+            if tokens is not None:
+                outcome.tokens = tokens
+                await on_usage(tokens)  # type: ignore[misc]
+        if pending is not None:
+            await response.write(pending)
+        await response.write_eof()
+        return response
+
+    @staticmethod
+    async def _abort_stream(response: web.StreamResponse, is_sse: bool, code: str, message: str,
+                            request_id: str) -> None:
+        if is_sse:
+            try:
+                await response.write(_sse_error_event(code, message, request_id))
+                await response.write_eof()
+            except (ConnectionError, RuntimeError):
+                pass
+            return
+        # Not SSE: the status line is gone, so the only honest signal is a cut connection.
+        transport = response._req.transport if response._req is not None else None  # noqa: SLF001
+        if transport is not None:
+            transport.abort()
+        await asyncio.sleep(0)

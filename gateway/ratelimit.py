@@ -1,0 +1,346 @@
+"""Rate limits per subject and model: requests by GCRA, tokens by a sliding minute.
+
+The algorithm lives here and in ``gateway/lua/``; Redis is reached only through
+an injected :class:`ScriptBackend` (the store), so this module never imports a
+Redis client. When the backend is unavailable, a :class:`LocalLimiter` with the
+same limits decides in-process: degraded, never unlimited.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Literal, Protocol
+
+from gateway.settings import Tier
+
+__all__ = [
+    "CHARGE_SCRIPT",
+    "CHECK_SCRIPT",
+    "BackendUnavailable",
+    "LocalLimiter",
+    "RateLimiter",
+    "RateResult",
+    "ScriptBackend",
+    "rate_keys",
+]
+
+log = logging.getLogger(__name__)
+
+CHECK_SCRIPT = "ratelimit"  # gateway/lua/ratelimit.lua
+CHARGE_SCRIPT = "charge"  # gateway/lua/charge.lua
+ANY_MODEL = "*"
+WINDOW_S = 60
+_US = 1_000_000
+
+Code = Literal["", "rate_limited", "token_rate_limited"]
+_CODES: tuple[Code, Code, Code] = ("", "rate_limited", "token_rate_limited")
+
+
+class BackendUnavailable(Exception):
+    """Redis did not answer in time or could not be reached; the store raises this."""
+
+
+class ScriptBackend(Protocol):
+    """Runs ``gateway/lua/<name>.lua`` atomically (EVALSHA), bounded by ``redis.timeout_s``."""
+
+    async def run_script(self, name: str, keys: Sequence[str], args: Sequence[str | int | float]) -> Any: ...
+
+
+@lru_cache(maxsize=65_536)
+def rate_keys(subject: str, model: str) -> tuple[str, str]:
+    """The request key and the token key of one (subject, model).
+
+    Subjects may hold any character and any length, so both are hashed; the
+    length prefix keeps ("a|b", "c") and ("a", "b|c") apart. The braces are a
+    Cluster hash tag: both keys of a caller share a slot, as one script needs.
+    """
+    digest = hashlib.blake2b(f"{len(subject)}:{subject}|{model}".encode(errors="surrogatepass"),
+                             digest_size=16).hexdigest()
+    return f"gw:rl:{{{digest}}}:r", f"gw:rl:{{{digest}}}:t"
+
+
+def _format_duration(seconds: float) -> str:
+    """OpenAI-style durations: "20ms", "1.5s", "6m0s", "1h0m0s"."""
+    if seconds <= 0:
+        return "0s"
+    if seconds < 1:
+        return f"{math.ceil(seconds * 1000)}ms"
+    if seconds < 60:
+        return f"{math.ceil(seconds * 10) / 10:g}s"
+    whole = math.ceil(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes}m{secs}s" if hours else f"{minutes}m{secs}s"
+
+
+def _sf_string(value: str) -> str:
+    """A structured-field string (RFC 8941): quotes and backslashes escaped."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+@dataclass(frozen=True, slots=True)
+class _TierStrings:
+    policy: str
+    request_item: str
+    token_item: str
+    limit: str
+    token_limit: str
+
+
+@lru_cache(maxsize=256)
+def _tier_strings(tier_name: str, limit: int, token_limit: int | None) -> _TierStrings:
+    # Constant per tier: built once, not on every request.
+    name = _sf_string(tier_name)
+    token_name = _sf_string(f"{tier_name}-tokens")
+    policy = f"{name};q={limit};w={WINDOW_S}"
+    if token_limit is not None:
+        policy += f", {token_name};q={token_limit};w={WINDOW_S}"
+    return _TierStrings(policy=policy, request_item=f"{name};r=", token_item=f"{token_name};r=",
+                        limit=str(limit), token_limit=str(token_limit))
+
+
+@dataclass(frozen=True, slots=True)
+class RateResult:
+    """One decision. Times are seconds; ``retry_after_s`` is 0 unless blocked."""
+
+    allowed: bool
+    code: Code
+    limit: int
+    remaining: int
+    reset_s: float
+    retry_after_s: int
+    token_limit: int | None
+    tokens_remaining: int | None
+    token_reset_s: float | None
+    fallback: bool = False
+
+    def headers(self, tier_name: str) -> list[tuple[str, str]]:
+        """IETF ``RateLimit``/``RateLimit-Policy``, OpenAI ``x-ratelimit-*`` and, on a block, Retry-After."""
+        strings = _tier_strings(tier_name, self.limit, self.token_limit)
+        reset = math.ceil(self.reset_s)
+        state = f"{strings.request_item}{self.remaining};t={reset}"
+        out = [("RateLimit-Policy", strings.policy), ("RateLimit", state),
+               ("x-ratelimit-limit-requests", strings.limit),
+               ("x-ratelimit-remaining-requests", str(self.remaining)),
+               ("x-ratelimit-reset-requests", _format_duration(self.reset_s))]
+        if self.token_limit is not None:
+            tokens_remaining = self.tokens_remaining or 0
+            token_reset = self.token_reset_s or 0.0
+            out[1] = ("RateLimit", f"{state}, {strings.token_item}{tokens_remaining};"
+                                   f"t={math.ceil(token_reset)}")
+            out += [("x-ratelimit-limit-tokens", strings.token_limit),
+                    ("x-ratelimit-remaining-tokens", str(tokens_remaining)),
+                    ("x-ratelimit-reset-tokens", _format_duration(token_reset))]
+        if not self.allowed:
+            out.append(("Retry-After", str(self.retry_after_s)))
+        return out
+
+
+def _interval_us(tier: Tier) -> int:
+    # Whole microseconds keep Lua (doubles) and Python (ints) bit-identical.
+    return max(1, round(WINDOW_S * _US / tier.requests_per_minute))
+
+
+def _result(tier: Tier, reply: Sequence[Any], *, fallback: bool) -> RateResult:
+    """A RateResult from the script's reply (the LocalLimiter builds the same tuple)."""
+    allowed, code, remaining, reset_us, retry_us, used, token_reset_us = (int(v) for v in reply)
+    tpm = tier.tokens_per_minute
+    return RateResult(
+        allowed=allowed == 1,
+        code=_CODES[code],
+        limit=tier.requests_per_minute,
+        remaining=max(0, remaining),
+        reset_s=max(0, reset_us) / _US,
+        # Ceil, so a caller who waits exactly Retry-After does pass.
+        retry_after_s=0 if allowed == 1 else max(1, -(-retry_us // _US)),
+        token_limit=tpm,
+        tokens_remaining=None if tpm is None else max(0, tpm - max(0, used)),
+        token_reset_s=None if tpm is None else max(0, token_reset_us) / _US,
+        fallback=fallback,
+    )
+
+
+class _LocalState:
+    __slots__ = ("buckets", "tat")
+
+    def __init__(self) -> None:
+        self.tat = 0
+        self.buckets: dict[int, int] = {}
+
+
+class LocalLimiter:
+    """The same GCRA and token window as the Lua scripts, in-process, for Redis outages.
+
+    Memory is bounded: at most ``max_keys`` callers, least recently seen evicted
+    first (an evicted idle caller loses nothing: its bucket was full anyway).
+    """
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic, max_keys: int = 100_000) -> None:
+        self._clock = clock
+        self._max_keys = max_keys
+        self._states: OrderedDict[tuple[str, str], _LocalState] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def _state(self, subject: str, model: str) -> _LocalState:
+        key = (subject, model)
+        state = self._states.get(key)
+        if state is None:
+            state = self._states[key] = _LocalState()
+            if len(self._states) > self._max_keys:
+                self._states.popitem(last=False)
+        else:
+            self._states.move_to_end(key)
+        return state
+
+    def _now_us(self) -> int:
+        return round(self._clock() * _US)
+
+    def check(self, subject: str, model: str | None, tier: Tier) -> RateResult:
+        now = self._now_us()
+        state = self._state(subject, model or ANY_MODEL)
+        interval = _interval_us(tier)
+        capacity = interval * tier.burst
+        tat = max(state.tat, now)
+        new_tat = tat + interval
+        rate_ok = new_tat - now <= capacity
+
+        tpm = tier.tokens_per_minute or 0
+        used, token_reset, token_retry = -1, 0, 0
+        if tpm > 0:
+            used, token_reset, token_retry = self._window(state, now, tpm)
+        tokens_ok = tpm <= 0 or used < tpm
+
+        reply: tuple[int, ...]
+        if rate_ok and tokens_ok:
+            state.tat = new_tat
+            remaining = (capacity - (new_tat - now)) // interval
+            reset = new_tat - now if remaining else new_tat - now - capacity + interval
+            reply = (1, 0, remaining, reset, 0, used, token_reset)
+        elif not rate_ok:
+            retry = max(token_retry, new_tat - now - capacity)
+            reply = (0, 1, 0, retry, retry, used, token_reset)
+        else:
+            remaining = (capacity - (tat - now)) // interval
+            reply = (0, 2, remaining, tat - now, token_retry, used, token_reset)
+        return _result(tier, reply, fallback=True)
+
+    @staticmethod
+    def _window(state: _LocalState, now: int, tpm: int) -> tuple[int, int, int]:
+        """(tokens used in the window, µs until it is empty, µs until the budget reopens)."""
+        oldest = now // _US - (WINDOW_S - 1)
+        buckets = state.buckets
+        for second in [s for s in buckets if s < oldest]:
+            del buckets[second]
+        if not buckets:
+            return 0, 0, 0
+        used = sum(buckets.values())
+        token_reset = (max(buckets) + WINDOW_S) * _US - now
+        token_retry = 0
+        if used >= tpm:
+            left = used
+            for second in sorted(buckets):
+                left -= buckets[second]
+                if left < tpm:
+                    token_retry = (second + WINDOW_S) * _US - now
+                    break
+        return used, token_reset, token_retry
+
+    def charge(self, subject: str, model: str | None, tier: Tier, tokens: int) -> None:
+        if tokens <= 0 or tier.tokens_per_minute is None:
+            return
+        second = self._now_us() // _US
+        state = self._state(subject, model or ANY_MODEL)
+        state.buckets[second] = state.buckets.get(second, 0) + tokens
+        if len(state.buckets) > WINDOW_S + 4:
+            oldest = second - (WINDOW_S - 1)
+            for old in [s for s in state.buckets if s < oldest]:
+                del state.buckets[old]
+
+
+class RateLimiter:
+    """Request and token limits shared by every process through Redis, local when Redis is away.
+
+    Each check is one script call. After a failed call Redis is skipped for
+    ``backoff_s`` so that a blackholed Redis costs one timeout per back-off,
+    not one per request; then the next call probes it again. ``on_fallback``
+    is called once for every check decided by the local limiter (a charge that
+    falls back is kept locally but not counted: it decides nothing).
+    """
+
+    def __init__(self, backend: ScriptBackend, tiers: Mapping[str, Tier], *,
+                 clock: Callable[[], float] = time.monotonic,
+                 on_fallback: Callable[[], None] | None = None,
+                 backoff_s: float = 1.0,
+                 local_max_keys: int = 100_000,
+                 script_now: Callable[[], float] | None = None) -> None:
+        # script_now (tests only): wall seconds sent to the scripts instead of Redis TIME.
+        self._backend = backend
+        self._tiers = dict(tiers)
+        self._clock = clock
+        self._on_fallback = on_fallback
+        self._backoff_s = backoff_s
+        self._script_now = script_now
+        self._skip_until = -math.inf
+        self.local = LocalLimiter(clock=clock, max_keys=local_max_keys)
+        self._check_args = {name: (str(_interval_us(t)), str(t.burst), str(t.tokens_per_minute or 0))
+                            for name, t in self._tiers.items()}
+
+    def _tier(self, name: str) -> Tier:
+        try:
+            return self._tiers[name]
+        except KeyError:
+            raise KeyError(f"unknown tier {name!r}") from None
+
+    def _now_arg(self) -> str:
+        return "" if self._script_now is None else repr(self._script_now() * 1000)
+
+    async def _run(self, name: str, keys: Sequence[str], args: Sequence[str]) -> Any | None:
+        """The script's reply, or None when Redis must be skipped (fallback)."""
+        if self._clock() < self._skip_until:
+            return None
+        try:
+            return await self._backend.run_script(name, keys, args)
+        except BackendUnavailable:
+            pass
+        except Exception:
+            # Quotas degrade rather than fail: an unexpected Redis reply (OOM,
+            # READONLY during failover) also falls back, but is worth a log line.
+            log.warning("rate limit script %s failed; limiting locally", name, exc_info=True)
+        self._skip_until = self._clock() + self._backoff_s
+        return None
+
+    def _fell_back(self) -> None:
+        if self._on_fallback is not None:
+            self._on_fallback()
+
+    async def check(self, subject: str, model: str | None, tier: str) -> RateResult:
+        """Admit or refuse one request now; an admitted request consumes one unit."""
+        limits = self._tier(tier)
+        model = model or ANY_MODEL
+        request_key, token_key = rate_keys(subject, model)
+        reply = await self._run(CHECK_SCRIPT, (request_key, token_key),
+                                (*self._check_args[tier], self._now_arg()))
+        if reply is not None:
+            return _result(limits, reply, fallback=False)
+        self._fell_back()
+        return self.local.check(subject, model, limits)
+
+    async def charge(self, subject: str, model: str | None, tier: str, tokens: int) -> None:
+        """Charge the tokens a response used; a tier without a token limit charges nothing."""
+        limits = self._tier(tier)
+        if tokens <= 0 or limits.tokens_per_minute is None:
+            return
+        model = model or ANY_MODEL
+        _, token_key = rate_keys(subject, model)
+        reply = await self._run(CHARGE_SCRIPT, (token_key,), (str(int(tokens)), self._now_arg()))
+        if reply is None:
+            self.local.charge(subject, model, limits, tokens)

@@ -1,0 +1,136 @@
+"""Process management for ``gateway serve``: embedded Redis, worker processes, signals, listeners."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+from aiohttp import web
+
+from .app import Gateway, create_admin_app, create_public_app
+from .logs import setup_logging
+from .redis_server import RedisServer
+from .settings import Settings
+
+log = logging.getLogger("gateway.server")
+
+
+async def run_gateway(settings: Settings, *, redis_url: str, reuse_port: bool,
+                      bootstrap_policy: Path | None = None, stop: asyncio.Event | None = None) -> None:
+    """Run one gateway process until SIGTERM/SIGINT (or ``stop``), then shut down gracefully."""
+    gateway = Gateway(settings, redis_url=redis_url)
+    await gateway.start()
+    if bootstrap_policy is not None:
+        from .bootstrap import import_policy_file_if_missing
+
+        await import_policy_file_if_missing(gateway, bootstrap_policy)
+    limits = settings.limits
+    # aiohttp has no header read timeout; its keep-alive timer also runs from the
+    # connection's start and while a request's head is incomplete, so it cuts slow
+    # header senders after header_read_timeout_s.
+    public_runner = web.AppRunner(create_public_app(gateway), handler_cancellation=True,
+                                  keepalive_timeout=limits.header_read_timeout_s, access_log=None,
+                                  shutdown_timeout=limits.shutdown_grace_s)
+    admin_runner = web.AppRunner(create_admin_app(gateway), access_log=None, shutdown_timeout=5.0,
+                                 keepalive_timeout=limits.header_read_timeout_s)
+    await public_runner.setup()
+    await admin_runner.setup()
+    await web.TCPSite(public_runner, settings.listen.host, settings.listen.port, reuse_port=reuse_port,
+                      backlog=2048).start()
+    await web.TCPSite(admin_runner, settings.admin.host, settings.admin.port, reuse_port=reuse_port).start()
+    log.info("gateway listening", extra={"public": f"{settings.listen.host}:{settings.listen.port}",
+                                         "admin": f"{settings.admin.host}:{settings.admin.port}",
+                                         "pid": os.getpid()})
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("gateway stopping: draining in-flight requests")
+        await public_runner.cleanup()
+        await admin_runner.cleanup()
+        await gateway.close()
+        log.info("gateway stopped")
+
+
+def _run_worker(settings: Settings, redis_url: str, reuse_port: bool, bootstrap: Path | None) -> None:
+    setup_logging(settings.logging)
+    try:
+        import uvloop
+
+        uvloop.run(run_gateway(settings, redis_url=redis_url, reuse_port=reuse_port,
+                               bootstrap_policy=bootstrap))
+    except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform
+        asyncio.run(run_gateway(settings, redis_url=redis_url, reuse_port=reuse_port,
+                                bootstrap_policy=bootstrap))
+
+
+def serve(settings: Settings, *, workers: int, bootstrap_policy: Path | None) -> int:
+    """Start the embedded Redis when configured so, then one or ``workers`` gateway processes."""
+    setup_logging(settings.logging)
+    embedded: RedisServer | None = None
+    redis_url = settings.redis.url
+    if redis_url is None:
+        embedded = RedisServer(unix_socket=True).start()
+        redis_url = embedded.url
+        log.info("embedded redis started", extra={"redis": redis_url})
+    try:
+        if workers <= 1:
+            _run_worker(settings, redis_url, False, bootstrap_policy)
+            return 0
+        return _supervise(settings, redis_url, workers, bootstrap_policy)
+    finally:
+        if embedded is not None:
+            embedded.cleanup()
+
+
+def _supervise(settings: Settings, redis_url: str, workers: int, bootstrap: Path | None) -> int:
+    """N workers share both ports (SO_REUSEPORT); metrics are summed through a shared directory."""
+    metrics_dir = tempfile.mkdtemp(prefix="gw-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    context = multiprocessing.get_context("spawn")
+    procs = []
+    for index in range(workers):
+        proc = context.Process(target=_run_worker, name=f"gateway-worker-{index}",
+                               args=(settings, redis_url, True, bootstrap if index == 0 else None))
+        proc.start()
+        procs.append(proc)
+    stopping = False
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for proc in procs:
+            if proc.is_alive() and proc.pid:
+                os.kill(proc.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    status = 0
+    try:
+        for proc in procs:
+            while proc.is_alive():
+                proc.join(timeout=0.5)
+                if not stopping and any(not p.is_alive() for p in procs):
+                    # One worker died: stop the rest rather than serve on half capacity silently.
+                    log.error("a worker exited; stopping all workers")
+                    forward(signal.SIGTERM, None)
+                    status = 1
+            if proc.exitcode not in (0, -signal.SIGTERM):
+                status = 1
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    return status
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use: gateway serve --config PATH")

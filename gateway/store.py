@@ -1,0 +1,484 @@
+"""The only module that speaks Redis: key schema, policy reads and writes, scripts, streams.
+
+Key schema (every policy key shares the hash tag ``{gw}`` so one transaction can
+change several of them on Redis Cluster too):
+
+==============================  =======  ==================================================
+key                             type     holds
+==============================  =======  ==================================================
+``{gw}:version``                string   the policy version; bumped by every change
+``{gw}:generation``             string   id of the policy generation (new after a restore)
+``{gw}:list:<name>``            hash     list entry key -> JSON entry (four lists)
+``{gw}:models``                 hash     model name -> JSON model
+``{gw}:apikeys``                hash     key id -> JSON attributes incl. the key's hash
+``{gw}:screening``              string   JSON list of imported screening entries
+``{gw}:screening_rev``          string   policy version at which screening last changed
+``{gw}:changes``                stream   change history (actor, time, before, after, version)
+``gw:audit``                    stream   audit records (one field ``r``: JSON)
+``gw:rl:{<hash>}:r`` / ``:t``   string   rate-limit state, always with a TTL
+==============================  =======  ==================================================
+
+Channel ``gw:policy`` announces each new version. Redis errors and timeouts are
+turned into :class:`StoreUnavailable` here, so no other module handles redis-py types.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+import orjson
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.sentinel import Sentinel
+from redis.exceptions import NoScriptError, RedisError, WatchError
+
+from .ratelimit import BackendUnavailable
+
+log = logging.getLogger("gateway.store")
+
+PREFIX = "{gw}:"
+VERSION_KEY = PREFIX + "version"
+GENERATION_KEY = PREFIX + "generation"
+MODELS_KEY = PREFIX + "models"
+APIKEYS_KEY = PREFIX + "apikeys"
+SCREENING_KEY = PREFIX + "screening"
+SCREENING_REV_KEY = PREFIX + "screening_rev"
+CHANGES_KEY = PREFIX + "changes"
+AUDIT_KEY = "gw:audit"
+CHANNEL = "gw:policy"
+CHANGES_MAXLEN = 100_000
+LIST_NAMES = ("deny-countries", "deny-entities", "partners", "ip-ranges")
+
+
+def list_key(name: str) -> str:
+    return f"{PREFIX}list:{name}"
+
+
+class StoreUnavailable(BackendUnavailable):
+    """Redis did not answer (refused, reset, timed out). Subclass of the limiter's error type."""
+
+
+class PolicyMissing(Exception):
+    """A single-entry write into a Redis that holds no policy (contract: 409 policy_missing)."""
+
+
+class NotFound(Exception):
+    """A delete of something that is not there."""
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyData:
+    """The raw policy as read in one transaction: JSON-decoded dicts, not yet validated types."""
+
+    version: int
+    generation: str
+    lists: dict[str, dict[str, dict[str, Any]]]
+    models: dict[str, dict[str, Any]]
+    api_keys: dict[str, dict[str, Any]]
+    screening_rev: int
+
+
+# --- write operations -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HashSet:
+    key: str
+    field: str
+    value: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class HashDelete:
+    key: str
+    field: str
+    must_exist: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class HashReplace:
+    key: str
+    values: Mapping[str, Mapping[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class ScreeningReplace:
+    entries: Sequence[Mapping[str, Any]]
+
+
+Op = HashSet | HashDelete | HashReplace | ScreeningReplace
+
+
+@dataclass(slots=True)
+class Change:
+    """One change-history record."""
+
+    actor: str
+    time: str
+    target: str
+    before: Any = None
+    after: Any = None
+    version: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _decode_hash(raw: Mapping[bytes, bytes]) -> dict[str, dict[str, Any]]:
+    return {k.decode(): orjson.loads(v) for k, v in raw.items()}
+
+
+def _summary(values: Mapping[str, Any], limit: int = 200) -> Any:
+    """Whole-list values in a change record, bounded: beyond ``limit`` keys only the keys count."""
+    if len(values) <= limit:
+        return dict(values)
+    return {"count": len(values), "keys_sample": sorted(values)[:limit]}
+
+
+def _load_lua(name: str) -> str:
+    return resources.files("gateway").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+
+
+def _build_client(url: str, *, password: str | None, ssl_context: ssl.SSLContext | None) -> Any:
+    """A redis-py asyncio client for a standalone, Sentinel or Cluster URL."""
+    parsed = urlparse(url)
+    if parsed.scheme == "redis+sentinel":
+        hosts = [h.rsplit(":", 1) for h in parsed.netloc.split("@")[-1].split(",")]
+        service = parsed.path.strip("/") or "mymaster"
+        query = parse_qs(parsed.query)
+        sentinel = Sentinel([(h, int(p)) for h, p in hosts], socket_timeout=1.0,
+                            sentinel_kwargs={"socket_timeout": 1.0,
+                                             "password": query.get("sentinel_password", [None])[0]},
+                            password=password)
+        return sentinel.master_for(service, socket_timeout=None, socket_connect_timeout=2.0,
+                                   retry_on_timeout=False)
+    if parsed.scheme == "redis+cluster":
+        hosts = [h.rsplit(":", 1) for h in parsed.netloc.split("@")[-1].split(",")]
+        return RedisCluster(startup_nodes=[ClusterNode(h, int(p)) for h, p in hosts],
+                            password=password, socket_connect_timeout=2.0,
+                            ssl=ssl_context is not None, ssl_context=ssl_context)
+    kwargs: dict[str, Any] = {"socket_connect_timeout": 2.0, "health_check_interval": 0}
+    if password:
+        kwargs["password"] = password
+    if parsed.scheme == "rediss" and ssl_context is not None:
+        kwargs["ssl_context"] = ssl_context  # pragma: no cover - TLS wiring
+    return aioredis.Redis.from_url(url, **kwargs)
+
+
+class Store:
+    """Async access to the gateway's Redis; every call is bounded by a deadline."""
+
+    def __init__(self, client: Any, *, timeout_s: float, load_timeout_s: float | None = None) -> None:
+        self.client = client
+        self.timeout_s = timeout_s
+        # Whole-policy loads move megabytes; they get a longer, still bounded, deadline.
+        self.load_timeout_s = load_timeout_s or max(2.0, timeout_s * 20)
+        self._scripts: dict[str, tuple[str, str]] = {}
+        self._batch: list[tuple[str, Sequence[str], Sequence[Any], asyncio.Future[Any]]] = []
+        self._flush_scheduled = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.on_error: Callable[[str], None] = lambda op: None
+        self.is_cluster = isinstance(client, RedisCluster)
+
+    @classmethod
+    def from_url(cls, url: str, *, timeout_s: float, password: str | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> Store:
+        return cls(_build_client(url, password=password, ssl_context=ssl_context), timeout_s=timeout_s)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        close = getattr(self.client, "aclose", None) or self.client.close
+        await close()
+
+    async def _bounded(self, op: str, awaitable: Awaitable[Any], timeout: float | None = None) -> Any:
+        try:
+            async with asyncio.timeout(timeout or self.timeout_s):
+                return await awaitable
+        except (RedisError, OSError, TimeoutError) as exc:
+            if isinstance(exc, (WatchError, NoScriptError)):
+                raise
+            self.on_error(op)
+            raise StoreUnavailable(f"redis {op}: {type(exc).__name__}: {exc}") from exc
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self._bounded("ping", self.client.ping()))
+        except StoreUnavailable:
+            return False
+
+    # --- policy reads ---------------------------------------------------------------------
+
+    async def read_version(self) -> tuple[int | None, str | None]:
+        """(version, generation); version None means Redis holds no policy."""
+        version, generation = await self._bounded(
+            "poll", self.client.mget([VERSION_KEY, GENERATION_KEY]))
+        if version is None:
+            return None, None
+        return int(version), (generation or b"").decode()
+
+    async def load_policy(self) -> PolicyData | None:
+        """The whole policy in one MULTI, so lists and version belong together."""
+        async def load() -> list[Any]:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.mget([VERSION_KEY, GENERATION_KEY, SCREENING_REV_KEY])
+            for name in LIST_NAMES:
+                pipe.hgetall(list_key(name))
+            pipe.hgetall(MODELS_KEY)
+            pipe.hgetall(APIKEYS_KEY)
+            return list(await pipe.execute())
+
+        result = await self._bounded("load", load(), self.load_timeout_s)
+        (version, generation, screening_rev), *hashes = result
+        if version is None:
+            return None
+        lists = {name: _decode_hash(raw) for name, raw in zip(LIST_NAMES, hashes[:4], strict=True)}
+        return PolicyData(version=int(version), generation=(generation or b"").decode(), lists=lists,
+                          models=_decode_hash(hashes[4]), api_keys=_decode_hash(hashes[5]),
+                          screening_rev=int(screening_rev or 0))
+
+    async def load_screening(self) -> list[dict[str, Any]]:
+        raw = await self._bounded("load", self.client.get(SCREENING_KEY), self.load_timeout_s)
+        return list(orjson.loads(raw)) if raw else []
+
+    # --- policy writes --------------------------------------------------------------------
+
+    async def write(self, ops: Sequence[Op], *, actor: str, now_iso: str, target: str,
+                    import_whole: bool = False) -> tuple[int, Change]:
+        """Apply ``ops`` and bump the version in one transaction; publish the new version.
+
+        Without ``import_whole`` a Redis with no policy refuses the write (PolicyMissing).
+        Concurrent writers retry on WATCH conflicts, so none is lost.
+        """
+        for _attempt in range(200):
+            try:
+                version, change = await self._bounded(
+                    "write", self._write_once(ops, actor=actor, now_iso=now_iso, target=target,
+                                              import_whole=import_whole), self.load_timeout_s)
+            except WatchError:
+                await asyncio.sleep(0.001)
+                continue
+            await self._publish(version)
+            return version, change
+        raise StoreUnavailable("redis write: too many concurrent conflicting writes")
+
+    async def _write_once(self, ops: Sequence[Op], *, actor: str, now_iso: str, target: str,
+                          import_whole: bool) -> tuple[int, Change]:
+        async with self.client.pipeline(transaction=True) as pipe:
+            await pipe.watch(VERSION_KEY)
+            current = await pipe.get(VERSION_KEY)
+            if current is None and not import_whole:
+                raise PolicyMissing()
+            before, after = await self._read_before(pipe, ops)
+            pipe.multi()
+            if current is None:
+                pipe.set(GENERATION_KEY, uuid.uuid4().hex)
+            pipe.incr(VERSION_KEY)
+            screening_changed = False
+            for op in ops:
+                if isinstance(op, HashSet):
+                    pipe.hset(op.key, op.field, orjson.dumps(op.value))
+                elif isinstance(op, HashDelete):
+                    pipe.hdel(op.key, op.field)
+                elif isinstance(op, HashReplace):
+                    pipe.delete(op.key)
+                    if op.values:
+                        pipe.hset(op.key, mapping={k: orjson.dumps(v) for k, v in op.values.items()})
+                else:
+                    pipe.set(SCREENING_KEY, orjson.dumps(list(op.entries)))
+                    screening_changed = True
+            new_version = int(current or 0) + 1
+            if screening_changed:
+                pipe.set(SCREENING_REV_KEY, new_version)
+            change = Change(actor=actor, time=now_iso, target=target, before=before, after=after,
+                            version=new_version)
+            pipe.xadd(CHANGES_KEY, {"c": orjson.dumps(_change_dict(change))},
+                      maxlen=CHANGES_MAXLEN, approximate=True)
+            results = await pipe.execute()
+        return int(results[1] if current is None else results[0]), change
+
+    async def _read_before(self, pipe: Any, ops: Sequence[Op]) -> tuple[Any, Any]:
+        before: dict[str, Any] = {}
+        after: dict[str, Any] = {}
+        for op in ops:
+            if isinstance(op, HashSet):
+                raw = await pipe.hget(op.key, op.field)
+                before[f"{op.key}#{op.field}"] = orjson.loads(raw) if raw else None
+                after[f"{op.key}#{op.field}"] = op.value
+            elif isinstance(op, HashDelete):
+                raw = await pipe.hget(op.key, op.field)
+                if raw is None and op.must_exist:
+                    await pipe.unwatch()
+                    raise NotFound(op.field)
+                before[f"{op.key}#{op.field}"] = orjson.loads(raw) if raw else None
+                after[f"{op.key}#{op.field}"] = None
+            elif isinstance(op, HashReplace):
+                raw_hash = await pipe.hgetall(op.key)
+                before[op.key] = _summary(_decode_hash(raw_hash))
+                after[op.key] = _summary(op.values)
+            else:
+                count = await pipe.strlen(SCREENING_KEY)
+                before[SCREENING_KEY] = {"bytes": count}
+                after[SCREENING_KEY] = {"count": len(op.entries)}
+        return _strip_prefix(before), _strip_prefix(after)
+
+    async def _publish(self, version: int) -> None:
+        try:
+            await self._bounded("publish", self.client.publish(CHANNEL, str(version)))
+        except StoreUnavailable:
+            # The poll still converges; a lost announcement only costs one poll interval.
+            log.warning("policy version %s written but not announced", version)
+
+    async def read_changes(self, limit: int) -> list[dict[str, Any]]:
+        raw = await self._bounded("changes", self.client.xrevrange(CHANGES_KEY, count=limit))
+        return [orjson.loads(fields[b"c"]) for _id, fields in raw]
+
+    async def policy_exists(self) -> bool:
+        version, _ = await self.read_version()
+        return version is not None
+
+    # --- pub/sub --------------------------------------------------------------------------
+
+    async def listen(self, on_message: Callable[[], None]) -> None:
+        """Call ``on_message`` for each version announcement; returns when the connection drops."""
+        pubsub = self.client.pubsub()
+        try:
+            await pubsub.subscribe(CHANNEL)
+            async for message in pubsub.listen():
+                if message.get("type") == "message":
+                    on_message()
+        finally:
+            try:
+                await pubsub.aclose()
+            except (RedisError, OSError):
+                pass
+
+    # --- scripts, auto-pipelined ----------------------------------------------------------
+
+    async def run_script(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """EVALSHA of ``gateway/lua/<name>.lua``; calls made in the same loop tick share a pipeline."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._batch.append((name, keys, args, future))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                return await asyncio.shield(future)
+        except TimeoutError as exc:
+            self.on_error("script")
+            raise StoreUnavailable(f"redis script {name}: timed out") from exc
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        batch, self._batch = self._batch, []
+        task = asyncio.get_running_loop().create_task(self._execute(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _script(self, name: str) -> tuple[str, str]:
+        cached = self._scripts.get(name)
+        if cached is None:
+            import hashlib
+
+            source = _load_lua(name)
+            cached = (source, hashlib.sha1(source.encode()).hexdigest())
+            self._scripts[name] = cached
+        return cached
+
+    async def _execute(self, batch: list[tuple[str, Sequence[str], Sequence[Any],
+                                               asyncio.Future[Any]]]) -> None:
+        try:
+            results = await self._pipeline_scripts(batch)
+        except Exception as exc:  # every waiter must learn the outcome
+            error = exc if isinstance(exc, StoreUnavailable) else StoreUnavailable(str(exc))
+            if not isinstance(exc, StoreUnavailable):
+                self.on_error("script")
+            for *_rest, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+                    future.exception()  # a caller that timed out will never read it
+            return
+        for (*_rest, future), result in zip(batch, results, strict=True):
+            if future.done():
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(StoreUnavailable(str(result)))
+                future.exception()
+            else:
+                future.set_result(result)
+
+    async def _pipeline_scripts(self, batch: Sequence[tuple[str, Sequence[str], Sequence[Any], Any]]
+                                ) -> list[Any]:
+        for attempt in range(2):
+            pipe = self.client.pipeline(transaction=False)
+            for name, keys, args, _future in batch:
+                _source, sha = self._script(name)
+                pipe.evalsha(sha, len(keys), *keys, *args)
+            try:
+                results = list(await pipe.execute(raise_on_error=False))
+            except (RedisError, OSError) as exc:
+                raise StoreUnavailable(f"redis script: {type(exc).__name__}: {exc}") from exc
+            if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
+                # Redis restarted or flushed its script cache: load once, then replay the batch.
+                for name in {item[0] for item in batch}:
+                    source, _sha = self._script(name)
+                    await self._load_script(source)
+                continue
+            return results
+        return results
+
+    async def _load_script(self, source: str) -> None:
+        if self.is_cluster:
+            await self.client.script_load(source, target_nodes=RedisCluster.PRIMARIES)
+        else:
+            await self.client.script_load(source)
+
+    # --- audit stream ---------------------------------------------------------------------
+
+    async def append_audit(self, records: Iterable[bytes], *, maxlen: int) -> None:
+        async def add() -> None:
+            pipe = self.client.pipeline(transaction=False)
+            for record in records:
+                pipe.xadd(AUDIT_KEY, {"r": record}, maxlen=maxlen, approximate=True)
+            await pipe.execute()
+
+        await self._bounded("audit", add(), self.load_timeout_s)
+
+    async def read_audit(self, limit: int) -> list[dict[str, Any]]:
+        raw = await self._bounded("audit", self.client.xrevrange(AUDIT_KEY, count=limit))
+        return [orjson.loads(fields[b"r"]) for _id, fields in raw]
+
+    async def audit_length(self) -> int:
+        return int(await self._bounded("audit", self.client.xlen(AUDIT_KEY)))
+
+
+def _strip_prefix(values: dict[str, Any]) -> dict[str, Any]:
+    return {key.removeprefix(PREFIX): value for key, value in values.items()}
+
+
+def _change_dict(change: Change) -> dict[str, Any]:
+    return {"actor": change.actor, "time": change.time, "target": change.target,
+            "before": change.before, "after": change.after, "version": change.version,
+            **change.extra}
+
+
+def policy_ops(document: Mapping[str, Any]) -> list[Op]:
+    """Write operations that replace each section (and each list) present in a validated document."""
+    ops: list[Op] = []
+    for name, entries in (document.get("lists") or {}).items():
+        ops.append(HashReplace(list_key(name), entries))
+    if "models" in document:
+        ops.append(HashReplace(MODELS_KEY, document["models"] or {}))
+    if "api_keys" in document:
+        ops.append(HashReplace(APIKEYS_KEY, document["api_keys"] or {}))
+    if "screening" in document:
+        ops.append(ScreeningReplace((document["screening"] or {}).get("entries", [])))
+    return ops

@@ -1,0 +1,155 @@
+"""Keeps this process's policy snapshot current: pub/sub wake-ups plus a short version poll.
+
+The poll confirms the version every ``poll_interval_s``; the time of the last
+confirmation is what staleness is measured from. A Redis that answers but holds
+no version key means "no policy" and drops the snapshot at once (fail closed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .policy import Snapshot, build_snapshot
+from .screening import ScreeningIndex
+from .settings import Settings
+from .store import Store, StoreUnavailable
+
+log = logging.getLogger("gateway.watcher")
+
+
+class PolicyWatcher:
+    """Owns the current :class:`Snapshot`; swapped in one assignment, read without locks."""
+
+    def __init__(self, store: Store, settings: Settings, *,
+                 clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.store = store
+        self.settings = settings
+        self.clock = clock
+        self.monotonic = monotonic
+        self.snapshot: Snapshot | None = None
+        self.confirmed_at: float | None = None  # monotonic time of the last confirmed version
+        self.max_staleness_s = settings.policy.max_staleness_s
+        self.poll_interval_s = settings.policy.poll_interval_s
+        self.last_reload_s: float = 0.0
+        self.on_change: list[Callable[[Snapshot | None], None]] = []
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._screening: tuple[int, str, ScreeningIndex | None] = (-1, "", None)
+
+    @property
+    def version(self) -> int:
+        snapshot = self.snapshot
+        return snapshot.version if snapshot is not None else 0
+
+    def stale(self) -> bool:
+        """True when no policy may be vouched for: never loaded, gone, or unconfirmed too long."""
+        if self.snapshot is None or self.confirmed_at is None:
+            return True
+        return self.monotonic() - self.confirmed_at > self.max_staleness_s
+
+    def age_s(self) -> float:
+        if self.confirmed_at is None:
+            return float("inf")
+        return self.monotonic() - self.confirmed_at
+
+    async def start(self) -> None:
+        try:
+            await self.refresh()
+        except StoreUnavailable as exc:
+            log.warning("policy not loaded at start: %s", exc)
+        self._tasks = [asyncio.create_task(self._poll_loop(), name="policy-poll"),
+                       asyncio.create_task(self._listen_loop(), name="policy-listen")]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._tasks = []
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def refresh(self) -> None:
+        """Confirm the version; reload the snapshot when version or generation moved."""
+        version, generation = await self.store.read_version()
+        if version is None:
+            if self.snapshot is not None:
+                log.error("redis holds no policy: failing closed until it is restored")
+            self._swap(None)
+            self.confirmed_at = None
+            return
+        current = self.snapshot
+        if current is None or current.version != version or current.generation != generation:
+            await self._reload()
+        else:
+            self.confirmed_at = self.monotonic()
+
+    async def _reload(self) -> None:
+        started = time.perf_counter()
+        data = await self.store.load_policy()
+        if data is None:
+            self._swap(None)
+            self.confirmed_at = None
+            return
+        screening = await self._screening_index(data.screening_rev, data.generation)
+        snapshot = build_snapshot(version=data.version, generation=data.generation,
+                                  loaded_at=self.clock(), lists=data.lists, models=data.models,
+                                  api_keys=data.api_keys, screening=screening)
+        self._swap(snapshot)
+        self.confirmed_at = self.monotonic()
+        self.last_reload_s = time.perf_counter() - started
+        log.info("policy version %s loaded in %.1f ms", data.version, self.last_reload_s * 1000)
+
+    async def _screening_index(self, rev: int, generation: str) -> ScreeningIndex | None:
+        # The screening list is large and changes rarely: rebuild only when its revision moved.
+        cached_rev, cached_generation, index = self._screening
+        if cached_rev == rev and cached_generation == generation:
+            return index
+        entries = await self.store.load_screening() if rev else []
+        cfg = self.settings.screening
+        index = ScreeningIndex(entries, block_threshold=cfg.block_threshold,
+                               review_threshold=cfg.review_threshold,
+                               cache_size=cfg.cache_size) if entries else None
+        self._screening = (rev, generation, index)
+        return index
+
+    def _swap(self, snapshot: Snapshot | None) -> None:
+        changed = snapshot is not self.snapshot
+        self.snapshot = snapshot
+        if changed:
+            for callback in self.on_change:
+                callback(snapshot)
+
+    async def _poll_loop(self) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(self.poll_interval_s):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self.refresh()
+            except StoreUnavailable as exc:
+                log.debug("policy poll failed: %s", exc)
+            except Exception:  # a bad document must not kill the watcher
+                log.exception("policy reload failed; keeping version %s", self.version)
+
+    async def _listen_loop(self) -> None:
+        while True:
+            try:
+                await self.store.listen(self.wake)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("policy channel dropped: %s", exc)
+            await asyncio.sleep(0.5)

@@ -1,0 +1,49 @@
+"""Shared fixtures: real redis-server processes on free loopback ports."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from gateway.redis_server import RedisServer
+
+from .harness import Upstream
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One redis-server for the session; tests that need isolation use ``fresh_redis``."""
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The session server, emptied before the test."""
+    import redis as redis_sync
+
+    client = redis_sync.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    return redis_server.url
+
+
+@pytest.fixture
+def fresh_redis() -> Iterator[RedisServer]:
+    """A redis-server of the test's own, to kill, pause or restart."""
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def upstream() -> Iterator[Upstream]:
+    server = Upstream().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def clean_upstream(upstream: Upstream) -> Upstream:
+    upstream.reset()
+    return upstream

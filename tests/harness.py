@@ -1,0 +1,324 @@
+"""Real parts for black-box tests: a programmable loopback upstream and gateway processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jwt
+import orjson
+import yaml
+from aiohttp import web
+
+from gateway.redis_server import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+HS_SECRET = "test-hs256-secret-of-sufficient-length-0123456789"
+ADMIN_TOKEN = "test-admin-token"
+ISSUER = "https://idp.example"
+AUDIENCE = "model-gateway"
+
+
+def hs_token(subject: str = "alice", *, org: str | None = "acme", country: str | None = "US",
+             tier: str | None = "partner", org_name: str | None = None, ttl: int = 3600,
+             **extra: Any) -> str:
+    now = int(time.time())
+    claims: dict[str, Any] = {"sub": subject, "iss": ISSUER, "aud": AUDIENCE, "iat": now, "exp": now + ttl,
+                              "org": org, "country": country, "tier": tier, "org_name": org_name, **extra}
+    return jwt.encode({k: v for k, v in claims.items() if v is not None}, HS_SECRET, algorithm="HS256")
+
+
+def auth(token: str | None = None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token or hs_token()}"}
+
+
+BASE_POLICY: dict[str, Any] = {
+    "lists": {
+        "deny-countries": {"IR": {"reason": "test embargo", "source": "test"}},
+        "deny-entities": {},
+        "partners": {"acme": {"reason": "test partner", "source": "test"}},
+        "ip-ranges": {},
+    },
+    "models": {
+        "gpt-mock": {"stage": "general", "timeline": [], "allowed_countries": None,
+                     "export_suspended": False},
+    },
+}
+
+
+# --- upstream ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Seen:
+    method: str
+    raw_path: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+@dataclass
+class Upstream:
+    """A loopback aiohttp model server in a thread; tests program it and read what it saw."""
+
+    port: int = field(default_factory=free_port)
+    seen: list[Seen] = field(default_factory=list)
+    release: threading.Event = field(default_factory=threading.Event)
+    disconnected: threading.Event = field(default_factory=threading.Event)
+    usage_tokens: int = 42
+    _loop: asyncio.AbstractEventLoop | None = None
+    _thread: threading.Thread | None = None
+    _runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def reset(self) -> None:
+        self.seen.clear()
+        self.release = threading.Event()
+        self.disconnected = threading.Event()
+
+    async def _record(self, request: web.Request) -> bytes:
+        body = await request.read()
+        self.seen.append(Seen(request.method, request.raw_path, list(request.headers.items()), body))
+        return body
+
+    async def echo(self, request: web.Request) -> web.Response:
+        body = await self._record(request)
+        headers = {"X-Upstream": "yes", "Connection": "X-Secret-Hop", "X-Secret-Hop": "leak",
+                   "Keep-Alive": "timeout=5", "Proxy-Authenticate": "Basic"}
+        document = {"method": request.method, "path": request.raw_path, "body": body.decode("latin-1"),
+                    "headers": {str(k): v for k, v in request.headers.items()},
+                    "usage": {"prompt_tokens": 1, "completion_tokens": self.usage_tokens - 1,
+                              "total_tokens": self.usage_tokens}}
+        return web.Response(body=orjson.dumps(document), content_type="application/json", headers=headers)
+
+    async def stream(self, request: web.Request) -> web.StreamResponse:
+        """First event at once, the rest only after ``release`` is set by the test."""
+        await self._record(request)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"n": 1}\n\n')
+        try:
+            loop = asyncio.get_running_loop()
+            while not self.release.is_set():
+                await asyncio.sleep(0.01)
+                if request.transport is None or request.transport.is_closing():
+                    raise ConnectionResetError
+                if loop.time() > 1e12:  # pragma: no cover
+                    break
+            await response.write(b'data: {"n": 2}\n\n')
+            usage = {"usage": {"prompt_tokens": 1, "completion_tokens": self.usage_tokens - 1,
+                               "total_tokens": self.usage_tokens}}
+            await response.write(b"data: " + orjson.dumps(usage) + b"\n\ndata: [DONE]\n\n")
+            await response.write_eof()
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.disconnected.set()
+            raise
+        return response
+
+    async def stall(self, request: web.Request) -> web.Response:
+        await self._record(request)
+        await asyncio.sleep(float(request.query.get("s", "30")))
+        return web.Response(text="late")
+
+    async def stall_mid_stream(self, request: web.Request) -> web.StreamResponse:
+        await self._record(request)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"n": 1}\n\n')
+        await asyncio.sleep(float(request.query.get("s", "30")))
+        return response
+
+    async def chunked(self, request: web.Request) -> web.StreamResponse:
+        await self._record(request)
+        response = web.StreamResponse(headers={"Content-Type": "text/plain"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for i in range(5):
+            await response.write(f"part{i};".encode())
+        await response.write_eof()
+        return response
+
+    def _app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/stream", self.stream)
+        app.router.add_route("*", "/v1/stream", self.stream)
+        app.router.add_route("*", "/stall", self.stall)
+        app.router.add_route("*", "/stall-mid-stream", self.stall_mid_stream)
+        app.router.add_route("*", "/chunked", self.chunked)
+        app.router.add_route("*", "/{tail:.*}", self.echo)
+        return app
+
+    def start(self) -> Upstream:
+        ready = threading.Event()
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            self._runner = web.AppRunner(self._app(), access_log=None, handler_cancellation=True)
+            loop.run_until_complete(self._runner.setup())
+            loop.run_until_complete(web.TCPSite(self._runner, "127.0.0.1", self.port).start())
+            ready.set()
+            loop.run_forever()
+            loop.run_until_complete(self._runner.cleanup())
+            loop.close()
+
+        self._thread = threading.Thread(target=run, daemon=True, name="test-upstream")
+        self._thread.start()
+        ready.wait(10)
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(10)
+
+
+# --- gateway processes -------------------------------------------------------------------------
+
+
+def gateway_config(upstream_url: str, **sections: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "listen": {"host": "127.0.0.1", "port": free_port()},
+        "admin": {"host": "127.0.0.1", "port": free_port(), "token_env": "GATEWAY_ADMIN_TOKEN"},
+        "upstream": {"url": upstream_url, "read_timeout_s": 2, "connect_timeout_s": 1},
+        "auth": {"algorithms": ["HS256"], "hs256_secret_env": "TEST_HS256_SECRET", "leeway_s": 0},
+        "policy": {"max_staleness_s": 3, "poll_interval_s": 0.1},
+        "logging": {"level": "warning", "format": "json"},
+    }
+    for name, value in sections.items():
+        if isinstance(value, dict) and isinstance(config.get(name), dict):
+            config[name] = {**config[name], **value}
+        else:
+            config[name] = value
+    return config
+
+
+class GatewayProcess:
+    """``python -m gateway serve`` as a child process with a config file of the test's own."""
+
+    def __init__(self, config: dict[str, Any], *, redis_url: str | None, workers: int = 1,
+                 env: dict[str, str] | None = None, bootstrap: Path | None = None) -> None:
+        self.config = config
+        if redis_url is not None:
+            self.config.setdefault("redis", {})["url"] = redis_url
+        self.workers = workers
+        self.dir = Path(tempfile.mkdtemp(prefix="gw-test-"))
+        self.config.setdefault("audit", {}).setdefault("spool_dir", str(self.dir / "spool"))
+        self.config_path = self.dir / "config.yaml"
+        self.config_path.write_text(yaml.safe_dump(self.config))
+        self.env = {**os.environ, "TEST_HS256_SECRET": HS_SECRET, "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN,
+                    **(env or {})}
+        self.bootstrap = bootstrap
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.dir / "gateway.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.config['listen']['port']}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.config['admin']['port']}"
+
+    def start(self, *, wait_ready: bool = True, timeout: float = 20) -> GatewayProcess:
+        args = [sys.executable, "-m", "gateway", "serve", "--config", str(self.config_path),
+                "--workers", str(self.workers)]
+        if self.bootstrap is not None:
+            args += ["--bootstrap-policy", str(self.bootstrap)]
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(args, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self.wait_http(self.admin_url + "/healthz", timeout)
+        if wait_ready:
+            self.wait_http(self.admin_url + "/readyz", timeout)
+        return self
+
+    def wait_http(self, url: str, timeout: float) -> None:
+        import urllib.error
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                with urllib.request.urlopen(url, timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"{url} not ready in {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-5000:]
+        except OSError:
+            return ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int | None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            if sig == signal.SIGKILL:
+                os.killpg(proc.pid, sig)  # workers too, as a crash would take them
+            else:
+                proc.send_signal(sig)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self._log.close()
+        return proc.returncode
+
+
+@contextmanager
+def running_gateway(config: dict[str, Any], *, wait_ready: bool = True,
+                    **kwargs: Any) -> Iterator[GatewayProcess]:
+    gateway = GatewayProcess(config, **kwargs)
+    try:
+        yield gateway.start(wait_ready=wait_ready)
+    finally:
+        gateway.stop()
+
+
+def seed_policy(redis_url: str, document: dict[str, Any] | None = None) -> int:
+    """Import a whole policy straight into Redis (as an operator's restore would)."""
+    from gateway.bootstrap import import_policy
+    from gateway.store import Store
+
+    async def run() -> int:
+        store = Store.from_url(redis_url, timeout_s=2)
+        try:
+            return await import_policy(store, document or BASE_POLICY, actor="test",
+                                       tiers=("public", "partner", "internal"))
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
