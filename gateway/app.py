@@ -383,7 +383,8 @@ def create_admin_app(gateway: Gateway) -> web.Application:
         watcher = gateway.watcher
         ready = watcher is not None and not watcher.stale()
         body = {"ready": ready, "policy_version": watcher.version if watcher else 0,
-                "policy_age_s": round(watcher.age_s(), 3) if watcher and watcher.confirmed_at else None}
+                "policy_age_s": round(watcher.age_s(), 3) if watcher and watcher.confirmed_at else None,
+                "last_reload_ms": round(watcher.last_reload_s * 1000, 1) if watcher else None}
         return json_response(body, status=200 if ready else 503)
 
     async def metrics(_request: web.Request) -> web.Response:

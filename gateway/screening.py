@@ -324,6 +324,8 @@ _LEGAL_PHRASES: tuple[tuple[str, ...], ...] = (
     ("limited", "liability", "partnership"),
     ("public", "limited", "company"),
     ("sp", "z", "o", "o"),
+    ("a", "s"),  # A/S, Danish and Norwegian
+    ("s", "a"),  # "S. A." written with a space
 )
 _NOISE_WORDS = frozenset({"the", "and"})  # "&" becomes a space, so "and" must vanish too
 
@@ -385,11 +387,15 @@ _SHORT_NAME_FACTOR = 0.8
 # and only mildly strict about a different first letter ("petrov" vs "vetrov").
 _TOKEN_LENGTH_RATIO = 0.8
 _FIRST_LETTER_FACTOR = 0.9
+# A token weighs its length up to this cap: short words ("d", "al") weigh
+# little, and one long shared word ("international") cannot outweigh the rest
+# of a name ("International Ka" vs "International Ro").
+_TOKEN_WEIGHT_CAP = 8
 # Prefilter sizes: generous enough that the exact scorer sees every plausible name.
 _WHOLE_CANDIDATES = 50
 _TOKEN_CANDIDATES = 64
-_VOCAB_PER_TOKEN = 25
-_VOCAB_CUTOFF = 0.8
+_VOCAB_PER_TOKEN = 100
+_VOCAB_CUTOFF = 0.7
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,13 +404,19 @@ class _Name:
     text: str
     flat: str  # normalised, spaces removed: compares names whatever their word breaks
     tokens: tuple[str, ...]
+    sorted_tokens: tuple[str, ...]
     token_chars: int
+    weight: int  # the sum of its tokens' weights
+
+
+def _weight(token: str) -> int:
+    return min(len(token), _TOKEN_WEIGHT_CAP)
 
 
 def _prepare(entry: int, text: str, normalised: str) -> _Name:
     tokens = tuple(normalised.split())
     flat = "".join(tokens)
-    return _Name(entry, text, flat, tokens, len(flat))
+    return _Name(entry, text, flat, tokens, tuple(sorted(tokens)), len(flat), sum(map(_weight, tokens)))
 
 
 def _token_similarity(a: str, b: str) -> float:
@@ -421,12 +433,12 @@ def _token_similarity(a: str, b: str) -> float:
     return similarity
 
 
-def _token_score(query: tuple[str, ...], name: tuple[str, ...], total_chars: int) -> float:
+def _token_score(query: tuple[str, ...], name: tuple[str, ...], total_weight: int) -> float:
     """Order-insensitive: each token pairs with at most one on the other side, best pairs first.
 
-    Pairs count by their characters, and unpaired tokens on either side count
-    as zero, so a lone shared word ("trading" in "Global Trading") cannot carry
-    a longer name, and short words weigh little.
+    Pairs count by their tokens' weights, and unpaired tokens on either side
+    count as zero, so a lone shared word ("trading" in "Global Trading")
+    cannot carry a longer name.
     """
     pairs = sorted(
         ((_token_similarity(q, n), i, j) for i, q in enumerate(query) for j, n in enumerate(name)),
@@ -440,10 +452,10 @@ def _token_score(query: tuple[str, ...], name: tuple[str, ...], total_chars: int
             continue
         used_query.add(i)
         used_name.add(j)
-        weighted += similarity * (len(query[i]) + len(name[j]))
+        weighted += similarity * (_weight(query[i]) + _weight(name[j]))
         if len(used_query) == len(query) or len(used_name) == len(name):
             break
-    return weighted / total_chars
+    return weighted / total_weight
 
 
 def _whole_score(query: str, name: str) -> float:
@@ -459,11 +471,11 @@ def _whole_score(query: str, name: str) -> float:
 
 
 def _score(query: _Name, name: _Name) -> float:
-    if query.flat == name.flat or sorted(query.tokens) == sorted(name.tokens):
+    if query.flat == name.flat or query.sorted_tokens == name.sorted_tokens:
         return 1.0
     score = max(
         _whole_score(query.flat, name.flat),
-        _token_score(query.tokens, name.tokens, query.token_chars + name.token_chars),
+        _token_score(query.tokens, name.tokens, query.weight + name.weight),
     )
     if min(query.token_chars, name.token_chars) < _SHORT_NAME_CHARS:
         score *= _SHORT_NAME_FACTOR
@@ -609,13 +621,13 @@ class ScreeningIndex:
         overlap: dict[int, float] = {}
         for token in set(query.tokens):
             for similar, similarity in self._similar_tokens(token):
-                weight = similarity * (len(token) + len(similar))
+                weight = similarity * (_weight(token) + _weight(similar))
                 for index in self._postings[similar]:
                     overlap[index] = overlap.get(index, 0.0) + weight
         # Rank by an optimistic token score, so common words ("trading") reach
         # only the names they could make up most of.
         names = self._names
-        estimates = ((weight / (query.token_chars + names[index].token_chars), index)
+        estimates = ((weight / (query.weight + names[index].weight), index)
                      for index, weight in overlap.items())
         for estimate, index in heapq.nlargest(max(limit * 4, _TOKEN_CANDIDATES), estimates):
             if estimate >= min_score * 0.5:

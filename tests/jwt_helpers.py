@@ -44,7 +44,7 @@ class SigningKey:
     def public_ssh(self) -> bytes:
         return self.public.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
 
-    def jwk(self, *, alg: str | None | object = DROP, **extra: Any) -> dict[str, Any]:
+    def jwk(self, *, alg: str | object | None = DROP, **extra: Any) -> dict[str, Any]:
         """The public JWK; ``alg`` defaults to the key's own, None leaves it out."""
         algorithm = {rsa.RSAPublicKey: RSAAlgorithm, ec.EllipticCurvePublicKey: ECAlgorithm}
         to_jwk = next((a.to_jwk for cls, a in algorithm.items() if isinstance(self.public, cls)),
@@ -104,6 +104,15 @@ def mint(key: SigningKey | Any, alg: str, claims: Mapping[str, Any],
     return jwt.encode(dict(claims), private, algorithm=alg, headers=header)
 
 
+def sign_payload(key: SigningKey, payload: bytes | Mapping[str, Any],
+                 headers: Mapping[str, Any] | None = None) -> str:
+    """A correctly signed token around any payload bytes (PyJWT's encoder refuses some claim values)."""
+    if isinstance(payload, Mapping):
+        payload = json.dumps(payload).encode()
+    header = ({"kid": key.kid} if key.kid is not None else {}) | dict(headers or {})
+    return jwt.api_jws.encode(payload, key.private, algorithm=key.alg, headers=header)
+
+
 def claims(now: float, **overrides: Any) -> dict[str, Any]:
     """Valid claims for ``now``; an override of DROP removes that claim."""
     base: dict[str, Any] = {
@@ -122,7 +131,8 @@ def b64url(data: bytes | str | Mapping[str, Any]) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def forge(header: Mapping[str, Any] | bytes, payload: Mapping[str, Any] | bytes, signature: bytes = b"") -> str:
+def forge(header: Mapping[str, Any] | bytes, payload: Mapping[str, Any] | bytes,
+          signature: bytes = b"") -> str:
     """A token assembled by hand, with any header and signature an attacker likes."""
     return f"{b64url(header)}.{b64url(payload)}.{b64url(signature)}"
 

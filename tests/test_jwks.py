@@ -81,7 +81,8 @@ def test_key_type_without_an_allowed_algorithm_is_a_config_error(tmp_path: Path,
 
 def test_p384_key_is_bound_to_es384(tmp_path: Path) -> None:
     key = make_ec_key("ec-384", "ES384")
-    ring = KeyRing.from_settings(Auth(algorithms=["ES256", "ES384"], public_key_files=[key.write_pem(tmp_path)]))
+    auth = Auth(algorithms=["ES256", "ES384"], public_key_files=[key.write_pem(tmp_path)])
+    ring = KeyRing.from_settings(auth)
     assert ring.get("ec-384").algorithm == "ES384"
 
 
