@@ -23,7 +23,7 @@ from aiohttp import web
 from .audit import AuditLog
 from .errors import GatewayError, decision_label, error_response, json_response
 from .geo import GeoResolver
-from .identity import AuthError, Authenticator, Identity
+from .identity import Authenticator, AuthError, Identity
 from .jwks import JwksFetcher, KeyRing
 from .metrics import Metrics
 from .network import TrustedProxies, client_ip
@@ -36,6 +36,7 @@ from .watcher import PolicyWatcher
 
 log = logging.getLogger("gateway.app")
 
+CLIENT_CLOSED = 499  # as nginx logs it: the caller closed the connection before the answer was complete
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _UNSAFE_HEADER_CHARS = re.compile(r"[^\x20-\x7e]")
 
@@ -50,7 +51,7 @@ def header_safe(value: str | None) -> str:
     """Claims become upstream header values: no control or non-ASCII bytes may pass raw."""
     if not value:
         return ""
-    return _UNSAFE_HEADER_CHARS.sub(lambda m: "%{:02X}".format(ord(m.group()) & 0xFF), value)
+    return _UNSAFE_HEADER_CHARS.sub(lambda m: f"%{ord(m.group()) & 0xFF:02X}", value)
 
 
 @dataclass(slots=True)
@@ -193,6 +194,11 @@ class Gateway:
         except GatewayError as err:
             exchange.status, exchange.code = err.status, err.code
             response = self._error(err, exchange)
+        except (asyncio.CancelledError, ConnectionResetError):
+            # The caller went away mid-request; the decision still gets its audit record.
+            exchange.status = CLIENT_CLOSED
+            self._finish(exchange)
+            raise
         finally:
             self.in_flight -= 1
             self.metrics.in_flight.dec()
@@ -305,10 +311,10 @@ class Gateway:
         outcome = exchange.outcome
         if exchange.status == 0:
             exchange.status = outcome.upstream_status or 502
+        upstream_answered = outcome.upstream_status != 0
         if outcome.error_kind is not None:
             self.metrics.upstream_errors.labels(outcome.error_kind).inc()
-        decision = "allow" if exchange.code == "" and outcome.upstream_status else decision_label(
-            exchange.status)
+        decision = "allow" if exchange.code == "" and upstream_answered else decision_label(exchange.status)
         snapshot = self.watcher.snapshot if self.watcher else None
         identity = exchange.identity
         tier = identity.tier if identity else ""

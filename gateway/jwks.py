@@ -18,15 +18,17 @@ import time
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from jwt import PyJWK
 
 from .settings import Auth, ConfigError, read_secret
+
+if TYPE_CHECKING:
+    import aiohttp
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,7 @@ def _describe(key: Any) -> str:
         return f"RSA-{key.key_size}"
     if isinstance(key, ec.EllipticCurvePublicKey):
         return f"EC {key.curve.name}"
-    return type(key).__name__.removesuffix("PublicKey").lstrip("_")
+    return type(key).__name__.removesuffix("PublicKey")
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,6 +299,9 @@ class JwksFetcher:
         self._refresh_s = refresh_s
         self._cooldown_s = cooldown_s
         self._clock = clock
+        # Imported here so that the key ring, and identity with it, never load the HTTP client.
+        import aiohttp
+
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._max_bytes = max_bytes
         self._last_requested = -math.inf

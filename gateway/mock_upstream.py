@@ -72,8 +72,9 @@ async def models(_request: web.Request) -> web.Response:
 async def echo(request: web.Request) -> web.Response:
     """Anything else: echo what arrived (method, path, query, headers), handy for checking the proxy."""
     body = await request.read()
+    headers = {str(k): v for k, v in request.headers.items()}
     return web.Response(body=orjson.dumps({"method": request.method, "path": request.raw_path,
-                                           "headers": {str(k): v for k, v in request.headers.items()}, "body_bytes": len(body)}),
+                                           "headers": headers, "body_bytes": len(body)}),
                         content_type="application/json")
 
 

@@ -270,7 +270,7 @@ class Forwarder:
                 pass
             return
         # Not SSE: the status line is gone, so the only honest signal is a cut connection.
-        transport = response._req.transport if response._req is not None else None  # noqa: SLF001
+        transport = response._req.transport if response._req is not None else None
         if transport is not None:
             transport.abort()
         await asyncio.sleep(0)

@@ -387,9 +387,11 @@ _SHORT_NAME_FACTOR = 0.8
 # and only mildly strict about a different first letter ("petrov" vs "vetrov").
 _TOKEN_LENGTH_RATIO = 0.8
 _FIRST_LETTER_FACTOR = 0.9
-# A token weighs its length up to this cap: short words ("d", "al") weigh
-# little, and one long shared word ("international") cannot outweigh the rest
-# of a name ("International Ka" vs "International Ro").
+# A token weighs its length, within bounds: one long shared word cannot
+# outweigh the rest of a name ("International Ka" vs "International Ro"), and
+# a one-letter word still counts when it is what tells two names apart
+# ("X Trading" vs "Y Trading").
+_TOKEN_WEIGHT_FLOOR = 3
 _TOKEN_WEIGHT_CAP = 8
 # Prefilter sizes: generous enough that the exact scorer sees every plausible name.
 _WHOLE_CANDIDATES = 50
@@ -410,7 +412,7 @@ class _Name:
 
 
 def _weight(token: str) -> int:
-    return min(len(token), _TOKEN_WEIGHT_CAP)
+    return max(_TOKEN_WEIGHT_FLOOR, min(len(token), _TOKEN_WEIGHT_CAP))
 
 
 def _prepare(entry: int, text: str, normalised: str) -> _Name:
@@ -473,10 +475,13 @@ def _whole_score(query: str, name: str) -> float:
 def _score(query: _Name, name: _Name) -> float:
     if query.flat == name.flat or query.sorted_tokens == name.sorted_tokens:
         return 1.0
-    score = max(
-        _whole_score(query.flat, name.flat),
-        _token_score(query.tokens, name.tokens, query.weight + name.weight),
-    )
+    score = _token_score(query.tokens, name.tokens, query.weight + name.weight)
+    # The whole-name score is for names broken into words differently ("quill
+    # fether" vs "quillfeather"). With as many words on both sides, the
+    # per-word score already sees every difference and knows which word it is
+    # in; the whole name would blur a wholly different word into a typo.
+    if len(query.tokens) != len(name.tokens):
+        score = max(score, _whole_score(query.flat, name.flat))
     if min(query.token_chars, name.token_chars) < _SHORT_NAME_CHARS:
         score *= _SHORT_NAME_FACTOR
     return min(score, 1.0)

@@ -14,7 +14,8 @@ key                             type     holds
 ``{gw}:screening``              string   JSON list of imported screening entries
 ``{gw}:screening_rev``          string   policy version at which screening last changed
 ``{gw}:changes``                stream   change history (actor, time, before, after, version)
-``gw:audit``                    stream   audit records (one field ``r``: JSON)
+``gw:audit``                    stream   audit records (``r``: JSON, ``id``: producer:sequence)
+``{gw:audit}:seq:<producer>``   string   highest audit sequence appended for one process
 ``gw:rl:{<hash>}:r`` / ``:t``   string   rate-limit state, always with a TTL
 ==============================  =======  ==================================================
 
@@ -53,6 +54,9 @@ SCREENING_KEY = PREFIX + "screening"
 SCREENING_REV_KEY = PREFIX + "screening_rev"
 CHANGES_KEY = PREFIX + "changes"
 AUDIT_KEY = "gw:audit"
+# The hash tag puts every producer's mark in the stream's Cluster slot, so one script touches both.
+AUDIT_MARK_PREFIX = "{gw:audit}:seq:"
+AUDIT_MARK_TTL_S = 7 * 86400
 CHANNEL = "gw:policy"
 CHANGES_MAXLEN = 100_000
 LIST_NAMES = ("deny-countries", "deny-entities", "partners", "ip-ranges")
@@ -197,9 +201,9 @@ class Store:
         close = getattr(self.client, "aclose", None) or self.client.close
         await close()
 
-    async def _bounded(self, op: str, awaitable: Awaitable[Any], timeout: float | None = None) -> Any:
+    async def _bounded(self, op: str, awaitable: Awaitable[Any], deadline_s: float | None = None) -> Any:
         try:
-            async with asyncio.timeout(timeout or self.timeout_s):
+            async with asyncio.timeout(deadline_s or self.timeout_s):
                 return await awaitable
         except (RedisError, OSError, TimeoutError) as exc:
             if isinstance(exc, (WatchError, NoScriptError)):
@@ -343,6 +347,51 @@ class Store:
         version, _ = await self.read_version()
         return version is not None
 
+    # --- admin reads ----------------------------------------------------------------------
+
+    async def load_document(self) -> tuple[PolicyData, list[dict[str, Any]]] | None:
+        """The whole policy and the screening entries in one MULTI, for ``GET /admin/v1/policy``.
+
+        None when Redis holds no policy. Unlike :meth:`load_policy` (the watcher's
+        read, which leaves the large screening list to its own revision check) the
+        screening entries belong to the same transaction, so an export is one version.
+        """
+        async def load() -> list[Any]:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.mget([VERSION_KEY, GENERATION_KEY, SCREENING_REV_KEY])
+            for name in LIST_NAMES:
+                pipe.hgetall(list_key(name))
+            pipe.hgetall(MODELS_KEY)
+            pipe.hgetall(APIKEYS_KEY)
+            pipe.get(SCREENING_KEY)
+            return list(await pipe.execute())
+
+        (version, generation, screening_rev), *hashes, screening = await self._bounded(
+            "admin", load(), self.load_timeout_s)
+        if version is None:
+            return None
+        lists = {name: _decode_hash(raw) for name, raw in zip(LIST_NAMES, hashes[:4], strict=True)}
+        data = PolicyData(version=int(version), generation=(generation or b"").decode(), lists=lists,
+                          models=_decode_hash(hashes[4]), api_keys=_decode_hash(hashes[5]),
+                          screening_rev=int(screening_rev or 0))
+        return data, list(orjson.loads(screening)) if screening else []
+
+    async def read_hash(self, key: str) -> tuple[int, dict[str, dict[str, Any]]] | None:
+        """(version, decoded hash) read together, so a whole-list replace is seen whole or not at all.
+
+        None when Redis holds no policy.
+        """
+        async def load() -> list[Any]:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.get(VERSION_KEY)
+            pipe.hgetall(key)
+            return list(await pipe.execute())
+
+        version, raw = await self._bounded("admin", load(), self.load_timeout_s)
+        if version is None:
+            return None
+        return int(version), _decode_hash(raw)
+
     # --- pub/sub --------------------------------------------------------------------------
 
     async def listen(self, on_message: Callable[[], None]) -> None:
@@ -442,15 +491,29 @@ class Store:
             await self.client.script_load(source)
 
     # --- audit stream ---------------------------------------------------------------------
+    # Appends are idempotent per (producer, sequence), see gateway/lua/audit.lua: a batch
+    # whose reply was lost, or a spool replayed twice, lands once. One high-water mark per
+    # producer (gateway process) instead of one key per record keeps Redis memory flat.
 
-    async def append_audit(self, records: Iterable[bytes], *, maxlen: int) -> None:
-        async def add() -> None:
-            pipe = self.client.pipeline(transaction=False)
-            for record in records:
-                pipe.xadd(AUDIT_KEY, {"r": record}, maxlen=maxlen, approximate=True)
-            await pipe.execute()
+    async def append_audit(self, producer: str, records: Sequence[tuple[int, bytes]], *, maxlen: int,
+                           timeout_s: float | None = None) -> int:
+        """Append ``(sequence, record JSON)`` pairs in ascending order; returns how many were new."""
+        if not records:
+            return 0
+        source, sha = self._script("audit")
+        keys = (AUDIT_KEY, AUDIT_MARK_PREFIX + producer)
+        args: list[Any] = [maxlen, AUDIT_MARK_TTL_S, producer]
+        for seq, record in records:
+            args += (seq, record)
 
-        await self._bounded("audit", add(), self.load_timeout_s)
+        async def run() -> Any:
+            try:
+                return await self.client.evalsha(sha, len(keys), *keys, *args)
+            except NoScriptError:
+                await self._load_script(source)
+                return await self.client.evalsha(sha, len(keys), *keys, *args)
+
+        return int(await self._bounded("audit", run(), timeout_s or self.load_timeout_s))
 
     async def read_audit(self, limit: int) -> list[dict[str, Any]]:
         raw = await self._bounded("audit", self.client.xrevrange(AUDIT_KEY, count=limit))

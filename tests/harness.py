@@ -240,7 +240,7 @@ class GatewayProcess:
                 "--workers", str(self.workers)]
         if self.bootstrap is not None:
             args += ["--bootstrap-policy", str(self.bootstrap)]
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(args, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         self.wait_http(self.admin_url + "/healthz", timeout)

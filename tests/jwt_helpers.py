@@ -137,6 +137,14 @@ def forge(header: Mapping[str, Any] | bytes, payload: Mapping[str, Any] | bytes,
     return f"{b64url(header)}.{b64url(payload)}.{b64url(signature)}"
 
 
+def sign_raw(key: SigningKey, header: Mapping[str, Any], payload: Mapping[str, Any] | bytes) -> str:
+    """A correctly signed token with exactly this header (PyJWT's encoder rewrites some headers)."""
+    algorithm = jwt.get_algorithm_by_name(key.alg)
+    signing_input = f"{b64url(header)}.{b64url(payload)}"
+    signature = algorithm.sign(signing_input.encode(), algorithm.prepare_key(key.private))
+    return f"{signing_input}.{b64url(signature)}"
+
+
 def forge_hs256(secret: bytes, header: Mapping[str, Any], payload: Mapping[str, Any]) -> str:
     """HS256 with any bytes as the secret (PyJWT refuses PEM-looking secrets, an attacker does not)."""
     signing_input = f"{b64url(header)}.{b64url(payload)}"
@@ -167,7 +175,8 @@ class JwksServer:
 
     def __init__(self, document: Mapping[str, Any] | None = None) -> None:
         self.document: Any = dict(document or {"keys": []})
-        self.hits = 0
+        self.hits = 0  # requests received
+        self.served = 0  # responses completed
         self.status = 200
         self.delay_s = 0.0
         self.redirect_to: str | None = None
@@ -207,6 +216,7 @@ class JwksServer:
         if self.delay_s:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._release.wait(), self.delay_s)
+        self.served += 1
         if self.redirect_to is not None:
             raise web.HTTPFound(self.redirect_to)
         if self.status != 200:

@@ -45,6 +45,7 @@ from tests.jwt_helpers import (
     make_rsa_key,
     mint,
     sign_payload,
+    sign_raw,
 )
 
 ALGORITHMS = ["RS256", "ES256", "EdDSA"]
@@ -377,6 +378,15 @@ def test_5_critical_extensions_are_refused(authenticator: Authenticator, clock: 
     assert rejected(authenticator, token) in {"unsupported critical header", "invalid token header"}
 
 
+def test_5_even_a_critical_extension_pyjwt_knows_is_refused(authenticator: Authenticator, clock: FakeClock,
+                                                             rsa_key: SigningKey) -> None:
+    # "b64": true is PyJWT's one known extension; the gateway implements none.
+    header = {"alg": "RS256", "kid": "rsa-1", "crit": ["b64"], "b64": True}
+    token = sign_raw(rsa_key, header, claims(clock.now))
+    assert rejected(authenticator, token) == "unsupported critical header"
+    assert accepted(authenticator, sign_raw(rsa_key, {"alg": "RS256", "kid": "rsa-1"}, claims(clock.now)))
+
+
 # --- 6. time claims --------------------------------------------------------------------------------
 
 
@@ -492,11 +502,9 @@ async def test_8_slow_jwks_endpoint_never_delays_a_request(jwks_setup: Any, rsa_
     monotonic.advance(31)
     fetcher.request_refresh()
     await eventually(lambda: server.hits == 2)  # the fetch is now hanging on the server
-    loop = asyncio.get_running_loop()
-    started = loop.time()
     assert accepted(authenticator, rsa_key.mint(claims(wall.now, sub="during"))).subject == "during"
     assert rejected(authenticator, make_rsa_key("rsa-4").mint(claims(wall.now))) == "unknown signing key"
-    assert loop.time() - started < 0.3  # well below the fetch timeout: nothing waited on it
+    assert server.served == 1  # both requests were answered while the fetch still hung
     await asyncio.sleep(0.4)  # the fetch times out
     assert accepted(authenticator, rsa_key.mint(claims(wall.now, sub="after"))).subject == "after"
 
@@ -536,13 +544,12 @@ def test_9_malformed_tokens_are_auth_errors(authenticator: Authenticator, clock:
 
 @settings(max_examples=300, deadline=None)
 @given(st.text(max_size=300))
-def test_9_any_text_is_an_auth_error_or_nothing_else(text: str) -> None:
+def test_9_any_text_is_an_auth_error(text: str) -> None:
     authenticator = _fuzz_authenticator()
-    try:
-        authenticator.authenticate(text, {})
-        authenticator.authenticate("Bearer " + text, {})
-    except AuthError as exc:
-        assert exc.message
+    for authorization in (text, "Bearer " + text):
+        with pytest.raises(AuthError) as info:
+            authenticator.authenticate(authorization, {})
+        assert info.value.message
 
 
 @settings(max_examples=300, deadline=None)

@@ -204,7 +204,6 @@ async def test_slow_header_sender_is_cut(module_redis: RedisServer, upstream: Up
                 await writer.drain()
             except ConnectionError:
                 break
-            data = await asyncio.wait_for(reader.read(100), 0.3) if False else b""
             await asyncio.sleep(0.3)
             if reader.at_eof():
                 break

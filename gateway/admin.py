@@ -1,0 +1,626 @@
+"""The operator API on the admin listener (CONTRACT §7): one write path, token auth, JSON errors.
+
+Every write runs validate -> one :meth:`Store.write` (data, version bump and
+change record in one transaction) -> publish, then refreshes this process's
+snapshot so the operator's next call already sees the change. Reads of the
+policy go to Redis, the authority; ``decide`` and screening searches use the
+snapshot the public listener enforces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import ipaddress
+import logging
+import os
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from aiohttp import web
+
+from .caller import Caller
+from .countries import validate_region
+from .errors import GatewayError, error_response, json_response
+from .identity import hash_api_key, new_api_key
+from .openapi import openapi_document
+from .policy import (
+    LIST_NAMES,
+    PolicyValidationError,
+    decide,
+    normalize_key,
+    validate_api_key_request,
+    validate_entry,
+    validate_list,
+    validate_model,
+    validate_model_name,
+    validate_policy_document,
+)
+from .screening import ScreeningFormatError, ScreeningIndex, parse_csl
+from .settings import Admin, ConfigError, read_secret
+from .store import (
+    APIKEYS_KEY,
+    MODELS_KEY,
+    HashDelete,
+    HashReplace,
+    HashSet,
+    NotFound,
+    Op,
+    PolicyMissing,
+    ScreeningReplace,
+    Store,
+    StoreUnavailable,
+    list_key,
+    policy_ops,
+)
+
+if TYPE_CHECKING:
+    from .app import Gateway
+
+log = logging.getLogger("gateway.admin")
+
+PREFIX = "/admin/v1"
+# Monitoring must work without the admin token (CONTRACT §1).
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+MAX_LIMIT = 1000
+DEFAULT_LIMIT = 100
+MAX_TOKEN_CHARS = 4096
+MAX_SEARCH_CHARS = 1000
+_TOKEN_NAME = re.compile(r"[A-Za-z0-9._@-]{1,64}")
+_HEX_DIGEST = re.compile(r"[0-9a-fA-F]{64}")
+
+ACTOR_KEY = "gateway.admin.actor"
+REQUEST_ID_KEY = "gateway.admin.request_id"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+
+
+# --- who may call ---------------------------------------------------------------------------
+
+
+def parse_tokens_file(path: Path) -> list[tuple[str, bytes]]:
+    """Lines ``name: sha256-hex`` (blank lines and ``#`` comments ignored) -> (actor, digest)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"admin.tokens_file: cannot read {path}: {exc.strerror}") from None
+    tokens: list[tuple[str, bytes]] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, digest = (part.strip() for part in line.partition(":"))
+        if not sep or not _TOKEN_NAME.fullmatch(name) or not _HEX_DIGEST.fullmatch(digest):
+            raise ConfigError(f"admin.tokens_file: {path} line {number}: expected 'name: <sha256 hex "
+                              "of the token>' with a name of letters, digits, '.', '_', '@' or '-'")
+        tokens.append((name, bytes.fromhex(digest)))
+    return tokens
+
+
+class AdminTokens:
+    """The admin token (``admin.token_env``, actor "admin") and the named ones in ``admin.tokens_file``.
+
+    The file is re-read when it changes, so a token is added or withdrawn without a restart.
+    """
+
+    def __init__(self, settings: Admin, environ: Mapping[str, str]) -> None:
+        token = read_secret(settings.token_env, environ)
+        self._env: list[tuple[str, bytes]] = [("admin", _digest(token))] if token else []
+        self._path = settings.tokens_file
+        self._file: list[tuple[str, bytes]] = []
+        self._stamp: tuple[float, int] | None = None
+        if self._path is not None:
+            self._stamp = self._file_stamp()
+            self._file = parse_tokens_file(self._path)
+        if not self._env and not self._file:
+            log.warning("no admin token configured: every /admin/v1 request will be refused")
+
+    def _file_stamp(self) -> tuple[float, int] | None:
+        assert self._path is not None
+        try:
+            stat = os.stat(self._path)
+        except OSError:
+            return None
+        return stat.st_mtime, stat.st_size
+
+    def _file_tokens(self) -> list[tuple[str, bytes]]:
+        if self._path is None:
+            return []
+        stamp = self._file_stamp()
+        if stamp != self._stamp:
+            self._stamp = stamp
+            try:
+                self._file = parse_tokens_file(self._path)
+            except ConfigError as exc:
+                # A half-edited file must not lock every operator out: keep the last good tokens.
+                log.error("admin tokens file not reloaded: %s", exc)
+        return self._file
+
+    def actor(self, authorization: str | None) -> str | None:
+        """The actor a Bearer header names, or None. Every known digest is compared, in constant time."""
+        token = _bearer(authorization)
+        if token is None:
+            return None
+        digest = _digest(token)
+        actor: str | None = None
+        for name, expected in (*self._env, *self._file_tokens()):
+            if hmac.compare_digest(digest, expected) and actor is None:
+                actor = name
+        return actor
+
+
+def _bearer(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or len(token) > MAX_TOKEN_CHARS:
+        return None
+    return token
+
+
+# --- input helpers --------------------------------------------------------------------------
+
+
+def invalid(field: str, message: str) -> GatewayError:
+    return GatewayError(400, "invalid_request", f"{field}: {message}")
+
+
+def not_found(message: str) -> GatewayError:
+    return GatewayError(404, "not_found", message)
+
+
+def policy_missing() -> GatewayError:
+    return GatewayError(409, "policy_missing",
+                        "Redis holds no policy: restore one with PUT /admin/v1/policy (gateway policy "
+                        "import FILE) before changing single entries.")
+
+
+async def read_json(request: web.Request) -> Any:
+    raw = await request.read()
+    if not raw.strip():
+        raise invalid("body", "a JSON object is required")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise invalid("body", f"is not valid JSON ({exc})") from None
+
+
+def _object(body: Any, allowed: Sequence[str], where: str = "body") -> Mapping[str, Any]:
+    if not isinstance(body, dict):
+        raise invalid(where, "must be a JSON object")
+    for name in body:
+        if name not in allowed:
+            raise invalid(name if where == "body" else f"{where}.{name}",
+                          f"unknown field; expected one of {', '.join(sorted(allowed))}")
+    return body
+
+
+def query_limit(request: web.Request) -> int:
+    raw = request.query.get("limit")
+    if raw is None:
+        return DEFAULT_LIMIT
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+        raise invalid("limit", f"must be a whole number from 1 to {MAX_LIMIT}")
+    return int(raw)
+
+
+def _list_name(request: web.Request) -> str:
+    name = request.match_info["list"]
+    if name not in LIST_NAMES:
+        raise not_found(f"No list named {name[:60]!r}; the lists are {', '.join(LIST_NAMES)}.")
+    return name
+
+
+def _optional_text(value: Any, field: str, limit: int = 256) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise invalid(field, "must be a non-empty string or null")
+    if len(value) > limit:
+        raise invalid(field, f"must be at most {limit} characters")
+    return value
+
+
+def _sorted(mapping: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: mapping[key] for key in sorted(mapping)}
+
+
+# --- the API --------------------------------------------------------------------------------
+
+
+class AdminApi:
+    """Handlers for ``/admin/v1``; ``gateway`` supplies the store, the watcher and the static rules."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.tokens = AdminTokens(gateway.settings.admin, gateway.environ)
+        self.tiers = tuple(gateway.settings.tiers)
+        self._refresh_lock = asyncio.Lock()
+        self._openapi = orjson.dumps(openapi_document(tiers=self.tiers))
+
+    @property
+    def store(self) -> Store:
+        if self.gateway.store is None:
+            raise GatewayError(503, "redis_unavailable", "The gateway has no Redis connection yet.")
+        return self.gateway.store
+
+    # middleware
+
+    @web.middleware
+    async def errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Every failure ends as a contract error body; nothing escapes as aiohttp's HTML page."""
+        from .app import request_id_for
+
+        request_id = request_id_for(request.headers.get("X-Request-Id"))
+        request[REQUEST_ID_KEY] = request_id
+        try:
+            response = await handler(request)
+        except GatewayError as err:
+            response = self._error(err, request_id)
+        except PolicyValidationError as exc:
+            response = self._error(invalid(exc.field or "body", exc.message), request_id)
+        except ScreeningFormatError as exc:
+            response = self._error(GatewayError(400, "invalid_request", str(exc)), request_id)
+        except PolicyMissing:
+            response = self._error(policy_missing(), request_id)
+        except NotFound as exc:
+            response = self._error(not_found(f"No entry {str(exc)[:80]!r} to delete."), request_id)
+        except StoreUnavailable as exc:
+            log.warning("admin request failed: %s", exc)
+            response = self._error(GatewayError(503, "redis_unavailable",
+                                                "Redis is unavailable; nothing was changed. Retry "
+                                                "when it is back."), request_id)
+        except web.HTTPException as exc:
+            response = self._error(_http_error(exc), request_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("admin request failed", extra={"request_id": request_id, "path": request.path})
+            response = self._error(GatewayError(500, "internal_error",
+                                                "The gateway failed to handle this request; see its log "
+                                                f"for request id {request_id}."), request_id)
+        response.headers["X-Request-Id"] = request_id
+        return response
+
+    @web.middleware
+    async def authenticate(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in OPEN_PATHS:
+            return await handler(request)
+        actor = self.tokens.actor(request.headers.get("Authorization"))
+        if actor is None:
+            # Unknown paths too: without the token nothing here is revealed, not even what exists.
+            raise GatewayError(401, "unauthenticated",
+                               "The admin API needs 'Authorization: Bearer <admin token>'; user tokens "
+                               "and API keys are not accepted here.")
+        request[ACTOR_KEY] = actor
+        return await handler(request)
+
+    def _error(self, err: GatewayError, request_id: str) -> web.Response:
+        watcher = self.gateway.watcher
+        return error_response(err, request_id=request_id, policy_version=watcher.version if watcher else 0)
+
+    # the write path
+
+    async def _write(self, request: web.Request, ops: Sequence[Op], target: str, *,
+                     import_whole: bool = False) -> int:
+        version, _change = await self.store.write(ops, actor=request[ACTOR_KEY], now_iso=now_iso(),
+                                                  target=target, import_whole=import_whole)
+        await self._catch_up(version)
+        return version
+
+    async def _catch_up(self, version: int) -> None:
+        """Load the version just written into this process's snapshot before answering."""
+        watcher = self.gateway.watcher
+        if watcher is None:
+            return
+        try:
+            async with self._refresh_lock:
+                for _attempt in range(3):
+                    await watcher.refresh()
+                    if watcher.version >= version:
+                        return
+        except StoreUnavailable as exc:
+            # The write landed; the poll picks the version up once Redis answers again.
+            log.warning("written version %s not yet loaded: %s", version, exc)
+        except Exception:
+            log.exception("written version %s could not be loaded", version)
+
+    async def _read_hash(self, key: str) -> tuple[int, dict[str, dict[str, Any]]]:
+        found = await self.store.read_hash(key)
+        if found is None:
+            raise policy_missing()
+        return found
+
+    # policy
+
+    async def get_policy(self, _request: web.Request) -> web.Response:
+        found = await self.store.load_document()
+        if found is None:
+            raise policy_missing()
+        data, screening = found
+        return json_response({
+            "version": data.version,
+            "lists": {name: _sorted(data.lists[name]) for name in LIST_NAMES},
+            "models": _sorted(data.models),
+            "api_keys": _sorted(data.api_keys),
+            "screening": {"entries": screening},
+        })
+
+    async def put_policy(self, request: web.Request) -> web.Response:
+        body = await read_json(request)
+        validated = validate_policy_document(body, actor=request[ACTOR_KEY], now_iso=now_iso(),
+                                             tiers=self.tiers)
+        if "screening" in validated:
+            entries = await _screening_section(validated["screening"])
+            validated["screening"] = {"entries": entries}
+        # Into a Redis with no policy this is the restore that starts a new generation.
+        version = await self._write(request, policy_ops(validated), "policy", import_whole=True)
+        return json_response({"version": version})
+
+    # lists
+
+    async def get_list(self, request: web.Request) -> web.Response:
+        name = _list_name(request)
+        version, entries = await self._read_hash(list_key(name))
+        return json_response({"version": version, "list": name, "entries": _sorted(entries)})
+
+    async def put_entry(self, request: web.Request) -> web.Response:
+        name = _list_name(request)
+        key = normalize_key(name, request.match_info["key"])
+        body = await read_json(request)
+        if isinstance(body, dict):
+            for field in ("added_by", "added_at"):
+                if field in body:
+                    raise invalid(field, "is set by the gateway; it is accepted only by PUT /admin/v1/policy")
+        entry = validate_entry(name, key, body, actor=request[ACTOR_KEY], now_iso=now_iso())
+        version = await self._write(request, [HashSet(list_key(name), key, entry)], f"lists/{name}/{key}")
+        return json_response({"version": version, "list": name, "key": key})
+
+    async def delete_entry(self, request: web.Request) -> web.Response:
+        name = _list_name(request)
+        key = normalize_key(name, request.match_info["key"])
+        version = await self._write(request, [HashDelete(list_key(name), key)], f"lists/{name}/{key}")
+        return json_response({"version": version, "list": name, "key": key})
+
+    async def replace_list(self, request: web.Request) -> web.Response:
+        name = _list_name(request)
+        body = _object(await read_json(request), ("entries", "allow_empty"))
+        if "entries" not in body:
+            raise invalid("entries", "is required: an object of key: entry")
+        allow_empty = body.get("allow_empty", False)
+        if not isinstance(allow_empty, bool):
+            raise invalid("allow_empty", "must be true or false")
+        entries = validate_list(name, body["entries"], actor=request[ACTOR_KEY], now_iso=now_iso())
+        if not entries and not allow_empty:
+            raise invalid("entries", 'is empty; emptying a list needs "allow_empty": true')
+        version = await self._write(request, [HashReplace(list_key(name), entries)], f"lists/{name}")
+        return json_response({"version": version, "list": name, "count": len(entries)})
+
+    # models
+
+    async def list_models(self, _request: web.Request) -> web.Response:
+        version, models = await self._read_hash(MODELS_KEY)
+        return json_response({"version": version, "models": _sorted(models)})
+
+    async def get_model(self, request: web.Request) -> web.Response:
+        name = validate_model_name(request.match_info["model"])
+        version, models = await self._read_hash(MODELS_KEY)
+        if name not in models:
+            raise not_found(f"No model {name[:80]!r} in the registry.")
+        return json_response({"version": version, "name": name, "model": models[name]})
+
+    async def put_model(self, request: web.Request) -> web.Response:
+        name = validate_model_name(request.match_info["model"])
+        model = validate_model(name, await read_json(request))
+        version = await self._write(request, [HashSet(MODELS_KEY, name, model)], f"models/{name}")
+        return json_response({"version": version, "name": name})
+
+    async def delete_model(self, request: web.Request) -> web.Response:
+        name = validate_model_name(request.match_info["model"])
+        version = await self._write(request, [HashDelete(MODELS_KEY, name)], f"models/{name}")
+        return json_response({"version": version, "name": name})
+
+    # API keys
+
+    async def list_keys(self, _request: web.Request) -> web.Response:
+        version, keys = await self._read_hash(APIKEYS_KEY)
+        return json_response({"version": version, "api_keys": _sorted(keys)})
+
+    async def create_key(self, request: web.Request) -> web.Response:
+        attributes = validate_api_key_request(await read_json(request), self.tiers)
+        key_id = "key_" + secrets.token_hex(8)
+        key = new_api_key()
+        # Only the hash is stored; the key itself exists in this one response.
+        record = {"hash": hash_api_key(key), **attributes, "created_at": now_iso(),
+                  "created_by": request[ACTOR_KEY]}
+        version = await self._write(request, [HashSet(APIKEYS_KEY, key_id, record)], f"api-keys/{key_id}")
+        return json_response({"version": version, "id": key_id, "key": key})
+
+    async def revoke_key(self, request: web.Request) -> web.Response:
+        key_id = request.match_info["id"]
+        version = await self._write(request, [HashDelete(APIKEYS_KEY, key_id)], f"api-keys/{key_id}")
+        return json_response({"version": version, "id": key_id})
+
+    # decisions
+
+    async def decide(self, request: web.Request) -> web.Response:
+        body = _object(await read_json(request),
+                       ("subject", "org", "org_name", "country", "tier", "ip", "model"))
+        caller_fields = self._decide_fields(body)
+        gateway = self.gateway
+        watcher = gateway.watcher
+        snapshot = watcher.snapshot if watcher else None
+        ip = caller_fields.pop("ip")
+        ip_country, ip_subdivision = gateway.geo.resolve(ip, snapshot.ip_ranges if snapshot else {})
+        model = caller_fields.pop("model")
+        caller = Caller(**caller_fields, ip=ip, ip_country=ip_country, ip_subdivision=ip_subdivision)
+        decision = decide(snapshot, caller, model, gateway.clock(), gateway.rules,
+                          stale=watcher is None or watcher.stale())
+        answer = decision.to_dict()
+        if answer.get("screening") is None:
+            answer.pop("screening", None)
+        answer["ip_country"] = ip_subdivision or ip_country
+        return json_response(answer)
+
+    def _decide_fields(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        subject = _optional_text(body.get("subject"), "subject")
+        if subject is None:
+            raise invalid("subject", "is required")
+        tier = body.get("tier")
+        if not isinstance(tier, str) or tier not in self.tiers:
+            raise invalid("tier", f"must be one of {', '.join(self.tiers)}")
+        ip = body.get("ip")
+        try:
+            if not isinstance(ip, str) or len(ip) > 64:
+                raise ValueError
+            address = str(ipaddress.ip_address(ip))
+        except ValueError:
+            raise invalid("ip", "must be an IPv4 or IPv6 address such as 203.0.113.7") from None
+        country = body.get("country")
+        if country is not None:
+            try:
+                country = validate_region(country)
+            except ValueError as exc:
+                raise invalid("country", str(exc)) from None
+        return {"subject": subject, "org": _optional_text(body.get("org"), "org"),
+                "org_name": _optional_text(body.get("org_name"), "org_name", 1000),
+                "claimed_country": country, "tier": tier, "ip": address,
+                "model": _optional_text(body.get("model"), "model")}
+
+    # screening
+
+    async def import_screening(self, request: web.Request) -> web.Response:
+        raw = await request.read()
+        if not raw.strip():
+            raise invalid("body", "a Consolidated Screening List CSV or JSON document is required")
+        # Parsing a whole list takes a while: off the loop that also serves the public listener.
+        entries = await asyncio.to_thread(parse_csl, raw, content_type=request.headers.get("Content-Type"))
+        version = await self._write(request, [ScreeningReplace(entries)], "screening")
+        return json_response({"version": version, "entries": len(entries)})
+
+    async def search_screening(self, request: web.Request) -> web.Response:
+        name = request.query.get("name", "")
+        if not name.strip():
+            raise invalid("name", "is required: the name to screen")
+        if len(name) > MAX_SEARCH_CHARS:
+            raise invalid("name", f"must be at most {MAX_SEARCH_CHARS} characters")
+        limit = query_limit(request) if "limit" in request.query else 10
+        min_score = _min_score(request.query.get("min_score"))
+        index, version = await self._screening_index()
+        hits = index.search(name, limit=limit, min_score=min_score) if index is not None else []
+        cfg = self.gateway.settings.screening
+        return json_response({"version": version, "name": name, "block_threshold": cfg.block_threshold,
+                              "review_threshold": cfg.review_threshold,
+                              "matches": [hit.to_dict() for hit in hits]})
+
+    async def _screening_index(self) -> tuple[ScreeningIndex | None, int]:
+        watcher = self.gateway.watcher
+        snapshot = watcher.snapshot if watcher else None
+        if snapshot is not None and (snapshot.screening is None or isinstance(snapshot.screening,
+                                                                              ScreeningIndex)):
+            # The index the public listener screens with, so a search shows what a request would meet.
+            return snapshot.screening, snapshot.version
+        found = await self.store.load_document()
+        if found is None:
+            raise policy_missing()
+        data, entries = found
+        cfg = self.gateway.settings.screening
+        if not entries:
+            return None, data.version
+        index = await asyncio.to_thread(ScreeningIndex, entries, block_threshold=cfg.block_threshold,
+                                        review_threshold=cfg.review_threshold, cache_size=0)
+        return index, data.version
+
+    # history
+
+    async def audit(self, request: web.Request) -> web.Response:
+        return json_response({"records": await self.store.read_audit(query_limit(request))})
+
+    async def changes(self, request: web.Request) -> web.Response:
+        return json_response({"changes": await self.store.read_changes(query_limit(request))})
+
+    async def openapi(self, _request: web.Request) -> web.Response:
+        return web.Response(body=self._openapi, content_type="application/json")
+
+
+def _min_score(raw: str | None) -> float:
+    if raw is None:
+        return 0.5
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1:  # also refuses NaN
+        raise invalid("min_score", "must be a number from 0 to 1")
+    return value
+
+
+async def _screening_section(section: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The ``screening`` section of a policy document: ``{"entries": [...]}``, read like an import."""
+    _object(dict(section), ("entries",), "screening")
+    entries = section.get("entries", [])
+    if not isinstance(entries, list):
+        raise invalid("screening.entries", "must be a list of screening entries")
+    if not entries:
+        return []
+    document = orjson.dumps({"entries": entries})
+    try:
+        return await asyncio.to_thread(parse_csl, document, content_type="application/json")
+    except ScreeningFormatError as exc:
+        raise invalid("screening", str(exc)) from None
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
+def _http_error(exc: web.HTTPException) -> GatewayError:
+    """aiohttp's own refusals (no route, wrong method, body too large) in the contract's shape."""
+    status = exc.status if 400 <= exc.status < 600 else 500
+    messages = {404: "No such admin endpoint.",
+                405: f"Method not allowed here; allowed: {exc.headers.get('Allow', '')}.",
+                413: "The request body is too large."}
+    headers = tuple((name, value) for name, value in exc.headers.items() if name.lower() == "allow")
+    return GatewayError(status, _HTTP_CODES.get(status, "invalid_request"),
+                        messages.get(status, exc.reason or "The request was refused."), headers=headers)
+
+
+def register_admin_routes(app: web.Application, gateway: Gateway) -> None:
+    """Mount ``/admin/v1`` on the admin listener, behind the error and token middlewares."""
+    api = AdminApi(gateway)
+    app.middlewares.extend([api.errors, api.authenticate])
+    routes = app.router
+    routes.add_get(f"{PREFIX}/openapi.json", api.openapi)
+    routes.add_get(f"{PREFIX}/policy", api.get_policy)
+    routes.add_put(f"{PREFIX}/policy", api.put_policy)
+    routes.add_get(f"{PREFIX}/lists/{{list}}", api.get_list)
+    routes.add_put(f"{PREFIX}/lists/{{list}}", api.replace_list)
+    # ".+" also takes an unencoded "/" of a CIDR; the encoded form arrives decoded as well.
+    routes.add_put(f"{PREFIX}/lists/{{list}}/{{key:.+}}", api.put_entry)
+    routes.add_delete(f"{PREFIX}/lists/{{list}}/{{key:.+}}", api.delete_entry)
+    routes.add_get(f"{PREFIX}/models", api.list_models)
+    routes.add_get(f"{PREFIX}/models/{{model:.+}}", api.get_model)
+    routes.add_put(f"{PREFIX}/models/{{model:.+}}", api.put_model)
+    routes.add_delete(f"{PREFIX}/models/{{model:.+}}", api.delete_model)
+    routes.add_get(f"{PREFIX}/api-keys", api.list_keys)
+    routes.add_post(f"{PREFIX}/api-keys", api.create_key)
+    routes.add_delete(f"{PREFIX}/api-keys/{{id}}", api.revoke_key)
+    routes.add_post(f"{PREFIX}/decide", api.decide)
+    routes.add_post(f"{PREFIX}/screening/import", api.import_screening)
+    routes.add_get(f"{PREFIX}/screening/search", api.search_screening)
+    routes.add_get(f"{PREFIX}/audit", api.audit)
+    routes.add_get(f"{PREFIX}/changes", api.changes)

@@ -1,0 +1,30 @@
+-- Append audit records to the audit stream exactly once per (producer, sequence).
+--
+-- Each gateway process is one producer and numbers its records 1, 2, 3... in the
+-- order it made them, and sends them in that order (directly, or later from its
+-- spool). The producer's high-water mark lives next to the stream; a record at or
+-- below it has been appended before (a reply lost in a timeout, a spool replayed
+-- twice) and is skipped. Mark and stream change in one atomic step.
+--
+-- KEYS[1]  the audit stream
+-- KEYS[2]  the producer's high-water mark (same Cluster slot as the stream)
+-- ARGV[1]  MAXLEN for the stream (approximate trimming)
+-- ARGV[2]  seconds the mark lives after its last use
+-- ARGV[3]  the producer id, stored with each entry
+-- ARGV[4..] pairs: sequence, record JSON (ascending sequence)
+--
+-- Returns the number of records appended.
+
+local mark = tonumber(redis.call('GET', KEYS[2]) or '0')
+local top = mark
+local added = 0
+for i = 4, #ARGV, 2 do
+  local seq = tonumber(ARGV[i])
+  if seq > top then
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'r', ARGV[i + 1], 'id', ARGV[3] .. ':' .. ARGV[i])
+    top = seq
+    added = added + 1
+  end
+end
+redis.call('SET', KEYS[2], top, 'EX', ARGV[2])
+return added

@@ -1,0 +1,109 @@
+"""Configuration: defaults, validation errors that name the key, environment overrides, examples."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from gateway.settings import ConfigError, Settings, load_settings, parse_settings, read_secret
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_only_upstream_url_is_required() -> None:
+    settings = parse_settings({"upstream": {"url": "http://up:8000/"}}, environ={})
+    assert settings.upstream.url == "http://up:8000"
+    assert settings.listen.port == 8080 and settings.admin.port == 9901
+    assert settings.redis.url is None and settings.redis.timeout_s == 0.1
+    assert settings.tiers["partner"].stages == ["partners", "general"]
+    assert settings.tiers["internal"].tokens_per_minute is None
+    with pytest.raises(ConfigError, match=r"upstream: required key is missing"):
+        parse_settings({}, environ={})
+
+
+@pytest.mark.parametrize(("config", "key"), [
+    ({"listen": {"prot": 1}}, "listen.prot: unknown key"),
+    ({"bogus": {}}, "bogus: unknown key"),
+    ({"listen": {"port": 70000}}, "listen.port"),
+    ({"auth": {"algorithms": ["none"]}}, "auth.algorithms"),
+    ({"network": {"trusted_proxies": ["10.0.0.0/33"]}}, "network.trusted_proxies"),
+    ({"network": {"home_countries": ["usa"]}}, "network.home_countries"),
+    ({"policy": {"unknown_model": "maybe"}}, "policy.unknown_model"),
+    ({"policy": {"model_path_pattern": "/v1/(.*)"}}, "policy.model_path_pattern"),
+    ({"redis": {"url": "http://x"}}, "redis.url"),
+    ({"auth": {"default_tier": "gold"}}, "auth.default_tier"),
+    ({"screening": {"block_threshold": 0.8, "review_threshold": 0.9}}, "screening"),
+])
+def test_bad_values_name_the_key(config: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_settings({"upstream": {"url": "http://up"}, **config}, environ={})
+    assert key in str(info.value)
+
+
+def test_environment_overrides_any_key() -> None:
+    environ = {"GATEWAY_UPSTREAM__URL": "http://from-env:9000", "GATEWAY_LISTEN__PORT": "9999",
+               "GATEWAY_TIERS__PUBLIC__BURST": "3", "GATEWAY_NETWORK__TRUSTED_PROXIES": "[10.0.0.0/8]",
+               "GATEWAY_ADMIN_TOKEN": "not-an-override"}
+    settings = parse_settings({"upstream": {"url": "http://file"}}, environ=environ)
+    assert settings.upstream.url == "http://from-env:9000"
+    assert settings.listen.port == 9999
+    assert settings.tiers["public"].burst == 3
+    assert settings.network.trusted_proxies == ["10.0.0.0/8"]
+    with pytest.raises(ConfigError, match=r"listen\.port"):
+        parse_settings({"upstream": {"url": "http://file"}}, environ={"GATEWAY_LISTEN__PORT": "x"})
+
+
+def test_unreadable_or_invalid_files_name_the_argument(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--config: cannot read"):
+        load_settings(tmp_path / "missing.yaml", environ={})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("listen: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_settings(bad, environ={})
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("just a string")
+    with pytest.raises(ConfigError, match="top level"):
+        load_settings(scalar, environ={})
+
+
+def test_secrets_come_from_env_or_file(tmp_path: Path) -> None:
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("from-file\n")
+    assert read_secret("S", {"S": "direct"}) == "direct"
+    assert read_secret("S", {"S_FILE": str(secret_file)}) == "from-file"
+    assert read_secret("S", {}) is None
+    assert read_secret(None, {"S": "x"}) is None
+
+
+def _keys(model: type[BaseModel], prefix: str = "") -> set[str]:
+    keys: set[str] = set()
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        keys.add(path)
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys |= _keys(annotation, path + ".")
+    return keys
+
+
+def _present(document: Any, prefix: str = "") -> set[str]:
+    keys: set[str] = set()
+    if isinstance(document, dict):
+        for name, value in document.items():
+            path = f"{prefix}{name}"
+            keys.add(path)
+            keys |= _present(value, path + ".")
+    return keys
+
+
+def test_example_config_documents_every_key_and_validates() -> None:
+    text = (ROOT / "config" / "gateway.example.yaml").read_text()
+    document = yaml.safe_load(text)
+    parse_settings(document, environ={})
+    missing = {k for k in _keys(Settings) if not k.startswith("tiers.")} - _present(document)
+    assert not missing, f"keys not documented in gateway.example.yaml: {sorted(missing)}"
+    parse_settings(yaml.safe_load((ROOT / "config" / "dev.yaml").read_text()), environ={})
