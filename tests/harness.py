@@ -312,7 +312,15 @@ def seed_policy(redis_url: str, document: dict[str, Any] | None = None) -> int:
         finally:
             await store.close()
 
-    return asyncio.run(run())
+    return run_sync(run())
+
+
+def run_sync(coroutine: Any) -> Any:
+    """Run a coroutine to completion from sync or async test code (in a thread of its own)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 5, interval: float = 0.02) -> bool:
