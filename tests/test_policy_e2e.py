@@ -56,14 +56,14 @@ def two_gateways(redis_url: str, upstream: Upstream) -> Iterator[tuple[GatewayPr
 
 
 async def _wait_status(client: aiohttp.ClientSession, gateway: GatewayProcess, token: str, status: int,
-                       body: dict[str, Any] | None = None, timeout: float = 3.0) -> float:
+                       body: dict[str, Any] | None = None, within: float = 3.0) -> float:
     started = time.monotonic()
-    while time.monotonic() - started < timeout:
+    while time.monotonic() - started < within:
         got, _ = await status_of(client, gateway, token, body)
         if got == status:
             return time.monotonic() - started
         await asyncio.sleep(0.01)
-    raise AssertionError(f"{gateway.url} did not answer {status} within {timeout}s")
+    raise AssertionError(f"{gateway.url} did not answer {status} within {within}s")
 
 
 async def test_list_change_enforced_on_every_process_within_a_second(
@@ -73,13 +73,13 @@ async def test_list_change_enforced_on_every_process_within_a_second(
     async with aiohttp.ClientSession() as client:
         assert (await status_of(client, first, token))[0] == 200
         assert (await status_of(client, second, token))[0] == 200
-        await write(redis_url, list_key("deny-countries"), "DE", {"reason": "test", "source": "test",
-                                                                  "added_by": "test", "added_at": "2026-01-01T00:00:00Z",
-                                                                  "expires_at": None})
+        entry = {"reason": "test", "source": "test", "added_by": "test", "added_at": "2026-01-01T00:00:00Z",
+                 "expires_at": None}
+        await write(redis_url, list_key("deny-countries"), "DE", entry)
         waits = await asyncio.gather(_wait_status(client, first, token, 451),
                                      _wait_status(client, second, token, 451))
         assert max(waits) < 1.0
-        status, body = await status_of(client, second, token)
+        _, body = await status_of(client, second, token)
         assert body["error"]["code"] == "country_denied"
         assert "DE" in body["error"]["message"]
 
@@ -96,7 +96,7 @@ async def test_export_suspension_and_lifting_take_effect_without_restart(
         assert (await status_of(client, first, abroad, body))[0] == 200
         await write(redis_url, "{gw}:models", "frontier", suspended)
         await _wait_status(client, first, abroad, 451, body)
-        status, error = await status_of(client, first, abroad, body)
+        _, error = await status_of(client, first, abroad, body)
         assert error["error"]["code"] == "export_suspended"
         assert (await status_of(client, first, home, body))[0] == 200  # home country still served
         await write(redis_url, "{gw}:models", "frontier", lifted)
@@ -117,14 +117,14 @@ async def test_redis_away_serves_last_snapshot_then_fails_closed_then_recovers(u
                 stopped = time.monotonic()
                 status, _ = await status_of(client, gateway, token)
                 assert status == 200  # last confirmed snapshot, limits served locally
-                await _wait_status(client, gateway, token, 503, timeout=5)
+                await _wait_status(client, gateway, token, 503, within=5)
                 assert time.monotonic() - stopped >= 1.5  # max_staleness_s less one poll interval and slack
                 status, body = await status_of(client, gateway, token)
                 assert body["error"]["code"] == "policy_stale"
                 async with client.get(gateway.admin_url + "/readyz") as ready:
                     assert ready.status == 503
                 redis.start()
-                await _wait_status(client, gateway, token, 200, timeout=5)
+                await _wait_status(client, gateway, token, 200, within=5)
                 async with client.get(gateway.admin_url + "/readyz") as ready:
                     assert ready.status == 200
         finally:
@@ -142,7 +142,7 @@ async def test_redis_restarted_empty_fails_closed_until_policy_restored(fresh_re
             status, _ = await status_of(client, gateway, token)
             assert status == 200
             fresh_redis.restart()  # no persistence: comes back empty
-            await _wait_status(client, gateway, token, 503, timeout=3)
+            await _wait_status(client, gateway, token, 503, within=3)
             status, body = await status_of(client, gateway, token)
             assert body["error"]["code"] == "policy_stale"
             # Even an otherwise unknown caller is refused, not allowed by "empty lists".
@@ -150,7 +150,7 @@ async def test_redis_restarted_empty_fails_closed_until_policy_restored(fresh_re
                 assert response.status == 503
             version = seed_policy(fresh_redis.url)
             assert version == 1
-            await _wait_status(client, gateway, token, 200, timeout=3)
+            await _wait_status(client, gateway, token, 200, within=3)
             async with client.post(gateway.url + "/v1/chat/completions", json=CHAT,
                                    headers=auth(hs_token("frank", country="IR"))) as response:
                 assert response.status == 451
