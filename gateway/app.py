@@ -20,11 +20,13 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from .admin import register_admin_routes
 from .audit import AuditLog
 from .errors import GatewayError, decision_label, error_response, json_response
 from .geo import GeoResolver
 from .identity import Authenticator, AuthError, Identity
 from .jwks import JwksFetcher, KeyRing
+from .logs import bind_request, log_access
 from .metrics import Metrics
 from .network import TrustedProxies, client_ip
 from .policy import Decision, Rules, decide
@@ -166,10 +168,12 @@ class Gateway:
         self.watcher = PolicyWatcher(self.store, s, clock=self.clock, monotonic=self.monotonic)
         self.watcher.on_change.append(self.metrics.policy_loaded)
         await self.watcher.start()
+        self.metrics.start(self.watcher)
         self.audit = AuditLog(self.store, s.audit, metrics=self.metrics)
         await self.audit.start()
 
     async def close(self) -> None:
+        await self.metrics.close()
         if self.watcher is not None:
             await self.watcher.close()
         if self.jwks is not None:
@@ -187,6 +191,7 @@ class Gateway:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         exchange = Exchange(request_id=request_id_for(request.headers.get("X-Request-Id")),
                             started=time.perf_counter())
+        bind_request(exchange.request_id, request.method, request.path)
         self.in_flight += 1
         self.metrics.in_flight.inc()
         try:
@@ -321,6 +326,8 @@ class Gateway:
         self.metrics.request_done(decision=decision, code=exchange.code,
                                   model=self.metrics.model_label(exchange.model, snapshot), tier=tier,
                                   duration_s=duration, upstream_s=outcome.upstream_seconds)
+        log_access(status=exchange.status, decision=decision, code=exchange.code, duration_s=duration,
+                   subject=identity.subject if identity else None)
         if self.audit is not None:
             self.audit.record(self._audit_record(exchange, decision, duration))
 
@@ -400,9 +407,5 @@ def create_admin_app(gateway: Gateway) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
-    try:
-        from .admin import register_admin_routes
-    except ImportError:  # pragma: no cover - admin API module optional during bootstrap
-        return app
     register_admin_routes(app, gateway)
     return app

@@ -1,10 +1,42 @@
-"""The audit trail: one record per decision, batched off the hot path into a Redis stream."""
+"""The audit trail (contract §10): one record per decision, kept across Redis outages and restarts.
+
+A record's way out:
+
+1. ``record()`` puts the dict on a bounded in-memory queue. It never awaits and
+   never blocks; when the queue is full the record is dropped, counted and logged.
+2. Every ``audit.flush_ms`` the drain task numbers queued records with this
+   process's sequence (1, 2, 3...) and appends them in batches to the Redis stream.
+3. While Redis is away, batches go to this process's spool file instead (one
+   file per process, fsync per batch). From then on every new batch goes behind
+   them into the spool until the spool has been replayed, so each process's
+   records reach the stream in the order they were made.
+4. Appends are idempotent per (producer, sequence) (``gateway/lua/audit.lua``):
+   a batch whose reply was lost in a timeout and that was spooled anyway, or a
+   spool replayed twice, lands once.
+5. Each process holds an exclusive ``flock`` on its spool file for its life. A
+   file whose lock can be taken belongs to a process that is gone (stopped,
+   crashed, SIGKILLed): any gateway process replays it and deletes it. The lock,
+   not a pid check, decides, so a reused pid or two workers scanning together
+   cannot replay a file twice or steal a live one.
+
+Loss bounds: a graceful stop flushes everything to Redis or to the spool. A
+killed process loses what it had queued since its last flush (``flush_ms``, plus
+the Redis deadline if it was mid-append to an unanswering Redis). Records are
+dropped, counted by ``gateway_audit_dropped_total`` and logged at error level,
+only when the queue is full, i.e. when Redis and the spool both fail.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import os
+import time
 from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -17,49 +49,418 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.audit")
 
+BATCH = 500  # records per Redis script call: short enough not to stall Redis for others
+REPLAY_BATCHES_PER_TICK = 20  # a large spool is replayed over several ticks, fresh records keep flowing
+RETRY_S = 0.5  # how often a spooling process asks Redis whether it is back
+ORPHAN_SCAN_S = 5.0
+SEND_TIMEOUT_S = 1.0  # a Redis that does not answer in this time is treated as away
+READ_CHUNK = 1 << 20
+SUFFIX = ".jsonl"
+
+Entry = tuple[int, bytes]  # (sequence, record JSON)
+
+
+def new_producer_id() -> str:
+    """Unique across the gateway processes that share a Redis: pid, start time, and randomness."""
+    return f"{os.getpid()}-{int(time.time() * 1000)}-{os.urandom(3).hex()}"
+
+
+def encode_line(producer: str, seq: int, record: bytes) -> bytes:
+    return b'{"producer":"%s","seq":%d,"record":%s}\n' % (producer.encode(), seq, record)
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolEntry:
+    producer: str
+    seq: int
+    record: bytes
+
+
+def decode_line(line: bytes) -> SpoolEntry | None:
+    """None for a line torn by a crash mid-write (the only way a spool line can be malformed)."""
+    try:
+        entry = orjson.loads(line)
+        return SpoolEntry(str(entry["producer"]), int(entry["seq"]), orjson.dumps(entry["record"]))
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
+
+
+def iter_lines(fd: int, start: int, end: int | None = None) -> Iterator[tuple[bytes, int]]:
+    """(line, file offset just past it) from byte ``start`` up to ``end`` (or EOF), read in chunks."""
+    offset, rest = start, b""
+    while end is None or offset < end:
+        chunk = os.pread(fd, READ_CHUNK if end is None else min(READ_CHUNK, end - offset), offset)
+        if not chunk:
+            break
+        offset += len(chunk)
+        data, base, position = rest + chunk, offset - len(rest) - len(chunk), 0
+        while (newline := data.find(b"\n", position)) >= 0:
+            if newline > position:
+                yield data[position:newline], base + newline + 1
+            position = newline + 1
+        rest = data[position:]
+    if rest:
+        yield rest, offset
+
+
+class Spool:
+    """This process's spool file: created on first use, locked for life, deleted once replayed."""
+
+    def __init__(self, directory: Path, producer: str) -> None:
+        self.directory = directory
+        self.producer = producer
+        self.path = directory / f"{producer}{SUFFIX}"
+        self.fd: int | None = None
+        self.size = 0  # bytes written
+        self.sent = 0  # bytes replayed to Redis
+
+    @property
+    def pending(self) -> bool:
+        return self.fd is not None and self.sent < self.size
+
+    def _open(self) -> int:
+        # Created under a name orphan scans ignore, locked, then renamed: no other process
+        # can ever take a live process's new file for an orphan.
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        temporary = self.directory / f".{self.producer}{SUFFIX}.tmp"
+        fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(temporary, self.path)
+            _fsync_dir(self.directory)
+        except OSError:
+            os.close(fd)
+            raise
+        self.size = self.sent = 0
+        return fd
+
+    def append(self, entries: Sequence[Entry]) -> None:
+        """Write and fsync; on failure the file is cut back to its last whole line and OSError raised."""
+        if self.fd is None:
+            self.fd = self._open()
+        data = b"".join(encode_line(self.producer, seq, record) for seq, record in entries)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(self.fd, view)
+                view = view[written:]
+            os.fsync(self.fd)
+        except OSError:
+            try:
+                os.ftruncate(self.fd, self.size)
+            except OSError:
+                log.error("audit spool %s may end in a torn line", self.path)
+            raise
+        self.size += len(data)
+
+    def discard(self) -> None:
+        """Everything was replayed: remove the file; the next outage starts a new one."""
+        if self.fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self.fd)
+            self.fd = None
+            self.size = self.sent = 0
+
+    def release(self) -> None:
+        """At exit: keep what was not replayed for the next process to find, and drop the lock."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+@dataclass(slots=True)
+class Orphan:
+    """A spool file left by a process that is gone, locked by us while we replay it."""
+
+    path: Path
+    fd: int
+    offset: int = 0
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _spool_order(path: Path) -> tuple[int, str]:
+    """Oldest process first: names are ``<pid>-<start ms>-<random>.jsonl``."""
+    parts = path.name.split("-")
+    try:
+        return int(parts[1]), path.name
+    except (IndexError, ValueError):
+        return 0, path.name
+
+
+def _lock_orphan(path: Path) -> int | None:
+    """An fd holding ``path``'s lock, or None while its owner lives (or it is gone already)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # Another process may have replayed and unlinked it between our open and our lock.
+        if os.fstat(fd).st_ino != os.stat(path).st_ino:
+            raise FileNotFoundError(path)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
 
 class AuditLog:
-    """A bounded in-memory queue drained every ``flush_ms`` to the audit stream."""
+    """A bounded in-memory queue drained every ``flush_ms`` to the audit stream, or to the spool."""
 
-    def __init__(self, store: Store, settings: AuditSettings, *, metrics: Metrics) -> None:
+    def __init__(self, store: Store, settings: AuditSettings, *, metrics: Metrics,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.settings = settings
         self.metrics = metrics
-        self._queue: deque[bytes] = deque()
+        self.monotonic = monotonic
+        self.producer = new_producer_id()
+        self.spool = Spool(Path(settings.spool_dir), self.producer)
+        self._queue: deque[dict[str, Any]] = deque()
+        self._held: list[Entry] = []  # numbered, but neither Redis nor the spool took them yet
+        self._seq = 0
+        self._orphan: Orphan | None = None
+        self._next_retry = 0.0
+        self._next_scan = 0.0
+        self._redis_away = False
+        self._unlogged_drops = 0
+        self._drop_reason = ""
+        self._last_drop_log = -1e9
+        self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+
+    # --- the hot path -----------------------------------------------------------------------
+
+    def record(self, fields: dict[str, Any]) -> None:
+        """Queue one §10 record; O(1), never blocks. Serialization happens in the drain task."""
+        if len(self._queue) + len(self._held) >= self.settings.queue_size:
+            self._drop(1, "audit queue full: Redis and the spool both fail")
+            return
+        self._queue.append(fields)
+
+    # --- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._drain_loop(), name="audit-drain")
 
-    def record(self, fields: dict[str, Any]) -> None:
-        self._queue.append(orjson.dumps(fields))
-
-    async def flush(self) -> None:
-        while self._queue:
-            batch = [self._queue.popleft() for _ in range(min(len(self._queue), 1000))]
-            try:
-                await self.store.append_audit(batch, maxlen=self.settings.stream_maxlen)
-            except StoreUnavailable:
-                self._queue.extendleft(reversed(batch))
-                raise
+    async def close(self) -> None:
+        """Flush everything: to Redis, else to the spool; what is left in the spool waits for a restart."""
+        self._stop.set()
+        if self._task is not None:
+            # Not cancelled: a batch taken off the queue must reach Redis or the spool.
+            await self._task
+        try:
+            await self.flush(final=True)
+        finally:
+            if self._held:
+                self._drop(len(self._held), "audit records unsaved at shutdown")
+                self._held = []
+            self._log_drops(force=True)
+            self._release_orphan()
+            if self.spool.pending:
+                log.warning("audit spool kept for replay at the next start",
+                            extra={"spool": str(self.spool.path), "bytes": self.spool.size - self.spool.sent})
+            self.spool.release()
 
     async def _drain_loop(self) -> None:
         interval = self.settings.flush_ms / 1000
-        while True:
-            await asyncio.sleep(interval)
+        while not self._stop.is_set():
             try:
                 await self.flush()
-            except StoreUnavailable as exc:
-                log.warning("audit flush failed: %s", exc)
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+                await self._replay_orphans()
+            except Exception:  # the drain must outlive any one bad batch
+                log.exception("audit drain failed; retrying")
+            self._log_drops()
             try:
-                await self._task
-            except asyncio.CancelledError:
+                await asyncio.wait_for(self._stop.wait(), interval)
+            except TimeoutError:
                 pass
+
+    # --- draining ---------------------------------------------------------------------------
+
+    async def flush(self, *, final: bool = False) -> None:
+        """Send the queue on: replay the own spool first (order), then Redis or the spool."""
+        if self.spool.pending and (final or self.monotonic() >= self._next_retry):
+            await self._replay_own(budget=None if final else REPLAY_BATCHES_PER_TICK)
+        while self._queue or self._held:
+            batch = self._take(BATCH)
+            if not self.spool.pending:
+                batch = await self._send(batch)
+            if batch and not await self._to_spool(batch):
+                break  # held for the next tick; the queue bound turns a lasting failure into drops
+
+    def _take(self, limit: int) -> list[Entry]:
+        batch, self._held = self._held, []
+        while self._queue and len(batch) < limit:
+            record = self._queue.popleft()
+            try:
+                payload = orjson.dumps(record)
+            except TypeError:
+                self._drop(1, "audit record not serializable")
+                continue
+            self._seq += 1
+            batch.append((self._seq, payload))
+        return batch
+
+    async def _send(self, batch: list[Entry]) -> list[Entry]:
+        """Append to Redis in script-sized chunks; returns what Redis did not take."""
+        for index in range(0, len(batch), BATCH):
+            try:
+                await self.store.append_audit(self.producer, batch[index:index + BATCH],
+                                              maxlen=self.settings.stream_maxlen, timeout_s=SEND_TIMEOUT_S)
+            except StoreUnavailable as exc:
+                self._redis_gone(exc)
+                return batch[index:]
+        self._redis_back()
+        return []
+
+    async def _to_spool(self, batch: list[Entry]) -> bool:
         try:
-            await self.flush()
-        except StoreUnavailable:
-            log.error("audit records not flushed at shutdown: %d", len(self._queue))
+            await asyncio.to_thread(self.spool.append, batch)
+        except OSError as exc:
+            self._held = batch
+            log.error("AUDIT SPOOL UNWRITABLE: %s; %d records held in memory", exc, len(batch),
+                      extra={"spool": str(self.spool.path)})
+            return False
+        self.metrics.audit_spooled.inc(len(batch))
+        return True
+
+    def _redis_gone(self, exc: Exception) -> None:
+        self._next_retry = self.monotonic() + RETRY_S
+        if not self._redis_away:
+            self._redis_away = True
+            log.warning("audit: Redis unavailable, spooling records to %s (%s)", self.spool.path, exc)
+
+    def _redis_back(self) -> None:
+        if self._redis_away:
+            self._redis_away = False
+            log.info("audit: Redis reachable again")
+
+    # --- replay -----------------------------------------------------------------------------
+
+    async def _replay_own(self, budget: int | None) -> None:
+        spool = self.spool
+        assert spool.fd is not None
+
+        def progress(offset: int) -> None:
+            spool.sent = offset
+
+        try:
+            done = await self._replay(spool.fd, spool.sent, spool.size, progress, budget)
+        except StoreUnavailable as exc:
+            self._redis_gone(exc)
+            return
+        self._redis_back()
+        if done:
+            log.info("audit spool replayed to Redis", extra={"spool": str(spool.path)})
+            spool.discard()
+
+    async def _replay(self, fd: int, start: int, end: int | None, progress: Callable[[int], None],
+                      budget: int | None) -> bool:
+        """Send spool lines from ``start`` in batches; True when all were sent, False when out of budget."""
+        producer, batch, batch_end, sent_batches = "", [], start, 0
+        for line, line_end in iter_lines(fd, start, end):
+            entry = decode_line(line)
+            if entry is None:
+                self._drop(1, "torn audit spool line (the writer was killed mid-write)")
+                batch_end = line_end
+                continue
+            if batch and (entry.producer != producer or len(batch) >= BATCH):
+                await self._append(producer, batch)
+                progress(batch_end)
+                batch, sent_batches = [], sent_batches + 1
+                if budget is not None and sent_batches >= budget:
+                    return False
+            producer = entry.producer
+            batch.append((entry.seq, entry.record))
+            batch_end = line_end
+        if batch:
+            await self._append(producer, batch)
+        progress(batch_end)
+        return True
+
+    async def _append(self, producer: str, batch: list[Entry]) -> None:
+        await self.store.append_audit(producer, batch, maxlen=self.settings.stream_maxlen,
+                                      timeout_s=SEND_TIMEOUT_S)
+
+    async def _replay_orphans(self) -> None:
+        """Replay spool files of processes that are gone, a budget of batches per tick."""
+        if self._orphan is None:
+            if self.monotonic() < self._next_scan:
+                return
+            self._next_scan = self.monotonic() + ORPHAN_SCAN_S
+            self._orphan = self._find_orphan()
+            if self._orphan is None:
+                return
+        if self.monotonic() < self._next_retry:
+            return
+        orphan = self._orphan
+
+        def progress(offset: int) -> None:
+            orphan.offset = offset
+
+        try:
+            done = await self._replay(orphan.fd, orphan.offset, None, progress, REPLAY_BATCHES_PER_TICK)
+        except StoreUnavailable as exc:
+            self._redis_gone(exc)
+            return
+        if done:
+            log.info("audit spool of a stopped process replayed", extra={"spool": str(orphan.path)})
+            orphan.path.unlink(missing_ok=True)
+            self._release_orphan()
+            self._next_scan = 0.0  # there may be more
+
+    def _find_orphan(self) -> Orphan | None:
+        try:
+            names = list(self.spool.directory.iterdir())
+        except OSError:
+            return None
+        for path in sorted((p for p in names if p.name.endswith(SUFFIX)), key=_spool_order):
+            if path == self.spool.path:
+                continue
+            fd = _lock_orphan(path)
+            if fd is not None:
+                log.info("audit spool of a stopped process found", extra={"spool": str(path)})
+                return Orphan(path, fd)
+        for path in names:
+            # A process killed between creating and renaming its spool left an empty file.
+            if path.name.endswith(".tmp") and path.name != f".{self.producer}{SUFFIX}.tmp":
+                fd = _lock_orphan(path)
+                if fd is not None:
+                    path.unlink(missing_ok=True)
+                    os.close(fd)
+        return None
+
+    def _release_orphan(self) -> None:
+        if self._orphan is not None:
+            os.close(self._orphan.fd)
+            self._orphan = None
+
+    # --- loss accounting --------------------------------------------------------------------
+
+    def _drop(self, count: int, reason: str) -> None:
+        self.metrics.audit_dropped.inc(count)
+        self._unlogged_drops += count
+        self._drop_reason = reason
+        self._log_drops()
+
+    def _log_drops(self, *, force: bool = False) -> None:
+        # Loud, but at most once a second: a flood of identical lines would bury the reason.
+        if not self._unlogged_drops:
+            return
+        now = self.monotonic()
+        if force or now - self._last_drop_log >= 1.0:
+            log.error("AUDIT RECORDS LOST: %d dropped (%s)", self._unlogged_drops, self._drop_reason,
+                      extra={"dropped": self._unlogged_drops, "queued": len(self._queue),
+                             "queue_size": self.settings.queue_size})
+            self._unlogged_drops = 0
+            self._last_drop_log = now

@@ -8,6 +8,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from .operator_cli import add_operator_commands
 from .settings import ConfigError, load_settings
 
 
@@ -95,12 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--ttl", type=int, default=3600)
     token.set_defaults(func=_dev_token)
 
-    try:
-        from .operator_cli import add_operator_commands
-    except ImportError:  # operator commands ship with the admin API
-        pass
-    else:
-        add_operator_commands(sub)
+    add_operator_commands(sub)
     return parser
 
 

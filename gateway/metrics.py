@@ -1,12 +1,24 @@
 """Prometheus metrics of contract §9, with label children prepared ahead of the hot path.
 
+Label values are bounded by construction: ``decision`` and ``code`` come from
+the gateway's own fixed sets, ``model`` is a registry model or ``other`` (``""``
+when a request names none), ``tier`` a configured tier (``""`` before identity
+is known). No subject, org, key or IP ever becomes a label value.
+
 With several worker processes, prometheus-client's multiprocess mode
-(``PROMETHEUS_MULTIPROC_DIR``) sums the workers' values in every scrape.
+(``PROMETHEUS_MULTIPROC_DIR``, set by ``serve --workers N``) adds up counters
+and histograms over the workers in every scrape. Gauges say how they combine:
+in-flight requests add up; the policy version shows the lowest any worker
+enforces and the policy age the oldest, so one lagging worker is never hidden
+behind a healthy one.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
@@ -15,6 +27,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    disable_created_metrics,
     generate_latest,
 )
 
@@ -29,21 +42,65 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.01, 0.025,
                     0.05, 0.1, 0.25)
 LIST_NAMES = ("deny-countries", "deny-entities", "partners", "ip-ranges")
+DECISIONS = ("allow", "block", "rate_limit", "error")
+UPSTREAM_ERROR_KINDS = ("connect", "timeout", "protocol")
+REDIS_OPS = ("poll", "load", "script", "audit", "write", "publish", "ping", "changes", "admin")
+GAUGE_REFRESH_S = 1.0
+
+# Which codes each decision can carry, and which model and tier labels they can meet,
+# so the children prepared ahead are the ones that can occur and no more.
+ANY_MODEL, NO_MODEL, OTHER_MODEL, REGISTRY_MODEL = "any", "none", "other", "registry"
+CODES: tuple[tuple[str, str, str, bool], ...] = (
+    # decision, code, which models, tier known
+    ("allow", "", ANY_MODEL, True),
+    ("block", "policy_stale", NO_MODEL, False),
+    ("block", "unauthenticated", NO_MODEL, False),
+    ("block", "entity_denied", ANY_MODEL, True),
+    ("block", "country_denied", ANY_MODEL, True),
+    ("block", "model_unknown", OTHER_MODEL, True),
+    ("block", "export_suspended", REGISTRY_MODEL, True),
+    ("block", "export_restricted", REGISTRY_MODEL, True),
+    ("block", "not_released", REGISTRY_MODEL, True),
+    ("block", "partner_required", REGISTRY_MODEL, True),
+    ("rate_limit", "rate_limited", ANY_MODEL, True),
+    ("rate_limit", "token_rate_limited", ANY_MODEL, True),
+    ("error", "invalid_request", NO_MODEL, True),
+    ("error", "request_too_large", NO_MODEL, True),
+    ("error", "upstream_unreachable", ANY_MODEL, True),
+    ("error", "upstream_timeout", ANY_MODEL, True),
+)
+
+RequestKey = tuple[str, str, str, str]
 
 
 def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
+def request_label_sets(models: Iterable[str], tiers: Iterable[str]) -> list[RequestKey]:
+    """Every (decision, code, model, tier) that a request can produce under this registry."""
+    registry = sorted(models)
+    tier_values = list(tiers)
+    choices = {ANY_MODEL: ["", "other", *registry], NO_MODEL: [""], OTHER_MODEL: ["other"],
+               REGISTRY_MODEL: registry}
+    keys: list[RequestKey] = []
+    for decision, code, model_set, tier_known in CODES:
+        for model in choices[model_set]:
+            for tier in tier_values if tier_known else [""]:
+                keys.append((decision, code, model, tier))
+    return keys
+
+
 class Metrics:
     """All gateway metrics on one registry; methods are what the request path calls."""
 
     def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
+        # ``*_created`` series double the exposition and no dashboard reads them.
+        disable_created_metrics()
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self.multiprocess = multiprocess_dir() is not None
+        self.tiers = tuple(settings.tiers)
         r = self.registry
-        gauge_mode: dict[str, Any] = {"multiprocess_mode": "livesum"} if self.multiprocess else {}
-        max_mode: dict[str, Any] = {"multiprocess_mode": "max"} if self.multiprocess else {}
         self.requests = Counter("gateway_requests", "Requests by decision, code, model and tier",
                                 ["decision", "code", "model", "tier"], registry=r)
         self.duration = Histogram("gateway_request_duration_seconds", "Whole request time by decision",
@@ -56,28 +113,43 @@ class Metrics:
         self.upstream_errors = Counter("gateway_upstream_errors", "Upstream failures by kind", ["kind"],
                                        registry=r)
         self.in_flight = Gauge("gateway_in_flight_requests", "Requests being handled", registry=r,
-                               **gauge_mode)
-        self.policy_version = Gauge("gateway_policy_version", "Policy version this process enforces",
-                                    registry=r, **max_mode)
-        self.policy_age = Gauge("gateway_policy_age_seconds", "Seconds since the policy was last confirmed",
-                                registry=r, **max_mode)
-        self.list_entries = Gauge("gateway_list_entries", "Entries per live list", ["list"], registry=r,
-                                  **max_mode)
+                               multiprocess_mode="livesum")
+        self.policy_version = Gauge("gateway_policy_version",
+                                    "Policy version enforced (0: none); over workers the lowest",
+                                    registry=r, multiprocess_mode="livemin")
+        self.policy_age = Gauge("gateway_policy_age_seconds",
+                                "Seconds since the policy version was last confirmed (+Inf: never); "
+                                "over workers the oldest", registry=r, multiprocess_mode="livemax")
+        self.list_entries = Gauge("gateway_list_entries", "Entries per live list in the enforced policy",
+                                  ["list"], registry=r, multiprocess_mode="livemostrecent")
         self.redis_errors = Counter("gateway_redis_errors", "Redis errors and timeouts by operation",
                                     ["op"], registry=r)
         self.fallback = Counter("gateway_ratelimit_fallback", "Rate-limit checks served by the local limiter",
                                 registry=r)
-        self.audit_spooled = Counter("gateway_audit_spooled", "Audit records written to the local spool",
+        self.audit_spooled = Counter("gateway_audit_spooled",
+                                     "Audit records written to the local spool while Redis was away",
                                      registry=r)
-        self.audit_dropped = Counter("gateway_audit_dropped", "Audit records lost (disk full)", registry=r)
-        self._request_children: dict[tuple[str, str, str, str], Any] = {}
-        self._duration_children = {d: self.duration.labels(d) for d in ("allow", "block", "rate_limit",
-                                                                        "error")}
+        self.audit_dropped = Counter("gateway_audit_dropped",
+                                     "Audit records lost (queue full: Redis and spool both failing)",
+                                     registry=r)
+        self._requests: dict[RequestKey, Any] = {}
+        self._durations = {d: self.duration.labels(d) for d in DECISIONS}
+        self._redis_errors = {op: self.redis_errors.labels(op) for op in REDIS_OPS}
+        for kind in UPSTREAM_ERROR_KINDS:
+            self.upstream_errors.labels(kind)
+        self.policy_version.set(0)
+        self.policy_age.set(float("inf"))
         for name in LIST_NAMES:
             self.list_entries.labels(name).set(0)
-        for kind in ("connect", "timeout", "protocol"):
-            self.upstream_errors.labels(kind)
-        self.tiers = tuple(settings.tiers)
+        self._prepare(models=())
+        self._task: asyncio.Task[None] | None = None
+
+    def _prepare(self, models: Iterable[str]) -> None:
+        for key in request_label_sets(models, self.tiers):
+            if key not in self._requests:
+                self._requests[key] = self.requests.labels(*key)
+
+    # --- the request path -------------------------------------------------------------------
 
     def model_label(self, model: str | None, snapshot: Snapshot | None) -> str:
         if model is None:
@@ -89,11 +161,11 @@ class Metrics:
     def request_done(self, *, decision: str, code: str, model: str, tier: str, duration_s: float,
                      upstream_s: float) -> None:
         key = (decision, code, model, tier)
-        child = self._request_children.get(key)
-        if child is None:
-            child = self._request_children[key] = self.requests.labels(*key)
+        child = self._requests.get(key)
+        if child is None:  # a combination not foreseen; still bounded, since every part is
+            child = self._requests[key] = self.requests.labels(*key)
         child.inc()
-        self._duration_children[decision].observe(duration_s)
+        self._durations[decision].observe(duration_s)
         if decision == "allow":
             self.upstream.observe(upstream_s)
             self.overhead.observe(max(duration_s - upstream_s, 0.0))
@@ -101,25 +173,50 @@ class Metrics:
             self.overhead.observe(duration_s)
 
     def redis_error(self, op: str) -> None:
-        self.redis_errors.labels(op).inc()
+        child = self._redis_errors.get(op)
+        if child is None:
+            child = self._redis_errors[op] = self.redis_errors.labels(op)
+        child.inc()
 
     def ratelimit_fallback(self) -> None:
         self.fallback.inc()
 
+    # --- policy gauges ----------------------------------------------------------------------
+
     def policy_loaded(self, snapshot: Snapshot | None) -> None:
+        """Watcher callback on every snapshot swap: gauges, and label children for new models."""
         self.policy_version.set(snapshot.version if snapshot is not None else 0)
         for name in LIST_NAMES:
             entries = snapshot.lists.get(name, {}) if snapshot is not None else {}
             self.list_entries.labels(name).set(len(entries))
         if snapshot is not None:
-            # Label children for the registry's models, so scrapes show them from the start.
-            self._request_children = {k: v for k, v in self._request_children.items()
-                                      if k[2] in snapshot.models or k[2] in ("", "other")}
+            self._prepare(snapshot.models)
+
+    def refresh_policy_gauges(self, watcher: PolicyWatcher) -> None:
+        self.policy_version.set(watcher.version)
+        self.policy_age.set(watcher.age_s())
+
+    def start(self, watcher: PolicyWatcher) -> None:
+        """Keep the age gauge current: with workers, a scrape reaches one worker, not all of them."""
+        async def refresh() -> None:
+            while True:
+                self.refresh_policy_gauges(watcher)
+                await asyncio.sleep(GAUGE_REFRESH_S)
+
+        self._task = asyncio.create_task(refresh(), name="metrics-refresh")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    # --- exposition -------------------------------------------------------------------------
 
     def render(self, watcher: PolicyWatcher | None) -> tuple[bytes, str]:
         if watcher is not None:
-            age = watcher.age_s()
-            self.policy_age.set(age if age != float("inf") else -1)
+            self.refresh_policy_gauges(watcher)
         if self.multiprocess:
             from prometheus_client import multiprocess
 

@@ -47,7 +47,7 @@ class FaultProxy:
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while data := await reader.read(65536):
-                while self.mode == "blackhole":
+                while self.mode == "blackhole":  # noqa: ASYNC110 - the mode is set from another thread
                     await asyncio.sleep(0.01)
                 if self.mode == "delay":
                     await asyncio.sleep(max(0.0, self.delay_s + random.uniform(-self.jitter_s, self.jitter_s)))
