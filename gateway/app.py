@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
+from aiohttp.web_request import BaseRequest
 
 from .admin import register_admin_routes
 from .audit import AuditLog
@@ -26,6 +27,7 @@ from .errors import GatewayError, decision_label, error_response, json_response
 from .geo import GeoResolver
 from .identity import Authenticator, AuthError, Identity
 from .jwks import JwksFetcher, KeyRing
+from .listener import JsonErrorServer
 from .logs import bind_request, log_access
 from .metrics import Metrics
 from .network import TrustedProxies, client_ip
@@ -79,7 +81,7 @@ class ModelExtractor:
     def __init__(self, pattern: str | None) -> None:
         self.pattern = re.compile(pattern) if pattern else None
 
-    def extract(self, request: web.Request, body: bytes) -> str | None:
+    def extract(self, request: BaseRequest, body: bytes) -> str | None:
         if self.pattern is not None:
             match = self.pattern.search(request.path)
             if match and match.group("model"):
@@ -188,7 +190,7 @@ class Gateway:
 
     # --- the public request path ----------------------------------------------------------
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: BaseRequest) -> web.StreamResponse:
         exchange = Exchange(request_id=request_id_for(request.headers.get("X-Request-Id")),
                             started=time.perf_counter())
         bind_request(exchange.request_id, request.method, request.path)
@@ -226,7 +228,7 @@ class Gateway:
         return error_response(err, request_id=exchange.request_id, policy_version=self.watcher.version,
                               reason=reason)
 
-    async def _admit_and_forward(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
+    async def _admit_and_forward(self, request: BaseRequest, exchange: Exchange) -> web.StreamResponse:
         watcher, limiter, forwarder = self.watcher, self.limiter, self.forwarder
         assert watcher is not None and limiter is not None and forwarder is not None
         snapshot = watcher.snapshot
@@ -273,14 +275,14 @@ class Gateway:
                                        request_id=exchange.request_id, extra_response_headers=rate_headers,
                                        on_usage=charge if needs_usage else None, outcome=exchange.outcome)
 
-    def _forwarded_for(self, request: web.Request) -> str:
+    def _forwarded_for(self, request: BaseRequest) -> str:
         peer = request.remote or ""
         if self.trusted.contains(peer):
             chain = ", ".join(v.strip() for v in request.headers.getall("X-Forwarded-For", ()) if v.strip())
             return f"{chain}, {peer}" if chain else peer
         return peer
 
-    async def _read_body(self, request: web.Request) -> bytes:
+    async def _read_body(self, request: BaseRequest) -> bytes:
         limit = self.settings.limits.max_body_bytes
         declared = request.content_length
         if declared is not None and declared > limit:
@@ -374,14 +376,23 @@ def _rfc3339(epoch: float) -> str:
 GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
 
 
-def create_public_app(gateway: Gateway) -> web.Application:
-    """The public listener: every path is proxied after the decision; nothing admin lives here."""
-    app = web.Application(client_max_size=gateway.settings.limits.max_body_bytes,
-                          handler_args={"max_field_size": gateway.settings.limits.max_header_bytes,
-                                        "max_line_size": gateway.settings.limits.max_header_bytes})
-    app[GATEWAY_KEY] = gateway
-    app.router.add_route("*", "/{tail:.*}", gateway.handle)
-    return app
+def create_public_server(gateway: Gateway) -> JsonErrorServer:
+    """The public listener: one handler for every path, no router; nothing admin lives here.
+
+    aiohttp's keep-alive timer also runs from a connection's start and while a
+    request's head is incomplete, so it cuts slow header senders after
+    ``header_read_timeout_s`` (aiohttp has no header read timeout of its own).
+    """
+    limits = gateway.settings.limits
+
+    def rejected(status: int, code: str) -> None:
+        gateway.metrics.request_done(decision=decision_label(status), code=code, model="", tier="",
+                                     duration_s=0.0, upstream_s=0.0)
+
+    return JsonErrorServer(gateway.handle, policy_version=lambda: gateway.watcher.version if gateway.watcher else 0,
+                           on_rejected=rejected, handler_cancellation=True,
+                           keepalive_timeout=limits.header_read_timeout_s, access_log=None,
+                           max_field_size=limits.max_header_bytes, max_line_size=limits.max_header_bytes)
 
 
 def create_admin_app(gateway: Gateway) -> web.Application:
@@ -389,10 +400,10 @@ def create_admin_app(gateway: Gateway) -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[GATEWAY_KEY] = gateway
 
-    async def healthz(_request: web.Request) -> web.Response:
+    async def healthz(_request: BaseRequest) -> web.Response:
         return json_response({"status": "ok", "pid": os.getpid()})
 
-    async def readyz(_request: web.Request) -> web.Response:
+    async def readyz(_request: BaseRequest) -> web.Response:
         watcher = gateway.watcher
         ready = watcher is not None and not watcher.stale()
         body = {"ready": ready, "policy_version": watcher.version if watcher else 0,
@@ -400,7 +411,7 @@ def create_admin_app(gateway: Gateway) -> web.Application:
                 "last_reload_ms": round(watcher.last_reload_s * 1000, 1) if watcher else None}
         return json_response(body, status=200 if ready else 503)
 
-    async def metrics(_request: web.Request) -> web.Response:
+    async def metrics(_request: BaseRequest) -> web.Response:
         body, content_type = gateway.metrics.render(gateway.watcher)
         return web.Response(body=body, headers={"Content-Type": content_type})
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import aiohttp
 import orjson
 from aiohttp import web
+from aiohttp.web_request import BaseRequest
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -170,7 +171,7 @@ class Forwarder:
         self.timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s,
                                              sock_connect=connect_timeout_s, sock_read=read_timeout_s)
 
-    async def forward(self, request: web.Request, *, body: bytes, model: str | None,
+    async def forward(self, request: BaseRequest, *, body: bytes, model: str | None,
                       headers: CIMultiDict[str], request_id: str,
                       extra_response_headers: Iterable[tuple[str, str]],
                       on_usage: UsageSink | None, outcome: ProxyOutcome) -> web.StreamResponse:
@@ -198,7 +199,7 @@ class Forwarder:
             upstream.release()
             outcome.upstream_seconds = self.clock() - started
 
-    async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse, *, request_id: str,
+    async def _relay(self, request: BaseRequest, upstream: aiohttp.ClientResponse, *, request_id: str,
                      extra: Iterable[tuple[str, str]], on_usage: UsageSink | None,
                      outcome: ProxyOutcome, started: float) -> web.StreamResponse:
         outcome.upstream_status = upstream.status

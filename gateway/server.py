@@ -14,7 +14,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from .app import Gateway, create_admin_app, create_public_app
+from .app import Gateway, create_admin_app, create_public_server
 from .logs import setup_logging
 from .redis_server import RedisServer
 from .settings import Settings
@@ -32,12 +32,7 @@ async def run_gateway(settings: Settings, *, redis_url: str, reuse_port: bool,
 
         await import_policy_file_if_missing(gateway, bootstrap_policy)
     limits = settings.limits
-    # aiohttp has no header read timeout; its keep-alive timer also runs from the
-    # connection's start and while a request's head is incomplete, so it cuts slow
-    # header senders after header_read_timeout_s.
-    public_runner = web.AppRunner(create_public_app(gateway), handler_cancellation=True,
-                                  keepalive_timeout=limits.header_read_timeout_s, access_log=None,
-                                  shutdown_timeout=limits.shutdown_grace_s)
+    public_runner = web.ServerRunner(create_public_server(gateway), shutdown_timeout=limits.shutdown_grace_s)
     admin_runner = web.AppRunner(create_admin_app(gateway), access_log=None, shutdown_timeout=5.0,
                                  keepalive_timeout=limits.header_read_timeout_s)
     await public_runner.setup()

@@ -205,6 +205,11 @@ class JwksServer:
             await self._runner.cleanup()
             self._runner = None
 
+    def release(self) -> None:
+        """Let the requests stalled so far finish now; later ones stall for ``delay_s`` again."""
+        self._release.set()
+        self._release = asyncio.Event()
+
     async def __aenter__(self) -> JwksServer:
         return await self.start()
 
@@ -260,3 +265,28 @@ async def eventually(condition: Any, timeout_s: float = 5.0) -> None:
         if loop.time() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.01)
+
+
+class BackgroundLoop:
+    """An asyncio loop in a daemon thread, so loopback servers (JwksServer, ConnectionCounter) keep
+    serving a gateway process while test code blocks or runs an event loop of its own."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="test-background-loop")
+        self._thread.start()
+
+    def run(self, coroutine: Any, timeout_s: float = 10.0) -> Any:
+        """Run ``coroutine`` on the background loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout_s)
+
+    def call(self, function: Any, *args: Any) -> None:
+        """Call ``function(*args)`` on the background loop (e.g. to set one of its asyncio.Events)."""
+        self.loop.call_soon_threadsafe(function, *args)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()

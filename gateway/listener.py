@@ -1,0 +1,56 @@
+"""The public listener's HTTP server: one handler, no router, and contract bodies for parser errors.
+
+aiohttp answers requests it cannot parse (oversized headers, smuggling attempts,
+bad chunking) itself, in plain text that echoes part of what was sent. Here
+those answers get the contract's JSON body and headers instead, never echo the
+request, and always close the connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+
+from .errors import GatewayError, error_response
+
+log = logging.getLogger("gateway.listener")
+
+Handler = Callable[[BaseRequest], Awaitable[web.StreamResponse]]
+
+
+class _JsonErrorRequestHandler(RequestHandler):
+    def handle_error(self, request: BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        server: JsonErrorServer = self._manager  # type: ignore[assignment]
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started; closing the connection")
+        if status >= 500:
+            log.error("unhandled error in request handler", exc_info=exc)
+            err = GatewayError(500, "internal_error", "The gateway failed to handle the request.")
+        else:
+            log.debug("malformed request from %s: %s", request.remote, exc)
+            # Never echo the parser's message: it quotes the caller's bytes (credentials included).
+            err = GatewayError(400, "invalid_request", "The HTTP request is malformed.")
+        server.on_rejected(err.status, err.code)
+        response = error_response(err, request_id=os.urandom(12).hex(), policy_version=server.policy_version())
+        response.force_close()
+        return response
+
+
+class JsonErrorServer(web.Server):
+    """``web.Server`` whose connections answer unparseable requests with the contract's JSON body."""
+
+    def __init__(self, handler: Handler, *, policy_version: Callable[[], int],
+                 on_rejected: Callable[[int, str], None], **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.policy_version = policy_version
+        self.on_rejected = on_rejected
+
+    def __call__(self) -> RequestHandler:
+        return _JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
