@@ -71,12 +71,15 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
 MAX_TOKEN_CHARS = 4096
-MAX_SEARCH_CHARS = 1000
+# The search name travels in the query string; 500 characters, percent-encoded, stay inside
+# the request-line limit of the HTTP parser.
+MAX_SEARCH_CHARS = 500
+ANY_TEXT = r"[\s\S]+"
 _TOKEN_NAME = re.compile(r"[A-Za-z0-9._@-]{1,64}")
 _HEX_DIGEST = re.compile(r"[0-9a-fA-F]{64}")
 
-ACTOR_KEY = "gateway.admin.actor"
-REQUEST_ID_KEY = "gateway.admin.request_id"
+ACTOR_KEY: web.RequestKey[str] = web.RequestKey("admin_actor", str)
+REQUEST_ID_KEY: web.RequestKey[str] = web.RequestKey("admin_request_id", str)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -205,7 +208,8 @@ def _object(body: Any, allowed: Sequence[str], where: str = "body") -> Mapping[s
         raise invalid(where, "must be a JSON object")
     for name in body:
         if name not in allowed:
-            raise invalid(name if where == "body" else f"{where}.{name}",
+            shown = name if len(name) <= 60 else name[:60] + "..."  # the message echoes it back
+            raise invalid(shown if where == "body" else f"{where}.{shown}",
                           f"unknown field; expected one of {', '.join(sorted(allowed))}")
     return body
 
@@ -264,7 +268,7 @@ class AdminApi:
     @web.middleware
     async def errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Every failure ends as a contract error body; nothing escapes as aiohttp's HTML page."""
-        from .app import request_id_for
+        from .app import request_id_for  # app imports this module at load time
 
         request_id = request_id_for(request.headers.get("X-Request-Id"))
         request[REQUEST_ID_KEY] = request_id
@@ -363,6 +367,9 @@ class AdminApi:
 
     async def put_policy(self, request: web.Request) -> web.Response:
         body = await read_json(request)
+        version = body.get("version") if isinstance(body, dict) else None
+        if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
+            raise invalid("version", "must be a whole number (it is ignored on PUT)")
         validated = validate_policy_document(body, actor=request[ACTOR_KEY], now_iso=now_iso(),
                                              tiers=self.tiers)
         if "screening" in validated:
@@ -609,13 +616,14 @@ def register_admin_routes(app: web.Application, gateway: Gateway) -> None:
     routes.add_put(f"{PREFIX}/policy", api.put_policy)
     routes.add_get(f"{PREFIX}/lists/{{list}}", api.get_list)
     routes.add_put(f"{PREFIX}/lists/{{list}}", api.replace_list)
-    # ".+" also takes an unencoded "/" of a CIDR; the encoded form arrives decoded as well.
-    routes.add_put(f"{PREFIX}/lists/{{list}}/{{key:.+}}", api.put_entry)
-    routes.add_delete(f"{PREFIX}/lists/{{list}}/{{key:.+}}", api.delete_entry)
+    # ANY_TEXT also takes an unencoded "/" of a CIDR (the encoded form arrives decoded as well),
+    # and a decoded control character, so the validator names it instead of the router missing it.
+    routes.add_put(f"{PREFIX}/lists/{{list}}/{{key:{ANY_TEXT}}}", api.put_entry)
+    routes.add_delete(f"{PREFIX}/lists/{{list}}/{{key:{ANY_TEXT}}}", api.delete_entry)
     routes.add_get(f"{PREFIX}/models", api.list_models)
-    routes.add_get(f"{PREFIX}/models/{{model:.+}}", api.get_model)
-    routes.add_put(f"{PREFIX}/models/{{model:.+}}", api.put_model)
-    routes.add_delete(f"{PREFIX}/models/{{model:.+}}", api.delete_model)
+    routes.add_get(f"{PREFIX}/models/{{model:{ANY_TEXT}}}", api.get_model)
+    routes.add_put(f"{PREFIX}/models/{{model:{ANY_TEXT}}}", api.put_model)
+    routes.add_delete(f"{PREFIX}/models/{{model:{ANY_TEXT}}}", api.delete_model)
     routes.add_get(f"{PREFIX}/api-keys", api.list_keys)
     routes.add_post(f"{PREFIX}/api-keys", api.create_key)
     routes.add_delete(f"{PREFIX}/api-keys/{{id}}", api.revoke_key)

@@ -34,6 +34,7 @@ from .network import TrustedProxies, client_ip
 from .policy import Decision, Rules, decide
 from .proxy import Forwarder, ProxyOutcome, Router, upstream_request_headers
 from .ratelimit import RateLimiter, RateResult
+from .redis_wire import RespConnection
 from .settings import Settings, read_secret
 from .store import Store
 from .watcher import PolicyWatcher
@@ -155,6 +156,8 @@ class Gateway:
         password = read_secret(s.redis.password_env, self.environ)
         self.store = Store.from_url(self.redis_url, timeout_s=s.redis.timeout_s, password=password)
         self.store.on_error = self.metrics.redis_error
+        if self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            self.store.use_wire(RespConnection(self.redis_url, password=password))
         connector = aiohttp.TCPConnector(limit=s.upstream.max_connections, ttl_dns_cache=300,
                                          enable_cleanup_closed=True)
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
@@ -199,8 +202,9 @@ class Gateway:
         try:
             response = await self._admit_and_forward(request, exchange)
         except GatewayError as err:
-            exchange.status, exchange.code = err.status, err.code
+            exchange.code = err.code
             response = self._error(err, exchange)
+            exchange.status = response.status  # what the caller got (block_style may change it)
         except (asyncio.CancelledError, ConnectionResetError):
             # The caller went away mid-request; the decision still gets its audit record.
             exchange.status = CLIENT_CLOSED
@@ -231,6 +235,8 @@ class Gateway:
     async def _admit_and_forward(self, request: BaseRequest, exchange: Exchange) -> web.StreamResponse:
         watcher, limiter, forwarder = self.watcher, self.limiter, self.forwarder
         assert watcher is not None and limiter is not None and forwarder is not None
+        # Resolved first, so every audit record (401s and 503s too) names the client address.
+        exchange.ip = client_ip(request.remote, request.headers.getall("X-Forwarded-For", ()), self.trusted)
         snapshot = watcher.snapshot
         if snapshot is None or watcher.stale():
             raise GatewayError(503, "policy_stale",
@@ -242,7 +248,7 @@ class Gateway:
         except AuthError as exc:
             raise GatewayError(401, "unauthenticated", exc.message) from exc
         exchange.identity = identity
-        ip = client_ip(request.remote, request.headers.getall("X-Forwarded-For", ()), self.trusted)
+        ip = exchange.ip
         ip_country, ip_subdivision = self.geo.resolve(ip, snapshot.ip_ranges)
         exchange.ip, exchange.ip_country = ip, ip_subdivision or ip_country
         body = await self._read_body(request)

@@ -227,11 +227,13 @@ class AuditLog:
         self.spool = Spool(Path(settings.spool_dir), self.producer)
         self._queue: deque[dict[str, Any]] = deque()
         self._held: list[Entry] = []  # numbered, but neither Redis nor the spool took them yet
+        self._in_transit = 0  # records of the batch being written right now
         self._seq = 0
         self._orphan: Orphan | None = None
         self._next_retry = 0.0
         self._next_scan = 0.0
         self._redis_away = False
+        self._spool_failing = False
         self._unlogged_drops = 0
         self._drop_reason = ""
         self._last_drop_log = -1e9
@@ -242,7 +244,7 @@ class AuditLog:
 
     def record(self, fields: dict[str, Any]) -> None:
         """Queue one §10 record; O(1), never blocks. Serialization happens in the drain task."""
-        if len(self._queue) + len(self._held) >= self.settings.queue_size:
+        if len(self._queue) + len(self._held) + self._in_transit >= self.settings.queue_size:
             self._drop(1, "audit queue full: Redis and the spool both fail")
             return
         self._queue.append(fields)
@@ -293,10 +295,14 @@ class AuditLog:
             await self._replay_own(budget=None if final else REPLAY_BATCHES_PER_TICK)
         while self._queue or self._held:
             batch = self._take(BATCH)
-            if not self.spool.pending:
-                batch = await self._send(batch)
-            if batch and not await self._to_spool(batch):
-                break  # held for the next tick; the queue bound turns a lasting failure into drops
+            self._in_transit = len(batch)
+            try:
+                if not self.spool.pending:
+                    batch = await self._send(batch)
+                if batch and not await self._to_spool(batch):
+                    break  # held for the next tick; the queue bound turns a lasting failure into drops
+            finally:
+                self._in_transit = 0
 
     def _take(self, limit: int) -> list[Entry]:
         batch, self._held = self._held, []
@@ -325,12 +331,18 @@ class AuditLog:
 
     async def _to_spool(self, batch: list[Entry]) -> bool:
         try:
+            # fsync can take milliseconds: off the event loop, so requests never wait for the disk.
             await asyncio.to_thread(self.spool.append, batch)
         except OSError as exc:
             self._held = batch
-            log.error("AUDIT SPOOL UNWRITABLE: %s; %d records held in memory", exc, len(batch),
-                      extra={"spool": str(self.spool.path)})
+            if not self._spool_failing:
+                self._spool_failing = True
+                log.error("AUDIT SPOOL UNWRITABLE: %s; records held in memory until the queue is full",
+                          exc, extra={"spool": str(self.spool.path), "held": len(batch)})
             return False
+        if self._spool_failing:
+            self._spool_failing = False
+            log.warning("audit spool writable again", extra={"spool": str(self.spool.path)})
         self.metrics.audit_spooled.inc(len(batch))
         return True
 

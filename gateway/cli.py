@@ -24,8 +24,13 @@ def _serve(args: argparse.Namespace) -> int:
     if args.bootstrap_policy is not None and not args.bootstrap_policy.is_file():
         print(f"gateway: --bootstrap-policy: no such file: {args.bootstrap_policy}", file=sys.stderr)
         return 2
-    from .server import serve
+    from .server import preflight, serve
 
+    try:
+        preflight(settings)
+    except ConfigError as exc:
+        print(f"gateway: config error: {exc}", file=sys.stderr)
+        return 2
     return serve(settings, workers=args.workers, bootstrap_policy=args.bootstrap_policy)
 
 

@@ -17,7 +17,7 @@ from aiohttp import web
 from .app import Gateway, create_admin_app, create_public_server
 from .logs import setup_logging
 from .redis_server import RedisServer
-from .settings import Settings
+from .settings import ConfigError, Settings
 
 log = logging.getLogger("gateway.server")
 
@@ -67,6 +67,23 @@ def _run_worker(settings: Settings, redis_url: str, reuse_port: bool, bootstrap:
     except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform
         asyncio.run(run_gateway(settings, redis_url=redis_url, reuse_port=reuse_port,
                                 bootstrap_policy=bootstrap))
+
+
+def preflight(settings: Settings) -> None:
+    """Load what the config points at (key files, secrets, token files) once, before any process
+    starts, so a bad path or key exits with status 2 and a message naming the key."""
+    from .admin import parse_tokens_file
+    from .geo import GeoResolver
+    from .jwks import KeyRing
+
+    KeyRing.from_settings(settings.auth)
+    if settings.admin.tokens_file is not None:
+        parse_tokens_file(settings.admin.tokens_file)
+    if settings.network.geoip_db is not None:
+        try:
+            GeoResolver(settings.network.geoip_db).close()
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"network.geoip_db: cannot open {settings.network.geoip_db}: {exc}") from None
 
 
 def serve(settings: Settings, *, workers: int, bootstrap_policy: Path | None) -> int:

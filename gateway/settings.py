@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 ENV_PREFIX = "GATEWAY_"
 STAGES = ("internal", "partners", "general")
+TLS_SCHEMES = ("rediss://", "rediss+sentinel://", "rediss+cluster://")
+REDIS_SCHEMES = ("redis://", "unix://", "redis+sentinel://", "redis+cluster://", *TLS_SCHEMES)
 Stage = Literal["internal", "partners", "general"]
 
 
@@ -67,8 +70,9 @@ class Upstream(_Section):
 class RedisSettings(_Section):
     url: str | None = None
     timeout_s: float = Field(0.1, gt=0)
-    # Sentinel: url "redis+sentinel://host:port,host:port/service_name".
-    # Cluster: url "redis+cluster://host:port,host:port".
+    # Standalone: redis://host:port/db, rediss:// (TLS), unix:///path.sock.
+    # Sentinel: redis+sentinel://host:port,host:port/service_name (rediss+sentinel:// for TLS).
+    # Cluster: redis+cluster://host:port,host:port (seed nodes; rediss+cluster:// for TLS).
     password_env: str | None = None
     tls_ca_file: Path | None = None
     tls_cert_file: Path | None = None
@@ -79,10 +83,48 @@ class RedisSettings(_Section):
     def _scheme(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        schemes = ("redis://", "rediss://", "unix://", "redis+sentinel://", "redis+cluster://")
-        if not value.startswith(schemes):
-            raise ValueError(f"must start with one of {', '.join(schemes)}")
+        if not value.startswith(REDIS_SCHEMES):
+            raise ValueError(f"must start with one of {', '.join(REDIS_SCHEMES)}")
         return value
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> RedisSettings:
+        # Checked at start, so a missing or mismatched file exits 2 naming the key instead of
+        # surfacing later as a Redis that never answers (and a gateway failing closed).
+        given = [name for name in ("tls_ca_file", "tls_cert_file", "tls_key_file") if getattr(self, name)]
+        if not given:
+            return self
+        if not (self.url or "").startswith(TLS_SCHEMES):
+            raise ValueError(f"redis.{given[0]} needs a TLS url ({', '.join(TLS_SCHEMES)})")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("redis.tls_cert_file and redis.tls_key_file go together")
+        try:
+            self.ssl_context()
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"redis.{given[0]}: cannot load the TLS files: {exc}") from None
+        return self
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The client TLS context these files describe (peer and host name verified, TLS 1.2 at least)."""
+        context = ssl.create_default_context(cafile=str(self.tls_ca_file) if self.tls_ca_file else None)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self.tls_cert_file and self.tls_key_file:
+            context.load_cert_chain(str(self.tls_cert_file), str(self.tls_key_file))
+        return context
+
+    def tls_options(self) -> dict[str, Any]:
+        """redis-py's keyword arguments for these TLS settings (empty for a plain-text url).
+
+        redis-py's asyncio connections build their SSLContext from file names, so the
+        files are handed over as such; :meth:`ssl_context` checked them at start.
+        """
+        if not (self.url or "").startswith(TLS_SCHEMES):
+            return {}
+        return {"ssl_ca_certs": str(self.tls_ca_file) if self.tls_ca_file else None,
+                "ssl_certfile": str(self.tls_cert_file) if self.tls_cert_file else None,
+                "ssl_keyfile": str(self.tls_key_file) if self.tls_key_file else None,
+                "ssl_check_hostname": True,
+                "ssl_min_version": ssl.TLSVersion.TLSv1_2}
 
 
 class Claims(_Section):

@@ -14,6 +14,7 @@ key                             type     holds
 ``{gw}:screening``              string   JSON list of imported screening entries
 ``{gw}:screening_rev``          string   policy version at which screening last changed
 ``{gw}:changes``                stream   change history (actor, time, before, after, version)
+``{gw}:write:<id>``             string   version a write produced; read back to confirm it (TTL)
 ``gw:audit``                    stream   audit records (``r``: JSON, ``id``: producer:sequence)
 ``{gw:audit}:seq:<producer>``   string   highest audit sequence appended for one process
 ``gw:rl:{<hash>}:r`` / ``:t``   string   rate-limit state, always with a TTL
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +42,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import NoScriptError, RedisError, WatchError
 
 from .ratelimit import BackendUnavailable
+from .redis_wire import ReplyError, RespConnection, WireError, pack
 
 log = logging.getLogger("gateway.store")
 
@@ -59,6 +60,9 @@ AUDIT_MARK_PREFIX = "{gw:audit}:seq:"
 AUDIT_MARK_TTL_S = 7 * 86400
 CHANNEL = "gw:policy"
 CHANGES_MAXLEN = 100_000
+# Set in each write's transaction and read back before the write counts (HARDENING 23).
+WRITE_MARK_PREFIX = PREFIX + "write:"
+WRITE_MARK_TTL_S = 600
 LIST_NAMES = ("deny-countries", "deny-entities", "partners", "ip-ranges")
 
 
@@ -149,29 +153,47 @@ def _load_lua(name: str) -> str:
     return resources.files("gateway").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
 
 
-def _build_client(url: str, *, password: str | None, ssl_context: ssl.SSLContext | None) -> Any:
-    """A redis-py asyncio client for a standalone, Sentinel or Cluster URL."""
+def _hosts(netloc: str) -> list[tuple[str, int]]:
+    """``h1:p1,h2:p2`` (credentials before ``@`` ignored: the password comes from password_env)."""
+    out = []
+    for item in netloc.rsplit("@", 1)[-1].split(","):
+        host, _, port = item.strip().rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"redis url: {item!r} is not host:port")
+        out.append((host.strip("[]"), int(port)))
+    return out
+
+
+def _build_client(url: str, *, password: str | None, tls: Mapping[str, Any] | None = None) -> Any:
+    """A redis-py asyncio client for a standalone, Sentinel or Cluster URL.
+
+    ``tls`` holds redis-py's ``ssl_*`` keyword arguments (``RedisSettings.tls_options``);
+    they apply to the ``rediss`` forms only. No client here retries on its own for long:
+    every call is bounded by the store's deadline and the callers decide what a miss means.
+    """
     parsed = urlparse(url)
-    if parsed.scheme == "redis+sentinel":
-        hosts = [h.rsplit(":", 1) for h in parsed.netloc.split("@")[-1].split(",")]
-        service = parsed.path.strip("/") or "mymaster"
+    scheme = parsed.scheme
+    secure = scheme in ("rediss", "rediss+sentinel", "rediss+cluster")
+    tls_kwargs: dict[str, Any] = {**(tls or {}), "ssl": True} if secure else {}
+    if scheme in ("redis+sentinel", "rediss+sentinel"):
         query = parse_qs(parsed.query)
-        sentinel = Sentinel([(h, int(p)) for h, p in hosts], socket_timeout=1.0,
-                            sentinel_kwargs={"socket_timeout": 1.0,
-                                             "password": query.get("sentinel_password", [None])[0]},
-                            password=password)
-        return sentinel.master_for(service, socket_timeout=None, socket_connect_timeout=2.0,
-                                   retry_on_timeout=False)
-    if parsed.scheme == "redis+cluster":
-        hosts = [h.rsplit(":", 1) for h in parsed.netloc.split("@")[-1].split(",")]
-        return RedisCluster(startup_nodes=[ClusterNode(h, int(p)) for h, p in hosts],
-                            password=password, socket_connect_timeout=2.0,
-                            ssl=ssl_context is not None, ssl_context=ssl_context)
+        sentinel_kwargs: dict[str, Any] = {"socket_timeout": 1.0, "socket_connect_timeout": 1.0, **tls_kwargs}
+        if query.get("sentinel_password"):
+            sentinel_kwargs["password"] = query["sentinel_password"][0]
+        # SentinelConnectionPool asks the Sentinels for the primary on every new connection,
+        # so a connection lost in a failover is re-made to the promoted replica.
+        sentinel = Sentinel(_hosts(parsed.netloc), sentinel_kwargs=sentinel_kwargs,
+                            password=password, **tls_kwargs)
+        return sentinel.master_for(parsed.path.strip("/") or "mymaster", socket_timeout=None,
+                                   socket_connect_timeout=2.0, retry_on_timeout=False)
+    if scheme in ("redis+cluster", "rediss+cluster"):
+        return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in _hosts(parsed.netloc)],
+                            password=password, socket_connect_timeout=2.0, **tls_kwargs)
     kwargs: dict[str, Any] = {"socket_connect_timeout": 2.0, "health_check_interval": 0}
     if password:
         kwargs["password"] = password
-    if parsed.scheme == "rediss" and ssl_context is not None:
-        kwargs["ssl_context"] = ssl_context  # pragma: no cover - TLS wiring
+    if secure:
+        kwargs.update(tls or {})  # from_url sets the SSL connection class for rediss:// itself
     return aioredis.Redis.from_url(url, **kwargs)
 
 
@@ -183,23 +205,34 @@ class Store:
         self.timeout_s = timeout_s
         # Whole-policy loads move megabytes; they get a longer, still bounded, deadline.
         self.load_timeout_s = load_timeout_s or max(2.0, timeout_s * 20)
+        # How long a write keeps retrying a failed connection (a failover, a restart) before
+        # it gives up; short, because an operator waits on it and can simply try again.
+        self.write_retry_s = 1.0
         self._scripts: dict[str, tuple[str, str]] = {}
         self._batch: list[tuple[str, Sequence[str], Sequence[Any], asyncio.Future[Any]]] = []
         self._flush_scheduled = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self.on_error: Callable[[str], None] = lambda op: None
         self.is_cluster = isinstance(client, RedisCluster)
+        self.wire: RespConnection | None = None
 
     @classmethod
     def from_url(cls, url: str, *, timeout_s: float, password: str | None = None,
-                 ssl_context: ssl.SSLContext | None = None) -> Store:
-        return cls(_build_client(url, password=password, ssl_context=ssl_context), timeout_s=timeout_s)
+                 tls: Mapping[str, Any] | None = None) -> Store:
+        """A store on ``redis://``, ``rediss://``, ``unix://``, Sentinel or Cluster URLs (see README)."""
+        return cls(_build_client(url, password=password, tls=tls), timeout_s=timeout_s)
 
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+        if self.wire is not None:
+            await self.wire.close()
         close = getattr(self.client, "aclose", None) or self.client.close
         await close()
+        # A Sentinel-managed client also holds one connection per Sentinel it asked.
+        manager = getattr(getattr(self.client, "connection_pool", None), "sentinel_manager", None)
+        for sentinel in getattr(manager, "sentinels", ()):
+            await sentinel.aclose()
 
     async def _bounded(self, op: str, awaitable: Awaitable[Any], deadline_s: float | None = None) -> Any:
         try:
@@ -231,7 +264,7 @@ class Store:
         """The whole policy in one MULTI, so lists and version belong together."""
         async def load() -> list[Any]:
             pipe = self.client.pipeline(transaction=True)
-            pipe.mget([VERSION_KEY, GENERATION_KEY, SCREENING_REV_KEY])
+            _queue_heads(pipe)
             for name in LIST_NAMES:
                 pipe.hgetall(list_key(name))
             pipe.hgetall(MODELS_KEY)
@@ -239,7 +272,7 @@ class Store:
             return list(await pipe.execute())
 
         result = await self._bounded("load", load(), self.load_timeout_s)
-        (version, generation, screening_rev), *hashes = result
+        version, generation, screening_rev, *hashes = result
         if version is None:
             return None
         lists = {name: _decode_hash(raw) for name, raw in zip(LIST_NAMES, hashes[:4], strict=True)}
@@ -258,22 +291,49 @@ class Store:
         """Apply ``ops`` and bump the version in one transaction; publish the new version.
 
         Without ``import_whole`` a Redis with no policy refuses the write (PolicyMissing).
-        Concurrent writers retry on WATCH conflicts, so none is lost.
+        Concurrent writers retry on WATCH conflicts, so none is lost. A write counts only
+        once it is read back from the primary (the transaction leaves a marker key): a
+        reply lost with its connection, or a write lost in a Sentinel or Cluster failover
+        between EXEC and the read-back, is found out and applied again, never guessed.
         """
-        for _attempt in range(200):
+        write_id = uuid.uuid4().hex
+        changes: list[Change] = []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.write_retry_s
+        pending, conflicts, delay = False, 0, 0.05
+        while True:
             try:
-                version, change = await self._bounded(
-                    "write", self._write_once(ops, actor=actor, now_iso=now_iso, target=target,
-                                              import_whole=import_whole), self.load_timeout_s)
+                if pending:
+                    version = await self._written_version(write_id)
+                    if version is not None:
+                        break
+                    pending = False  # it did not land (or was lost): apply it again
+                await self._bounded("write", self._write_once(
+                    ops, actor=actor, now_iso=now_iso, target=target, import_whole=import_whole,
+                    write_id=write_id, changes=changes), self.load_timeout_s)
+                pending = True  # acknowledged; confirmed by the read-back at the top of the loop
             except WatchError:
+                conflicts += 1
+                if conflicts >= 200:
+                    raise StoreUnavailable("redis write: too many concurrent conflicting writes") from None
                 await asyncio.sleep(0.001)
-                continue
-            await self._publish(version)
-            return version, change
-        raise StoreUnavailable("redis write: too many concurrent conflicting writes")
+            except StoreUnavailable:
+                # The connection failed somewhere between WATCH and the read-back: whether
+                # EXEC ran is unknown until the marker is read from a (possibly new) primary.
+                if loop.time() + delay > deadline:
+                    raise
+                pending = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+        await self._publish(version)
+        return version, changes[-1]
+
+    async def _written_version(self, write_id: str) -> int | None:
+        raw = await self._bounded("write", self.client.get(WRITE_MARK_PREFIX + write_id), self.load_timeout_s)
+        return None if raw is None else int(raw)
 
     async def _write_once(self, ops: Sequence[Op], *, actor: str, now_iso: str, target: str,
-                          import_whole: bool) -> tuple[int, Change]:
+                          import_whole: bool, write_id: str, changes: list[Change]) -> None:
         async with self.client.pipeline(transaction=True) as pipe:
             await pipe.watch(VERSION_KEY)
             current = await pipe.get(VERSION_KEY)
@@ -304,8 +364,9 @@ class Store:
                             version=new_version)
             pipe.xadd(CHANGES_KEY, {"c": orjson.dumps(_change_dict(change))},
                       maxlen=CHANGES_MAXLEN, approximate=True)
-            results = await pipe.execute()
-        return int(results[1] if current is None else results[0]), change
+            pipe.set(WRITE_MARK_PREFIX + write_id, new_version, ex=WRITE_MARK_TTL_S)
+            changes.append(change)
+            await pipe.execute()
 
     async def _read_before(self, pipe: Any, ops: Sequence[Op]) -> tuple[Any, Any]:
         before: dict[str, Any] = {}
@@ -358,7 +419,7 @@ class Store:
         """
         async def load() -> list[Any]:
             pipe = self.client.pipeline(transaction=True)
-            pipe.mget([VERSION_KEY, GENERATION_KEY, SCREENING_REV_KEY])
+            _queue_heads(pipe)
             for name in LIST_NAMES:
                 pipe.hgetall(list_key(name))
             pipe.hgetall(MODELS_KEY)
@@ -366,7 +427,7 @@ class Store:
             pipe.get(SCREENING_KEY)
             return list(await pipe.execute())
 
-        (version, generation, screening_rev), *hashes, screening = await self._bounded(
+        version, generation, screening_rev, *hashes, screening = await self._bounded(
             "admin", load(), self.load_timeout_s)
         if version is None:
             return None
@@ -396,11 +457,18 @@ class Store:
 
     async def listen(self, on_message: Callable[[], None]) -> None:
         """Call ``on_message`` for each version announcement; returns when the connection drops."""
+        if self.is_cluster:
+            # The Cluster pub/sub picks its node from the slot map, which a client that has
+            # sent no command yet has not read.
+            await self.client.initialize()
         pubsub = self.client.pubsub()
         try:
             await pubsub.subscribe(CHANNEL)
             async for message in pubsub.listen():
-                if message.get("type") == "message":
+                # The subscription's confirmation counts too: an announcement made while
+                # unsubscribed (a failover, a restart) was lost, so look once on every
+                # (re)subscribe instead of waiting for the next poll.
+                if message.get("type") in ("message", "subscribe"):
                     on_message()
         finally:
             try:
@@ -410,8 +478,14 @@ class Store:
 
     # --- scripts, auto-pipelined ----------------------------------------------------------
 
+    def use_wire(self, wire: RespConnection) -> None:
+        """Send hot-path script calls over a lean RESP connection instead of redis-py (standalone Redis)."""
+        self.wire = wire
+
     async def run_script(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """EVALSHA of ``gateway/lua/<name>.lua``; calls made in the same loop tick share a pipeline."""
+        """EVALSHA of ``gateway/lua/<name>.lua``; calls made in the same loop tick share one write."""
+        if self.wire is not None:
+            return await self._run_script_wire(self.wire, name, keys, args)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._batch.append((name, keys, args, future))
@@ -424,6 +498,28 @@ class Store:
         except TimeoutError as exc:
             self.on_error("script")
             raise StoreUnavailable(f"redis script {name}: timed out") from exc
+
+    async def _run_script_wire(self, wire: RespConnection, name: str, keys: Sequence[str],
+                               args: Sequence[Any]) -> Any:
+        source, sha = self._script(name)
+        payload = pack("EVALSHA", sha, len(keys), *keys, *args)
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                try:
+                    return await wire.call(payload)
+                except ReplyError as exc:
+                    if not str(exc).startswith("NOSCRIPT"):
+                        raise
+                    # Redis restarted or flushed its script cache: load once and retry.
+                    await wire.call(pack("SCRIPT", "LOAD", source))
+                    return await wire.call(payload)
+        except TimeoutError as exc:
+            wire.expire_stalled(self.timeout_s)
+            self.on_error("script")
+            raise StoreUnavailable(f"redis script {name}: timed out") from exc
+        except (WireError, ReplyError) as exc:
+            self.on_error("script")
+            raise StoreUnavailable(f"redis script {name}: {exc}") from exc
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -470,7 +566,9 @@ class Store:
             pipe = self.client.pipeline(transaction=False)
             for name, keys, args, _future in batch:
                 _source, sha = self._script(name)
-                pipe.evalsha(sha, len(keys), *keys, *args)
+                # execute_command, not pipe.evalsha: redis-py's Cluster pipeline blocks the
+                # method, yet routes the raw command by its first key and splits per node.
+                pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
             try:
                 results = list(await pipe.execute(raise_on_error=False))
             except (RedisError, OSError) as exc:
@@ -486,7 +584,8 @@ class Store:
 
     async def _load_script(self, source: str) -> None:
         if self.is_cluster:
-            await self.client.script_load(source, target_nodes=RedisCluster.PRIMARIES)
+            # Every primary: each serves EVALSHA for its own slots and has its own script cache.
+            await self.client.execute_command("SCRIPT LOAD", source, target_nodes=RedisCluster.PRIMARIES)
         else:
             await self.client.script_load(source)
 
@@ -521,6 +620,17 @@ class Store:
 
     async def audit_length(self) -> int:
         return int(await self._bounded("audit", self.client.xlen(AUDIT_KEY)))
+
+
+def _queue_heads(pipe: Any) -> None:
+    """Queue reads of version, generation and screening revision on a MULTI pipeline.
+
+    Three GETs rather than one MGET: redis-py's Cluster pipeline refuses MGET, and
+    inside MULTI on the ``{gw}`` slot the three are just as atomic.
+    """
+    pipe.get(VERSION_KEY)
+    pipe.get(GENERATION_KEY)
+    pipe.get(SCREENING_REV_KEY)
 
 
 def _strip_prefix(values: dict[str, Any]) -> dict[str, Any]:

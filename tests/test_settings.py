@@ -107,3 +107,22 @@ def test_example_config_documents_every_key_and_validates() -> None:
     missing = {k for k in _keys(Settings) if not k.startswith("tiers.")} - _present(document)
     assert not missing, f"keys not documented in gateway.example.yaml: {sorted(missing)}"
     parse_settings(yaml.safe_load((ROOT / "config" / "dev.yaml").read_text()), environ={})
+
+
+def test_serve_refuses_unreadable_key_and_token_files(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    cases = {
+        "admin.tokens_file": {"admin": {"tokens_file": str(tmp_path / "missing-tokens")}},
+        "auth.public_key_files": {"auth": {"algorithms": ["RS256"], "public_key_files": [str(tmp_path / "k.pem")]}},
+        "network.geoip_db": {"network": {"geoip_db": str(tmp_path / "missing.mmdb")}},
+    }
+    for key, section in cases.items():
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump({"upstream": {"url": "http://127.0.0.1:1"}, **section}))
+        result = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(path)], cwd=ROOT,
+                                capture_output=True, text=True, timeout=30)
+        assert result.returncode == 2, (key, result.stderr)
+        assert key in result.stderr, (key, result.stderr)
+        assert "Traceback" not in result.stderr

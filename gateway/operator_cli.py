@@ -1,0 +1,637 @@
+"""Operator subcommands of ``gateway`` (CONTRACT §8): each a call to the admin API.
+
+They talk to ``GATEWAY_ADMIN_URL`` (default ``http://127.0.0.1:9901``) with the
+token in ``GATEWAY_ADMIN_TOKEN`` (or the file named by ``GATEWAY_ADMIN_TOKEN_FILE``).
+Output is a table for people and JSON with ``--json``; any failure exits
+non-zero with a message naming the problem. Only the standard library speaks
+HTTP here, so the commands start fast and need nothing the gateway does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .settings import ConfigError, read_secret
+
+DEFAULT_ADMIN_URL = "http://127.0.0.1:9901"
+TOKEN_ENV = "GATEWAY_ADMIN_TOKEN"
+URL_ENV = "GATEWAY_ADMIN_URL"
+LIST_NAMES = ("deny-countries", "deny-entities", "partners", "ip-ranges")
+STAGES = ("internal", "partners", "general")
+_CELL_LIMIT = 60
+
+
+class CliError(Exception):
+    """A failure to report on stderr; the command exits with status 1."""
+
+
+# --- talking to the admin API ----------------------------------------------------------------
+
+
+class AdminClient:
+    """JSON over HTTP to the admin listener, with errors turned into one readable sentence."""
+
+    def __init__(self, base_url: str, token: str, *, timeout: float) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+
+    def call(self, method: str, path: str, *, body: Any = None, data: bytes | None = None,
+             content_type: str = "application/json", query: Mapping[str, Any] | None = None) -> Any:
+        url = self.base_url + path
+        if query:
+            url += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
+        if body is not None:
+            data = json.dumps(body, ensure_ascii=False).encode()
+        headers = {"Authorization": f"Bearer {self.token}", "Accept": "application/json"}
+        if data is not None:
+            headers["Content-Type"] = content_type
+        request = urllib.request.Request(url, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                payload = response.read()
+        except urllib.error.HTTPError as exc:
+            raise CliError(_http_error_message(method, path, exc)) from None
+        except urllib.error.URLError as exc:
+            raise CliError(self._unreachable(exc.reason)) from None
+        except (TimeoutError, ConnectionError) as exc:
+            raise CliError(self._unreachable(exc)) from None
+        try:
+            return json.loads(payload) if payload else {}
+        except ValueError:
+            raise CliError(f"{method} {path}: the admin API answered with something that is not JSON") from None
+
+    def _unreachable(self, reason: object) -> str:
+        if isinstance(reason, ConnectionRefusedError):
+            why = "connection refused"
+        elif isinstance(reason, TimeoutError):
+            why = f"no answer within {self.timeout:g} s"
+        else:
+            why = str(reason)
+        return (f"cannot reach the admin API at {self.base_url}: {why}. Is `gateway serve` running, and "
+                f"does {URL_ENV} point at its admin listener?")
+
+
+def _http_error_message(method: str, path: str, exc: urllib.error.HTTPError) -> str:
+    try:
+        error = json.loads(exc.read())["error"]
+        return f"{method} {path}: {exc.code} {error['code']}: {error['message']}"
+    except (ValueError, KeyError, TypeError, OSError):
+        return f"{method} {path}: HTTP {exc.code} {exc.reason}"
+
+
+def _client(args: argparse.Namespace) -> AdminClient:
+    try:
+        token = read_secret(TOKEN_ENV)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+    if not token:
+        raise CliError(f"{TOKEN_ENV} is not set: export the admin token (or {TOKEN_ENV}_FILE naming a "
+                       "file that holds it)")
+    return AdminClient(args.admin_url, token, timeout=args.timeout)
+
+
+def _segment(value: str) -> str:
+    # Every character that is not unreserved is encoded, so a CIDR's "/" stays one path segment.
+    return urllib.parse.quote(value, safe="")
+
+
+# --- output ----------------------------------------------------------------------------------
+
+
+def _cell(value: Any) -> str:
+    if value is None or value == "" or value == []:
+        text = "-"
+    elif isinstance(value, bool):
+        text = "yes" if value else "no"
+    elif isinstance(value, list | tuple):
+        text = ",".join(_cell(item) for item in value)
+    elif isinstance(value, dict):
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    else:
+        text = str(value)
+    text = " ".join(text.split())
+    return text if len(text) <= _CELL_LIMIT else text[:_CELL_LIMIT - 3] + "..."
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    cells = [[_cell(value) for value in row] for row in rows]
+    widths = [max([len(header)] + [len(row[i]) for row in cells]) for i, header in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    return "\n".join(lines)
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def _emit(args: argparse.Namespace, data: Any, text: Callable[[Any], str]) -> None:
+    if args.json:
+        _print_json(data)
+    else:
+        print(text(data))
+
+
+def _written(what: str) -> Callable[[Any], str]:
+    return lambda data: f"{what}; policy version {data.get('version')}"
+
+
+# --- reading files ---------------------------------------------------------------------------
+
+
+def _read_bytes(name: str) -> bytes:
+    if name == "-":
+        return sys.stdin.buffer.read()
+    try:
+        return Path(name).read_bytes()
+    except OSError as exc:
+        raise CliError(f"cannot read {name}: {exc.strerror}") from None
+
+
+def _read_document(name: str) -> Any:
+    """A YAML or JSON file (JSON is YAML) as plain JSON values."""
+    try:
+        data = yaml.safe_load(_read_bytes(name))
+    except yaml.YAMLError as exc:
+        raise CliError(f"{name}: not valid YAML or JSON: {exc}") from None
+    return _plain(data, name)
+
+
+def _plain(value: Any, where: str) -> Any:
+    """YAML's dates and non-string keys made JSON: the admin API validates the rest."""
+    if isinstance(value, dt.datetime):
+        return value.isoformat() if value.tzinfo else value.isoformat() + "Z"
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    if isinstance(value, list):
+        return [_plain(item, where) for item in value]
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            if isinstance(key, bool) or key is None:
+                # YAML 1.1 reads NO, YES, ON, OFF as booleans: Norway must be quoted.
+                raise CliError(f"{where}: the key {key!r} is not text (YAML read it as "
+                               f"{type(key).__name__}); quote it, e.g. 'NO': ...")
+            out[str(key)] = _plain(item, where)
+        return out
+    return value
+
+
+# --- lists -----------------------------------------------------------------------------------
+
+
+def _lists_get(args: argparse.Namespace) -> None:
+    data = _client(args).call("GET", f"/admin/v1/lists/{_segment(args.list)}")
+
+    def text(data: Any) -> str:
+        entries = data.get("entries", {})
+        headers = ["KEY", "REASON", "SOURCE", "EXPIRES AT", "ADDED BY", "ADDED AT"]
+        ip_ranges = data.get("list") == "ip-ranges"
+        if ip_ranges:
+            headers.insert(1, "COUNTRY")
+        rows = []
+        for key, entry in entries.items():
+            row = [key, entry.get("reason"), entry.get("source"), entry.get("expires_at"),
+                   entry.get("added_by"), entry.get("added_at")]
+            if ip_ranges:
+                row.insert(1, entry.get("country"))
+            rows.append(row)
+        title = f"{data.get('list')}: {len(entries)} entries, policy version {data.get('version')}"
+        return title + ("\n" + table(headers, rows) if rows else "")
+
+    _emit(args, data, text)
+
+
+def _lists_put(args: argparse.Namespace) -> None:
+    body: dict[str, Any] = {"reason": args.reason}
+    if args.source is not None:
+        body["source"] = args.source
+    if args.expires_at is not None:
+        body["expires_at"] = args.expires_at
+    if args.country is not None:
+        body["country"] = args.country
+    data = _client(args).call("PUT", f"/admin/v1/lists/{_segment(args.list)}/{_segment(args.key)}", body=body)
+    _emit(args, data, _written(f"{args.list} {data.get('key', args.key)} written"))
+
+
+def _lists_delete(args: argparse.Namespace) -> None:
+    data = _client(args).call("DELETE", f"/admin/v1/lists/{_segment(args.list)}/{_segment(args.key)}")
+    _emit(args, data, _written(f"{args.list} {data.get('key', args.key)} deleted"))
+
+
+def _lists_replace(args: argparse.Namespace) -> None:
+    document = _read_document(args.file)
+    if document is None:
+        document = {}
+    if not isinstance(document, dict):
+        raise CliError(f"{args.file}: expected a mapping of key: entry")
+    # The output of `lists get --json` (version, list, entries) reads back as it is.
+    wrapped = isinstance(document.get("entries"), dict) and set(document) <= {"version", "list", "entries"}
+    entries = document["entries"] if wrapped else document
+    body = {"entries": entries, "allow_empty": args.allow_empty}
+    data = _client(args).call("PUT", f"/admin/v1/lists/{_segment(args.list)}", body=body)
+    _emit(args, data, _written(f"{args.list} replaced with {data.get('count', len(entries))} entries"))
+
+
+# --- models ----------------------------------------------------------------------------------
+
+
+def _model_row(name: str, model: Mapping[str, Any]) -> list[Any]:
+    timeline = [f"{step.get('at')}->{step.get('stage')}" for step in model.get("timeline") or []]
+    allowed = model.get("allowed_countries")
+    return [name, model.get("stage"), timeline, "any" if allowed is None else (allowed or "none"),
+            model.get("export_suspended")]
+
+
+_MODEL_HEADERS = ["NAME", "STAGE", "TIMELINE", "ALLOWED COUNTRIES", "EXPORT SUSPENDED"]
+
+
+def _models_list(args: argparse.Namespace) -> None:
+    data = _client(args).call("GET", "/admin/v1/models")
+
+    def text(data: Any) -> str:
+        models = data.get("models", {})
+        title = f"{len(models)} models, policy version {data.get('version')}"
+        rows = [_model_row(name, model) for name, model in models.items()]
+        return title + ("\n" + table(_MODEL_HEADERS, rows) if rows else "")
+
+    _emit(args, data, text)
+
+
+def _models_get(args: argparse.Namespace) -> None:
+    data = _client(args).call("GET", f"/admin/v1/models/{_segment(args.name)}")
+    _emit(args, data, lambda d: table(_MODEL_HEADERS, [_model_row(d["name"], d["model"])]))
+
+
+def _models_put(args: argparse.Namespace) -> None:
+    body: dict[str, Any] = {"stage": args.stage, "export_suspended": args.export_suspended}
+    if args.timeline is not None:
+        try:
+            body["timeline"] = json.loads(args.timeline)
+        except ValueError as exc:
+            raise CliError(f"--timeline: not valid JSON ({exc}); expected e.g. "
+                           '\'[{"at": "2026-03-01T00:00:00Z", "stage": "general"}]\'') from None
+    if args.allowed_countries is not None:
+        body["allowed_countries"] = [c.strip() for c in args.allowed_countries.split(",") if c.strip()]
+    data = _client(args).call("PUT", f"/admin/v1/models/{_segment(args.name)}", body=body)
+    _emit(args, data, _written(f"model {args.name} written"))
+
+
+def _models_delete(args: argparse.Namespace) -> None:
+    data = _client(args).call("DELETE", f"/admin/v1/models/{_segment(args.name)}")
+    _emit(args, data, _written(f"model {args.name} deleted"))
+
+
+# --- API keys --------------------------------------------------------------------------------
+
+
+def _keys_create(args: argparse.Namespace) -> None:
+    body = {"subject": args.subject, "org": args.org, "country": args.country, "tier": args.tier}
+    if args.org_name is not None:
+        body["org_name"] = args.org_name
+    if args.expires_at is not None:
+        body["expires_at"] = args.expires_at
+    data = _client(args).call("POST", "/admin/v1/api-keys", body=body)
+    _emit(args, data, lambda d: f"id:  {d['id']}\nkey: {d['key']}\nThe key is shown only this once; "
+                                f"store it now. Policy version {d.get('version')}.")
+
+
+def _keys_revoke(args: argparse.Namespace) -> None:
+    data = _client(args).call("DELETE", f"/admin/v1/api-keys/{_segment(args.id)}")
+    _emit(args, data, _written(f"key {args.id} revoked"))
+
+
+def _keys_list(args: argparse.Namespace) -> None:
+    data = _client(args).call("GET", "/admin/v1/api-keys")
+
+    def text(data: Any) -> str:
+        keys = data.get("api_keys", {})
+        rows = [[key_id, k.get("subject"), k.get("org"), k.get("org_name"), k.get("country"), k.get("tier"),
+                 k.get("expires_at"), k.get("created_at"), k.get("created_by")] for key_id, k in keys.items()]
+        headers = ["ID", "SUBJECT", "ORG", "ORG NAME", "COUNTRY", "TIER", "EXPIRES AT", "CREATED AT",
+                   "CREATED BY"]
+        title = f"{len(keys)} keys, policy version {data.get('version')}"
+        return title + ("\n" + table(headers, rows) if rows else "")
+
+    _emit(args, data, text)
+
+
+# --- decide ----------------------------------------------------------------------------------
+
+
+def _decide(args: argparse.Namespace) -> None:
+    body = {"subject": args.subject, "org": args.org, "org_name": args.org_name, "country": args.country,
+            "tier": args.tier, "ip": args.ip, "model": args.model}
+    data = _client(args).call("POST", "/admin/v1/decide", body={k: v for k, v in body.items() if v is not None})
+
+    def text(d: Any) -> str:
+        lines = [f"{d.get('decision')} {d.get('status')} {d.get('code') or ''}".rstrip(), d.get("message", ""),
+                 f"policy version {d.get('policy_version')}; IP country {d.get('ip_country') or 'unknown'}"]
+        if d.get("screening"):
+            hit = d["screening"]
+            lines.append(f"screening: {hit.get('matched_name')} ({hit.get('source')}), score {hit.get('score')}")
+        return "\n".join(lines)
+
+    _emit(args, data, text)
+
+
+# --- screening -------------------------------------------------------------------------------
+
+
+def _screening_import(args: argparse.Namespace) -> None:
+    raw = _read_bytes(args.file)
+    json_file = args.file.lower().endswith(".json") or raw.lstrip()[:1] in (b"{", b"[")
+    content_type = "application/json" if json_file else "text/csv; charset=utf-8"
+    data = _client(args).call("POST", "/admin/v1/screening/import", data=raw, content_type=content_type)
+    _emit(args, data, _written(f"screening list replaced with {data.get('entries')} entries"))
+
+
+def _screening_search(args: argparse.Namespace) -> None:
+    query = {"name": args.name, "limit": args.limit, "min_score": args.min_score}
+    data = _client(args).call("GET", "/admin/v1/screening/search", query=query)
+
+    def text(d: Any) -> str:
+        matches = d.get("matches", [])
+        if not matches:
+            return f"no match for {args.name!r} (policy version {d.get('version')})"
+        rows = [[m.get("score"), "block" if m.get("blocked") else "review" if m.get("score", 0) >=
+                 d.get("review_threshold", 1) else "-", m.get("name"), m.get("matched_name"), m.get("source"),
+                 m.get("entry_id")] for m in matches]
+        return table(["SCORE", "ACTION", "NAME", "MATCHED NAME", "SOURCE", "ID"], rows)
+
+    _emit(args, data, text)
+
+
+# --- audit and change history ----------------------------------------------------------------
+
+_AUDIT_HEADERS = ["TIME", "DECISION", "STATUS", "CODE", "SUBJECT", "ORG", "COUNTRY", "IP", "MODEL",
+                  "VERSION", "REQUEST ID"]
+
+
+def _audit_row(r: Mapping[str, Any]) -> list[Any]:
+    country = "/".join(str(c) for c in (r.get("claimed_country"), r.get("ip_country")) if c)
+    return [r.get("time"), r.get("decision"), r.get("status"), r.get("code"), r.get("subject"), r.get("org"),
+            country, r.get("client_ip"), r.get("model"), r.get("policy_version"), r.get("request_id")]
+
+
+def _audit_key(record: Mapping[str, Any]) -> str:
+    return str(record.get("id") or (record.get("time"), record.get("request_id")))
+
+
+def _audit_tail(args: argparse.Namespace) -> None:
+    client = _client(args)
+    records = list(reversed(client.call("GET", "/admin/v1/audit", query={"limit": args.limit})["records"]))
+    _print_audit(args, records, header=True)
+    if not args.follow:
+        return
+    seen: deque[str] = deque((_audit_key(r) for r in records), maxlen=100_000)
+    known = set(seen)
+    try:
+        while True:
+            time.sleep(args.interval)
+            batch = client.call("GET", "/admin/v1/audit", query={"limit": 1000})["records"]
+            fresh = [r for r in reversed(batch) if _audit_key(r) not in known]
+            for record in fresh:
+                if len(seen) == seen.maxlen:
+                    known.discard(seen[0])
+                key = _audit_key(record)
+                seen.append(key)
+                known.add(key)
+            _print_audit(args, fresh, header=False)
+    except KeyboardInterrupt:
+        return
+
+
+def _print_audit(args: argparse.Namespace, records: list[dict[str, Any]], *, header: bool) -> None:
+    if args.json:
+        # JSON Lines: one record per line, so a follower can be piped into jq.
+        for record in records:
+            print(json.dumps(record, ensure_ascii=False), flush=True)
+        return
+    if not records:
+        if header:
+            print("no audit records")
+        return
+    lines = table(_AUDIT_HEADERS, [_audit_row(r) for r in records]).splitlines()
+    print("\n".join(lines if header else lines[1:]), flush=True)
+
+
+def _changes(args: argparse.Namespace) -> None:
+    data = _client(args).call("GET", "/admin/v1/changes", query={"limit": args.limit})
+
+    def text(d: Any) -> str:
+        changes = d.get("changes", [])
+        if not changes:
+            return "no changes recorded"
+        rows = [[c.get("time"), c.get("actor"), c.get("version"), c.get("target"), _change_summary(c)]
+                for c in changes]
+        return table(["TIME", "ACTOR", "VERSION", "TARGET", "CHANGE"], rows)
+
+    _emit(args, data, text)
+
+
+def _change_summary(change: Mapping[str, Any]) -> str:
+    before, after = change.get("before") or {}, change.get("after") or {}
+    parts = []
+    for name in sorted(set(before) | set(after)):
+        old, new = before.get(name), after.get(name)
+        verb = "added" if old is None else "removed" if new is None else "changed"
+        parts.append(f"{name} {verb}")
+    return "; ".join(parts)
+
+
+# --- policy ----------------------------------------------------------------------------------
+
+
+def _policy_export(args: argparse.Namespace) -> None:
+    data = _client(args).call("GET", "/admin/v1/policy")
+    if args.json:
+        text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    else:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        header = (f"# Export-control policy, version {data.get('version')}, exported {stamp} from "
+                  f"{args.admin_url}.\n# Restore or apply with: gateway policy import FILE "
+                  "(each section present replaces the current one whole).\n")
+        document = {key: value for key, value in data.items() if key != "version"}
+        text = header + yaml.safe_dump(document, sort_keys=False, allow_unicode=True, width=100)
+    if args.file == "-":
+        sys.stdout.write(text)
+        return
+    try:
+        Path(args.file).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise CliError(f"cannot write {args.file}: {exc.strerror}") from None
+    print(f"policy version {data.get('version')} exported to {args.file}", file=sys.stderr)
+
+
+def _policy_import(args: argparse.Namespace) -> None:
+    document = _read_document(args.file)
+    if not isinstance(document, dict):
+        raise CliError(f"{args.file}: expected a policy mapping with lists, models, api_keys or screening")
+    data = _client(args).call("PUT", "/admin/v1/policy", body=document)
+    _emit(args, data, _written(f"policy imported from {args.file}"))
+
+
+# --- argument parsing ------------------------------------------------------------------------
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    common.add_argument("--admin-url", default=os.environ.get(URL_ENV) or DEFAULT_ADMIN_URL,
+                        help=f"admin listener URL (default ${URL_ENV} or {DEFAULT_ADMIN_URL})")
+    common.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for an answer")
+    return common
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= 1000:
+        raise argparse.ArgumentTypeError("must be from 1 to 1000")
+    return value
+
+
+def _run(handler: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            handler(args)
+        except CliError as exc:
+            print(f"gateway: {exc}", file=sys.stderr)
+            return 1
+        except BrokenPipeError:
+            return 1
+        return 0
+
+    return run
+
+
+def _leaf(sub: Any, name: str, handler: Callable[[argparse.Namespace], None], help_text: str,
+          common: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(name, help=help_text, parents=[common])
+    parser.set_defaults(func=_run(handler))
+    return parser
+
+
+def _group(subparsers: Any, name: str, help_text: str) -> Any:
+    parser = subparsers.add_parser(name, help=help_text)
+    return parser.add_subparsers(dest=f"{name}_command", required=True, metavar="COMMAND")
+
+
+def _add_lists(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    sub = _group(subparsers, "lists", "show and change the live lists")
+    get = _leaf(sub, "get", _lists_get, "show a list", common)
+    get.add_argument("list", choices=LIST_NAMES)
+    put = _leaf(sub, "put", _lists_put, "add or change one entry", common)
+    put.add_argument("list", choices=LIST_NAMES)
+    put.add_argument("key", help="country code, subject/org, or CIDR for ip-ranges")
+    put.add_argument("--reason", required=True)
+    put.add_argument("--source")
+    put.add_argument("--expires-at", help="ISO-8601 instant with a time zone")
+    put.add_argument("--country", help="ip-ranges only: the range's country")
+    delete = _leaf(sub, "delete", _lists_delete, "remove one entry", common)
+    delete.add_argument("list", choices=LIST_NAMES)
+    delete.add_argument("key")
+    replace = _leaf(sub, "replace", _lists_replace, "replace a whole list from a YAML/JSON file", common)
+    replace.add_argument("list", choices=LIST_NAMES)
+    replace.add_argument("file", help="YAML or JSON mapping of key: entry ('-' for stdin)")
+    replace.add_argument("--allow-empty", action="store_true", help="allow replacing the list with nothing")
+
+
+def _add_models(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    sub = _group(subparsers, "models", "show and change the model registry")
+    _leaf(sub, "list", _models_list, "show every model", common)
+    get = _leaf(sub, "get", _models_get, "show one model", common)
+    get.add_argument("name")
+    put = _leaf(sub, "put", _models_put, "add or replace a model (every field; unset flags take defaults)",
+                common)
+    put.add_argument("name")
+    put.add_argument("--stage", required=True, choices=STAGES)
+    put.add_argument("--timeline", help='JSON list, e.g. \'[{"at": "2026-03-01T00:00:00Z", "stage": "general"}]\'')
+    put.add_argument("--allowed-countries", help="comma-separated country codes; omit for any country")
+    put.add_argument("--export-suspended", action=argparse.BooleanOptionalAction, default=False)
+    delete = _leaf(sub, "delete", _models_delete, "remove a model", common)
+    delete.add_argument("name")
+
+
+def _add_keys(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    sub = _group(subparsers, "keys", "issue, list and revoke API keys")
+    create = _leaf(sub, "create", _keys_create, "issue a key (shown once)", common)
+    create.add_argument("--subject", required=True)
+    create.add_argument("--org", required=True)
+    create.add_argument("--country", required=True)
+    create.add_argument("--tier", required=True)
+    create.add_argument("--org-name")
+    create.add_argument("--expires-at", help="ISO-8601 instant with a time zone")
+    revoke = _leaf(sub, "revoke", _keys_revoke, "revoke a key by id", common)
+    revoke.add_argument("id")
+    _leaf(sub, "list", _keys_list, "show issued keys", common)
+
+
+def _add_decide(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    decide = _leaf(subparsers, "decide", _decide, "the decision the gateway would make now (dry run)", common)
+    decide.add_argument("--subject", required=True)
+    decide.add_argument("--tier", required=True)
+    decide.add_argument("--ip", required=True)
+    decide.add_argument("--org")
+    decide.add_argument("--org-name")
+    decide.add_argument("--country")
+    decide.add_argument("--model")
+
+
+def _add_screening(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    sub = _group(subparsers, "screening", "the denied-parties screening list")
+    imp = _leaf(sub, "import", _screening_import, "replace the list with a CSL CSV or JSON export", common)
+    imp.add_argument("file", help="Consolidated Screening List CSV or JSON ('-' for stdin)")
+    search = _leaf(sub, "search", _screening_search, "scored matches for a name", common)
+    search.add_argument("name")
+    search.add_argument("--limit", type=_positive, default=10)
+    search.add_argument("--min-score", type=float, default=0.5)
+
+
+def _add_history(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    sub = _group(subparsers, "audit", "the decision audit trail")
+    tail = _leaf(sub, "tail", _audit_tail, "the latest decisions, oldest first (--json: JSON Lines)", common)
+    tail.add_argument("--limit", type=_positive, default=20)
+    tail.add_argument("--follow", "-f", action="store_true", help="keep printing new records")
+    tail.add_argument("--interval", type=float, default=1.0, help="seconds between polls with --follow")
+    changes = _leaf(subparsers, "changes", _changes, "who changed the policy, newest first", common)
+    changes.add_argument("--limit", type=_positive, default=50)
+
+
+def _add_policy(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    sub = _group(subparsers, "policy", "export and import the whole policy (YAML)")
+    export = _leaf(sub, "export", _policy_export, "write the whole policy as YAML", common)
+    export.add_argument("file", help="output file, or '-' for stdout")
+    imp = _leaf(sub, "import", _policy_import, "replace each section the file holds (also the restore)",
+                common)
+    imp.add_argument("file", help="YAML or JSON policy document ('-' for stdin)")
+
+
+def add_operator_commands(subparsers: Any) -> None:
+    """Add ``lists``, ``models``, ``keys``, ``decide``, ``screening``, ``audit``, ``changes``, ``policy``."""
+    common = _common()
+    _add_lists(subparsers, common)
+    _add_models(subparsers, common)
+    _add_keys(subparsers, common)
+    _add_decide(subparsers, common)
+    _add_screening(subparsers, common)
+    _add_history(subparsers, common)
+    _add_policy(subparsers, common)

@@ -1,0 +1,310 @@
+"""The operator CLI (CONTRACT §8): the real ``gateway`` command against a running admin listener."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from gateway.redis_server import RedisServer, free_port
+
+from .harness import (
+    ADMIN_TOKEN,
+    BASE_POLICY,
+    ROOT,
+    GatewayProcess,
+    Upstream,
+    auth,
+    gateway_config,
+    hs_token,
+    seed_policy,
+    wait_until,
+)
+
+CSL_CSV = ROOT / "gateway" / "data" / "csl_sample.csv"
+_SCRIPT = Path(sys.executable).parent / "gateway"
+COMMAND = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "gateway"]
+
+
+@pytest.fixture(scope="module")
+def gateway(upstream: Upstream) -> Iterator[GatewayProcess]:
+    with RedisServer() as redis:
+        seed_policy(redis.url, BASE_POLICY)
+        process = GatewayProcess(gateway_config(upstream.url), redis_url=redis.url).start()
+        yield process
+        process.stop()
+
+
+def cli(gateway: GatewayProcess | None, *args: str, env: dict[str, str] | None = None,
+        stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    base = {key: value for key, value in os.environ.items() if not key.startswith("GATEWAY_ADMIN")}
+    if gateway is not None:
+        base.update({"GATEWAY_ADMIN_URL": gateway.admin_url, "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN})
+    return subprocess.run([*COMMAND, *args], env={**base, **(env or {})}, input=stdin, capture_output=True,
+                          text=True, timeout=60, cwd=ROOT, check=False)
+
+
+def ok(gateway: GatewayProcess, *args: str, **kwargs: Any) -> str:
+    result = cli(gateway, *args, **kwargs)
+    assert result.returncode == 0, f"{args}: {result.stderr}"
+    return result.stdout
+
+
+def fails(gateway: GatewayProcess | None, *args: str, status: int = 1, **kwargs: Any) -> str:
+    result = cli(gateway, *args, **kwargs)
+    assert result.returncode == status, f"{args}: rc={result.returncode} {result.stdout} {result.stderr}"
+    assert result.stderr.strip()
+    return result.stderr
+
+
+def public_status(gateway: GatewayProcess, token: str) -> int:
+    request = urllib.request.Request(gateway.url + "/v1/chat/completions", data=b'{"model": "gpt-mock"}',
+                                     headers={**auth(token), "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+def admin_get(gateway: GatewayProcess, path: str) -> Any:
+    request = urllib.request.Request(gateway.admin_url + path, headers=auth(ADMIN_TOKEN))
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return json.loads(response.read())
+
+
+# --- lists ----------------------------------------------------------------------------------
+
+
+def test_lists_put_get_delete_as_table_and_json(gateway: GatewayProcess) -> None:
+    out = ok(gateway, "lists", "put", "deny-countries", "cu", "--reason", "Cuba embargo", "--source", "OFAC",
+             "--expires-at", "2099-01-01T00:00:00Z")
+    assert "deny-countries CU written; policy version" in out
+    table = ok(gateway, "lists", "get", "deny-countries")
+    header, *rows = table.splitlines()[1:]
+    assert header.split()[:2] == ["KEY", "REASON"]
+    assert any(row.startswith("CU") and "Cuba embargo" in row and "OFAC" in row for row in rows)
+    data = json.loads(ok(gateway, "lists", "get", "deny-countries", "--json"))
+    assert data["entries"]["CU"]["expires_at"] == "2099-01-01T00:00:00Z"
+    assert data["entries"]["CU"]["added_by"] == "admin"
+    deleted = json.loads(ok(gateway, "lists", "delete", "deny-countries", "CU", "--json"))
+    assert deleted["version"] == data["version"] + 1
+    assert "CU" not in admin_get(gateway, "/admin/v1/lists/deny-countries")["entries"]
+
+
+def test_cidr_key_travels_as_one_path_segment(gateway: GatewayProcess) -> None:
+    ok(gateway, "lists", "put", "ip-ranges", "198.51.100.0/24", "--reason", "test net", "--country", "de")
+    listing = ok(gateway, "lists", "get", "ip-ranges")
+    assert "198.51.100.0/24" in listing and "DE" in listing
+    ok(gateway, "lists", "delete", "ip-ranges", "198.51.100.0/24")
+    assert admin_get(gateway, "/admin/v1/lists/ip-ranges")["entries"] == {}
+
+
+def test_lists_replace_from_a_yaml_file(gateway: GatewayProcess, tmp_path: Path) -> None:
+    path = tmp_path / "partners.yaml"
+    path.write_text("acme: {reason: partner A}\nglobex:\n  reason: partner B\n  source: contract 12\n")
+    out = ok(gateway, "lists", "replace", "partners", str(path))
+    assert "replaced with 2 entries" in out
+    assert set(admin_get(gateway, "/admin/v1/lists/partners")["entries"]) == {"acme", "globex"}
+    # The output of `lists get --json` reads back as it is.
+    exported = ok(gateway, "lists", "get", "partners", "--json")
+    ok(gateway, "lists", "replace", "partners", "-", stdin=exported)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("{}\n")
+    assert "allow_empty" in fails(gateway, "lists", "replace", "partners", str(empty))
+    assert len(admin_get(gateway, "/admin/v1/lists/partners")["entries"]) == 2
+    path.write_text("acme: {reason: partner A}\n")
+    ok(gateway, "lists", "replace", "partners", str(path))
+
+
+@pytest.mark.parametrize(("args", "status", "expected"), [
+    (("lists", "put", "deny-countries", "XX", "--reason", "r"), 1, "key: 'XX'"),
+    (("lists", "put", "ip-ranges", "10.0.0.0/8", "--reason", "r"), 1, "country: is required"),
+    (("lists", "put", "deny-countries", "CU", "--reason", "r", "--expires-at", "soon"), 1, "expires_at"),
+    (("lists", "delete", "deny-entities", "nobody-at-all"), 1, "404 not_found"),
+    (("lists", "replace", "partners", "/nonexistent/file.yaml"), 1, "cannot read /nonexistent/file.yaml"),
+    (("lists", "get", "allow-list"), 2, "invalid choice: 'allow-list'"),
+    (("lists", "put", "deny-countries", "CU"), 2, "--reason"),
+    (("models", "put", "m", "--stage", "beta"), 2, "--stage"),
+    (("models", "put", "m", "--stage", "general", "--timeline", "[{"), 1, "--timeline: not valid JSON"),
+    (("models", "put", "m", "--stage", "general", "--allowed-countries", "US,XX"), 1,
+     "allowed_countries[1]"),
+    (("models", "get", "no-such-model"), 1, "404 not_found"),
+    (("keys", "create", "--subject", "s", "--org", "o", "--country", "US"), 2, "--tier"),
+    (("keys", "create", "--subject", "s", "--org", "o", "--country", "US", "--tier", "gold"), 1, "tier:"),
+    (("keys", "revoke", "key_missing"), 1, "404 not_found"),
+    (("decide", "--subject", "s", "--tier", "public", "--ip", "nowhere"), 1, "ip: must be"),
+    (("audit", "tail", "--limit", "0"), 2, "--limit"),
+    (("screening", "import", "/nonexistent.csv"), 1, "cannot read /nonexistent.csv"),
+])
+def test_failures_exit_non_zero_naming_the_problem(gateway: GatewayProcess, args: tuple[str, ...],
+                                                   status: int, expected: str) -> None:
+    version = admin_get(gateway, "/admin/v1/policy")["version"]
+    assert expected in fails(gateway, *args, status=status)
+    assert admin_get(gateway, "/admin/v1/policy")["version"] == version
+
+
+def test_connection_and_token_problems_are_explained(gateway: GatewayProcess) -> None:
+    unreachable = {"GATEWAY_ADMIN_URL": f"http://127.0.0.1:{free_port()}"}
+    message = fails(gateway, "lists", "get", "partners", env=unreachable)
+    assert "cannot reach the admin API" in message and "connection refused" in message
+    assert "401 unauthenticated" in fails(gateway, "changes", env={"GATEWAY_ADMIN_TOKEN": "wrong"})
+    assert "401 unauthenticated" in fails(gateway, "changes", env={"GATEWAY_ADMIN_TOKEN": hs_token()})
+    assert "GATEWAY_ADMIN_TOKEN is not set" in fails(None, "changes", env={"GATEWAY_ADMIN_URL": gateway.admin_url})
+
+
+# --- models, keys, decide -------------------------------------------------------------------
+
+
+def test_models_put_list_get_delete(gateway: GatewayProcess) -> None:
+    timeline = '[{"at": "2099-06-01T00:00:00Z", "stage": "general"}]'
+    ok(gateway, "models", "put", "vendor/model-z", "--stage", "partners", "--timeline", timeline,
+       "--allowed-countries", "us,de", "--export-suspended")
+    model = json.loads(ok(gateway, "models", "get", "vendor/model-z", "--json"))["model"]
+    assert model == {"stage": "partners", "timeline": [{"at": "2099-06-01T00:00:00Z", "stage": "general"}],
+                     "allowed_countries": ["DE", "US"], "export_suspended": True}
+    listing = ok(gateway, "models", "list")
+    row = next(line for line in listing.splitlines() if line.startswith("vendor/model-z"))
+    assert "partners" in row and "DE,US" in row and "yes" in row
+    ok(gateway, "models", "put", "vendor/model-z", "--stage", "general", "--no-export-suspended")
+    assert admin_get(gateway, "/admin/v1/models")["models"]["vendor/model-z"]["export_suspended"] is False
+    ok(gateway, "models", "delete", "vendor/model-z")
+    assert "vendor/model-z" not in admin_get(gateway, "/admin/v1/models")["models"]
+
+
+def test_keys_create_use_list_revoke(gateway: GatewayProcess) -> None:
+    created = json.loads(ok(gateway, "keys", "create", "--subject", "svc-cli", "--org", "acme", "--country", "US",
+                            "--tier", "partner", "--org-name", "Acme Corp", "--json"))
+    key_id, key = created["id"], created["key"]
+    assert public_status(gateway, key) == 200
+    listing = ok(gateway, "keys", "list")
+    assert key_id in listing and "svc-cli" in listing and key not in listing
+    human = ok(gateway, "keys", "create", "--subject", "svc-cli-2", "--org", "acme", "--country", "US",
+               "--tier", "public")
+    assert "key: gk_" in human and "shown only this once" in human
+    ok(gateway, "keys", "revoke", key_id)
+    assert wait_until(lambda: public_status(gateway, key) == 401, timeout=1.0)
+
+
+def test_decide_prints_the_decision(gateway: GatewayProcess) -> None:
+    out = ok(gateway, "decide", "--subject", "u1", "--org", "acme", "--country", "IR", "--tier", "partner",
+             "--ip", "127.0.0.1", "--model", "gpt-mock")
+    first, message, version = out.splitlines()[:3]
+    assert first == "block 451 country_denied" and "IR" in message and version.startswith("policy version")
+    data = json.loads(ok(gateway, "decide", "--subject", "u1", "--org", "acme", "--country", "US", "--tier",
+                         "partner", "--ip", "127.0.0.1", "--model", "gpt-mock", "--json"))
+    assert (data["decision"], data["status"], data["code"]) == ("allow", 200, "")
+
+
+# --- screening, audit, changes --------------------------------------------------------------
+
+
+def test_screening_import_and_search(gateway: GatewayProcess) -> None:
+    out = ok(gateway, "screening", "import", str(CSL_CSV))
+    assert "screening list replaced with 25 entries" in out
+    table = ok(gateway, "screening", "search", "Quilfeather Trading")
+    header, best = table.splitlines()[:2]
+    assert header.split()[:2] == ["SCORE", "ACTION"]
+    assert "block" in best and "Quillfeather Trading LLC" in best and "fict-0003" in best
+    found = json.loads(ok(gateway, "screening", "search", "Acme Corp", "--min-score", "0.9", "--json"))
+    assert found["matches"] == []
+    assert "no match" in ok(gateway, "screening", "search", "Acme Corp", "--min-score", "0.9")
+
+
+def test_audit_tail_and_follow(gateway: GatewayProcess) -> None:
+    token = hs_token("audited-user", country="IR")
+    public_status(gateway, token)
+    assert wait_until(lambda: "audited-user" in ok(gateway, "audit", "tail", "--limit", "5"), timeout=5)
+    lines = ok(gateway, "audit", "tail", "--limit", "3", "--json").splitlines()
+    records = [json.loads(line) for line in lines]
+    assert len(records) == 3
+    assert records[-1]["time"] >= records[0]["time"]  # oldest first, as a tail reads
+    follower = subprocess.Popen([*COMMAND, "audit", "tail", "--follow", "--json", "--limit", "1",
+                                 "--interval", "0.2"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env={**os.environ, "GATEWAY_ADMIN_URL": gateway.admin_url,
+                                                "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN})
+    try:
+        time.sleep(1.0)
+        public_status(gateway, hs_token("followed-user", country="IR"))
+        time.sleep(1.5)
+    finally:
+        follower.send_signal(signal.SIGINT)
+        out, err = follower.communicate(timeout=10)
+    assert follower.returncode == 0, err
+    subjects = [json.loads(line)["subject"] for line in out.splitlines()]
+    assert "followed-user" in subjects
+
+
+def test_changes_table(gateway: GatewayProcess) -> None:
+    ok(gateway, "lists", "put", "deny-entities", "changes-probe", "--reason", "probe")
+    ok(gateway, "lists", "delete", "deny-entities", "changes-probe")
+    table = ok(gateway, "changes", "--limit", "2")
+    header, newest, older = table.splitlines()
+    assert header.split() == ["TIME", "ACTOR", "VERSION", "TARGET", "CHANGE"]
+    assert "lists/deny-entities/changes-probe" in newest and "removed" in newest and "admin" in newest
+    assert "added" in older
+    data = json.loads(ok(gateway, "changes", "--limit", "1", "--json"))
+    assert data["changes"][0]["actor"] == "admin"
+
+
+# --- policy export and import ---------------------------------------------------------------
+
+
+def test_policy_export_then_import_into_an_empty_redis_reproduces_it(
+        gateway: GatewayProcess, upstream: Upstream, fresh_redis: RedisServer, tmp_path: Path) -> None:
+    # Something of every kind, so the round trip has to carry it all.
+    ok(gateway, "lists", "put", "ip-ranges", "192.0.2.0/24", "--reason", "doc net", "--country", "UA-43",
+       "--expires-at", "2098-01-01T12:00:00+02:00")
+    ok(gateway, "lists", "put", "deny-countries", "NO", "--reason", "a key YAML would read as false")
+    ok(gateway, "models", "put", "exported-model", "--stage", "partners",
+       "--timeline", '[{"at": "2098-01-01T00:00:00Z", "stage": "general"}]', "--allowed-countries", "US")
+    ok(gateway, "keys", "create", "--subject", "svc-export", "--org", "acme", "--country", "US", "--tier",
+       "partner", "--expires-at", "2099-01-01T00:00:00Z")
+    ok(gateway, "screening", "import", str(CSL_CSV))
+    path = tmp_path / "policy.yaml"
+    ok(gateway, "policy", "export", str(path))
+    text = path.read_text()
+    assert text.startswith("# Export-control policy, version")
+    document = yaml.safe_load(text)
+    assert "NO" in document["lists"]["deny-countries"]  # quoted on export, so it reads back as text
+    assert yaml.safe_load(ok(gateway, "policy", "export", "-")) == document
+    source = admin_get(gateway, "/admin/v1/policy")
+
+    restored_gateway = GatewayProcess(gateway_config(upstream.url), redis_url=fresh_redis.url)
+    restored_gateway.start(wait_ready=False)
+    try:
+        assert "409 policy_missing" in fails(restored_gateway, "lists", "put", "deny-countries", "CU",
+                                             "--reason", "r")
+        assert "policy imported" in ok(restored_gateway, "policy", "import", str(path))
+        restored = admin_get(restored_gateway, "/admin/v1/policy")
+        assert restored["version"] == 1  # a new generation
+        assert {k: v for k, v in restored.items() if k != "version"} == \
+            {k: v for k, v in source.items() if k != "version"}
+        assert public_status(restored_gateway, hs_token("after-restore")) == 200
+    finally:
+        restored_gateway.stop()
+    ok(gateway, "lists", "delete", "deny-countries", "NO")
+
+
+def test_policy_import_of_the_example_policy(gateway: GatewayProcess, upstream: Upstream,
+                                             fresh_redis: RedisServer) -> None:
+    restored_gateway = GatewayProcess(gateway_config(upstream.url), redis_url=fresh_redis.url)
+    restored_gateway.start(wait_ready=False)
+    try:
+        out = ok(restored_gateway, "policy", "import", str(ROOT / "config" / "policy.example.yaml"), "--json")
+        assert json.loads(out)["version"] == 1
+        policy = admin_get(restored_gateway, "/admin/v1/policy")
+        assert {"CU", "IR", "KP", "UA-43"} <= set(policy["lists"]["deny-countries"])
+        assert policy["lists"]["deny-countries"]["CU"]["added_by"] == "admin"
+    finally:
+        restored_gateway.stop()

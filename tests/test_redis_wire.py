@@ -1,0 +1,104 @@
+"""The lean RESP connection: replies pair with their commands even through cancellations and faults."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+from gateway.redis_server import RedisServer
+from gateway.redis_wire import ReplyError, RespConnection, WireError, pack
+
+from .faultproxy import FaultProxy
+
+
+async def test_replies_match_commands_through_a_cancellation_storm(redis_url: str) -> None:
+    wire = RespConnection(redis_url)
+    try:
+        await wire.call(pack("SET", "k", "v"))
+
+        async def echo(i: int) -> bytes:
+            return await wire.call(pack("ECHO", f"value-{i}"))
+
+        tasks = [asyncio.ensure_future(echo(i)) for i in range(2000)]
+        await asyncio.sleep(0)
+        for task in tasks[::2]:
+            task.cancel()  # half the callers give up while their commands are in flight
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for i, result in enumerate(results):
+            if i % 2 == 0:
+                assert isinstance(result, asyncio.CancelledError)
+            else:
+                assert result == f"value-{i}".encode()
+        assert await wire.call(pack("GET", "k")) == b"v"
+    finally:
+        await wire.close()
+
+
+async def test_error_replies_raise_and_the_stream_continues(redis_url: str) -> None:
+    wire = RespConnection(redis_url)
+    try:
+        with pytest.raises(ReplyError, match="NOSCRIPT"):
+            await wire.call(pack("EVALSHA", "0" * 40, 0))
+        assert await wire.call(pack("PING")) == b"PONG"
+    finally:
+        await wire.close()
+
+
+async def test_reconnects_after_a_restart(fresh_redis: RedisServer) -> None:
+    wire = RespConnection(fresh_redis.url)
+    try:
+        assert await wire.call(pack("PING")) == b"PONG"
+        fresh_redis.restart()
+        with contextlib.suppress(WireError):
+            await wire.call(pack("PING"))  # may fail once: the old connection is gone
+        assert await wire.call(pack("PING")) == b"PONG"
+    finally:
+        await wire.close()
+
+
+async def test_refused_connection_is_a_wire_error() -> None:
+    server = RedisServer()
+    url = server.url  # never started
+    wire = RespConnection(url, connect_timeout_s=0.5)
+    with pytest.raises(WireError, match="connect failed"):
+        await wire.call(pack("PING"))
+    await wire.close()
+
+
+async def test_stalled_connection_is_dropped_and_replaced(redis_server: RedisServer) -> None:
+    proxy = FaultProxy(redis_server.port).start()
+    wire = RespConnection(proxy.url)
+    try:
+        assert await wire.call(pack("PING")) == b"PONG"
+        proxy.set("blackhole")
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):
+                await wire.call(pack("PING"))
+        wire.expire_stalled(0.1)
+        proxy.set("pass")
+        assert await wire.call(pack("PING")) == b"PONG"
+        assert proxy.connections == 2
+    finally:
+        await wire.close()
+        proxy.stop()
+
+
+async def test_password_and_database_from_the_url() -> None:
+    with RedisServer(extra_args=["--requirepass", "s3cret"]) as server:
+        bad = RespConnection(f"redis://127.0.0.1:{server.port}/0")
+        with pytest.raises(ReplyError, match="NOAUTH"):
+            await bad.call(pack("SET", "a", "1"))
+        await bad.close()
+        wire = RespConnection(f"redis://:s3cret@127.0.0.1:{server.port}/3")
+        try:
+            await wire.call(pack("SET", "a", "in-db-3"))
+            assert await wire.call(pack("GET", "a")) == b"in-db-3"
+        finally:
+            await wire.close()
+        other = RespConnection(f"redis://127.0.0.1:{server.port}/0", password="s3cret")
+        try:
+            assert await other.call(pack("GET", "a")) is None
+        finally:
+            await other.close()
