@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-import time
 from collections import deque
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -24,6 +23,10 @@ import hiredis
 
 class WireError(Exception):
     """The connection failed or was closed; the command's outcome is unknown."""
+
+
+class DeadlineExceeded(WireError):
+    """No reply within the connection's deadline: the server is slow, frozen or blackholed."""
 
 
 class ReplyError(Exception):
@@ -39,15 +42,47 @@ def pack(*args: bytes | str | int | float) -> bytes:
 
 
 class _Protocol(asyncio.Protocol):
-    def __init__(self) -> None:
+    """Replies pair with waiters in order; at most one batch is on the wire at a time.
+
+    While a batch is out, new commands queue and leave together when its last
+    reply arrives: an idle connection sends at once (low latency), a busy one
+    sends ever larger batches (few system calls per command).
+    """
+
+    def __init__(self, deadline_s: float) -> None:
         self.reader = hiredis.Reader()
         self.waiters: deque[tuple[asyncio.Future[Any], float]] = deque()
-        self.outgoing: list[bytes] = []
+        self.unsent: list[bytes] = []
+        self.in_flight = 0
+        self.flush_scheduled = False
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self.deadline_s = deadline_s
+        self.watchdog: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+
+    def queue(self, payload: bytes) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        now = loop.time()
+        self.waiters.append((future, now))
+        self.unsent.append(payload)
+        if not self.in_flight and not self.flush_scheduled:
+            self.flush_scheduled = True
+            loop.call_soon(self.flush)
+        if self.watchdog is None:
+            self.watchdog = loop.call_at(now + self.deadline_s / 4, self._check_deadline)
+        return future
+
+    def flush(self) -> None:
+        self.flush_scheduled = False
+        if not self.unsent or self.in_flight or self.closed or self.transport is None:
+            return
+        self.in_flight = len(self.unsent)
+        self.transport.write(b"".join(self.unsent))
+        self.unsent.clear()
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
@@ -58,41 +93,61 @@ class _Protocol(asyncio.Protocol):
                 self._fail(WireError(f"protocol error: {exc}"))
                 return
             if reply is False:
-                return
-            if not self.waiters:  # a reply nobody asked for: the stream is not trustworthy
+                break
+            if not self.in_flight or not self.waiters:  # a reply nobody asked for: the stream is not trustworthy
                 self._fail(WireError("unexpected reply"))
                 return
-            future, _sent = self.waiters.popleft()
-            if future.done():
+            self.in_flight -= 1
+            future, _queued = self.waiters.popleft()
+            if future.done():  # its caller gave up; the reply still belongs to it
                 continue
             if isinstance(reply, hiredis.ReplyError):
                 future.set_exception(ReplyError(str(reply)))
             else:
                 future.set_result(reply)
+        if not self.in_flight and self.unsent:
+            self.flush()
+
+    def _check_deadline(self) -> None:
+        """Fail everything when the oldest command waited past the deadline: the server is not answering."""
+        self.watchdog = None
+        if self.closed or not self.waiters:
+            return
+        loop = asyncio.get_running_loop()
+        _future, queued = self.waiters[0]
+        if loop.time() - queued > self.deadline_s:
+            self._fail(DeadlineExceeded(f"no reply within {self.deadline_s:.3f}s; connection dropped"))
+            return
+        self.watchdog = loop.call_at(loop.time() + self.deadline_s / 4, self._check_deadline)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(WireError(f"connection lost: {exc}" if exc else "connection closed"))
 
     def _fail(self, error: Exception) -> None:
         self.closed = True
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+            self.watchdog = None
         while self.waiters:
-            future, _sent = self.waiters.popleft()
+            future, _queued = self.waiters.popleft()
             if not future.done():
                 future.set_exception(error)
+                future.exception()  # a caller that was cancelled will never read it
+        self.unsent.clear()
         if self.transport is not None:
             self.transport.abort()
 
-    def flush(self) -> None:
-        if self.outgoing and self.transport is not None and not self.closed:
-            self.transport.write(b"".join(self.outgoing))
-        self.outgoing.clear()
-
 
 class RespConnection:
-    """One lazily (re)connected RESP connection to a standalone Redis (``redis://``, ``rediss://``, ``unix://``)."""
+    """One lazily (re)connected RESP connection to a standalone Redis (``redis://``, ``rediss://``, ``unix://``).
 
-    def __init__(self, url: str, *, password: str | None = None, ssl_context: ssl.SSLContext | None = None,
-                 connect_timeout_s: float = 1.0) -> None:
+    Every call is answered within ``deadline_s`` (plus a quarter of it): past that the
+    connection is dropped and its callers get :class:`DeadlineExceeded`, so callers need
+    no timer of their own.
+    """
+
+    def __init__(self, url: str, *, deadline_s: float, password: str | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         parsed = urlparse(url)
         self.unix_path = unquote(parsed.path) if parsed.scheme == "unix" else None
         self.host = parsed.hostname or "127.0.0.1"
@@ -103,7 +158,9 @@ class RespConnection:
         self.ssl = ssl_context if parsed.scheme == "rediss" else None
         if parsed.scheme == "rediss" and self.ssl is None:
             self.ssl = ssl.create_default_context()
-        self.connect_timeout_s = connect_timeout_s
+        self.deadline_s = deadline_s
+        # A remote connect may need a few round trips (TLS); a dead host must not hold callers long.
+        self.connect_timeout_s = max(2 * deadline_s, 0.25)
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Future[_Protocol] | None = None
 
@@ -111,9 +168,11 @@ class RespConnection:
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(self.connect_timeout_s):
             if self.unix_path:
-                _transport, protocol = await loop.create_unix_connection(_Protocol, self.unix_path)
+                _transport, protocol = await loop.create_unix_connection(
+                    lambda: _Protocol(self.deadline_s), self.unix_path)
             else:
-                _transport, protocol = await loop.create_connection(_Protocol, self.host, self.port, ssl=self.ssl)
+                _transport, protocol = await loop.create_connection(
+                    lambda: _Protocol(self.deadline_s), self.host, self.port, ssl=self.ssl)
             handshake: list[bytes] = []
             if self.password:
                 handshake.append(pack("AUTH", self.username, self.password) if self.username
@@ -121,7 +180,7 @@ class RespConnection:
             if self.db:
                 handshake.append(pack("SELECT", self.db))
             for command in handshake:
-                await self._send(protocol, command)
+                await protocol.queue(command)
         return protocol
 
     async def _protocol_ready(self) -> _Protocol:
@@ -142,29 +201,12 @@ class RespConnection:
         self._protocol = protocol
         return protocol
 
-    @staticmethod
-    def _send(protocol: _Protocol, payload: bytes) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        protocol.waiters.append((future, time.monotonic()))
-        protocol.outgoing.append(payload)
-        if len(protocol.outgoing) == 1:
-            loop.call_soon(protocol.flush)
-        return future
-
     async def call(self, payload: bytes) -> Any:
-        """Send one packed command and await its reply; raises WireError or ReplyError."""
-        protocol = await self._protocol_ready()
-        return await self._send(protocol, payload)
-
-    def expire_stalled(self, older_than_s: float) -> None:
-        """Close the connection when its oldest pending reply is overdue (blackholed or frozen server)."""
+        """Send one packed command and await its reply; raises WireError (DeadlineExceeded) or ReplyError."""
         protocol = self._protocol
-        if protocol is None or not protocol.waiters:
-            return
-        _future, sent = protocol.waiters[0]
-        if time.monotonic() - sent > older_than_s:
-            protocol._fail(WireError("no reply in time; connection dropped"))
+        if protocol is None or protocol.closed:
+            protocol = await self._protocol_ready()
+        return await protocol.queue(payload)
 
     async def close(self) -> None:
         if self._connecting is not None:

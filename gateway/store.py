@@ -503,20 +503,16 @@ class Store:
                                args: Sequence[Any]) -> Any:
         source, sha = self._script(name)
         payload = pack("EVALSHA", sha, len(keys), *keys, *args)
+        # No timer here: the connection answers every call within its deadline (redis.timeout_s).
         try:
-            async with asyncio.timeout(self.timeout_s):
-                try:
-                    return await wire.call(payload)
-                except ReplyError as exc:
-                    if not str(exc).startswith("NOSCRIPT"):
-                        raise
-                    # Redis restarted or flushed its script cache: load once and retry.
-                    await wire.call(pack("SCRIPT", "LOAD", source))
-                    return await wire.call(payload)
-        except TimeoutError as exc:
-            wire.expire_stalled(self.timeout_s)
-            self.on_error("script")
-            raise StoreUnavailable(f"redis script {name}: timed out") from exc
+            try:
+                return await wire.call(payload)
+            except ReplyError as exc:
+                if not str(exc).startswith("NOSCRIPT"):
+                    raise
+                # Redis restarted or flushed its script cache: load once and retry.
+                await wire.call(pack("SCRIPT", "LOAD", source))
+                return await wire.call(payload)
         except (WireError, ReplyError) as exc:
             self.on_error("script")
             raise StoreUnavailable(f"redis script {name}: {exc}") from exc

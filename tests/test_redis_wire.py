@@ -8,13 +8,13 @@ import contextlib
 import pytest
 
 from gateway.redis_server import RedisServer
-from gateway.redis_wire import ReplyError, RespConnection, WireError, pack
+from gateway.redis_wire import DeadlineExceeded, ReplyError, RespConnection, WireError, pack
 
 from .faultproxy import FaultProxy
 
 
 async def test_replies_match_commands_through_a_cancellation_storm(redis_url: str) -> None:
-    wire = RespConnection(redis_url)
+    wire = RespConnection(redis_url, deadline_s=2)
     try:
         await wire.call(pack("SET", "k", "v"))
 
@@ -37,7 +37,7 @@ async def test_replies_match_commands_through_a_cancellation_storm(redis_url: st
 
 
 async def test_error_replies_raise_and_the_stream_continues(redis_url: str) -> None:
-    wire = RespConnection(redis_url)
+    wire = RespConnection(redis_url, deadline_s=2)
     try:
         with pytest.raises(ReplyError, match="NOSCRIPT"):
             await wire.call(pack("EVALSHA", "0" * 40, 0))
@@ -47,7 +47,7 @@ async def test_error_replies_raise_and_the_stream_continues(redis_url: str) -> N
 
 
 async def test_reconnects_after_a_restart(fresh_redis: RedisServer) -> None:
-    wire = RespConnection(fresh_redis.url)
+    wire = RespConnection(fresh_redis.url, deadline_s=2)
     try:
         assert await wire.call(pack("PING")) == b"PONG"
         fresh_redis.restart()
@@ -61,22 +61,23 @@ async def test_reconnects_after_a_restart(fresh_redis: RedisServer) -> None:
 async def test_refused_connection_is_a_wire_error() -> None:
     server = RedisServer()
     url = server.url  # never started
-    wire = RespConnection(url, connect_timeout_s=0.5)
+    wire = RespConnection(url, deadline_s=0.2)
     with pytest.raises(WireError, match="connect failed"):
         await wire.call(pack("PING"))
     await wire.close()
 
 
-async def test_stalled_connection_is_dropped_and_replaced(redis_server: RedisServer) -> None:
+async def test_stalled_connection_fails_within_its_deadline_and_is_replaced(redis_server: RedisServer) -> None:
     proxy = FaultProxy(redis_server.port).start()
-    wire = RespConnection(proxy.url)
+    wire = RespConnection(proxy.url, deadline_s=0.2)
     try:
         assert await wire.call(pack("PING")) == b"PONG"
         proxy.set("blackhole")
-        with pytest.raises(TimeoutError):
-            async with asyncio.timeout(0.2):
-                await wire.call(pack("PING"))
-        wire.expire_stalled(0.1)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        results = await asyncio.gather(*(wire.call(pack("PING")) for _ in range(50)), return_exceptions=True)
+        assert all(isinstance(r, DeadlineExceeded) for r in results)
+        assert loop.time() - started < 0.2 * 1.25 + 0.1
         proxy.set("pass")
         assert await wire.call(pack("PING")) == b"PONG"
         assert proxy.connections == 2
@@ -85,19 +86,29 @@ async def test_stalled_connection_is_dropped_and_replaced(redis_server: RedisSer
         proxy.stop()
 
 
+async def test_busy_connection_batches_commands(redis_url: str) -> None:
+    wire = RespConnection(redis_url, deadline_s=2)
+    try:
+        results = await asyncio.gather(*(wire.call(pack("INCR", "counter")) for _ in range(500)))
+        assert sorted(results) == list(range(1, 501))
+        assert results == list(range(1, 501))  # sent and answered in call order
+    finally:
+        await wire.close()
+
+
 async def test_password_and_database_from_the_url() -> None:
     with RedisServer(extra_args=["--requirepass", "s3cret"]) as server:
-        bad = RespConnection(f"redis://127.0.0.1:{server.port}/0")
+        bad = RespConnection(f"redis://127.0.0.1:{server.port}/0", deadline_s=2)
         with pytest.raises(ReplyError, match="NOAUTH"):
             await bad.call(pack("SET", "a", "1"))
         await bad.close()
-        wire = RespConnection(f"redis://:s3cret@127.0.0.1:{server.port}/3")
+        wire = RespConnection(f"redis://:s3cret@127.0.0.1:{server.port}/3", deadline_s=2)
         try:
             await wire.call(pack("SET", "a", "in-db-3"))
             assert await wire.call(pack("GET", "a")) == b"in-db-3"
         finally:
             await wire.close()
-        other = RespConnection(f"redis://127.0.0.1:{server.port}/0", password="s3cret")
+        other = RespConnection(f"redis://127.0.0.1:{server.port}/0", deadline_s=2, password="s3cret")
         try:
             assert await other.call(pack("GET", "a")) is None
         finally:
