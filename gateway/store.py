@@ -64,6 +64,7 @@ CHANGES_MAXLEN = 100_000
 WRITE_MARK_PREFIX = PREFIX + "write:"
 WRITE_MARK_TTL_S = 600
 LIST_NAMES = ("deny-countries", "deny-entities", "partners", "ip-ranges")
+LAZY_LISTS = frozenset({"deny-countries", "deny-entities"})
 
 
 def list_key(name: str) -> str:
@@ -139,7 +140,11 @@ class Change:
 
 
 def _decode_hash(raw: Mapping[bytes, bytes]) -> dict[str, dict[str, Any]]:
-    return {k.decode(): orjson.loads(v) for k, v in raw.items()}
+    if not raw:
+        return {}
+    # One orjson call over all values, not one per value: a list can hold 100,000 entries.
+    values = orjson.loads(b"[" + b",".join(raw.values()) + b"]")
+    return dict(zip((k.decode() for k in raw), values, strict=True))
 
 
 def _summary(values: Mapping[str, Any], limit: int = 200) -> Any:
@@ -275,7 +280,10 @@ class Store:
         version, generation, screening_rev, *hashes = result
         if version is None:
             return None
-        lists = {name: _decode_hash(raw) for name, raw in zip(LIST_NAMES, hashes[:4], strict=True)}
+        # Deny lists stay raw JSON: the snapshot parses an entry when a decision first consults it.
+        lists: dict[str, Any] = {
+            name: ({k.decode(): v for k, v in raw.items()} if name in LAZY_LISTS else _decode_hash(raw))
+            for name, raw in zip(LIST_NAMES, hashes[:4], strict=True)}
         return PolicyData(version=int(version), generation=(generation or b"").decode(), lists=lists,
                           models=_decode_hash(hashes[4]), api_keys=_decode_hash(hashes[5]),
                           screening_rev=int(screening_rev or 0))
