@@ -156,9 +156,189 @@ def policy_scale(gateway_pid: int, admin: str, redis_url: str) -> dict[str, floa
     while state["policy_version"] == before and time.monotonic() < deadline:
         time.sleep(0.01)
         state = readyz(admin)
-    return {"import_and_visible_s": round(time.perf_counter() - started, 3),
-            "snapshot_reload_ms": state.get("last_reload_ms", -1.0),
+    visible_s = round(time.perf_counter() - started, 3)
+    first_reload = state.get("last_reload_ms", -1.0)
+    # Then the steady state: a one-entry change reloads the whole 110,000-entry snapshot.
+    reloads = []
+    for _ in range(5):
+        version = add_country_entry(redis_url)
+        while readyz(admin)["policy_version"] < version:
+            time.sleep(0.005)
+        reloads.append(readyz(admin)["last_reload_ms"])
+    reloads.sort()
+    return {"import_and_visible_s": visible_s, "first_reload_ms": first_reload,
+            "snapshot_reload_ms_median": reloads[len(reloads) // 2],
             "rss_mb_large_policy": round(rss_mb(gateway_pid), 1)}
+
+
+def add_country_entry(redis_url: str) -> int:
+    from gateway.store import HashSet, Store, list_key
+
+    async def run() -> int:
+        store = Store.from_url(redis_url, timeout_s=5)
+        try:
+            entry = {"reason": "bench", "source": "bench", "added_by": "bench",
+                     "added_at": "2026-01-01T00:00:00Z", "expires_at": None}
+            version, _ = await store.write([HashSet(list_key("deny-countries"), "AQ", entry)], actor="bench",
+                                           now_iso="2026-01-01T00:00:00Z", target="bench")
+            return version
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+def micro_costs() -> dict[str, float]:
+    """In-process costs of the per-request steps, in microseconds (no I/O)."""
+    import timeit
+
+    from gateway.caller import Caller
+    from gateway.identity import Authenticator
+    from gateway.jwks import KeyRing
+    from gateway.policy import Rules, build_snapshot, decide
+    from gateway.settings import parse_settings
+
+    settings = parse_settings({"upstream": {"url": "http://up"},
+                               "auth": {"algorithms": ["HS256"], "hs256_secret_env": "BENCH_HS256_SECRET"},
+                               "tiers": {"bench": {"stages": ["general"]}, "public": {"stages": ["general"]}}},
+                              environ={"BENCH_HS256_SECRET": SECRET})
+    authenticator = Authenticator(settings.auth, settings.tiers.keys(),
+                                  KeyRing.from_settings(settings.auth, {"BENCH_HS256_SECRET": SECRET}))
+    header = f"Bearer {token()}"
+    authenticator.authenticate(header, {})
+    entry = {"reason": "bench", "source": "bench", "added_by": "b", "added_at": "2026-01-01T00:00:00Z"}
+    snapshot = build_snapshot(
+        version=1, generation="g", loaded_at=time.time(), api_keys={},
+        lists={"deny-entities": {f"entity-{i}": json.dumps(entry).encode() for i in range(100_000)},
+               "deny-countries": {"IR": json.dumps(entry).encode()},
+               "partners": {f"org-{i}": entry for i in range(10_000)}, "ip-ranges": {}},
+        models={"gpt-mock": {"stage": "general", "timeline": [], "allowed_countries": None,
+                             "export_suspended": False}})
+    rules = Rules.from_settings(settings)
+    caller = Caller(subject="bench-user", org="bench-org", org_name=None, tier="bench", claimed_country="US",
+                    ip="10.1.2.3")
+    now = time.time()
+    n = 20_000
+    jwt_us = timeit.timeit(lambda: authenticator.authenticate(header, {}), number=n) / n * 1e6
+    decide_us = timeit.timeit(lambda: decide(snapshot, caller, "gpt-mock", now, rules), number=n) / n * 1e6
+    return {"cached_jwt_check_us": round(jwt_us, 2), "decide_us_100k_entities": round(decide_us, 2)}
+
+
+async def _first_byte_ms(host: str, port: int, path: str) -> float:
+    reader, writer = await asyncio.open_connection(host, port)
+    request = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token()}\r\n"
+               f"Content-Type: application/json\r\nContent-Length: {len(STREAM_BODY)}\r\n"
+               f"Connection: close\r\n\r\n{STREAM_BODY}").encode()
+    started = time.perf_counter()
+    writer.write(request)
+    await reader.readuntil(b"data:")  # the first SSE event's first bytes (after the status and headers)
+    elapsed = (time.perf_counter() - started) * 1000
+    writer.close()
+    return elapsed
+
+
+STREAM_BODY = '{"model": "gpt-mock", "stream": true, "messages": [{"role": "user", "content": "Hi"}]}'
+
+
+def time_to_first_byte(ports: dict[str, int], samples: int = 200) -> dict[str, float]:
+    """p50 time to the first SSE event at concurrency 1 (the mock waits 5 ms between events)."""
+    async def run() -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, port in ports.items():
+            timings = sorted([await _first_byte_ms("127.0.0.1", port, "/v1/chat/completions?delay=0.005")
+                              for _ in range(samples)])
+            out[f"ttfb_p50_ms_{name}"] = round(timings[len(timings) // 2], 3)
+        return out
+
+    result = asyncio.run(run())
+    result["ttfb_gateway_minus_bare_ms"] = round(result["ttfb_p50_ms_gateway"] - result["ttfb_p50_ms_bare_proxy"], 3)
+    return result
+
+
+def stream_memory(port: int, pid: int, megabytes: int = 100) -> dict[str, float]:
+    """Gateway RSS while a slow reader takes a 100 MiB stream: flat means nothing is buffered whole."""
+    async def run() -> dict[str, float]:
+        before = rss_mb(pid)
+        peak = before
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write((f"GET /v1/bulk?mb={megabytes} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token()}"
+                      "\r\nConnection: close\r\n\r\n").encode())
+        received = 0
+        started = time.perf_counter()
+        while chunk := await reader.read(256 * 1024):
+            received += len(chunk)
+            await asyncio.sleep(0.004)  # about 50 MiB/s at most: slower than the upstream sends
+            if received % (8 * 1024 * 1024) < len(chunk):
+                peak = max(peak, rss_mb(pid))
+        writer.close()
+        return {"stream_mib": round(received / 2**20, 1), "stream_seconds": round(time.perf_counter() - started, 1),
+                "rss_mb_before_stream": before, "rss_mb_peak_during_stream": peak,
+                "rss_growth_mb": round(peak - before, 1)}
+
+    return asyncio.run(run())
+
+
+def propagation(redis_url: str, admins: list[str], changes: int = 200) -> dict[str, float]:
+    """Time from a committed list change until every process enforces its version."""
+    import aiohttp
+
+    from gateway.store import HashDelete, HashSet, Store, list_key
+
+    async def run() -> dict[str, float]:
+        store = Store.from_url(redis_url, timeout_s=2)
+        delays: list[float] = []
+        entry = {"reason": "bench", "source": "bench", "added_by": "bench", "added_at": "2026-01-01T00:00:00Z",
+                 "expires_at": None}
+        async with aiohttp.ClientSession() as client:
+            async def version_of(admin: str) -> int:
+                async with client.get(admin + "/readyz") as response:
+                    return int((await response.json())["policy_version"])
+
+            async def seen(admin: str, version: int) -> None:
+                while await version_of(admin) < version:  # noqa: ASYNC110 - polling another process
+                    await asyncio.sleep(0.001)
+
+            for i in range(changes):
+                op = HashSet(list_key("deny-countries"), "AQ", entry) if i % 2 == 0 else \
+                    HashDelete(list_key("deny-countries"), "AQ")
+                version, _ = await store.write([op], actor="bench", now_iso="2026-01-01T00:00:00Z", target="bench")
+                committed = time.perf_counter()
+                await asyncio.gather(*(seen(admin, version) for admin in admins))
+                delays.append((time.perf_counter() - committed) * 1000)
+        await store.close()
+        delays.sort()
+        return {"processes": len(admins), "changes": changes,
+                "visible_p50_ms": round(delays[len(delays) // 2], 1),
+                "visible_p99_ms": round(delays[int(len(delays) * 0.99) - 1], 1),
+                "visible_max_ms": round(delays[-1], 1)}
+
+    return asyncio.run(run())
+
+
+class Cluster:
+    """Child processes of one bench run, stopped together."""
+
+    def __init__(self, work: Path, env: dict[str, str]) -> None:
+        self.work, self.env = work, env
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def spawn(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, env=env or self.env)
+        self.procs.append(proc)
+        return proc
+
+    def gateway(self, upstream: str, redis_url: str, *,
+                workers: int = 1) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+        config_path, config = gateway_config(Path(tempfile.mkdtemp(dir=self.work)), upstream, redis_url)
+        proc = self.spawn("gateway", "serve", "--config", str(config_path), "--workers", str(workers))
+        wait_http(f"http://127.0.0.1:{config['admin']['port']}/readyz")
+        return proc, config
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            proc.wait(30)
 
 
 def main() -> None:
@@ -168,48 +348,60 @@ def main() -> None:
     ensure_wrk()
     work = Path(tempfile.mkdtemp(prefix="gw-bench-"))
     env = {**os.environ, "BENCH_HS256_SECRET": SECRET}
+    os.environ["BENCH_HS256_SECRET"] = SECRET
     results: dict[str, Any] = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                               "seconds": args.seconds, "connections": 32, "paths": {}}
+                               "seconds": args.seconds, "connections": 32, "load_generator": "wrk",
+                               "paths": {}}
+    cluster = Cluster(work, env)
     with ExitStack() as stack:
         redis = stack.enter_context(RedisServer())
+        stack.callback(cluster.stop)
         seed(redis.url)
-        procs: list[subprocess.Popen[bytes]] = []
-        stack.callback(lambda: [p.terminate() for p in procs])
         upstream_port, bare_port = free_port(), free_port()
         upstream = f"http://127.0.0.1:{upstream_port}"
-        procs.append(subprocess.Popen([sys.executable, "-m", "gateway", "mock-upstream", "--port",
-                                       str(upstream_port)], cwd=ROOT))
-        procs.append(subprocess.Popen([sys.executable, "-m", "bench.bare_proxy", upstream, str(bare_port)],
-                                      cwd=ROOT))
-        config_path, config = gateway_config(work, upstream, redis.url)
-        gateway = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(config_path)],
-                                   cwd=ROOT, env=env)
-        procs.append(gateway)
-        admin = f"http://127.0.0.1:{config['admin']['port']}"
+        cluster.spawn("gateway", "mock-upstream", "--port", str(upstream_port))
+        cluster.spawn("bench.bare_proxy", upstream, str(bare_port))
         wait_http(upstream + "/v1/models")
         wait_http(f"http://127.0.0.1:{bare_port}/v1/models")
-        wait_http(admin + "/readyz")
+        gateway, config = cluster.gateway(upstream, redis.url)
+        admin = f"http://127.0.0.1:{config['admin']['port']}"
         script = wrk_script(work, token())
-        targets = {"upstream": upstream, "bare_proxy": f"http://127.0.0.1:{bare_port}",
-                   "gateway": f"http://127.0.0.1:{config['listen']['port']}"}
-        for name, base in targets.items():
-            url = base + "/v1/chat/completions"
-            run_wrk(url, script, connections=8, threads=1, seconds=2)  # warm-up
-            loaded = run_wrk(url, script, connections=32, threads=2, seconds=args.seconds)
-            single = run_wrk(url, script, connections=1, threads=1, seconds=max(3, args.seconds // 2))
-            results["paths"][name] = {"rps_c32": loaded["rps"], "p99_ms_c32": loaded["p99_ms"],
-                                      "p50_ms_c1": single["p50_ms"], "p99_ms_c1": single["p99_ms"],
-                                      "non_2xx": loaded["non_2xx"] + single["non_2xx"]}
+        ports = {"upstream": upstream_port, "bare_proxy": bare_port, "gateway": config["listen"]["port"]}
+        for name, port in ports.items():
+            results["paths"][name] = measure_path(f"http://127.0.0.1:{port}/v1/chat/completions", script,
+                                                  args.seconds)
         bare, gw = results["paths"]["bare_proxy"], results["paths"]["gateway"]
         results["ratios"] = {"rps_gateway_over_bare": round(gw["rps_c32"] / bare["rps_c32"], 3),
                              "p50_c1_gateway_over_bare": round(gw["p50_ms_c1"] / bare["p50_ms_c1"], 3),
                              "p99_c1_gateway_over_bare": round(gw["p99_ms_c1"] / bare["p99_ms_c1"], 3)}
+        results["micro"] = micro_costs()
+        results["streaming"] = time_to_first_byte({k: v for k, v in ports.items() if k != "upstream"})
+        results["streaming"].update(stream_memory(config["listen"]["port"], gateway.pid))
+        others = [cluster.gateway(upstream, redis.url)[1] for _ in range(2)]
+        results["propagation"] = propagation(
+            redis.url, [admin] + [f"http://127.0.0.1:{c['admin']['port']}" for c in others])
         results["policy"] = {"rss_mb_small_policy": round(rss_mb(gateway.pid), 1)}
         results["policy"].update(policy_scale(gateway.pid, admin, redis.url))
+        seed(redis.url)  # back to the small policy for the workers run
+        _two, two_config = cluster.gateway(upstream, redis.url, workers=2)
+        two = measure_path(f"http://127.0.0.1:{two_config['listen']['port']}/v1/chat/completions", script,
+                           args.seconds, single=False)
+        results["workers"] = {"rps_c32_one_worker": gw["rps_c32"], "rps_c32_two_workers": two["rps_c32"],
+                              "two_over_one": round(two["rps_c32"] / gw["rps_c32"], 3)}
     print_table(results)
     out = ROOT / "bench" / "results" / f"{results['time'].replace(':', '')}.json"
     out.write_text(json.dumps(results, indent=2))
     print(f"\nresults written to {out.relative_to(ROOT)}")
+
+
+def measure_path(url: str, script: Path, seconds: int, *, single: bool = True) -> dict[str, float]:
+    run_wrk(url, script, connections=8, threads=1, seconds=2)  # warm-up
+    loaded = run_wrk(url, script, connections=32, threads=2, seconds=seconds)
+    row = {"rps_c32": loaded["rps"], "p99_ms_c32": loaded["p99_ms"], "non_2xx": loaded["non_2xx"]}
+    if single:
+        one = run_wrk(url, script, connections=1, threads=1, seconds=max(3, seconds // 2))
+        row.update({"p50_ms_c1": one["p50_ms"], "p99_ms_c1": one["p99_ms"], "non_2xx": row["non_2xx"] + one["non_2xx"]})
+    return row
 
 
 def print_table(results: dict[str, Any]) -> None:
@@ -220,9 +412,14 @@ def print_table(results: dict[str, Any]) -> None:
     print("\nratios (gateway / bare proxy):")
     for key, value in results["ratios"].items():
         print(f"  {key:<28} {value:.3f}")
-    print("\npolicy scale (100,000 deny-entities + 10,000 partners):")
-    for key, value in results["policy"].items():
-        print(f"  {key:<28} {value}")
+    for section, title in (("micro", "per-request steps, in process"),
+                           ("streaming", "streaming (SSE first byte at c1; 100 MiB to a slow reader)"),
+                           ("propagation", "list change visible on every process"),
+                           ("policy", "policy scale (100,000 deny-entities + 10,000 partners)"),
+                           ("workers", "--workers 2 against one worker (same machine as wrk and upstream)")):
+        print(f"\n{title}:")
+        for key, value in results[section].items():
+            print(f"  {key:<32} {value}")
 
 
 if __name__ == "__main__":

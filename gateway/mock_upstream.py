@@ -78,8 +78,21 @@ async def echo(request: web.Request) -> web.Response:
                         content_type="application/json")
 
 
+async def bulk(request: web.Request) -> web.StreamResponse:
+    """``/v1/bulk?mb=N``: N MiB of SSE as fast as the reader takes it (for memory measurements)."""
+    megabytes = min(int(request.query.get("mb", "1")), 1024)
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    chunk = b"data: " + b"x" * (64 * 1024 - 8) + b"\n\n"
+    for _ in range(megabytes * 16):
+        await response.write(chunk)
+    await response.write_eof()
+    return response
+
+
 def create_mock_app() -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_get("/v1/bulk", bulk)
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/v1/completions", chat)
     app.router.add_get("/v1/models", models)
