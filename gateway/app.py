@@ -154,10 +154,13 @@ class Gateway:
     async def start(self) -> None:
         s = self.settings
         password = read_secret(s.redis.password_env, self.environ)
-        self.store = Store.from_url(self.redis_url, timeout_s=s.redis.timeout_s, password=password)
+        self.store = Store.from_url(self.redis_url, timeout_s=s.redis.timeout_s, password=password,
+                                    tls=s.redis.tls_options())
         self.store.on_error = self.metrics.redis_error
         if self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            self.store.use_wire(RespConnection(self.redis_url, password=password))
+            tls = s.redis.ssl_context() if self.redis_url.startswith("rediss://") else None
+            self.store.use_wire(RespConnection(self.redis_url, deadline_s=s.redis.timeout_s, password=password,
+                                               ssl_context=tls))
         connector = aiohttp.TCPConnector(limit=s.upstream.max_connections, ttl_dns_cache=300,
                                          enable_cleanup_closed=True)
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
