@@ -269,11 +269,7 @@ class Store:
         """The whole policy in one MULTI, so lists and version belong together."""
         async def load() -> list[Any]:
             pipe = self.client.pipeline(transaction=True)
-            _queue_heads(pipe)
-            for name in LIST_NAMES:
-                pipe.hgetall(list_key(name))
-            pipe.hgetall(MODELS_KEY)
-            pipe.hgetall(APIKEYS_KEY)
+            _queue_policy_reads(pipe)
             return list(await pipe.execute())
 
         result = await self._bounded("load", load(), self.load_timeout_s)
@@ -427,11 +423,7 @@ class Store:
         """
         async def load() -> list[Any]:
             pipe = self.client.pipeline(transaction=True)
-            _queue_heads(pipe)
-            for name in LIST_NAMES:
-                pipe.hgetall(list_key(name))
-            pipe.hgetall(MODELS_KEY)
-            pipe.hgetall(APIKEYS_KEY)
+            _queue_policy_reads(pipe)
             pipe.get(SCREENING_KEY)
             return list(await pipe.execute())
 
@@ -624,6 +616,15 @@ class Store:
 
     async def audit_length(self) -> int:
         return int(await self._bounded("audit", self.client.xlen(AUDIT_KEY)))
+
+
+def _queue_policy_reads(pipe: Any) -> None:
+    """Queue the reads of a whole policy: heads, the four lists, models, API keys (in that order)."""
+    _queue_heads(pipe)
+    for name in LIST_NAMES:
+        pipe.hgetall(list_key(name))
+    pipe.hgetall(MODELS_KEY)
+    pipe.hgetall(APIKEYS_KEY)
 
 
 def _queue_heads(pipe: Any) -> None:

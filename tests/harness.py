@@ -323,6 +323,26 @@ def run_sync(coroutine: Any) -> Any:
         return pool.submit(asyncio.run, coroutine).result()
 
 
+CHAT = {"model": "gpt-mock", "messages": [{"role": "user", "content": "hi"}]}
+
+
+async def post_chat(client: Any, gateway: GatewayProcess, token: str) -> int:
+    """POST a small chat completion through ``gateway``; the status it got."""
+    async with client.post(gateway.url + "/v1/chat/completions", json=CHAT, headers=auth(token)) as response:
+        await response.read()
+        return int(response.status)
+
+
+async def first_status(client: Any, gateway: GatewayProcess, token: str, status: int, within: float) -> float:
+    """Seconds until ``gateway`` answers ``status`` to ``token``; fails after ``within`` seconds."""
+    started = time.monotonic()
+    while time.monotonic() - started < within:
+        if await post_chat(client, gateway, token) == status:
+            return time.monotonic() - started
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{gateway.url} did not answer {status} within {within}s")
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float = 5, interval: float = 0.02) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

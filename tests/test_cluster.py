@@ -30,10 +30,17 @@ from gateway.store import (
     list_key,
 )
 
-from .harness import GatewayProcess, Upstream, auth, gateway_config, hs_token, seed_policy
+from .harness import (
+    GatewayProcess,
+    Upstream,
+    first_status,
+    gateway_config,
+    hs_token,
+    post_chat,
+    seed_policy,
+)
 from .topology import ClusterTopology, server_version
 
-CHAT = {"model": "gpt-mock", "messages": [{"role": "user", "content": "hi"}]}
 TIERS: dict[str, Any] = {
     "partner": {"requests_per_minute": 600000, "burst": 100000, "stages": ["partners", "general"]},
     "tight": {"requests_per_minute": 1, "burst": 5, "stages": ["general"]},
@@ -144,22 +151,6 @@ async def test_announcements_reach_a_subscriber_on_any_node(cluster: ClusterTopo
         await store.close()
 
 
-async def post(client: aiohttp.ClientSession, gateway: GatewayProcess, token: str) -> int:
-    async with client.post(gateway.url + "/v1/chat/completions", json=CHAT, headers=auth(token)) as response:
-        await response.read()
-        return response.status
-
-
-async def first_status(client: aiohttp.ClientSession, gateway: GatewayProcess, token: str, status: int,
-                       within: float) -> float:
-    started = time.monotonic()
-    while time.monotonic() - started < within:
-        if await post(client, gateway, token) == status:
-            return time.monotonic() - started
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"{gateway.url} did not answer {status} within {within}s")
-
-
 async def test_gateway_on_a_cluster_limits_exactly_and_follows_changes(cluster: ClusterTopology,
                                                                        upstream: Upstream) -> None:
     seed_policy(cluster.url)
@@ -168,12 +159,12 @@ async def test_gateway_on_a_cluster_limits_exactly_and_follows_changes(cluster: 
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=100)) as client:
             # L + k concurrent requests against burst L: exactly L pass.
             token = hs_token("cluster-burst", tier="tight")
-            statuses = await asyncio.gather(*(post(client, gateway, token) for _ in range(5 + 12)))
+            statuses = await asyncio.gather(*(post_chat(client, gateway, token) for _ in range(5 + 12)))
             assert statuses.count(200) == 5 and statuses.count(429) == 12, statuses
             # Many callers at once (a tier whose state outlives the test: a key lasts as long as
             # its caller's limit matters): their limits live on different nodes.
             callers = [hs_token(f"cluster-caller-{i}", tier="public") for i in range(12)]
-            assert set(await asyncio.gather(*(post(client, gateway, t) for t in callers))) == {200}
+            assert set(await asyncio.gather(*(post_chat(client, gateway, t) for t in callers))) == {200}
             rate_nodes = {port for port, keys in node_keys(cluster).items()
                           if any(k.startswith("gw:rl:") for k in keys)}
             assert len(rate_nodes) == 3
@@ -182,7 +173,7 @@ async def test_gateway_on_a_cluster_limits_exactly_and_follows_changes(cluster: 
             # A list change through the cluster is enforced within a second (pub/sub is
             # broadcast over the cluster bus, whichever node the gateway subscribed on).
             french = hs_token("cluster-fr", country="FR")
-            assert await post(client, gateway, french) == 200
+            assert await post_chat(client, gateway, french) == 200
             store = Store.from_url(cluster.url, timeout_s=2)
             try:
                 await store.write([HashSet(list_key("deny-countries"), "FR", ENTRY)], actor="t",

@@ -9,7 +9,6 @@ checked against real redis-server processes.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,10 +20,20 @@ from gateway.redis_server import RedisServer, RedisServerError
 from gateway.settings import ConfigError, parse_settings
 from gateway.store import Store, StoreUnavailable
 
-from .harness import ADMIN_TOKEN, GatewayProcess, Upstream, auth, gateway_config, hs_token, seed_policy
+from .harness import (
+    ADMIN_TOKEN,
+    CHAT,
+    GatewayProcess,
+    Upstream,
+    auth,
+    first_status,
+    gateway_config,
+    hs_token,
+    post_chat,
+    seed_policy,
+)
 from .topology import TlsFiles, TlsRedisServer, make_tls_files
 
-CHAT = {"model": "gpt-mock", "messages": [{"role": "user", "content": "hi"}]}
 TIERS: dict[str, Any] = {
     "partner": {"requests_per_minute": 600000, "burst": 100000, "stages": ["partners", "general"]},
     "tight": {"requests_per_minute": 1, "burst": 5, "stages": ["general"]},
@@ -50,27 +59,11 @@ def three_gateways(redis_url: str, upstream: Upstream) -> Iterator[list[GatewayP
             gateway.stop()
 
 
-async def post(client: aiohttp.ClientSession, gateway: GatewayProcess, token: str) -> int:
-    async with client.post(gateway.url + "/v1/chat/completions", json=CHAT, headers=auth(token)) as response:
-        await response.read()
-        return response.status
-
-
-async def first_status(client: aiohttp.ClientSession, gateway: GatewayProcess, token: str, status: int,
-                       within: float) -> float:
-    started = time.monotonic()
-    while time.monotonic() - started < within:
-        if await post(client, gateway, token) == status:
-            return time.monotonic() - started
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"{gateway.url} did not answer {status} within {within}s")
-
-
 async def test_change_through_one_admin_listener_is_enforced_by_all_three(
         three_gateways: list[GatewayProcess]) -> None:
     token = hs_token("scale-out-de", country="DE")
     async with aiohttp.ClientSession() as client:
-        assert [await post(client, g, token) for g in three_gateways] == [200, 200, 200]
+        assert [await post_chat(client, g, token) for g in three_gateways] == [200, 200, 200]
         async with client.put(three_gateways[0].admin_url + "/admin/v1/lists/deny-countries/DE",
                               json={"reason": "scale-out test"}, headers=ADMIN) as response:
             assert response.status == 200, await response.text()
@@ -92,7 +85,7 @@ async def test_shared_limit_holds_across_three_processes(three_gateways: list[Ga
     token = hs_token("scale-out-burst", tier="tight")
     burst, extra = 5, 16
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=100)) as client:
-        statuses = await asyncio.gather(*(post(client, three_gateways[i % 3], token)
+        statuses = await asyncio.gather(*(post_chat(client, three_gateways[i % 3], token)
                                           for i in range(burst + extra)))
     assert statuses.count(200) == burst and statuses.count(429) == extra, statuses
 
@@ -179,7 +172,7 @@ async def test_gateway_serves_over_rediss(tls_redis: TlsRedisServer, tls_files: 
     gateway = GatewayProcess(config, redis_url=tls_redis.tls_url).start()
     try:
         async with aiohttp.ClientSession() as client:
-            assert await post(client, gateway, hs_token("tls-user")) == 200
-            assert await post(client, gateway, hs_token("tls-ir", country="IR")) == 451
+            assert await post_chat(client, gateway, hs_token("tls-user")) == 200
+            assert await post_chat(client, gateway, hs_token("tls-ir", country="IR")) == 451
     finally:
         gateway.stop()
