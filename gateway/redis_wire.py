@@ -59,11 +59,15 @@ class _Protocol(asyncio.Protocol):
         self.closed = False
         self.deadline_s = deadline_s
         self.watchdog: asyncio.TimerHandle | None = None
+        # When the server last showed it is alive: a batch sent with nothing out, or bytes received.
+        self.last_heard = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def queue(self, payload: bytes) -> asyncio.Future[Any]:
+        if self.closed:
+            raise WireError("connection closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         now = loop.time()
@@ -81,10 +85,12 @@ class _Protocol(asyncio.Protocol):
         if not self.unsent or self.in_flight or self.closed or self.transport is None:
             return
         self.in_flight = len(self.unsent)
+        self.last_heard = asyncio.get_running_loop().time()
         self.transport.write(b"".join(self.unsent))
         self.unsent.clear()
 
     def data_received(self, data: bytes) -> None:
+        self.last_heard = asyncio.get_running_loop().time()
         self.reader.feed(data)
         while True:
             try:
@@ -109,16 +115,25 @@ class _Protocol(asyncio.Protocol):
             self.flush()
 
     def _check_deadline(self) -> None:
-        """Fail everything when the oldest command waited past the deadline: the server is not answering."""
+        """Fail everything when the server went silent for the deadline with replies owed.
+
+        Silence is measured from the server's side (the last bytes received, or the
+        send of the batch it owes), not from when a command was queued: a process
+        whose own event loop is saturated reads replies late, and that lag is no
+        sign of a Redis fault; treating it as one would hand a burst to the local
+        limiter. A hard cap of ten deadlines still bounds every wait.
+        """
         self.watchdog = None
         if self.closed or not self.waiters:
             return
         loop = asyncio.get_running_loop()
+        now = loop.time()
         _future, queued = self.waiters[0]
-        if loop.time() - queued > self.deadline_s:
+        silent = self.in_flight and now - self.last_heard > self.deadline_s
+        if silent or now - queued > 10 * self.deadline_s:
             self._fail(DeadlineExceeded(f"no reply within {self.deadline_s:.3f}s; connection dropped"))
             return
-        self.watchdog = loop.call_at(loop.time() + self.deadline_s / 4, self._check_deadline)
+        self.watchdog = loop.call_at(now + self.deadline_s / 4, self._check_deadline)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(WireError(f"connection lost: {exc}" if exc else "connection closed"))
@@ -190,16 +205,21 @@ class RespConnection:
         if self._connecting is None:
             # One connect for every caller waiting on it.
             self._connecting = asyncio.ensure_future(self._connect())
+            self._connecting.add_done_callback(self._connected)
         connecting = self._connecting
         try:
             protocol = await asyncio.shield(connecting)
         except Exception as exc:
             raise WireError(f"connect failed: {type(exc).__name__}: {exc}") from exc
-        finally:
-            if connecting.done() and self._connecting is connecting:
-                self._connecting = None
-        self._protocol = protocol
         return protocol
+
+    def _connected(self, connecting: asyncio.Future[_Protocol]) -> None:
+        # Runs even when every caller that waited for this connect was cancelled, so a
+        # finished connect is never handed out again once its connection has dropped.
+        if self._connecting is connecting:
+            self._connecting = None
+        if not connecting.cancelled() and connecting.exception() is None:
+            self._protocol = connecting.result()
 
     async def call(self, payload: bytes) -> Any:
         """Send one packed command and await its reply; raises WireError (DeadlineExceeded) or ReplyError."""

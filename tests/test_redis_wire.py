@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 import pytest
 
@@ -113,3 +114,43 @@ async def test_password_and_database_from_the_url() -> None:
             assert await other.call(pack("GET", "a")) is None
         finally:
             await other.close()
+
+
+async def test_a_connect_whose_only_caller_gave_up_is_not_handed_out_after_it_drops(
+        redis_server: RedisServer) -> None:
+    proxy = FaultProxy(redis_server.port).start()
+    wire = RespConnection(proxy.url, deadline_s=0.5)
+    try:
+        first = asyncio.ensure_future(wire.call(pack("PING")))
+        await asyncio.sleep(0)
+        first.cancel()  # the caller went away while the connection was being made
+        await asyncio.sleep(0.2)
+        proxy.set("reset")  # that connection drops before anyone uses it
+        await asyncio.sleep(0.1)
+        proxy.set("pass")
+        async with asyncio.timeout(2):  # never a hang: an answer or a clear error
+            try:
+                reply = await wire.call(pack("PING"))
+            except WireError:
+                reply = await wire.call(pack("PING"))
+        assert reply == b"PONG"
+    finally:
+        await wire.close()
+        proxy.stop()
+
+
+async def test_a_saturated_caller_is_no_redis_fault(redis_url: str) -> None:
+    """Replies read late because this process's loop was busy do not fail the connection."""
+    wire = RespConnection(redis_url, deadline_s=0.05)
+    try:
+        assert await wire.call(pack("PING")) == b"PONG"  # connected
+        first = asyncio.ensure_future(wire.call(pack("INCR", "n")))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # the first command is on the wire
+        pending = [asyncio.ensure_future(wire.call(pack("INCR", "n"))) for _ in range(100)]
+        await asyncio.sleep(0)  # these queue behind it
+        time.sleep(0.2)  # noqa: ASYNC251 - the loop is blocked past the deadline while Redis answers
+        results = await asyncio.gather(first, *pending)
+        assert results == list(range(1, 102))
+    finally:
+        await wire.close()
