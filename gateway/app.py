@@ -43,7 +43,7 @@ log = logging.getLogger("gateway.app")
 
 CLIENT_CLOSED = 499  # as nginx logs it: the caller closed the connection before the answer was complete
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
-_UNSAFE_HEADER_CHARS = re.compile(r"[^\x20-\x7e]")
+_UNSAFE_HEADER_CHARS = re.compile(r"[^\x20-\x24\x26-\x7e]+")  # all but printable ASCII, and "%" itself
 
 
 def request_id_for(incoming: str | None) -> str:
@@ -53,10 +53,22 @@ def request_id_for(incoming: str | None) -> str:
 
 
 def header_safe(value: str | None) -> str:
-    """Claims become upstream header values: no control or non-ASCII bytes may pass raw."""
+    """Claims become upstream header values: printable ASCII only, and reversibly so.
+
+    Everything else (controls, non-ASCII) and ``%`` itself become the percent-encoded UTF-8 bytes,
+    as do spaces at either end (parsers strip them), so the upstream can decode a value exactly and
+    two different claims never arrive as the same header value.
+    """
     if not value:
         return ""
-    return _UNSAFE_HEADER_CHARS.sub(lambda m: f"%{ord(m.group()) & 0xFF:02X}", value)
+    encoded = _UNSAFE_HEADER_CHARS.sub(
+        lambda m: "".join(f"%{byte:02X}" for byte in m.group().encode("utf-8", "surrogatepass")), value)
+    if encoded[:1] == " " or encoded[-1:] == " ":
+        core = encoded.strip(" ")
+        lead = len(encoded) - len(encoded.lstrip(" "))
+        trail = len(encoded) - len(encoded.rstrip(" ")) if core else 0
+        encoded = "%20" * lead + core + "%20" * trail
+    return encoded
 
 
 @dataclass(slots=True)
@@ -77,17 +89,123 @@ class Exchange:
 
 
 class ModelExtractor:
-    """The model a request names: JSON body ``model`` or ``policy.model_path_pattern``'s group."""
+    """The model a request names: JSON body ``model``, a form field ``model``, or ``policy.model_path_pattern``'s group.
+
+    The model decided on must be the model the upstream serves, however the upstream parses the request.
+    So an input that parsers could read in more than one way is refused (400), never guessed:
+
+    * the request-target must be origin-form (absolute-form is reduced to its path and query);
+    * with a path pattern, a path that a normalising server (percent-decoding, dot segments, ``//``,
+      ``;params``, ``\\``, NUL, letter case, a trailing slash) could route to a model must already be in
+      canonical form (none of those, nothing percent-encoded), or it is refused; a canonical path is
+      matched exactly as written;
+    * a path model and a body model that differ are refused;
+    * JSON bodies: a duplicate ``model`` key (however escaped), a non-string or empty model, a byte order
+      mark or UTF-16/32 text (which lenient parsers accept and strict ones do not) are refused; a
+      ``model`` inside a nested object names no model;
+    * ``multipart/form-data`` and ``application/x-www-form-urlencoded`` bodies name their model in a
+      ``model`` field (OpenAI's audio and image endpoints do); a repeated or ambiguous one is refused.
+    """
 
     def __init__(self, pattern: str | None) -> None:
+        from urllib.parse import unquote
+
+        from .proxy import origin_form
+
         self.pattern = re.compile(pattern) if pattern else None
+        # What a lenient upstream might route on is matched without regard to letter case.
+        self.loose_pattern = re.compile(pattern, re.IGNORECASE) if pattern else None
+        self._origin_form = origin_form
+        self._unquote = unquote
 
     def extract(self, request: BaseRequest, body: bytes) -> str | None:
-        if self.pattern is not None:
-            match = self.pattern.search(request.path)
+        target = self._origin_form(request.raw_path)
+        path_model = self.model_from_path(target.split("?", 1)[0]) if self.pattern is not None else None
+        body_model = self.model_from_body(body, request.headers.getall("Content-Type", ())) if body else None
+        if path_model is not None and body_model is not None and path_model != body_model:
+            raise _ambiguous(f"The request path names model '{path_model}' and its body names "
+                             f"'{body_model}'.")
+        return path_model if path_model is not None else body_model
+
+    # --- the path ---------------------------------------------------------------------------------
+
+    def model_from_path(self, path: str) -> str | None:
+        """``path`` is the raw (percent-encoded) path of an origin-form target, without the query."""
+        assert self.pattern is not None and self.loose_pattern is not None
+        if self._canonical(path):
+            match = self.pattern.search(path)
             if match and match.group("model"):
                 return match.group("model")
-        if not body or body.lstrip()[:1] != b"{":
+        for candidate in self._loosened(path):
+            loose = self.loose_pattern.search(candidate)
+            if loose and loose.group("model"):
+                raise _ambiguous("The request path could name a model in more than one way (encoded characters, "
+                                 "dot segments, empty segments, ';' parameters, backslashes, letter case or a "
+                                 "trailing slash); send the canonical path.")
+        return None
+
+    @staticmethod
+    def _canonical(path: str) -> bool:
+        """True when no server reads ``path`` other than as written: nothing percent-encoded (a server may
+        decode it or not), no ``//``, dot segments, ``;`` parameters or ``\\``."""
+        if "%" in path or "//" in path or ";" in path or "\\" in path:
+            return False
+        return not any(segment in (".", "..") for segment in path.split("/"))
+
+    def _loosened(self, path: str) -> list[str]:
+        """``path`` as lenient servers might read it, decoded zero to three times: ``\\`` as ``/``, cut at
+        NUL, ``;params`` dropped, empty and dot segments resolved, no trailing slash."""
+        readings: list[str] = []
+        text = path
+        for _ in range(4):
+            cut = text.split("\x00", 1)[0].replace("\\", "/")
+            segments: list[str] = []
+            for segment in cut.split("/"):
+                segment = segment.split(";", 1)[0]
+                if segment in ("", "."):
+                    continue
+                if segment == "..":
+                    if segments:
+                        segments.pop()
+                    continue
+                segments.append(segment)
+            readings.append("/" + "/".join(segments))
+            decoded = self._unquote(text, errors="replace")
+            if decoded == text:
+                break
+            text = decoded
+        return readings
+
+    # --- the body ---------------------------------------------------------------------------------
+
+    def model_from_body(self, body: bytes, content_types: list[str]) -> str | None:
+        if len(content_types) > 1:
+            raise _ambiguous("The request has more than one Content-Type header.")
+        content_type = content_types[0] if content_types else ""
+        lowered = content_type.lower()
+        if "multipart/" not in lowered and "urlencoded" not in lowered:
+            return self._json_model(body)  # the common case, without parsing the media type
+        media, params = self._media_type(content_type)  # the boundary is case-sensitive
+        if media == "multipart/form-data":
+            return self._multipart_model(body, params.get("boundary"))
+        if media == "application/x-www-form-urlencoded":
+            return self._form_model(body)
+        return self._json_model(body)
+
+    @staticmethod
+    def _media_type(value: str) -> tuple[str, dict[str, str]]:
+        from email.message import Message
+
+        if not value:
+            return "", {}
+        message = Message()
+        message["Content-Type"] = value
+        params = {str(k).lower(): str(v) for k, v in message.get_params(failobj=[])[1:]}
+        return message.get_content_type().lower(), params
+
+    def _json_model(self, body: bytes) -> str | None:
+        if body.lstrip()[:1] != b"{":
+            self._refuse_disguised_json(body)
             return None
         try:
             document = orjson.loads(body)
@@ -98,23 +216,122 @@ class ModelExtractor:
         model = document["model"]
         if not isinstance(model, str) or not model:
             raise GatewayError(400, "invalid_request", "The request's 'model' must be a non-empty string.")
-        if body.count(b'"model"') > 1 and _has_duplicate_model(body):
-            # Parsers disagree on duplicate keys; the model decided on must be the one served.
-            raise GatewayError(400, "invalid_request", "The request names 'model' more than once.")
+        # A key may be spelled with escapes ("mod\\u0065l"); only then, or with several "model" strings,
+        # can the body name the key twice. Parsers disagree on which one wins: refuse.
+        if (body.count(b'"model"') > 1 or b"\\u" in body) and self._top_level_model_count(body) > 1:
+            raise _ambiguous("The request names 'model' more than once.")
+        return model
+
+    @staticmethod
+    def _top_level_model_count(body: bytes) -> int:
+        import json
+
+        counts: list[int] = []
+
+        def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+            counts.append(sum(1 for key, _ in pairs if key == "model"))
+            return dict(pairs)
+
+        try:
+            json.loads(body, object_pairs_hook=hook)
+        except (ValueError, RecursionError) as exc:  # orjson read it; a stricter look did not
+            raise GatewayError(400, "invalid_request", "The request body is not valid JSON.") from exc
+        return counts[-1] if counts else 0  # the outermost object is finished last
+
+    @staticmethod
+    def _refuse_disguised_json(body: bytes) -> None:
+        """A byte order mark or UTF-16/32 text: strict parsers see no JSON, lenient ones (Python's
+        ``json.loads`` on bytes) read an object and its model. JSON must be UTF-8 without a BOM (RFC 8259)."""
+        if not (body[:3] == b"\xef\xbb\xbf" or body[:2] in (b"\xfe\xff", b"\xff\xfe") or b"\x00" in body[:4]):
+            return
+        import json
+
+        try:
+            document = json.loads(body)
+        except (ValueError, RecursionError):
+            return  # not JSON in any encoding: binary content
+        if isinstance(document, (dict, list)):
+            raise GatewayError(400, "invalid_request",
+                               "A JSON request body must be UTF-8 without a byte order mark.")
+
+    @staticmethod
+    def _form_model(body: bytes) -> str | None:
+        from urllib.parse import parse_qsl
+
+        def values(text: str) -> list[str]:
+            return [v for k, v in parse_qsl(text, keep_blank_values=True, errors="strict") if k == "model"]
+
+        try:
+            text = body.decode("ascii")
+            found = values(text)
+            # Servers split pairs on "&", and some on ";" too: both readings must agree.
+            if found != values(text.replace(";", "&")):
+                raise _ambiguous("The form's 'model' field reads differently when ';' separates fields.")
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise _ambiguous("The form body is not ASCII URL-encoded UTF-8 text.") from exc
+        if len(found) > 1:
+            raise _ambiguous("The request names 'model' more than once.")
+        if found == [""]:
+            raise GatewayError(400, "invalid_request", "The request's 'model' must be a non-empty string.")
+        return found[0] if found else None
+
+    _NAME_PARAM = re.compile(r"(?i)(?:^|;)\s*name\*?\s*=")
+
+    @classmethod
+    def _multipart_model(cls, body: bytes, boundary: str | None) -> str | None:
+        from email.message import Message
+
+        if not boundary or len(boundary) > 70 or not boundary.isascii():
+            raise _ambiguous("A multipart body needs a boundary of at most 70 ASCII characters.")
+        parts = (b"\r\n" + body).split(b"\r\n--" + boundary.encode())
+        if len(parts) < 2 or not parts[-1].startswith(b"--"):
+            raise _ambiguous("The multipart body is not complete.")
+        found: list[bytes] = []
+        for part in parts[1:-1]:
+            padding, newline, rest = part.partition(b"\r\n")
+            if not newline or padding.strip(b" \t"):
+                raise _ambiguous("The multipart body is malformed.")
+            if rest.startswith(b"\r\n"):
+                head, content = b"", rest[2:]
+            else:
+                head, separator, content = rest.partition(b"\r\n\r\n")
+                if not separator:
+                    raise _ambiguous("The multipart body is malformed.")
+            fields = [line.partition(b":") for line in head.split(b"\r\n") if line]
+            dispositions = [v.decode("latin-1") for k, _, v in fields if k.strip().lower() == b"content-disposition"]
+            encodings = [v.strip().lower() for k, _, v in fields if k.strip().lower() == b"content-transfer-encoding"]
+            if len(dispositions) != 1:
+                raise _ambiguous("Each multipart part needs exactly one Content-Disposition.")
+            disposition = dispositions[0]
+            if len(cls._NAME_PARAM.findall(disposition)) > 1:
+                raise _ambiguous("A multipart part names itself more than once.")
+            message = Message()
+            message["Content-Disposition"] = disposition
+            name = message.get_param("name", header="content-disposition")
+            if isinstance(name, tuple):  # the RFC 2231 form (name*=): never matched, refused if it is "model"
+                name = str(name[2]) + "*"
+            if not isinstance(name, str) or name.rstrip("*").casefold() != "model":
+                continue
+            if (name != "model" or "filename" in disposition.lower()
+                    or any(e not in (b"7bit", b"8bit", b"binary") for e in encodings)):
+                raise _ambiguous("The multipart 'model' field is a file, transfer-encoded, or not named exactly "
+                                 "'model'.")
+            found.append(content)
+        if not found:
+            return None
+        if len(found) > 1:
+            raise _ambiguous("The request names 'model' more than once.")
+        try:
+            model = found[0].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _ambiguous("The multipart 'model' field is not UTF-8.") from exc
+        if not model:
+            raise GatewayError(400, "invalid_request", "The request's 'model' must be a non-empty string.")
         return model
 
 
-def _has_duplicate_model(body: bytes) -> bool:
-    import json
-
-    seen: list[int] = []
-
-    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        seen.append(sum(1 for key, _ in pairs if key == "model"))
-        return dict(pairs)
-
-    json.loads(body, object_pairs_hook=hook)
-    return bool(seen) and seen[-1] > 1  # the outermost object is finished last
+def _ambiguous(message: str) -> GatewayError:
+    return GatewayError(400, "invalid_request", message)
 
 
 class Gateway:
@@ -285,8 +502,11 @@ class Gateway:
                                        on_usage=charge if needs_usage else None, outcome=exchange.outcome)
 
     def _forwarded_for(self, request: BaseRequest) -> str:
-        peer = request.remote or ""
-        if self.trusted.contains(peer):
+        raw_peer = request.remote or ""
+        # The peer as the decision saw it (IPv4-mapped IPv6 as IPv4), so the upstream learns the same address.
+        address, trusted = self.trusted.classify_peer(raw_peer) if raw_peer else (None, False)
+        peer = address or raw_peer
+        if trusted:
             chain = ", ".join(v.strip() for v in request.headers.getall("X-Forwarded-For", ()) if v.strip())
             return f"{chain}, {peer}" if chain else peer
         return peer
@@ -318,7 +538,9 @@ class Gateway:
                                "The request body arrived too slowly.") from exc
         except aiohttp.web.HTTPException:
             raise
-        except (aiohttp.ClientPayloadError, ValueError) as exc:
+        except (aiohttp.ClientPayloadError, aiohttp.http_exceptions.HttpProcessingError, web.RequestPayloadError,
+                ValueError) as exc:
+            # Bad chunking or a body cut short: the parser's errors arrive here, on the body stream.
             raise GatewayError(400, "invalid_request", "The request body is malformed.") from exc
         return b"".join(chunks)
 
@@ -376,8 +598,15 @@ def _rate_message(rate: RateResult, model: str | None) -> str:
             f"retry after {rate.retry_after_s} s.")
 
 
+_second_cache: list[Any] = [-1, ""]
+
+
 def _rfc3339(epoch: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + f".{int(epoch % 1 * 1000):03d}Z"
+    """UTC RFC 3339 with milliseconds; the formatted second is reused (one audit record per request)."""
+    second = int(epoch)
+    if second != _second_cache[0]:
+        _second_cache[0], _second_cache[1] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    return f"{_second_cache[1]}.{int((epoch - second) * 1000):03d}Z"
 
 
 # --- applications ---------------------------------------------------------------------------

@@ -4,6 +4,12 @@ aiohttp answers requests it cannot parse (oversized headers, smuggling attempts,
 bad chunking) itself, in plain text that echoes part of what was sent. Here
 those answers get the contract's JSON body and headers instead, never echo the
 request, and always close the connection.
+
+A body that turns out malformed while the handler reads it (a bad chunk size
+after good chunks) is reported to the handler as an error on the body stream,
+answered once, and the connection closed: llhttp otherwise drops the body
+stream without a word, so the handler would wait for bytes that never come and
+the parser's own 400 would follow as a second, unasked-for response.
 """
 
 from __future__ import annotations
@@ -14,7 +20,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.http_exceptions import BadHttpMessage
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from aiohttp.web_request import BaseRequest
 
 from .errors import GatewayError, error_response
@@ -25,6 +32,22 @@ Handler = Callable[[BaseRequest], Awaitable[web.StreamResponse]]
 
 
 class _JsonErrorRequestHandler(RequestHandler):
+    def data_received(self, data: bytes) -> None:
+        request = self._current_request
+        payload = request.content if request is not None else None
+        queued = len(self._messages)
+        super().data_received(data)
+        if payload is None or payload.is_eof():
+            return
+        if len(self._messages) > queued and isinstance(self._messages[-1][0], _ErrInfo):
+            # The parser failed inside the body being read: that request answers it (400), not a second response.
+            info = self._messages.pop()[0]
+            if payload.exception() is None:
+                payload.set_exception(info.exc if info.exc is not None else BadHttpMessage("malformed body"))
+        if payload.exception() is not None:
+            payload.feed_eof()  # nothing more will come: no lingering read may wait for it
+            self.close()  # and nothing after it on this connection is trusted
+
     def handle_error(self, request: BaseRequest, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
         server: JsonErrorServer = self._manager  # type: ignore[assignment]
@@ -48,6 +71,10 @@ class JsonErrorServer(web.Server):
 
     def __init__(self, handler: Handler, *, policy_version: Callable[[], int],
                  on_rejected: Callable[[int, str], None], **kwargs: Any) -> None:
+        # After an answer to a request whose body was not read to the end (413, a stalled or malformed body),
+        # aiohttp keeps reading and discarding it so the caller sees the answer before the close; no longer
+        # than a header may take to arrive.
+        kwargs.setdefault("lingering_time", min(10.0, float(kwargs.get("keepalive_timeout", 10.0))))
         super().__init__(handler, **kwargs)
         self.policy_version = policy_version
         self.on_rejected = on_rejected

@@ -9,8 +9,11 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import logging
+import re
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import orjson
@@ -33,6 +36,12 @@ _REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "authorization", "x-forw
                                "x-forwarded-proto", "x-request-id", "expect"}
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 USAGE_CAPTURE_LIMIT = 4 * 1024 * 1024
+# A request-target may hold visible ASCII only; the pure-Python parser lets raw UTF-8 through, llhttp does
+# not, and the two must agree. Control characters may not hide behind percent-encoding either.
+_TARGET = re.compile(r"[!-~]+")
+_ENCODED_CONTROL = re.compile(r"%(?:[01][0-9A-Fa-f]|7[Ff])")
+# Response head characters that must never reach a caller: every control except HTAB (RFC 9110 §5.5).
+_HEAD_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 UsageSink = Callable[[int], Awaitable[None]]
 
@@ -47,6 +56,55 @@ def _connection_named(headers: Mapping[str, str] | CIMultiDictProxy[str]) -> set
             if token:
                 named.add(token)
     return named
+
+
+def origin_form(target: str) -> str:
+    """The path and query to send upstream for a caller's request-target (RFC 9112 §3.2).
+
+    Origin-form passes unchanged. Absolute-form (``http://host/path?q``) keeps only its path and
+    query: the gateway routes by its configuration, never by an authority the caller names. The
+    asterisk and authority forms, fragments, bytes outside visible ASCII, and percent-encoded
+    control characters in the path are refused (400), identically under both HTTP parsers.
+    """
+    if not _TARGET.fullmatch(target) or "#" in target:
+        raise _bad_target()
+    if not target.startswith("/"):
+        scheme, separator, rest = target.partition("://")
+        if not separator or scheme.lower() not in ("http", "https"):
+            raise _bad_target()
+        cut = [i for i in (rest.find("/"), rest.find("?")) if i >= 0]
+        target = rest[min(cut):] if cut else "/"
+        if target.startswith("?"):
+            target = "/" + target
+    if _ENCODED_CONTROL.search(target.split("?", 1)[0]):
+        raise _bad_target()
+    return target
+
+
+def _bad_target() -> GatewayError:
+    return GatewayError(400, "invalid_request",
+                        "The request target must be a path (origin-form) of visible ASCII, without a fragment "
+                        "or encoded control characters.")
+
+
+def response_problem(status: int, reason: str | None, headers: CIMultiDictProxy[str]) -> str | None:
+    """Why an upstream response head may not be relayed, or None when it may.
+
+    The client parsers already refuse CR, LF and NUL; other controls (ESC, DEL, VT...) would pass
+    to the caller raw. A status outside 200-599 (an unsolicited 101, a private 999) and differing
+    Content-Length values (the pure-Python parser takes the first) are not relayed either.
+    """
+    if not 200 <= status <= 599:
+        return f"status {status}"
+    if reason and _HEAD_CONTROL.search(reason):
+        return "control character in the reason phrase"
+    for name, value in headers.items():
+        if _HEAD_CONTROL.search(name) or _HEAD_CONTROL.search(value):
+            return f"control character in header {name[:40]!r}"
+    lengths = headers.getall("Content-Length", ())
+    if len(lengths) > 1 and len(set(lengths)) > 1:
+        return "conflicting Content-Length values"
+    return None
 
 
 def upstream_request_headers(incoming: CIMultiDictProxy[str], *, forwarded_for: str, proto: str,
@@ -160,6 +218,50 @@ def _sse_error_event(code: str, message: str, request_id: str) -> bytes:
     return b"event: error\ndata: " + body + b"\n\n"
 
 
+def _fail_body_when_connection_lost(upstream: aiohttp.ClientResponse) -> Callable[[], None]:
+    """Make a response body that can no longer complete fail instead of waiting forever.
+
+    With llhttp (aiohttp 3.14), a malformed chunk in the middle of a response body closes the
+    connection, but the error never reaches the body stream, and the close cancels the ``sock_read``
+    timer: a reader would wait for ever (the pure-Python parser does report it). So when the
+    connection goes while the body is unfinished, the body stream gets the error. Returns the undo.
+    """
+    connection = upstream.connection
+    protocol = connection.protocol if connection is not None else None
+    if protocol is None:
+        return _nothing
+    content = upstream.content
+
+    def on_closed(_closed: asyncio.Future[None] | None) -> None:
+        if not content.is_eof() and content.exception() is None:
+            content.set_exception(aiohttp.ClientPayloadError("The connection to the model server was lost "
+                                                             "before the response was complete."))
+
+    closed = protocol.closed
+    if closed is None or closed.done():  # already gone
+        on_closed(closed)
+        return _nothing
+    if protocol not in _WATCHED:  # once per connection, however many requests it carries
+        _WATCHED.add(protocol)
+        closed.add_done_callback(_retrieve)
+    closed.add_done_callback(on_closed)
+    return lambda: closed.remove_done_callback(on_closed)
+
+
+# Connections whose close future has a retriever: asking for the future creates it, and a connection
+# that later dies with an error must not leave an exception nobody retrieved.
+_WATCHED: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _nothing() -> None:
+    return None
+
+
 class Forwarder:
     """Relays one admitted request upstream and the answer back, chunk by chunk."""
 
@@ -175,7 +277,11 @@ class Forwarder:
                       headers: CIMultiDict[str], request_id: str,
                       extra_response_headers: Iterable[tuple[str, str]],
                       on_usage: UsageSink | None, outcome: ProxyOutcome) -> web.StreamResponse:
-        url = URL(self.router.base_for(model) + request.raw_path, encoded=True)
+        url = URL(self.router.base_for(model) + origin_form(request.raw_path), encoded=True)
+        if on_usage is not None:
+            # Usage is read from the response as it passes: a compressed one would hide it, and with it
+            # the token budget. Ask for the identity coding (the caller's Accept-Encoding is dropped).
+            headers["Accept-Encoding"] = "identity"
         started = self.clock()
         try:
             upstream = await self.session.request(
@@ -191,11 +297,13 @@ class Forwarder:
             outcome.error_kind = "connect" if isinstance(exc, aiohttp.ClientConnectorError) else "protocol"
             raise GatewayError(502, "upstream_unreachable",
                                "The model server could not be reached.") from exc
+        unwatch = _fail_body_when_connection_lost(upstream)
         try:
             return await self._relay(request, upstream, request_id=request_id,
                                      extra=extra_response_headers, on_usage=on_usage,
                                      outcome=outcome, started=started)
         finally:
+            unwatch()
             upstream.release()
             outcome.upstream_seconds = self.clock() - started
 
@@ -203,6 +311,12 @@ class Forwarder:
                      extra: Iterable[tuple[str, str]], on_usage: UsageSink | None,
                      outcome: ProxyOutcome, started: float) -> web.StreamResponse:
         outcome.upstream_status = upstream.status
+        problem = response_problem(upstream.status, upstream.reason, upstream.headers)
+        if problem is not None:
+            log.warning("malformed upstream response not relayed: %s", problem)
+            outcome.error_kind = "protocol"
+            upstream.close()  # never reuse a connection that carried it
+            raise GatewayError(502, "upstream_unreachable", "The model server sent a malformed response.")
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
                                       headers=response_headers(upstream.headers))
         response.headers["X-Request-Id"] = request_id
