@@ -196,7 +196,6 @@ class PolicySettings(_Section):
     blocked_by_url: str | None = None
     block_style: Literal["rfc7725", "openai"] = "rfc7725"
     poll_interval_s: float = Field(0.25, gt=0)
-    max_model_body_bytes: int = Field(1_048_576, ge=1024)
 
     @field_validator("model_path_pattern")
     @classmethod

@@ -243,7 +243,9 @@ class Store:
         try:
             async with asyncio.timeout(deadline_s or self.timeout_s):
                 return await awaitable
-        except (RedisError, OSError, TimeoutError) as exc:
+        except (RedisError, OSError, TimeoutError, RuntimeError) as exc:
+            # RuntimeError: uvloop's "unable to perform operation on <TCPTransport closed=True>"
+            # when Redis resets a connection under redis-py; it is a transport failure too.
             if isinstance(exc, (WatchError, NoScriptError)):
                 raise
             self.on_error(op)
@@ -473,7 +475,7 @@ class Store:
         finally:
             try:
                 await pubsub.aclose()
-            except (RedisError, OSError):
+            except (RedisError, OSError, RuntimeError):  # the connection is gone either way
                 pass
 
     # --- scripts, auto-pipelined ----------------------------------------------------------
@@ -567,7 +569,7 @@ class Store:
                 pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
             try:
                 results = list(await pipe.execute(raise_on_error=False))
-            except (RedisError, OSError) as exc:
+            except (RedisError, OSError, RuntimeError) as exc:
                 raise StoreUnavailable(f"redis script: {type(exc).__name__}: {exc}") from exc
             if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
                 # Redis restarted or flushed its script cache: load once, then replay the batch.
