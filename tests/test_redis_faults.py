@@ -386,3 +386,38 @@ async def test_a_change_without_its_announcement_converges_within_a_second(upstr
                 assert (await post(client, gw, DENIED)).status == 451
         finally:
             gw.stop()
+
+
+def test_admin_reads_while_redis_resets_connections_are_never_500(upstream: Upstream) -> None:
+    """redis-py under uvloop may raise RuntimeError on a reset transport: still 'Redis unavailable'."""
+    import collections
+    import urllib.error
+    import urllib.request
+
+    from .harness import ADMIN_TOKEN
+
+    with RedisServer() as redis:
+        seed_policy(redis.url)
+        proxy = FaultProxy(redis.port).start()
+        gateway = GatewayProcess(gateway_config(upstream.url, policy={"max_staleness_s": 30, "poll_interval_s": 0.1}),
+                                 redis_url=proxy.url).start()
+        statuses: collections.Counter[int] = collections.Counter()
+        try:
+            for i in range(30):
+                proxy.set("reset" if i % 2 == 0 else "pass")
+                for _ in range(4):
+                    request = urllib.request.Request(gateway.admin_url + "/admin/v1/lists/deny-countries",
+                                                     headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+                    try:
+                        with urllib.request.urlopen(request, timeout=5) as response:
+                            statuses[response.status] += 1
+                    except urllib.error.HTTPError as exc:
+                        statuses[exc.code] += 1
+                    time.sleep(0.02)
+        finally:
+            proxy.set("pass")
+            gateway.stop()
+            proxy.stop()
+        assert set(statuses) <= {200, 503}, statuses
+        assert statuses[200] > 0
+        assert "policy reload failed" not in gateway.log()
