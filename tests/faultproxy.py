@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 from gateway.redis_server import free_port
 
+from .servers import serve_in_thread
+
 
 @dataclass
 class FaultProxy:
@@ -77,18 +79,7 @@ class FaultProxy:
         self._writers.discard(server_writer)
 
     def start(self) -> FaultProxy:
-        ready = threading.Event()
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            self._server = loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", self.port))
-            ready.set()
-            loop.run_forever()
-
-        self._thread = threading.Thread(target=run, daemon=True, name="fault-proxy")
-        self._thread.start()
-        ready.wait(5)
+        self._loop, self._server, self._thread = serve_in_thread(self._handle, self.port, name="fault-proxy")
         return self
 
     def stop(self) -> None:

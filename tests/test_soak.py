@@ -31,6 +31,7 @@ from gateway.store import Store
 from .faultproxy import FaultProxy
 from .harness import BASE_POLICY, GatewayProcess, Upstream, gateway_config, hs_token, seed_policy
 from .rawhttp import AsyncRawConnection
+from .servers import serve_in_thread
 from .test_http_hardening import _pipeline, _slowloris, gw, module_redis  # noqa: F401 - fixtures
 
 pytestmark = [pytest.mark.soak, pytest.mark.timeout(3600)]
@@ -113,17 +114,7 @@ class QuickUpstream:
             writer.close()
 
     def start(self) -> QuickUpstream:
-        ready = threading.Event()
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", self.port, backlog=4096))
-            ready.set()
-            loop.run_forever()
-
-        threading.Thread(target=run, daemon=True, name="quick-upstream").start()
-        ready.wait(5)
+        self._loop, _server, _thread = serve_in_thread(self._serve, self.port, name="quick-upstream", backlog=4096)
         return self
 
     def stop(self) -> None:

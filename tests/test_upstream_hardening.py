@@ -23,6 +23,7 @@ from gateway.redis_server import RedisServer, free_port
 
 from .harness import GatewayProcess, gateway_config, hs_token, seed_policy
 from .rawhttp import ProtocolViolation, RawConnection, RawResponse, ResponseParser, request
+from .servers import serve_in_thread
 
 PARSERS = {"llhttp": {}, "python": {"AIOHTTP_NO_EXTENSIONS": "1"}}
 CHAT = b'{"model": "gpt-mock", "messages": []}'
@@ -167,18 +168,8 @@ class HostileUpstream:
             writer.close()
 
     def start(self) -> HostileUpstream:
-        ready = threading.Event()
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", self.port, limit=1 << 20))
-            ready.set()
-            loop.run_forever()
-
-        self._thread = threading.Thread(target=run, daemon=True, name="hostile-upstream")
-        self._thread.start()
-        ready.wait(5)
+        self._loop, _server, self._thread = serve_in_thread(self._serve, self.port, name="hostile-upstream",
+                                                            limit=1 << 20)
         return self
 
     def stop(self) -> None:
