@@ -16,7 +16,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 from gateway.settings import Tier
 
@@ -63,7 +63,9 @@ def rate_keys(subject: str, model: str) -> tuple[str, str]:
     """
     digest = hashlib.blake2b(f"{len(subject)}:{subject}|{model}".encode(errors="surrogatepass"),
                              digest_size=16).hexdigest()
-    return f"gw:rl:{{{digest}}}:r", f"gw:rl:{{{digest}}}:t"
+    # ":w", the token window with a running sum (token_window.lua); ":t" held the older layout, which
+    # gateways of an earlier release may still write during a rolling upgrade, so it is left alone.
+    return f"gw:rl:{{{digest}}}:r", f"gw:rl:{{{digest}}}:w"
 
 
 def _format_duration(seconds: float) -> str:
@@ -106,9 +108,11 @@ def _tier_strings(tier_name: str, limit: int, token_limit: int | None) -> _TierS
                         limit=str(limit), token_limit=str(token_limit))
 
 
-@dataclass(frozen=True, slots=True)
-class RateResult:
-    """One decision. Times are seconds; ``retry_after_s`` is 0 unless blocked."""
+class RateResult(NamedTuple):
+    """One decision. Times are seconds; ``retry_after_s`` is 0 unless blocked.
+
+    A named tuple: immutable, and built on every request at a fraction of a frozen dataclass's cost.
+    """
 
     allowed: bool
     code: Code

@@ -17,7 +17,7 @@ key                             type     holds
 ``{gw}:write:<id>``             string   version a write produced; read back to confirm it (TTL)
 ``gw:audit``                    stream   audit records (``r``: JSON, ``id``: producer:sequence)
 ``{gw:audit}:seq:<producer>``   string   highest audit sequence appended for one process
-``gw:rl:{<hash>}:r`` / ``:t``   string   rate-limit state, always with a TTL
+``gw:rl:{<hash>}:r`` / ``:w``   string / hash   rate-limit state, always with a TTL
 ==============================  =======  ==================================================
 
 Channel ``gw:policy`` announces each new version. Redis errors and timeouts are
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -154,8 +155,13 @@ def _summary(values: Mapping[str, Any], limit: int = 200) -> Any:
     return {"count": len(values), "keys_sample": sorted(values)[:limit]}
 
 
-def _load_lua(name: str) -> str:
-    return resources.files("gateway").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+def lua_source(name: str) -> str:
+    """``gateway/lua/<name>.lua``, with each ``-- @include <other>`` line replaced by that file."""
+    source = resources.files("gateway").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+    return _INCLUDE.sub(lambda match: lua_source(match.group(1)), source)
+
+
+_INCLUDE = re.compile(r"^-- @include (\w+)$", re.MULTILINE)
 
 
 def _hosts(netloc: str) -> list[tuple[str, int]]:
@@ -531,7 +537,7 @@ class Store:
         if cached is None:
             import hashlib
 
-            source = _load_lua(name)
+            source = lua_source(name)
             cached = (source, hashlib.sha1(source.encode()).hexdigest())
             self._scripts[name] = cached
         return cached

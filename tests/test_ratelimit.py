@@ -159,7 +159,7 @@ def test_keys_share_a_slot_and_are_bounded() -> None:
     assert len(request_key) < 64
     tag = request_key[request_key.index("{"):request_key.index("}") + 1]
     assert token_key.startswith(f"gw:rl:{tag}")
-    assert request_key.endswith(":r") and token_key.endswith(":t")
+    assert request_key.endswith(":r") and token_key.endswith(":w")
     # A separator inside a subject cannot make two callers share a key.
     assert rate_keys("a|b", "c") != rate_keys("a", "b|c")
 

@@ -18,6 +18,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from gateway.ratelimit import BackendUnavailable, RateLimiter, rate_keys
 from gateway.redis_server import RedisServer, free_port
 from gateway.settings import Tier
+from gateway.store import lua_source
 
 LUA_DIR = Path(__file__).resolve().parent.parent / "gateway" / "lua"
 
@@ -30,7 +31,7 @@ class ScriptClient:
                                              socket_connect_timeout=timeout_s)
         self.timeout_s = timeout_s
         self.calls = 0
-        self._sources = {path.stem: path.read_text() for path in LUA_DIR.glob("*.lua")}
+        self._sources = {path.stem: lua_source(path.stem) for path in LUA_DIR.glob("*.lua")}
         self._shas: dict[str, str] = {}
 
     async def run_script(self, name: str, keys: Sequence[str], args: Sequence[str | int | float]) -> Any:
@@ -139,6 +140,33 @@ async def test_scripts_match_the_local_limiter(client: ScriptClient, tier: str) 
         assert remote.reset_s == pytest.approx(here.reset_s, abs=1e-3)
         assert remote.token_reset_s == pytest.approx(here.token_reset_s, abs=1e-3)
     assert len(seen) > 1  # the pattern reaches a block, not only passes
+
+
+async def test_running_token_sum_matches_the_buckets_over_minutes(client: ScriptClient) -> None:
+    # A hot caller charged in most seconds for three minutes: the script keeps a running sum and
+    # prunes only when the oldest second leaves the window; its answers must still match the local
+    # limiter's (which sums every time), and the sum must match the buckets it stands for.
+    import random
+
+    rng = random.Random(7)
+    limiter, clock = scripted(client)
+    local = limiter.local
+    _, window_key = rate_keys("hot", "m")
+    for _step in range(400):
+        clock.advance(rng.choice((0.0, 0.05, 0.3, 0.7, 1.0, 2.5)))
+        tokens = rng.randint(1, 40)
+        await limiter.charge("hot", "m", "tokens", tokens)
+        local.charge("hot-local", "m", TIERS["tokens"], tokens)
+        remote = await limiter.check("hot", "m", "tokens")
+        here = local.check("hot-local", "m", TIERS["tokens"])
+        assert (remote.allowed, remote.code, remote.tokens_remaining, remote.retry_after_s) == (
+            here.allowed, here.code, here.tokens_remaining, here.retry_after_s)
+        assert remote.token_reset_s == pytest.approx(here.token_reset_s, abs=1e-3)
+        fields = {k.decode(): int(v) for k, v in (await client.redis.hgetall(window_key)).items()}
+        seconds = {int(k): v for k, v in fields.items() if k.isdigit()}
+        assert fields["sum"] == sum(seconds.values())
+        assert (fields["lo"], fields["hi"]) == (min(seconds), max(seconds))
+        assert len(seconds) <= 64
 
 
 async def test_uses_redis_time_when_no_clock_is_injected(client: ScriptClient) -> None:

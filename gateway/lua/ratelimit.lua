@@ -2,7 +2,7 @@
 -- one-minute token budget, decided together in one round trip.
 --
 -- KEYS[1]  request key: the GCRA theoretical arrival time (TAT), integer microseconds
--- KEYS[2]  token key: a hash, second -> tokens charged in that second
+-- KEYS[2]  token key: the token window hash (see token_window.lua)
 -- ARGV[1]  emission interval in microseconds (60e6 / requests_per_minute)
 -- ARGV[2]  burst
 -- ARGV[3]  tokens_per_minute; 0 means no token limit
@@ -16,9 +16,11 @@
 -- replication; Redis 7 always replicates effects and ignores this.
 if redis.replicate_commands then redis.replicate_commands() end
 
+-- @include token_window
+
 local now
 if ARGV[4] and ARGV[4] ~= '' then
-  now = math.floor(tonumber(ARGV[4]) * 1000)
+  now = math.floor(tonumber(ARGV[4]) * 1000 + 0.5) -- rounded, as LocalLimiter does
 else
   -- Server time, so every gateway process measures against the same clock.
   local t = redis.call('TIME')
@@ -40,26 +42,24 @@ local rate_ok = new_tat - now <= capacity
 local used, token_reset, token_retry = -1, 0, 0
 if tpm > 0 then
   used = 0
-  local now_s = math.floor(now / 1000000)
-  local oldest = now_s - 59
-  local flat = redis.call('HGETALL', KEYS[2])
-  local stale, buckets = {}, {}
-  for i = 1, #flat, 2 do
-    local s = tonumber(flat[i])
-    if s < oldest then
-      stale[#stale + 1] = flat[i]
-    else
-      local n = tonumber(flat[i + 1])
-      used = used + n
-      buckets[#buckets + 1] = {s, n}
-    end
+  local oldest = math.floor(now / 1000000) - 59
+  local meta = redis.call('HMGET', KEYS[2], 'sum', 'lo', 'hi')
+  local sum, lo, hi = tonumber(meta[1]), tonumber(meta[2]), tonumber(meta[3])
+  local buckets = nil
+  if sum == nil and lo == nil then
+    used = 0 -- no window yet (charges always write "sum" and "lo")
+  elseif sum == nil or lo == nil or hi == nil or lo < oldest then
+    used, buckets = prune_window(KEYS[2], oldest)
+    if #buckets > 0 then hi = buckets[#buckets][1] end
+  else
+    used = sum
   end
-  if #stale > 0 then redis.call('HDEL', KEYS[2], unpack(stale)) end
-  if #buckets > 0 then
-    table.sort(buckets, function(a, b) return a[1] < b[1] end)
-    token_reset = (buckets[#buckets][1] + 60) * 1000000 - now
+  if used > 0 then
+    token_reset = (hi + 60) * 1000000 - now
     if used >= tpm then
-      -- The budget reopens once enough of the oldest buckets have left.
+      -- The budget reopens once enough of the oldest buckets have left: that takes
+      -- the buckets themselves (a refused request, so the rare path).
+      if buckets == nil then used, buckets = prune_window(KEYS[2], oldest) end
       local left = used
       for _, b in ipairs(buckets) do
         left = left - b[2]
