@@ -8,6 +8,8 @@ identity (row 1) -> client IP and countries -> body and model -> decision (rows
 from __future__ import annotations
 
 import asyncio
+import functools
+import itertools
 import logging
 import os
 import re
@@ -32,7 +34,7 @@ from .logs import bind_request, log_access
 from .metrics import Metrics
 from .network import TrustedProxies, client_ip
 from .policy import Decision, Rules, decide
-from .proxy import Forwarder, ProxyOutcome, Router, upstream_request_headers
+from .proxy import SKIP_AUTO_HEADERS, Forwarder, ProxyOutcome, Router, upstream_request_headers
 from .ratelimit import RateLimiter, RateResult
 from .redis_wire import RespConnection
 from .settings import Settings, read_secret
@@ -46,10 +48,23 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _UNSAFE_HEADER_CHARS = re.compile(r"[^\x20-\x24\x26-\x7e]+")  # all but printable ASCII, and "%" itself
 
 
+# Made request ids: a random per-process prefix and a counter, unique across processes and
+# restarts without a system call per request.
+_REQUEST_ID_PREFIX = os.urandom(6).hex()
+_request_counter = itertools.count(1)
+
+
 def request_id_for(incoming: str | None) -> str:
     if incoming is not None and _REQUEST_ID.fullmatch(incoming):
         return incoming
-    return os.urandom(12).hex()
+    return f"{_REQUEST_ID_PREFIX}{next(_request_counter):012x}"
+
+
+@functools.lru_cache(maxsize=4096)
+def identity_headers(subject: str, org: str | None, tier: str) -> tuple[tuple[str, str], ...]:
+    """The ``X-Gateway-*`` headers for one caller (a hot caller's are encoded once)."""
+    return (("X-Gateway-Subject", header_safe(subject)), ("X-Gateway-Org", header_safe(org)),
+            ("X-Gateway-Tier", header_safe(tier)))
 
 
 def header_safe(value: str | None) -> str:
@@ -381,7 +396,8 @@ class Gateway:
         connector = aiohttp.TCPConnector(limit=s.upstream.max_connections, ttl_dns_cache=300,
                                          enable_cleanup_closed=True)
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
-                                             cookie_jar=aiohttp.DummyCookieJar())
+                                             cookie_jar=aiohttp.DummyCookieJar(),
+                                             skip_auto_headers=SKIP_AUTO_HEADERS)
         self.forwarder = Forwarder(self.session, Router(s.upstream.url, s.upstream.routes),
                                    read_timeout_s=s.upstream.read_timeout_s,
                                    connect_timeout_s=s.upstream.connect_timeout_s, clock=time.perf_counter)
@@ -487,9 +503,7 @@ class Gateway:
         headers = upstream_request_headers(
             request.headers, forwarded_for=self._forwarded_for(request),
             proto=request.scheme, request_id=exchange.request_id,
-            identity_headers=(("X-Gateway-Subject", header_safe(identity.subject)),
-                              ("X-Gateway-Org", header_safe(identity.org)),
-                              ("X-Gateway-Tier", header_safe(identity.tier))),
+            identity_headers=identity_headers(identity.subject, identity.org, identity.tier),
             upstream_auth=self.upstream_auth)
 
         async def charge(tokens: int) -> None:
@@ -519,6 +533,14 @@ class Gateway:
                                f"The request body exceeds the limit of {limit} bytes.")
         if not request.body_exists:
             return b""
+        content = request.content
+        if content.is_eof() and content.exception() is None:
+            # The whole body came with the head (the common small request): no waiting, no timer.
+            body = content.read_nowait()
+            if len(body) > limit:
+                raise GatewayError(413, "request_too_large",
+                                   f"The request body exceeds the limit of {limit} bytes.")
+            return body
         chunks: list[bytes] = []
         size = 0
         timeout = self.settings.limits.header_read_timeout_s

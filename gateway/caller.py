@@ -8,9 +8,13 @@ from typing import Literal
 CredentialKind = Literal["jwt", "api_key", "none"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Caller:
-    """An authenticated caller. Country codes are upper case ISO 3166-1 alpha-2 or 3166-2."""
+    """An authenticated caller. Country codes are upper case ISO 3166-1 alpha-2 or 3166-2.
+
+    Treated as immutable (the decision never changes it); not frozen only because a frozen
+    dataclass costs several times as much to build, and one is built for every request.
+    """
 
     subject: str
     org: str | None
@@ -32,4 +36,4 @@ class Caller:
                 codes.add(code)
                 if "-" in code:
                     codes.add(code.split("-", 1)[0])
-        object.__setattr__(self, "countries", frozenset(codes))
+        self.countries = frozenset(codes)

@@ -31,6 +31,9 @@ if TYPE_CHECKING:
     import aiohttp
 
 log = logging.getLogger(__name__)
+# Named here: the shared session sends no automatic headers (the proxy's upstream requests must not
+# gain any), and some identity providers refuse requests without a User-Agent.
+_JWKS_HEADERS = {"Accept": "application/json", "User-Agent": "export-control-gateway (JWKS refresh)"}
 
 MAX_KID_LENGTH = 256
 MIN_RSA_BITS = 2048
@@ -365,7 +368,7 @@ class JwksFetcher:
 
     async def _download(self) -> Any:
         async with self._session.get(self.url, allow_redirects=False, timeout=self._timeout,
-                                     headers={"Accept": "application/json"}) as response:
+                                     headers=_JWKS_HEADERS) as response:
             if response.status != 200:
                 raise ValueError(f"HTTP status {response.status}")
             body = bytearray()

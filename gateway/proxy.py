@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import functools
+import itertools
 import logging
 import re
 import weakref
@@ -58,6 +60,7 @@ def _connection_named(headers: Mapping[str, str] | CIMultiDictProxy[str]) -> set
     return named
 
 
+@functools.lru_cache(maxsize=1024)  # most requests name one of a few targets; a refusal is not cached
 def origin_form(target: str) -> str:
     """The path and query to send upstream for a caller's request-target (RFC 9112 §3.2).
 
@@ -98,9 +101,11 @@ def response_problem(status: int, reason: str | None, headers: CIMultiDictProxy[
         return f"status {status}"
     if reason and _HEAD_CONTROL.search(reason):
         return "control character in the reason phrase"
-    for name, value in headers.items():
-        if _HEAD_CONTROL.search(name) or _HEAD_CONTROL.search(value):
-            return f"control character in header {name[:40]!r}"
+    # One scan over every name and value ("\t" cannot be one of the controls looked for).
+    if _HEAD_CONTROL.search("\t".join(itertools.chain.from_iterable(headers.items()))):
+        for name, value in headers.items():
+            if _HEAD_CONTROL.search(name) or _HEAD_CONTROL.search(value):
+                return f"control character in header {name[:40]!r}"
     lengths = headers.getall("Content-Length", ())
     if len(lengths) > 1 and len(set(lengths)) > 1:
         return "conflicting Content-Length values"
@@ -111,7 +116,7 @@ def upstream_request_headers(incoming: CIMultiDictProxy[str], *, forwarded_for: 
                              request_id: str, identity_headers: Iterable[tuple[str, str]],
                              upstream_auth: str | None) -> CIMultiDict[str]:
     """Caller headers minus hop-by-hop, credentials and ``X-Gateway-*``, plus the gateway's own."""
-    drop = _REQUEST_DROP | _connection_named(incoming)
+    drop = _REQUEST_DROP | _connection_named(incoming) if "Connection" in incoming else _REQUEST_DROP
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
         lower = name.lower()
@@ -130,7 +135,7 @@ def upstream_request_headers(incoming: CIMultiDictProxy[str], *, forwarded_for: 
 
 
 def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    drop = _RESPONSE_DROP | _connection_named(upstream)
+    drop = _RESPONSE_DROP | _connection_named(upstream) if "Connection" in upstream else _RESPONSE_DROP
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream.items():
         lower = name.lower()
@@ -262,8 +267,17 @@ def _nothing() -> None:
     return None
 
 
+# aiohttp adds these to requests that lack them; the upstream must see the caller's headers only.
+SKIP_AUTO_HEADERS = ("User-Agent", "Content-Type", "Accept-Encoding", "Accept")
+_URL_CACHE_SIZE = 1024
+
+
 class Forwarder:
-    """Relays one admitted request upstream and the answer back, chunk by chunk."""
+    """Relays one admitted request upstream and the answer back, chunk by chunk.
+
+    ``session`` should skip aiohttp's automatic headers (``skip_auto_headers=SKIP_AUTO_HEADERS``):
+    set once on the session, they cost nothing per request.
+    """
 
     def __init__(self, session: aiohttp.ClientSession, router: Router, *, read_timeout_s: float,
                  connect_timeout_s: float, clock: Callable[[], float]) -> None:
@@ -272,12 +286,25 @@ class Forwarder:
         self.clock = clock
         self.timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s,
                                              sock_connect=connect_timeout_s, sock_read=read_timeout_s)
+        # Upstream URLs by (base, request-target): most requests name one of a few paths.
+        self._urls: dict[tuple[str, str], URL] = {}
+
+    def _url(self, model: str | None, raw_path: str) -> URL:
+        base = self.router.base_for(model)
+        key = (base, raw_path)
+        url = self._urls.get(key)
+        if url is None:
+            url = URL(base + origin_form(raw_path), encoded=True)
+            if len(self._urls) >= _URL_CACHE_SIZE:
+                self._urls.clear()
+            self._urls[key] = url
+        return url
 
     async def forward(self, request: BaseRequest, *, body: bytes, model: str | None,
                       headers: CIMultiDict[str], request_id: str,
                       extra_response_headers: Iterable[tuple[str, str]],
                       on_usage: UsageSink | None, outcome: ProxyOutcome) -> web.StreamResponse:
-        url = URL(self.router.base_for(model) + origin_form(request.raw_path), encoded=True)
+        url = self._url(model, request.raw_path)
         if on_usage is not None:
             # Usage is read from the response as it passes: a compressed one would hide it, and with it
             # the token budget. Ask for the identity coding (the caller's Accept-Encoding is dropped).
@@ -287,7 +314,6 @@ class Forwarder:
             upstream = await self.session.request(
                 request.method, url, headers=headers, data=body if body else None,
                 allow_redirects=False, timeout=self.timeout, auto_decompress=False,
-                skip_auto_headers=("User-Agent", "Content-Type", "Accept-Encoding", "Accept"),
             )
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             outcome.error_kind = "timeout"
