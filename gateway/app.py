@@ -169,27 +169,35 @@ class ModelExtractor:
 
     def _loosened(self, path: str) -> list[str]:
         """``path`` as lenient servers might read it, decoded zero to three times: ``\\`` as ``/``, cut at
-        NUL, ``;params`` dropped, empty and dot segments resolved, no trailing slash."""
+        NUL, empty and dot segments resolved, no trailing slash; ``;params`` dropped before the dot
+        segments are resolved (``/a;x/..`` -> ``/``) and, as other servers do, after (``/a/;x/..`` -> ``/a``)."""
         readings: list[str] = []
         text = path
         for _ in range(4):
-            cut = text.split("\x00", 1)[0].replace("\\", "/")
-            segments: list[str] = []
-            for segment in cut.split("/"):
-                segment = segment.split(";", 1)[0]
-                if segment in ("", "."):
-                    continue
-                if segment == "..":
-                    if segments:
-                        segments.pop()
-                    continue
-                segments.append(segment)
-            readings.append("/" + "/".join(segments))
+            cut = text.split("\x00", 1)[0].replace("\\", "/").split("/")
+            readings.append(self._resolved([segment.split(";", 1)[0] for segment in cut]))
+            if ";" in text:
+                readings.append(self._resolved(cut, strip_params=True))
             decoded = self._unquote(text, errors="replace")
             if decoded == text:
                 break
             text = decoded
         return readings
+
+    @staticmethod
+    def _resolved(segments: list[str], *, strip_params: bool = False) -> str:
+        kept: list[str] = []
+        for segment in segments:
+            if segment in ("", "."):
+                continue
+            if segment == "..":
+                if kept:
+                    kept.pop()
+                continue
+            kept.append(segment)
+        if strip_params:
+            kept = [part for part in (segment.split(";", 1)[0] for segment in kept) if part]
+        return "/" + "/".join(kept)
 
     # --- the body ---------------------------------------------------------------------------------
 
