@@ -15,11 +15,13 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -46,15 +48,15 @@ def wait_http(url: str, timeout: float = 20) -> None:
     raise TimeoutError(url)
 
 
-def token() -> str:
+def token(tier: str = "bench") -> str:
     now = int(time.time())
-    return jwt.encode({"sub": "bench-user", "org": "bench-org", "country": "US", "tier": "bench",
+    return jwt.encode({"sub": "bench-user", "org": "bench-org", "country": "US", "tier": tier,
                        "iss": "https://idp.example", "aud": "model-gateway", "iat": now, "exp": now + 86400},
                       SECRET, algorithm="HS256")
 
 
-def wrk_script(directory: Path, bearer: str) -> Path:
-    path = directory / "post.lua"
+def wrk_script(directory: Path, bearer: str, name: str = "post") -> Path:
+    path = directory / f"{name}.lua"
     path.write_text(
         'wrk.method = "POST"\n'
         f"wrk.body = '{BODY}'\n"
@@ -101,6 +103,9 @@ def gateway_config(directory: Path, upstream: str, redis_url: str) -> tuple[Path
         "auth": {"algorithms": ["HS256"], "hs256_secret_env": "BENCH_HS256_SECRET"},
         "tiers": {"bench": {"requests_per_minute": 100_000_000, "burst": 1_000_000,
                             "tokens_per_minute": 1_000_000_000_000, "stages": ["general"]},
+                  # The same path with request limits only: one Redis call per request, no usage capture.
+                  "bench-requests": {"requests_per_minute": 100_000_000, "burst": 1_000_000,
+                                     "stages": ["general"]},
                   "public": {"requests_per_minute": 60, "burst": 10, "stages": ["general"]}},
         "audit": {"spool_dir": str(directory / "spool")},
         "logging": {"level": "warning"},
@@ -127,7 +132,7 @@ def seed(redis_url: str, *, entities: int = 0, partners: int = 0) -> None:
     async def run() -> None:
         store = Store.from_url(redis_url, timeout_s=30)
         try:
-            await import_policy(store, document, actor="bench", tiers=("bench", "public"))
+            await import_policy(store, document, actor="bench", tiers=("bench", "bench-requests", "public"))
         finally:
             await store.close()
 
@@ -343,7 +348,9 @@ class Cluster:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=int, default=int(os.environ.get("BENCH_SECONDS", "8")))
+    parser.add_argument("--seconds", type=int, default=int(os.environ.get("BENCH_SECONDS", "6")))
+    parser.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_ROUNDS", "3")),
+                        help="interleaved runs per path; medians are reported (the machine is shared)")
     args = parser.parse_args()
     ensure_wrk()
     work = Path(tempfile.mkdtemp(prefix="gw-bench-"))
@@ -367,13 +374,20 @@ def main() -> None:
         admin = f"http://127.0.0.1:{config['admin']['port']}"
         script = wrk_script(work, token())
         ports = {"upstream": upstream_port, "bare_proxy": bare_port, "gateway": config["listen"]["port"]}
-        for name, port in ports.items():
-            results["paths"][name] = measure_path(f"http://127.0.0.1:{port}/v1/chat/completions", script,
-                                                  args.seconds)
+        chat = "http://127.0.0.1:{}/v1/chat/completions"
+        targets = {name: (chat.format(port), script) for name, port in ports.items()}
+        targets["gateway_request_limits"] = (chat.format(ports["gateway"]),
+                                             wrk_script(work, token("bench-requests"), "post-requests"))
+        results["rounds"] = args.rounds
+        results["paths"] = measure_paths(targets, args.seconds, args.rounds)
         bare, gw = results["paths"]["bare_proxy"], results["paths"]["gateway"]
         results["ratios"] = {"rps_gateway_over_bare": round(gw["rps_c32"] / bare["rps_c32"], 3),
                              "p50_c1_gateway_over_bare": round(gw["p50_ms_c1"] / bare["p50_ms_c1"], 3),
                              "p99_c1_gateway_over_bare": round(gw["p99_ms_c1"] / bare["p99_ms_c1"], 3)}
+        lean = results["paths"]["gateway_request_limits"]
+        results["ratios"].update({
+            "rps_request_limits_over_bare": round(lean["rps_c32"] / bare["rps_c32"], 3),
+            "p50_c1_request_limits_over_bare": round(lean["p50_ms_c1"] / bare["p50_ms_c1"], 3)})
         results["micro"] = micro_costs()
         results["streaming"] = time_to_first_byte({k: v for k, v in ports.items() if k != "upstream"})
         results["streaming"].update(stream_memory(config["listen"]["port"], gateway.pid))
@@ -383,31 +397,81 @@ def main() -> None:
         results["policy"] = {"rss_mb_small_policy": round(rss_mb(gateway.pid), 1)}
         results["policy"].update(policy_scale(gateway.pid, admin, redis.url))
         seed(redis.url)  # back to the small policy for the workers run
-        _two, two_config = cluster.gateway(upstream, redis.url, workers=2)
-        two = measure_path(f"http://127.0.0.1:{two_config['listen']['port']}/v1/chat/completions", script,
-                           args.seconds, single=False)
-        results["workers"] = {"rps_c32_one_worker": gw["rps_c32"], "rps_c32_two_workers": two["rps_c32"],
-                              "two_over_one": round(two["rps_c32"] / gw["rps_c32"], 3)}
+        one_url = chat.format(ports["gateway"])
+        one, one_cpu = cpu_per_request(gateway.pid, lambda: measure_path(one_url, script, args.seconds,
+                                                                         single=False, warm=False))
+        two_proc, two_config = cluster.gateway(upstream, redis.url, workers=2)
+        two_url = chat.format(two_config["listen"]["port"])
+        run_wrk(two_url, script, connections=8, threads=1, seconds=2)  # warm-up
+        two, two_cpu = cpu_per_request(two_proc.pid, lambda: measure_path(two_url, script, args.seconds,
+                                                                           single=False, warm=False))
+        # Two workers can only scale where there are cores to spare: here wrk, the upstream and Redis
+        # share the same two. CPU per request shows whether a second worker adds cost of its own.
+        results["workers"] = {"rps_c32_one_worker": one["rps_c32"], "rps_c32_two_workers": two["rps_c32"],
+                              "two_over_one": round(two["rps_c32"] / one["rps_c32"], 3),
+                              "cpu_us_per_request_one_worker": one_cpu,
+                              "cpu_us_per_request_two_workers": two_cpu}
     print_table(results)
     out = ROOT / "bench" / "results" / f"{results['time'].replace(':', '')}.json"
     out.write_text(json.dumps(results, indent=2))
     print(f"\nresults written to {out.relative_to(ROOT)}")
 
 
-def measure_path(url: str, script: Path, seconds: int, *, single: bool = True) -> dict[str, float]:
-    run_wrk(url, script, connections=8, threads=1, seconds=2)  # warm-up
+def process_tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process and its descendants (Linux /proc)."""
+    total = 0.0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending += [int(child) for child in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
+
+
+def cpu_per_request(pid: int, run: Callable[[], dict[str, float]]) -> tuple[dict[str, float], float]:
+    """``run()``'s figures, and the CPU microseconds the process tree of ``pid`` spent per request."""
+    before = process_tree_cpu_s(pid)
+    row = run()
+    spent = process_tree_cpu_s(pid) - before
+    requests = row["rps_c32"] * row["seconds"]
+    return row, round(spent / requests * 1e6, 1)
+
+
+def measure_path(url: str, script: Path, seconds: int, *, single: bool = True,
+                 warm: bool = True) -> dict[str, float]:
+    if warm:
+        run_wrk(url, script, connections=8, threads=1, seconds=2)
     loaded = run_wrk(url, script, connections=32, threads=2, seconds=seconds)
-    row = {"rps_c32": loaded["rps"], "p99_ms_c32": loaded["p99_ms"], "non_2xx": loaded["non_2xx"]}
+    row = {"rps_c32": loaded["rps"], "p99_ms_c32": loaded["p99_ms"], "non_2xx": loaded["non_2xx"],
+           "seconds": seconds}
     if single:
         one = run_wrk(url, script, connections=1, threads=1, seconds=max(3, seconds // 2))
         row.update({"p50_ms_c1": one["p50_ms"], "p99_ms_c1": one["p99_ms"], "non_2xx": row["non_2xx"] + one["non_2xx"]})
     return row
 
 
+def measure_paths(targets: dict[str, tuple[str, Path]], seconds: int, rounds: int) -> dict[str, dict[str, float]]:
+    """Each path measured ``rounds`` times, the paths taking turns, and the median of each figure kept:
+    a burst of load from elsewhere on the machine then skews one run of one path, not a ratio."""
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
+    for url, script in targets.values():
+        run_wrk(url, script, connections=8, threads=1, seconds=2)  # warm-up
+    for _ in range(rounds):
+        for name, (url, script) in targets.items():
+            runs[name].append(measure_path(url, script, seconds, warm=False))
+    return {name: {key: (sum(r[key] for r in rows) if key == "non_2xx" else statistics.median(r[key] for r in rows))
+                   for key in rows[0]} for name, rows in runs.items()}
+
+
 def print_table(results: dict[str, Any]) -> None:
-    print(f"\n{'path':<12} {'req/s c32':>10} {'p99 c32':>9} {'p50 c1':>8} {'p99 c1':>8} {'non-2xx':>8}")
+    print(f"\n{'path':<24} {'req/s c32':>10} {'p99 c32':>9} {'p50 c1':>8} {'p99 c1':>8} {'non-2xx':>8}")
     for name, row in results["paths"].items():
-        print(f"{name:<12} {row['rps_c32']:>10.0f} {row['p99_ms_c32']:>7.2f}ms {row['p50_ms_c1']:>6.2f}ms "
+        print(f"{name:<24} {row['rps_c32']:>10.0f} {row['p99_ms_c32']:>7.2f}ms {row['p50_ms_c1']:>6.2f}ms "
               f"{row['p99_ms_c1']:>6.2f}ms {row['non_2xx']:>8}")
     print("\nratios (gateway / bare proxy):")
     for key, value in results["ratios"].items():
