@@ -48,6 +48,14 @@ async def chat(request: web.Request) -> web.StreamResponse:
     delay = float(request.query.get("delay", "0"))
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
+    try:
+        await _stream_words(response, model, prompt_tokens, delay)
+    except ConnectionResetError:
+        pass  # the caller stopped reading (e.g. after the first event): nothing to report
+    return response
+
+
+async def _stream_words(response: web.StreamResponse, model: str, prompt_tokens: int, delay: float) -> None:
     ident = f"chatcmpl-{uuid.uuid4().hex[:12]}"
     for word in WORDS:
         chunk = {"id": ident, "object": "chat.completion.chunk", "model": model,
@@ -61,7 +69,6 @@ async def chat(request: web.Request) -> web.StreamResponse:
                        "total_tokens": prompt_tokens + len(WORDS)}}
     await response.write(b"data: " + orjson.dumps(final) + b"\n\ndata: [DONE]\n\n")
     await response.write_eof()
-    return response
 
 
 async def models(_request: web.Request) -> web.Response:
