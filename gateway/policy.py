@@ -764,32 +764,47 @@ def build_snapshot(
     models: Mapping[str, Mapping[str, Any]],
     api_keys: Mapping[str, Mapping[str, Any]],
     screening: ScreeningLike | None = None,
+    reuse: Snapshot | None = None,
+    unchanged: Collection[str] = (),
 ) -> Snapshot:
-    """Stored dicts -> an immutable :class:`Snapshot`; a list left out is empty."""
+    """Stored dicts -> an immutable :class:`Snapshot`; a list left out is empty.
+
+    Parts named in ``unchanged`` (list names, ``"models"``, ``"apikeys"``) are taken from ``reuse``
+    as they are, already parsed: a change to one list does not rebuild the others.
+    """
+    if unchanged and reuse is None:
+        raise ValueError("unchanged parts need a snapshot to reuse")
     for list_name in lists:
         _check_list(list_name)
     # Built here rather than per entry: entry_from_dict trusts list_name from this loop.
     typed_lists: dict[str, Mapping[str, Entry]] = {
-        name: (LazyEntries(name, lists.get(name, {})) if name in _LAZY_LISTS else
+        name: (reuse.lists[name] if reuse is not None and name in unchanged else
+               LazyEntries(name, lists.get(name, {})) if name in _LAZY_LISTS else
                MappingProxyType({key: entry_from_dict(name, key, d) for key, d in lists.get(name, {}).items()}))
         for name in LIST_NAMES
     }
-    keys = {}
-    for key_id, d in api_keys.items():
-        key = api_key_from_dict(key_id, d)
-        keys[key.key_hash] = key
+    if reuse is not None and "apikeys" in unchanged:
+        keys: Mapping[str, ApiKey] = reuse.api_keys
+    else:
+        built = {}
+        for key_id, d in api_keys.items():
+            key = api_key_from_dict(key_id, d)
+            built[key.key_hash] = key
+        keys = MappingProxyType(built)
     ip_ranges = {
         cidr: entry.country
         for cidr, entry in typed_lists[IP_RANGES].items()
         if entry.country is not None and entry.active(loaded_at)
     }
+    typed_models = (reuse.models if reuse is not None and "models" in unchanged else
+                    MappingProxyType({name: model_from_dict(name, d) for name, d in models.items()}))
     return Snapshot(
         version=version,
         generation=generation,
         loaded_at=loaded_at,
         lists=MappingProxyType(typed_lists),
-        models=MappingProxyType({name: model_from_dict(name, d) for name, d in models.items()}),
-        api_keys=MappingProxyType(keys),
+        models=typed_models,
+        api_keys=keys,
         screening=screening,
         ip_ranges=MappingProxyType(ip_ranges),
     )

@@ -13,6 +13,7 @@ key                             type     holds
 ``{gw}:apikeys``                hash     key id -> JSON attributes incl. the key's hash
 ``{gw}:screening``              string   JSON list of imported screening entries
 ``{gw}:screening_rev``          string   policy version at which screening last changed
+``{gw}:revs``                   hash     part -> version of its last change; ``at`` -> version described
 ``{gw}:changes``                stream   change history (actor, time, before, after, version)
 ``{gw}:write:<id>``             string   version a write produced; read back to confirm it (TTL)
 ``gw:audit``                    stream   audit records (``r``: JSON, ``id``: producer:sequence)
@@ -66,10 +67,23 @@ WRITE_MARK_PREFIX = PREFIX + "write:"
 WRITE_MARK_TTL_S = 600
 LIST_NAMES = ("deny-countries", "deny-entities", "partners", "ip-ranges")
 LAZY_LISTS = frozenset({"deny-countries", "deny-entities"})
+# Which version last changed each part of the policy, so a reload fetches only what changed.
+REVS_KEY = PREFIX + "revs"
+MODELS_PART, APIKEYS_PART = "models", "apikeys"
+POLICY_PARTS = (*LIST_NAMES, MODELS_PART, APIKEYS_PART)
+REVS_AT = "at"  # the version the revisions describe; any other value makes them unusable
+MAX_INCREMENTAL_TRIES = 3
 
 
 def list_key(name: str) -> str:
     return f"{PREFIX}list:{name}"
+
+
+def _part_key(part: str) -> str:
+    return {MODELS_PART: MODELS_KEY, APIKEYS_PART: APIKEYS_KEY}.get(part) or list_key(part)
+
+
+_PART_OF_KEY = {_part_key(part): part for part in POLICY_PARTS}
 
 
 class StoreUnavailable(BackendUnavailable):
@@ -94,6 +108,19 @@ class PolicyData:
     models: dict[str, dict[str, Any]]
     api_keys: dict[str, dict[str, Any]]
     screening_rev: int
+    # Part -> version of its last change (empty when the stored revisions cannot be trusted).
+    revs: dict[str, int] = field(default_factory=dict)
+    # Parts not read because they are unchanged since the revisions the caller already held;
+    # their entries here are empty and the caller keeps its own.
+    unchanged: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class KnownRevisions:
+    """What a reader already holds: the generation and part revisions of its last load."""
+
+    generation: str
+    revs: dict[str, int]
 
 
 # --- write operations -------------------------------------------------------------------------
@@ -273,24 +300,47 @@ class Store:
             return None, None
         return int(version), (generation or b"").decode()
 
-    async def load_policy(self) -> PolicyData | None:
-        """The whole policy in one MULTI, so lists and version belong together."""
-        async def load() -> list[Any]:
-            pipe = self.client.pipeline(transaction=True)
-            _queue_policy_reads(pipe)
-            return list(await pipe.execute())
+    async def load_policy(self, known: KnownRevisions | None = None) -> PolicyData | None:
+        """The policy as of one version, read in MULTI transactions.
 
-        result = await self._bounded("load", load(), self.load_timeout_s)
-        version, generation, screening_rev, *hashes = result
-        if version is None:
-            return None
+        Without ``known``, every part. With it, only the parts whose revision moved since
+        (plus one read of the heads and revisions): a one-entry change to a small list does
+        not re-read a 100,000-entry deny list. Every part read, and the revisions that vouch
+        for the parts not read, come from the same transaction, so the result is one version.
+        """
+        fetch: set[str] = set() if known is not None else set(POLICY_PARTS)
+        for attempt in range(MAX_INCREMENTAL_TRIES + 1):
+            parts = [part for part in POLICY_PARTS if part in fetch]
+
+            async def load(parts: list[str] = parts) -> list[Any]:
+                pipe = self.client.pipeline(transaction=True)
+                _queue_heads(pipe)
+                pipe.hgetall(REVS_KEY)
+                for part in parts:
+                    pipe.hgetall(_part_key(part))
+                return list(await pipe.execute())
+
+            version, generation, screening_rev, raw_revs, *hashes = await self._bounded(
+                "load", load(), self.load_timeout_s)
+            if version is None:
+                return None
+            version_n, generation_s = int(version), (generation or b"").decode()
+            revs = _revisions(raw_revs, version_n)
+            needed = _changed_parts(known, generation_s, revs)
+            if needed <= fetch:
+                break
+            fetch = fetch | needed if attempt < MAX_INCREMENTAL_TRIES - 1 else set(POLICY_PARTS)
+        raw = dict(zip(parts, hashes, strict=True))
         # Deny lists stay raw JSON: the snapshot parses an entry when a decision first consults it.
         lists: dict[str, Any] = {
-            name: ({k.decode(): v for k, v in raw.items()} if name in LAZY_LISTS else _decode_hash(raw))
-            for name, raw in zip(LIST_NAMES, hashes[:4], strict=True)}
-        return PolicyData(version=int(version), generation=(generation or b"").decode(), lists=lists,
-                          models=_decode_hash(hashes[4]), api_keys=_decode_hash(hashes[5]),
-                          screening_rev=int(screening_rev or 0))
+            name: ({k.decode(): v for k, v in raw[name].items()} if name in LAZY_LISTS
+                   else _decode_hash(raw[name]))
+            for name in LIST_NAMES if name in raw}
+        return PolicyData(version=version_n, generation=generation_s, lists=lists,
+                          models=_decode_hash(raw.get(MODELS_PART, {})),
+                          api_keys=_decode_hash(raw.get(APIKEYS_PART, {})),
+                          screening_rev=int(screening_rev or 0), revs=revs,
+                          unchanged=frozenset(POLICY_PARTS) - frozenset(parts))
 
     async def load_screening(self) -> list[dict[str, Any]]:
         raw = await self._bounded("load", self.client.get(SCREENING_KEY), self.load_timeout_s)
@@ -351,6 +401,7 @@ class Store:
             current = await pipe.get(VERSION_KEY)
             if current is None and not import_whole:
                 raise PolicyMissing()
+            revs_at = await pipe.hget(REVS_KEY, REVS_AT)
             before, after = await self._read_before(pipe, ops)
             pipe.multi()
             if current is None:
@@ -372,6 +423,12 @@ class Store:
             new_version = int(current or 0) + 1
             if screening_changed:
                 pipe.set(SCREENING_REV_KEY, new_version)
+            # Revisions vouch for unchanged parts only while every write since kept them: a new policy,
+            # or a version they do not describe (a writer that did not keep them), marks every part.
+            trusted = current is not None and revs_at is not None and int(revs_at) == int(current)
+            touched = {_PART_OF_KEY[op.key] for op in ops if getattr(op, "key", None) in _PART_OF_KEY}
+            pipe.hset(REVS_KEY, mapping={part: new_version for part in (touched if trusted else POLICY_PARTS)}
+                      | {REVS_AT: new_version})
             change = Change(actor=actor, time=now_iso, target=target, before=before, after=after,
                             version=new_version)
             pipe.xadd(CHANGES_KEY, {"c": orjson.dumps(_change_dict(change))},
@@ -624,6 +681,21 @@ class Store:
 
     async def audit_length(self) -> int:
         return int(await self._bounded("audit", self.client.xlen(AUDIT_KEY)))
+
+
+def _revisions(raw: Mapping[bytes, bytes], version: int) -> dict[str, int]:
+    """The stored part revisions, or {} unless they describe ``version`` and name every part."""
+    revs = {key.decode(): int(value) for key, value in raw.items()}
+    if revs.get(REVS_AT) != version or any(part not in revs for part in POLICY_PARTS):
+        return {}
+    return revs
+
+
+def _changed_parts(known: KnownRevisions | None, generation: str, revs: Mapping[str, int]) -> set[str]:
+    """The parts a reader holding ``known`` must read to be at the version ``revs`` describe."""
+    if known is None or not revs or not known.revs or known.generation != generation:
+        return set(POLICY_PARTS)
+    return {part for part in POLICY_PARTS if revs[part] != known.revs.get(part)}
 
 
 def _queue_policy_reads(pipe: Any) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 from .policy import Snapshot, build_snapshot
 from .screening import ScreeningIndex
 from .settings import Settings
-from .store import Store, StoreUnavailable
+from .store import KnownRevisions, Store, StoreUnavailable
 
 log = logging.getLogger("gateway.watcher")
 
@@ -32,6 +32,8 @@ class PolicyWatcher:
         self.clock = clock
         self.monotonic = monotonic
         self.snapshot: Snapshot | None = None
+        self._known: KnownRevisions | None = None  # the part revisions ``snapshot`` was built from
+        self._refreshing = asyncio.Lock()
         self.confirmed_at: float | None = None  # monotonic time of the last confirmed version
         self.max_staleness_s = settings.policy.max_staleness_s
         self.poll_interval_s = settings.policy.poll_interval_s
@@ -80,6 +82,12 @@ class PolicyWatcher:
 
     async def refresh(self) -> None:
         """Confirm the version; reload the snapshot when version or generation moved."""
+        # One at a time (the poll and an admin write may both ask): a slower, older reload must
+        # never swap in over a newer one.
+        async with self._refreshing:
+            await self._refresh()
+
+    async def _refresh(self) -> None:
         version, generation = await self.store.read_version()
         if version is None:
             if self.snapshot is not None:
@@ -95,7 +103,9 @@ class PolicyWatcher:
 
     async def _reload(self) -> None:
         started = time.perf_counter()
-        data = await self.store.load_policy()
+        current = self.snapshot
+        # Only the parts that changed since the current snapshot are read and rebuilt.
+        data = await self.store.load_policy(self._known if current is not None else None)
         if data is None:
             self._swap(None)
             self.confirmed_at = None
@@ -103,7 +113,9 @@ class PolicyWatcher:
         screening = await self._screening_index(data.screening_rev, data.generation)
         snapshot = build_snapshot(version=data.version, generation=data.generation,
                                   loaded_at=self.clock(), lists=data.lists, models=data.models,
-                                  api_keys=data.api_keys, screening=screening)
+                                  api_keys=data.api_keys, screening=screening,
+                                  reuse=current if data.unchanged else None, unchanged=data.unchanged)
+        self._known = KnownRevisions(data.generation, data.revs) if data.revs else None
         self._swap(snapshot)
         self.confirmed_at = self.monotonic()
         self.last_reload_s = time.perf_counter() - started
@@ -123,6 +135,8 @@ class PolicyWatcher:
         return index
 
     def _swap(self, snapshot: Snapshot | None) -> None:
+        if snapshot is None:
+            self._known = None
         changed = snapshot is not self.snapshot
         self.snapshot = snapshot
         if changed:
