@@ -331,11 +331,10 @@ class Store:
                 break
             fetch = fetch | needed if attempt < MAX_INCREMENTAL_TRIES - 1 else set(POLICY_PARTS)
         raw = dict(zip(parts, hashes, strict=True))
-        # Deny lists stay raw JSON: the snapshot parses an entry when a decision first consults it.
-        lists: dict[str, Any] = {
-            name: ({k.decode(): v for k, v in raw[name].items()} if name in LAZY_LISTS
-                   else _decode_hash(raw[name]))
-            for name in LIST_NAMES if name in raw}
+        # Deny lists stay as Redis returned them (bytes keys, JSON values): the snapshot decodes and
+        # parses an entry when a decision first consults it.
+        lists: dict[str, Any] = {name: (raw[name] if name in LAZY_LISTS else _decode_hash(raw[name]))
+                                 for name in LIST_NAMES if name in raw}
         return PolicyData(version=version_n, generation=generation_s, lists=lists,
                           models=_decode_hash(raw.get(MODELS_PART, {})),
                           api_keys=_decode_hash(raw.get(APIKEYS_PART, {})),

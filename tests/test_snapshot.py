@@ -46,3 +46,15 @@ def test_an_unreadable_stored_deny_entry_still_denies() -> None:
     for subject in ("broken", "odd", "bad-time"):
         decision = decide(snap, caller(subject), "m", 1.0e9, RULES)
         assert decision.code == "entity_denied", subject
+
+
+def test_deny_lists_keep_the_stored_byte_keys_and_still_match_text() -> None:
+    # The store hands deny lists over as Redis returned them (bytes keys); decisions look up text.
+    snap = snapshot({b"mallory": entry(), "Ωmega Trading".encode(): entry()}, {b"IR": entry()})
+    assert decide(snap, caller("mallory"), "m", 1.0e9, RULES).code == "entity_denied"
+    assert decide(snap, caller("Ωmega Trading"), "m", 1.0e9, RULES).code == "entity_denied"
+    assert decide(snap, caller("alice", "IR"), "m", 1.0e9, RULES).code == "country_denied"
+    assert decide(snap, caller("alice"), "m", 1.0e9, RULES).allowed
+    deny = snap.lists["deny-entities"]
+    assert set(deny) == {"mallory", "Ωmega Trading"} and "Ωmega Trading" in deny and b"mallory" not in deny
+    assert deny.get("nobody") is None and deny["mallory"].reason == "r"
