@@ -100,7 +100,8 @@ class NotFound(Exception):
 
 @dataclass(frozen=True, slots=True)
 class PolicyData:
-    """The raw policy as read in one transaction: JSON-decoded dicts, not yet validated types."""
+    """The raw policy as read in one transaction, not yet validated types: JSON-decoded dicts, except
+    the deny lists (``LAZY_LISTS``), which stay as Redis returned them (bytes key -> JSON bytes)."""
 
     version: int
     generation: str
