@@ -56,6 +56,8 @@ class _Protocol(asyncio.Protocol):
         self.in_flight = 0
         self.flush_scheduled = False
         self.transport: asyncio.Transport | None = None
+        # Kept: asking asyncio for the running loop costs a getpid() system call each time.
+        self.loop = asyncio.get_running_loop()
         self.closed = False
         self.deadline_s = deadline_s
         self.watchdog: asyncio.TimerHandle | None = None
@@ -68,7 +70,7 @@ class _Protocol(asyncio.Protocol):
     def queue(self, payload: bytes) -> asyncio.Future[Any]:
         if self.closed:
             raise WireError("connection closed")
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         future: asyncio.Future[Any] = loop.create_future()
         now = loop.time()
         self.waiters.append((future, now))
@@ -85,12 +87,12 @@ class _Protocol(asyncio.Protocol):
         if not self.unsent or self.in_flight or self.closed or self.transport is None:
             return
         self.in_flight = len(self.unsent)
-        self.last_heard = asyncio.get_running_loop().time()
+        self.last_heard = self.loop.time()
         self.transport.write(b"".join(self.unsent))
         self.unsent.clear()
 
     def data_received(self, data: bytes) -> None:
-        self.last_heard = asyncio.get_running_loop().time()
+        self.last_heard = self.loop.time()
         self.reader.feed(data)
         while True:
             try:
@@ -126,7 +128,7 @@ class _Protocol(asyncio.Protocol):
         self.watchdog = None
         if self.closed or not self.waiters:
             return
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         now = loop.time()
         _future, queued = self.waiters[0]
         silent = self.in_flight and now - self.last_heard > self.deadline_s
