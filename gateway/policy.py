@@ -14,6 +14,7 @@ Everything here is pure: no aiohttp, no Redis, no clock. Time arrives as
 from __future__ import annotations
 
 import ipaddress
+import math
 import unicodedata
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -235,7 +236,8 @@ class Snapshot:
 
     ``lists`` always holds all of :data:`LIST_NAMES`; ``api_keys`` is keyed by
     the key's hash; ``ip_ranges`` maps each ip-ranges CIDR that was active at
-    ``loaded_at`` to its country code.
+    ``loaded_at`` to its country code, until ``ip_ranges_expire_at`` (the first
+    ``expires_at`` among them), when the watcher derives the map again.
     """
 
     version: int
@@ -246,6 +248,7 @@ class Snapshot:
     api_keys: Mapping[str, ApiKey]
     screening: ScreeningLike | None = None
     ip_ranges: Mapping[str, str] = field(default_factory=dict)
+    ip_ranges_expire_at: float = math.inf
     # The allowed decision for this version, built once so the allowed path
     # allocates nothing per request.
     allow: Decision = field(init=False, repr=False, compare=False)
@@ -799,11 +802,10 @@ def build_snapshot(
             key = api_key_from_dict(key_id, d)
             built[key.key_hash] = key
         keys = MappingProxyType(built)
-    ip_ranges = {
-        cidr: entry.country
-        for cidr, entry in typed_lists[IP_RANGES].items()
-        if entry.country is not None and entry.active(loaded_at)
-    }
+    active_ranges = [entry for entry in typed_lists[IP_RANGES].values()
+                     if entry.country is not None and entry.active(loaded_at)]
+    ip_ranges = {entry.key: entry.country for entry in active_ranges if entry.country is not None}
+    expiries = [entry.expires_ts for entry in active_ranges if entry.expires_ts is not None]
     typed_models = (reuse.models if reuse is not None and "models" in unchanged else
                     MappingProxyType({name: model_from_dict(name, d) for name, d in models.items()}))
     return Snapshot(
@@ -815,6 +817,7 @@ def build_snapshot(
         api_keys=keys,
         screening=screening,
         ip_ranges=MappingProxyType(ip_ranges),
+        ip_ranges_expire_at=min(expiries, default=math.inf),
     )
 
 

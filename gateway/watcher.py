@@ -16,7 +16,7 @@ from typing import Any
 from .policy import Snapshot, build_snapshot
 from .screening import ScreeningIndex
 from .settings import Settings
-from .store import KnownRevisions, Store, StoreUnavailable
+from .store import POLICY_PARTS, KnownRevisions, Store, StoreUnavailable
 
 log = logging.getLogger("gateway.watcher")
 
@@ -98,8 +98,14 @@ class PolicyWatcher:
         current = self.snapshot
         if current is None or current.version != version or current.generation != generation:
             await self._reload()
-        else:
-            self.confirmed_at = self.monotonic()
+            return
+        self.confirmed_at = self.monotonic()
+        if current.ip_ranges_expire_at <= self.clock():
+            # An ip-ranges override expired: the country map is derived again from the same
+            # version, so the override stops applying now rather than at the next change.
+            self._swap(build_snapshot(version=current.version, generation=current.generation,
+                                      loaded_at=self.clock(), lists={}, models={}, api_keys={},
+                                      screening=current.screening, reuse=current, unchanged=POLICY_PARTS))
 
     async def _reload(self) -> None:
         started = time.perf_counter()

@@ -137,3 +137,30 @@ async def test_every_write_path_records_the_parts_it_changed(watched: tuple[Stor
     assert after["models"] == after["apikeys"] == after["at"] == version
     assert {k: v for k, v in after.items() if k not in ("models", "apikeys", "at")} == {
         k: v for k, v in before.items() if k not in ("models", "apikeys", "at")}
+
+
+async def test_an_expiring_ip_range_stops_applying_without_a_policy_change(redis_url: str) -> None:
+    # The ip-ranges map is derived once per snapshot; an override that expires must leave it when it
+    # expires, not at the next change of the policy.
+    store = Store.from_url(redis_url, timeout_s=2)
+    now = [1_893_455_990.0]  # ten seconds before 2030-01-01T00:00:00Z
+    try:
+        await import_policy(store, big_policy(), actor="test", tiers=TIERS)
+        await put(store, "ip-ranges", "198.51.100.0/24", country="DE", expires_at="2030-01-01T00:00:00Z")
+        await put(store, "ip-ranges", "203.0.113.0/24", country="FR")
+        settings = Settings.model_validate({"upstream": {"url": "http://127.0.0.1:9"}})
+        watcher = PolicyWatcher(store, settings, clock=lambda: now[0])
+        await watcher.refresh()
+        first = current(watcher)
+        assert dict(first.ip_ranges) == {"198.51.100.0/24": "DE", "203.0.113.0/24": "FR"}
+        now[0] += 9.9
+        await watcher.refresh()
+        assert current(watcher) is first  # nothing expired yet: the same snapshot
+        now[0] += 0.1
+        await watcher.refresh()
+        second = current(watcher)
+        assert dict(second.ip_ranges) == {"203.0.113.0/24": "FR"}
+        assert second.version == first.version and second.lists["deny-entities"] is first.lists["deny-entities"]
+        assert second.ip_ranges_expire_at == float("inf")
+    finally:
+        await store.close()
