@@ -1,4 +1,4 @@
-"""The public listener's HTTP server: one handler, no router, and contract bodies for parser errors.
+"""The listeners' HTTP servers: contract bodies for parser errors, on the public and the admin port.
 
 aiohttp answers requests it cannot parse (oversized headers, smuggling attempts,
 bad chunking) itself, in plain text that echoes part of what was sent. Here
@@ -81,3 +81,22 @@ class JsonErrorServer(web.Server):
 
     def __call__(self) -> RequestHandler:
         return _JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class JsonErrorAppRunner(web.AppRunner):
+    """An ``AppRunner`` (the admin listener's router and middleware) whose connections answer
+    unparseable requests as :class:`JsonErrorServer` does, instead of aiohttp's plain text."""
+
+    def __init__(self, app: web.Application, *, policy_version: Callable[[], int], **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._policy_version = policy_version
+
+    async def _make_server(self) -> web.Server:
+        plain = await super()._make_server()  # starts and freezes the application
+        return JsonErrorServer(plain.request_handler, request_factory=plain.request_factory,
+                               policy_version=self._policy_version, on_rejected=_not_counted,
+                               **self._kwargs)
+
+
+def _not_counted(_status: int, _code: str) -> None:
+    return None  # the request metrics count public requests only

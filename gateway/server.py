@@ -15,6 +15,7 @@ from pathlib import Path
 from aiohttp import web
 
 from .app import Gateway, create_admin_app, create_public_server
+from .listener import JsonErrorAppRunner
 from .logs import setup_logging
 from .redis_server import RedisServer
 from .settings import ConfigError, Settings
@@ -33,8 +34,9 @@ async def run_gateway(settings: Settings, *, redis_url: str, reuse_port: bool,
         await import_policy_file_if_missing(gateway, bootstrap_policy)
     limits = settings.limits
     public_runner = web.ServerRunner(create_public_server(gateway), shutdown_timeout=limits.shutdown_grace_s)
-    admin_runner = web.AppRunner(create_admin_app(gateway), access_log=None, shutdown_timeout=5.0,
-                                 keepalive_timeout=limits.header_read_timeout_s)
+    admin_runner = JsonErrorAppRunner(create_admin_app(gateway), access_log=None, shutdown_timeout=5.0,
+                                      keepalive_timeout=limits.header_read_timeout_s,
+                                      policy_version=lambda: gateway.watcher.version if gateway.watcher else 0)
     await public_runner.setup()
     await admin_runner.setup()
     await web.TCPSite(public_runner, settings.listen.host, settings.listen.port, reuse_port=reuse_port,

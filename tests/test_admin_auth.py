@@ -166,3 +166,22 @@ async def test_tokens_file_changes_apply_without_restart(session: aiohttp.Client
                                                      f"Bearer {LATER_TOKEN}"))
     finally:
         _write(tokens_file, original)
+
+
+def test_unparseable_admin_requests_get_the_contract_json(gateway: GatewayProcess) -> None:
+    # The admin listener answers what its parser refuses as the public one does: a JSON 400 that
+    # never quotes the request (here an admin token), and a closed connection.
+    from .rawhttp import exchange
+
+    port = URL(gateway.admin_url).port
+    assert port is not None
+    secret = b"Bearer " + NAMED_TOKEN.encode()
+    for data in (b"GET /admin/v1/policy HTTP/1.1\r\nHost: a\r\nAuthorization: " + secret + b"\r\nBad Header\r\n\r\n",
+                 b"POST /admin/v1/decide HTTP/1.1\r\nHost: a\r\nAuthorization: " + secret
+                 + b"\r\nContent-Length: +5\r\n\r\n{}"):
+        responses, closed = exchange(port, data)
+        assert [r.status for r in responses] == [400] and closed
+        body = responses[0].json()
+        assert body["error"]["code"] == "invalid_request"
+        assert responses[0].header("Content-Type").startswith("application/json")
+        assert secret not in responses[0].head + responses[0].body
