@@ -199,6 +199,9 @@ def gateway_config(upstream_url: str, **sections: Any) -> dict[str, Any]:
         "auth": {"algorithms": ["HS256"], "hs256_secret_env": "TEST_HS256_SECRET", "leeway_s": 0},
         "policy": {"max_staleness_s": 3, "poll_interval_s": 0.1},
         "logging": {"level": "warning", "format": "json"},
+        # Well inside stop()'s timeout, so a connection still open at SIGTERM on a busy machine
+        # cannot turn a clean stop into a SIGKILL.
+        "limits": {"shutdown_grace_s": 5},
     }
     for name, value in sections.items():
         if isinstance(value, dict) and isinstance(config.get(name), dict):

@@ -248,6 +248,38 @@ def test_environment_override_names_the_key(tmp_path: pytest.TempPathFactory) ->
     assert "listen.port" in result.stderr
 
 
+async def test_sigterm_finishes_in_flight_requests_and_stops_accepting(module_redis: RedisServer,
+                                                                       upstream: Upstream) -> None:
+    # A request in flight when SIGTERM arrives is answered; new connections are refused; the process
+    # exits 0. A request longer than limits.shutdown_grace_s is cut at that bound.
+    import signal
+    import time
+
+    config = gateway_config(upstream.url, limits={"shutdown_grace_s": 2}, upstream={"read_timeout_s": 10})
+    process = GatewayProcess(config, redis_url=module_redis.url).start()
+    assert process.proc is not None
+    try:
+        async with aiohttp.ClientSession() as client:
+            finishing = asyncio.ensure_future(client.get(process.url + "/stall?s=1", headers=auth()))
+            cut = asyncio.ensure_future(client.get(process.url + "/stall?s=8", headers=auth()))
+            await asyncio.sleep(0.4)  # both are at the upstream
+            started = time.monotonic()
+            process.proc.send_signal(signal.SIGTERM)
+            response = await finishing
+            assert response.status == 200 and await response.text() == "late"
+            await asyncio.sleep(0.2)
+            with pytest.raises(aiohttp.ClientConnectionError):
+                async with aiohttp.ClientSession() as fresh:
+                    await fresh.get(process.url + "/v1/models", headers=auth())
+            with pytest.raises(aiohttp.ClientError):
+                late = await cut
+                await late.read()
+            assert process.proc.wait(10) == 0
+            assert time.monotonic() - started < 2 + 5  # the grace, plus closing clients and the audit flush
+    finally:
+        process.stop()
+
+
 async def test_two_workers_serve_from_both_processes(module_redis: RedisServer, upstream: Upstream) -> None:
     config = gateway_config(upstream.url)
     process = GatewayProcess(config, redis_url=module_redis.url, workers=2).start()
