@@ -148,6 +148,7 @@ async def fail_over_and_change(client: aiohttp.ClientSession, sentinel: Sentinel
 async def test_gateway_follows_a_sentinel_failover_and_never_admits_undecided(
         sentinel: SentinelTopology, upstream: Upstream) -> None:
     seed_policy(sentinel.url)
+    sentinel.wait_replicated()  # the policy must survive the primary's death
     # "fast": a quick poll and a staleness bound shorter than the failover, so it fails closed
     # (503) in the window and must recover by itself. "pubsub": a poll too slow to matter and a
     # long bound (it serves its last snapshot throughout), so changes enforced within a second
@@ -202,6 +203,7 @@ async def test_gateway_follows_a_sentinel_failover_and_never_admits_undecided(
 async def test_write_during_a_failover_lands_once_on_the_new_primary(sentinel: SentinelTopology) -> None:
     """A write started while the primary is dead lands once on the promoted replica, confirmed."""
     seed_policy(sentinel.url)
+    sentinel.wait_replicated()  # the policy must survive the primary's death
     store = Store.from_url(sentinel.url, timeout_s=2)
     store.write_retry_s = 20.0  # long enough to ride out the whole failover
     try:

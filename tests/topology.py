@@ -134,6 +134,13 @@ class SentinelTopology:
         _wait(promoted, timeout_s, "failover to a new primary")
         return self.primary_port()
 
+    def wait_replicated(self, timeout_s: float = 5.0) -> None:
+        """Block until the replica has acknowledged every write made so far (``WAIT``): replication
+        is asynchronous, so a primary killed right after a write may take it with it."""
+        with _client(self.primary_port()) as client:
+            acknowledged = client.execute_command("WAIT", 1, int(timeout_s * 1000))
+        assert acknowledged >= 1, "the replica did not acknowledge the writes"
+
     def server_on(self, port: int) -> RedisServer:
         return self.primary if self.primary.port == port else self.replica
 
