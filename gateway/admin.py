@@ -27,8 +27,9 @@ from aiohttp import web
 
 from .caller import Caller
 from .countries import validate_region
-from .errors import GatewayError, error_response, json_response
+from .errors import GatewayError, bad_request, error_response, json_response
 from .identity import hash_api_key, new_api_key
+from .logs import request_id_for
 from .openapi import openapi_document
 from .policy import (
     LIST_NAMES,
@@ -180,7 +181,7 @@ def _bearer(authorization: str | None) -> str | None:
 
 
 def invalid(field: str, message: str) -> GatewayError:
-    return GatewayError(400, "invalid_request", f"{field}: {message}")
+    return bad_request(f"{field}: {message}")
 
 
 def not_found(message: str) -> GatewayError:
@@ -268,8 +269,6 @@ class AdminApi:
     @web.middleware
     async def errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Every failure ends as a contract error body; nothing escapes as aiohttp's HTML page."""
-        from .app import request_id_for  # app imports this module at load time
-
         request_id = request_id_for(request.headers.get("X-Request-Id"))
         request[REQUEST_ID_KEY] = request_id
         try:
@@ -279,7 +278,7 @@ class AdminApi:
         except PolicyValidationError as exc:
             response = self._error(invalid(exc.field or "body", exc.message), request_id)
         except ScreeningFormatError as exc:
-            response = self._error(GatewayError(400, "invalid_request", str(exc)), request_id)
+            response = self._error(bad_request(str(exc)), request_id)
         except PolicyMissing:
             response = self._error(policy_missing(), request_id)
         except NotFound as exc:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
 import logging
 import os
 import re
@@ -17,6 +16,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote
 
 import aiohttp
 import orjson
@@ -25,16 +25,16 @@ from aiohttp.web_request import BaseRequest
 
 from .admin import register_admin_routes
 from .audit import AuditLog
-from .errors import GatewayError, decision_label, error_response, json_response
+from .errors import GatewayError, bad_request, decision_label, error_response, json_response
 from .geo import GeoResolver
 from .identity import Authenticator, AuthError, Identity
 from .jwks import JwksFetcher, KeyRing
 from .listener import JsonErrorServer
-from .logs import bind_request, log_access
+from .logs import bind_request, log_access, request_id_for
 from .metrics import Metrics
 from .network import TrustedProxies, client_ip
 from .policy import Decision, Rules, decide
-from .proxy import SKIP_AUTO_HEADERS, Forwarder, ProxyOutcome, Router, upstream_request_headers
+from .proxy import SKIP_AUTO_HEADERS, Forwarder, ProxyOutcome, Router, origin_form, upstream_request_headers
 from .ratelimit import RateLimiter, RateResult
 from .redis_wire import RespConnection
 from .settings import Settings, read_secret
@@ -44,20 +44,7 @@ from .watcher import PolicyWatcher
 log = logging.getLogger("gateway.app")
 
 CLIENT_CLOSED = 499  # as nginx logs it: the caller closed the connection before the answer was complete
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _UNSAFE_HEADER_CHARS = re.compile(r"[^\x20-\x24\x26-\x7e]+")  # all but printable ASCII, and "%" itself
-
-
-# Made request ids: a random per-process prefix and a counter, unique across processes and
-# restarts without a system call per request.
-_REQUEST_ID_PREFIX = os.urandom(6).hex()
-_request_counter = itertools.count(1)
-
-
-def request_id_for(incoming: str | None) -> str:
-    if incoming is not None and _REQUEST_ID.fullmatch(incoming):
-        return incoming
-    return f"{_REQUEST_ID_PREFIX}{next(_request_counter):012x}"
 
 
 @functools.lru_cache(maxsize=4096)
@@ -123,23 +110,17 @@ class ModelExtractor:
     """
 
     def __init__(self, pattern: str | None) -> None:
-        from urllib.parse import unquote
-
-        from .proxy import origin_form
-
         self.pattern = re.compile(pattern) if pattern else None
         # What a lenient upstream might route on is matched without regard to letter case.
         self.loose_pattern = re.compile(pattern, re.IGNORECASE) if pattern else None
-        self._origin_form = origin_form
-        self._unquote = unquote
 
     def extract(self, request: BaseRequest, body: bytes) -> str | None:
-        target = self._origin_form(request.raw_path)
+        target = origin_form(request.raw_path)
         path_model = self.model_from_path(target.split("?", 1)[0]) if self.pattern is not None else None
         body_model = self.model_from_body(body, request.headers.getall("Content-Type", ())) if body else None
         if path_model is not None and body_model is not None and path_model != body_model:
-            raise _ambiguous(f"The request path names model '{path_model}' and its body names "
-                             f"'{body_model}'.")
+            raise bad_request(f"The request path names model '{path_model}' and its body names "
+                              f"'{body_model}'.")
         return path_model if path_model is not None else body_model
 
     # --- the path ---------------------------------------------------------------------------------
@@ -154,9 +135,9 @@ class ModelExtractor:
         for candidate in self._loosened(path):
             loose = self.loose_pattern.search(candidate)
             if loose and loose.group("model"):
-                raise _ambiguous("The request path could name a model in more than one way (encoded characters, "
-                                 "dot segments, empty segments, ';' parameters, backslashes, letter case or a "
-                                 "trailing slash); send the canonical path.")
+                raise bad_request("The request path could name a model in more than one way (encoded characters, "
+                                  "dot segments, empty segments, ';' parameters, backslashes, letter case or a "
+                                  "trailing slash); send the canonical path.")
         return None
 
     @staticmethod
@@ -178,7 +159,7 @@ class ModelExtractor:
             readings.append(self._resolved([segment.split(";", 1)[0] for segment in cut]))
             if ";" in text:
                 readings.append(self._resolved(cut, strip_params=True))
-            decoded = self._unquote(text, errors="replace")
+            decoded = unquote(text, errors="replace")
             if decoded == text:
                 break
             text = decoded
@@ -203,7 +184,7 @@ class ModelExtractor:
 
     def model_from_body(self, body: bytes, content_types: list[str]) -> str | None:
         if len(content_types) > 1:
-            raise _ambiguous("The request has more than one Content-Type header.")
+            raise bad_request("The request has more than one Content-Type header.")
         content_type = content_types[0] if content_types else ""
         lowered = content_type.lower()
         if "multipart/" not in lowered and "urlencoded" not in lowered:
@@ -233,16 +214,16 @@ class ModelExtractor:
         try:
             document = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
-            raise GatewayError(400, "invalid_request", "The request body is not valid JSON.") from exc
+            raise bad_request("The request body is not valid JSON.") from exc
         if not isinstance(document, dict) or "model" not in document:
             return None
         model = document["model"]
         if not isinstance(model, str) or not model:
-            raise GatewayError(400, "invalid_request", "The request's 'model' must be a non-empty string.")
+            raise bad_request("The request's 'model' must be a non-empty string.")
         # A key may be spelled with escapes ("mod\\u0065l"); only then, or with several "model" strings,
         # can the body name the key twice. Parsers disagree on which one wins: refuse.
         if (body.count(b'"model"') > 1 or b"\\u" in body) and self._top_level_model_count(body) > 1:
-            raise _ambiguous("The request names 'model' more than once.")
+            raise bad_request("The request names 'model' more than once.")
         return model
 
     @staticmethod
@@ -258,7 +239,7 @@ class ModelExtractor:
         try:
             json.loads(body, object_pairs_hook=hook)
         except (ValueError, RecursionError) as exc:  # orjson read it; a stricter look did not
-            raise GatewayError(400, "invalid_request", "The request body is not valid JSON.") from exc
+            raise bad_request("The request body is not valid JSON.") from exc
         return counts[-1] if counts else 0  # the outermost object is finished last
 
     @staticmethod
@@ -274,8 +255,7 @@ class ModelExtractor:
         except (ValueError, RecursionError):
             return  # not JSON in any encoding: binary content
         if isinstance(document, (dict, list)):
-            raise GatewayError(400, "invalid_request",
-                               "A JSON request body must be UTF-8 without a byte order mark.")
+            raise bad_request("A JSON request body must be UTF-8 without a byte order mark.")
 
     @staticmethod
     def _form_model(body: bytes) -> str | None:
@@ -289,13 +269,13 @@ class ModelExtractor:
             found = values(text)
             # Servers split pairs on "&", and some on ";" too: both readings must agree.
             if found != values(text.replace(";", "&")):
-                raise _ambiguous("The form's 'model' field reads differently when ';' separates fields.")
+                raise bad_request("The form's 'model' field reads differently when ';' separates fields.")
         except (UnicodeDecodeError, ValueError) as exc:
-            raise _ambiguous("The form body is not ASCII URL-encoded UTF-8 text.") from exc
+            raise bad_request("The form body is not ASCII URL-encoded UTF-8 text.") from exc
         if len(found) > 1:
-            raise _ambiguous("The request names 'model' more than once.")
+            raise bad_request("The request names 'model' more than once.")
         if found == [""]:
-            raise GatewayError(400, "invalid_request", "The request's 'model' must be a non-empty string.")
+            raise bad_request("The request's 'model' must be a non-empty string.")
         return found[0] if found else None
 
     _NAME_PARAM = re.compile(r"(?i)(?:^|;)\s*name\*?\s*=")
@@ -305,29 +285,29 @@ class ModelExtractor:
         from email.message import Message
 
         if not boundary or len(boundary) > 70 or not boundary.isascii():
-            raise _ambiguous("A multipart body needs a boundary of at most 70 ASCII characters.")
+            raise bad_request("A multipart body needs a boundary of at most 70 ASCII characters.")
         parts = (b"\r\n" + body).split(b"\r\n--" + boundary.encode())
         if len(parts) < 2 or not parts[-1].startswith(b"--"):
-            raise _ambiguous("The multipart body is not complete.")
+            raise bad_request("The multipart body is not complete.")
         found: list[bytes] = []
         for part in parts[1:-1]:
             padding, newline, rest = part.partition(b"\r\n")
             if not newline or padding.strip(b" \t"):
-                raise _ambiguous("The multipart body is malformed.")
+                raise bad_request("The multipart body is malformed.")
             if rest.startswith(b"\r\n"):
                 head, content = b"", rest[2:]
             else:
                 head, separator, content = rest.partition(b"\r\n\r\n")
                 if not separator:
-                    raise _ambiguous("The multipart body is malformed.")
+                    raise bad_request("The multipart body is malformed.")
             fields = [line.partition(b":") for line in head.split(b"\r\n") if line]
             dispositions = [v.decode("latin-1") for k, _, v in fields if k.strip().lower() == b"content-disposition"]
             encodings = [v.strip().lower() for k, _, v in fields if k.strip().lower() == b"content-transfer-encoding"]
             if len(dispositions) != 1:
-                raise _ambiguous("Each multipart part needs exactly one Content-Disposition.")
+                raise bad_request("Each multipart part needs exactly one Content-Disposition.")
             disposition = dispositions[0]
             if len(cls._NAME_PARAM.findall(disposition)) > 1:
-                raise _ambiguous("A multipart part names itself more than once.")
+                raise bad_request("A multipart part names itself more than once.")
             message = Message()
             message["Content-Disposition"] = disposition
             name = message.get_param("name", header="content-disposition")
@@ -337,24 +317,20 @@ class ModelExtractor:
                 continue
             if (name != "model" or "filename" in disposition.lower()
                     or any(e not in (b"7bit", b"8bit", b"binary") for e in encodings)):
-                raise _ambiguous("The multipart 'model' field is a file, transfer-encoded, or not named exactly "
-                                 "'model'.")
+                raise bad_request("The multipart 'model' field is a file, transfer-encoded, or not named exactly "
+                                  "'model'.")
             found.append(content)
         if not found:
             return None
         if len(found) > 1:
-            raise _ambiguous("The request names 'model' more than once.")
+            raise bad_request("The request names 'model' more than once.")
         try:
             model = found[0].decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise _ambiguous("The multipart 'model' field is not UTF-8.") from exc
+            raise bad_request("The multipart 'model' field is not UTF-8.") from exc
         if not model:
-            raise GatewayError(400, "invalid_request", "The request's 'model' must be a non-empty string.")
+            raise bad_request("The request's 'model' must be a non-empty string.")
         return model
-
-
-def _ambiguous(message: str) -> GatewayError:
-    return GatewayError(400, "invalid_request", message)
 
 
 class Gateway:
@@ -385,7 +361,6 @@ class Gateway:
         self.forwarder: Forwarder | None = None
         self.jwks: JwksFetcher | None = None
         self.audit: AuditLog | None = None
-        self.in_flight = 0
 
     def _on_unknown_kid(self) -> None:
         if self.jwks is not None:
@@ -441,7 +416,6 @@ class Gateway:
         exchange = Exchange(request_id=request_id_for(request.headers.get("X-Request-Id")),
                             started=time.perf_counter())
         bind_request(exchange.request_id, request.method, request.path)
-        self.in_flight += 1
         self.metrics.in_flight.inc()
         try:
             response = await self._admit_and_forward(request, exchange)
@@ -455,7 +429,6 @@ class Gateway:
             self._finish(exchange)
             raise
         finally:
-            self.in_flight -= 1
             self.metrics.in_flight.dec()
         self._finish(exchange)
         return response
@@ -564,14 +537,13 @@ class Gateway:
                                        f"The request body exceeds the limit of {limit} bytes.")
                 chunks.append(chunk)
         except TimeoutError as exc:
-            raise GatewayError(400, "invalid_request",
-                               "The request body arrived too slowly.") from exc
+            raise bad_request("The request body arrived too slowly.") from exc
         except aiohttp.web.HTTPException:
             raise
         except (aiohttp.ClientPayloadError, aiohttp.http_exceptions.HttpProcessingError, web.RequestPayloadError,
                 ValueError) as exc:
             # Bad chunking or a body cut short: the parser's errors arrive here, on the body stream.
-            raise GatewayError(400, "invalid_request", "The request body is malformed.") from exc
+            raise bad_request("The request body is malformed.") from exc
         return b"".join(chunks)
 
     def _finish(self, exchange: Exchange) -> None:

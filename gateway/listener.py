@@ -15,7 +15,6 @@ the parser's own 400 would follow as a second, unasked-for response.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -24,7 +23,8 @@ from aiohttp.http_exceptions import BadHttpMessage
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from aiohttp.web_request import BaseRequest
 
-from .errors import GatewayError, error_response
+from .errors import GatewayError, bad_request, error_response
+from .logs import request_id_for
 
 log = logging.getLogger("gateway.listener")
 
@@ -59,9 +59,9 @@ class _JsonErrorRequestHandler(RequestHandler):
         else:
             log.debug("malformed request from %s: %s", request.remote, exc)
             # Never echo the parser's message: it quotes the caller's bytes (credentials included).
-            err = GatewayError(400, "invalid_request", "The HTTP request is malformed.")
+            err = bad_request("The HTTP request is malformed.")
         server.on_rejected(err.status, err.code)
-        response = error_response(err, request_id=os.urandom(12).hex(), policy_version=server.policy_version())
+        response = error_response(err, request_id=request_id_for(None), policy_version=server.policy_version())
         response.force_close()
         return response
 

@@ -13,7 +13,9 @@ shaped like a bearer token, a JWT or an API key is masked in the finished line.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
+import os
 import re
 import sys
 import time
@@ -31,8 +33,20 @@ _SECRET = re.compile(
     r"|eyJ[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]*"  # JWTs (header.payload.signature)
     r"|gk_[A-Za-z0-9_-]{8,}")                                  # the gateway's API keys
 MAX_PATH = 512
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+# Made request ids: a random per-process prefix and a counter, unique across processes and
+# restarts without a system call per request.
+_REQUEST_ID_PREFIX = os.urandom(6).hex()
+_request_counter = itertools.count(1)
 
 access_log = logging.getLogger("gateway.access")
+
+
+def request_id_for(incoming: str | None) -> str:
+    """The caller's ``X-Request-Id`` when it is a safe token, else a new id; every listener uses this."""
+    if incoming is not None and _REQUEST_ID.fullmatch(incoming):
+        return incoming
+    return f"{_REQUEST_ID_PREFIX}{next(_request_counter):012x}"
 
 
 def bind_request(request_id: str, method: str, path: str) -> None:

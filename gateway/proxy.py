@@ -24,7 +24,7 @@ from aiohttp.web_request import BaseRequest
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from .errors import GatewayError, error_body
+from .errors import GatewayError, bad_request, error_body
 
 log = logging.getLogger("gateway.proxy")
 
@@ -85,9 +85,8 @@ def origin_form(target: str) -> str:
 
 
 def _bad_target() -> GatewayError:
-    return GatewayError(400, "invalid_request",
-                        "The request target must be a path (origin-form) of visible ASCII, without a fragment "
-                        "or encoded control characters.")
+    return bad_request("The request target must be a path (origin-form) of visible ASCII, without a fragment "
+                       "or encoded control characters.")
 
 
 def response_problem(status: int, reason: str | None, headers: CIMultiDictProxy[str]) -> str | None:
@@ -215,7 +214,6 @@ class ProxyOutcome:
     upstream_seconds: float = 0.0
     tokens: int | None = None
     error_kind: str | None = None
-    response: web.StreamResponse | None = None
 
 
 def _sse_error_event(code: str, message: str, request_id: str) -> bytes:
@@ -354,7 +352,6 @@ class Forwarder:
         is_sse = content_type.startswith("text/event-stream")
         is_json = "json" in content_type and on_usage is not None
         scanner = SseUsageScanner() if is_sse and on_usage is not None else None
-        outcome.response = response
         await response.prepare(request)
         held: list[bytes] = []  # JSON bodies: captured (bounded) to read usage before the last byte
         held_size = 0

@@ -79,11 +79,8 @@ def list_key(name: str) -> str:
     return f"{PREFIX}list:{name}"
 
 
-def _part_key(part: str) -> str:
-    return {MODELS_PART: MODELS_KEY, APIKEYS_PART: APIKEYS_KEY}.get(part) or list_key(part)
-
-
-_PART_OF_KEY = {_part_key(part): part for part in POLICY_PARTS}
+_PART_KEYS = {**{name: list_key(name) for name in LIST_NAMES}, MODELS_PART: MODELS_KEY, APIKEYS_PART: APIKEYS_KEY}
+_PART_OF_KEY = {key: part for part, key in _PART_KEYS.items()}
 
 
 class StoreUnavailable(BackendUnavailable):
@@ -318,7 +315,7 @@ class Store:
                 _queue_heads(pipe)
                 pipe.hgetall(REVS_KEY)
                 for part in parts:
-                    pipe.hgetall(_part_key(part))
+                    pipe.hgetall(_PART_KEYS[part])
                 return list(await pipe.execute())
 
             version, generation, screening_rev, raw_revs, *hashes = await self._bounded(
@@ -701,10 +698,8 @@ def _changed_parts(known: KnownRevisions | None, generation: str, revs: Mapping[
 def _queue_policy_reads(pipe: Any) -> None:
     """Queue the reads of a whole policy: heads, the four lists, models, API keys (in that order)."""
     _queue_heads(pipe)
-    for name in LIST_NAMES:
-        pipe.hgetall(list_key(name))
-    pipe.hgetall(MODELS_KEY)
-    pipe.hgetall(APIKEYS_KEY)
+    for key in _PART_KEYS.values():  # POLICY_PARTS order
+        pipe.hgetall(key)
 
 
 def _queue_heads(pipe: Any) -> None:

@@ -302,6 +302,18 @@ def running_gateway(config: dict[str, Any], *, wait_ready: bool = True,
         gateway.stop()
 
 
+@contextmanager
+def seeded_gateway(config: dict[str, Any], document: dict[str, Any] | None = None,
+                   **kwargs: Any) -> Iterator[GatewayProcess]:
+    """A gateway on a redis-server of its own, seeded with ``document`` (BASE_POLICY by default)."""
+    from gateway.redis_server import RedisServer
+
+    with RedisServer() as redis:
+        seed_policy(redis.url, document)
+        with running_gateway(config, redis_url=redis.url, **kwargs) as gateway:
+            yield gateway
+
+
 def seed_policy(redis_url: str, document: dict[str, Any] | None = None) -> int:
     """Import a whole policy straight into Redis (as an operator's restore would)."""
     from gateway.bootstrap import import_policy
@@ -316,6 +328,43 @@ def seed_policy(redis_url: str, document: dict[str, Any] | None = None) -> int:
             await store.close()
 
     return run_sync(run())
+
+
+# Tiers for multi-process and topology tests: a partner tier too generous to limit anything, a tight one
+# whose limit a test can reach, and the public one.
+SCALE_TIERS: dict[str, Any] = {
+    "partner": {"requests_per_minute": 600000, "burst": 100000, "stages": ["partners", "general"]},
+    "tight": {"requests_per_minute": 1, "burst": 5, "stages": ["general"]},
+    "public": {"requests_per_minute": 60, "burst": 10, "stages": ["general"]},
+}
+
+# A valid stored list entry, for writes made straight through the store.
+ENTRY: dict[str, Any] = {"reason": "test", "source": "test", "added_by": "test",
+                         "added_at": "2026-01-01T00:00:00Z", "expires_at": None}
+
+
+async def write_entry(redis_url: str, key: str, field: str, value: dict[str, Any] | None = None) -> int:
+    """One list entry written through the store's write path (version bump, change record); the new version."""
+    from gateway.store import HashSet
+
+    return await _write_one(redis_url, HashSet(key, field, ENTRY if value is None else value), f"{key}#{field}")
+
+
+async def delete_entry(redis_url: str, key: str, field: str) -> int:
+    from gateway.store import HashDelete
+
+    return await _write_one(redis_url, HashDelete(key, field), f"{key}#{field}")
+
+
+async def _write_one(redis_url: str, op: Any, target: str) -> int:
+    from gateway.store import Store
+
+    store = Store.from_url(redis_url, timeout_s=2)
+    try:
+        version, _ = await store.write([op], actor="test", now_iso="2026-01-01T00:00:00Z", target=target)
+        return int(version)
+    finally:
+        await store.close()
 
 
 def run_sync(coroutine: Any) -> Any:

@@ -28,3 +28,12 @@ def serve_in_thread(handler: Handler, port: int, *, name: str,
     thread.start()
     ready.wait(5)
     return started["loop"], started["server"], thread
+
+
+async def read_request(reader: asyncio.StreamReader) -> bytes:
+    """One HTTP/1.1 request from ``reader``: its head returned, its Content-Length body read and dropped."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            await reader.readexactly(int(line.split(b":")[1]))
+    return head

@@ -13,9 +13,7 @@ import pytest
 from multidict import CIMultiDict
 from yarl import URL
 
-from gateway.redis_server import RedisServer
-
-from .harness import ADMIN_TOKEN, GatewayProcess, Upstream, auth, gateway_config, hs_token, seed_policy
+from .harness import ADMIN_TOKEN, GatewayProcess, Upstream, auth, gateway_config, hs_token, seeded_gateway
 
 NAMED_TOKEN = "named-operator-token-0001"
 LATER_TOKEN = "named-operator-token-0002"
@@ -42,12 +40,8 @@ def tokens_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def gateway(upstream: Upstream, tokens_file: Path) -> Iterator[GatewayProcess]:
-    with RedisServer() as redis:
-        seed_policy(redis.url)
-        config = gateway_config(upstream.url, admin={"tokens_file": str(tokens_file)})
-        process = GatewayProcess(config, redis_url=redis.url).start()
+    with seeded_gateway(gateway_config(upstream.url, admin={"tokens_file": str(tokens_file)})) as process:
         yield process
-        process.stop()
 
 
 @pytest.fixture

@@ -15,9 +15,7 @@ import pytest
 import schemathesis
 from schemathesis.engine import Status, events
 
-from gateway.redis_server import RedisServer
-
-from .harness import ADMIN_TOKEN, GatewayProcess, Upstream, gateway_config, seed_policy
+from .harness import ADMIN_TOKEN, GatewayProcess, Upstream, gateway_config, seeded_gateway
 
 # Per operation and phase; bounded so the run stays well under a minute.
 MAX_EXAMPLES = 15
@@ -34,11 +32,8 @@ CHECKS = [
 
 @pytest.fixture(scope="module")
 def fuzzed_gateway(upstream: Upstream) -> Iterator[GatewayProcess]:
-    with RedisServer() as redis:
-        seed_policy(redis.url)
-        process = GatewayProcess(gateway_config(upstream.url), redis_url=redis.url).start()
+    with seeded_gateway(gateway_config(upstream.url)) as process:
         yield process
-        process.stop()
 
 
 def _failures(event: events.ScenarioFinished) -> list[str]:

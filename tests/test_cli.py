@@ -27,7 +27,7 @@ from .harness import (
     auth,
     gateway_config,
     hs_token,
-    seed_policy,
+    seeded_gateway,
     wait_until,
 )
 
@@ -38,11 +38,8 @@ COMMAND = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "gatewa
 
 @pytest.fixture(scope="module")
 def gateway(upstream: Upstream) -> Iterator[GatewayProcess]:
-    with RedisServer() as redis:
-        seed_policy(redis.url, BASE_POLICY)
-        process = GatewayProcess(gateway_config(upstream.url), redis_url=redis.url).start()
+    with seeded_gateway(gateway_config(upstream.url), BASE_POLICY) as process:
         yield process
-        process.stop()
 
 
 def cli(gateway: GatewayProcess | None, *args: str, env: dict[str, str] | None = None,

@@ -31,6 +31,8 @@ from gateway.store import (
 )
 
 from .harness import (
+    ENTRY,
+    SCALE_TIERS,
     GatewayProcess,
     Upstream,
     first_status,
@@ -41,13 +43,7 @@ from .harness import (
 )
 from .topology import ClusterTopology, server_version
 
-TIERS: dict[str, Any] = {
-    "partner": {"requests_per_minute": 600000, "burst": 100000, "stages": ["partners", "general"]},
-    "tight": {"requests_per_minute": 1, "burst": 5, "stages": ["general"]},
-    "public": {"requests_per_minute": 60, "burst": 10, "stages": ["general"]},
-}
-ENTRY = {"reason": "test", "source": "test", "added_by": "test", "added_at": "2026-01-01T00:00:00Z",
-         "expires_at": None}
+TIERS = SCALE_TIERS
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ from cryptography.x509.oid import NameOID
 from gateway.identity import hash_api_key, new_api_key
 from gateway.redis_server import RedisServer
 
-from .harness import BASE_POLICY, GatewayProcess, Seen, Upstream, gateway_config, seed_policy
+from .harness import BASE_POLICY, CHAT, GatewayProcess, Seen, Upstream, gateway_config, seed_policy
 from .jwt_helpers import (
     DROP,
     BackgroundLoop,
@@ -53,7 +53,6 @@ from .jwt_helpers import (
 
 UPSTREAM_SECRET = "upstream-own-credential-0123456789"
 LEEWAY_S = 5
-CHAT = {"model": "gpt-mock", "messages": [{"role": "user", "content": "hi"}]}
 PARTNERS_ONLY = "partners-only"
 
 KEY_GOOD = new_api_key()

@@ -13,27 +13,25 @@ import orjson
 import pytest
 
 from gateway.redis_server import RedisServer
-from gateway.store import HashSet, Store, list_key
+from gateway.store import list_key
 
-from .harness import BASE_POLICY, GatewayProcess, Upstream, auth, gateway_config, hs_token, seed_policy
-
-CHAT = {"model": "gpt-mock", "messages": [{"role": "user", "content": "hi"}]}
+from .harness import (
+    BASE_POLICY,
+    CHAT,
+    GatewayProcess,
+    Upstream,
+    auth,
+    gateway_config,
+    hs_token,
+    seed_policy,
+    write_entry,
+)
 
 
 def policy_with(**models: dict[str, Any]) -> dict[str, Any]:
     document = copy.deepcopy(BASE_POLICY)
     document["models"].update(models)
     return document
-
-
-async def write(redis_url: str, key: str, field: str, value: dict[str, Any]) -> int:
-    store = Store.from_url(redis_url, timeout_s=2)
-    try:
-        version, _ = await store.write([HashSet(key, field, value)], actor="test",
-                                       now_iso="2026-01-01T00:00:00Z", target=f"{key}#{field}")
-        return version
-    finally:
-        await store.close()
 
 
 async def status_of(client: aiohttp.ClientSession, gateway: GatewayProcess, token: str,
@@ -75,7 +73,7 @@ async def test_list_change_enforced_on_every_process_within_a_second(
         assert (await status_of(client, second, token))[0] == 200
         entry = {"reason": "test", "source": "test", "added_by": "test", "added_at": "2026-01-01T00:00:00Z",
                  "expires_at": None}
-        await write(redis_url, list_key("deny-countries"), "DE", entry)
+        await write_entry(redis_url, list_key("deny-countries"), "DE", entry)
         waits = await asyncio.gather(_wait_status(client, first, token, 451),
                                      _wait_status(client, second, token, 451))
         assert max(waits) < 1.0
@@ -94,12 +92,12 @@ async def test_export_suspension_and_lifting_take_effect_without_restart(
     lifted = {**suspended, "export_suspended": False}
     async with aiohttp.ClientSession() as client:
         assert (await status_of(client, first, abroad, body))[0] == 200
-        await write(redis_url, "{gw}:models", "frontier", suspended)
+        await write_entry(redis_url, "{gw}:models", "frontier", suspended)
         await _wait_status(client, first, abroad, 451, body)
         _, error = await status_of(client, first, abroad, body)
         assert error["error"]["code"] == "export_suspended"
         assert (await status_of(client, first, home, body))[0] == 200  # home country still served
-        await write(redis_url, "{gw}:models", "frontier", lifted)
+        await write_entry(redis_url, "{gw}:models", "frontier", lifted)
         await _wait_status(client, first, abroad, 200, body)
 
 

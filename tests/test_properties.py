@@ -27,9 +27,10 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.app import ModelExtractor, header_safe, request_id_for
+from gateway.app import ModelExtractor, header_safe
 from gateway.caller import Caller
 from gateway.errors import GatewayError
+from gateway.logs import request_id_for
 from gateway.network import TrustedProxies, client_ip, parse_ip
 from gateway.policy import Rules, build_snapshot, decide
 from gateway.proxy import HOP_BY_HOP, origin_form, response_headers, upstream_request_headers

@@ -15,9 +15,8 @@ import redis as redis_sync
 from gateway.redis_server import RedisServer
 
 from .faultproxy import FaultProxy
-from .harness import GatewayProcess, Upstream, auth, gateway_config, hs_token, seed_policy
+from .harness import CHAT, GatewayProcess, Upstream, auth, gateway_config, hs_token, seed_policy
 
-CHAT = {"model": "gpt-mock", "messages": [{"role": "user", "content": "hi"}]}
 TIERS: dict[str, Any] = {
     "public": {"requests_per_minute": 60, "burst": 10, "stages": ["general"]},
     "partner": {"requests_per_minute": 6000, "burst": 600, "stages": ["partners", "general"]},

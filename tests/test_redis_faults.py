@@ -29,9 +29,8 @@ import redis as redis_sync
 from gateway.redis_server import RedisServer
 
 from .faultproxy import FaultProxy
-from .harness import BASE_POLICY, GatewayProcess, Upstream, gateway_config, hs_token, seed_policy
+from .harness import BASE_POLICY, CHAT, GatewayProcess, Upstream, gateway_config, hs_token, seed_policy
 
-CHAT = {"model": "gpt-mock", "messages": [{"role": "user", "content": "hi"}]}
 ALLOWED = hs_token("alice", country="US", tier="partner")
 DENIED = hs_token("ivan", country="IR", tier="partner")
 TIERS: dict[str, Any] = {

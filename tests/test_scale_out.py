@@ -23,6 +23,7 @@ from gateway.store import Store, StoreUnavailable
 from .harness import (
     ADMIN_TOKEN,
     CHAT,
+    SCALE_TIERS,
     GatewayProcess,
     Upstream,
     auth,
@@ -34,11 +35,7 @@ from .harness import (
 )
 from .topology import TlsFiles, TlsRedisServer, make_tls_files
 
-TIERS: dict[str, Any] = {
-    "partner": {"requests_per_minute": 600000, "burst": 100000, "stages": ["partners", "general"]},
-    "tight": {"requests_per_minute": 1, "burst": 5, "stages": ["general"]},
-    "public": {"requests_per_minute": 60, "burst": 10, "stages": ["general"]},
-}
+TIERS = SCALE_TIERS
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 

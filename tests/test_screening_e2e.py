@@ -12,9 +12,16 @@ import aiohttp
 import orjson
 import pytest
 
-from gateway.redis_server import RedisServer
-
-from .harness import ADMIN_TOKEN, BASE_POLICY, GatewayProcess, Upstream, auth, gateway_config, hs_token, seed_policy
+from .harness import (
+    ADMIN_TOKEN,
+    BASE_POLICY,
+    GatewayProcess,
+    Upstream,
+    auth,
+    gateway_config,
+    hs_token,
+    seeded_gateway,
+)
 
 CSV = resources.files("gateway").joinpath("data", "csl_sample.csv").read_bytes()
 JSON = resources.files("gateway").joinpath("data", "csl_sample.json").read_bytes()
@@ -24,11 +31,8 @@ CLEAN = "Acme Corp"
 
 @pytest.fixture(scope="module")
 def gateway(upstream: Upstream) -> Iterator[GatewayProcess]:
-    with RedisServer() as redis:
-        seed_policy(redis.url, BASE_POLICY)
-        process = GatewayProcess(gateway_config(upstream.url), redis_url=redis.url).start()
+    with seeded_gateway(gateway_config(upstream.url), BASE_POLICY) as process:
         yield process
-        process.stop()
 
 
 @pytest.fixture

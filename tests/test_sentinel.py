@@ -24,18 +24,26 @@ import aiohttp
 import orjson
 import pytest
 
-from gateway.store import HashDelete, HashSet, Store, StoreUnavailable, list_key
+from gateway.store import HashSet, Store, StoreUnavailable, list_key
 
-from .harness import GatewayProcess, Upstream, auth, gateway_config, hs_token, seed_policy
+from .harness import (
+    CHAT,
+    ENTRY,
+    GatewayProcess,
+    Upstream,
+    auth,
+    delete_entry,
+    gateway_config,
+    hs_token,
+    seed_policy,
+    write_entry,
+)
 from .topology import SentinelTopology
 
-CHAT = {"model": "gpt-mock", "messages": [{"role": "user", "content": "hi"}]}
 # A generous tier: this test is about failover, not quotas.
 TIERS: dict[str, Any] = {"partner": {"requests_per_minute": 600000, "burst": 100000,
                                      "stages": ["partners", "general"]},
                          "public": {"requests_per_minute": 60, "burst": 10, "stages": ["general"]}}
-ENTRY = {"reason": "test", "source": "test", "added_by": "test", "added_at": "2026-01-01T00:00:00Z",
-         "expires_at": None}
 
 
 @dataclass
@@ -86,26 +94,6 @@ async def traffic(client: aiohttp.ClientSession, gateway: GatewayProcess, stop: 
             except aiohttp.ClientError as exc:  # the gateway itself must never drop a caller
                 answers.append(Answer(time.monotonic(), caller, -1, type(exc).__name__, False, None))
         await asyncio.sleep(0.005)
-
-
-async def write_entry(url: str, key: str, field: str) -> int:
-    store = Store.from_url(url, timeout_s=2)
-    try:
-        version, _ = await store.write([HashSet(key, field, ENTRY)], actor="test",
-                                       now_iso="2026-01-01T00:00:00Z", target=f"{key}#{field}")
-        return version
-    finally:
-        await store.close()
-
-
-async def delete_entry(url: str, key: str, field: str) -> int:
-    store = Store.from_url(url, timeout_s=2)
-    try:
-        version, _ = await store.write([HashDelete(key, field)], actor="test", now_iso="2026-01-01T00:00:00Z",
-                                       target=f"{key}#{field}")
-        return version
-    finally:
-        await store.close()
 
 
 async def first_status(client: aiohttp.ClientSession, gateway: GatewayProcess, token: str, status: int,

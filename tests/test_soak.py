@@ -29,16 +29,15 @@ from gateway.settings import Tier
 from gateway.store import Store
 
 from .faultproxy import FaultProxy
-from .harness import BASE_POLICY, GatewayProcess, Upstream, gateway_config, hs_token, seed_policy
+from .harness import BASE_POLICY, CHAT, GatewayProcess, Upstream, gateway_config, hs_token, seed_policy
 from .rawhttp import AsyncRawConnection
-from .servers import serve_in_thread
+from .servers import read_request, serve_in_thread
 from .test_http_hardening import _pipeline, _slowloris, gw, module_redis  # noqa: F401 - fixtures
 
 pytestmark = [pytest.mark.soak, pytest.mark.timeout(3600)]
 
 SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "600"))
 SOAK_SSE_SECONDS = float(os.environ.get("SOAK_SSE_SECONDS", "30"))
-CHAT = {"model": "gpt-mock", "messages": [{"role": "user", "content": "hi"}]}
 
 
 def rss_kib(pid: int) -> int:
@@ -100,10 +99,7 @@ class QuickUpstream:
         body = b'{"ok": true, "usage": {"total_tokens": 1}}'
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        await reader.readexactly(int(line.split(b":")[1]))
+                await read_request(reader)
                 self.requests += 1
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
                              + str(len(body)).encode() + b"\r\n\r\n" + body)

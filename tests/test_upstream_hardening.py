@@ -23,7 +23,7 @@ from gateway.redis_server import RedisServer, free_port
 
 from .harness import GatewayProcess, gateway_config, hs_token, seed_policy
 from .rawhttp import ProtocolViolation, RawConnection, RawResponse, ResponseParser, request
-from .servers import serve_in_thread
+from .servers import read_request, serve_in_thread
 
 PARSERS = {"llhttp": {}, "python": {"AIOHTTP_NO_EXTENSIONS": "1"}}
 CHAT = b'{"model": "gpt-mock", "messages": []}'
@@ -149,10 +149,7 @@ class HostileUpstream:
         self.connections += 1
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        await reader.readexactly(int(line.split(b":")[1]))
+                head = await read_request(reader)
                 path = head.split(b" ", 2)[1].decode().split("?")[0]
                 self.counts[path] += 1
                 self.heads.append(head)

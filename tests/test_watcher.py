@@ -15,10 +15,9 @@ from gateway.settings import Settings
 from gateway.store import APIKEYS_KEY, MODELS_KEY, REVS_KEY, VERSION_KEY, HashSet, Store, list_key
 from gateway.watcher import PolicyWatcher
 
-from .harness import BASE_POLICY
+from .harness import BASE_POLICY, ENTRY
 
 TIERS = ("public", "partner", "internal")
-ENTRY = {"reason": "test", "source": "test", "added_by": "test", "added_at": "2026-01-01T00:00:00Z"}
 
 
 def big_policy() -> dict[str, Any]:

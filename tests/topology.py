@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import redis as redis_sync
 
@@ -72,7 +73,27 @@ class SentinelServer(RedisServer):
         return [self.binary, str(self.conf), "--sentinel"]
 
 
-class SentinelTopology:
+class _Topology:
+    """Servers started together and cleaned up together, also when starting them fails half-way."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def cleanup(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            return self.start()
+        except BaseException:
+            self.cleanup()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+
+class SentinelTopology(_Topology):
     """A primary, one replica and three Sentinels (quorum 2), all on loopback."""
 
     def __init__(self, *, down_after_ms: int = 1000, failover_timeout_ms: int = 2000) -> None:
@@ -148,18 +169,9 @@ class SentinelTopology:
         for server in (*self.sentinels, self.replica, self.primary):
             server.cleanup()
 
-    def __enter__(self) -> SentinelTopology:
-        try:
-            return self.start()
-        except BaseException:
-            self.cleanup()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.cleanup()
 
 
-class ClusterTopology:
+class ClusterTopology(_Topology):
     """A Redis Cluster of ``size`` primaries (no replicas), slots split evenly, on loopback."""
 
     SLOTS = 16384
@@ -238,15 +250,6 @@ class ClusterTopology:
         for node in self.nodes:
             node.cleanup()
 
-    def __enter__(self) -> ClusterTopology:
-        try:
-            return self.start()
-        except BaseException:
-            self.cleanup()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.cleanup()
 
 
 @dataclass(frozen=True)
