@@ -134,6 +134,23 @@ class LazyEntries(Mapping[str, "Entry"]):
             return (key.decode("utf-8", "surrogatepass") for key in self._raw)
         return iter(self._raw)
 
+    def patched(self, changes: Mapping[Any, Any]) -> LazyEntries:
+        """A copy with ``changes`` applied (entry key -> stored value, None to delete); entries
+        already parsed and not changed stay parsed."""
+        raw = dict(self._raw)
+        parsed = dict(self._parsed)
+        for key, value in changes.items():
+            text = key.decode("utf-8", "surrogatepass") if isinstance(key, bytes) else key
+            raw_key = self._raw_key(text) if raw else key
+            parsed.pop(text, None)
+            if value is None:
+                raw.pop(raw_key, None)
+            else:
+                raw[raw_key] = value
+        patched = LazyEntries(self._list, raw)
+        patched._parsed = parsed
+        return patched
+
     def _parse(self, key: str, value: bytes | Mapping[str, Any]) -> Entry:
         try:
             data = orjson.loads(value) if isinstance(value, bytes | bytearray) else value
@@ -777,23 +794,40 @@ def build_snapshot(
     screening: ScreeningLike | None = None,
     reuse: Snapshot | None = None,
     unchanged: Collection[str] = (),
+    deltas: Mapping[str, Mapping[Any, Any]] | None = None,
 ) -> Snapshot:
     """Stored dicts -> an immutable :class:`Snapshot`; a list left out is empty.
 
     Parts named in ``unchanged`` (list names, ``"models"``, ``"apikeys"``) are taken from ``reuse``
-    as they are, already parsed: a change to one list does not rebuild the others.
+    as they are, already parsed: a change to one list does not rebuild the others. Lists in
+    ``deltas`` are ``reuse``'s with those entries changed (entry key -> stored value, None: deleted).
     """
-    if unchanged and reuse is None:
+    deltas = deltas or {}
+    if (unchanged or deltas) and reuse is None:
         raise ValueError("unchanged parts need a snapshot to reuse")
-    for list_name in lists:
+    for list_name in (*lists, *deltas):
         _check_list(list_name)
-    # Built here rather than per entry: entry_from_dict trusts list_name from this loop.
-    typed_lists: dict[str, Mapping[str, Entry]] = {
-        name: (reuse.lists[name] if reuse is not None and name in unchanged else
-               LazyEntries(name, lists.get(name, {})) if name in _LAZY_LISTS else
-               MappingProxyType({key: entry_from_dict(name, key, d) for key, d in lists.get(name, {}).items()}))
-        for name in LIST_NAMES
-    }
+
+    def typed_list(name: str) -> Mapping[str, Entry]:
+        # Built here rather than per entry: entry_from_dict trusts list_name from LIST_NAMES.
+        if reuse is not None and name in unchanged:
+            return reuse.lists[name]
+        if reuse is not None and name in deltas:
+            base = reuse.lists[name]
+            if isinstance(base, LazyEntries):
+                return base.patched(deltas[name])
+            patched = dict(base)
+            for key, d in deltas[name].items():
+                if d is None:
+                    patched.pop(key, None)
+                else:
+                    patched[key] = entry_from_dict(name, key, d)
+            return MappingProxyType(patched)
+        if name in _LAZY_LISTS:
+            return LazyEntries(name, lists.get(name, {}))
+        return MappingProxyType({key: entry_from_dict(name, key, d) for key, d in lists.get(name, {}).items()})
+
+    typed_lists: dict[str, Mapping[str, Entry]] = {name: typed_list(name) for name in LIST_NAMES}
     if reuse is not None and "apikeys" in unchanged:
         keys: Mapping[str, ApiKey] = reuse.api_keys
     else:

@@ -13,7 +13,11 @@ key                             type     holds
 ``{gw}:apikeys``                hash     key id -> JSON attributes incl. the key's hash
 ``{gw}:screening``              string   JSON list of imported screening entries
 ``{gw}:screening_rev``          string   policy version at which screening last changed
-``{gw}:revs``                   hash     part -> version of its last change; ``at`` -> version described
+``{gw}:revs``                   hash     part -> version of its last change; ``at`` -> version described;
+                                        ``<list>:floor``, ``delta_at`` (see ``{gw}:touched:<list>``)
+``{gw}:touched:<list>``         zset     entry key -> version of its last single-entry change; a reader
+                                        whose copy of the list is at least ``<list>:floor`` reads only
+                                        the entries changed since (``delta_at``: version these describe)
 ``{gw}:changes``                stream   change history (actor, time, before, after, version)
 ``{gw}:write:<id>``             string   version a write produced; read back to confirm it (TTL)
 ``gw:audit``                    stream   audit records (``r``: JSON, ``id``: producer:sequence)
@@ -73,10 +77,27 @@ MODELS_PART, APIKEYS_PART = "models", "apikeys"
 POLICY_PARTS = (*LIST_NAMES, MODELS_PART, APIKEYS_PART)
 REVS_AT = "at"  # the version the revisions describe; any other value makes them unusable
 MAX_INCREMENTAL_TRIES = 3
+# Entry-level changes: ``{gw}:touched:<list>`` scores each entry key with the version of its last
+# single-entry write, so a reader holding the list as of version v reads only the entries scored
+# above v. ``<list>:floor`` in the revisions: a reader whose copy predates it must read the list whole
+# (a whole-list replace, a writer that kept no record, or records trimmed to TOUCHED_CAP).
+# ``delta_at`` is the version the records describe; a writer that does not keep them leaves it behind.
+TOUCHED_PREFIX = PREFIX + "touched:"
+DELTA_AT = "delta_at"
+FLOOR_SUFFIX = ":floor"
+TOUCHED_CAP = 20_000
 
 
 def list_key(name: str) -> str:
     return f"{PREFIX}list:{name}"
+
+
+def touched_key(name: str) -> str:
+    return f"{TOUCHED_PREFIX}{name}"
+
+
+def floor_field(name: str) -> str:
+    return name + FLOOR_SUFFIX
 
 
 _PART_KEYS = {**{name: list_key(name) for name in LIST_NAMES}, MODELS_PART: MODELS_KEY, APIKEYS_PART: APIKEYS_KEY}
@@ -111,6 +132,10 @@ class PolicyData:
     # Parts not read because they are unchanged since the revisions the caller already held;
     # their entries here are empty and the caller keeps its own.
     unchanged: frozenset[str] = frozenset()
+    # Lists read entry by entry: entry key -> its stored value now, None when deleted (decoded like
+    # ``lists``: raw bytes for ``LAZY_LISTS``). Their ``lists`` entries are empty; the caller applies
+    # these to its own copy.
+    deltas: dict[str, dict[Any, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,43 +326,65 @@ class Store:
     async def load_policy(self, known: KnownRevisions | None = None) -> PolicyData | None:
         """The policy as of one version, read in MULTI transactions.
 
-        Without ``known``, every part. With it, only the parts whose revision moved since
-        (plus one read of the heads and revisions): a one-entry change to a small list does
-        not re-read a 100,000-entry deny list. Every part read, and the revisions that vouch
-        for the parts not read, come from the same transaction, so the result is one version.
+        Without ``known``, every part. With it, only what changed since (plus one read of the
+        heads, the revisions and the lists' change records): a part whose revision moved is read
+        whole, or, for a list whose change records cover the span, only its changed entries, so a
+        one-entry change to a 100,000-entry deny list reads one entry. Every part and entry read,
+        and the revisions and records that vouch for what was not read, come from the same
+        transaction, so the result is one version.
         """
-        fetch: set[str] = set() if known is not None else set(POLICY_PARTS)
+        full: set[str] = set() if known is not None else set(POLICY_PARTS)
+        fields: dict[str, set[bytes]] = {}
+        # Change records after the version the reader holds, for each list.
+        since = dict.fromkeys(LIST_NAMES, known.revs[REVS_AT]) if known and REVS_AT in known.revs else {}
         for attempt in range(MAX_INCREMENTAL_TRIES + 1):
-            parts = [part for part in POLICY_PARTS if part in fetch]
+            parts = [part for part in POLICY_PARTS if part in full]
+            entries = {name: sorted(keys) for name, keys in fields.items() if name not in full}
 
-            async def load(parts: list[str] = parts) -> list[Any]:
+            async def load(parts: list[str] = parts, entries: dict[str, list[bytes]] = entries) -> list[Any]:
                 pipe = self.client.pipeline(transaction=True)
                 _queue_heads(pipe)
                 pipe.hgetall(REVS_KEY)
+                for name, held in since.items():
+                    pipe.zrangebyscore(touched_key(name), f"({held}", "+inf")
                 for part in parts:
                     pipe.hgetall(_PART_KEYS[part])
+                for name, keys in entries.items():
+                    pipe.hmget(list_key(name), keys)
                 return list(await pipe.execute())
 
-            version, generation, screening_rev, raw_revs, *hashes = await self._bounded(
+            version, generation, screening_rev, raw_revs, *rest = await self._bounded(
                 "load", load(), self.load_timeout_s)
             if version is None:
                 return None
+            touched = dict(zip(since, rest[:len(since)], strict=True))
+            hashes = rest[len(since):len(since) + len(parts)]
+            values = rest[len(since) + len(parts):]
             version_n, generation_s = int(version), (generation or b"").decode()
             revs = _revisions(raw_revs, version_n)
-            needed = _changed_parts(known, generation_s, revs)
-            if needed <= fetch:
+            need_full, need_fields = _read_plan(known, generation_s, version_n, revs, touched)
+            if need_full <= full and all(name in full or keys <= fields.get(name, set())
+                                         for name, keys in need_fields.items()):
                 break
-            fetch = fetch | needed if attempt < MAX_INCREMENTAL_TRIES - 1 else set(POLICY_PARTS)
+            if attempt < MAX_INCREMENTAL_TRIES - 1:
+                full |= need_full
+                for name, keys in need_fields.items():
+                    fields[name] = fields.get(name, set()) | keys
+            else:
+                full = set(POLICY_PARTS)
         raw = dict(zip(parts, hashes, strict=True))
         # Deny lists stay as Redis returned them (bytes keys, JSON values): the snapshot decodes and
         # parses an entry when a decision first consults it.
         lists: dict[str, Any] = {name: (raw[name] if name in LAZY_LISTS else _decode_hash(raw[name]))
                                  for name in LIST_NAMES if name in raw}
+        deltas = {name: _decode_entries(name, keys, found)
+                  for (name, keys), found in zip(entries.items(), values, strict=True) if name in need_fields}
+        read = frozenset(parts) | frozenset(deltas)
         return PolicyData(version=version_n, generation=generation_s, lists=lists,
                           models=_decode_hash(raw.get(MODELS_PART, {})),
                           api_keys=_decode_hash(raw.get(APIKEYS_PART, {})),
                           screening_rev=int(screening_rev or 0), revs=revs,
-                          unchanged=frozenset(POLICY_PARTS) - frozenset(parts))
+                          unchanged=frozenset(POLICY_PARTS) - read, deltas=deltas)
 
     async def load_screening(self) -> list[dict[str, Any]]:
         raw = await self._bounded("load", self.client.get(SCREENING_KEY), self.load_timeout_s)
@@ -398,14 +445,28 @@ class Store:
             current = await pipe.get(VERSION_KEY)
             if current is None and not import_whole:
                 raise PolicyMissing()
-            revs_at = await pipe.hget(REVS_KEY, REVS_AT)
+            revs_at, delta_at = await pipe.hmget(REVS_KEY, [REVS_AT, DELTA_AT])
+            # Revisions vouch for unchanged parts only while every write since kept them: a new policy,
+            # or a version they do not describe (a writer that did not keep them), marks every part.
+            trusted = current is not None and revs_at is not None and int(revs_at) == int(current)
+            records_kept = trusted and delta_at is not None and int(delta_at) == int(current)
+            trims = await self._touched_trims(pipe, ops) if records_kept else {}
             before, after = await self._read_before(pipe, ops)
             pipe.multi()
             if current is None:
                 pipe.set(GENERATION_KEY, uuid.uuid4().hex)
             pipe.incr(VERSION_KEY)
             screening_changed = False
+            new_version = int(current or 0) + 1
+            floors: dict[str, int] = {}
+            if not records_kept:  # nothing vouches for the lists' change records: start them afresh
+                floors = dict.fromkeys(LIST_NAMES, new_version)
+                pipe.delete(*(touched_key(name) for name in LIST_NAMES))
+            for name, (rank, floor) in trims.items():
+                pipe.zremrangebyrank(touched_key(name), 0, rank)
+                floors[name] = floor
             for op in ops:
+                part = _PART_OF_KEY.get(getattr(op, "key", ""))
                 if isinstance(op, HashSet):
                     pipe.hset(op.key, op.field, orjson.dumps(op.value))
                 elif isinstance(op, HashDelete):
@@ -417,15 +478,18 @@ class Store:
                 else:
                     pipe.set(SCREENING_KEY, orjson.dumps(list(op.entries)))
                     screening_changed = True
-            new_version = int(current or 0) + 1
+                if part in LIST_NAMES:
+                    if isinstance(op, HashReplace):  # readers of an older copy read the list whole
+                        floors[part] = new_version
+                        pipe.delete(touched_key(part))
+                    else:
+                        pipe.zadd(touched_key(part), {op.field: new_version})
             if screening_changed:
                 pipe.set(SCREENING_REV_KEY, new_version)
-            # Revisions vouch for unchanged parts only while every write since kept them: a new policy,
-            # or a version they do not describe (a writer that did not keep them), marks every part.
-            trusted = current is not None and revs_at is not None and int(revs_at) == int(current)
             touched = {_PART_OF_KEY[op.key] for op in ops if getattr(op, "key", None) in _PART_OF_KEY}
             pipe.hset(REVS_KEY, mapping={part: new_version for part in (touched if trusted else POLICY_PARTS)}
-                      | {REVS_AT: new_version})
+                      | {floor_field(name): floor for name, floor in floors.items()}
+                      | {REVS_AT: new_version, DELTA_AT: new_version})
             change = Change(actor=actor, time=now_iso, target=target, before=before, after=after,
                             version=new_version)
             pipe.xadd(CHANGES_KEY, {"c": orjson.dumps(_change_dict(change))},
@@ -433,6 +497,23 @@ class Store:
             pipe.set(WRITE_MARK_PREFIX + write_id, new_version, ex=WRITE_MARK_TTL_S)
             changes.append(change)
             await pipe.execute()
+
+    @staticmethod
+    async def _touched_trims(pipe: Any, ops: Sequence[Op]) -> dict[str, tuple[int, int]]:
+        """Lists whose change records would pass ``TOUCHED_CAP``: the last rank to trim (oldest first)
+        and the floor that leaves (the highest version trimmed)."""
+        adding: dict[str, int] = {}
+        for op in ops:
+            part = _PART_OF_KEY.get(getattr(op, "key", ""))
+            if part in LIST_NAMES and isinstance(op, HashSet | HashDelete):
+                adding[part] = adding.get(part, 0) + 1
+        trims: dict[str, tuple[int, int]] = {}
+        for name, count in adding.items():
+            excess = await pipe.zcard(touched_key(name)) + count - TOUCHED_CAP
+            if excess > 0:
+                last = await pipe.zrange(touched_key(name), excess - 1, excess - 1, withscores=True)
+                trims[name] = (excess - 1, int(last[0][1]) if last else 0)
+        return trims
 
     async def _read_before(self, pipe: Any, ops: Sequence[Op]) -> tuple[Any, Any]:
         before: dict[str, Any] = {}
@@ -688,11 +769,39 @@ def _revisions(raw: Mapping[bytes, bytes], version: int) -> dict[str, int]:
     return revs
 
 
-def _changed_parts(known: KnownRevisions | None, generation: str, revs: Mapping[str, int]) -> set[str]:
-    """The parts a reader holding ``known`` must read to be at the version ``revs`` describe."""
+def _read_plan(known: KnownRevisions | None, generation: str, version: int, revs: Mapping[str, int],
+               touched: Mapping[str, list[bytes]]) -> tuple[set[str], dict[str, set[bytes]]]:
+    """What a reader holding ``known`` must read to be at ``version``: parts to read whole, and for
+    lists whose change records (``touched``: entry keys scored above the reader's revision) cover
+    the span, the entry keys to read."""
     if known is None or not revs or not known.revs or known.generation != generation:
-        return set(POLICY_PARTS)
-    return {part for part in POLICY_PARTS if revs[part] != known.revs.get(part)}
+        return set(POLICY_PARTS), {}
+    held_version = known.revs.get(REVS_AT)
+    # Entry by entry only forwards, from a copy no older than a list's floor, with records kept by
+    # every write since (a writer that keeps none leaves ``delta_at`` behind).
+    records_usable = (revs.get(DELTA_AT) == version and held_version is not None
+                      and held_version < version)
+    full: set[str] = set()
+    entries: dict[str, set[bytes]] = {}
+    for part in POLICY_PARTS:
+        held, now = known.revs.get(part), revs[part]
+        if held == now:
+            continue
+        floor = revs.get(floor_field(part))
+        if (records_usable and part in touched and held is not None and held < now
+                and floor is not None and floor <= held_version):  # type: ignore[operator]
+            entries[part] = set(touched[part])
+        else:
+            full.add(part)
+    return full, entries
+
+
+def _decode_entries(name: str, keys: Sequence[bytes], values: Sequence[bytes | None]) -> dict[Any, Any]:
+    """HMGET results as a list's entries (None: deleted), decoded as :meth:`Store.load_policy` decodes lists."""
+    if name in LAZY_LISTS:
+        return dict(zip(keys, values, strict=True))
+    return {key.decode(): (orjson.loads(value) if value is not None else None)
+            for key, value in zip(keys, values, strict=True)}
 
 
 def _queue_policy_reads(pipe: Any) -> None:

@@ -110,7 +110,8 @@ class PolicyWatcher:
     async def _reload(self) -> None:
         started = time.perf_counter()
         current = self.snapshot
-        # Only the parts that changed since the current snapshot are read and rebuilt.
+        # Only what changed since the current snapshot is read and rebuilt: whole parts, or single
+        # entries of a list.
         data = await self.store.load_policy(self._known if current is not None else None)
         if data is None:
             self._swap(None)
@@ -120,7 +121,8 @@ class PolicyWatcher:
         snapshot = build_snapshot(version=data.version, generation=data.generation,
                                   loaded_at=self.clock(), lists=data.lists, models=data.models,
                                   api_keys=data.api_keys, screening=screening,
-                                  reuse=current if data.unchanged else None, unchanged=data.unchanged)
+                                  reuse=current if data.unchanged or data.deltas else None,
+                                  unchanged=data.unchanged, deltas=data.deltas)
         self._known = KnownRevisions(data.generation, data.revs) if data.revs else None
         self._swap(snapshot)
         self.confirmed_at = self.monotonic()

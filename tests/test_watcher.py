@@ -3,16 +3,30 @@
 from __future__ import annotations
 
 import copy
+import random
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 import pytest
 import redis.asyncio as aioredis
 
 from gateway.bootstrap import import_policy
-from gateway.policy import Snapshot
+from gateway.policy import Snapshot, build_snapshot, policy_document
 from gateway.settings import Settings
-from gateway.store import APIKEYS_KEY, MODELS_KEY, REVS_KEY, VERSION_KEY, HashSet, Store, list_key
+from gateway.store import (
+    APIKEYS_KEY,
+    LIST_NAMES,
+    MODELS_KEY,
+    REVS_KEY,
+    VERSION_KEY,
+    HashDelete,
+    HashReplace,
+    HashSet,
+    KnownRevisions,
+    Store,
+    list_key,
+)
 from gateway.watcher import PolicyWatcher
 
 from .harness import BASE_POLICY, ENTRY
@@ -133,9 +147,9 @@ async def test_every_write_path_records_the_parts_it_changed(watched: tuple[Stor
         after = {k.decode(): int(v) for k, v in (await raw.hgetall(REVS_KEY)).items()}
     finally:
         await raw.aclose()
-    assert after["models"] == after["apikeys"] == after["at"] == version
-    assert {k: v for k, v in after.items() if k not in ("models", "apikeys", "at")} == {
-        k: v for k, v in before.items() if k not in ("models", "apikeys", "at")}
+    assert after["models"] == after["apikeys"] == after["at"] == after["delta_at"] == version
+    moved = ("models", "apikeys", "at", "delta_at")
+    assert {k: v for k, v in after.items() if k not in moved} == {k: v for k, v in before.items() if k not in moved}
 
 
 async def test_an_expiring_ip_range_stops_applying_without_a_policy_change(redis_url: str) -> None:
@@ -163,3 +177,158 @@ async def test_an_expiring_ip_range_stops_applying_without_a_policy_change(redis
         assert second.ip_ranges_expire_at == float("inf")
     finally:
         await store.close()
+
+
+# --- entry by entry ----------------------------------------------------------------------------
+
+
+async def drop(store: Store, name: str, key: str) -> int:
+    version, _change = await store.write([HashDelete(list_key(name), key)], actor="test",
+                                         now_iso="2026-01-01T00:00:00Z", target=name)
+    return version
+
+
+async def fresh_document(store: Store) -> dict[str, Any]:
+    """The policy as a reader with nothing in hand builds it: every part read whole."""
+    data = await store.load_policy()
+    assert data is not None and not data.deltas and not data.unchanged
+    snapshot = build_snapshot(version=data.version, generation=data.generation, loaded_at=0.0, lists=data.lists,
+                              models=data.models, api_keys=data.api_keys)
+    return policy_document(snapshot)
+
+
+async def test_a_change_to_a_large_list_reads_only_the_changed_entries(
+        watched: tuple[Store, PolicyWatcher]) -> None:
+    store, watcher = watched
+    first = current(watcher)
+    parsed = first.lists["deny-entities"]["entity-7"]  # consulted once, so parsed
+    known = KnownRevisions(first.generation, dict(watcher._known.revs))  # type: ignore[union-attr]
+    await put(store, "deny-entities", "entity-new")
+    await drop(store, "deny-entities", "entity-3")
+    await put(store, "partners", "org-new")
+    data = await store.load_policy(known)
+    assert data is not None
+    # Two entries of the 500-entry list and one of the partners are read, nothing else.
+    assert data.lists == {} and set(data.deltas) == {"deny-entities", "partners"}
+    assert set(data.deltas["deny-entities"]) == {b"entity-new", b"entity-3"}
+    assert data.deltas["deny-entities"][b"entity-3"] is None
+    assert list(data.deltas["partners"]) == ["org-new"]
+    await watcher.refresh()
+    second = current(watcher)
+    entities = second.lists["deny-entities"]
+    assert "entity-new" in entities and "entity-3" not in entities and len(entities) == 500
+    assert "entity-3" in first.lists["deny-entities"]  # the previous snapshot is left as it was
+    assert entities["entity-7"] is parsed  # not parsed again
+    assert "org-new" in second.lists["partners"] and len(second.lists["partners"]) == 201
+    assert second.lists["deny-countries"] is first.lists["deny-countries"]
+    assert policy_document(second) == await fresh_document(store)
+
+
+async def test_a_writer_that_keeps_revisions_but_no_entry_records_forces_a_whole_read(
+        watched: tuple[Store, PolicyWatcher], redis_url: str) -> None:
+    # An older gateway during a rolling upgrade keeps the part revisions but not the entry records:
+    # the list it changed must be read whole, and the next write starts the records afresh.
+    store, watcher = watched
+    raw = aioredis.Redis.from_url(redis_url)
+    try:
+        version = int(await raw.get(VERSION_KEY)) + 1
+        async with raw.pipeline(transaction=True) as pipe:
+            pipe.hset(list_key("deny-entities"), "entity-old-writer", b'{"reason": "r", "source": "s"}')
+            pipe.incr(VERSION_KEY)
+            pipe.hset(REVS_KEY, mapping={"deny-entities": version, "at": version})
+            await pipe.execute()
+        first = current(watcher)
+        known = KnownRevisions(first.generation, dict(watcher._known.revs))  # type: ignore[union-attr]
+        data = await store.load_policy(known)
+        assert data is not None and not data.deltas and set(data.lists) == {"deny-entities"}
+        await watcher.refresh()
+        assert "entity-old-writer" in current(watcher).lists["deny-entities"]
+        # The next regular write cannot vouch for the records: every list is read whole once more ...
+        await put(store, "deny-entities", "entity-after")
+        known = KnownRevisions(current(watcher).generation, dict(watcher._known.revs))  # type: ignore[union-attr]
+        data = await store.load_policy(known)
+        assert data is not None and not data.deltas and "deny-entities" in data.lists
+        await watcher.refresh()
+        # ... and from then on entry by entry again.
+        await put(store, "deny-entities", "entity-later")
+        known = KnownRevisions(current(watcher).generation, dict(watcher._known.revs))  # type: ignore[union-attr]
+        data = await store.load_policy(known)
+        assert data is not None and list(data.deltas) == ["deny-entities"]
+        await watcher.refresh()
+        assert policy_document(current(watcher)) == await fresh_document(store)
+    finally:
+        await raw.aclose()
+
+
+async def test_a_reader_older_than_the_trimmed_records_reads_the_list_whole(
+        watched: tuple[Store, PolicyWatcher], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("gateway.store.TOUCHED_CAP", 5)
+    store, watcher = watched
+    old = KnownRevisions(current(watcher).generation, dict(watcher._known.revs))  # type: ignore[union-attr]
+    for i in range(4):
+        await put(store, "deny-entities", f"entity-a{i}")
+    await watcher.refresh()
+    recent = KnownRevisions(current(watcher).generation, dict(watcher._known.revs))  # type: ignore[union-attr]
+    for i in range(4):  # past the cap: the oldest records are trimmed
+        await put(store, "deny-entities", f"entity-b{i}")
+    stale = await store.load_policy(old)
+    assert stale is not None and not stale.deltas and "deny-entities" in stale.lists
+    fresh = await store.load_policy(recent)
+    assert fresh is not None and set(fresh.deltas["deny-entities"]) == {f"entity-b{i}".encode() for i in range(4)}
+    await watcher.refresh()
+    assert policy_document(current(watcher)) == await fresh_document(store)
+
+
+async def test_entry_by_entry_reloads_agree_with_whole_reads_over_random_writes(
+        watched: tuple[Store, PolicyWatcher], redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Any mix of single-entry writes, deletes, whole-list replaces, writes to other parts, writers that
+    # keep nothing, and trimmed records: after every step the incrementally kept snapshot is the
+    # policy a fresh reader reads whole.
+    monkeypatch.setattr("gateway.store.TOUCHED_CAP", 12)
+    store, watcher = watched
+    rng = random.Random(20261128)
+    raw = aioredis.Redis.from_url(redis_url)
+    lagging = PolicyWatcher(store, watcher.settings)  # refreshes only now and then: larger spans
+    await lagging.refresh()
+    kinds: list[str] = []
+    try:
+        for step in range(120):
+            name = rng.choice(LIST_NAMES)
+            key = f"k{rng.randrange(30)}"
+            value = ENTRY | ({"country": "DE"} if name == "ip-ranges" else {})
+            if name == "ip-ranges":
+                key = f"203.0.{rng.randrange(30)}.0/24"
+            kind = rng.choices(["set", "delete", "replace", "models", "raw", "several"], [8, 4, 1, 1, 1, 2])[0]
+            kinds.append(kind)
+            if kind == "set":
+                await put(store, name, key, **({"country": "DE"} if name == "ip-ranges" else {}))
+            elif kind == "delete":
+                await store.write([HashDelete(list_key(name), key, must_exist=False)], actor="test",
+                                  now_iso="2026-01-01T00:00:00Z", target=name)
+            elif kind == "replace":
+                entries = {f"{key}-{i}" if name != "ip-ranges" else f"198.51.{i}.0/24": value for i in range(3)}
+                await store.write([HashReplace(list_key(name), entries)], actor="test",
+                                  now_iso="2026-01-01T00:00:00Z", target=name)
+            elif kind == "models":
+                await store.write([HashSet(MODELS_KEY, f"m{step}", {"stage": "general"})], actor="test",
+                                  now_iso="2026-01-01T00:00:00Z", target="models")
+            elif kind == "raw":
+                async with raw.pipeline(transaction=True) as pipe:
+                    pipe.hset(list_key(name), key, orjson.dumps(value))
+                    pipe.incr(VERSION_KEY)
+                    await pipe.execute()
+            else:
+                other = rng.choice(LIST_NAMES)
+                ops = [HashSet(list_key(other), f"{key}-s{i}" if other != "ip-ranges" else f"192.0.{i}.0/24",
+                               value | ({"country": "FR"} if other == "ip-ranges" else {})) for i in range(3)]
+                await store.write([*ops, HashDelete(list_key(name), key, must_exist=False)], actor="test",
+                                  now_iso="2026-01-01T00:00:00Z", target=name)
+            await watcher.refresh()
+            expected = await fresh_document(store)
+            assert policy_document(current(watcher)) == expected, (step, kinds[-3:])
+            if rng.random() < 0.2:
+                await lagging.refresh()
+                assert policy_document(current(lagging)) == expected, (step, "lagging")
+    finally:
+        await raw.aclose()
+    assert {"set", "delete", "replace", "raw", "several"} <= set(kinds)
