@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import aiohttp
@@ -44,6 +45,8 @@ def main() -> None:
     import uvloop
 
     upstream, port = sys.argv[1], int(sys.argv[2])
+    # wrk closes its connections mid-request when a run ends; aiohttp would print each as a traceback.
+    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
     web.run_app(create_app(upstream), host="127.0.0.1", port=port, access_log=None, print=None,
                 loop=uvloop.new_event_loop())
 

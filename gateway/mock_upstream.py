@@ -18,7 +18,7 @@ MODELS = ("gpt-mock", "frontier-x", "preview-y", "suspended-z")
 WORDS = "The gateway forwarded this answer from the development mock model server .".split()
 
 
-def _completion(model: str, prompt_tokens: int) -> dict[str, object]:
+def completion(model: str, prompt_tokens: int) -> dict[str, object]:
     text = " ".join(WORDS)
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "object": "chat.completion", "created": int(time.time()),
@@ -43,7 +43,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     model = str(data.get("model", "gpt-mock"))
     prompt_tokens = max(1, len(orjson.dumps(data.get("messages", []))) // 4)
     if not data.get("stream"):
-        return web.Response(body=orjson.dumps(_completion(model, prompt_tokens)),
+        return web.Response(body=orjson.dumps(completion(model, prompt_tokens)),
                             content_type="application/json")
     delay = float(request.query.get("delay", "0"))
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
