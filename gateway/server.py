@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import multiprocessing
 import os
@@ -59,8 +60,25 @@ async def run_gateway(settings: Settings, *, redis_url: str, reuse_port: bool,
         log.info("gateway stopped")
 
 
+# Young-generation collections start once this many more container objects are alive than freed. The
+# default (700) is less than what 32 requests in flight hold, so under load the collector ran every few
+# requests (about 4% of the CPU in `make bench`); objects that die young are freed by reference counting.
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def tune_gc() -> None:
+    """Keep the collector off the request path: the modules and objects alive at start are frozen (a
+    full collection no longer walks them: it had stalled the event loop 45-50 ms every few seconds
+    under load), and young collections run less often."""
+    gc.collect()
+    gc.freeze()
+    _young, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
+
+
 def _run_worker(settings: Settings, redis_url: str, reuse_port: bool, bootstrap: Path | None) -> None:
     setup_logging(settings.logging)
+    tune_gc()
     try:
         import uvloop
 
