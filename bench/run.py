@@ -371,7 +371,7 @@ def main() -> None:
         seed(redis.url)
         upstream_port, bare_port = free_port(), free_port()
         upstream = f"http://127.0.0.1:{upstream_port}"
-        cluster.spawn("gateway", "mock-upstream", "--port", str(upstream_port))
+        mock = cluster.spawn("gateway", "mock-upstream", "--port", str(upstream_port))
         cluster.spawn("bench.bare_proxy", upstream, str(bare_port))
         wait_http(upstream + "/v1/models")
         wait_http(f"http://127.0.0.1:{bare_port}/v1/models")
@@ -384,7 +384,8 @@ def main() -> None:
         targets["gateway_request_limits"] = (chat.format(ports["gateway"]),
                                              wrk_script(work, token("bench-requests"), "post-requests"))
         results["rounds"] = args.rounds
-        results["paths"] = measure_paths(targets, args.seconds, args.rounds)
+        results["path_rounds"] = {}
+        results["paths"] = measure_paths(targets, args.seconds, args.rounds, results["path_rounds"])
         bare, gw = results["paths"]["bare_proxy"], results["paths"]["gateway"]
         results["ratios"] = {"rps_gateway_over_bare": round(gw["rps_c32"] / bare["rps_c32"], 3),
                              "p50_c1_gateway_over_bare": round(gw["p50_ms_c1"] / bare["p50_ms_c1"], 3),
@@ -402,16 +403,20 @@ def main() -> None:
         results["policy"] = {"rss_mb_small_policy": round(rss_mb(gateway.pid), 1)}
         results["policy"].update(policy_scale(gateway.pid, admin, redis.url))
         seed(redis.url)  # back to the small policy for the workers runs
+        assert redis.process is not None
+        redis_pid = redis.process.pid
         # Two workers can only scale where there are cores to spare. With the aiohttp mock upstream,
         # wrk, the upstream and Redis share the same two cores; CPU per request shows whether a second
         # worker adds cost of its own. With the light upstream, they take little of the second core.
-        results["workers"] = scale_workers(cluster, upstream, redis.url, script, args.seconds, args.rounds)
+        results["workers"] = scale_workers(cluster, upstream, redis.url, script, args.seconds, args.rounds,
+                                           {"redis": redis_pid, "upstream": mock.pid})
         light_port = free_port()
-        cluster.spawn("bench.light_upstream", str(light_port))
+        light_upstream = cluster.spawn("bench.light_upstream", str(light_port))
         light = f"http://127.0.0.1:{light_port}"
         wait_http(light + "/v1/models")
         results["workers_light_upstream"] = scale_workers(cluster, light, redis.url, script, args.seconds,
-                                                          args.rounds)
+                                                          args.rounds, {"redis": redis_pid,
+                                                                        "upstream": light_upstream.pid})
     print_table(results)
     out = ROOT / "bench" / "results" / f"{results['time'].replace(':', '')}.json"
     out.write_text(json.dumps(results, indent=2))
@@ -444,8 +449,13 @@ def cpu_per_request(pid: int, run: Callable[[], dict[str, float]]) -> tuple[dict
 
 
 def scale_workers(cluster: Cluster, upstream: str, redis_url: str, script: Path, seconds: int,
-                  rounds: int) -> dict[str, float]:
-    """``--workers 2`` against one worker on ``upstream``, taking turns for ``rounds`` rounds (medians)."""
+                  rounds: int, others: dict[str, int]) -> dict[str, float]:
+    """``--workers 2`` against one worker on ``upstream``, taking turns for ``rounds`` rounds (medians).
+
+    Also the CPU that Redis, the upstream and wrk (``others``: name -> pid; wrk is this process's
+    child) spend per request while two workers serve, and how many of the machine's cores all of
+    them keep busy: where that reaches the core count, the second worker is short of a core.
+    """
     chat = "http://127.0.0.1:{}/v1/chat/completions"
     gateways = {}
     for workers in (1, 2):
@@ -455,16 +465,34 @@ def scale_workers(cluster: Cluster, upstream: str, redis_url: str, script: Path,
         gateways[workers] = (proc.pid, url)
     rps: dict[int, list[float]] = {1: [], 2: []}
     cpu: dict[int, list[float]] = {1: [], 2: []}
+    beside: dict[str, list[float]] = {name: [] for name in (*others, "wrk")}
     for _ in range(rounds):
         for workers, (pid, url) in gateways.items():
+            others_before = {name: process_tree_cpu_s(other) for name, other in others.items()}
+            wrk_before = _children_cpu_s()
             row, spent = cpu_per_request(pid, lambda url=url: measure_path(url, script, seconds, single=False,
                                                                            warm=False))
             rps[workers].append(row["rps_c32"])
             cpu[workers].append(spent)
+            if workers == 2:
+                requests = row["rps_c32"] * row["seconds"]
+                for name, other in others.items():
+                    beside[name].append((process_tree_cpu_s(other) - others_before[name]) / requests * 1e6)
+                beside["wrk"].append((_children_cpu_s() - wrk_before) / requests * 1e6)
     one, two = statistics.median(rps[1]), statistics.median(rps[2])
-    return {"rps_c32_one_worker": one, "rps_c32_two_workers": two, "two_over_one": round(two / one, 3),
-            "cpu_us_per_request_one_worker": statistics.median(cpu[1]),
-            "cpu_us_per_request_two_workers": statistics.median(cpu[2])}
+    result = {"rps_c32_one_worker": one, "rps_c32_two_workers": two, "two_over_one": round(two / one, 3),
+              "cpu_us_per_request_one_worker": statistics.median(cpu[1]),
+              "cpu_us_per_request_two_workers": statistics.median(cpu[2])}
+    result.update({f"cpu_us_per_request_{name}_two_workers": round(statistics.median(values), 1)
+                   for name, values in beside.items()})
+    total_us = result["cpu_us_per_request_two_workers"] + sum(statistics.median(v) for v in beside.values())
+    result["cores_busy_two_workers"] = round(total_us * two / 1e6, 2)
+    return result
+
+
+def _children_cpu_s() -> float:
+    times = os.times()
+    return times.children_user + times.children_system
 
 
 def measure_path(url: str, script: Path, seconds: int, *, single: bool = True,
@@ -480,10 +508,12 @@ def measure_path(url: str, script: Path, seconds: int, *, single: bool = True,
     return row
 
 
-def measure_paths(targets: dict[str, tuple[str, Path]], seconds: int, rounds: int) -> dict[str, dict[str, float]]:
+def measure_paths(targets: dict[str, tuple[str, Path]], seconds: int, rounds: int,
+                  runs: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, float]]:
     """Each path measured ``rounds`` times, the paths taking turns, and the median of each figure kept:
-    a burst of load from elsewhere on the machine then skews one run of one path, not a ratio."""
-    runs: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
+    a burst of load from elsewhere on the machine then skews one run of one path, not a ratio.
+    ``runs`` receives every round's figures, so the spread can be judged from the results file."""
+    runs.update({name: [] for name in targets})
     for url, script in targets.values():
         run_wrk(url, script, connections=8, threads=1, seconds=2)  # warm-up
     for _ in range(rounds):
