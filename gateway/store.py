@@ -450,7 +450,7 @@ class Store:
             # or a version they do not describe (a writer that did not keep them), marks every part.
             trusted = current is not None and revs_at is not None and int(revs_at) == int(current)
             records_kept = trusted and delta_at is not None and int(delta_at) == int(current)
-            trims = await self._touched_trims(pipe, ops) if records_kept else {}
+            trims = await self._touched_trims(pipe, ops, int(current or 0) + 1) if records_kept else {}
             before, after = await self._read_before(pipe, ops)
             pipe.multi()
             if current is None:
@@ -463,7 +463,8 @@ class Store:
                 floors = dict.fromkeys(LIST_NAMES, new_version)
                 pipe.delete(*(touched_key(name) for name in LIST_NAMES))
             for name, (rank, floor) in trims.items():
-                pipe.zremrangebyrank(touched_key(name), 0, rank)
+                if rank >= 0:
+                    pipe.zremrangebyrank(touched_key(name), 0, rank)
                 floors[name] = floor
             for op in ops:
                 part = _PART_OF_KEY.get(getattr(op, "key", ""))
@@ -499,9 +500,11 @@ class Store:
             await pipe.execute()
 
     @staticmethod
-    async def _touched_trims(pipe: Any, ops: Sequence[Op]) -> dict[str, tuple[int, int]]:
-        """Lists whose change records would pass ``TOUCHED_CAP``: the last rank to trim (oldest first)
-        and the floor that leaves (the highest version trimmed)."""
+    async def _touched_trims(pipe: Any, ops: Sequence[Op], new_version: int) -> dict[str, tuple[int, int]]:
+        """Lists whose change records need a new floor, with the last rank to trim (oldest first; -1:
+        none) and that floor: records that would pass ``TOUCHED_CAP`` are trimmed to the highest
+        version trimmed; records that are gone though the list changed since its floor (deleted by
+        hand, evicted) start again at this write."""
         adding: dict[str, int] = {}
         for op in ops:
             part = _PART_OF_KEY.get(getattr(op, "key", ""))
@@ -509,7 +512,12 @@ class Store:
                 adding[part] = adding.get(part, 0) + 1
         trims: dict[str, tuple[int, int]] = {}
         for name, count in adding.items():
-            excess = await pipe.zcard(touched_key(name)) + count - TOUCHED_CAP
+            held = await pipe.zcard(touched_key(name))
+            changed, floor = await pipe.hmget(REVS_KEY, [name, floor_field(name)])
+            if held == 0 and changed is not None and (floor is None or int(changed) > int(floor)):
+                trims[name] = (-1, new_version)
+                continue
+            excess = held + count - TOUCHED_CAP
             if excess > 0:
                 last = await pipe.zrange(touched_key(name), excess - 1, excess - 1, withscores=True)
                 trims[name] = (excess - 1, int(last[0][1]) if last else 0)
@@ -788,9 +796,11 @@ def _read_plan(known: KnownRevisions | None, generation: str, version: int, revs
         if held == now:
             continue
         floor = revs.get(floor_field(part))
-        if (records_usable and part in touched and held is not None and held < now
+        records = touched.get(part, [])
+        # A list that changed has records (the writes keep them); none means they were lost.
+        if (records_usable and records and held is not None and held < now
                 and floor is not None and floor <= held_version):  # type: ignore[operator]
-            entries[part] = set(touched[part])
+            entries[part] = set(records)
         else:
             full.add(part)
     return full, entries

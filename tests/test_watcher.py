@@ -26,6 +26,7 @@ from gateway.store import (
     KnownRevisions,
     Store,
     list_key,
+    touched_key,
 )
 from gateway.watcher import PolicyWatcher
 
@@ -258,6 +259,35 @@ async def test_a_writer_that_keeps_revisions_but_no_entry_records_forces_a_whole
         assert policy_document(current(watcher)) == await fresh_document(store)
     finally:
         await raw.aclose()
+
+
+async def test_change_records_lost_by_hand_force_a_whole_read(watched: tuple[Store, PolicyWatcher],
+                                                              redis_url: str) -> None:
+    # The revisions say the list changed; its records do not show that change (the key was deleted by
+    # hand, or evicted): reading the records alone would miss the entry.
+    store, watcher = watched
+    known = KnownRevisions(current(watcher).generation, dict(watcher._known.revs))  # type: ignore[union-attr]
+    await put(store, "deny-entities", "entity-kept-out")
+    raw = aioredis.Redis.from_url(redis_url)
+    try:
+        assert await raw.delete(touched_key("deny-entities")) == 1
+    finally:
+        await raw.aclose()
+    data = await store.load_policy(known)
+    assert data is not None and not data.deltas and "deny-entities" in data.lists
+    # The next write to the list finds its records gone and starts them again from itself: a reader
+    # from before still reads the list whole (its records would show the new entry only) ...
+    await put(store, "deny-entities", "entity-after-loss")
+    data = await store.load_policy(known)
+    assert data is not None and not data.deltas and "deny-entities" in data.lists
+    await watcher.refresh()
+    entities = current(watcher).lists["deny-entities"]
+    assert "entity-kept-out" in entities and "entity-after-loss" in entities
+    # ... and a reader from then on reads entry by entry again.
+    held = KnownRevisions(current(watcher).generation, dict(watcher._known.revs))  # type: ignore[union-attr]
+    await put(store, "deny-entities", "entity-later")
+    data = await store.load_policy(held)
+    assert data is not None and list(data.deltas) == ["deny-entities"]
 
 
 async def test_a_reader_older_than_the_trimmed_records_reads_the_list_whole(
