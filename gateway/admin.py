@@ -314,8 +314,7 @@ class AdminApi:
         return await handler(request)
 
     def _error(self, err: GatewayError, request_id: str) -> web.Response:
-        watcher = self.gateway.watcher
-        return error_response(err, request_id=request_id, policy_version=watcher.version if watcher else 0)
+        return error_response(err, request_id=request_id, policy_version=self.gateway.policy_version())
 
     # the write path
 

@@ -362,6 +362,10 @@ class Gateway:
         self.jwks: JwksFetcher | None = None
         self.audit: AuditLog | None = None
 
+    def policy_version(self) -> int:
+        """The policy version this process enforces; 0 before it has a watcher or a policy."""
+        return self.watcher.version if self.watcher is not None else 0
+
     def _on_unknown_kid(self) -> None:
         if self.jwks is not None:
             self.jwks.request_refresh()
@@ -581,7 +585,7 @@ class Gateway:
             "model": exchange.model,
             "decision": decision,
             "code": exchange.code,
-            "policy_version": self.watcher.version if self.watcher else 0,
+            "policy_version": self.policy_version(),
             "status": exchange.status,
             "upstream_status": exchange.outcome.upstream_status or None,
             "duration_ms": round(duration * 1000, 3),
@@ -629,7 +633,7 @@ def create_public_server(gateway: Gateway) -> JsonErrorServer:
         gateway.metrics.request_done(decision=decision_label(status), code=code, model="", tier="",
                                      duration_s=0.0, upstream_s=0.0)
 
-    return JsonErrorServer(gateway.handle, policy_version=lambda: gateway.watcher.version if gateway.watcher else 0,
+    return JsonErrorServer(gateway.handle, policy_version=gateway.policy_version,
                            on_rejected=rejected, handler_cancellation=True,
                            keepalive_timeout=limits.header_read_timeout_s, access_log=None,
                            max_field_size=limits.max_header_bytes, max_line_size=limits.max_header_bytes)
@@ -646,7 +650,7 @@ def create_admin_app(gateway: Gateway) -> web.Application:
     async def readyz(_request: BaseRequest) -> web.Response:
         watcher = gateway.watcher
         ready = watcher is not None and not watcher.stale()
-        body = {"ready": ready, "policy_version": watcher.version if watcher else 0,
+        body = {"ready": ready, "policy_version": gateway.policy_version(),
                 "policy_age_s": round(watcher.age_s(), 3) if watcher and watcher.confirmed_at else None,
                 "last_reload_ms": round(watcher.last_reload_s * 1000, 1) if watcher else None}
         return json_response(body, status=200 if ready else 503)

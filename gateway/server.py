@@ -37,7 +37,7 @@ async def run_gateway(settings: Settings, *, redis_url: str, reuse_port: bool,
     public_runner = web.ServerRunner(create_public_server(gateway), shutdown_timeout=limits.shutdown_grace_s)
     admin_runner = JsonErrorAppRunner(create_admin_app(gateway), access_log=None, shutdown_timeout=5.0,
                                       keepalive_timeout=limits.header_read_timeout_s,
-                                      policy_version=lambda: gateway.watcher.version if gateway.watcher else 0)
+                                      policy_version=gateway.policy_version)
     await public_runner.setup()
     await admin_runner.setup()
     await web.TCPSite(public_runner, settings.listen.host, settings.listen.port, reuse_port=reuse_port,

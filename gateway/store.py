@@ -335,8 +335,9 @@ class Store:
         """
         full: set[str] = set() if known is not None else set(POLICY_PARTS)
         fields: dict[str, set[bytes]] = {}
-        # Change records after the version the reader holds, for each list.
-        since = dict.fromkeys(LIST_NAMES, known.revs[REVS_AT]) if known and REVS_AT in known.revs else {}
+        # The lists' change records after the version the reader holds.
+        held = known.revs.get(REVS_AT) if known is not None else None
+        recorded = LIST_NAMES if held is not None else ()
         for attempt in range(MAX_INCREMENTAL_TRIES + 1):
             parts = [part for part in POLICY_PARTS if part in full]
             entries = {name: sorted(keys) for name, keys in fields.items() if name not in full}
@@ -345,7 +346,7 @@ class Store:
                 pipe = self.client.pipeline(transaction=True)
                 _queue_heads(pipe)
                 pipe.hgetall(REVS_KEY)
-                for name, held in since.items():
+                for name in recorded:
                     pipe.zrangebyscore(touched_key(name), f"({held}", "+inf")
                 for part in parts:
                     pipe.hgetall(_PART_KEYS[part])
@@ -357,9 +358,9 @@ class Store:
                 "load", load(), self.load_timeout_s)
             if version is None:
                 return None
-            touched = dict(zip(since, rest[:len(since)], strict=True))
-            hashes = rest[len(since):len(since) + len(parts)]
-            values = rest[len(since) + len(parts):]
+            touched = dict(zip(recorded, rest[:len(recorded)], strict=True))
+            hashes = rest[len(recorded):len(recorded) + len(parts)]
+            values = rest[len(recorded) + len(parts):]
             version_n, generation_s = int(version), (generation or b"").decode()
             revs = _revisions(raw_revs, version_n)
             need_full, need_fields = _read_plan(known, generation_s, version_n, revs, touched)
@@ -445,19 +446,19 @@ class Store:
             current = await pipe.get(VERSION_KEY)
             if current is None and not import_whole:
                 raise PolicyMissing()
-            revs_at, delta_at = await pipe.hmget(REVS_KEY, [REVS_AT, DELTA_AT])
+            stored_revs = {key.decode(): int(value) for key, value in (await pipe.hgetall(REVS_KEY)).items()}
+            new_version = int(current or 0) + 1
             # Revisions vouch for unchanged parts only while every write since kept them: a new policy,
             # or a version they do not describe (a writer that did not keep them), marks every part.
-            trusted = current is not None and revs_at is not None and int(revs_at) == int(current)
-            records_kept = trusted and delta_at is not None and int(delta_at) == int(current)
-            trims = await self._touched_trims(pipe, ops, int(current or 0) + 1) if records_kept else {}
+            trusted = current is not None and stored_revs.get(REVS_AT) == int(current)
+            records_kept = trusted and stored_revs.get(DELTA_AT) == int(current)
+            trims = await _touched_trims(pipe, ops, stored_revs, new_version) if records_kept else {}
             before, after = await self._read_before(pipe, ops)
             pipe.multi()
             if current is None:
                 pipe.set(GENERATION_KEY, uuid.uuid4().hex)
             pipe.incr(VERSION_KEY)
             screening_changed = False
-            new_version = int(current or 0) + 1
             floors: dict[str, int] = {}
             if not records_kept:  # nothing vouches for the lists' change records: start them afresh
                 floors = dict.fromkeys(LIST_NAMES, new_version)
@@ -467,7 +468,7 @@ class Store:
                     pipe.zremrangebyrank(touched_key(name), 0, rank)
                 floors[name] = floor
             for op in ops:
-                part = _PART_OF_KEY.get(getattr(op, "key", ""))
+                part = _part_of(op)
                 if isinstance(op, HashSet):
                     pipe.hset(op.key, op.field, orjson.dumps(op.value))
                 elif isinstance(op, HashDelete):
@@ -487,7 +488,7 @@ class Store:
                         pipe.zadd(touched_key(part), {op.field: new_version})
             if screening_changed:
                 pipe.set(SCREENING_REV_KEY, new_version)
-            touched = {_PART_OF_KEY[op.key] for op in ops if getattr(op, "key", None) in _PART_OF_KEY}
+            touched = {part for part in map(_part_of, ops) if part is not None}
             pipe.hset(REVS_KEY, mapping={part: new_version for part in (touched if trusted else POLICY_PARTS)}
                       | {floor_field(name): floor for name, floor in floors.items()}
                       | {REVS_AT: new_version, DELTA_AT: new_version})
@@ -498,30 +499,6 @@ class Store:
             pipe.set(WRITE_MARK_PREFIX + write_id, new_version, ex=WRITE_MARK_TTL_S)
             changes.append(change)
             await pipe.execute()
-
-    @staticmethod
-    async def _touched_trims(pipe: Any, ops: Sequence[Op], new_version: int) -> dict[str, tuple[int, int]]:
-        """Lists whose change records need a new floor, with the last rank to trim (oldest first; -1:
-        none) and that floor: records that would pass ``TOUCHED_CAP`` are trimmed to the highest
-        version trimmed; records that are gone though the list changed since its floor (deleted by
-        hand, evicted) start again at this write."""
-        adding: dict[str, int] = {}
-        for op in ops:
-            part = _PART_OF_KEY.get(getattr(op, "key", ""))
-            if part in LIST_NAMES and isinstance(op, HashSet | HashDelete):
-                adding[part] = adding.get(part, 0) + 1
-        trims: dict[str, tuple[int, int]] = {}
-        for name, count in adding.items():
-            held = await pipe.zcard(touched_key(name))
-            changed, floor = await pipe.hmget(REVS_KEY, [name, floor_field(name)])
-            if held == 0 and changed is not None and (floor is None or int(changed) > int(floor)):
-                trims[name] = (-1, new_version)
-                continue
-            excess = held + count - TOUCHED_CAP
-            if excess > 0:
-                last = await pipe.zrange(touched_key(name), excess - 1, excess - 1, withscores=True)
-                trims[name] = (excess - 1, int(last[0][1]) if last else 0)
-        return trims
 
     async def _read_before(self, pipe: Any, ops: Sequence[Op]) -> tuple[Any, Any]:
         before: dict[str, Any] = {}
@@ -767,6 +744,36 @@ class Store:
 
     async def audit_length(self) -> int:
         return int(await self._bounded("audit", self.client.xlen(AUDIT_KEY)))
+
+
+def _part_of(op: Op) -> str | None:
+    """The policy part a write operation changes (None: the screening list)."""
+    return _PART_OF_KEY.get(getattr(op, "key", ""))
+
+
+async def _touched_trims(pipe: Any, ops: Sequence[Op], revs: Mapping[str, int],
+                         new_version: int) -> dict[str, tuple[int, int]]:
+    """Lists whose change records need a new floor, with the last rank to trim (oldest first; -1:
+    none) and that floor: records that would pass ``TOUCHED_CAP`` are trimmed to the highest
+    version trimmed; records that are gone though the list changed since its floor (deleted by
+    hand, evicted) start again at this write. ``revs``: the stored revisions."""
+    adding: dict[str, int] = {}
+    for op in ops:
+        part = _part_of(op)
+        if part in LIST_NAMES and isinstance(op, HashSet | HashDelete):
+            adding[part] = adding.get(part, 0) + 1
+    trims: dict[str, tuple[int, int]] = {}
+    for name, count in adding.items():
+        held = await pipe.zcard(touched_key(name))
+        changed, floor = revs.get(name), revs.get(floor_field(name))
+        if held == 0 and changed is not None and (floor is None or changed > floor):
+            trims[name] = (-1, new_version)
+            continue
+        excess = held + count - TOUCHED_CAP
+        if excess > 0:
+            last = await pipe.zrange(touched_key(name), excess - 1, excess - 1, withscores=True)
+            trims[name] = (excess - 1, int(last[0][1]) if last else 0)
+    return trims
 
 
 def _revisions(raw: Mapping[bytes, bytes], version: int) -> dict[str, int]:

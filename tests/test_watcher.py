@@ -24,6 +24,7 @@ from gateway.store import (
     HashReplace,
     HashSet,
     KnownRevisions,
+    Op,
     Store,
     list_key,
     touched_key,
@@ -55,10 +56,14 @@ async def watched(redis_url: str) -> AsyncIterator[tuple[Store, PolicyWatcher]]:
         await store.close()
 
 
-async def put(store: Store, name: str, key: str, **extra: str) -> int:
-    version, _change = await store.write([HashSet(list_key(name), key, ENTRY | extra)], actor="test",
-                                         now_iso="2026-01-01T00:00:00Z", target=name)
+async def write(store: Store, *ops: Op, target: str = "test") -> int:
+    """``ops`` through the store's write path; the new version."""
+    version, _change = await store.write(list(ops), actor="test", now_iso="2026-01-01T00:00:00Z", target=target)
     return version
+
+
+async def put(store: Store, name: str, key: str, **extra: str) -> int:
+    return await write(store, HashSet(list_key(name), key, ENTRY | extra), target=name)
 
 
 def current(watcher: PolicyWatcher) -> Snapshot:
@@ -142,9 +147,8 @@ async def test_every_write_path_records_the_parts_it_changed(watched: tuple[Stor
     raw = aioredis.Redis.from_url(redis_url)
     try:
         before = {k.decode(): int(v) for k, v in (await raw.hgetall(REVS_KEY)).items()}
-        version, _ = await store.write([HashSet(MODELS_KEY, "gpt-new", {"stage": "general"}),
-                                        HashSet(APIKEYS_KEY, "k" * 64, {"subject": "s", "tier": "public"})],
-                                       actor="test", now_iso="2026-01-01T00:00:00Z", target="models")
+        version = await write(store, HashSet(MODELS_KEY, "gpt-new", {"stage": "general"}),
+                              HashSet(APIKEYS_KEY, "k" * 64, {"subject": "s", "tier": "public"}), target="models")
         after = {k.decode(): int(v) for k, v in (await raw.hgetall(REVS_KEY)).items()}
     finally:
         await raw.aclose()
@@ -184,9 +188,13 @@ async def test_an_expiring_ip_range_stops_applying_without_a_policy_change(redis
 
 
 async def drop(store: Store, name: str, key: str) -> int:
-    version, _change = await store.write([HashDelete(list_key(name), key)], actor="test",
-                                         now_iso="2026-01-01T00:00:00Z", target=name)
-    return version
+    return await write(store, HashDelete(list_key(name), key), target=name)
+
+
+def held_revisions(watcher: PolicyWatcher) -> KnownRevisions:
+    """What the watcher holds now, for asking the store what a reload from here would read."""
+    assert watcher._known is not None
+    return watcher._known
 
 
 async def fresh_document(store: Store) -> dict[str, Any]:
@@ -203,7 +211,7 @@ async def test_a_change_to_a_large_list_reads_only_the_changed_entries(
     store, watcher = watched
     first = current(watcher)
     parsed = first.lists["deny-entities"]["entity-7"]  # consulted once, so parsed
-    known = KnownRevisions(first.generation, dict(watcher._known.revs))  # type: ignore[union-attr]
+    known = held_revisions(watcher)
     await put(store, "deny-entities", "entity-new")
     await drop(store, "deny-entities", "entity-3")
     await put(store, "partners", "org-new")
@@ -238,21 +246,19 @@ async def test_a_writer_that_keeps_revisions_but_no_entry_records_forces_a_whole
             pipe.incr(VERSION_KEY)
             pipe.hset(REVS_KEY, mapping={"deny-entities": version, "at": version})
             await pipe.execute()
-        first = current(watcher)
-        known = KnownRevisions(first.generation, dict(watcher._known.revs))  # type: ignore[union-attr]
-        data = await store.load_policy(known)
+        data = await store.load_policy(held_revisions(watcher))
         assert data is not None and not data.deltas and set(data.lists) == {"deny-entities"}
         await watcher.refresh()
         assert "entity-old-writer" in current(watcher).lists["deny-entities"]
         # The next regular write cannot vouch for the records: every list is read whole once more ...
         await put(store, "deny-entities", "entity-after")
-        known = KnownRevisions(current(watcher).generation, dict(watcher._known.revs))  # type: ignore[union-attr]
+        known = held_revisions(watcher)
         data = await store.load_policy(known)
         assert data is not None and not data.deltas and "deny-entities" in data.lists
         await watcher.refresh()
         # ... and from then on entry by entry again.
         await put(store, "deny-entities", "entity-later")
-        known = KnownRevisions(current(watcher).generation, dict(watcher._known.revs))  # type: ignore[union-attr]
+        known = held_revisions(watcher)
         data = await store.load_policy(known)
         assert data is not None and list(data.deltas) == ["deny-entities"]
         await watcher.refresh()
@@ -266,7 +272,7 @@ async def test_change_records_lost_by_hand_force_a_whole_read(watched: tuple[Sto
     # The revisions say the list changed; its records do not show that change (the key was deleted by
     # hand, or evicted): reading the records alone would miss the entry.
     store, watcher = watched
-    known = KnownRevisions(current(watcher).generation, dict(watcher._known.revs))  # type: ignore[union-attr]
+    known = held_revisions(watcher)
     await put(store, "deny-entities", "entity-kept-out")
     raw = aioredis.Redis.from_url(redis_url)
     try:
@@ -284,7 +290,7 @@ async def test_change_records_lost_by_hand_force_a_whole_read(watched: tuple[Sto
     entities = current(watcher).lists["deny-entities"]
     assert "entity-kept-out" in entities and "entity-after-loss" in entities
     # ... and a reader from then on reads entry by entry again.
-    held = KnownRevisions(current(watcher).generation, dict(watcher._known.revs))  # type: ignore[union-attr]
+    held = held_revisions(watcher)
     await put(store, "deny-entities", "entity-later")
     data = await store.load_policy(held)
     assert data is not None and list(data.deltas) == ["deny-entities"]
@@ -294,11 +300,11 @@ async def test_a_reader_older_than_the_trimmed_records_reads_the_list_whole(
         watched: tuple[Store, PolicyWatcher], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("gateway.store.TOUCHED_CAP", 5)
     store, watcher = watched
-    old = KnownRevisions(current(watcher).generation, dict(watcher._known.revs))  # type: ignore[union-attr]
+    old = held_revisions(watcher)
     for i in range(4):
         await put(store, "deny-entities", f"entity-a{i}")
     await watcher.refresh()
-    recent = KnownRevisions(current(watcher).generation, dict(watcher._known.revs))  # type: ignore[union-attr]
+    recent = held_revisions(watcher)
     for i in range(4):  # past the cap: the oldest records are trimmed
         await put(store, "deny-entities", f"entity-b{i}")
     stale = await store.load_policy(old)
@@ -333,15 +339,12 @@ async def test_entry_by_entry_reloads_agree_with_whole_reads_over_random_writes(
             if kind == "set":
                 await put(store, name, key, **({"country": "DE"} if name == "ip-ranges" else {}))
             elif kind == "delete":
-                await store.write([HashDelete(list_key(name), key, must_exist=False)], actor="test",
-                                  now_iso="2026-01-01T00:00:00Z", target=name)
+                await write(store, HashDelete(list_key(name), key, must_exist=False), target=name)
             elif kind == "replace":
                 entries = {f"{key}-{i}" if name != "ip-ranges" else f"198.51.{i}.0/24": value for i in range(3)}
-                await store.write([HashReplace(list_key(name), entries)], actor="test",
-                                  now_iso="2026-01-01T00:00:00Z", target=name)
+                await write(store, HashReplace(list_key(name), entries), target=name)
             elif kind == "models":
-                await store.write([HashSet(MODELS_KEY, f"m{step}", {"stage": "general"})], actor="test",
-                                  now_iso="2026-01-01T00:00:00Z", target="models")
+                await write(store, HashSet(MODELS_KEY, f"m{step}", {"stage": "general"}), target="models")
             elif kind == "raw":
                 async with raw.pipeline(transaction=True) as pipe:
                     pipe.hset(list_key(name), key, orjson.dumps(value))
@@ -351,8 +354,7 @@ async def test_entry_by_entry_reloads_agree_with_whole_reads_over_random_writes(
                 other = rng.choice(LIST_NAMES)
                 ops = [HashSet(list_key(other), f"{key}-s{i}" if other != "ip-ranges" else f"192.0.{i}.0/24",
                                value | ({"country": "FR"} if other == "ip-ranges" else {})) for i in range(3)]
-                await store.write([*ops, HashDelete(list_key(name), key, must_exist=False)], actor="test",
-                                  now_iso="2026-01-01T00:00:00Z", target=name)
+                await write(store, *ops, HashDelete(list_key(name), key, must_exist=False), target=name)
             await watcher.refresh()
             expected = await fresh_document(store)
             assert policy_document(current(watcher)) == expected, (step, kinds[-3:])
