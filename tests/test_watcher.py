@@ -238,6 +238,9 @@ async def test_a_writer_that_keeps_revisions_but_no_entry_records_forces_a_whole
     # An older gateway during a rolling upgrade keeps the part revisions but not the entry records:
     # the list it changed must be read whole, and the next write starts the records afresh.
     store, watcher = watched
+    # Records exist before the older writer comes (so their absence cannot be what gives it away).
+    await put(store, "deny-entities", "entity-recorded")
+    await watcher.refresh()
     raw = aioredis.Redis.from_url(redis_url)
     try:
         version = int(await raw.get(VERSION_KEY)) + 1
