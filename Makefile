@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export GATEWAY_DEV_HS256_SECRET ?= dev-only-hs256-secret-not-for-production-use
 export GATEWAY_ADMIN_TOKEN ?= dev-admin-token
 
-.PHONY: install run test soak bench lint clean
+.PHONY: install run test soak bench bench-ab lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ soak: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
+
+# This tree's gateway against the one at REF (default: the previous commit), interleaved rounds.
+bench-ab: $(STAMP)
+	$(BIN)/python -m bench.ab $(or $(REF),HEAD~1)
 
 lint: $(STAMP)
 	$(BIN)/ruff check gateway tests bench
