@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -218,28 +220,60 @@ def test_screening_import_and_search(gateway: GatewayProcess) -> None:
     assert "no match" in ok(gateway, "screening", "search", "Acme Corp", "--min-score", "0.9")
 
 
-def test_audit_tail_and_follow(gateway: GatewayProcess) -> None:
-    token = hs_token("audited-user", country="IR")
-    public_status(gateway, token)
-    assert wait_until(lambda: "audited-user" in ok(gateway, "audit", "tail", "--limit", "5"), timeout=5)
-    lines = ok(gateway, "audit", "tail", "--limit", "3", "--json").splitlines()
-    records = [json.loads(line) for line in lines]
-    assert len(records) == 3
-    assert records[-1]["time"] >= records[0]["time"]  # oldest first, as a tail reads
+def _audited(gateway: GatewayProcess, *subjects: str) -> None:
+    """One blocked request per subject, each in the audit trail (as the admin API reads it) before the next."""
+    for subject in subjects:
+        public_status(gateway, hs_token(subject, country="IR"))
+        assert wait_until(lambda s=subject: s in ok(gateway, "audit", "tail", "--limit", "1"), timeout=5)
+
+
+def _lines(stream: Any) -> queue.Queue[str]:
+    """The lines a child prints, as they come, read by a thread of their own so a test can wait on them."""
+    lines: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:
+        for line in stream:
+            lines.put(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return lines
+
+
+def test_audit_tail_prints_the_latest_oldest_first(gateway: GatewayProcess) -> None:
+    tag = f"tail-{time.monotonic_ns()}"
+    subjects = [f"{tag}-{n}" for n in range(4)]
+    _audited(gateway, *subjects)
+    records = [json.loads(line) for line in ok(gateway, "audit", "tail", "--limit", "3", "--json").splitlines()]
+    assert [r["subject"] for r in records] == subjects[1:]  # the last three, oldest first, as a tail reads
+    assert records[-1]["time"] >= records[0]["time"]
+    table = ok(gateway, "audit", "tail", "--limit", "2").splitlines()
+    assert table[0].split()[:2] == ["TIME", "DECISION"] and len(table) == 3
+    assert subjects[2] in table[1] and subjects[3] in table[2]
+
+
+def test_audit_follow_prints_limit_old_records_then_new_ones_and_stops_on_sigterm(
+        gateway: GatewayProcess) -> None:
+    tag = f"follow-{time.monotonic_ns()}"
+    _audited(gateway, *(f"{tag}-old-{n}" for n in range(3)))
+    # SIGINT ignored, as a shell starts a background job: SIGTERM must still stop the follower cleanly.
     follower = subprocess.Popen([*COMMAND, "audit", "tail", "--follow", "--json", "--limit", "1",
-                                 "--interval", "0.2"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, env={**os.environ, "GATEWAY_ADMIN_URL": gateway.admin_url,
-                                                "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN})
+                                 "--interval", "0.1"], cwd=ROOT, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "GATEWAY_ADMIN_URL": gateway.admin_url,
+                                     "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN},
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
-        time.sleep(1.0)
-        public_status(gateway, hs_token("followed-user", country="IR"))
-        time.sleep(1.5)
+        lines = _lines(follower.stdout)
+        assert json.loads(lines.get(timeout=20))["subject"] == f"{tag}-old-2"  # --limit 1: the latest only
+        public_status(gateway, hs_token(f"{tag}-new", country="IR"))
+        assert json.loads(lines.get(timeout=10))["subject"] == f"{tag}-new"
+        time.sleep(0.5)  # a few more polls: nothing old may come back
+        assert lines.empty(), lines.get()
     finally:
-        follower.send_signal(signal.SIGINT)
-        out, err = follower.communicate(timeout=10)
+        follower.send_signal(signal.SIGTERM)
+        _out, err = follower.communicate(timeout=10)
     assert follower.returncode == 0, err
-    subjects = [json.loads(line)["subject"] for line in out.splitlines()]
-    assert "followed-user" in subjects
+    assert err == ""
 
 
 def test_changes_table(gateway: GatewayProcess) -> None:
