@@ -11,6 +11,7 @@ import shutil
 import signal
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from aiohttp import web
@@ -19,7 +20,7 @@ from .app import Gateway, create_admin_app, create_public_server
 from .listener import JsonErrorAppRunner
 from .logs import setup_logging
 from .redis_server import RedisServer
-from .settings import ConfigError, Settings
+from .settings import ConfigError, Settings, read_secret
 
 log = logging.getLogger("gateway.server")
 
@@ -89,14 +90,16 @@ def _run_worker(settings: Settings, redis_url: str, reuse_port: bool, bootstrap:
                                 bootstrap_policy=bootstrap))
 
 
-def preflight(settings: Settings) -> None:
+def preflight(settings: Settings, environ: Mapping[str, str] | None = None) -> None:
     """Load what the config points at (key files, secrets, token files) once, before any process
-    starts, so a bad path or key exits with status 2 and a message naming the key."""
+    starts, so a bad path, key or missing secret exits with status 2 and a message naming the key.
+    ``gateway check-config`` runs exactly this too, so a file it calls ok is one ``serve`` starts with."""
     from .admin import parse_tokens_file
     from .geo import GeoResolver
     from .jwks import KeyRing
 
-    KeyRing.from_settings(settings.auth)
+    env = os.environ if environ is None else environ
+    KeyRing.from_settings(settings.auth, env)
     if settings.admin.tokens_file is not None:
         parse_tokens_file(settings.admin.tokens_file)
     if settings.network.geoip_db is not None:
@@ -104,6 +107,20 @@ def preflight(settings: Settings) -> None:
             GeoResolver(settings.network.geoip_db).close()
         except (OSError, ValueError) as exc:
             raise ConfigError(f"network.geoip_db: cannot open {settings.network.geoip_db}: {exc}") from None
+    # A secret the config names must be there: without it the admin API would refuse everyone, the
+    # upstream would get no credentials, or Redis would refuse the gateway, each found only later.
+    if settings.admin.tokens_file is None:
+        _require_secret("admin.token_env", settings.admin.token_env, env,
+                        "export it, or name tokens in admin.tokens_file instead")
+    _require_secret("upstream.api_key_env", settings.upstream.api_key_env, env)
+    if settings.redis.url is not None:
+        _require_secret("redis.password_env", settings.redis.password_env, env)
+
+
+def _require_secret(key: str, env_name: str | None, environ: Mapping[str, str], hint: str = "") -> None:
+    if env_name and not read_secret(env_name, environ):
+        raise ConfigError(f"{key}: environment variable {env_name} (or {env_name}_FILE) is not set"
+                          f"{'; ' + hint if hint else ''}")
 
 
 def serve(settings: Settings, *, workers: int, bootstrap_policy: Path | None) -> int:

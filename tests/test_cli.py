@@ -339,3 +339,91 @@ def test_policy_import_of_the_example_policy(gateway: GatewayProcess, upstream: 
         assert policy["lists"]["deny-countries"]["CU"]["added_by"] == "admin"
     finally:
         restored_gateway.stop()
+
+
+# --- check-config, dev-token ----------------------------------------------------------------
+
+SECRET_VARS = {"GATEWAY_ADMIN_TOKEN": "an-admin-token", "CHECK_HS256_SECRET": "x" * 40,
+               "CHECK_UPSTREAM_KEY": "an-upstream-key"}
+
+
+def _config_file(tmp_path: Path, config: Any) -> Path:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(config if isinstance(config, str) else yaml.safe_dump(config))
+    return path
+
+
+def _plain_env(**extra: str) -> dict[str, str]:
+    """The test's environment without any GATEWAY_ variable (overrides, secrets) unless given."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}, **extra}
+
+
+@pytest.mark.parametrize(("missing", "key"), [
+    ("GATEWAY_ADMIN_TOKEN", "admin.token_env"),
+    ("CHECK_HS256_SECRET", "auth.hs256_secret_env"),
+    ("CHECK_UPSTREAM_KEY", "upstream.api_key_env"),
+])
+def test_check_config_fails_where_serve_fails(tmp_path: Path, missing: str, key: str) -> None:
+    config = {"listen": {"host": "127.0.0.1", "port": free_port()},
+              "admin": {"host": "127.0.0.1", "port": free_port(), "token_env": "GATEWAY_ADMIN_TOKEN"},
+              "upstream": {"url": "http://127.0.0.1:1", "api_key_env": "CHECK_UPSTREAM_KEY"},
+              "auth": {"algorithms": ["HS256"], "hs256_secret_env": "CHECK_HS256_SECRET"},
+              "audit": {"spool_dir": str(tmp_path / "spool")}}
+    path = _config_file(tmp_path, config)
+    assert "ok" in ok_plain("check-config", "--config", str(path), env=_plain_env(**SECRET_VARS))
+    env = _plain_env(**{k: v for k, v in SECRET_VARS.items() if k != missing})
+    checked = cli(None, "check-config", "--config", str(path), env=env)
+    served = cli(None, "serve", "--config", str(path), env=env)
+    assert (checked.returncode, served.returncode) == (2, 2), (checked.stderr, served.stderr)
+    assert checked.stderr == served.stderr
+    assert f"{key}: environment variable {missing} (or {missing}_FILE) is not set" in checked.stderr
+    assert "Traceback" not in checked.stderr
+
+
+def ok_plain(*args: str, env: dict[str, str]) -> str:
+    result = subprocess.run([*COMMAND, *args], env=env, capture_output=True, text=True, timeout=60, cwd=ROOT,
+                            check=False)
+    assert result.returncode == 0, f"{args}: {result.stderr}"
+    return result.stdout
+
+
+@pytest.mark.parametrize(("text", "key"), [
+    ("upstream: null\n", "upstream: is empty (null)"),
+    ("upstream:\n", "upstream: is empty (null)"),
+    ("upstream: http://127.0.0.1:8000\n", "upstream: must be a mapping, not str"),
+    ("upstream: {routes: {}}\n", "upstream.url: required key is missing"),
+    ("listen: {port: 8080}\n", "upstream: required key is missing"),
+])
+def test_upstream_problems_say_what_to_write(tmp_path: Path, text: str, key: str) -> None:
+    path = _config_file(tmp_path, text)
+    result = cli(None, "check-config", "--config", str(path), env=_plain_env())
+    assert result.returncode == 2
+    assert key in result.stderr
+    assert "upstream: {url: http://127.0.0.1:8000}" in result.stderr  # what to put there
+    # An environment override fills the same gap, as the message says.
+    assert "ok" in ok_plain("check-config", "--config", str(path),
+                            env=_plain_env(GATEWAY_UPSTREAM__URL="http://127.0.0.1:8000",
+                                           GATEWAY_ADMIN_TOKEN="t", GATEWAY_AUTH__ALGORITHMS="[HS256]",
+                                           GATEWAY_AUTH__HS256_SECRET_ENV="CHECK_HS256_SECRET",
+                                           CHECK_HS256_SECRET="x" * 40))
+
+
+def test_dev_token_help_describes_every_option_with_its_default() -> None:
+    result = cli(None, "dev-token", "--help", env={"COLUMNS": "1000"})  # no line breaks inside a value
+    assert result.returncode == 0
+    options = ["--secret-env", "--subject", "--org", "--org-name", "--country", "--tier", "--issuer",
+               "--audience", "--ttl"]
+    text = " ".join(result.stdout.split())
+    for option in options:
+        described = text.split(option, 1)[1].split(" --", 1)[0]
+        assert len(described.split()) >= 4, f"{option} has no description: {described!r}"
+    for default in ("GATEWAY_DEV_HS256_SECRET", "dev-user", "dev-org", "US", "partner", "https://idp.example",
+                    "model-gateway", "3600"):  # and --org-name: not sent
+        assert f"default: {default}" in text, default
+
+
+def test_mock_upstream_serves_the_example_policy_models() -> None:
+    from gateway.mock_upstream import MODELS
+
+    policy = yaml.safe_load((ROOT / "config" / "policy.example.yaml").read_text())
+    assert sorted(MODELS) == sorted(policy["models"])
