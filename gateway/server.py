@@ -41,17 +41,17 @@ async def run_gateway(settings: Settings, *, redis_url: str, reuse_port: bool,
                                       policy_version=gateway.policy_version)
     await public_runner.setup()
     await admin_runner.setup()
-    await web.TCPSite(public_runner, settings.listen.host, settings.listen.port, reuse_port=reuse_port,
-                      backlog=2048).start()
-    await web.TCPSite(admin_runner, settings.admin.host, settings.admin.port, reuse_port=reuse_port).start()
-    log.info("gateway listening", extra={"public": f"{settings.listen.host}:{settings.listen.port}",
-                                         "admin": f"{settings.admin.host}:{settings.admin.port}",
-                                         "pid": os.getpid()})
     stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     try:
+        await _listen(public_runner, settings.listen.host, settings.listen.port, "listen", reuse_port=reuse_port,
+                      backlog=2048)
+        await _listen(admin_runner, settings.admin.host, settings.admin.port, "admin", reuse_port=reuse_port)
+        log.info("gateway listening", extra={"public": f"{settings.listen.host}:{settings.listen.port}",
+                                             "admin": f"{settings.admin.host}:{settings.admin.port}",
+                                             "pid": os.getpid()})
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
         await stop.wait()
     finally:
         log.info("gateway stopping: draining in-flight requests")
@@ -59,6 +59,21 @@ async def run_gateway(settings: Settings, *, redis_url: str, reuse_port: bool,
         await admin_runner.cleanup()
         await gateway.close()
         log.info("gateway stopped")
+
+
+class ListenError(Exception):
+    """A listener could not bind its address (most often: another process holds the port)."""
+
+
+async def _listen(runner: web.BaseRunner, host: str, port: int, section: str, *, reuse_port: bool,
+                  **options: int) -> None:
+    try:
+        await web.TCPSite(runner, host, port, reuse_port=reuse_port, **options).start()
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        raise ListenError(f"{section}.port: cannot listen on {host}:{port}: {why}; if another process holds "
+                          f"the port, stop it or choose a free one ({section}.port or "
+                          f"GATEWAY_{section.upper()}__PORT)") from None
 
 
 # Young-generation collections start once this many more container objects are alive than freed. The
@@ -80,14 +95,18 @@ def tune_gc() -> None:
 def _run_worker(settings: Settings, redis_url: str, reuse_port: bool, bootstrap: Path | None) -> None:
     setup_logging(settings.logging)
     tune_gc()
+    main = run_gateway(settings, redis_url=redis_url, reuse_port=reuse_port, bootstrap_policy=bootstrap)
     try:
-        import uvloop
-
-        uvloop.run(run_gateway(settings, redis_url=redis_url, reuse_port=reuse_port,
-                               bootstrap_policy=bootstrap))
-    except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform
-        asyncio.run(run_gateway(settings, redis_url=redis_url, reuse_port=reuse_port,
-                                bootstrap_policy=bootstrap))
+        try:
+            import uvloop
+        except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform
+            asyncio.run(main)
+        else:
+            uvloop.run(main)
+    except ListenError as exc:
+        # Status 2, as for any other start-up problem the operator fixes in the config.
+        print(f"gateway: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 def preflight(settings: Settings, environ: Mapping[str, str] | None = None) -> None:
@@ -174,8 +193,10 @@ def _supervise(settings: Settings, redis_url: str, workers: int, bootstrap: Path
                     log.error("a worker exited; stopping all workers")
                     forward(signal.SIGTERM, None)
                     status = 1
-            if proc.exitcode not in (0, -signal.SIGTERM):
-                status = 1
+            if proc.exitcode == 2:
+                status = 2  # a start-up problem (a port taken): the same status one process gives
+            elif proc.exitcode not in (0, -signal.SIGTERM):
+                status = max(status, 1)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
     return status

@@ -6,6 +6,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -428,3 +429,24 @@ def test_mock_upstream_serves_the_example_policy_models() -> None:
 
     policy = yaml.safe_load((ROOT / "config" / "policy.example.yaml").read_text())
     assert sorted(MODELS) == sorted(policy["models"])
+
+
+@pytest.mark.parametrize(("section", "workers"), [("listen", "1"), ("admin", "1"), ("listen", "2")])
+def test_serve_names_a_port_another_process_holds(tmp_path: Path, section: str, workers: str) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        ports = {"listen": free_port(), "admin": free_port(), section: taken}
+        config = {"listen": {"host": "127.0.0.1", "port": ports["listen"]},
+                  "admin": {"host": "127.0.0.1", "port": ports["admin"]},
+                  "upstream": {"url": "http://127.0.0.1:1"},
+                  "redis": {"url": f"redis://127.0.0.1:{free_port()}"},  # nobody there: start does not wait on it
+                  "auth": {"algorithms": ["HS256"], "hs256_secret_env": "CHECK_HS256_SECRET"},
+                  "audit": {"spool_dir": str(tmp_path / "spool")}}
+        path = _config_file(tmp_path, config)
+        result = cli(None, "serve", "--config", str(path), "--workers", workers, env=_plain_env(**SECRET_VARS))
+    assert result.returncode == 2, result.stderr
+    assert f"{section}.port: cannot listen on 127.0.0.1:{taken}" in result.stderr
+    assert f"GATEWAY_{section.upper()}__PORT" in result.stderr
+    assert "Traceback" not in result.stderr
