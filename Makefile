@@ -16,12 +16,18 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Ports: GATEWAY_LISTEN__PORT (8080), GATEWAY_ADMIN__PORT (9901), MOCK_PORT (8000), e.g.
+# `GATEWAY_ADMIN__PORT=9911 make run`.
 run: $(STAMP)
 	@bash scripts/run-dev.sh
 
+# pytest-randomly runs the tests in a new order each time; the seed is printed first, and
+# `make test SEED=N` repeats that order (`$(BIN)/pytest -p no:randomly` runs them in file order).
 test: $(STAMP)
 	$(BIN)/ruff check gateway tests bench
-	$(BIN)/pytest -q -p no:randomly
+	@seed=$${SEED:-$$($(BIN)/python -c 'import random; print(random.randrange(1 << 32))')}; \
+	echo "test order: --randomly-seed=$$seed (make test SEED=$$seed repeats it)"; \
+	$(BIN)/pytest -q --randomly-seed=$$seed
 
 soak: $(STAMP)
 	$(BIN)/pytest -q -m soak

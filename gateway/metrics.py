@@ -11,6 +11,13 @@ and histograms over the workers in every scrape. Gauges say how they combine:
 in-flight requests add up; the policy version shows the lowest any worker
 enforces and the policy age the oldest, so one lagging worker is never hidden
 behind a healthy one.
+
+The standard ``process_*`` series (memory, CPU, open files, start time) come from
+prometheus-client's process collector in one process. Its multiprocess mode does
+not carry them, so with workers each worker copies its own readings into gauges
+and a counter that the multiprocess collector combines: memory, CPU seconds and
+open files summed over the workers (the gateway's whole footprint), the file
+limit the lowest and the start time the earliest of any worker.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
@@ -91,6 +99,42 @@ def request_label_sets(models: Iterable[str], tiers: Iterable[str]) -> list[Requ
     return keys
 
 
+# process_* gauge -> how a scrape combines the workers' values (prometheus-client multiprocess modes).
+PROCESS_GAUGES: dict[str, tuple[str, str]] = {
+    "process_resident_memory_bytes": ("Resident memory size in bytes, summed over workers", "livesum"),
+    "process_virtual_memory_bytes": ("Virtual memory size in bytes, summed over workers", "livesum"),
+    "process_open_fds": ("Number of open file descriptors, summed over workers", "livesum"),
+    "process_max_fds": ("Maximum number of open file descriptors; over workers the lowest", "livemin"),
+    "process_start_time_seconds": ("Start time of the process since unix epoch in seconds; over workers the "
+                                   "earliest", "livemin"),
+}
+
+
+class WorkerProcessMetrics:
+    """``process_*`` for one worker among several, written where the multiprocess collector reads them."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        # Reads /proc/self like the single-process collector, so the numbers mean the same; not registered.
+        self._source = ProcessCollector(registry=None)
+        self._gauges = {name: Gauge(name, help_text, registry=registry, multiprocess_mode=mode)
+                        for name, (help_text, mode) in PROCESS_GAUGES.items()}
+        # A counter, so a worker's CPU seconds still count after it exits, as a total should.
+        self._cpu = Counter("process_cpu_seconds", "Total user and system CPU time spent in seconds, summed "
+                            "over workers", registry=registry)
+        self._cpu_counted = 0.0
+        self.refresh()
+
+    def refresh(self) -> None:
+        for family in self._source.collect():
+            for sample in family.samples:
+                gauge = self._gauges.get(sample.name)
+                if gauge is not None:
+                    gauge.set(sample.value)
+                elif sample.name == "process_cpu_seconds_total" and sample.value > self._cpu_counted:
+                    self._cpu.inc(sample.value - self._cpu_counted)
+                    self._cpu_counted = sample.value
+
+
 class Metrics:
     """All gateway metrics on one registry; methods are what the request path calls."""
 
@@ -132,6 +176,13 @@ class Metrics:
         self.audit_dropped = Counter("gateway_audit_dropped",
                                      "Audit records lost (queue full: Redis and spool both failing)",
                                      registry=r)
+        # Memory, CPU and open files: read at each scrape in one process; with workers, each worker's
+        # readings are refreshed with the policy gauges (a scrape reaches one worker, not all of them).
+        self._process: WorkerProcessMetrics | None = None
+        if self.multiprocess:
+            self._process = WorkerProcessMetrics(r)
+        else:
+            ProcessCollector(registry=r)
         self._requests: dict[RequestKey, Any] = {}
         self._durations = {d: self.duration.labels(d) for d in DECISIONS}
         self._redis_errors = {op: self.redis_errors.labels(op) for op in REDIS_OPS}
@@ -195,6 +246,8 @@ class Metrics:
     def refresh_policy_gauges(self, watcher: PolicyWatcher) -> None:
         self.policy_version.set(watcher.version)
         self.policy_age.set(watcher.age_s())
+        if self._process is not None:
+            self._process.refresh()
 
     def start(self, watcher: PolicyWatcher) -> None:
         """Keep the age gauge current: with workers, a scrape reaches one worker, not all of them."""

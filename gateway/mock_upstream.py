@@ -14,7 +14,9 @@ import uuid
 import orjson
 from aiohttp import web
 
-MODELS = ("gpt-mock", "frontier-x", "preview-y", "suspended-z")
+# The models of config/policy.example.yaml, which `make run` loads, so every model the example policy
+# names can be tried (and blocked) against the mock.
+MODELS = ("gpt-mock", "frontier-x", "frontier-x-preview", "vision-7")
 WORDS = "The gateway forwarded this answer from the development mock model server .".split()
 
 

@@ -13,6 +13,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import signal
 import sys
 import time
 import urllib.error
@@ -393,18 +394,36 @@ def _audit_key(record: Mapping[str, Any]) -> str:
     return str(record.get("id") or (record.get("time"), record.get("request_id")))
 
 
+# How far back a follower looks on each poll (the admin API's largest page).
+_FOLLOW_WINDOW = 1000
+
+
+class _Stopped(Exception):
+    """SIGTERM reached a follower: it stops as Ctrl-C stops it, with status 0."""
+
+
+def _stop_on_sigterm(_signum: int, _frame: object) -> None:
+    raise _Stopped
+
+
 def _audit_tail(args: argparse.Namespace) -> None:
     client = _client(args)
-    records = list(reversed(client.call("GET", "/admin/v1/audit", query={"limit": args.limit})["records"]))
-    _print_audit(args, records, header=True)
+    # A follower reads the whole window once, so that every record already there counts as seen and
+    # only those written later are printed; of the old ones it prints the last --limit, as without it.
+    window = _FOLLOW_WINDOW if args.follow else args.limit
+    records = list(reversed(client.call("GET", "/admin/v1/audit", query={"limit": window})["records"]))
+    _print_audit(args, records[-args.limit:], header=True)
     if not args.follow:
         return
     seen: deque[str] = deque((_audit_key(r) for r in records), maxlen=100_000)
     known = set(seen)
+    # SIGTERM (what a service manager, `timeout` or a script sends) ends the follower cleanly; SIGINT
+    # alone is not enough, since a shell starts background jobs with SIGINT ignored.
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         while True:
             time.sleep(args.interval)
-            batch = client.call("GET", "/admin/v1/audit", query={"limit": 1000})["records"]
+            batch = client.call("GET", "/admin/v1/audit", query={"limit": _FOLLOW_WINDOW})["records"]
             fresh = [r for r in reversed(batch) if _audit_key(r) not in known]
             for record in fresh:
                 if len(seen) == seen.maxlen:
@@ -413,7 +432,7 @@ def _audit_tail(args: argparse.Namespace) -> None:
                 seen.append(key)
                 known.add(key)
             _print_audit(args, fresh, header=False)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Stopped):
         return
 
 

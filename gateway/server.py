@@ -11,6 +11,7 @@ import shutil
 import signal
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from aiohttp import web
@@ -19,7 +20,7 @@ from .app import Gateway, create_admin_app, create_public_server
 from .listener import JsonErrorAppRunner
 from .logs import setup_logging
 from .redis_server import RedisServer
-from .settings import ConfigError, Settings
+from .settings import ConfigError, Settings, read_secret
 
 log = logging.getLogger("gateway.server")
 
@@ -40,17 +41,17 @@ async def run_gateway(settings: Settings, *, redis_url: str, reuse_port: bool,
                                       policy_version=gateway.policy_version)
     await public_runner.setup()
     await admin_runner.setup()
-    await web.TCPSite(public_runner, settings.listen.host, settings.listen.port, reuse_port=reuse_port,
-                      backlog=2048).start()
-    await web.TCPSite(admin_runner, settings.admin.host, settings.admin.port, reuse_port=reuse_port).start()
-    log.info("gateway listening", extra={"public": f"{settings.listen.host}:{settings.listen.port}",
-                                         "admin": f"{settings.admin.host}:{settings.admin.port}",
-                                         "pid": os.getpid()})
     stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     try:
+        await _listen(public_runner, settings.listen.host, settings.listen.port, "listen", reuse_port=reuse_port,
+                      backlog=2048)
+        await _listen(admin_runner, settings.admin.host, settings.admin.port, "admin", reuse_port=reuse_port)
+        log.info("gateway listening", extra={"public": f"{settings.listen.host}:{settings.listen.port}",
+                                             "admin": f"{settings.admin.host}:{settings.admin.port}",
+                                             "pid": os.getpid()})
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
         await stop.wait()
     finally:
         log.info("gateway stopping: draining in-flight requests")
@@ -58,6 +59,21 @@ async def run_gateway(settings: Settings, *, redis_url: str, reuse_port: bool,
         await admin_runner.cleanup()
         await gateway.close()
         log.info("gateway stopped")
+
+
+class ListenError(Exception):
+    """A listener could not bind its address (most often: another process holds the port)."""
+
+
+async def _listen(runner: web.BaseRunner, host: str, port: int, section: str, *, reuse_port: bool,
+                  **options: int) -> None:
+    try:
+        await web.TCPSite(runner, host, port, reuse_port=reuse_port, **options).start()
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        raise ListenError(f"{section}.port: cannot listen on {host}:{port}: {why}; if another process holds "
+                          f"the port, stop it or choose a free one ({section}.port or "
+                          f"GATEWAY_{section.upper()}__PORT)") from None
 
 
 # Young-generation collections start once this many more container objects are alive than freed. The
@@ -79,24 +95,30 @@ def tune_gc() -> None:
 def _run_worker(settings: Settings, redis_url: str, reuse_port: bool, bootstrap: Path | None) -> None:
     setup_logging(settings.logging)
     tune_gc()
+    main = run_gateway(settings, redis_url=redis_url, reuse_port=reuse_port, bootstrap_policy=bootstrap)
     try:
-        import uvloop
+        try:
+            import uvloop
+        except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform
+            asyncio.run(main)
+        else:
+            uvloop.run(main)
+    except ListenError as exc:
+        # Status 2, as for any other start-up problem the operator fixes in the config.
+        print(f"gateway: {exc}", file=sys.stderr)
+        sys.exit(2)
 
-        uvloop.run(run_gateway(settings, redis_url=redis_url, reuse_port=reuse_port,
-                               bootstrap_policy=bootstrap))
-    except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform
-        asyncio.run(run_gateway(settings, redis_url=redis_url, reuse_port=reuse_port,
-                                bootstrap_policy=bootstrap))
 
-
-def preflight(settings: Settings) -> None:
+def preflight(settings: Settings, environ: Mapping[str, str] | None = None) -> None:
     """Load what the config points at (key files, secrets, token files) once, before any process
-    starts, so a bad path or key exits with status 2 and a message naming the key."""
+    starts, so a bad path, key or missing secret exits with status 2 and a message naming the key.
+    ``gateway check-config`` runs exactly this too, so a file it calls ok is one ``serve`` starts with."""
     from .admin import parse_tokens_file
     from .geo import GeoResolver
     from .jwks import KeyRing
 
-    KeyRing.from_settings(settings.auth)
+    env = os.environ if environ is None else environ
+    KeyRing.from_settings(settings.auth, env)
     if settings.admin.tokens_file is not None:
         parse_tokens_file(settings.admin.tokens_file)
     if settings.network.geoip_db is not None:
@@ -104,6 +126,20 @@ def preflight(settings: Settings) -> None:
             GeoResolver(settings.network.geoip_db).close()
         except (OSError, ValueError) as exc:
             raise ConfigError(f"network.geoip_db: cannot open {settings.network.geoip_db}: {exc}") from None
+    # A secret the config names must be there: without it the admin API would refuse everyone, the
+    # upstream would get no credentials, or Redis would refuse the gateway, each found only later.
+    if settings.admin.tokens_file is None:
+        _require_secret("admin.token_env", settings.admin.token_env, env,
+                        "export it, or name tokens in admin.tokens_file instead")
+    _require_secret("upstream.api_key_env", settings.upstream.api_key_env, env)
+    if settings.redis.url is not None:
+        _require_secret("redis.password_env", settings.redis.password_env, env)
+
+
+def _require_secret(key: str, env_name: str | None, environ: Mapping[str, str], hint: str = "") -> None:
+    if env_name and not read_secret(env_name, environ):
+        raise ConfigError(f"{key}: environment variable {env_name} (or {env_name}_FILE) is not set"
+                          f"{'; ' + hint if hint else ''}")
 
 
 def serve(settings: Settings, *, workers: int, bootstrap_policy: Path | None) -> int:
@@ -157,8 +193,10 @@ def _supervise(settings: Settings, redis_url: str, workers: int, bootstrap: Path
                     log.error("a worker exited; stopping all workers")
                     forward(signal.SIGTERM, None)
                     status = 1
-            if proc.exitcode not in (0, -signal.SIGTERM):
-                status = 1
+            if proc.exitcode == 2:
+                status = 2  # a start-up problem (a port taken): the same status one process gives
+            elif proc.exitcode not in (0, -signal.SIGTERM):
+                status = max(status, 1)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
     return status

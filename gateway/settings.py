@@ -323,8 +323,22 @@ def _describe(error: ValidationError) -> str:
             message = "unknown key"
         elif item["type"] == "missing":
             message = "required key is missing"
+        if key in ("upstream", "upstream.url"):
+            message = _upstream_message(key, item, message)
         lines.append(f"{key}: {message}")
     return "; ".join(lines)
+
+
+UPSTREAM_EXAMPLE = "upstream: {url: http://127.0.0.1:8000}"
+
+
+def _upstream_message(key: str, item: Any, message: str) -> str:
+    """Say what belongs under ``upstream``: the one key without a default, so a new user meets it first."""
+    if key == "upstream" and item["type"] != "missing":
+        given = item.get("input")
+        message = ("is empty (null)" if given is None else f"must be a mapping, not {type(given).__name__}")
+        message += ": it holds the model server's url"
+    return f"{message}; give the model server's address, e.g. `{UPSTREAM_EXAMPLE}` (or GATEWAY_UPSTREAM__URL)"
 
 
 def parse_settings(data: Mapping[str, Any] | None, environ: Mapping[str, str] | None = None) -> Settings:

@@ -5,10 +5,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings
 
 from gateway.redis_server import RedisServer
 
 from .harness import Upstream
+
+# The property tests check properties, not timings: on a loaded machine (the suite run in the background,
+# beside other work) one example can outlast hypothesis' 200 ms default deadline and fail a correct test.
+settings.register_profile("gateway", deadline=None)
+settings.load_profile("gateway")
 
 
 @pytest.fixture(scope="session")

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -104,7 +107,8 @@ def test_cidr_key_travels_as_one_path_segment(gateway: GatewayProcess) -> None:
     listing = ok(gateway, "lists", "get", "ip-ranges")
     assert "198.51.100.0/24" in listing and "DE" in listing
     ok(gateway, "lists", "delete", "ip-ranges", "198.51.100.0/24")
-    assert admin_get(gateway, "/admin/v1/lists/ip-ranges")["entries"] == {}
+    # Other tests share this gateway and may hold ranges of their own: only this one must be gone.
+    assert "198.51.100.0/24" not in admin_get(gateway, "/admin/v1/lists/ip-ranges")["entries"]
 
 
 def test_lists_replace_from_a_yaml_file(gateway: GatewayProcess, tmp_path: Path) -> None:
@@ -218,28 +222,60 @@ def test_screening_import_and_search(gateway: GatewayProcess) -> None:
     assert "no match" in ok(gateway, "screening", "search", "Acme Corp", "--min-score", "0.9")
 
 
-def test_audit_tail_and_follow(gateway: GatewayProcess) -> None:
-    token = hs_token("audited-user", country="IR")
-    public_status(gateway, token)
-    assert wait_until(lambda: "audited-user" in ok(gateway, "audit", "tail", "--limit", "5"), timeout=5)
-    lines = ok(gateway, "audit", "tail", "--limit", "3", "--json").splitlines()
-    records = [json.loads(line) for line in lines]
-    assert len(records) == 3
-    assert records[-1]["time"] >= records[0]["time"]  # oldest first, as a tail reads
+def _audited(gateway: GatewayProcess, *subjects: str) -> None:
+    """One blocked request per subject, each in the audit trail (as the admin API reads it) before the next."""
+    for subject in subjects:
+        public_status(gateway, hs_token(subject, country="IR"))
+        assert wait_until(lambda s=subject: s in ok(gateway, "audit", "tail", "--limit", "1"), timeout=5)
+
+
+def _lines(stream: Any) -> queue.Queue[str]:
+    """The lines a child prints, as they come, read by a thread of their own so a test can wait on them."""
+    lines: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:
+        for line in stream:
+            lines.put(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return lines
+
+
+def test_audit_tail_prints_the_latest_oldest_first(gateway: GatewayProcess) -> None:
+    tag = f"tail-{time.monotonic_ns()}"
+    subjects = [f"{tag}-{n}" for n in range(4)]
+    _audited(gateway, *subjects)
+    records = [json.loads(line) for line in ok(gateway, "audit", "tail", "--limit", "3", "--json").splitlines()]
+    assert [r["subject"] for r in records] == subjects[1:]  # the last three, oldest first, as a tail reads
+    assert records[-1]["time"] >= records[0]["time"]
+    table = ok(gateway, "audit", "tail", "--limit", "2").splitlines()
+    assert table[0].split()[:2] == ["TIME", "DECISION"] and len(table) == 3
+    assert subjects[2] in table[1] and subjects[3] in table[2]
+
+
+def test_audit_follow_prints_limit_old_records_then_new_ones_and_stops_on_sigterm(
+        gateway: GatewayProcess) -> None:
+    tag = f"follow-{time.monotonic_ns()}"
+    _audited(gateway, *(f"{tag}-old-{n}" for n in range(3)))
+    # SIGINT ignored, as a shell starts a background job: SIGTERM must still stop the follower cleanly.
     follower = subprocess.Popen([*COMMAND, "audit", "tail", "--follow", "--json", "--limit", "1",
-                                 "--interval", "0.2"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, env={**os.environ, "GATEWAY_ADMIN_URL": gateway.admin_url,
-                                                "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN})
+                                 "--interval", "0.1"], cwd=ROOT, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "GATEWAY_ADMIN_URL": gateway.admin_url,
+                                     "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN},
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
-        time.sleep(1.0)
-        public_status(gateway, hs_token("followed-user", country="IR"))
-        time.sleep(1.5)
+        lines = _lines(follower.stdout)
+        assert json.loads(lines.get(timeout=20))["subject"] == f"{tag}-old-2"  # --limit 1: the latest only
+        public_status(gateway, hs_token(f"{tag}-new", country="IR"))
+        assert json.loads(lines.get(timeout=10))["subject"] == f"{tag}-new"
+        time.sleep(0.5)  # a few more polls: nothing old may come back
+        assert lines.empty(), lines.get()
     finally:
-        follower.send_signal(signal.SIGINT)
-        out, err = follower.communicate(timeout=10)
+        follower.send_signal(signal.SIGTERM)
+        _out, err = follower.communicate(timeout=10)
     assert follower.returncode == 0, err
-    subjects = [json.loads(line)["subject"] for line in out.splitlines()]
-    assert "followed-user" in subjects
+    assert err == ""
 
 
 def test_changes_table(gateway: GatewayProcess) -> None:
@@ -305,3 +341,112 @@ def test_policy_import_of_the_example_policy(gateway: GatewayProcess, upstream: 
         assert policy["lists"]["deny-countries"]["CU"]["added_by"] == "admin"
     finally:
         restored_gateway.stop()
+
+
+# --- check-config, dev-token ----------------------------------------------------------------
+
+SECRET_VARS = {"GATEWAY_ADMIN_TOKEN": "an-admin-token", "CHECK_HS256_SECRET": "x" * 40,
+               "CHECK_UPSTREAM_KEY": "an-upstream-key"}
+
+
+def _config_file(tmp_path: Path, config: Any) -> Path:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(config if isinstance(config, str) else yaml.safe_dump(config))
+    return path
+
+
+def _plain_env(**extra: str) -> dict[str, str]:
+    """The test's environment without any GATEWAY_ variable (overrides, secrets) unless given."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}, **extra}
+
+
+@pytest.mark.parametrize(("missing", "key"), [
+    ("GATEWAY_ADMIN_TOKEN", "admin.token_env"),
+    ("CHECK_HS256_SECRET", "auth.hs256_secret_env"),
+    ("CHECK_UPSTREAM_KEY", "upstream.api_key_env"),
+])
+def test_check_config_fails_where_serve_fails(tmp_path: Path, missing: str, key: str) -> None:
+    config = {"listen": {"host": "127.0.0.1", "port": free_port()},
+              "admin": {"host": "127.0.0.1", "port": free_port(), "token_env": "GATEWAY_ADMIN_TOKEN"},
+              "upstream": {"url": "http://127.0.0.1:1", "api_key_env": "CHECK_UPSTREAM_KEY"},
+              "auth": {"algorithms": ["HS256"], "hs256_secret_env": "CHECK_HS256_SECRET"},
+              "audit": {"spool_dir": str(tmp_path / "spool")}}
+    path = _config_file(tmp_path, config)
+    assert "ok" in ok_plain("check-config", "--config", str(path), env=_plain_env(**SECRET_VARS))
+    env = _plain_env(**{k: v for k, v in SECRET_VARS.items() if k != missing})
+    checked = cli(None, "check-config", "--config", str(path), env=env)
+    served = cli(None, "serve", "--config", str(path), env=env)
+    assert (checked.returncode, served.returncode) == (2, 2), (checked.stderr, served.stderr)
+    assert checked.stderr == served.stderr
+    assert f"{key}: environment variable {missing} (or {missing}_FILE) is not set" in checked.stderr
+    assert "Traceback" not in checked.stderr
+
+
+def ok_plain(*args: str, env: dict[str, str]) -> str:
+    result = subprocess.run([*COMMAND, *args], env=env, capture_output=True, text=True, timeout=60, cwd=ROOT,
+                            check=False)
+    assert result.returncode == 0, f"{args}: {result.stderr}"
+    return result.stdout
+
+
+@pytest.mark.parametrize(("text", "key"), [
+    ("upstream: null\n", "upstream: is empty (null)"),
+    ("upstream:\n", "upstream: is empty (null)"),
+    ("upstream: http://127.0.0.1:8000\n", "upstream: must be a mapping, not str"),
+    ("upstream: {routes: {}}\n", "upstream.url: required key is missing"),
+    ("listen: {port: 8080}\n", "upstream: required key is missing"),
+])
+def test_upstream_problems_say_what_to_write(tmp_path: Path, text: str, key: str) -> None:
+    path = _config_file(tmp_path, text)
+    result = cli(None, "check-config", "--config", str(path), env=_plain_env())
+    assert result.returncode == 2
+    assert key in result.stderr
+    assert "upstream: {url: http://127.0.0.1:8000}" in result.stderr  # what to put there
+    # An environment override fills the same gap, as the message says.
+    assert "ok" in ok_plain("check-config", "--config", str(path),
+                            env=_plain_env(GATEWAY_UPSTREAM__URL="http://127.0.0.1:8000",
+                                           GATEWAY_ADMIN_TOKEN="t", GATEWAY_AUTH__ALGORITHMS="[HS256]",
+                                           GATEWAY_AUTH__HS256_SECRET_ENV="CHECK_HS256_SECRET",
+                                           CHECK_HS256_SECRET="x" * 40))
+
+
+def test_dev_token_help_describes_every_option_with_its_default() -> None:
+    result = cli(None, "dev-token", "--help", env={"COLUMNS": "1000"})  # no line breaks inside a value
+    assert result.returncode == 0
+    options = ["--secret-env", "--subject", "--org", "--org-name", "--country", "--tier", "--issuer",
+               "--audience", "--ttl"]
+    text = " ".join(result.stdout.split())
+    for option in options:
+        described = text.split(option, 1)[1].split(" --", 1)[0]
+        assert len(described.split()) >= 4, f"{option} has no description: {described!r}"
+    for default in ("GATEWAY_DEV_HS256_SECRET", "dev-user", "dev-org", "US", "partner", "https://idp.example",
+                    "model-gateway", "3600"):  # and --org-name: not sent
+        assert f"default: {default}" in text, default
+
+
+def test_mock_upstream_serves_the_example_policy_models() -> None:
+    from gateway.mock_upstream import MODELS
+
+    policy = yaml.safe_load((ROOT / "config" / "policy.example.yaml").read_text())
+    assert sorted(MODELS) == sorted(policy["models"])
+
+
+@pytest.mark.parametrize(("section", "workers"), [("listen", "1"), ("admin", "1"), ("listen", "2")])
+def test_serve_names_a_port_another_process_holds(tmp_path: Path, section: str, workers: str) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        ports = {"listen": free_port(), "admin": free_port(), section: taken}
+        config = {"listen": {"host": "127.0.0.1", "port": ports["listen"]},
+                  "admin": {"host": "127.0.0.1", "port": ports["admin"]},
+                  "upstream": {"url": "http://127.0.0.1:1"},
+                  "redis": {"url": f"redis://127.0.0.1:{free_port()}"},  # nobody there: start does not wait on it
+                  "auth": {"algorithms": ["HS256"], "hs256_secret_env": "CHECK_HS256_SECRET"},
+                  "audit": {"spool_dir": str(tmp_path / "spool")}}
+        path = _config_file(tmp_path, config)
+        result = cli(None, "serve", "--config", str(path), "--workers", workers, env=_plain_env(**SECRET_VARS))
+    assert result.returncode == 2, result.stderr
+    assert f"{section}.port: cannot listen on 127.0.0.1:{taken}" in result.stderr
+    assert f"GATEWAY_{section.upper()}__PORT" in result.stderr
+    assert "Traceback" not in result.stderr

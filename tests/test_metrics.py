@@ -252,7 +252,7 @@ async def test_workers_are_summed_in_one_scrape(metrics_redis: RedisServer, upst
     assert value(samples, "gateway_list_entries", list="deny-entities") == 2
 
 
-async def _wait_for_workers(gateway: GatewayProcess, count: int) -> None:
+async def _wait_for_workers(gateway: GatewayProcess, count: int) -> set[int]:
     """A worker answers /healthz only once started (policy loaded), so distinct pids mean ready workers."""
     pids: set[int] = set()
     for _ in range(300):
@@ -260,6 +260,55 @@ async def _wait_for_workers(gateway: GatewayProcess, count: int) -> None:
             async with client.get(gateway.admin_url + "/healthz") as health:
                 pids.add((await health.json())["pid"])
         if len(pids) >= count:
-            return
+            return pids
         await asyncio.sleep(0.02)
     raise AssertionError(f"only {len(pids)} of {count} workers answered")
+
+
+PROCESS_SERIES = ("process_resident_memory_bytes", "process_virtual_memory_bytes", "process_cpu_seconds_total",
+                  "process_open_fds", "process_max_fds", "process_start_time_seconds")
+
+
+def _proc_rss_and_fds(pid: int) -> tuple[float, int]:
+    """A process's resident memory (bytes) and open descriptors, read from /proc as the collector does."""
+    import os
+
+    with open(f"/proc/{pid}/stat", "rb") as stat:
+        rss_pages = int(stat.read().split(b")")[-1].split()[21])
+    return float(rss_pages * os.sysconf("SC_PAGE_SIZE")), len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_process_metrics_cover_every_worker(metrics_redis: RedisServer, upstream: Upstream,
+                                                  workers: int) -> None:
+    import time
+
+    seed_policy(metrics_redis.url, METRICS_POLICY)
+    started = time.time()
+    gateway = GatewayProcess(gateway_config(upstream.url, tiers=TIERS), redis_url=metrics_redis.url,
+                             workers=workers).start()
+    headers = auth(hs_token(f"process-metrics-{workers}-{time.monotonic_ns()}"))  # a rate bucket of its own
+    try:
+        pids = await _wait_for_workers(gateway, workers)
+        first = await scrape(gateway.admin_url)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as client:
+            for _ in range(200):  # some CPU for the counter to show
+                async with client.get(gateway.url + "/v1/models", headers=headers) as response:
+                    assert response.status == 200
+        await asyncio.sleep(1.2)  # every worker refreshes its readings once a second
+        readings = [_proc_rss_and_fds(pid) for pid in pids]
+        samples = await scrape(gateway.admin_url)
+    finally:
+        gateway.stop()
+    for name in PROCESS_SERIES:
+        assert [ls for (n, ls) in samples if n == name] == [frozenset()], f"{name}: one series, no labels"
+    rss = value(samples, "process_resident_memory_bytes")
+    own_rss = sum(r for r, _ in readings)
+    # The sum over the workers (each within a second of the scrape), not one worker's figure.
+    assert 0.8 * own_rss <= rss <= 1.25 * own_rss, (rss, readings)
+    fds = value(samples, "process_open_fds")
+    assert abs(fds - sum(f for _, f in readings)) <= 4 * workers, (fds, readings)
+    assert value(samples, "process_max_fds") >= 256
+    assert started - 5 <= value(samples, "process_start_time_seconds") <= time.time()
+    assert value(samples, "process_virtual_memory_bytes") >= rss
+    assert value(samples, "process_cpu_seconds_total") > value(first, "process_cpu_seconds_total") > 0
