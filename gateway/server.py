@@ -130,7 +130,8 @@ def preflight(settings: Settings, environ: Mapping[str, str] | None = None) -> N
     # upstream would get no credentials, or Redis would refuse the gateway, each found only later.
     if settings.admin.tokens_file is None:
         _require_secret("admin.token_env", settings.admin.token_env, env,
-                        "export it, or name tokens in admin.tokens_file instead")
+                        "export it, name tokens in admin.tokens_file instead, or set admin.token_env: null to run "
+                        "with the admin API closed")
     _require_secret("upstream.api_key_env", settings.upstream.api_key_env, env)
     if settings.redis.url is not None:
         _require_secret("redis.password_env", settings.redis.password_env, env)
