@@ -6,6 +6,7 @@ The upstream records what it received: for every refusal, it must have received 
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import time
 from collections.abc import Iterator
@@ -96,7 +97,10 @@ def upstream_seen(listing_upstream: ListingUpstream) -> ListingUpstream:
 
 @pytest.fixture(scope="module")
 def gateway(listing_upstream: ListingUpstream) -> Iterator[GatewayProcess]:
-    with seeded_gateway(gateway_config(listing_upstream.url), POLICY) as process:
+    # Generous limits: the tests poll, and no test here is about rate limits.
+    tiers = {name: {"requests_per_minute": 60_000, "burst": 10_000, "stages": stages}
+             for name, stages in (("public", ["general"]), ("partner", ["partners", "general"]))}
+    with seeded_gateway(gateway_config(listing_upstream.url, tiers=tiers), POLICY) as process:
         yield process
 
 
@@ -146,6 +150,7 @@ async def test_the_list_follows_the_policy_now(gateway: GatewayProcess, upstream
             ids: list[str] = []
             while time.monotonic() < deadline and "frontier-x" not in ids:
                 ids = [e["id"] for e in orjson.loads((await _get_list(gateway, CN))[2])["data"]]
+                await asyncio.sleep(0.02)
             assert ids == ["gpt-mock", "frontier-x"]
         finally:
             await put_frontier(["US", "GB"])
@@ -154,6 +159,7 @@ async def test_the_list_follows_the_policy_now(gateway: GatewayProcess, upstream
         ids = [e["id"] for e in orjson.loads((await _get_list(gateway, CN))[2])["data"]]
         if ids == ["gpt-mock"]:
             break
+        await asyncio.sleep(0.02)
     assert ids == ["gpt-mock"]
 
 
