@@ -1069,21 +1069,21 @@ _MODELLESS_METHODS = frozenset({"GET", "HEAD"})
 def path_model(method: str, path: str | None, rules: Rules) -> str | None:
     """The model a ``GET``/``HEAD`` to ``<modelless path>/<name>`` names (``/v1/models/gpt-4o``), or None.
 
-    Such a request is about that one model, so it is decided as a request for it (rows 4-8).
+    Such a request is about that one model, so it is decided as a request for it (rows 4-8). The name
+    is one path segment: deeper paths name no model here (``model_path_pattern`` may), so they need one.
     """
     if path is None or method not in _MODELLESS_METHODS:
         return None
     for base in rules.modelless_paths:
         if len(path) > len(base) + 1 and path.startswith(base) and path[len(base)] == "/":
-            return path[len(base) + 1:]
+            name = path[len(base) + 1:]
+            return name if "/" not in name else None
     return None
 
 
 def _canonical_name(name: str) -> bool:
-    # A name a server could read otherwise (percent-decoded, dot segments resolved, ...) is not decided on.
-    if "%" in name or "//" in name or ";" in name or "\\" in name or name.endswith("/"):
-        return False
-    return not any(segment in (".", "..") for segment in name.split("/"))
+    # A name a server could read otherwise (percent-decoded, a dot segment, ;params) is not decided on.
+    return not ("%" in name or ";" in name or "\\" in name or name in (".", ".."))
 
 
 def _request_model(

@@ -238,11 +238,13 @@ ROW_3A: list[tuple[str, dict[str, Any], str, str, str | None, str]] = [
     ("GET one model: allowed one", {}, "GET", "/v1/models/open", None, ""),
     ("GET one model: staged one", {}, "GET", "/v1/models/preview", None, "not_released"),
     ("GET one model: unknown one", {}, "GET", "/v1/models/no-such-model", None, "model_unknown"),
-    ("GET one model with a slash in its name", {}, "GET", "/v1/models/org/x", None, "model_unknown"),
+    ("GET one model: deeper paths name none", {}, "GET", "/v1/models/open/infer", None, "model_required"),
     ("GET one model: same body model", {}, "GET", "/v1/models/open", "open", ""),
     ("GET one model: another body model", {}, "GET", "/v1/models/controlled", "open", "ambiguous_request"),
     ("GET one model: encoded name", {}, "GET", "/v1/models/contr%6Flled", None, "ambiguous_request"),
-    ("GET one model: dot segment", {}, "GET", "/v1/models/open/../controlled", None, "ambiguous_request"),
+    ("GET one model: dot segment", {}, "GET", "/v1/models/..", None, "ambiguous_request"),
+    ("GET one model: dot segments deeper", {}, "GET", "/v1/models/open/../controlled", None, "model_required"),
+    ("GET one model: backslash", {}, "GET", "/v1/models/open\\..\\controlled", None, "ambiguous_request"),
     ("GET one model: parameter", {}, "GET", "/v1/models/open;x=1", None, "ambiguous_request"),
 ]
 
