@@ -448,16 +448,20 @@ class Gateway:
 
     async def _limit_blocked(self, err: GatewayError, exchange: Exchange) -> GatewayError:
         """Refusals count too (tier ``blocked_per_minute``): past it a caller gets 429, so refusing is not free
-        for the caller. With no verified caller (401), its client address is the key."""
+        for the caller. With no verified caller (401), its client address is the key, under the tier a
+        credential without one gets (``auth.default_tier``)."""
         limiter = self.limiter
         if limiter is None:
             return err
         identity = exchange.identity
-        key, tier = (f"s:{identity.subject}", identity.tier) if identity else (f"ip:{exchange.ip}", None)
+        if identity is not None:
+            key, tier = f"s:{identity.subject}", identity.tier
+        else:
+            key, tier = f"ip:{exchange.ip}", self.settings.auth.default_tier
         rate = await limiter.check_blocked(key, tier)
         if rate.allowed:
             return err
-        name = f"{tier or 'unauthenticated'}-refused"
+        name = f"{tier}-refused"
         return GatewayError(429, "rate_limited",
                             f"Too many refused requests ({rate.limit} per minute); retry after "
                             f"{rate.retry_after_s} s.", headers=tuple(rate.headers(name)))
