@@ -526,7 +526,7 @@ class Gateway:
         async def charge(tokens: int) -> None:
             await limiter.charge(identity.subject, model, identity.tier, tokens)
 
-        if model is None and lists_models(method, path, self.rules):
+        if lists_models(method, path, self.rules):  # whatever model a body names: the list is cut down
             now, rules = self.clock(), self.rules
             return await forward_model_list(
                 forwarder, request, headers=headers, request_id=exchange.request_id,

@@ -163,6 +163,14 @@ async def test_the_list_follows_the_policy_now(gateway: GatewayProcess, upstream
     assert ids == ["gpt-mock"]
 
 
+async def test_a_body_naming_a_model_does_not_unfilter_the_list(gateway: GatewayProcess,
+                                                                upstream_seen: ListingUpstream) -> None:
+    async with aiohttp.ClientSession() as client, client.get(gateway.url + "/v1/models", json={"model": "gpt-mock"},
+                                                             headers=auth(CN)) as response:
+        assert response.status == 200
+        assert [entry["id"] for entry in orjson.loads(await response.read())["data"]] == ["gpt-mock"]
+
+
 @pytest.mark.parametrize("mode", ["gzip", "text", "not-json", "no-data", "bad-entry", "error"])
 async def test_an_unreadable_list_is_502_never_unfiltered(gateway: GatewayProcess, upstream_seen: ListingUpstream,
                                                           mode: str) -> None:
