@@ -503,7 +503,8 @@ class Gateway:
         exchange.ip, exchange.ip_country = ip, ip_subdivision or ip_country
         body = await self._read_body(request)
         model = self.models.extract(request, body)
-        method, path = request.method, origin_form(request.raw_path).partition("?")[0]
+        method, target = request.method, origin_form(request.raw_path)
+        path = target.partition("?")[0]
         if model is None:  # GET /v1/models/<name> is about model <name> (row 3a)
             model = path_model(method, path, self.rules)
         exchange.model = model
@@ -529,7 +530,7 @@ class Gateway:
         if lists_models(method, path, self.rules):  # whatever model a body names: the list is cut down
             now, rules = self.clock(), self.rules
             return await forward_model_list(
-                forwarder, request, headers=headers, request_id=exchange.request_id,
+                forwarder, target, headers=headers, request_id=exchange.request_id,
                 extra_response_headers=rate_headers, outcome=exchange.outcome,
                 allowed=lambda name: decide(snapshot, caller, name, now, rules).allowed)
         tiers = self.settings.tiers

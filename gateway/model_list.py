@@ -15,13 +15,12 @@ from collections.abc import Callable, Iterable
 import aiohttp
 import orjson
 from aiohttp import web
-from aiohttp.web_request import BaseRequest
 from multidict import CIMultiDict
 from yarl import URL
 
 from .errors import GatewayError
 from .policy import Rules
-from .proxy import Forwarder, ProxyOutcome, origin_form, response_headers, response_problem
+from .proxy import Forwarder, ProxyOutcome, response_headers, response_problem
 
 MAX_LIST_BYTES = 4 * 1024 * 1024
 # Upstream response fields that describe the body as the upstream sent it, not the filtered one.
@@ -59,16 +58,17 @@ def filter_models(body: bytes, allowed: Callable[[str], bool]) -> bytes:
     return orjson.dumps(document)
 
 
-async def forward_model_list(forwarder: Forwarder, request: BaseRequest, *, headers: CIMultiDict[str],
+async def forward_model_list(forwarder: Forwarder, target: str, *, headers: CIMultiDict[str],
                              request_id: str, extra_response_headers: Iterable[tuple[str, str]],
                              allowed: Callable[[str], bool], outcome: ProxyOutcome) -> web.Response:
-    """Ask the upstream for its list, answer the entries ``allowed`` keeps (the only other answer: 502)."""
+    """``GET target`` (origin-form, as admitted) upstream with ``headers``; answer the entries ``allowed``
+    keeps. The only other answer is an error (502, or 504 when the upstream is silent)."""
     # Filtering reads the body, so it must come uncompressed; the caller's Accept-Encoding is not passed.
     headers["Accept-Encoding"] = "identity"
     # The answer is a new body: the caller's validators and ranges refer to the upstream's, not to it.
     for name in _CONDITIONAL_FIELDS:
         headers.popall(name, None)
-    url = URL(forwarder.router.base_for(None) + origin_form(request.raw_path), encoded=True)
+    url = URL(forwarder.router.base_for(None) + target, encoded=True)
     started = time.perf_counter()
     try:
         upstream = await forwarder.session.get(url, headers=headers,
