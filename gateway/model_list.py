@@ -25,7 +25,7 @@ from .proxy import Forwarder, ProxyOutcome, response_headers, response_problem
 MAX_LIST_BYTES = 4 * 1024 * 1024
 # Upstream response fields that describe the body as the upstream sent it, not the filtered one.
 _BODY_FIELDS = ("Content-Type", "Content-Encoding", "ETag", "Content-MD5", "Digest", "Content-Range",
-                "Accept-Ranges", "Last-Modified")
+                "Accept-Ranges", "Last-Modified", "Cache-Control", "Expires", "Age")
 _CONDITIONAL_FIELDS = ("If-None-Match", "If-Match", "If-Modified-Since", "If-Unmodified-Since", "Range", "If-Range")
 
 
@@ -117,6 +117,8 @@ async def forward_model_list(forwarder: Forwarder, target: str, *, headers: CIMu
         outcome.upstream_seconds = time.perf_counter() - started
     # web.Response sets Content-Length from the filtered body; nothing compresses it on the way out.
     response = web.Response(status=200, body=body, headers=kept, content_type="application/json")
+    # One caller's list, as the policy stands now: no cache may keep it or give it to another caller.
+    response.headers["Cache-Control"] = "no-store"
     response.headers["X-Request-Id"] = request_id
     for name, value in extra_response_headers:
         response.headers[name] = value

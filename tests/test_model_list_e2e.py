@@ -71,7 +71,8 @@ class ListingUpstream(Upstream):
         if mode == "error":
             return web.Response(status=500, body=listing, content_type="application/json")
         return web.Response(body=listing, content_type="application/json",
-                            headers={"ETag": '"whole-list"', "X-Upstream": "yes"})
+                            headers={"ETag": '"whole-list"', "X-Upstream": "yes",
+                                     "Cache-Control": "public, max-age=3600"})
 
     def _app(self) -> web.Application:
         app = web.Application()
@@ -122,6 +123,7 @@ async def test_cn_caller_is_not_listed_frontier_x(gateway: GatewayProcess, upstr
     # The filtered body, with its own length, uncompressed whatever the caller accepts.
     assert int(headers["Content-Length"]) == len(raw)
     assert "Content-Encoding" not in headers and "ETag" not in headers
+    assert headers["Cache-Control"] == "no-store"  # the upstream's "public, max-age" was for the whole list
     assert headers["Content-Type"].startswith("application/json")
     assert headers["X-Upstream"] == "yes" and headers["X-Request-Id"]
     assert "x-ratelimit-remaining-requests" in headers
