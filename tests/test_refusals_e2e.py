@@ -112,6 +112,21 @@ async def test_refusal_counters_expire_within_a_minute(gateway: GatewayProcess) 
         await redis.aclose()
 
 
+async def test_refused_requests_add_no_keys_per_request(gateway: GatewayProcess) -> None:
+    # However many refusals one caller collects, Redis holds one counter for it (and the audit stream).
+    token = hs_token(_unique("many"), country="CN", tier="public")
+    redis = aioredis.Redis.from_url(gateway.config["redis"]["url"])
+    try:
+        async with aiohttp.ClientSession() as client:
+            await _chat(client, gateway, "frontier-x", token=token)
+            before = await redis.dbsize()
+            statuses = [(await _chat(client, gateway, "frontier-x", token=token))[0] for _ in range(40)]
+        assert statuses.count(451) == BLOCKED_PER_MINUTE - 1 and statuses.count(429) == 40 - statuses.count(451)
+        assert await redis.dbsize() - before <= 1  # at most the audit stream's first record, never one a request
+    finally:
+        await redis.aclose()
+
+
 async def _audit_record(gateway: GatewayProcess, request_id: str) -> dict[str, Any]:
     async with aiohttp.ClientSession(headers=auth(ADMIN_TOKEN)) as admin:
         deadline = time.monotonic() + 5
@@ -163,6 +178,7 @@ async def test_audit_records_do_not_grow_with_a_callers_claims(gateway: GatewayP
         entries = await redis.xrevrange("gw:audit", count=count)
     finally:
         await redis.aclose()
+    print(f"audit stream grew {grown / count:.0f} bytes a record")
     assert grown < count * 1500, grown  # unbounded, each record alone held the 5,000-byte org
     for _id, fields in entries:
         record = orjson.loads(fields[b"r"])
