@@ -1094,9 +1094,8 @@ def _request_model(
     named = path_model(method, path, rules)
     if named is not None:
         if not _canonical_name(named):
-            message = ("The request path could name a model in more than one way (encoded characters, dot "
-                       "segments, empty segments, ';' parameters or a trailing slash); send the canonical path "
-                       "(ambiguous_request).")
+            message = ("The request path could name a model in more than one way (encoded characters, a dot "
+                       "segment, a backslash or ';' parameters); send the canonical path (ambiguous_request).")
             return None, _block(snapshot, AMBIGUOUS_REQUEST, message, screening=screening)
         if model is not None and model != named:
             message = (f"The request path names model '{clip(named)}' and the request names '{clip(model)}' "
