@@ -32,8 +32,9 @@ from .jwks import JwksFetcher, KeyRing
 from .listener import JsonErrorServer
 from .logs import bind_request, log_access, request_id_for
 from .metrics import Metrics
+from .model_list import forward_model_list, lists_models
 from .network import TrustedProxies, client_ip
-from .policy import Decision, Rules, decide
+from .policy import Decision, Rules, clip, decide, path_model
 from .proxy import SKIP_AUTO_HEADERS, Forwarder, ProxyOutcome, Router, origin_form, upstream_request_headers
 from .ratelimit import RateLimiter, RateResult
 from .redis_wire import RespConnection
@@ -422,7 +423,7 @@ class Gateway:
         bind_request(exchange.request_id, request.method, request.path)
         self.metrics.in_flight.inc()
         try:
-            response = await self._admit_and_forward(request, exchange)
+            response = await self._admit_counting_refusals(request, exchange)
         except GatewayError as err:
             exchange.code = err.code
             response = self._error(err, exchange)
@@ -436,6 +437,34 @@ class Gateway:
             self.metrics.in_flight.dec()
         self._finish(exchange)
         return response
+
+    async def _admit_counting_refusals(self, request: BaseRequest, exchange: Exchange) -> web.StreamResponse:
+        try:
+            return await self._admit_and_forward(request, exchange)
+        except GatewayError as err:
+            if err.status not in _BLOCKED_STATUSES:
+                raise
+            raise await self._limit_blocked(err, exchange) from err.__cause__
+
+    async def _limit_blocked(self, err: GatewayError, exchange: Exchange) -> GatewayError:
+        """Refusals count too (tier ``blocked_per_minute``): past it a caller gets 429, so refusing is not free
+        for the caller. With no verified caller (401), its client address is the key, under the tier a
+        credential without one gets (``auth.default_tier``)."""
+        limiter = self.limiter
+        if limiter is None:
+            return err
+        identity = exchange.identity
+        if identity is not None:
+            key, tier = f"s:{identity.subject}", identity.tier
+        else:
+            key, tier = f"ip:{exchange.ip}", self.settings.auth.default_tier
+        rate = await limiter.check_blocked(key, tier)
+        if rate.allowed:
+            return err
+        name = f"{tier}-refused"
+        return GatewayError(429, "rate_limited",
+                            f"Too many refused requests ({rate.limit} per minute); retry after "
+                            f"{rate.retry_after_s} s.", headers=tuple(rate.headers(name)))
 
     def _error(self, err: GatewayError, exchange: Exchange) -> web.Response:
         assert self.watcher is not None
@@ -474,9 +503,13 @@ class Gateway:
         exchange.ip, exchange.ip_country = ip, ip_subdivision or ip_country
         body = await self._read_body(request)
         model = self.models.extract(request, body)
+        method, target = request.method, origin_form(request.raw_path)
+        path = target.partition("?")[0]
+        if model is None:  # GET /v1/models/<name> is about model <name> (row 3a)
+            model = path_model(method, path, self.rules)
         exchange.model = model
         caller = identity.to_caller(ip, ip_country, ip_subdivision)
-        decision = decide(snapshot, caller, model, self.clock(), self.rules)
+        decision = decide(snapshot, caller, model, self.clock(), self.rules, method=method, path=path)
         exchange.decision = decision
         if not decision.allowed:
             raise GatewayError(decision.status, decision.code, decision.message)
@@ -494,6 +527,12 @@ class Gateway:
         async def charge(tokens: int) -> None:
             await limiter.charge(identity.subject, model, identity.tier, tokens)
 
+        if lists_models(method, path, self.rules):  # whatever model a body names: the list is cut down
+            now, rules = self.clock(), self.rules
+            return await forward_model_list(
+                forwarder, target, headers=headers, request_id=exchange.request_id,
+                extra_response_headers=rate_headers, outcome=exchange.outcome,
+                allowed=lambda name: decide(snapshot, caller, name, now, rules).allowed)
         tiers = self.settings.tiers
         needs_usage = tiers[identity.tier].tokens_per_minute is not None
         return await forwarder.forward(request, body=body, model=model, headers=headers,
@@ -571,18 +610,19 @@ class Gateway:
             self.audit.record(self._audit_record(exchange, decision, duration))
 
     def _audit_record(self, exchange: Exchange, decision: str, duration: float) -> dict[str, Any]:
+        """One decision's audit record; no field holds more than 256 characters of anything a caller sent."""
         identity = exchange.identity
         screening = exchange.decision.screening if exchange.decision is not None else None
         record: dict[str, Any] = {
             "time": _rfc3339(self.clock()),
             "request_id": exchange.request_id,
-            "subject": identity.subject if identity else None,
-            "org": identity.org if identity else None,
-            "tier": identity.tier if identity else None,
-            "claimed_country": identity.country if identity else None,
+            "subject": _bounded(identity.subject) if identity else None,
+            "org": _bounded(identity.org) if identity else None,
+            "tier": _bounded(identity.tier) if identity else None,
+            "claimed_country": _bounded(identity.country) if identity else None,
             "client_ip": exchange.ip or None,
             "ip_country": exchange.ip_country,
-            "model": exchange.model,
+            "model": _bounded(exchange.model),
             "decision": decision,
             "code": exchange.code,
             "policy_version": self.policy_version(),
@@ -591,12 +631,22 @@ class Gateway:
             "duration_ms": round(duration * 1000, 3),
         }
         if screening:
-            record["screening"] = screening
+            record["screening"] = {name: _bounded(value) if isinstance(value, str) else value
+                                   for name, value in screening.items()}
         return record
 
 
+_BLOCKED_STATUSES = frozenset({401, 403, 451})
+AUDIT_FIELD_CHARS = 256
+
+
+def _bounded(value: str | None) -> str | None:
+    """At most :data:`AUDIT_FIELD_CHARS` characters: a caller's long name must not grow every record."""
+    return value[:AUDIT_FIELD_CHARS] if value is not None and len(value) > AUDIT_FIELD_CHARS else value
+
+
 def _rate_message(rate: RateResult, model: str | None) -> str:
-    target = f"model '{model}'" if model else "this gateway"
+    target = f"model '{clip(model)}'" if model else "this gateway"
     if rate.code == "token_rate_limited":
         return (f"Token budget for {target} is spent ({rate.token_limit} tokens per minute); "
                 f"retry after {rate.retry_after_s} s.")

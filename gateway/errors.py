@@ -46,10 +46,25 @@ class GatewayError(Exception):
         return f"{self.status} {self.code}: {self.message}"
 
 
+# The longest message an error body carries. Builders repeat at most 256 bytes of any one caller value
+# (policy.clip); this bound holds for every message, whatever its builder, so no answer amplifies input.
+MAX_MESSAGE_BYTES = 1024
+
+
+def bounded_message(message: str) -> str:
+    """``message`` cut to :data:`MAX_MESSAGE_BYTES` UTF-8 bytes (whole characters), marked with "..." if cut."""
+    if len(message) <= MAX_MESSAGE_BYTES // 4:
+        return message
+    encoded = message.encode("utf-8", "surrogatepass")
+    if len(encoded) <= MAX_MESSAGE_BYTES:
+        return message
+    return encoded[:MAX_MESSAGE_BYTES - 3].decode("utf-8", "ignore") + "..."
+
+
 def error_body(status: int, code: str, message: str, request_id: str,
                error_type: str | None = None) -> bytes:
     return orjson.dumps({"error": {
-        "message": message,
+        "message": bounded_message(message),
         "type": error_type or ERROR_TYPES.get(status, "api_error"),
         "code": code,
         "request_id": request_id,

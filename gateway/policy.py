@@ -8,7 +8,7 @@ Everything here is pure: no aiohttp, no Redis, no clock. Time arrives as
   and :func:`policy_document` (the store loads and the admin API shows).
 * Validation: ``validate_*`` turn operator input into the normalised stored
   dicts, or raise :class:`PolicyValidationError` naming the field.
-* :func:`decide`: CONTRACT §4 rows 2-8 and 10 on a :class:`Snapshot`.
+* :func:`decide`: docs/contract.md §4 rows 2-8, 3a and 10 on a :class:`Snapshot`.
 """
 
 from __future__ import annotations
@@ -47,14 +47,32 @@ EXPORT_RESTRICTED = "export_restricted"
 NOT_RELEASED = "not_released"
 PARTNER_REQUIRED = "partner_required"
 POLICY_STALE = "policy_stale"
+MODEL_REQUIRED = "model_required"
+AMBIGUOUS_REQUEST = "ambiguous_request"
 
 MAX_REASON_CHARS = 1000
 MAX_KEY_CHARS = 256
 MAX_MODEL_NAME_CHARS = 200
 _MAX_INSTANT_CHARS = 64
 _ECHO_LIMIT = 60
+# The most of any one caller-controlled value an answer or an audit field repeats (docs/contract.md §4a).
+ECHO_LIMIT = 256
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+def clip(value: str, limit: int = ECHO_LIMIT) -> str:
+    """``value`` cut to at most ``limit`` UTF-8 bytes (whole characters), for echoing caller input.
+
+    A caller may send names of any length; answers and audit records repeat a bounded prefix only,
+    so a long name neither grows the audit stream nor comes back amplified.
+    """
+    if len(value) <= limit // 4:  # the common case: short enough whatever its characters
+        return value
+    encoded = value.encode("utf-8", "surrogatepass")
+    if len(encoded) <= limit:
+        return value
+    return encoded[:limit].decode("utf-8", "ignore")
 
 
 class PolicyValidationError(ValueError):
@@ -881,6 +899,7 @@ class Rules:
     unknown_model: str
     tier_stages: Mapping[str, frozenset[str]]
     require_ip_country: bool = False
+    modelless_paths: frozenset[str] = frozenset({"/v1/models"})
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Rules:
@@ -889,6 +908,7 @@ class Rules:
             unknown_model=settings.policy.unknown_model,
             tier_stages=MappingProxyType({name: frozenset(t.stages) for name, t in settings.tiers.items()}),
             require_ip_country=settings.network.require_ip_country,
+            modelless_paths=frozenset(settings.policy.modelless_paths),
         )
 
 
@@ -924,7 +944,7 @@ def _place(code: str) -> str:
 
 
 def _to_model(model: str | None) -> str:
-    return f" to model '{model}'" if model else ""
+    return f" to model '{clip(model)}'" if model else ""
 
 
 _STATUS = {
@@ -936,6 +956,8 @@ _STATUS = {
     NOT_RELEASED: 403,
     PARTNER_REQUIRED: 403,
     POLICY_STALE: 503,
+    MODEL_REQUIRED: 400,
+    AMBIGUOUS_REQUEST: 400,
 }
 
 
@@ -994,29 +1016,97 @@ def _entity_denied(
     if deny:
         entry = deny.get(caller.subject)
         if entry is not None and entry.active(now):
-            message = (f"Access{_to_model(model)} is not permitted: the caller '{caller.subject}' is on the "
-                       "denied entities list (entity_denied).")
+            message = (f"Access{_to_model(model)} is not permitted: the caller '{clip(caller.subject)}' is on "
+                       "the denied entities list (entity_denied).")
             return _block(snapshot, ENTITY_DENIED, message, screening=None), None
         org = caller.org
         if org:
             entry = deny.get(org)
             if entry is not None and entry.active(now):
-                message = (f"Access{_to_model(model)} is not permitted: the organisation '{org}' is on the "
-                           "denied entities list (entity_denied).")
+                message = (f"Access{_to_model(model)} is not permitted: the organisation '{clip(org)}' is on "
+                           "the denied entities list (entity_denied).")
                 return _block(snapshot, ENTITY_DENIED, message, screening=None), None
     screening = snapshot.screening
-    if screening is None or not caller.org_name:
+    if screening is None or not (caller.org_name or caller.org):
         return None, None
-    hit = screening.match(caller.org_name)
-    if hit is None:
+    found = screen_caller(screening, caller)
+    if found is None:
         return None, None
-    found = hit.to_dict()
-    if hit.blocked:
-        message = (f"Access{_to_model(model)} is not permitted: the organisation name '{caller.org_name}' "
-                   f"matches the denied-parties screening list (score {hit.score:.2f}) (entity_denied).")
+    if found["blocked"]:
+        # The rule only: naming the listed entry or the score would let a denied party tune its name
+        # until it scores below the threshold. The audit record keeps both.
+        message = (f"Access{_to_model(model)} is not permitted: the caller's organisation matches the "
+                   "denied-party screening list (entity_denied).")
         return _block(snapshot, ENTITY_DENIED, message, screening=found), found
     # A review-band hit does not block; it rides along for the audit record.
     return None, found
+
+
+def screen_caller(screening: ScreeningLike, caller: Caller) -> dict[str, Any] | None:
+    """The caller's organisation screened by both its names, ``org_name`` and ``org``.
+
+    Either may be the one a denied party is listed under (an API key or token may carry the
+    organisation's name as its ``org`` and no ``org_name``). Returns the hit to audit (with
+    ``screened``: which name matched), a blocking hit before a review-band one, or None.
+    """
+    best: tuple[ScreeningHitLike, str] | None = None
+    for field_name, name in (("org_name", caller.org_name), ("org", caller.org)):
+        if not name or (field_name == "org" and name == caller.org_name):
+            continue
+        hit = screening.match(name)
+        if hit is None:
+            continue
+        if best is None or (hit.blocked, hit.score) > (best[0].blocked, best[0].score):
+            best = (hit, field_name)
+    if best is None:
+        return None
+    return {**best[0].to_dict(), "screened": best[1]}
+
+
+_MODELLESS_METHODS = frozenset({"GET", "HEAD"})
+
+
+def path_model(method: str, path: str | None, rules: Rules) -> str | None:
+    """The model a ``GET``/``HEAD`` to ``<modelless path>/<name>`` names (``/v1/models/gpt-4o``), or None.
+
+    Such a request is about that one model, so it is decided as a request for it (rows 4-8). The name
+    is one path segment: deeper paths name no model here (``model_path_pattern`` may), so they need one.
+    """
+    if path is None or method not in _MODELLESS_METHODS:
+        return None
+    for base in rules.modelless_paths:
+        if len(path) > len(base) + 1 and path.startswith(base) and path[len(base)] == "/":
+            name = path[len(base) + 1:]
+            return name if "/" not in name else None
+    return None
+
+
+def _canonical_name(name: str) -> bool:
+    # A name a server could read otherwise (percent-decoded, a dot segment, ;params) is not decided on.
+    return not ("%" in name or ";" in name or "\\" in name or name in (".", ".."))
+
+
+def _request_model(
+    snapshot: Snapshot, model: str | None, method: str, path: str, rules: Rules,
+    screening: dict[str, Any] | None,
+) -> tuple[str | None, Decision | None]:
+    """Row 3a: the model a proxied request is decided on, or the refusal; (None, None) for a modelless path."""
+    named = path_model(method, path, rules)
+    if named is not None:
+        if not _canonical_name(named):
+            message = ("The request path could name a model in more than one way (encoded characters, a dot "
+                       "segment, a backslash or ';' parameters); send the canonical path (ambiguous_request).")
+            return None, _block(snapshot, AMBIGUOUS_REQUEST, message, screening=screening)
+        if model is not None and model != named:
+            message = (f"The request path names model '{clip(named)}' and the request names '{clip(model)}' "
+                       "(ambiguous_request).")
+            return None, _block(snapshot, AMBIGUOUS_REQUEST, message, screening=screening)
+        return named, None
+    if model is not None or (method in _MODELLESS_METHODS and path in rules.modelless_paths):
+        return model, None
+    message = ("The request names no model. Name the model in the JSON body's 'model' field; only GET and HEAD "
+               "to " + ", ".join(sorted(rules.modelless_paths)) + " need none (model_required).")
+    return None, _block(snapshot, MODEL_REQUIRED, message, screening=screening)
 
 
 def decide(
@@ -1027,9 +1117,17 @@ def decide(
     rules: Rules,
     *,
     stale: bool = False,
+    method: str = "POST",
+    path: str | None = None,
 ) -> Decision:
-    """CONTRACT §4 rows 10, 2-8 in order; the first that applies wins. Row 1 (credentials) and
-    row 9 (rate limits) belong to the identity and rate-limit steps around this one."""
+    """docs/contract.md §4 rows 10, 2, 3, 3a, 4-8 in order; the first that applies wins. Row 1
+    (credentials) and row 9 (rate limits) belong to the identity and rate-limit steps around this one.
+
+    ``method`` and ``path`` (the raw path, without the query) describe the request to be proxied; a
+    request that names no model is refused (row 3a) unless it is a ``GET`` or ``HEAD`` to one of
+    ``rules.modelless_paths``. ``path=None`` asks about the caller and ``model`` alone (an operator's
+    what-if): without a model, rows 2, 3 and 10 decide.
+    """
     if snapshot is None or stale:
         return _stale(snapshot)
     denied, screening = _entity_denied(snapshot, caller, model, now=now)
@@ -1038,13 +1136,17 @@ def decide(
     denied = _country_denied(snapshot, caller, model, now=now, screening=screening)
     if denied is not None:
         return denied
+    if path is not None and (model is None or method in _MODELLESS_METHODS):
+        model, refused = _request_model(snapshot, model, method, path, rules, screening)
+        if refused is not None:
+            return refused
     if model is None:
-        # A request that names no model is decided by rows 2, 3 and 10 only.
+        # A modelless path (or a what-if without a model): rows 2, 3 and 10 decided it.
         return snapshot.allow if screening is None else _allow(snapshot, screening)
     entry = snapshot.models.get(model)
     if entry is None:
         if rules.unknown_model != "allow":
-            message = (f"Model '{model}' is not in the gateway's model registry, and unregistered models "
+            message = (f"Model '{clip(model)}' is not in the gateway's model registry, and unregistered models "
                        "are not served (model_unknown).")
             return _block(snapshot, MODEL_UNKNOWN, message, screening=screening)
         # With nothing registered there is no suspension, country set or stage to apply.
@@ -1063,15 +1165,15 @@ def decide(
     stage = entry.current_stage(now)
     stages = rules.tier_stages.get(caller.tier)
     if stages is None or stage not in stages:
-        message = (f"Model '{model}' is not released to the '{caller.tier}' tier: its current stage is "
+        message = (f"Model '{clip(model)}' is not released to the '{clip(caller.tier)}' tier: its current stage is "
                    f"'{stage}' (not_released).")
         return _block(snapshot, NOT_RELEASED, message, screening=screening)
     if stage == "partners" and "internal" not in stages:
         org = caller.org
         partner = snapshot.lists[PARTNERS].get(org) if org else None
         if partner is None or not partner.active(now):
-            who = f"the organisation '{org}' is" if org else "the caller has no organisation, so it is"
-            message = (f"Model '{model}' is released to approved partners only, and {who} not on the "
+            who = f"the organisation '{clip(org)}' is" if org else "the caller has no organisation, so it is"
+            message = (f"Model '{clip(model)}' is released to approved partners only, and {who} not on the "
                        "partners list (partner_required).")
             return _block(snapshot, PARTNER_REQUIRED, message, screening=screening)
     return snapshot.allow if screening is None else _allow(snapshot, screening)
@@ -1084,6 +1186,7 @@ def _allow(snapshot: Snapshot, screening: dict[str, Any]) -> Decision:
 
 def _suspended_message(model: str, outside: tuple[str, str], home: frozenset[str]) -> str:
     code, unknown = outside
+    model = clip(model)
     homes = ", ".join(sorted(home)) or "no country"
     if code:
         return (f"Access to model '{model}' from {_place(code)} is not permitted: the model's export is "
@@ -1094,6 +1197,7 @@ def _suspended_message(model: str, outside: tuple[str, str], home: frozenset[str
 
 def _restricted_message(model: str, outside: tuple[str, str]) -> str:
     code, unknown = outside
+    model = clip(model)
     if code:
         return (f"Access to model '{model}' from {_place(code)} is not permitted: {code} is outside the "
                 "model's allowed countries (export_restricted).")
@@ -1115,6 +1219,7 @@ __all__ = [
     "api_key_from_dict",
     "api_key_to_dict",
     "build_snapshot",
+    "clip",
     "decide",
     "entry_from_dict",
     "entry_to_dict",
@@ -1123,7 +1228,9 @@ __all__ = [
     "model_to_dict",
     "normalize_key",
     "parse_instant",
+    "path_model",
     "policy_document",
+    "screen_caller",
     "validate_api_key_record",
     "validate_api_key_request",
     "validate_entry",

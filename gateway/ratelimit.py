@@ -304,6 +304,27 @@ class RateLimiter:
         except KeyError:
             raise KeyError(f"unknown tier {name!r}") from None
 
+    async def check_blocked(self, key: str, tier: str | None) -> RateResult:
+        """Count one refused (401/403/451) answer against ``key``'s ``blocked_per_minute``.
+
+        ``key`` names the caller: its subject, or its client address when no credential held (then
+        ``tier`` is None and the strictest tier's limit applies). The same GCRA as :meth:`check`, with a
+        burst of a whole minute's allowance, on keys of their own (``gw:rb:``) that expire within a
+        minute, so refused callers can neither spend an allowed caller's budget nor grow Redis.
+        """
+        tiers = self._tiers
+        name = tier if tier in tiers else min(tiers, key=lambda t: tiers[t].blocked_limit)
+        per_minute = tiers[name].blocked_limit
+        limits = Tier(requests_per_minute=per_minute, burst=per_minute)
+        digest = hashlib.blake2b(key.encode(errors="surrogatepass"), digest_size=16).hexdigest()
+        keys = (f"gw:rb:{{{digest}}}:r", f"gw:rb:{{{digest}}}:w")  # ":w" is never written (no token limit)
+        reply = await self._run(CHECK_SCRIPT, keys, (str(_interval_us(limits)), str(per_minute), "0",
+                                                     self._now_arg()))
+        if reply is not None:
+            return _result(limits, reply, fallback=False)
+        self._fell_back()
+        return self.local.check(key, "\x00blocked", limits)  # a model name no request can carry
+
     def _now_arg(self) -> str:
         return "" if self._script_now is None else repr(self._script_now() * 1000)
 

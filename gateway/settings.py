@@ -196,6 +196,17 @@ class PolicySettings(_Section):
     blocked_by_url: str | None = None
     block_style: Literal["rfc7725", "openai"] = "rfc7725"
     poll_interval_s: float = Field(0.25, gt=0)
+    # GET/HEAD paths a request may reach without naming a model (docs/contract.md §4, row 3a); a path
+    # here also names a model as "<path>/<name>", decided as that model. Compared with the raw path.
+    modelless_paths: list[str] = Field(default_factory=lambda: ["/v1/models"])
+
+    @field_validator("modelless_paths")
+    @classmethod
+    def _modelless(cls, value: list[str]) -> list[str]:
+        for path in value:
+            if not path.startswith("/") or path != path.strip() or path.endswith("/") or "?" in path:
+                raise ValueError(f"{path!r}: each must be a path such as /v1/models (no query, no trailing /)")
+        return value
 
     @field_validator("model_path_pattern")
     @classmethod
@@ -216,6 +227,13 @@ class Tier(_Section):
     burst: int = Field(10, ge=1)
     tokens_per_minute: int | None = Field(None, ge=1)
     stages: list[Stage] = Field(default_factory=lambda: ["general"])
+    # 401/403/451 answers a caller may get per minute before they become 429 (default: requests_per_minute).
+    blocked_per_minute: int | None = Field(None, ge=1)
+
+    @property
+    def blocked_limit(self) -> int:
+        """``blocked_per_minute``, or ``requests_per_minute`` when unset."""
+        return self.blocked_per_minute or self.requests_per_minute
 
 
 def _default_tiers() -> dict[str, Tier]:

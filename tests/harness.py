@@ -77,6 +77,8 @@ class Upstream:
     release: threading.Event = field(default_factory=threading.Event)
     disconnected: threading.Event = field(default_factory=threading.Event)
     usage_tokens: int = 42
+    # What GET .../models lists (the gateway answers a caller only the ones it may use).
+    model_ids: list[str] = field(default_factory=lambda: ["gpt-mock"])
     _loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
     _runner: web.AppRunner | None = None
@@ -103,6 +105,8 @@ class Upstream:
                     "headers": {str(k): v for k, v in request.headers.items()},
                     "usage": {"prompt_tokens": 1, "completion_tokens": self.usage_tokens - 1,
                               "total_tokens": self.usage_tokens}}
+        if request.path.endswith("/models"):  # an OpenAI-style model list, with the echo alongside
+            document.update({"object": "list", "data": [{"id": m, "object": "model"} for m in self.model_ids]})
         return web.Response(body=orjson.dumps(document), content_type="application/json", headers=headers)
 
     async def stream(self, request: web.Request) -> web.StreamResponse:

@@ -129,7 +129,7 @@ async def test_public_listener_serves_no_gateway_metrics_or_admin(session: aioht
                                                                   clean_upstream: Upstream) -> None:
     # A user's good token on admin-looking paths is just proxied: the upstream answers, not the gateway.
     for path in ("/metrics", "/admin/v1/policy"):
-        async with session.get(gateway.url + path, headers=auth()) as response:
+        async with session.post(gateway.url + path, headers=auth(), json={"model": "gpt-mock"}) as response:
             text = await response.text()
             assert response.headers.get("X-Upstream") == "yes"
             assert "gateway_requests_total" not in text and '"lists"' not in text

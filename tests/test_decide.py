@@ -1,4 +1,4 @@
-"""decide(): CONTRACT §4 rows 2-8 and 10, their order, and time moving under a fixed snapshot."""
+"""decide(): docs/contract.md §4 rows 2-8, 3a and 10, their order, and time moving under a fixed snapshot."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ from gateway.policy import (
     Rules,
     Snapshot,
     build_snapshot,
+    clip,
     decide,
     format_instant,
+    path_model,
 )
 from gateway.settings import Settings
 
@@ -32,6 +34,8 @@ STATUS = {
     "not_released": 403,
     "partner_required": 403,
     "policy_stale": 503,
+    "model_required": 400,
+    "ambiguous_request": 400,
 }
 
 TIERS = {
@@ -205,6 +209,111 @@ def test_no_snapshot_is_stale_with_version_zero() -> None:
     assert (decision.allowed, decision.status, decision.code, decision.policy_version) == (
         False, 503, "policy_stale", 0)
     assert "(policy_stale)" in decision.message
+
+
+# --------------------------------------------------------------------------- row 3a: a model is required
+
+ROW_3A: list[tuple[str, dict[str, Any], str, str, str | None, str]] = [
+    # (case, caller fields, method, path, model, expected code)
+    ("POST without a model", {}, "POST", "/v1/chat/completions", None, "model_required"),
+    ("GET without a model", {}, "GET", "/v1/chat/completions", None, "model_required"),
+    ("PUT to the list path", {}, "PUT", "/v1/models", None, "model_required"),
+    ("DELETE a model by path", {}, "DELETE", "/v1/models/open", None, "model_required"),
+    ("GET the list", {}, "GET", "/v1/models", None, ""),
+    ("HEAD the list", {}, "HEAD", "/v1/models", None, ""),
+    ("GET the list, no country claim", {"claimed_country": None, "ip_country": None}, "GET", "/v1/models",
+     None, ""),
+    ("trailing slash is not the list", {}, "GET", "/v1/models/", None, "model_required"),
+    ("letter case is not the list", {}, "GET", "/V1/models", None, "model_required"),
+    ("encoded list path is not the list", {}, "GET", "/v1/%6Dodels", None, "model_required"),
+    ("row 1-3 first: denied subject", {"subject": "bad-user"}, "POST", "/v1/chat/completions", None,
+     "entity_denied"),
+    ("row 1-3 first: denied country", {"claimed_country": "KP"}, "POST", "/v1/chat/completions", None,
+     "country_denied"),
+    ("denied country on the list path", {"ip_country": "CU"}, "GET", "/v1/models", None, "country_denied"),
+    ("body model: rows 4-8 as before", {"claimed_country": "FR"}, "POST", "/v1/chat/completions",
+     "controlled", "export_restricted"),
+    ("GET one model: decided as that model", {"claimed_country": "FR"}, "GET", "/v1/models/controlled", None,
+     "export_restricted"),
+    ("GET one model: allowed one", {}, "GET", "/v1/models/open", None, ""),
+    ("GET one model: staged one", {}, "GET", "/v1/models/preview", None, "not_released"),
+    ("GET one model: unknown one", {}, "GET", "/v1/models/no-such-model", None, "model_unknown"),
+    ("GET one model: deeper paths name none", {}, "GET", "/v1/models/open/infer", None, "model_required"),
+    ("GET one model: same body model", {}, "GET", "/v1/models/open", "open", ""),
+    ("GET one model: another body model", {}, "GET", "/v1/models/controlled", "open", "ambiguous_request"),
+    ("GET one model: encoded name", {}, "GET", "/v1/models/contr%6Flled", None, "ambiguous_request"),
+    ("GET one model: dot segment", {}, "GET", "/v1/models/..", None, "ambiguous_request"),
+    ("GET one model: dot segments deeper", {}, "GET", "/v1/models/open/../controlled", None, "model_required"),
+    ("GET one model: backslash", {}, "GET", "/v1/models/open\\..\\controlled", None, "ambiguous_request"),
+    ("GET one model: parameter", {}, "GET", "/v1/models/open;x=1", None, "ambiguous_request"),
+]
+
+
+@pytest.mark.parametrize(("fields", "method", "path", "model_name", "code"), [row[1:] for row in ROW_3A],
+                         ids=[row[0] for row in ROW_3A])
+def test_row_3a(fields: dict[str, Any], method: str, path: str, model_name: str | None, code: str) -> None:
+    decision = decide(SNAP, caller(**fields), model_name, NOW, rules(), method=method, path=path)
+    assert_decision(decision, code)
+
+
+def test_model_required_message_says_what_to_send() -> None:
+    decision = decide(SNAP, caller(), None, NOW, rules(), method="POST", path="/v1/chat/completions")
+    assert decision.message.endswith("(model_required).") and "'model'" in decision.message
+    assert "/v1/models" in decision.message
+
+
+def test_modelless_paths_come_from_the_rules() -> None:
+    custom = Rules(home_countries=frozenset({"US"}), unknown_model="deny", tier_stages=TIERS,
+                   modelless_paths=frozenset({"/health", "/v1/models"}))
+    assert decide(SNAP, caller(), None, NOW, custom, method="GET", path="/health").allowed
+    assert decide(SNAP, caller(), None, NOW, rules(), method="GET", path="/health").code == "model_required"
+    assert decide(SNAP, caller(), None, NOW, custom, method="POST", path="/health").code == "model_required"
+    assert path_model("GET", "/v1/models/open", custom) == "open"
+    assert path_model("POST", "/v1/models/open", custom) is None
+    assert path_model("GET", "/v1/models", custom) is None
+
+
+def test_stale_beats_row_3a() -> None:
+    decision = decide(SNAP, caller(), None, NOW, rules(), stale=True, method="POST", path="/v1/x")
+    assert decision.code == "policy_stale"
+
+
+def test_modelless_allowed_path_is_the_prebuilt_decision() -> None:
+    assert decide(SNAP, caller(), None, NOW, rules(), method="GET", path="/v1/models") is SNAP.allow
+
+
+# --------------------------------------------------------------------------- echoed caller input is bounded
+
+LONG = "m" * 300 + "é" * 200  # 700 UTF-8 bytes
+
+
+@pytest.mark.parametrize(("fields", "model_name", "path"), [
+    ({}, LONG, None),  # model_unknown
+    ({"claimed_country": "FR"}, "controlled", None),  # a short name passes whole
+    ({"subject": "bad-user"}, LONG, None),
+    ({"tier": "partner", "org": "o" * 400}, "preview", None),
+    ({"tier": "t" * 400}, "open", None),
+    ({}, LONG, "/v1/models/" + "x" * 300),
+])
+def test_messages_echo_at_most_256_bytes_of_any_caller_value(fields: dict[str, Any], model_name: str,
+                                                             path: str | None) -> None:
+    method = "GET" if path else "POST"
+    decision = decide(SNAP, caller(**fields), model_name, NOW, rules(), method=method, path=path)
+    assert not decision.allowed
+    message = decision.message.encode()
+    for value in (model_name, *(v for v in fields.values() if isinstance(v, str)), (path or "")[11:]):
+        if len(value.encode()) > 256:
+            assert value.encode()[:257] not in message
+            assert value.encode()[:200] in message or value[:60].encode() in message
+    assert len(message) < 1024
+
+
+def test_clip_cuts_whole_characters_to_a_byte_limit() -> None:
+    assert clip("short") == "short"
+    assert clip("a" * 300) == "a" * 256
+    cut = clip("é" * 200)
+    assert cut == "é" * 128 and len(cut.encode()) == 256
+    assert len(clip("a" + "€" * 100).encode()) <= 256
 
 
 # --------------------------------------------------------------------------- the allowed path
@@ -424,15 +533,45 @@ def test_org_name_screened_as_blocked_is_entity_denied() -> None:
     hit = Hit(blocked=True, score=0.97, name="Rosoboronexport")
     decision = decide(screened(hit), caller(org_name="Rosoboronexport"), "open", NOW, rules())
     assert_decision(decision, "entity_denied")
-    assert decision.screening == hit.to_dict()
-    assert "'Rosoboronexport'" in decision.message and "0.97" in decision.message
+    assert decision.screening == {**hit.to_dict(), "screened": "org_name"}
+    # The message names the rule only: neither the listed name nor the score, which would let a denied
+    # party tune its name until it scores below the threshold. The audit record keeps both (screening).
+    assert decision.message == ("Access to model 'open' is not permitted: the caller's organisation matches "
+                                "the denied-party screening list (entity_denied).")
+    assert "Rosoboronexport" not in decision.message and "0.97" not in decision.message
+
+
+def test_org_is_screened_when_there_is_no_org_name() -> None:
+    # A token whose org claim is the organisation's name, with no org_name: screened all the same.
+    hit = Hit(blocked=True, score=1.0, name="Quillfeather Trading LLC")
+    decision = decide(screened(hit), caller(org="Quillfeather Trading LLC", org_name=None), "open", NOW,
+                      rules())
+    assert_decision(decision, "entity_denied")
+    assert decision.screening == {**hit.to_dict(), "screened": "org"}
+    assert "Quillfeather" not in decision.message
+
+
+def test_org_block_wins_over_an_org_name_review_hit() -> None:
+    review = Hit(blocked=False, score=0.86, name="Acme Trading")
+    block = Hit(blocked=True, score=0.95, name="qf-llc")
+    decision = decide(screened(review, block), caller(org="qf-llc", org_name="Acme Trading"), "open", NOW,
+                      rules())
+    assert decision.code == "entity_denied"
+    assert decision.screening == {**block.to_dict(), "screened": "org"}
+
+
+def test_same_org_and_org_name_is_screened_once() -> None:
+    index = ExactScreening()
+    snap = snapshot(screening=index)
+    assert decide(snap, caller(org="Acme Corp", org_name="Acme Corp"), "open", NOW, rules()) is snap.allow
+    assert index.asked == ["Acme Corp"]
 
 
 def test_review_band_hit_is_allowed_and_carried() -> None:
     hit = Hit(blocked=False, score=0.86, name="Acme Trading")
     decision = decide(screened(hit), caller(org_name="Acme Trading"), "open", NOW, rules())
     assert decision.allowed and decision.status == 200
-    assert decision.screening == hit.to_dict()
+    assert decision.screening == {**hit.to_dict(), "screened": "org_name"}
 
 
 def test_review_band_hit_is_carried_into_a_later_block() -> None:
@@ -440,7 +579,7 @@ def test_review_band_hit_is_carried_into_a_later_block() -> None:
     who = caller(org_name="Acme Trading", claimed_country="KP")
     decision = decide(screened(hit), who, "open", NOW, rules())
     assert decision.code == "country_denied"
-    assert decision.screening == hit.to_dict()
+    assert decision.screening == {**hit.to_dict(), "screened": "org_name"}
 
 
 def test_deny_entities_is_checked_before_screening() -> None:
@@ -451,12 +590,12 @@ def test_deny_entities_is_checked_before_screening() -> None:
     assert index.asked == []
 
 
-def test_no_org_name_means_no_screening_and_no_hit() -> None:
+def test_no_org_means_no_screening_and_no_hit() -> None:
     index = ExactScreening({"Acme": Hit(blocked=True, score=1.0, name="Acme")})
     snap = snapshot(screening=index)
-    assert decide(snap, caller(org_name=None), "open", NOW, rules()) is snap.allow
+    assert decide(snap, caller(org=None, org_name=None), "open", NOW, rules()) is snap.allow
     assert decide(snap, caller(org_name="Other Co"), "open", NOW, rules()) is snap.allow
-    assert index.asked == ["Other Co"]
+    assert index.asked == ["Other Co", "acme"]
 
 
 # --------------------------------------------------------------------------- rules from settings

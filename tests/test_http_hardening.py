@@ -54,6 +54,7 @@ def hardening_policy() -> dict[str, Any]:
 TOKEN = hs_token("hardening", tier="bulk", country="US", org="acme")
 IR_TOKEN = hs_token("hardening-ir", tier="bulk", country="IR", org="acme")
 AUTH = f"Authorization: Bearer {TOKEN}\r\n".encode()
+MODEL_BODY = b'{"model": "open-model"}'  # a request to any path but the model list names its model
 
 
 @pytest.fixture(scope="module")
@@ -308,7 +309,9 @@ def test_absolute_form_target_is_proxied_to_the_configured_upstream_only(gw: Gat
                          (b"http://evil.example", "/"),
                          (f"http://127.0.0.1:{admin_port}/metrics".encode(), "/metrics")):
         clean_upstream.reset()
-        data = b"GET " + target + b" HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n" + AUTH + b"\r\n"
+        body = b"" if path.startswith("/v1/models") else MODEL_BODY
+        head = (b"POST " if body else b"GET ") + target + b" HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n"
+        data = head + AUTH + (f"Content-Length: {len(body)}\r\n".encode() if body else b"") + b"\r\n" + body
         responses, _ = exchange(port_of(gw), data)
         assert [r.status for r in responses] == [200], (target, responses[0].body[:200])
         assert seen_paths(clean_upstream) == [path], target
@@ -344,7 +347,9 @@ def test_hostile_host_headers_change_nothing(gw: GatewayProcess, clean_upstream:
                  "evil.example/v1/models/secret-model/infer"):
         clean_upstream.reset()
         for path, status in (("/metrics", 200), ("/admin/v1/policy", 200), (f"/v1/models/{SECRET}/infer", 403)):
-            data = request("GET", path, [("Authorization", f"Bearer {TOKEN}"), ("Connection", "close")], host=host)
+            method, body = ("GET", b"") if path.endswith("/infer") else ("POST", MODEL_BODY)
+            data = request(method, path, [("Authorization", f"Bearer {TOKEN}"), ("Connection", "close")], body,
+                           host=host)
             responses, _ = exchange(port_of(gw), data)
             assert [r.status for r in responses] == [status], (host, path, responses[0].body[:200])
             # Proxied like any other path, never answered by the admin listener.
@@ -392,9 +397,11 @@ def test_canonical_model_paths_are_decided_and_served_as_named(gw: GatewayProces
              (f"/v1/models/{OPEN}/infer", 200, ""),
              (f"/v1/models/{OPEN}/infer?x=%2F..%2F", 200, ""),
              ("/v1/models", 200, ""), ("/v1/models/", 200, ""), (f"/v1/files/{SECRET}%2Finfer", 200, ""),
-             (f"/v1/other/{SECRET}/infer", 200, "")]
-    for path, status, code in cases:
-        data = request("POST", path, [("Authorization", f"Bearer {TOKEN}"), ("Connection", "close")], b"{}")
+             (f"/v1/other/{SECRET}/infer", 200, ""), (f"/v1/other/{SECRET}/infer", 400, "model_required")]
+    for index, (path, status, code) in enumerate(cases):
+        # Paths that name no model are sent with a body that does (the last case without: refused).
+        body = b"{}" if ("/infer" in path and "/other/" not in path) or index == len(cases) - 1 else MODEL_BODY
+        data = request("POST", path, [("Authorization", f"Bearer {TOKEN}"), ("Connection", "close")], body)
         responses, _ = exchange(port_of(gw), data)
         assert [r.status for r in responses] == [status], (path, responses[0].body[:200])
         if code:
@@ -458,13 +465,10 @@ def test_json_body_tricks_are_refused(gw: GatewayProcess, clean_upstream: Upstre
 def test_model_only_in_a_nested_object_names_no_model(gw: GatewayProcess, clean_upstream: Upstream) -> None:
     for body in (b'{"input": {"model": "secret-model"}}', b'[{"model": "secret-model"}]',
                  b'{"messages": [{"role": "user", "content": "\\"model\\": \\"secret-model\\""}]}'):
-        # Rows 1-3 only: allowed for this caller, still refused to a caller from a denied country...
-        assert _post(gw, body).status == 200
+        # A request that names no model is refused (row 3a), after rows 1-3: a denied country still hears so.
+        assert_contract_error(_post(gw, body), 400, "model_required")
         assert_contract_error(_post(gw, body, token=IR_TOKEN), 451, "country_denied")
-    # ...and forwarded byte for byte: the upstream sees no top-level model either.
-    assert [seen.body for seen in clean_upstream.seen] == [
-        b'{"input": {"model": "secret-model"}}', b'[{"model": "secret-model"}]',
-        b'{"messages": [{"role": "user", "content": "\\"model\\": \\"secret-model\\""}]}']
+    assert clean_upstream.seen == []
 
 
 def test_form_bodies_name_their_model(gw: GatewayProcess, clean_upstream: Upstream) -> None:

@@ -133,6 +133,16 @@ def module_redis() -> Iterator[str]:
         yield server.url
 
 
+# The default tiers, with room for the hundreds of refused tokens these tests send from one address.
+TIERS: dict[str, Any] = {
+    "public": {"requests_per_minute": 60, "burst": 10, "tokens_per_minute": 100_000, "stages": ["general"],
+               "blocked_per_minute": 100_000},
+    "partner": {"requests_per_minute": 600, "burst": 60, "tokens_per_minute": 2_000_000,
+                "stages": ["partners", "general"], "blocked_per_minute": 100_000},
+    "internal": {"requests_per_minute": 6000, "burst": 600, "stages": ["internal", "partners", "general"]},
+}
+
+
 @pytest.fixture(scope="module")
 def asym(module_redis: str, upstream: Upstream, keys: Keys, servers: Servers,
          tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
@@ -143,7 +153,7 @@ def asym(module_redis: str, upstream: Upstream, keys: Keys, servers: Servers,
         auth={"algorithms": ["RS256", "ES256", "EdDSA"], "hs256_secret_env": None, "public_key_files": files,
               "jwks_url": servers.asym_jwks.url, "jwks_cooldown_s": 3600, "jwks_refresh_s": 3600,
               "leeway_s": LEEWAY_S},
-        upstream={"api_key_env": "TEST_UPSTREAM_API_KEY"})
+        upstream={"api_key_env": "TEST_UPSTREAM_API_KEY"}, tiers=TIERS)
     gateway = GatewayProcess(config, redis_url=module_redis, env={"TEST_UPSTREAM_API_KEY": UPSTREAM_SECRET})
     yield gateway.start()
     gateway.stop()
@@ -154,7 +164,7 @@ def rotating(module_redis: str, upstream: Upstream, servers: Servers) -> Iterato
     config = gateway_config(
         upstream.url,
         auth={"algorithms": ["RS256"], "hs256_secret_env": None, "jwks_url": servers.rotating_jwks.url,
-              "jwks_cooldown_s": 0.3, "jwks_refresh_s": 3600, "leeway_s": LEEWAY_S})
+              "jwks_cooldown_s": 0.3, "jwks_refresh_s": 3600, "leeway_s": LEEWAY_S}, tiers=TIERS)
     gateway = GatewayProcess(config, redis_url=module_redis)
     yield gateway.start()
     gateway.stop()

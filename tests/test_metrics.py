@@ -46,7 +46,9 @@ METRICS_POLICY: dict[str, Any] = {
 }
 
 TIERS = {
-    "public": {"requests_per_minute": 1, "burst": 1, "tokens_per_minute": None, "stages": ["general"]},
+    # Refused answers (401s under the default tier among them) are limited apart: not what is measured here.
+    "public": {"requests_per_minute": 1, "burst": 1, "tokens_per_minute": None, "stages": ["general"],
+               "blocked_per_minute": 1000},
     "partner": {"requests_per_minute": 6000, "burst": 600, "tokens_per_minute": None,
                 "stages": ["partners", "general"]},
     "internal": {"requests_per_minute": 6000, "burst": 600, "tokens_per_minute": None,

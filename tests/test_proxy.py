@@ -26,6 +26,8 @@ from .harness import (
     seed_policy,
 )
 
+MODEL = {"model": "gpt-mock"}  # every proxied request names its model (a GET or HEAD to /v1/models need not)
+
 
 @pytest.fixture(scope="module")
 def module_redis() -> Iterator[RedisServer]:
@@ -128,7 +130,8 @@ async def test_caller_disconnect_cancels_upstream(gateway: GatewayProcess, clean
 
 
 async def test_chunked_response_relayed(gateway: GatewayProcess, clean_upstream: Upstream) -> None:
-    async with aiohttp.ClientSession() as client, client.get(gateway.url + "/chunked", headers=auth()) as r:
+    async with aiohttp.ClientSession() as client, client.post(gateway.url + "/chunked", headers=auth(),
+                                                              json=MODEL) as r:
         assert r.status == 200
         assert await r.read() == b"part0;part1;part2;part3;part4;"
 
@@ -172,13 +175,14 @@ async def test_upstream_unreachable_is_502(module_redis: RedisServer) -> None:
 
 
 async def test_upstream_silent_is_504_before_start(gateway: GatewayProcess, clean_upstream: Upstream) -> None:
-    async with aiohttp.ClientSession() as client, client.get(gateway.url + "/stall?s=4", headers=auth()) as r:
+    async with aiohttp.ClientSession() as client, client.post(gateway.url + "/stall?s=4", headers=auth(),
+                                                              json=MODEL) as r:
         await _expect_error(r, 504, "upstream_timeout", "upstream_error")
 
 
 async def test_upstream_silent_mid_stream_ends_with_sse_error_event(gateway: GatewayProcess,
                                                                     clean_upstream: Upstream) -> None:
-    async with aiohttp.ClientSession() as client, client.get(gateway.url + "/stall-mid-stream?s=4",
+    async with aiohttp.ClientSession() as client, client.post(gateway.url + "/stall-mid-stream?s=4", json=MODEL,
                                                                  headers=auth()) as r:
         assert r.status == 200
         text = (await asyncio.wait_for(r.read(), 10)).decode()
@@ -260,8 +264,8 @@ async def test_sigterm_finishes_in_flight_requests_and_stops_accepting(module_re
     assert process.proc is not None
     try:
         async with aiohttp.ClientSession() as client:
-            finishing = asyncio.ensure_future(client.get(process.url + "/stall?s=1", headers=auth()))
-            cut = asyncio.ensure_future(client.get(process.url + "/stall?s=8", headers=auth()))
+            finishing = asyncio.ensure_future(client.post(process.url + "/stall?s=1", headers=auth(), json=MODEL))
+            cut = asyncio.ensure_future(client.post(process.url + "/stall?s=8", headers=auth(), json=MODEL))
             await asyncio.sleep(0.4)  # both are at the upstream
             started = time.monotonic()
             process.proc.send_signal(signal.SIGTERM)

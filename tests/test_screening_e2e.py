@@ -173,3 +173,43 @@ async def test_clearing_the_list_lifts_the_block(session: aiohttp.ClientSession,
     assert await _public(session, gateway, token) == (200, "")
     found = await _admin(session, gateway, "GET", "/admin/v1/screening/search", params={"name": LISTED})
     assert found["matches"] == []
+
+
+async def _refusal(session: aiohttp.ClientSession, gateway: GatewayProcess, token: str,
+                   request_id: str) -> tuple[int, dict[str, Any]]:
+    async with session.post(gateway.url + "/v1/chat/completions", json={"model": "gpt-mock"},
+                            headers={**auth(token), "X-Request-Id": request_id}) as response:
+        return response.status, orjson.loads(await response.read())
+
+
+async def test_org_is_screened_when_the_token_has_no_org_name(session: aiohttp.ClientSession,
+                                                              gateway: GatewayProcess,
+                                                              upstream: Upstream) -> None:
+    await _import(session, gateway)
+    upstream.reset()
+    request_id = f"screening-org-{time.time_ns()}"
+    token = hs_token("quinn", org="Quillfeather Trading LLC", org_name=None)
+    status, body = await _refusal(session, gateway, token, request_id)
+    assert (status, body["error"]["code"]) == (451, "entity_denied")
+    assert upstream.seen == []
+    record = await _audit_record(session, gateway, request_id)
+    assert record["screening"]["entry_id"] == "fict-0003" and record["screening"]["screened"] == "org"
+    assert record["screening"]["blocked"] is True and record["screening"]["score"] >= 0.92
+
+
+@pytest.mark.parametrize(("org", "org_name"), [("qf-9", LISTED), ("Quillfeather Trading LLC", None)])
+async def test_a_screening_block_names_the_rule_not_the_entry_or_score(session: aiohttp.ClientSession,
+                                                                       gateway: GatewayProcess, org: str,
+                                                                       org_name: str | None) -> None:
+    # Naming the listed entry or the score would let a denied party tune its name below the threshold.
+    await _import(session, gateway)
+    request_id = f"screening-msg-{time.time_ns()}"
+    status, body = await _refusal(session, gateway, hs_token("rory", org=org, org_name=org_name), request_id)
+    assert status == 451
+    message = body["error"]["message"]
+    assert message == ("Access to model 'gpt-mock' is not permitted: the caller's organisation matches the "
+                       "denied-party screening list (entity_denied).")
+    record = await _audit_record(session, gateway, request_id)
+    score = record["screening"]["score"]
+    for secret in ("Quillfeather", "fict-0003", f"{score:.2f}", str(score)):
+        assert secret not in message

@@ -126,3 +126,22 @@ def test_serve_refuses_unreadable_key_and_token_files(tmp_path: Path) -> None:
         assert result.returncode == 2, (key, result.stderr)
         assert key in result.stderr, (key, result.stderr)
         assert "Traceback" not in result.stderr
+
+
+def test_modelless_paths_and_blocked_per_minute() -> None:
+    settings = parse_settings({"upstream": {"url": "http://127.0.0.1:8000"}}, environ={})
+    assert settings.policy.modelless_paths == ["/v1/models"]
+    # Unset, a tier's refusal limit is its request rate.
+    assert {name: tier.blocked_limit for name, tier in settings.tiers.items()} == {
+        name: tier.requests_per_minute for name, tier in settings.tiers.items()}
+    tiers = {"public": {"requests_per_minute": 60, "blocked_per_minute": 5}}
+    custom = parse_settings({"upstream": {"url": "http://127.0.0.1:8000"}, "tiers": tiers,
+                             "policy": {"modelless_paths": ["/v1/models", "/health"]}}, environ={})
+    assert custom.tiers["public"].blocked_limit == 5 and custom.policy.modelless_paths == ["/v1/models", "/health"]
+    for bad in (["v1/models"], ["/v1/models/"], ["/v1/models?x=1"], [" /v1/models"]):
+        with pytest.raises(ConfigError, match="modelless_paths"):
+            parse_settings({"upstream": {"url": "http://127.0.0.1:8000"}, "policy": {"modelless_paths": bad}},
+                           environ={})
+    with pytest.raises(ConfigError, match="blocked_per_minute"):
+        parse_settings({"upstream": {"url": "http://127.0.0.1:8000"},
+                        "tiers": {"public": {"blocked_per_minute": 0}}}, environ={})
