@@ -81,8 +81,8 @@ def _schemas(tiers: Sequence[str]) -> dict[str, Any]:
             "type": "object", "additionalProperties": False, "minProperties": 1,
             "description": "JSON merge patch (RFC 7396) of an entry: only the fields named change, null "
                            "removes an optional one; the merged entry is validated whole.",
-            "properties": {**entry_props, "reason": {"type": "string", "minLength": 1,
-                                                     "maxLength": MAX_REASON_CHARS}},
+            # null removes a field: an optional one (source, expires_at; country outside ip-ranges).
+            "properties": {**entry_props, "country": _nullable(entry_props["country"])},
         },
         "StoredEntry": _stored(stored_props),
         "List": {"type": "object", "additionalProperties": _ref("StoredEntry"),
@@ -121,7 +121,7 @@ def _schemas(tiers: Sequence[str]) -> dict[str, Any]:
                 "stage": {"type": "string", "enum": list(STAGES)},
                 "timeline": _nullable({"type": "array", "items": _ref("TimelineStep")}),
                 "allowed_countries": _nullable({"type": "array", "items": _REGION}),
-                "export_suspended": {"type": "boolean"},
+                "export_suspended": _nullable({"type": "boolean", "description": "null: not suspended"}),
             },
         },
         "Revocation": {

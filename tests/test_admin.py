@@ -586,10 +586,12 @@ async def test_openapi_describes_every_route(admin: AdminClient, gw: GatewayProc
         ("post", "/admin/v1/decide"), ("post", "/admin/v1/screening/import"),
         ("get", "/admin/v1/screening/search"), ("get", "/admin/v1/audit"), ("get", "/admin/v1/changes"),
         ("get", "/admin/v1/openapi.json"), ("get", "/admin/v1/models"),
+        ("patch", "/admin/v1/models/{model}"), ("patch", "/admin/v1/lists/{list}/{key}"),
     }
     assert {(m, p) for p, ops in paths.items() for m in ops} == expected
     schemas = document["components"]["schemas"]
-    for name in ("Entry", "StoredEntry", "ListReplace", "Model", "ApiKeyRequest", "DecideRequest", "Policy"):
+    for name in ("Entry", "StoredEntry", "ListReplace", "Model", "ApiKeyRequest", "DecideRequest", "Policy",
+                 "EntryPatch", "ModelPatch", "Revocation"):
         assert schemas[name]["additionalProperties"] is False, name
     assert sorted(schemas["ApiKeyRequest"]["properties"]["tier"]["enum"]) == sorted(TIERS)
 
