@@ -47,9 +47,11 @@ from .policy import (
     drop_expired,
     entry_warnings,
     merge_patch,
+    missing_parts,
     model_warnings,
     normalize_key,
     patch_body,
+    policy_diff,
     validate_api_key_request,
     validate_entry,
     validate_list,
@@ -437,7 +439,9 @@ class AdminApi:
             "revoked_api_keys": _sorted(data.revoked),
         })
 
-    async def put_policy(self, request: web.Request) -> web.Response:
+    async def _import_document(self, request: web.Request
+                               ) -> tuple[dict[str, Any], frozenset[str] | None, list[str]]:
+        """A policy import's body, validated and normalised, its ``?sections=`` and its warnings."""
         sections = _import_sections(request.query.get("sections"))
         body = await read_json(request)
         version = body.get("version") if isinstance(body, dict) else None
@@ -455,10 +459,48 @@ class AdminApi:
         if "screening" in validated:
             entries = await _screening_section(validated["screening"])
             validated["screening"] = {"entries": entries}
+        return validated, sections, warnings
+
+    async def put_policy(self, request: web.Request) -> web.Response:
+        validated, sections, warnings = await self._import_document(request)
         plan = _import_plan(validated, sections)
         # Into a Redis with no policy this is the restore that starts a new generation.
         version = await self._write(request, plan, "policy", import_whole=True)
         return _written(version, warnings)
+
+    async def diff_policy(self, request: web.Request) -> web.Response:
+        """What ``PUT /admin/v1/policy`` with this body would change, per section; changes nothing.
+
+        It refuses what the import would refuse (an incomplete restore, a revoked key written back),
+        judged against the policy as read now; the import decides again when it runs.
+        """
+        validated, sections, warnings = await self._import_document(request)
+        found = await self.store.load_document()
+        current: dict[str, Any] = {}
+        if found is None:
+            missing = missing_parts(validated)
+            if missing:
+                raise policy_incomplete(missing)
+            chosen = validated
+            version = None
+        else:
+            data, screening = found
+            current = {"lists": data.lists, "models": data.models, "api_keys": data.api_keys,
+                       "screening": {"entries": screening}, "revoked_api_keys": data.revoked}
+            named = sections if sections is not None else frozenset(IMPORT_SECTIONS) - {"api_keys"}
+            chosen = {k: v for k, v in validated.items() if k in named or k == "revoked_api_keys"}
+            version = data.version
+        revoked = {**current.get("revoked_api_keys", {}), **validated.get("revoked_api_keys", {})}
+        by_hash = {record.get("hash"): key_id for key_id, record in revoked.items()}
+        for key_id, record in (chosen.get("api_keys") or {}).items():
+            hit = key_id if key_id in revoked else by_hash.get(record.get("hash"))
+            if hit is not None:
+                raise key_revoked(KeyRevoked(hit, revoked[hit]))
+        answer: dict[str, Any] = {"version": version, "restore": found is None,
+                                  "sections": policy_diff(current, chosen)}
+        if warnings:
+            answer["warnings"] = warnings
+        return json_response(answer)
 
     # lists
 
@@ -789,6 +831,7 @@ def register_admin_routes(app: web.Application, gateway: Gateway) -> None:
     routes.add_get(f"{PREFIX}/openapi.json", api.openapi)
     routes.add_get(f"{PREFIX}/policy", api.get_policy)
     routes.add_put(f"{PREFIX}/policy", api.put_policy)
+    routes.add_post(f"{PREFIX}/policy/diff", api.diff_policy)
     routes.add_get(f"{PREFIX}/lists/{{list}}", api.get_list)
     routes.add_put(f"{PREFIX}/lists/{{list}}", api.replace_list)
     # ANY_TEXT also takes an unencoded "/" of a CIDR (the encoded form arrives decoded as well),

@@ -256,6 +256,16 @@ def _paths() -> dict[str, Any]:
                        _WRITTEN, body=_json(_ref("Policy")), params=[_SECTIONS],
                        errors=("400", "401", "409", "413", "503")),
         },
+        "/admin/v1/policy/diff": {
+            "post": _op("What PUT /admin/v1/policy with this body would change (added, removed, changed keys "
+                        "per section); changes nothing",
+                        _ok("the change", {"type": "object", "required": ["sections"], "properties": {
+                            "version": _nullable({"type": "integer"}), "restore": {"type": "boolean"},
+                            "sections": any_object,
+                            "warnings": {"type": "array", "items": {"type": "string"}}}}),
+                        body=_json(_ref("Policy")), params=[_SECTIONS],
+                        errors=("400", "401", "409", "413", "503")),
+        },
         "/admin/v1/lists/{list}": {
             "get": _op("One list", _ok("the list", {"type": "object", "properties": {
                 "version": {"type": "integer"}, "list": {"type": "string"}, "entries": entries}}),

@@ -561,9 +561,30 @@ def _policy_import(args: argparse.Namespace) -> None:
     if not isinstance(document, dict):
         raise CliError(f"{args.file}: expected a policy mapping with lists, models, api_keys or screening")
     query = {"sections": args.sections} if args.sections is not None else None
+    if args.dry_run:
+        data = _client(args).call("POST", "/admin/v1/policy/diff", body=document, query=query)
+        _emit(args, data, _diff_text)
+        return
     data = _client(args).call("PUT", "/admin/v1/policy", body=document, query=query)
     what = f"sections {args.sections}" if args.sections else "policy"
     _emit(args, data, _written(f"{what} imported from {args.file}"))
+
+
+def _diff_text(data: Mapping[str, Any]) -> str:
+    sections = data.get("sections") or {}
+    where = ("an empty Redis (a restore)" if data.get("restore")
+             else f"policy version {data.get('version')}")
+    rows = []
+    for name, change in sections.items():
+        if name == "screening":
+            rows.append([name, "", "", f"{change.get('before')} -> {change.get('after')} entries"
+                         if change.get("changed") else "unchanged"])
+            continue
+        rows.append([name, change.get("added"), change.get("removed"), change.get("changed")])
+    title = f"dry run: what the import would change against {where}; nothing was changed"
+    if not rows:
+        return title + "\nno section would be written"
+    return title + "\n" + table(["SECTION", "ADDED", "REMOVED", "CHANGED"], rows)
 
 
 # --- argument parsing ------------------------------------------------------------------------
@@ -730,6 +751,8 @@ def _add_policy(subparsers: Any, common: argparse.ArgumentParser) -> None:
     imp.add_argument("--sections", help="comma-separated sections to replace, from lists, models, api_keys, "
                      "screening (default: every one the file holds but api_keys; a restore into an empty "
                      "Redis writes them all)")
+    imp.add_argument("--dry-run", action="store_true",
+                     help="print what the import would add, remove and change per section; change nothing")
 
 
 def add_operator_commands(subparsers: Any) -> None:

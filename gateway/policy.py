@@ -799,6 +799,47 @@ def patch_body(body: object) -> Mapping[str, Any]:
     return data
 
 
+# --------------------------------------------------------------------------- what an import would change
+
+# Who wrote an entry and when is history, not content: an import restamps entries that carry none.
+_HISTORY_FIELDS = frozenset({"added_by", "added_at", "created_by", "created_at"})
+
+
+def _content(record: Mapping[str, Any]) -> dict[str, Any]:
+    return {name: value for name, value in record.items() if name not in _HISTORY_FIELDS}
+
+
+def _keyed_diff(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, list[str]]:
+    return {
+        "added": sorted(set(after) - set(before)),
+        "removed": sorted(set(before) - set(after)),
+        "changed": sorted(key for key in set(before) & set(after)
+                          if _content(before[key]) != _content(after[key])),
+    }
+
+
+def policy_diff(current: Mapping[str, Any], incoming: Mapping[str, Any]) -> dict[str, Any]:
+    """Per section of ``incoming`` (validated, the sections an import would write): the keys it would
+    add, remove and change against ``current`` (a policy document; empty sections when none is held).
+    ``screening`` compares the entry lists: their counts, and whether they differ at all."""
+    out: dict[str, Any] = {}
+    current_lists = current.get("lists") or {}
+    for name, entries in (incoming.get("lists") or {}).items():
+        out[f"lists.{name}"] = _keyed_diff(current_lists.get(name) or {}, entries)
+    for section in ("models", "api_keys"):
+        if section in incoming:
+            out[section] = _keyed_diff(current.get(section) or {}, incoming[section])
+    if "screening" in incoming:
+        before = (current.get("screening") or {}).get("entries") or []
+        after = (incoming.get("screening") or {}).get("entries") or []
+        out["screening"] = {"before": len(before), "after": len(after), "changed": before != after}
+    if incoming.get("revoked_api_keys"):
+        held = current.get("revoked_api_keys") or {}
+        out["revoked_api_keys"] = {"added": sorted(set(incoming["revoked_api_keys"]) - set(held)),
+                                   "removed": [], "changed": []}
+    return out
+
+
 # --------------------------------------------------------------------------- risky-but-valid writes
 
 

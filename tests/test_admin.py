@@ -587,6 +587,7 @@ async def test_openapi_describes_every_route(admin: AdminClient, gw: GatewayProc
         ("get", "/admin/v1/screening/search"), ("get", "/admin/v1/audit"), ("get", "/admin/v1/changes"),
         ("get", "/admin/v1/openapi.json"), ("get", "/admin/v1/models"),
         ("patch", "/admin/v1/models/{model}"), ("patch", "/admin/v1/lists/{list}/{key}"),
+        ("post", "/admin/v1/policy/diff"),
     }
     assert {(m, p) for p, ops in paths.items() for m in ops} == expected
     schemas = document["components"]["schemas"]

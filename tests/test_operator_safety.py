@@ -36,6 +36,7 @@ from gateway.policy import (
     merge_patch,
     missing_parts,
     model_warnings,
+    policy_diff,
     validate_entry,
 )
 from gateway.redis_server import RedisServer
@@ -527,6 +528,44 @@ def test_openapi_describes_patch_and_sections(gw: GatewayProcess) -> None:
     assert "revoked_api_keys" in document["components"]["schemas"]["Policy"]["properties"]
 
 
+# --- 6: what an import would change ---------------------------------------------------------
+
+
+async def test_diff_and_dry_run_show_the_change_and_change_nothing(
+        gw: GatewayProcess, session: aiohttp.ClientSession, tmp_path: Path) -> None:
+    issued = await ok(session, gw, "POST", "/admin/v1/api-keys",
+                      {"subject": "svc-diff", "org": "acme", "country": "US", "tier": "partner"})
+    document = await policy(session, gw)
+    document["lists"]["deny-countries"]["CU"] = {"reason": "embargo"}
+    document["lists"]["deny-countries"]["IR"]["reason"] = "reworded"
+    del document["lists"]["partners"]["acme"]
+    document["models"]["frontier-x"]["export_suspended"] = True
+    document["api_keys"] = {}
+    before = await policy(session, gw)
+    answer = await ok(session, gw, "POST", "/admin/v1/policy/diff", document)
+    sections = answer["sections"]
+    assert sections["lists.deny-countries"] == {"added": ["CU"], "removed": [], "changed": ["IR"]}
+    assert sections["lists.partners"] == {"added": [], "removed": ["acme"], "changed": []}
+    assert sections["lists.ip-ranges"] == {"added": [], "removed": [], "changed": []}
+    assert sections["models"] == {"added": [], "removed": [], "changed": ["frontier-x"]}
+    assert "api_keys" not in sections  # an import would leave them alone
+    assert sections["screening"] == {"before": 0, "after": 0, "changed": False}
+    answer = await ok(session, gw, "POST", "/admin/v1/policy/diff?sections=api_keys", document)
+    assert answer["sections"] == {"api_keys": {"added": [], "removed": [issued["id"]], "changed": []}}
+    path = tmp_path / "next.yaml"
+    path.write_text(yaml.safe_dump(document))
+    result = cli_ok(gw, "policy", "import", str(path), "--dry-run")
+    assert "dry run" in result.stdout and "nothing was changed" in result.stdout
+    assert "lists.deny-countries" in result.stdout and "CU" in result.stdout
+    assert json.loads(cli_ok(gw, "policy", "import", str(path), "--dry-run", "--json").stdout)["sections"] \
+        == sections
+    assert await policy(session, gw) == before
+    # It refuses what the import would refuse.
+    await ok(session, gw, "DELETE", f"/admin/v1/api-keys/{issued['id']}")
+    status, answer = await call(session, gw, "POST", "/admin/v1/policy/diff?sections=api_keys", before)
+    assert_error(status, answer, 409, "key_revoked")
+
+
 # --- the pure parts, table-tested -----------------------------------------------------------
 
 
@@ -595,3 +634,15 @@ def test_missing_parts_names_each() -> None:
     assert missing_parts({}) == ["lists.deny-countries", "lists.deny-entities", "lists.partners",
                                  "lists.ip-ranges", "models", "api_keys", "screening"]
     assert missing_parts(POLICY) == []
+
+
+def test_policy_diff_ignores_history_and_compares_content() -> None:
+    entry = {"reason": "r", "source": "", "expires_at": None, "added_by": "a", "added_at": PAST}
+    current = {"lists": {"partners": {"a": entry, "b": entry}}, "models": {}}
+    incoming = {"lists": {"partners": {"a": {**entry, "added_by": "someone else"},
+                                       "b": {**entry, "reason": "new"}, "c": entry}},
+                "screening": {"entries": [{"name": "x"}]}}
+    assert policy_diff(current, incoming) == {
+        "lists.partners": {"added": ["c"], "removed": [], "changed": ["b"]},
+        "screening": {"before": 0, "after": 1, "changed": True},
+    }
