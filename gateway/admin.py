@@ -463,9 +463,12 @@ class AdminApi:
 
     async def put_policy(self, request: web.Request) -> web.Response:
         validated, sections, warnings = await self._import_document(request)
-        plan = _import_plan(validated, sections)
+        skipped: list[str] = []
+        plan = _import_plan(validated, sections, skipped)
         # Into a Redis with no policy this is the restore that starts a new generation.
         version = await self._write(request, plan, "policy", import_whole=True)
+        warnings += [f"{name}: not imported; the live {name} are kept (name the section with "
+                     f"?sections= to replace it)" for name in skipped]
         return _written(version, warnings)
 
     async def diff_policy(self, request: web.Request) -> web.Response:
@@ -767,16 +770,20 @@ def _import_sections(raw: str | None) -> frozenset[str] | None:
     return frozenset(names)
 
 
-def _import_plan(document: Mapping[str, Any], sections: frozenset[str] | None) -> OpsPlan:
+def _import_plan(document: Mapping[str, Any], sections: frozenset[str] | None,
+                 skipped: list[str] | None = None) -> OpsPlan:
     """The operations of an import, chosen in the write's transaction: into a Redis that holds a policy,
     the sections named (by default every one the document carries but ``api_keys``); into one that
     holds none, the whole document (a restore, which the store checks is complete). Revocations the
-    document carries are always kept."""
+    document carries are always kept. ``skipped`` receives the sections the document carries but the
+    write leaves alone."""
     def plan(has_policy: bool) -> list[Any]:
         chosen = dict(document)
         if has_policy:
             named = sections if sections is not None else frozenset(IMPORT_SECTIONS) - {"api_keys"}
             chosen = {k: v for k, v in document.items() if k in named or k == "revoked_api_keys"}
+        if skipped is not None:
+            skipped[:] = [name for name in IMPORT_SECTIONS if name in document and name not in chosen]
         return policy_ops(chosen)
 
     return plan

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from .policy import PolicyValidationError, drop_expired, missing_parts, validate_policy_document
+from .settings import ConfigError
 from .store import PolicyIncomplete, Store, policy_ops
 
 if TYPE_CHECKING:
@@ -55,6 +57,25 @@ async def import_policy(store: Store, document: dict[str, Any], *, actor: str,
     return version
 
 
+def check_policy_file(path: Path, tiers: list[str] | tuple[str, ...]) -> None:
+    """``serve --bootstrap-policy``, before anything starts: the file must read, validate and carry
+    every section, else :class:`ConfigError` naming what is wrong (the command exits 2)."""
+    try:
+        validated = validate_policy_document(read_policy_file(path), actor="bootstrap", now_iso=now_iso(),
+                                             tiers=tiers)
+    except (PolicyValidationError, OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"--bootstrap-policy {path}: {exc}") from None
+    missing = missing_parts(validated)
+    if missing:
+        raise ConfigError(_incomplete(path, missing))
+
+
+def _incomplete(path: Path, missing: Sequence[str]) -> str:
+    return (f"--bootstrap-policy {path}: a policy loaded into an empty Redis must carry every section; "
+            f"missing: {', '.join(missing)} (write an empty one as empty, e.g. partners: {{}}, "
+            "api_keys: {}, screening: {entries: []}); nothing was imported")
+
+
 async def import_policy_file_if_missing(gateway: Gateway, path: Path) -> None:
     """``serve --bootstrap-policy``: seed an empty Redis (development and embedded mode)."""
     store = gateway.store
@@ -66,16 +87,10 @@ async def import_policy_file_if_missing(gateway: Gateway, path: Path) -> None:
         version = await import_policy(store, read_policy_file(path), actor="bootstrap",
                                       tiers=tuple(gateway.settings.tiers), fill_missing=False)
     except PolicyIncomplete as exc:
-        message = (f"--bootstrap-policy {path}: a policy loaded into an empty Redis must carry every "
-                   f"section; missing: {', '.join(exc.missing)} (write an empty one as empty, e.g. "
-                   "partners: {}, api_keys: {}, screening: {entries: []}); nothing was imported")
-        log.error(message)
-        # Not a half policy, and not a traceback: the process exits saying what to fix.
-        raise SystemExit(f"gateway: {message}") from None
-    except (PolicyValidationError, OSError, yaml.YAMLError) as exc:
-        message = f"--bootstrap-policy {path}: {exc}; nothing was imported"
-        log.error(message)
-        raise SystemExit(f"gateway: {message}") from None
+        # check_policy_file refused this before start; here only if the file changed since.
+        log.error(_incomplete(path, exc.missing))
+        raise ConfigError(_incomplete(path, exc.missing)) from None
     log.info("policy imported from %s", path, extra={"policy_version": version})
     if gateway.watcher is not None:
         await gateway.watcher.refresh()
+

@@ -28,6 +28,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         preflight(settings)
+        if args.bootstrap_policy is not None:
+            from .bootstrap import check_policy_file
+
+            check_policy_file(args.bootstrap_policy, tuple(settings.tiers))
     except ConfigError as exc:
         print(f"gateway: config error: {exc}", file=sys.stderr)
         return 2

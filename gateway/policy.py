@@ -741,7 +741,7 @@ def validate_policy_document(
 
 
 def drop_expired(document: Mapping[str, Any], now: float) -> tuple[dict[str, Any], list[str]]:
-    """A validated document without the list entries and keys whose ``expires_at`` has passed.
+    """A validated document without the list entries whose ``expires_at`` has passed.
 
     An import replaces each list whole, so an entry that has expired means the same as one left
     out; dropping it (with a warning naming it) keeps an export that holds one importable, while
@@ -760,14 +760,6 @@ def drop_expired(document: Mapping[str, Any], now: float) -> tuple[dict[str, Any
         lists[name] = kept
     if "lists" in document:
         out["lists"] = lists
-    if "api_keys" in document:
-        keys = {}
-        for key_id, record in document["api_keys"].items():
-            if _expired(record, now):
-                warnings.append(f"api_keys.{key_id}: expired at {record['expires_at']}; not imported")
-            else:
-                keys[key_id] = record
-        out["api_keys"] = keys
     return out, warnings
 
 
