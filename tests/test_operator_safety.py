@@ -281,8 +281,8 @@ async def test_documented_rollback_does_not_revive_a_revoked_key(
     assert (await chat(session, gw, key))[0] == 401
     # The documented rollback: import the export taken before the change.
     result = cli_ok(gw, "policy", "import", str(before))
-    assert "warning: api_keys: not imported; the live api_keys are kept" in result.stderr
     assert (await chat(session, gw, key))[0] == 401
+    assert "warning: api_keys: not imported; the live api_keys are kept" in result.stderr
     exported = await policy(session, gw)
     assert key_id not in exported["api_keys"]
     revocation = exported["revoked_api_keys"][key_id]
@@ -413,10 +413,6 @@ async def test_partial_restore_after_flushall_is_refused_and_serves_nothing(
     while (await chat(session, gw, us))[0] != 503:
         assert time.monotonic() < deadline, "the gateway never noticed the emptied Redis"
         await asyncio.sleep(0.05)
-    # No policy loaded: reads say so and say how to restore.
-    status, answer = await call(session, gw, "GET", "/admin/v1/policy")
-    message = assert_error(status, answer, 409, "policy_missing")
-    assert "No policy is loaded" in message and "gateway policy import" in message
     models_only = tmp_path / "models.yaml"
     models_only.write_text(yaml.safe_dump({"models": POLICY["models"]}))
     stderr = cli_fails(gw, "policy", "import", str(models_only))
@@ -443,6 +439,10 @@ async def test_partial_restore_after_flushall_is_refused_and_serves_nothing(
         assert check.keys("{gw}:*") == []  # nothing of the policy was written (the audit trail was)
     finally:
         check.close()
+    # No policy loaded: reads say so and say how to restore.
+    status, answer = await call(session, gw, "GET", "/admin/v1/policy")
+    message = assert_error(status, answer, 409, "policy_missing")
+    assert "No policy is loaded" in message and "gateway policy import" in message
     # The whole export restores: ready, the deny list enforced, everything as it was.
     cli_ok(gw, "policy", "import", str(whole))
     async with session.get(gw.admin_url + "/readyz") as response:
