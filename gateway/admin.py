@@ -1,10 +1,17 @@
-"""The operator API on the admin listener (CONTRACT §7): one write path, token auth, JSON errors.
+"""The operator API on the admin listener (docs/contract.md §7): one write path, token auth, JSON errors.
 
 Every write runs validate -> one :meth:`Store.write` (data, version bump and
 change record in one transaction) -> publish, then refreshes this process's
 snapshot so the operator's next call already sees the change. Reads of the
 policy go to Redis, the authority; ``decide`` and screening searches use the
 snapshot the public listener enforces.
+
+Operators' everyday commands must not reopen access by accident, so: PATCH
+(RFC 7396 merge patch) changes only the fields it names, merged and validated
+against the stored value inside the write's transaction; an ``expires_at`` in
+the past is refused; a restore into an empty Redis must carry every part; a
+revoked API key is never written back; risky but valid writes answer with
+``warnings``.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,9 +40,18 @@ from .logs import request_id_for
 from .openapi import openapi_document
 from .policy import (
     LIST_NAMES,
+    PARTNERS,
     PolicyValidationError,
     decide,
+    document_warnings,
+    drop_expired,
+    entry_warnings,
+    merge_patch,
+    missing_parts,
+    model_warnings,
     normalize_key,
+    patch_body,
+    policy_diff,
     validate_api_key_request,
     validate_entry,
     validate_list,
@@ -51,8 +67,12 @@ from .store import (
     HashDelete,
     HashReplace,
     HashSet,
+    HashUpdate,
+    KeyRevoke,
+    KeyRevoked,
     NotFound,
-    Op,
+    OpsPlan,
+    PolicyIncomplete,
     PolicyMissing,
     ScreeningReplace,
     Store,
@@ -188,10 +208,38 @@ def not_found(message: str) -> GatewayError:
     return GatewayError(404, "not_found", message)
 
 
-def policy_missing() -> GatewayError:
+def policy_missing(*, read: bool = False) -> GatewayError:
+    if read:
+        return GatewayError(409, "policy_missing",
+                            "No policy is loaded: Redis holds none (emptied, or restarted without its "
+                            "data), so there is nothing to show and every caller is answered 503 "
+                            "policy_stale. Restore a whole policy from a backup: gateway policy import "
+                            "BACKUP.yaml (PUT /admin/v1/policy with every section).")
     return GatewayError(409, "policy_missing",
                         "Redis holds no policy: restore one with PUT /admin/v1/policy (gateway policy "
                         "import FILE) before changing single entries.")
+
+
+def policy_incomplete(missing: Sequence[str]) -> GatewayError:
+    return GatewayError(409, "policy_incomplete",
+                        f"Redis holds no policy, so this import is a restore and must carry every "
+                        f"section; missing: {', '.join(missing)} (write an empty one as empty, e.g. "
+                        f"partners: {{}}, screening: {{entries: []}}). Nothing was written; `gateway "
+                        f"policy export` writes a complete file.")
+
+
+def key_revoked(exc: KeyRevoked) -> GatewayError:
+    record = exc.revoked
+    return GatewayError(409, "key_revoked",
+                        f"API key {exc.key_id!r} was revoked at {record.get('revoked_at')} by "
+                        f"{record.get('revoked_by')}; a revoked key (its id or its hash) is never made "
+                        "active again. Nothing was changed; issue a new key with POST /admin/v1/api-keys.",
+                        error_type="invalid_request_error")
+
+
+# Sections a whole-policy import may name in ``?sections=``; without it, an import into a Redis that
+# holds a policy writes every section the document carries except ``api_keys`` (revocations stick).
+IMPORT_SECTIONS = ("lists", "models", "api_keys", "screening")
 
 
 async def read_json(request: web.Request) -> Any:
@@ -281,8 +329,12 @@ class AdminApi:
             response = self._error(bad_request(str(exc)), request_id)
         except PolicyMissing:
             response = self._error(policy_missing(), request_id)
+        except PolicyIncomplete as exc:
+            response = self._error(policy_incomplete(exc.missing), request_id)
+        except KeyRevoked as exc:
+            response = self._error(key_revoked(exc), request_id)
         except NotFound as exc:
-            response = self._error(not_found(f"No entry {str(exc)[:80]!r} to delete."), request_id)
+            response = self._error(not_found(f"No entry {str(exc)[:80]!r} to change or delete."), request_id)
         except StoreUnavailable as exc:
             log.warning("admin request failed: %s", exc)
             response = self._error(GatewayError(503, "redis_unavailable",
@@ -304,12 +356,20 @@ class AdminApi:
     async def authenticate(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path in OPEN_PATHS:
             return await handler(request)
-        actor = self.tokens.actor(request.headers.get("Authorization"))
+        header = request.headers.get("Authorization")
+        actor = self.tokens.actor(header)
         if actor is None:
             # Unknown paths too: without the token nothing here is revealed, not even what exists.
+            settings = self.gateway.settings.admin
+            where = f"the variable {settings.token_env}"
+            if settings.tokens_file is not None:
+                where += " or a token listed in admin.tokens_file"
+            told = ("The admin token is not accepted" if _bearer(header) is not None
+                    else "No admin token was sent")
             raise GatewayError(401, "unauthenticated",
-                               "The admin API needs 'Authorization: Bearer <admin token>'; user tokens "
-                               "and API keys are not accepted here.")
+                               f"{told}: send 'Authorization: Bearer <admin token>' with the token the "
+                               f"gateway was started with ({where}; the CLI reads GATEWAY_ADMIN_TOKEN). "
+                               "User tokens and API keys are not accepted here.")
         request[ACTOR_KEY] = actor
         return await handler(request)
 
@@ -318,7 +378,7 @@ class AdminApi:
 
     # the write path
 
-    async def _write(self, request: web.Request, ops: Sequence[Op], target: str, *,
+    async def _write(self, request: web.Request, ops: OpsPlan, target: str, *,
                      import_whole: bool = False) -> int:
         version, _change = await self.store.write(ops, actor=request[ACTOR_KEY], now_iso=now_iso(),
                                                   target=target, import_whole=import_whole)
@@ -345,37 +405,105 @@ class AdminApi:
     async def _read_hash(self, key: str) -> tuple[int, dict[str, dict[str, Any]]]:
         found = await self.store.read_hash(key)
         if found is None:
-            raise policy_missing()
+            raise policy_missing(read=True)
         return found
+
+    def _home_countries(self) -> frozenset[str]:
+        return self.gateway.rules.home_countries
+
+    def _partners(self) -> Collection[str]:
+        """The partners the enforced snapshot holds (for the deny-entities warning)."""
+        watcher = self.gateway.watcher
+        snapshot = watcher.snapshot if watcher else None
+        return snapshot.lists[PARTNERS] if snapshot is not None else ()
+
+    def _entry_warnings(self, name: str, keys: Collection[str]) -> list[str]:
+        home, partners = self._home_countries(), self._partners()
+        return [warning for key in keys
+                for warning in entry_warnings(name, key, home_countries=home, partners=partners)]
 
     # policy
 
     async def get_policy(self, _request: web.Request) -> web.Response:
         found = await self.store.load_document()
         if found is None:
-            raise policy_missing()
+            raise policy_missing(read=True)
         data, screening = found
+        # Every section, an empty one as empty, so an export restores a Redis that holds nothing.
         return json_response({
             "version": data.version,
             "lists": {name: _sorted(data.lists[name]) for name in LIST_NAMES},
             "models": _sorted(data.models),
             "api_keys": _sorted(data.api_keys),
             "screening": {"entries": screening},
+            "revoked_api_keys": _sorted(data.revoked),
         })
 
-    async def put_policy(self, request: web.Request) -> web.Response:
+    async def _import_document(self, request: web.Request
+                               ) -> tuple[dict[str, Any], frozenset[str] | None, list[str]]:
+        """A policy import's body, validated and normalised, its ``?sections=`` and its warnings."""
+        sections = _import_sections(request.query.get("sections"))
         body = await read_json(request)
         version = body.get("version") if isinstance(body, dict) else None
         if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
             raise invalid("version", "must be a whole number (it is ignored on PUT)")
         validated = validate_policy_document(body, actor=request[ACTOR_KEY], now_iso=now_iso(),
                                              tiers=self.tiers)
+        if sections is not None:
+            for name in sections:
+                if name not in validated:
+                    raise invalid("sections", f"names {name}, which the document does not carry")
+        validated, warnings = drop_expired(validated, time.time())
+        warnings += document_warnings(validated, home_countries=self._home_countries(),
+                                      partners=self._partners())
         if "screening" in validated:
             entries = await _screening_section(validated["screening"])
             validated["screening"] = {"entries": entries}
+        return validated, sections, warnings
+
+    async def put_policy(self, request: web.Request) -> web.Response:
+        validated, sections, warnings = await self._import_document(request)
+        skipped: list[str] = []
+        plan = _import_plan(validated, sections, skipped)
         # Into a Redis with no policy this is the restore that starts a new generation.
-        version = await self._write(request, policy_ops(validated), "policy", import_whole=True)
-        return json_response({"version": version})
+        version = await self._write(request, plan, "policy", import_whole=True)
+        warnings += [f"{name}: not imported; the live {name} are kept (name the section with "
+                     f"?sections= to replace it)" for name in skipped]
+        return _written(version, warnings)
+
+    async def diff_policy(self, request: web.Request) -> web.Response:
+        """What ``PUT /admin/v1/policy`` with this body would change, per section; changes nothing.
+
+        It refuses what the import would refuse (an incomplete restore, a revoked key written back),
+        judged against the policy as read now; the import decides again when it runs.
+        """
+        validated, sections, warnings = await self._import_document(request)
+        found = await self.store.load_document()
+        current: dict[str, Any] = {}
+        if found is None:
+            missing = missing_parts(validated)
+            if missing:
+                raise policy_incomplete(missing)
+            chosen = validated
+            version = None
+        else:
+            data, screening = found
+            current = {"lists": data.lists, "models": data.models, "api_keys": data.api_keys,
+                       "screening": {"entries": screening}, "revoked_api_keys": data.revoked}
+            named = sections if sections is not None else frozenset(IMPORT_SECTIONS) - {"api_keys"}
+            chosen = {k: v for k, v in validated.items() if k in named or k == "revoked_api_keys"}
+            version = data.version
+        revoked = {**current.get("revoked_api_keys", {}), **validated.get("revoked_api_keys", {})}
+        by_hash = {record.get("hash"): key_id for key_id, record in revoked.items()}
+        for key_id, record in (chosen.get("api_keys") or {}).items():
+            hit = key_id if key_id in revoked else by_hash.get(record.get("hash"))
+            if hit is not None:
+                raise key_revoked(KeyRevoked(hit, revoked[hit]))
+        answer: dict[str, Any] = {"version": version, "restore": found is None,
+                                  "sections": policy_diff(current, chosen)}
+        if warnings:
+            answer["warnings"] = warnings
+        return json_response(answer)
 
     # lists
 
@@ -386,19 +514,35 @@ class AdminApi:
 
     async def put_entry(self, request: web.Request) -> web.Response:
         name = _list_name(request)
-        key = normalize_key(name, request.match_info["key"])
+        key = _entry_key(request, name)
         body = await read_json(request)
-        if isinstance(body, dict):
-            for field in ("added_by", "added_at"):
-                if field in body:
-                    raise invalid(field, "is set by the gateway; it is accepted only by PUT /admin/v1/policy")
-        entry = validate_entry(name, key, body, actor=request[ACTOR_KEY], now_iso=now_iso())
+        _no_meta(body)
+        entry = validate_entry(name, key, body, actor=request[ACTOR_KEY], now_iso=now_iso(), now=time.time())
         version = await self._write(request, [HashSet(list_key(name), key, entry)], f"lists/{name}/{key}")
-        return json_response({"version": version, "list": name, "key": key})
+        return _written(version, self._entry_warnings(name, [key]), list=name, key=key)
+
+    async def patch_entry(self, request: web.Request) -> web.Response:
+        """Merge patch of one entry: fields left out keep their stored values (docs/contract.md §7)."""
+        name = _list_name(request)
+        key = _entry_key(request, name)
+        patch = patch_body(await read_json(request))
+        _no_meta(patch)
+        actor, stamp, now = request[ACTOR_KEY], now_iso(), time.time()
+
+        def update(stored: dict[str, Any] | None) -> dict[str, Any]:
+            if stored is None:
+                raise GatewayError(404, "not_found", f"No entry {key!r} in {name} to patch; create it "
+                                   f"with PUT /admin/v1/lists/{name}/{{key}}.")
+            merged = merge_patch({k: v for k, v in stored.items() if k not in ("added_by", "added_at")}, patch)
+            # Validated whole, as PUT would be; added_by/added_at record this change.
+            return validate_entry(name, key, merged, actor=actor, now_iso=stamp, now=now)
+
+        version = await self._write(request, [HashUpdate(list_key(name), key, update)], f"lists/{name}/{key}")
+        return _written(version, self._entry_warnings(name, [key]), list=name, key=key)
 
     async def delete_entry(self, request: web.Request) -> web.Response:
         name = _list_name(request)
-        key = normalize_key(name, request.match_info["key"])
+        key = _entry_key(request, name)
         version = await self._write(request, [HashDelete(list_key(name), key)], f"lists/{name}/{key}")
         return json_response({"version": version, "list": name, "key": key})
 
@@ -410,11 +554,12 @@ class AdminApi:
         allow_empty = body.get("allow_empty", False)
         if not isinstance(allow_empty, bool):
             raise invalid("allow_empty", "must be true or false")
-        entries = validate_list(name, body["entries"], actor=request[ACTOR_KEY], now_iso=now_iso())
+        entries = validate_list(name, body["entries"], actor=request[ACTOR_KEY], now_iso=now_iso(),
+                                now=time.time())
         if not entries and not allow_empty:
             raise invalid("entries", 'is empty; emptying a list needs "allow_empty": true')
         version = await self._write(request, [HashReplace(list_key(name), entries)], f"lists/{name}")
-        return json_response({"version": version, "list": name, "count": len(entries)})
+        return _written(version, self._entry_warnings(name, entries), list=name, count=len(entries))
 
     # models
 
@@ -430,10 +575,29 @@ class AdminApi:
         return json_response({"version": version, "name": name, "model": models[name]})
 
     async def put_model(self, request: web.Request) -> web.Response:
+        """Replace a model whole: a field left out takes its default (PATCH changes only what it names)."""
         name = validate_model_name(request.match_info["model"])
         model = validate_model(name, await read_json(request))
         version = await self._write(request, [HashSet(MODELS_KEY, name, model)], f"models/{name}")
-        return json_response({"version": version, "name": name})
+        return _written(version, model_warnings(name, model), name=name)
+
+    async def patch_model(self, request: web.Request) -> web.Response:
+        """Merge patch of a model, applied to the stored value inside the write's transaction: suspending
+        a model's export leaves its ``allowed_countries`` as they are."""
+        name = validate_model_name(request.match_info["model"])
+        patch = patch_body(await read_json(request))
+        merged_model: dict[str, Any] = {}
+
+        def update(stored: dict[str, Any] | None) -> dict[str, Any]:
+            if stored is None:
+                raise GatewayError(404, "not_found", f"No model {name[:80]!r} in the registry to patch; "
+                                   "add it with PUT /admin/v1/models/{model}.")
+            merged_model.clear()
+            merged_model.update(validate_model(name, merge_patch(stored, patch)))
+            return merged_model
+
+        version = await self._write(request, [HashUpdate(MODELS_KEY, name, update)], f"models/{name}")
+        return _written(version, model_warnings(name, merged_model), name=name)
 
     async def delete_model(self, request: web.Request) -> web.Response:
         name = validate_model_name(request.match_info["model"])
@@ -447,7 +611,7 @@ class AdminApi:
         return json_response({"version": version, "api_keys": _sorted(keys)})
 
     async def create_key(self, request: web.Request) -> web.Response:
-        attributes = validate_api_key_request(await read_json(request), self.tiers)
+        attributes = validate_api_key_request(await read_json(request), self.tiers, now=time.time())
         key_id = "key_" + secrets.token_hex(8)
         key = new_api_key()
         # Only the hash is stored; the key itself exists in this one response.
@@ -457,8 +621,10 @@ class AdminApi:
         return json_response({"version": version, "id": key_id, "key": key})
 
     async def revoke_key(self, request: web.Request) -> web.Response:
+        # The key goes and its revocation (hash, who, when) stays, so no import can bring it back.
         key_id = request.match_info["id"]
-        version = await self._write(request, [HashDelete(APIKEYS_KEY, key_id)], f"api-keys/{key_id}")
+        op = KeyRevoke(key_id, revoked_by=request[ACTOR_KEY], revoked_at=now_iso())
+        version = await self._write(request, [op], f"api-keys/{key_id}")
         return json_response({"version": version, "id": key_id})
 
     # decisions
@@ -542,7 +708,7 @@ class AdminApi:
             return snapshot.screening, snapshot.version
         found = await self.store.load_document()
         if found is None:
-            raise policy_missing()
+            raise policy_missing(read=True)
         data, entries = found
         cfg = self.gateway.settings.screening
         if not entries:
@@ -561,6 +727,66 @@ class AdminApi:
 
     async def openapi(self, _request: web.Request) -> web.Response:
         return web.Response(body=self._openapi, content_type="application/json")
+
+
+def _written(version: int, warnings: Sequence[str], **fields: Any) -> web.Response:
+    """A write's answer: the new version, what was written and, when any, the risks it carries."""
+    answer: dict[str, Any] = {"version": version, **fields}
+    if warnings:
+        answer["warnings"] = list(warnings)
+    return json_response(answer)
+
+
+def _entry_key(request: web.Request, name: str) -> str:
+    raw = request.match_info["key"]
+    if not raw:
+        raise invalid("key", f"is empty: name the entry in the path, e.g. /admin/v1/lists/{name}/"
+                      f"{_EXAMPLE_KEYS[name]} (percent-encode a CIDR's / as %2F)")
+    return normalize_key(name, raw)
+
+
+_EXAMPLE_KEYS = {"deny-countries": "CU", "deny-entities": "example-org", "partners": "example-org",
+                 "ip-ranges": "203.0.113.0%2F24"}
+
+
+def _no_meta(body: Any) -> None:
+    if isinstance(body, dict):
+        for field in ("added_by", "added_at"):
+            if field in body:
+                raise invalid(field, "is set by the gateway; it is accepted only by PUT /admin/v1/policy")
+
+
+def _import_sections(raw: str | None) -> frozenset[str] | None:
+    """``?sections=lists,models,...``: the sections an import writes; None when not given."""
+    if raw is None:
+        return None
+    names = [name.strip() for name in raw.split(",") if name.strip()]
+    if not names:
+        raise invalid("sections", f"names no section; expected some of {', '.join(IMPORT_SECTIONS)}")
+    for name in names:
+        if name not in IMPORT_SECTIONS:
+            raise invalid("sections", f"{name[:40]!r} is not a section; expected some of "
+                          f"{', '.join(IMPORT_SECTIONS)}")
+    return frozenset(names)
+
+
+def _import_plan(document: Mapping[str, Any], sections: frozenset[str] | None,
+                 skipped: list[str] | None = None) -> OpsPlan:
+    """The operations of an import, chosen in the write's transaction: into a Redis that holds a policy,
+    the sections named (by default every one the document carries but ``api_keys``); into one that
+    holds none, the whole document (a restore, which the store checks is complete). Revocations the
+    document carries are always kept. ``skipped`` receives the sections the document carries but the
+    write leaves alone."""
+    def plan(has_policy: bool) -> list[Any]:
+        chosen = dict(document)
+        if has_policy:
+            named = sections if sections is not None else frozenset(IMPORT_SECTIONS) - {"api_keys"}
+            chosen = {k: v for k, v in document.items() if k in named or k == "revoked_api_keys"}
+        if skipped is not None:
+            skipped[:] = [name for name in IMPORT_SECTIONS if name in document and name not in chosen]
+        return policy_ops(chosen)
+
+    return plan
 
 
 def _min_score(raw: str | None) -> float:
@@ -612,15 +838,20 @@ def register_admin_routes(app: web.Application, gateway: Gateway) -> None:
     routes.add_get(f"{PREFIX}/openapi.json", api.openapi)
     routes.add_get(f"{PREFIX}/policy", api.get_policy)
     routes.add_put(f"{PREFIX}/policy", api.put_policy)
+    routes.add_post(f"{PREFIX}/policy/diff", api.diff_policy)
     routes.add_get(f"{PREFIX}/lists/{{list}}", api.get_list)
     routes.add_put(f"{PREFIX}/lists/{{list}}", api.replace_list)
     # ANY_TEXT also takes an unencoded "/" of a CIDR (the encoded form arrives decoded as well),
     # and a decoded control character, so the validator names it instead of the router missing it.
-    routes.add_put(f"{PREFIX}/lists/{{list}}/{{key:{ANY_TEXT}}}", api.put_entry)
-    routes.add_delete(f"{PREFIX}/lists/{{list}}/{{key:{ANY_TEXT}}}", api.delete_entry)
+    # An empty key matches too, so it is refused naming the key rather than as an unknown path.
+    entry_path = f"{PREFIX}/lists/{{list}}/{{key:{ANY_TEXT[:-1]}*}}"
+    routes.add_put(entry_path, api.put_entry)
+    routes.add_patch(entry_path, api.patch_entry)
+    routes.add_delete(entry_path, api.delete_entry)
     routes.add_get(f"{PREFIX}/models", api.list_models)
     routes.add_get(f"{PREFIX}/models/{{model:{ANY_TEXT}}}", api.get_model)
     routes.add_put(f"{PREFIX}/models/{{model:{ANY_TEXT}}}", api.put_model)
+    routes.add_patch(f"{PREFIX}/models/{{model:{ANY_TEXT}}}", api.patch_model)
     routes.add_delete(f"{PREFIX}/models/{{model:{ANY_TEXT}}}", api.delete_model)
     routes.add_get(f"{PREFIX}/api-keys", api.list_keys)
     routes.add_post(f"{PREFIX}/api-keys", api.create_key)

@@ -36,6 +36,14 @@ def _serve(args: argparse.Namespace) -> int:
     settings = _checked_settings(args.config)
     if settings is None:
         return 2
+    if args.bootstrap_policy is not None:
+        from .bootstrap import check_policy_file
+
+        try:
+            check_policy_file(args.bootstrap_policy, tuple(settings.tiers))
+        except ConfigError as exc:
+            print(f"gateway: config error: {exc}", file=sys.stderr)
+        return 2
     from .server import serve
 
     return serve(settings, workers=args.workers, bootstrap_policy=args.bootstrap_policy)

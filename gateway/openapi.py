@@ -28,7 +28,10 @@ def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
 
 _TEXT = {"type": "string", "maxLength": MAX_REASON_CHARS}
 _IDENT = {"type": "string", "minLength": 1, "maxLength": MAX_KEY_CHARS}
-_INSTANT = {"type": "string", "format": "date-time", "description": "ISO-8601 with a time zone"}
+_INSTANT = {"type": "string", "format": "date-time",
+            "description": "ISO-8601 with a time zone, e.g. 2027-01-31T00:00:00Z"}
+_FUTURE = {**_INSTANT, "description": "ISO-8601 with a time zone, e.g. 2027-01-31T00:00:00Z; on a write it must "
+           "lie in the future (400 naming expires_at otherwise)"}
 _REGION = {"type": "string", "minLength": 2, "maxLength": 6,
            "description": "ISO 3166-1 alpha-2 country or ISO 3166-2 subdivision code, e.g. US or UA-43"}
 
@@ -46,7 +49,7 @@ def _schemas(tiers: Sequence[str]) -> dict[str, Any]:
     entry_props = {
         "reason": {"type": "string", "minLength": 1, "maxLength": MAX_REASON_CHARS},
         "source": _nullable(_TEXT),
-        "expires_at": _nullable(_INSTANT),
+        "expires_at": _nullable(_FUTURE),
         "country": {**_REGION, "description": "ip-ranges only (required there): " + _REGION["description"]},
     }
     # An empty added_by/added_at counts as absent: the import stamps the entry like a new one.
@@ -57,7 +60,7 @@ def _schemas(tiers: Sequence[str]) -> dict[str, Any]:
         "subject": _IDENT, "org": _IDENT,
         "org_name": _nullable({"type": "string", "minLength": 1, "maxLength": MAX_REASON_CHARS}),
         "country": _REGION, "tier": {"type": "string", "enum": list(tiers)},
-        "expires_at": _nullable(_INSTANT),
+        "expires_at": _nullable(_FUTURE),
     }
     object_of = {"type": "object", "additionalProperties": True}
     return {
@@ -73,6 +76,13 @@ def _schemas(tiers: Sequence[str]) -> dict[str, Any]:
             "description": "A list entry as a single-entry write takes it; added_by/added_at are set by "
                            "the gateway.",
             "properties": entry_props,
+        },
+        "EntryPatch": {
+            "type": "object", "additionalProperties": False, "minProperties": 1,
+            "description": "JSON merge patch (RFC 7396) of an entry: only the fields named change, null "
+                           "removes an optional one; the merged entry is validated whole.",
+            # null removes a field: an optional one (source, expires_at; country outside ip-ranges).
+            "properties": {**entry_props, "country": _nullable(entry_props["country"])},
         },
         "StoredEntry": _stored(stored_props),
         "List": {"type": "object", "additionalProperties": _ref("StoredEntry"),
@@ -102,6 +112,24 @@ def _schemas(tiers: Sequence[str]) -> dict[str, Any]:
                 "export_suspended": {"type": "boolean", "default": False},
             },
         },
+        "ModelPatch": {
+            "type": "object", "additionalProperties": False, "minProperties": 1,
+            "description": "JSON merge patch (RFC 7396) of a model: only the fields named change (so "
+                           "suspending export leaves allowed_countries as they are); allowed_countries "
+                           "null removes the country restriction; the merged model is validated whole.",
+            "properties": {
+                "stage": {"type": "string", "enum": list(STAGES)},
+                "timeline": _nullable({"type": "array", "items": _ref("TimelineStep")}),
+                "allowed_countries": _nullable({"type": "array", "items": _REGION}),
+                "export_suspended": _nullable({"type": "boolean", "description": "null: not suspended"}),
+            },
+        },
+        "Revocation": {
+            "type": "object", "additionalProperties": False, "required": ["hash", "revoked_at", "revoked_by"],
+            "properties": {"hash": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_CHARS},
+                           "subject": _nullable(_IDENT), "org": _nullable(_IDENT),
+                           "revoked_at": _INSTANT, "revoked_by": _IDENT},
+        },
         "ApiKeyRequest": {
             "type": "object", "additionalProperties": False,
             "required": ["subject", "org", "country", "tier"], "properties": key_props,
@@ -120,7 +148,11 @@ def _schemas(tiers: Sequence[str]) -> dict[str, Any]:
         "Policy": {
             "type": "object", "additionalProperties": False,
             "description": "Each section present is replaced whole (within lists, each list present); "
-                           "version is ignored on PUT.",
+                           "version is ignored on PUT. Into a Redis that holds a policy, api_keys are "
+                           "replaced only when ?sections= names them; into one that holds none, every "
+                           "section (each list, models, api_keys, screening) is required (409 "
+                           "policy_incomplete). revoked_api_keys are kept revocations: added to those "
+                           "held, never removed.",
             "properties": {
                 "version": _nullable({"type": "integer", "description": "ignored on PUT"}),
                 "lists": {"type": "object", "additionalProperties": False,
@@ -129,6 +161,7 @@ def _schemas(tiers: Sequence[str]) -> dict[str, Any]:
                 "models": {"type": "object", "additionalProperties": _ref("Model")},
                 "api_keys": {"type": "object", "additionalProperties": _ref("ApiKeyRecord")},
                 "screening": _ref("Screening"),
+                "revoked_api_keys": {"type": "object", "additionalProperties": _ref("Revocation")},
             },
         },
         "DecideRequest": {
@@ -152,7 +185,11 @@ def _schemas(tiers: Sequence[str]) -> dict[str, Any]:
         },
         "Written": {
             "type": "object", "required": ["version"],
-            "properties": {"version": {"type": "integer", "description": "the policy version now current"}},
+            "properties": {"version": {"type": "integer", "description": "the policy version now current"},
+                           "warnings": {"type": "array", "items": {"type": "string"},
+                                        "description": "risks of a valid write (a home country denied, "
+                                                       "an ip-ranges entry wider than /8 or /32, "
+                                                       "allowed_countries emptied, a partner denied)"}},
             "additionalProperties": True,
         },
     }
@@ -170,7 +207,8 @@ _ERRORS = {
     "400": "bad input, named in the message; nothing changed",
     "401": "no or wrong admin token",
     "404": "no such list, entry, model or key",
-    "409": "Redis holds no policy (code policy_missing)",
+    "409": "Redis holds no policy (code policy_missing); an incomplete restore (policy_incomplete); "
+           "a revoked key written back (key_revoked)",
     "413": "body too large",
     "503": "Redis unavailable (code redis_unavailable)",
 }
@@ -199,6 +237,10 @@ _LIST = _path("list", {"type": "string", "enum": list(LIST_NAMES)}, "the list")
 _KEY = _path("key", _IDENT, "the entry key, percent-encoded (a CIDR's '/' as %2F)")
 _MODEL = _path("model", {"type": "string", "minLength": 1, "maxLength": MAX_MODEL_NAME_CHARS},
                "the model name, percent-encoded")
+_SECTIONS = {"name": "sections", "in": "query", "required": False,
+             "description": "comma-separated sections to replace, from lists, models, api_keys, screening; "
+                            "default: every one the document carries except api_keys",
+             "schema": {"type": "string"}}
 _WRITTEN = _ok("written; the answer names the new policy version", _ref("Written"))
 
 
@@ -211,7 +253,18 @@ def _paths() -> dict[str, Any]:
         "/admin/v1/policy": {
             "get": _op("The whole policy", _ok("the policy", _ref("Policy")), errors=("401", "409", "503")),
             "put": _op("Replace each section present atomically; into an empty Redis, the restore",
-                       _WRITTEN, body=_json(_ref("Policy")), errors=("400", "401", "413", "503")),
+                       _WRITTEN, body=_json(_ref("Policy")), params=[_SECTIONS],
+                       errors=("400", "401", "409", "413", "503")),
+        },
+        "/admin/v1/policy/diff": {
+            "post": _op("What PUT /admin/v1/policy with this body would change (added, removed, changed keys "
+                        "per section); changes nothing",
+                        _ok("the change", {"type": "object", "required": ["sections"], "properties": {
+                            "version": _nullable({"type": "integer"}), "restore": {"type": "boolean"},
+                            "sections": any_object,
+                            "warnings": {"type": "array", "items": {"type": "string"}}}}),
+                        body=_json(_ref("Policy")), params=[_SECTIONS],
+                        errors=("400", "401", "409", "413", "503")),
         },
         "/admin/v1/lists/{list}": {
             "get": _op("One list", _ok("the list", {"type": "object", "properties": {
@@ -223,6 +276,10 @@ def _paths() -> dict[str, Any]:
         "/admin/v1/lists/{list}/{key}": {
             "put": _op("Add or change one entry", _WRITTEN, body=_json(_ref("Entry")), params=[_LIST, _KEY],
                        errors=("400", "401", "404", "409", "413", "503")),
+            "patch": _op("Change only the fields named (JSON merge patch); 404 if the entry is absent",
+                         _WRITTEN, body={"application/merge-patch+json": {"schema": _ref("EntryPatch")},
+                                         **_json(_ref("EntryPatch"))},
+                         params=[_LIST, _KEY], errors=("400", "401", "404", "409", "413", "503")),
             "delete": _op("Remove one entry", _WRITTEN, params=[_LIST, _KEY],
                           errors=("400", "401", "404", "409", "503")),
         },
@@ -232,8 +289,13 @@ def _paths() -> dict[str, Any]:
         "/admin/v1/models/{model}": {
             "get": _op("One model", _ok("the model", any_object), params=[_MODEL],
                        errors=("400", "401", "404", "409", "503")),
-            "put": _op("Add or change a model", _WRITTEN, body=_json(_ref("Model")), params=[_MODEL],
+            "put": _op("Add a model or replace it whole (fields left out take their defaults)", _WRITTEN,
+                       body=_json(_ref("Model")), params=[_MODEL],
                        errors=("400", "401", "404", "409", "413", "503")),
+            "patch": _op("Change only the fields named (JSON merge patch); 404 if the model is absent",
+                         _WRITTEN, body={"application/merge-patch+json": {"schema": _ref("ModelPatch")},
+                                         **_json(_ref("ModelPatch"))},
+                         params=[_MODEL], errors=("400", "401", "404", "409", "413", "503")),
             "delete": _op("Remove a model", _WRITTEN, params=[_MODEL],
                           errors=("400", "401", "404", "409", "503")),
         },
@@ -247,7 +309,8 @@ def _paths() -> dict[str, Any]:
                         body=_json(_ref("ApiKeyRequest")), errors=("400", "401", "409", "413", "503")),
         },
         "/admin/v1/api-keys/{id}": {
-            "delete": _op("Revoke a key", _WRITTEN, params=[_path("id", _IDENT, "the key id")],
+            "delete": _op("Revoke a key; the revocation is kept, so no write can make it active again",
+                          _WRITTEN, params=[_path("id", _IDENT, "the key id")],
                           errors=("401", "404", "409", "503")),
         },
         "/admin/v1/decide": {

@@ -146,6 +146,15 @@ def _emit(args: argparse.Namespace, data: Any, text: Callable[[Any], str]) -> No
         _print_json(data)
     else:
         print(text(data))
+    _print_warnings(data)
+
+
+def _print_warnings(data: Any) -> None:
+    """A write that succeeded but carries a risk says so on stderr (also with --json, whose output
+    holds the same ``warnings``), so a script's log and a person's terminal both show it."""
+    warnings = data.get("warnings") if isinstance(data, dict) else None
+    for warning in warnings or ():
+        print(f"gateway: warning: {warning}", file=sys.stderr)
 
 
 def _written(what: str) -> Callable[[Any], str]:
@@ -230,6 +239,22 @@ def _lists_put(args: argparse.Namespace) -> None:
     _emit(args, data, _written(f"{args.list} {data.get('key', args.key)} written"))
 
 
+def _lists_patch(args: argparse.Namespace) -> None:
+    body: dict[str, Any] = {}
+    for name in ("reason", "source", "expires_at", "country"):
+        value = getattr(args, name)
+        if value is not None:
+            body[name] = value
+    if args.no_expiry:
+        if args.expires_at is not None:
+            raise CliError("--expires-at and --no-expiry contradict each other")
+        body["expires_at"] = None  # a merge patch's null removes the field
+    if not body:
+        raise CliError("nothing to change: give --reason, --source, --expires-at, --no-expiry or --country")
+    data = _client(args).call("PATCH", f"/admin/v1/lists/{_segment(args.list)}/{_segment(args.key)}", body=body)
+    _emit(args, data, _written(f"{args.list} {data.get('key', args.key)} changed ({', '.join(body)})"))
+
+
 def _lists_delete(args: argparse.Namespace) -> None:
     data = _client(args).call("DELETE", f"/admin/v1/lists/{_segment(args.list)}/{_segment(args.key)}")
     _emit(args, data, _written(f"{args.list} {data.get('key', args.key)} deleted"))
@@ -279,18 +304,68 @@ def _models_get(args: argparse.Namespace) -> None:
     _emit(args, data, lambda d: table(_MODEL_HEADERS, [_model_row(d["name"], d["model"])]))
 
 
+def _timeline(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise CliError(f"--timeline: not valid JSON ({exc}); expected e.g. "
+                       '\'[{"at": "2026-03-01T00:00:00Z", "stage": "general"}]\'') from None
+
+
+def _countries(text: str) -> list[str]:
+    return [c.strip() for c in text.split(",") if c.strip()]
+
+
 def _models_put(args: argparse.Namespace) -> None:
     body: dict[str, Any] = {"stage": args.stage, "export_suspended": args.export_suspended}
     if args.timeline is not None:
-        try:
-            body["timeline"] = json.loads(args.timeline)
-        except ValueError as exc:
-            raise CliError(f"--timeline: not valid JSON ({exc}); expected e.g. "
-                           '\'[{"at": "2026-03-01T00:00:00Z", "stage": "general"}]\'') from None
+        body["timeline"] = _timeline(args.timeline)
     if args.allowed_countries is not None:
-        body["allowed_countries"] = [c.strip() for c in args.allowed_countries.split(",") if c.strip()]
+        body["allowed_countries"] = _countries(args.allowed_countries)
     data = _client(args).call("PUT", f"/admin/v1/models/{_segment(args.name)}", body=body)
-    _emit(args, data, _written(f"model {args.name} written"))
+    _emit(args, data, _written(f"model {args.name} replaced whole"))
+    left_out = [name for name, given in (("--timeline", args.timeline), ("--allowed-countries",
+                                                                         args.allowed_countries)) if given is None]
+    print(f"gateway: note: `models put` replaces {args.name} whole; "
+          + (f"{' and '.join(left_out)} not given, so they took their defaults "
+             "(no timeline; any country). " if left_out else "")
+          + "To change single fields use `gateway models patch` (or `models suspend` / `models lift`).",
+          file=sys.stderr)
+
+
+def _models_patch(args: argparse.Namespace) -> None:
+    body: dict[str, Any] = {}
+    if args.stage is not None:
+        body["stage"] = args.stage
+    if args.timeline is not None:
+        body["timeline"] = _timeline(args.timeline)
+    if args.allowed_countries is not None and args.any_country:
+        raise CliError("--allowed-countries and --any-country contradict each other")
+    if args.allowed_countries is not None:
+        body["allowed_countries"] = _countries(args.allowed_countries)
+    if args.any_country:
+        body["allowed_countries"] = None  # a merge patch's null removes the restriction
+    if args.export_suspended is not None:
+        body["export_suspended"] = args.export_suspended
+    if not body:
+        raise CliError("nothing to change: give --stage, --timeline, --allowed-countries, --any-country "
+                       "or --export-suspended/--no-export-suspended")
+    _patch_model(args, body, f"model {args.name} changed ({', '.join(body)})")
+
+
+def _patch_model(args: argparse.Namespace, body: dict[str, Any], done: str) -> None:
+    data = _client(args).call("PATCH", f"/admin/v1/models/{_segment(args.name)}", body=body)
+    _emit(args, data, _written(done))
+
+
+def _models_suspend(args: argparse.Namespace) -> None:
+    _patch_model(args, {"export_suspended": True},
+                 f"model {args.name}: export suspended (its stage and allowed countries unchanged)")
+
+
+def _models_lift(args: argparse.Namespace) -> None:
+    _patch_model(args, {"export_suspended": False},
+                 f"model {args.name}: export suspension lifted (its stage and allowed countries unchanged)")
 
 
 def _models_delete(args: argparse.Namespace) -> None:
@@ -484,8 +559,10 @@ def _policy_export(args: argparse.Namespace) -> None:
     else:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         header = (f"# Export-control policy, version {data.get('version')}, exported {stamp} from "
-                  f"{args.admin_url}.\n# Restore or apply with: gateway policy import FILE "
-                  "(each section present replaces the current one whole).\n")
+                  f"{args.admin_url}.\n# Every section is here (empty ones too), so the file restores an "
+                  "empty Redis: gateway policy import FILE.\n# Into a Redis that holds a policy the import "
+                  "replaces lists, models and screening whole and leaves api_keys\n# as they are (name them "
+                  "with --sections to replace them); revoked keys stay revoked.\n")
         document = {key: value for key, value in data.items() if key != "version"}
         text = header + yaml.safe_dump(document, sort_keys=False, allow_unicode=True, width=100)
     if args.file == "-":
@@ -502,8 +579,31 @@ def _policy_import(args: argparse.Namespace) -> None:
     document = _read_document(args.file)
     if not isinstance(document, dict):
         raise CliError(f"{args.file}: expected a policy mapping with lists, models, api_keys or screening")
-    data = _client(args).call("PUT", "/admin/v1/policy", body=document)
-    _emit(args, data, _written(f"policy imported from {args.file}"))
+    query = {"sections": args.sections} if args.sections is not None else None
+    if args.dry_run:
+        data = _client(args).call("POST", "/admin/v1/policy/diff", body=document, query=query)
+        _emit(args, data, _diff_text)
+        return
+    data = _client(args).call("PUT", "/admin/v1/policy", body=document, query=query)
+    what = f"sections {args.sections}" if args.sections else "policy"
+    _emit(args, data, _written(f"{what} imported from {args.file}"))
+
+
+def _diff_text(data: Mapping[str, Any]) -> str:
+    sections = data.get("sections") or {}
+    where = ("an empty Redis (a restore)" if data.get("restore")
+             else f"policy version {data.get('version')}")
+    rows = []
+    for name, change in sections.items():
+        if name == "screening":
+            rows.append([name, "", "", f"{change.get('before')} -> {change.get('after')} entries"
+                         if change.get("changed") else "unchanged"])
+            continue
+        rows.append([name, change.get("added"), change.get("removed"), change.get("changed")])
+    title = f"dry run: what the import would change against {where}; nothing was changed"
+    if not rows:
+        return title + "\nno section would be written"
+    return title + "\n" + table(["SECTION", "ADDED", "REMOVED", "CHANGED"], rows)
 
 
 # --- argument parsing ------------------------------------------------------------------------
@@ -563,8 +663,17 @@ def _add_lists(subparsers: Any, common: argparse.ArgumentParser) -> None:
     put.add_argument("key", help="country code, subject/org, or CIDR for ip-ranges")
     put.add_argument("--reason", required=True)
     put.add_argument("--source")
-    put.add_argument("--expires-at", help="ISO-8601 instant with a time zone")
+    put.add_argument("--expires-at", help="ISO-8601 instant with a time zone, e.g. 2027-01-31T00:00:00Z")
     put.add_argument("--country", help="ip-ranges only: the range's country")
+    patch = _leaf(sub, "patch", _lists_patch, "change only the named fields of one entry (merge patch)",
+                  common)
+    patch.add_argument("list", choices=LIST_NAMES)
+    patch.add_argument("key", help="country code, subject/org, or CIDR for ip-ranges")
+    patch.add_argument("--reason")
+    patch.add_argument("--source")
+    patch.add_argument("--expires-at", help="ISO-8601 instant with a time zone, e.g. 2027-01-31T00:00:00Z")
+    patch.add_argument("--no-expiry", action="store_true", help="remove the entry's expires_at")
+    patch.add_argument("--country", help="ip-ranges only: the range's country")
     delete = _leaf(sub, "delete", _lists_delete, "remove one entry", common)
     delete.add_argument("list", choices=LIST_NAMES)
     delete.add_argument("key")
@@ -579,13 +688,29 @@ def _add_models(subparsers: Any, common: argparse.ArgumentParser) -> None:
     _leaf(sub, "list", _models_list, "show every model", common)
     get = _leaf(sub, "get", _models_get, "show one model", common)
     get.add_argument("name")
-    put = _leaf(sub, "put", _models_put, "add or replace a model (every field; unset flags take defaults)",
+    put = _leaf(sub, "put", _models_put, "add a model, or REPLACE one whole: flags not given take their "
+                "defaults (any country, no timeline, not suspended); to change one field use patch",
                 common)
     put.add_argument("name")
     put.add_argument("--stage", required=True, choices=STAGES)
     put.add_argument("--timeline", help='JSON list, e.g. \'[{"at": "2026-03-01T00:00:00Z", "stage": "general"}]\'')
     put.add_argument("--allowed-countries", help="comma-separated country codes; omit for any country")
     put.add_argument("--export-suspended", action=argparse.BooleanOptionalAction, default=False)
+    patch = _leaf(sub, "patch", _models_patch, "change only the named fields of a model (merge patch)", common)
+    patch.add_argument("name")
+    patch.add_argument("--stage", choices=STAGES)
+    patch.add_argument("--timeline", help='JSON list replacing the timeline, e.g. '
+                       '\'[{"at": "2026-03-01T00:00:00Z", "stage": "general"}]\'')
+    patch.add_argument("--allowed-countries", help="comma-separated country codes replacing the set")
+    patch.add_argument("--any-country", action="store_true", help="remove the country restriction")
+    patch.add_argument("--export-suspended", action=argparse.BooleanOptionalAction, default=None,
+                       help="suspend (or, with --no-export-suspended, lift) the model's export")
+    suspend = _leaf(sub, "suspend", _models_suspend,
+                    "suspend a model's export now; its stage and allowed countries stay as they are", common)
+    suspend.add_argument("name")
+    lift = _leaf(sub, "lift", _models_lift,
+                 "lift a model's export suspension; its stage and allowed countries stay as they are", common)
+    lift.add_argument("name")
     delete = _leaf(sub, "delete", _models_delete, "remove a model", common)
     delete.add_argument("name")
 
@@ -639,9 +764,14 @@ def _add_policy(subparsers: Any, common: argparse.ArgumentParser) -> None:
     sub = _group(subparsers, "policy", "export and import the whole policy (YAML)")
     export = _leaf(sub, "export", _policy_export, "write the whole policy as YAML", common)
     export.add_argument("file", help="output file, or '-' for stdout")
-    imp = _leaf(sub, "import", _policy_import, "replace each section the file holds (also the restore)",
-                common)
+    imp = _leaf(sub, "import", _policy_import, "replace each section the file holds (also the restore); "
+                "api_keys only when --sections names them", common)
     imp.add_argument("file", help="YAML or JSON policy document ('-' for stdin)")
+    imp.add_argument("--sections", help="comma-separated sections to replace, from lists, models, api_keys, "
+                     "screening (default: every one the file holds but api_keys; a restore into an empty "
+                     "Redis writes them all)")
+    imp.add_argument("--dry-run", action="store_true",
+                     help="print what the import would add, remove and change per section; change nothing")
 
 
 def add_operator_commands(subparsers: Any) -> None:

@@ -401,17 +401,21 @@ def format_instant(ts: float) -> str:
     return _format_utc(datetime.fromtimestamp(ts, UTC))
 
 
+_INSTANT_FORM = ("an ISO-8601 date-time with a time zone, e.g. 2027-01-31T00:00:00Z "
+                 "or 2027-01-31T09:00:00+01:00")
+
+
 def parse_instant(value: object, where: str) -> tuple[str, float]:
     """An ISO-8601 date-time with a time zone -> (normalised UTC text, epoch seconds)."""
-    hint = "must be an ISO-8601 date-time with a time zone, e.g. 2026-01-31T00:00:00Z"
     if not isinstance(value, str) or not value or len(value) > _MAX_INSTANT_CHARS:
-        raise PolicyValidationError(where, hint)
+        raise PolicyValidationError(where, f"must be {_INSTANT_FORM}")
     try:
         moment = datetime.fromisoformat(value)
     except ValueError:
-        raise PolicyValidationError(where, f"{_shown(value)} {hint[5:]}") from None
+        raise PolicyValidationError(where, f"{_shown(value)} is not {_INSTANT_FORM}") from None
     if moment.tzinfo is None or moment.utcoffset() is None:
-        raise PolicyValidationError(where, f"{_shown(value)} has no time zone; add Z or an offset (+00:00)")
+        raise PolicyValidationError(where, f"{_shown(value)} has no time zone; the accepted form is "
+                                    f"{_INSTANT_FORM} (add Z for UTC)")
     try:
         return _format_utc(moment), moment.timestamp()
     except (OverflowError, ValueError):
@@ -422,6 +426,19 @@ def _optional_instant(value: object, where: str) -> tuple[str | None, float | No
     if value is None:
         return None, None
     return parse_instant(value, where)
+
+
+def _future_expiry(value: object, where: str, now: float | None) -> str | None:
+    """An optional ``expires_at``; with ``now`` given it must lie after it.
+
+    An entry that has already expired applies to nobody, so writing one would only remove what
+    it replaces (an active deny entry, say) while looking like a change to it: refused.
+    """
+    text, moment = _optional_instant(value, where)
+    if now is not None and moment is not None and moment <= now:
+        raise PolicyValidationError(where, f"{text} is not in the future (now is {format_instant(now)}); "
+                                    "give a later instant, or leave expires_at out for no expiry")
+    return text
 
 
 # --------------------------------------------------------------------------- keys and names
@@ -472,8 +489,11 @@ def validate_entry(
     now_iso: str,
     keep_meta: bool = False,
     where: str = "",
+    now: float | None = None,
 ) -> dict[str, Any]:
     """Check one list entry and return the dict to store.
+
+    With ``now`` (epoch seconds) an ``expires_at`` must lie in the future.
 
     ``added_by``/``added_at`` are set to ``actor``/``now_iso`` unless
     ``keep_meta`` and the body carries them (a whole-policy import keeps the
@@ -495,7 +515,7 @@ def validate_entry(
         "source": _text(data.get("source"), _join(where, "source"), required=False),
         "added_by": actor,
         "added_at": now_iso,
-        "expires_at": _optional_instant(data.get("expires_at"), _join(where, "expires_at"))[0],
+        "expires_at": _future_expiry(data.get("expires_at"), _join(where, "expires_at"), now),
     }
     if keep_meta:
         # An empty value counts as absent: the import stamps it like a new entry.
@@ -518,6 +538,7 @@ def validate_list(
     now_iso: str,
     keep_meta: bool = False,
     where: str = "entries",
+    now: float | None = None,
 ) -> dict[str, dict[str, Any]]:
     """A whole list ``{key: entry}``: keys normalised, two spellings of one key refused."""
     _check_list(list_name)
@@ -529,7 +550,7 @@ def validate_list(
         if key in out:
             raise PolicyValidationError(path, f"duplicates the key {key!r} once normalised")
         out[key] = validate_entry(list_name, key, body, actor=actor, now_iso=now_iso,
-                                  keep_meta=keep_meta, where=path)
+                                  keep_meta=keep_meta, where=path, now=now)
     return out
 
 
@@ -593,7 +614,8 @@ _KEY_REQUEST_FIELDS = frozenset({"subject", "org", "org_name", "country", "tier"
 _KEY_RECORD_FIELDS = _KEY_REQUEST_FIELDS | {"hash", "created_at", "created_by"}
 
 
-def _key_attributes(data: Mapping[str, Any], tiers: Collection[str], where: str) -> dict[str, Any]:
+def _key_attributes(data: Mapping[str, Any], tiers: Collection[str], where: str,
+                    now: float | None = None) -> dict[str, Any]:
     for name in ("subject", "org", "country", "tier"):
         if data.get(name) is None:
             raise PolicyValidationError(_join(where, name), "is required")
@@ -609,15 +631,15 @@ def _key_attributes(data: Mapping[str, Any], tiers: Collection[str], where: str)
         "org_name": None if org_name is None else _text(org_name, _join(where, "org_name"), required=True),
         "country": _region(data["country"], _join(where, "country")),
         "tier": tier,
-        "expires_at": _optional_instant(data.get("expires_at"), _join(where, "expires_at"))[0],
+        "expires_at": _future_expiry(data.get("expires_at"), _join(where, "expires_at"), now),
     }
 
 
-def validate_api_key_request(body: object, tiers: Collection[str]) -> dict[str, Any]:
-    """``POST /admin/v1/api-keys``: subject, org, org_name?, country, tier, expires_at?."""
+def validate_api_key_request(body: object, tiers: Collection[str], *, now: float | None = None) -> dict[str, Any]:
+    """``POST /admin/v1/api-keys``: subject, org, org_name?, country, tier, expires_at? (future, given ``now``)."""
     data = _mapping(body, "")
     _no_unknown(data, _KEY_REQUEST_FIELDS, "")
-    return _key_attributes(data, tiers, "")
+    return _key_attributes(data, tiers, "", now)
 
 
 def validate_api_key_record(
@@ -647,7 +669,35 @@ def validate_api_key_record(
     return record
 
 
-_DOCUMENT_SECTIONS = frozenset({"version", "lists", "models", "api_keys", "screening"})
+_DOCUMENT_SECTIONS = frozenset({"version", "lists", "models", "api_keys", "screening", "revoked_api_keys"})
+# What a policy document must carry to restore a Redis that holds none (contract §6).
+WHOLE_POLICY_PARTS = (*(f"lists.{name}" for name in LIST_NAMES), "models", "api_keys", "screening")
+_REVOCATION_FIELDS = frozenset({"hash", "subject", "org", "revoked_at", "revoked_by"})
+
+
+def validate_revocation(key_id: object, body: object, *, where: str) -> dict[str, Any]:
+    """A kept revocation as an export carries it: the key's hash, who revoked it and when."""
+    _identifier(key_id, where, spaces=False)
+    data = _mapping(body, where)
+    _no_unknown(data, _REVOCATION_FIELDS, where)
+    for name in ("hash", "revoked_at", "revoked_by"):
+        if data.get(name) is None:
+            raise PolicyValidationError(_join(where, name), "is required")
+    return {
+        "hash": _identifier(data["hash"], _join(where, "hash"), spaces=False),
+        "subject": None if data.get("subject") is None else _identifier(data["subject"], _join(where, "subject")),
+        "org": None if data.get("org") is None else _identifier(data["org"], _join(where, "org")),
+        "revoked_at": parse_instant(data["revoked_at"], _join(where, "revoked_at"))[0],
+        "revoked_by": _identifier(data["revoked_by"], _join(where, "revoked_by")),
+    }
+
+
+def missing_parts(document: Mapping[str, Any]) -> list[str]:
+    """The parts of :data:`WHOLE_POLICY_PARTS` a (validated) document leaves out."""
+    lists = document.get("lists") or {}
+    present = {f"lists.{name}" for name in lists} | {name for name in ("models", "api_keys", "screening")
+                                                       if name in document}
+    return [part for part in WHOLE_POLICY_PARTS if part not in present]
 
 
 def validate_policy_document(
@@ -698,7 +748,152 @@ def validate_policy_document(
     if "screening" in data:
         screening = _mapping(data["screening"], "screening", 'an object such as {"entries": [...]}')
         out["screening"] = dict(screening)
+    if "revoked_api_keys" in data:
+        revoked = _mapping(data["revoked_api_keys"], "revoked_api_keys", "an object of key id: revocation")
+        out["revoked_api_keys"] = {key_id: validate_revocation(key_id, body, where=f"revoked_api_keys.{key_id}")
+                                   for key_id, body in revoked.items()}
+        for key_id in out.get("api_keys", {}):
+            if key_id in out["revoked_api_keys"]:
+                raise PolicyValidationError(f"api_keys.{key_id}", "is also listed in revoked_api_keys")
     return out
+
+
+def drop_expired(document: Mapping[str, Any], now: float) -> tuple[dict[str, Any], list[str]]:
+    """A validated document without the list entries whose ``expires_at`` has passed.
+
+    An import replaces each list whole, so an entry that has expired means the same as one left
+    out; dropping it (with a warning naming it) keeps an export that holds one importable, while
+    a single-entry write with a past ``expires_at`` is refused outright.
+    """
+    out = dict(document)
+    warnings: list[str] = []
+    lists: dict[str, Any] = {}
+    for name, entries in (document.get("lists") or {}).items():
+        kept = {}
+        for key, entry in entries.items():
+            if _expired(entry, now):
+                warnings.append(f"lists.{name}.{key}: expired at {entry['expires_at']}; not imported")
+            else:
+                kept[key] = entry
+        lists[name] = kept
+    if "lists" in document:
+        out["lists"] = lists
+    return out, warnings
+
+
+def _expired(record: Mapping[str, Any], now: float) -> bool:
+    expires = record.get("expires_at")
+    return expires is not None and parse_instant(expires, "expires_at")[1] <= now
+
+
+def merge_patch(target: Mapping[str, Any] | None, patch: Mapping[str, Any]) -> dict[str, Any]:
+    """RFC 7396 JSON merge patch: members named in ``patch`` replace those of ``target``, ``null``
+    removes one, objects merge recursively, anything else (arrays too) replaces whole."""
+    out = dict(target or {})
+    for name, value in patch.items():
+        if value is None:
+            out.pop(name, None)
+        elif isinstance(value, Mapping):
+            current = out.get(name)
+            out[name] = merge_patch(current if isinstance(current, Mapping) else None, value)
+        else:
+            out[name] = value
+    return out
+
+
+def patch_body(body: object) -> Mapping[str, Any]:
+    """A merge patch must be an object that names at least one field."""
+    data = _mapping(body, "body", "a JSON object naming the fields to change (a merge patch)")
+    if not data:
+        raise PolicyValidationError("body", "names no field to change")
+    return data
+
+
+# --------------------------------------------------------------------------- what an import would change
+
+# Who wrote an entry and when is history, not content: an import restamps entries that carry none.
+_HISTORY_FIELDS = frozenset({"added_by", "added_at", "created_by", "created_at"})
+
+
+def _content(record: Mapping[str, Any]) -> dict[str, Any]:
+    return {name: value for name, value in record.items() if name not in _HISTORY_FIELDS}
+
+
+def _keyed_diff(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, list[str]]:
+    return {
+        "added": sorted(set(after) - set(before)),
+        "removed": sorted(set(before) - set(after)),
+        "changed": sorted(key for key in set(before) & set(after)
+                          if _content(before[key]) != _content(after[key])),
+    }
+
+
+def policy_diff(current: Mapping[str, Any], incoming: Mapping[str, Any]) -> dict[str, Any]:
+    """Per section of ``incoming`` (validated, the sections an import would write): the keys it would
+    add, remove and change against ``current`` (a policy document; empty sections when none is held).
+    ``screening`` compares the entry lists: their counts, and whether they differ at all."""
+    out: dict[str, Any] = {}
+    current_lists = current.get("lists") or {}
+    for name, entries in (incoming.get("lists") or {}).items():
+        out[f"lists.{name}"] = _keyed_diff(current_lists.get(name) or {}, entries)
+    for section in ("models", "api_keys"):
+        if section in incoming:
+            out[section] = _keyed_diff(current.get(section) or {}, incoming[section])
+    if "screening" in incoming:
+        before = (current.get("screening") or {}).get("entries") or []
+        after = (incoming.get("screening") or {}).get("entries") or []
+        out["screening"] = {"before": len(before), "after": len(after), "changed": before != after}
+    if incoming.get("revoked_api_keys"):
+        held = current.get("revoked_api_keys") or {}
+        out["revoked_api_keys"] = {"added": sorted(set(incoming["revoked_api_keys"]) - set(held)),
+                                   "removed": [], "changed": []}
+    return out
+
+
+# --------------------------------------------------------------------------- risky-but-valid writes
+
+
+def entry_warnings(list_name: str, key: str, *, home_countries: Collection[str],
+                   partners: Collection[str]) -> list[str]:
+    """Why a valid list entry may still be a mistake: a home country denied, an ip-ranges entry wider
+    than /8 (IPv4) or /32 (IPv6), a denied entity that is a current partner. Empty when none."""
+    if list_name == DENY_COUNTRIES:
+        country = key.split("-", 1)[0]
+        if key in home_countries or country in home_countries:
+            return [f"deny-countries {key}: denies a home country (network.home_countries: "
+                    f"{', '.join(sorted(home_countries))}); callers there are refused every model"]
+    elif list_name == IP_RANGES:
+        network = ipaddress.ip_network(key, strict=False)
+        widest = 8 if network.version == 4 else 32
+        if network.prefixlen < widest:
+            return [f"ip-ranges {key}: wider than /{widest}; it places {network.num_addresses:,} "
+                    "addresses in one country over the GeoIP database"]
+    elif list_name == DENY_ENTITIES and key in partners:
+        return [f"deny-entities {key}: is also a current partner; the deny entry wins"]
+    return []
+
+
+def model_warnings(name: str, model: Mapping[str, Any]) -> list[str]:
+    """Why a valid model may still be a mistake: an empty ``allowed_countries`` serves nobody."""
+    if model.get("allowed_countries") == []:
+        return [f"models {name}: allowed_countries is empty; no caller in any country may use it "
+                "(null means any country)"]
+    return []
+
+
+def document_warnings(document: Mapping[str, Any], *, home_countries: Collection[str],
+                      partners: Collection[str]) -> list[str]:
+    """:func:`entry_warnings` and :func:`model_warnings` over a validated policy document; the
+    partners are the document's own when it carries them, else ``partners``."""
+    lists = document.get("lists") or {}
+    current_partners = set(lists[PARTNERS]) if PARTNERS in lists else set(partners)
+    warnings: list[str] = []
+    for name in LIST_NAMES:
+        for key in lists.get(name, {}):
+            warnings += entry_warnings(name, key, home_countries=home_countries, partners=current_partners)
+    for name, model in (document.get("models") or {}).items():
+        warnings += model_warnings(name, model)
+    return warnings
 
 
 # --------------------------------------------------------------------------- stored dicts <-> types

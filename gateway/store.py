@@ -11,6 +11,8 @@ key                             type     holds
 ``{gw}:list:<name>``            hash     list entry key -> JSON entry (four lists)
 ``{gw}:models``                 hash     model name -> JSON model
 ``{gw}:apikeys``                hash     key id -> JSON attributes incl. the key's hash
+``{gw}:revoked``                hash     key id -> JSON revocation (hash, revoked_at, revoked_by): a
+                                        revoked key id or hash is never written back into apikeys
 ``{gw}:screening``              string   JSON list of imported screening entries
 ``{gw}:screening_rev``          string   policy version at which screening last changed
 ``{gw}:revs``                   hash     part -> version of its last change; ``at`` -> version described;
@@ -57,6 +59,7 @@ VERSION_KEY = PREFIX + "version"
 GENERATION_KEY = PREFIX + "generation"
 MODELS_KEY = PREFIX + "models"
 APIKEYS_KEY = PREFIX + "apikeys"
+REVOKED_KEY = PREFIX + "revoked"
 SCREENING_KEY = PREFIX + "screening"
 SCREENING_REV_KEY = PREFIX + "screening_rev"
 CHANGES_KEY = PREFIX + "changes"
@@ -113,7 +116,27 @@ class PolicyMissing(Exception):
 
 
 class NotFound(Exception):
-    """A delete of something that is not there."""
+    """A delete (or a patch) of something that is not there."""
+
+
+class PolicyIncomplete(Exception):
+    """A restore into a Redis with no policy that leaves parts out (contract: 409 policy_incomplete).
+
+    ``missing`` names them as a policy document does: ``lists.partners``, ``api_keys``, ``screening``.
+    """
+
+    def __init__(self, missing: Sequence[str]) -> None:
+        super().__init__(", ".join(missing))
+        self.missing = tuple(missing)
+
+
+class KeyRevoked(Exception):
+    """A write that would make a revoked API key (its id or its hash) active again (409 key_revoked)."""
+
+    def __init__(self, key_id: str, revoked: Mapping[str, Any]) -> None:
+        super().__init__(key_id)
+        self.key_id = key_id
+        self.revoked = dict(revoked)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +159,8 @@ class PolicyData:
     # ``lists``: raw bytes for ``LAZY_LISTS``). Their ``lists`` entries are empty; the caller applies
     # these to its own copy.
     deltas: dict[str, dict[Any, Any]] = field(default_factory=dict)
+    # Revoked API keys (key id -> hash, revoked_at, revoked_by); read by the admin export only.
+    revoked: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,7 +199,40 @@ class ScreeningReplace:
     entries: Sequence[Mapping[str, Any]]
 
 
-Op = HashSet | HashDelete | HashReplace | ScreeningReplace
+@dataclass(frozen=True, slots=True)
+class HashUpdate:
+    """Read-modify-write of one field, inside the write's WATCH (a merge patch).
+
+    ``update`` gets the stored value (None when absent) and returns the value to store; it may
+    raise (:class:`NotFound`, a validation error) and then nothing changes. The write retries on a
+    concurrent change, so ``update`` always sees the value it replaces: no update is lost.
+    """
+
+    key: str
+    field: str
+    update: Callable[[dict[str, Any] | None], Mapping[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRevoke:
+    """Delete an API key and keep its revocation (id, hash, who, when), so it can never return."""
+
+    key_id: str
+    revoked_by: str
+    revoked_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class RevocationsMerge:
+    """Revocation records carried by an import: added to those kept, never removing any."""
+
+    records: Mapping[str, Mapping[str, Any]]
+
+
+Op = HashSet | HashDelete | HashReplace | ScreeningReplace | HashUpdate | KeyRevoke | RevocationsMerge
+# A write's operations, or a function that chooses them inside the transaction from whether Redis
+# holds a policy (True) or is empty (False); it may raise to refuse the write.
+OpsPlan = Sequence[Op] | Callable[[bool], Sequence[Op]]
 
 
 @dataclass(slots=True)
@@ -393,11 +451,15 @@ class Store:
 
     # --- policy writes --------------------------------------------------------------------
 
-    async def write(self, ops: Sequence[Op], *, actor: str, now_iso: str, target: str,
+    async def write(self, ops: OpsPlan, *, actor: str, now_iso: str, target: str,
                     import_whole: bool = False) -> tuple[int, Change]:
         """Apply ``ops`` and bump the version in one transaction; publish the new version.
 
-        Without ``import_whole`` a Redis with no policy refuses the write (PolicyMissing).
+        Without ``import_whole`` a Redis with no policy refuses the write (PolicyMissing); with it,
+        the write into such a Redis is a restore and must replace every part (PolicyIncomplete
+        names what it leaves out), so a half-restored policy never serves. A write that would put
+        a revoked API key back is refused (KeyRevoked). ``HashUpdate`` and ``KeyRevoke`` read what
+        they change under the same WATCH as the version, so they act on the value they replace.
         Concurrent writers retry on WATCH conflicts, so none is lost. A write counts only
         once it is read back from the primary (the transaction leaves a marker key): a
         reply lost with its connection, or a write lost in a Sentinel or Cluster failover
@@ -439,13 +501,19 @@ class Store:
         raw = await self._bounded("write", self.client.get(WRITE_MARK_PREFIX + write_id), self.load_timeout_s)
         return None if raw is None else int(raw)
 
-    async def _write_once(self, ops: Sequence[Op], *, actor: str, now_iso: str, target: str,
+    async def _write_once(self, plan: OpsPlan, *, actor: str, now_iso: str, target: str,
                           import_whole: bool, write_id: str, changes: list[Change]) -> None:
         async with self.client.pipeline(transaction=True) as pipe:
             await pipe.watch(VERSION_KEY)
             current = await pipe.get(VERSION_KEY)
             if current is None and not import_whole:
                 raise PolicyMissing()
+            chosen = plan(current is not None) if callable(plan) else plan
+            if current is None:
+                missing = _missing_parts(chosen)
+                if missing:
+                    raise PolicyIncomplete(missing)
+            ops = await _resolve(pipe, chosen)
             stored_revs = {key.decode(): int(value) for key, value in (await pipe.hgetall(REVS_KEY)).items()}
             new_version = int(current or 0) + 1
             # Revisions vouch for unchanged parts only while every write since kept them: a new policy,
@@ -552,17 +620,18 @@ class Store:
         async def load() -> list[Any]:
             pipe = self.client.pipeline(transaction=True)
             _queue_policy_reads(pipe)
+            pipe.hgetall(REVOKED_KEY)
             pipe.get(SCREENING_KEY)
             return list(await pipe.execute())
 
-        version, generation, screening_rev, *hashes, screening = await self._bounded(
+        version, generation, screening_rev, *hashes, revoked, screening = await self._bounded(
             "admin", load(), self.load_timeout_s)
         if version is None:
             return None
         lists = {name: _decode_hash(raw) for name, raw in zip(LIST_NAMES, hashes[:4], strict=True)}
         data = PolicyData(version=int(version), generation=(generation or b"").decode(), lists=lists,
                           models=_decode_hash(hashes[4]), api_keys=_decode_hash(hashes[5]),
-                          screening_rev=int(screening_rev or 0))
+                          screening_rev=int(screening_rev or 0), revoked=_decode_hash(revoked))
         return data, list(orjson.loads(screening)) if screening else []
 
     async def read_hash(self, key: str) -> tuple[int, dict[str, dict[str, Any]]] | None:
@@ -849,6 +918,67 @@ def _change_dict(change: Change) -> dict[str, Any]:
             **change.extra}
 
 
+def _missing_parts(ops: Sequence[Op]) -> list[str]:
+    """The parts a restore leaves out, named as in a policy document (``lists.partners``, ``screening``)."""
+    replaced = {op.key for op in ops if isinstance(op, HashReplace)}
+    missing = [f"lists.{name}" for name in LIST_NAMES if list_key(name) not in replaced]
+    missing += [name for name, key in (("models", MODELS_KEY), ("api_keys", APIKEYS_KEY)) if key not in replaced]
+    if not any(isinstance(op, ScreeningReplace) for op in ops):
+        missing.append("screening")
+    return missing
+
+
+async def _resolve(pipe: Any, ops: Sequence[Op]) -> list[HashSet | HashDelete | HashReplace | ScreeningReplace]:
+    """Turn read-modify-write operations into plain ones, reading under the caller's WATCH, and refuse a
+    write that would make a revoked key active again. Runs before MULTI; raising leaves Redis as it was."""
+    out: list[HashSet | HashDelete | HashReplace | ScreeningReplace] = []
+    revoked: dict[str, dict[str, Any]] | None = None
+
+    async def held_revocations() -> dict[str, dict[str, Any]]:
+        nonlocal revoked
+        if revoked is None:
+            revoked = _decode_hash(await pipe.hgetall(REVOKED_KEY))
+        return revoked
+
+    for op in ops:
+        if isinstance(op, HashUpdate):
+            raw = await pipe.hget(op.key, op.field)
+            out.append(HashSet(op.key, op.field, op.update(orjson.loads(raw) if raw else None)))
+        elif isinstance(op, KeyRevoke):
+            raw = await pipe.hget(APIKEYS_KEY, op.key_id)
+            if raw is None:
+                raise NotFound(op.key_id)
+            record = orjson.loads(raw)
+            revocation = {"hash": record.get("hash"), "subject": record.get("subject"),
+                          "org": record.get("org"), "revoked_at": op.revoked_at, "revoked_by": op.revoked_by}
+            out += [HashDelete(APIKEYS_KEY, op.key_id), HashSet(REVOKED_KEY, op.key_id, revocation)]
+        elif isinstance(op, RevocationsMerge):
+            held = await held_revocations()
+            replaces_keys = any(isinstance(o, HashReplace) and o.key == APIKEYS_KEY for o in ops)
+            for key_id, record in op.records.items():
+                if key_id in held:
+                    continue  # the record kept first stays: who revoked it and when
+                out.append(HashSet(REVOKED_KEY, key_id, record))
+                held[key_id] = dict(record)
+                if not replaces_keys and await pipe.hexists(APIKEYS_KEY, key_id):
+                    out.append(HashDelete(APIKEYS_KEY, key_id))
+        else:
+            out.append(op)
+    writes = [(op.field, op.value) for op in out if isinstance(op, HashSet) and op.key == APIKEYS_KEY]
+    writes += [item for op in out if isinstance(op, HashReplace) and op.key == APIKEYS_KEY
+               for item in op.values.items()]
+    if writes:
+        held = await held_revocations()
+        by_hash = {record.get("hash"): key_id for key_id, record in held.items() if record.get("hash")}
+        for key_id, value in writes:
+            if key_id in held:
+                raise KeyRevoked(key_id, held[key_id])
+            other = by_hash.get(value.get("hash"))
+            if other is not None:
+                raise KeyRevoked(other, held[other])
+    return out
+
+
 def policy_ops(document: Mapping[str, Any]) -> list[Op]:
     """Write operations that replace each section (and each list) present in a validated document."""
     ops: list[Op] = []
@@ -860,4 +990,6 @@ def policy_ops(document: Mapping[str, Any]) -> list[Op]:
         ops.append(HashReplace(APIKEYS_KEY, document["api_keys"] or {}))
     if "screening" in document:
         ops.append(ScreeningReplace((document["screening"] or {}).get("entries", [])))
+    if document.get("revoked_api_keys"):
+        ops.append(RevocationsMerge(document["revoked_api_keys"]))
     return ops

@@ -157,7 +157,7 @@ async def eventually(check: Any, within: float = 1.0) -> float:
 
 async def test_get_policy_has_every_section(admin: AdminClient) -> None:
     policy = await admin.ok("GET", "/admin/v1/policy")
-    assert set(policy) == {"version", "lists", "models", "api_keys", "screening"}
+    assert set(policy) == {"version", "lists", "models", "api_keys", "screening", "revoked_api_keys"}
     assert set(policy["lists"]) == {"deny-countries", "deny-entities", "partners", "ip-ranges"}
     ir = policy["lists"]["deny-countries"]["IR"]
     assert ir["reason"] == "test embargo" and ir["added_by"] == "test" and ir["added_at"].endswith("Z")
@@ -586,10 +586,13 @@ async def test_openapi_describes_every_route(admin: AdminClient, gw: GatewayProc
         ("post", "/admin/v1/decide"), ("post", "/admin/v1/screening/import"),
         ("get", "/admin/v1/screening/search"), ("get", "/admin/v1/audit"), ("get", "/admin/v1/changes"),
         ("get", "/admin/v1/openapi.json"), ("get", "/admin/v1/models"),
+        ("patch", "/admin/v1/models/{model}"), ("patch", "/admin/v1/lists/{list}/{key}"),
+        ("post", "/admin/v1/policy/diff"),
     }
     assert {(m, p) for p, ops in paths.items() for m in ops} == expected
     schemas = document["components"]["schemas"]
-    for name in ("Entry", "StoredEntry", "ListReplace", "Model", "ApiKeyRequest", "DecideRequest", "Policy"):
+    for name in ("Entry", "StoredEntry", "ListReplace", "Model", "ApiKeyRequest", "DecideRequest", "Policy",
+                 "EntryPatch", "ModelPatch", "Revocation"):
         assert schemas[name]["additionalProperties"] is False, name
     assert sorted(schemas["ApiKeyRequest"]["properties"]["tier"]["enum"]) == sorted(TIERS)
 
@@ -621,7 +624,8 @@ async def test_no_policy_refuses_single_writes_until_a_restore(fresh_redis: Redi
         token = hs_token("judy")
         assert await public_status(session, process, token) == (503, "policy_stale")
         # The restore: one atomic whole-policy import starts a generation, and traffic flows at once.
-        assert (await admin.ok("PUT", "/admin/v1/policy", POLICY))["version"] == 1
+        whole = {**POLICY, "api_keys": {}, "screening": {"entries": []}}
+        assert (await admin.ok("PUT", "/admin/v1/policy", whole))["version"] == 1
         assert await public_status(session, process, token) == (200, "")
         assert (await admin.ok("GET", "/admin/v1/policy"))["lists"]["partners"].keys() == {"acme"}
         async with session.get(process.admin_url + "/readyz") as response:

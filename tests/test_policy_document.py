@@ -454,7 +454,10 @@ def load_example() -> dict[str, Any]:
 
 def test_example_policy_validates() -> None:
     doc = load_example()
-    assert set(doc) == {"lists", "models"}  # no API keys in a file
+    # Every section, so the file restores an empty Redis; no API keys in a file, no screening list.
+    assert set(doc) == {"lists", "models", "api_keys", "screening"}
+    assert set(doc["lists"]) == {"deny-countries", "deny-entities", "partners", "ip-ranges"}
+    assert doc["api_keys"] == {} and doc["screening"] == {"entries": []}
     out = validate_policy_document(doc, actor=ACTOR, now_iso=NOW_ISO, tiers=TIERS)
     assert set(out["lists"]["deny-countries"]) == {"CU", "IR", "KP", "UA-43", "UA-40", "UA-14", "UA-09"}
     assert "SY" not in out["lists"]["deny-countries"]  # programme ended 1 Jul 2025; see the file's comment
