@@ -43,7 +43,7 @@ def _serve(args: argparse.Namespace) -> int:
             check_policy_file(args.bootstrap_policy, tuple(settings.tiers))
         except ConfigError as exc:
             print(f"gateway: config error: {exc}", file=sys.stderr)
-        return 2
+            return 2
     from .server import serve
 
     return serve(settings, workers=args.workers, bootstrap_policy=args.bootstrap_policy)
