@@ -4,7 +4,8 @@
 // test (tests/test_request_differential.py) as one of the real decoders the gateway must agree with.
 //
 // Usage: godecoder PORT. Answers every request with JSON:
-//   {"json": {"ok": bool, "model": string}, "form": {"ok": bool, "models": [string]}}
+//   {"json": {"ok": bool, "model": string}, "form": {"ok": bool, "models": [string]},
+//    "method", "target", "host", "headers", "body" (base64): the request exactly as it arrived}
 package main
 
 import (
@@ -31,8 +32,13 @@ type formReading struct {
 }
 
 type reading struct {
-	JSON jsonReading `json:"json"`
-	Form formReading `json:"form"`
+	JSON    jsonReading         `json:"json"`
+	Form    formReading         `json:"form"`
+	Method  string              `json:"method"`
+	Target  string              `json:"target"`
+	Host    string              `json:"host"`
+	Headers map[string][]string `json:"headers"`
+	Body    []byte              `json:"body"`
 }
 
 func handle(w http.ResponseWriter, r *http.Request) {
@@ -41,7 +47,7 @@ func handle(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, err.Error(), http.StatusBadRequest)
 		return
 	}
-	var out reading
+	out := reading{Method: r.Method, Target: r.RequestURI, Host: r.Host, Headers: r.Header, Body: body}
 	// As many Go servers do: decode the body as JSON, ignoring the media type.
 	var parsed map[string]json.RawMessage
 	var req chatRequest
