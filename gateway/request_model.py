@@ -557,21 +557,19 @@ class ModelExtractor:
 
 def _disposition(value: bytes) -> tuple[str, str | None]:
     """(name, filename or None) of a part's Content-Disposition; 400 unless it is plainly ``form-data``
-    with one ``name`` and no parameter twice or in the RFC 2231 (``name*``) form."""
-    try:
-        text = value.decode("ascii")
-    except UnicodeDecodeError as exc:
-        raise bad_request("A multipart Content-Disposition must be ASCII.") from exc
+    with one ASCII ``name``, no parameter twice, and no RFC 2231 ``name*`` (which parsers decode or not).
+    File names may be raw UTF-8, as browsers send them, or ``filename*``."""
+    text = value.decode("latin-1")
     match = _DISPOSITION.fullmatch(text)
     if match is None:
         raise bad_request("A multipart Content-Disposition is malformed.")
     params: dict[str, str] = {}
     for key, raw in _DISPOSITION_PARAMETER.findall(match.group(1)):
         key = key.lower()
-        if key in params or key.endswith("*"):
+        if key in params or key == "name*":
             raise bad_request("A multipart Content-Disposition names a parameter twice or in an encoded form.")
         params[key] = raw[1:-1] if raw[:1] == '"' else raw
     name = params.get("name")
-    if name is None:
-        raise bad_request("A multipart part has no name.")
-    return name, params.get("filename")
+    if name is None or not name.isascii():
+        raise bad_request("A multipart part needs a name of ASCII characters.")
+    return name, params.get("filename", params.get("filename*"))

@@ -94,3 +94,15 @@ def test_model_names_are_bounded_and_printable() -> None:
     assert check_model("é" * 128) == "é" * 128  # 256 bytes
     for bad in ("m" * 257, "é" * 129, "a\nb", "a\x00", "a\x7f", "a\u0085", "", None, 7, ["gpt-mock"]):
         refused(lambda bad=bad: check_model(bad), 400, "invalid_request")
+
+
+def test_multipart_uploads_with_utf8_file_names_are_read() -> None:
+    from gateway.request_model import ModelExtractor
+
+    body = ('--b\r\nContent-Disposition: form-data; name="model"\r\n\r\ngpt-mock\r\n'
+            '--b\r\nContent-Disposition: form-data; name="file"; filename="日本.wav"; '
+            "filename*=UTF-8''%E6%97%A5.wav\r\nContent-Type: audio/wav\r\n\r\nRIFF\r\n--b--\r\n").encode()
+    assert ModelExtractor(None).read_body(body, ["multipart/form-data; boundary=b"]) == ("gpt-mock",
+                                                                                         "multipart/form-data")
+    refused(lambda: ModelExtractor(None).read_body(body.replace(b'name="file"', b'name="f\xc3\xa9"'),
+                                                   ["multipart/form-data; boundary=b"]), 400, "invalid_request")
