@@ -1,8 +1,10 @@
 """Wiring: the runtime's clients and their lifecycle, the public request path, both listeners.
 
-The public path runs, in order: request id -> policy freshness (row 10) ->
-identity (row 1) -> client IP and countries -> body and model -> decision (rows
-2-8) -> rate limit (row 9) -> streaming proxy -> metrics and audit.
+The public path runs, in order: request id -> method and client address ->
+policy freshness (row 10) -> identity (row 1) -> countries -> the rest of the
+request's canonical view (decoded body, model, headers to forward;
+request_model.py) -> decision (rows 2-8) -> rate limit (row 9) -> streaming proxy
+of that same view -> metrics and audit.
 """
 
 from __future__ import annotations
