@@ -433,6 +433,7 @@ def test_the_upstreams_read_the_model_the_gateway_decided(setting: tuple[Gateway
 
 
 @pytest.mark.soak
+@pytest.mark.timeout(3600)
 @settings(max_examples=int(os.environ.get("GATEWAY_DIFFERENTIAL_SOAK_EXAMPLES", "20000")), deadline=None,
           suppress_health_check=list(HealthCheck))
 @given(variant=variants())
