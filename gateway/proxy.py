@@ -172,11 +172,11 @@ def upstream_request_headers(incoming: CIMultiDictProxy[str], *, forwarded_for: 
 
 
 def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    drop = _RESPONSE_DROP | _connection_named(upstream) if "Connection" in upstream else _RESPONSE_DROP
+    named = _connection_named(upstream) if "Connection" in upstream else None
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream.items():
         lower = name.lower()
-        if lower in drop or lower.startswith("proxy-"):
+        if lower in _RESPONSE_DROP or lower.startswith("proxy-") or (named is not None and header_key(name) in named):
             continue
         out.add(name, value)
     return out
