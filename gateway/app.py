@@ -1,8 +1,10 @@
 """Wiring: the runtime's clients and their lifecycle, the public request path, both listeners.
 
-The public path runs, in order: request id -> policy freshness (row 10) ->
-identity (row 1) -> client IP and countries -> body and model -> decision (rows
-2-8) -> rate limit (row 9) -> streaming proxy -> metrics and audit.
+The public path runs, in order: request id -> method and client address ->
+policy freshness (row 10) -> identity (row 1) -> countries -> the rest of the
+request's canonical view (decoded body, model, headers to forward;
+request_model.py) -> decision (rows 2-8) -> rate limit (row 9) -> streaming proxy
+of that same view -> metrics and audit.
 """
 
 from __future__ import annotations
@@ -16,16 +18,14 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote
 
 import aiohttp
-import orjson
 from aiohttp import web
 from aiohttp.web_request import BaseRequest
 
 from .admin import register_admin_routes
 from .audit import AuditLog
-from .errors import GatewayError, bad_request, decision_label, error_response, json_response
+from .errors import GatewayError, decision_label, error_response, json_response
 from .geo import GeoResolver
 from .identity import Authenticator, AuthError, Identity
 from .jwks import JwksFetcher, KeyRing
@@ -33,11 +33,12 @@ from .listener import JsonErrorServer
 from .logs import bind_request, log_access, request_id_for
 from .metrics import Metrics
 from .model_list import forward_model_list, lists_models
-from .network import TrustedProxies, client_ip
+from .network import TrustedProxies
 from .policy import Decision, Rules, clip, decide, path_model
-from .proxy import SKIP_AUTO_HEADERS, Forwarder, ProxyOutcome, Router, origin_form, upstream_request_headers
+from .proxy import SKIP_AUTO_HEADERS, Forwarder, ProxyOutcome, Router
 from .ratelimit import RateLimiter, RateResult
 from .redis_wire import RespConnection
+from .request_model import RequestReader
 from .settings import Settings, read_secret
 from .store import Store
 from .watcher import PolicyWatcher
@@ -91,249 +92,6 @@ class Exchange:
     rate: RateResult | None = None
 
 
-class ModelExtractor:
-    """The model a request names: JSON body ``model``, a form field ``model``, or ``policy.model_path_pattern``'s group.
-
-    The model decided on must be the model the upstream serves, however the upstream parses the request.
-    So an input that parsers could read in more than one way is refused (400), never guessed:
-
-    * the request-target must be origin-form (absolute-form is reduced to its path and query);
-    * with a path pattern, a path that a normalising server (percent-decoding, dot segments, ``//``,
-      ``;params``, ``\\``, NUL, letter case, a trailing slash) could route to a model must already be in
-      canonical form (none of those, nothing percent-encoded), or it is refused; a canonical path is
-      matched exactly as written;
-    * a path model and a body model that differ are refused;
-    * JSON bodies: a duplicate ``model`` key (however escaped), a non-string or empty model, a byte order
-      mark or UTF-16/32 text (which lenient parsers accept and strict ones do not) are refused; a
-      ``model`` inside a nested object names no model;
-    * ``multipart/form-data`` and ``application/x-www-form-urlencoded`` bodies name their model in a
-      ``model`` field (OpenAI's audio and image endpoints do); a repeated or ambiguous one is refused.
-    """
-
-    def __init__(self, pattern: str | None) -> None:
-        self.pattern = re.compile(pattern) if pattern else None
-        # What a lenient upstream might route on is matched without regard to letter case.
-        self.loose_pattern = re.compile(pattern, re.IGNORECASE) if pattern else None
-
-    def extract(self, request: BaseRequest, body: bytes) -> str | None:
-        target = origin_form(request.raw_path)
-        path_model = self.model_from_path(target.split("?", 1)[0]) if self.pattern is not None else None
-        body_model = self.model_from_body(body, request.headers.getall("Content-Type", ())) if body else None
-        if path_model is not None and body_model is not None and path_model != body_model:
-            raise bad_request(f"The request path names model '{path_model}' and its body names "
-                              f"'{body_model}'.")
-        return path_model if path_model is not None else body_model
-
-    # --- the path ---------------------------------------------------------------------------------
-
-    def model_from_path(self, path: str) -> str | None:
-        """``path`` is the raw (percent-encoded) path of an origin-form target, without the query."""
-        assert self.pattern is not None and self.loose_pattern is not None
-        if self._canonical(path):
-            match = self.pattern.search(path)
-            if match and match.group("model"):
-                return match.group("model")
-        for candidate in self._loosened(path):
-            loose = self.loose_pattern.search(candidate)
-            if loose and loose.group("model"):
-                raise bad_request("The request path could name a model in more than one way (encoded characters, "
-                                  "dot segments, empty segments, ';' parameters, backslashes, letter case or a "
-                                  "trailing slash); send the canonical path.")
-        return None
-
-    @staticmethod
-    def _canonical(path: str) -> bool:
-        """True when no server reads ``path`` other than as written: nothing percent-encoded (a server may
-        decode it or not), no ``//``, dot segments, ``;`` parameters or ``\\``."""
-        if "%" in path or "//" in path or ";" in path or "\\" in path:
-            return False
-        return not any(segment in (".", "..") for segment in path.split("/"))
-
-    def _loosened(self, path: str) -> list[str]:
-        """``path`` as lenient servers might read it, decoded zero to three times: ``\\`` as ``/``, cut at
-        NUL, empty and dot segments resolved, no trailing slash; ``;params`` dropped before the dot
-        segments are resolved (``/a;x/..`` -> ``/``) and, as other servers do, after (``/a/;x/..`` -> ``/a``)."""
-        readings: list[str] = []
-        text = path
-        for _ in range(4):
-            cut = text.split("\x00", 1)[0].replace("\\", "/").split("/")
-            readings.append(self._resolved([segment.split(";", 1)[0] for segment in cut]))
-            if ";" in text:
-                readings.append(self._resolved(cut, strip_params=True))
-            decoded = unquote(text, errors="replace")
-            if decoded == text:
-                break
-            text = decoded
-        return readings
-
-    @staticmethod
-    def _resolved(segments: list[str], *, strip_params: bool = False) -> str:
-        kept: list[str] = []
-        for segment in segments:
-            if segment in ("", "."):
-                continue
-            if segment == "..":
-                if kept:
-                    kept.pop()
-                continue
-            kept.append(segment)
-        if strip_params:
-            kept = [part for part in (segment.split(";", 1)[0] for segment in kept) if part]
-        return "/" + "/".join(kept)
-
-    # --- the body ---------------------------------------------------------------------------------
-
-    def model_from_body(self, body: bytes, content_types: list[str]) -> str | None:
-        if len(content_types) > 1:
-            raise bad_request("The request has more than one Content-Type header.")
-        content_type = content_types[0] if content_types else ""
-        lowered = content_type.lower()
-        if "multipart/" not in lowered and "urlencoded" not in lowered:
-            return self._json_model(body)  # the common case, without parsing the media type
-        media, params = self._media_type(content_type)  # the boundary is case-sensitive
-        if media == "multipart/form-data":
-            return self._multipart_model(body, params.get("boundary"))
-        if media == "application/x-www-form-urlencoded":
-            return self._form_model(body)
-        return self._json_model(body)
-
-    @staticmethod
-    def _media_type(value: str) -> tuple[str, dict[str, str]]:
-        from email.message import Message
-
-        if not value:
-            return "", {}
-        message = Message()
-        message["Content-Type"] = value
-        params = {str(k).lower(): str(v) for k, v in message.get_params(failobj=[])[1:]}
-        return message.get_content_type().lower(), params
-
-    def _json_model(self, body: bytes) -> str | None:
-        if body.lstrip()[:1] != b"{":
-            self._refuse_disguised_json(body)
-            return None
-        try:
-            document = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise bad_request("The request body is not valid JSON.") from exc
-        if not isinstance(document, dict) or "model" not in document:
-            return None
-        model = document["model"]
-        if not isinstance(model, str) or not model:
-            raise bad_request("The request's 'model' must be a non-empty string.")
-        # A key may be spelled with escapes ("mod\\u0065l"); only then, or with several "model" strings,
-        # can the body name the key twice. Parsers disagree on which one wins: refuse.
-        if (body.count(b'"model"') > 1 or b"\\u" in body) and self._top_level_model_count(body) > 1:
-            raise bad_request("The request names 'model' more than once.")
-        return model
-
-    @staticmethod
-    def _top_level_model_count(body: bytes) -> int:
-        import json
-
-        counts: list[int] = []
-
-        def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-            counts.append(sum(1 for key, _ in pairs if key == "model"))
-            return dict(pairs)
-
-        try:
-            json.loads(body, object_pairs_hook=hook)
-        except (ValueError, RecursionError) as exc:  # orjson read it; a stricter look did not
-            raise bad_request("The request body is not valid JSON.") from exc
-        return counts[-1] if counts else 0  # the outermost object is finished last
-
-    @staticmethod
-    def _refuse_disguised_json(body: bytes) -> None:
-        """A byte order mark or UTF-16/32 text: strict parsers see no JSON, lenient ones (Python's
-        ``json.loads`` on bytes) read an object and its model. JSON must be UTF-8 without a BOM (RFC 8259)."""
-        if not (body[:3] == b"\xef\xbb\xbf" or body[:2] in (b"\xfe\xff", b"\xff\xfe") or b"\x00" in body[:4]):
-            return
-        import json
-
-        try:
-            document = json.loads(body)
-        except (ValueError, RecursionError):
-            return  # not JSON in any encoding: binary content
-        if isinstance(document, (dict, list)):
-            raise bad_request("A JSON request body must be UTF-8 without a byte order mark.")
-
-    @staticmethod
-    def _form_model(body: bytes) -> str | None:
-        from urllib.parse import parse_qsl
-
-        def values(text: str) -> list[str]:
-            return [v for k, v in parse_qsl(text, keep_blank_values=True, errors="strict") if k == "model"]
-
-        try:
-            text = body.decode("ascii")
-            found = values(text)
-            # Servers split pairs on "&", and some on ";" too: both readings must agree.
-            if found != values(text.replace(";", "&")):
-                raise bad_request("The form's 'model' field reads differently when ';' separates fields.")
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise bad_request("The form body is not ASCII URL-encoded UTF-8 text.") from exc
-        if len(found) > 1:
-            raise bad_request("The request names 'model' more than once.")
-        if found == [""]:
-            raise bad_request("The request's 'model' must be a non-empty string.")
-        return found[0] if found else None
-
-    _NAME_PARAM = re.compile(r"(?i)(?:^|;)\s*name\*?\s*=")
-
-    @classmethod
-    def _multipart_model(cls, body: bytes, boundary: str | None) -> str | None:
-        from email.message import Message
-
-        if not boundary or len(boundary) > 70 or not boundary.isascii():
-            raise bad_request("A multipart body needs a boundary of at most 70 ASCII characters.")
-        parts = (b"\r\n" + body).split(b"\r\n--" + boundary.encode())
-        if len(parts) < 2 or not parts[-1].startswith(b"--"):
-            raise bad_request("The multipart body is not complete.")
-        found: list[bytes] = []
-        for part in parts[1:-1]:
-            padding, newline, rest = part.partition(b"\r\n")
-            if not newline or padding.strip(b" \t"):
-                raise bad_request("The multipart body is malformed.")
-            if rest.startswith(b"\r\n"):
-                head, content = b"", rest[2:]
-            else:
-                head, separator, content = rest.partition(b"\r\n\r\n")
-                if not separator:
-                    raise bad_request("The multipart body is malformed.")
-            fields = [line.partition(b":") for line in head.split(b"\r\n") if line]
-            dispositions = [v.decode("latin-1") for k, _, v in fields if k.strip().lower() == b"content-disposition"]
-            encodings = [v.strip().lower() for k, _, v in fields if k.strip().lower() == b"content-transfer-encoding"]
-            if len(dispositions) != 1:
-                raise bad_request("Each multipart part needs exactly one Content-Disposition.")
-            disposition = dispositions[0]
-            if len(cls._NAME_PARAM.findall(disposition)) > 1:
-                raise bad_request("A multipart part names itself more than once.")
-            message = Message()
-            message["Content-Disposition"] = disposition
-            name = message.get_param("name", header="content-disposition")
-            if isinstance(name, tuple):  # the RFC 2231 form (name*=): never matched, refused if it is "model"
-                name = str(name[2]) + "*"
-            if not isinstance(name, str) or name.rstrip("*").casefold() != "model":
-                continue
-            if (name != "model" or "filename" in disposition.lower()
-                    or any(e not in (b"7bit", b"8bit", b"binary") for e in encodings)):
-                raise bad_request("The multipart 'model' field is a file, transfer-encoded, or not named exactly "
-                                  "'model'.")
-            found.append(content)
-        if not found:
-            return None
-        if len(found) > 1:
-            raise bad_request("The request names 'model' more than once.")
-        try:
-            model = found[0].decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise bad_request("The multipart 'model' field is not UTF-8.") from exc
-        if not model:
-            raise bad_request("The request's 'model' must be a non-empty string.")
-        return model
-
-
 class Gateway:
     """One process's runtime: clients, policy watcher, limiter, observability."""
 
@@ -347,7 +105,11 @@ class Gateway:
         self.environ = os.environ if environ is None else environ
         self.rules = Rules.from_settings(settings)
         self.trusted = TrustedProxies(settings.network.trusted_proxies)
-        self.models = ModelExtractor(settings.policy.model_path_pattern)
+        limits = settings.limits
+        self.reader = RequestReader(trusted=self.trusted, model_path_pattern=settings.policy.model_path_pattern,
+                                    max_body_bytes=limits.max_body_bytes,
+                                    body_read_timeout_s=limits.body_read_timeout_s,
+                                    body_gap_timeout_s=limits.header_read_timeout_s)
         self.metrics = Metrics(settings)
         self.keyring = KeyRing.from_settings(settings.auth, self.environ)
         self.authenticator = Authenticator(settings.auth, settings.tiers.keys(), self.keyring, clock=clock,
@@ -479,14 +241,19 @@ class Gateway:
         if exchange.rate is not None and err.status != 429:
             headers = (*headers, *exchange.rate.headers(exchange.identity.tier if exchange.identity else ""))
         err.headers = headers
-        return error_response(err, request_id=exchange.request_id, policy_version=self.watcher.version,
-                              reason=reason)
+        response = error_response(err, request_id=exchange.request_id, policy_version=self.watcher.version,
+                                  reason=reason)
+        if err.status == 408:
+            response.force_close()  # the rest of a body that came too slowly is not waited for
+        return response
 
     async def _admit_and_forward(self, request: BaseRequest, exchange: Exchange) -> web.StreamResponse:
         watcher, limiter, forwarder = self.watcher, self.limiter, self.forwarder
         assert watcher is not None and limiter is not None and forwarder is not None
-        # Resolved first, so every audit record (401s and 503s too) names the client address.
-        exchange.ip = client_ip(request.remote, request.headers.getall("X-Forwarded-For", ()), self.trusted)
+        # The request's one canonical view (request_model.py): read here, decided on, and sent as read.
+        # Its address part first, so every audit record (401s and 503s too) names the client address.
+        view = self.reader.begin(request)
+        exchange.ip = view.client_ip
         snapshot = watcher.snapshot
         if snapshot is None or watcher.stale():
             raise GatewayError(503, "policy_stale",
@@ -498,15 +265,16 @@ class Gateway:
         except AuthError as exc:
             raise GatewayError(401, "unauthenticated", exc.message) from exc
         exchange.identity = identity
-        ip = exchange.ip
+        ip = view.client_ip
         ip_country, ip_subdivision = self.geo.resolve(ip, snapshot.ip_ranges)
-        exchange.ip, exchange.ip_country = ip, ip_subdivision or ip_country
-        body = await self._read_body(request)
-        model = self.models.extract(request, body)
-        method, target = request.method, origin_form(request.raw_path)
-        path = target.partition("?")[0]
-        if model is None:  # GET /v1/models/<name> is about model <name> (row 3a)
-            model = path_model(method, path, self.rules)
+        exchange.ip_country = ip_subdivision or ip_country
+        await self.reader.read(view, request, request_id=exchange.request_id,
+                               identity_headers=identity_headers(identity.subject, identity.org, identity.tier),
+                               upstream_auth=self.upstream_auth)
+        method, path = view.method, view.target.partition("?")[0]
+        if view.model is None:  # GET /v1/models/<name> is about model <name> (row 3a)
+            view.model = path_model(method, path, self.rules)
+        model = view.model
         exchange.model = model
         caller = identity.to_caller(ip, ip_country, ip_subdivision)
         decision = decide(snapshot, caller, model, self.clock(), self.rules, method=method, path=path)
@@ -518,76 +286,22 @@ class Gateway:
         rate_headers = rate.headers(identity.tier)
         if not rate.allowed:
             raise GatewayError(429, rate.code, _rate_message(rate, model), headers=tuple(rate_headers))
-        headers = upstream_request_headers(
-            request.headers, forwarded_for=self._forwarded_for(request),
-            proto=request.scheme, request_id=exchange.request_id,
-            identity_headers=identity_headers(identity.subject, identity.org, identity.tier),
-            upstream_auth=self.upstream_auth)
 
         async def charge(tokens: int) -> None:
             await limiter.charge(identity.subject, model, identity.tier, tokens)
 
         if lists_models(method, path, self.rules):  # whatever model a body names: the list is cut down
             now, rules = self.clock(), self.rules
+            assert view.headers is not None
             return await forward_model_list(
-                forwarder, target, headers=headers, request_id=exchange.request_id,
+                forwarder, view.target, headers=view.headers, request_id=exchange.request_id,
                 extra_response_headers=rate_headers, outcome=exchange.outcome,
                 allowed=lambda name: decide(snapshot, caller, name, now, rules).allowed)
         tiers = self.settings.tiers
         needs_usage = tiers[identity.tier].tokens_per_minute is not None
-        return await forwarder.forward(request, body=body, model=model, headers=headers,
-                                       request_id=exchange.request_id, extra_response_headers=rate_headers,
+        return await forwarder.forward(request, view, request_id=exchange.request_id,
+                                       extra_response_headers=rate_headers,
                                        on_usage=charge if needs_usage else None, outcome=exchange.outcome)
-
-    def _forwarded_for(self, request: BaseRequest) -> str:
-        raw_peer = request.remote or ""
-        # The peer as the decision saw it (IPv4-mapped IPv6 as IPv4), so the upstream learns the same address.
-        address, trusted = self.trusted.classify_peer(raw_peer) if raw_peer else (None, False)
-        peer = address or raw_peer
-        if trusted:
-            chain = ", ".join(v.strip() for v in request.headers.getall("X-Forwarded-For", ()) if v.strip())
-            return f"{chain}, {peer}" if chain else peer
-        return peer
-
-    async def _read_body(self, request: BaseRequest) -> bytes:
-        limit = self.settings.limits.max_body_bytes
-        declared = request.content_length
-        if declared is not None and declared > limit:
-            raise GatewayError(413, "request_too_large",
-                               f"The request body exceeds the limit of {limit} bytes.")
-        if not request.body_exists:
-            return b""
-        content = request.content
-        if content.is_eof() and content.exception() is None:
-            # The whole body came with the head (the common small request): no waiting, no timer.
-            body = content.read_nowait()
-            if len(body) > limit:
-                raise GatewayError(413, "request_too_large",
-                                   f"The request body exceeds the limit of {limit} bytes.")
-            return body
-        chunks: list[bytes] = []
-        size = 0
-        timeout = self.settings.limits.header_read_timeout_s
-        try:
-            while True:
-                async with asyncio.timeout(timeout):
-                    chunk = await request.content.readany()
-                if not chunk:
-                    break
-                size += len(chunk)
-                if size > limit:
-                    raise GatewayError(413, "request_too_large",
-                                       f"The request body exceeds the limit of {limit} bytes.")
-                chunks.append(chunk)
-        except TimeoutError as exc:
-            raise bad_request("The request body arrived too slowly.") from exc
-        except aiohttp.web.HTTPException:
-            raise
-        except (aiohttp.ClientPayloadError, aiohttp.http_exceptions.HttpProcessingError, web.RequestPayloadError,
-                ValueError) as exc:
-            # Bad chunking or a body cut short: the parser's errors arrive here, on the body stream.
-            raise bad_request("The request body is malformed.") from exc
-        return b"".join(chunks)
 
     def _finish(self, exchange: Exchange) -> None:
         duration = time.perf_counter() - exchange.started
@@ -686,6 +400,9 @@ def create_public_server(gateway: Gateway) -> JsonErrorServer:
     return JsonErrorServer(gateway.handle, policy_version=gateway.policy_version,
                            on_rejected=rejected, handler_cancellation=True,
                            keepalive_timeout=limits.header_read_timeout_s, access_log=None,
+                           # Request bodies are decoded by the gateway itself (request_model.py), bounded,
+                           # once, and sent upstream decoded: never by the server underneath it.
+                           auto_decompress=False,
                            max_field_size=limits.max_header_bytes, max_line_size=limits.max_header_bytes)
 
 

@@ -13,8 +13,10 @@ ERROR_TYPES: dict[int, str] = {
     403: "permission_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     409: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     429: "rate_limit_error",
     451: "legal_block",
     500: "api_error",
@@ -92,6 +94,26 @@ def error_response(err: GatewayError, *, request_id: str, policy_version: int,
 
 def bad_request(message: str, code: str = "invalid_request") -> GatewayError:
     return GatewayError(400, code, message)
+
+
+def ambiguous_request(message: str) -> GatewayError:
+    """400: the request could be read two ways (docs/contract.md §4a), so it is read neither way."""
+    return GatewayError(400, "ambiguous_request", message)
+
+
+def unsupported_media_type(message: str) -> GatewayError:
+    """415: a body in a media type or content coding the gateway does not decide on."""
+    return GatewayError(415, "unsupported_media_type", message)
+
+
+def method_not_allowed(method: str) -> GatewayError:
+    return GatewayError(405, "method_not_allowed", f"The method {method} is not allowed through this gateway.",
+                        headers=(("Allow", "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),))
+
+
+def request_timeout(seconds: float) -> GatewayError:
+    return GatewayError(408, "request_timeout",
+                        f"The request body did not arrive within {seconds:g} s.")
 
 
 def json_response(data: object, status: int = 200) -> web.Response:

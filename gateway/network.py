@@ -2,7 +2,8 @@
 
 ``X-Forwarded-For`` is believed only as far as a chain of trusted proxies
 vouches for it: everything left of the first untrusted hop is the caller's
-own say and changes nothing.
+own say and changes nothing. A hop the gateway must read and cannot is an
+error, never a reason to fall back to another address.
 """
 
 from __future__ import annotations
@@ -79,36 +80,76 @@ class TrustedProxies:
         return found
 
     def classify(self, text: str) -> tuple[str | None, bool]:
-        """(normalised address, trusted) without caching: for caller-supplied XFF entries."""
+        """(normalised address, trusted) without caching."""
         address = parse_ip(text)
         if address is None:
             return None, False
-        trusted = any(address in network for network in self._networks)
-        return str(address), trusted
+        return str(address), self.holds(address)
+
+    def holds(self, address: IPAddress) -> bool:
+        return any(address in network for network in self._networks)
 
 
-def client_ip(peer: str | None, xff_values: Sequence[str], trusted: TrustedProxies) -> str:
-    """The caller's address as far as trusted proxies vouch for it; "" only when nothing is known.
+class UnreadableHop(ValueError):
+    """An ``X-Forwarded-For`` hop the gateway must read is not an IP address in canonical form."""
 
-    A peer of None or "" (a unix socket: only local processes connect) is
-    treated like a trusted proxy.
+
+def parse_hop(text: str) -> IPAddress | None:
+    """One ``X-Forwarded-For`` element read strictly, or None.
+
+    Only an IPv4 address in dotted decimal (four parts, no leading zeros: ``198.51.100.007`` is octal
+    to some parsers and decimal to others, ``3325256711`` an address to ``inet_aton`` only) or an
+    IPv6 address (no zone, brackets or port) is an address here. IPv4-mapped IPv6 is the IPv4
+    address. Spaces and tabs around an element belong to the list syntax.
     """
-    last_valid: str | None = None
+    text = text.strip(" \t")
+    if not text.isascii():
+        return None
+    try:
+        if ":" not in text:
+            return ipaddress.IPv4Address(text)
+        if "%" in text or "[" in text:
+            return None
+        address = ipaddress.IPv6Address(text)
+    except ValueError:
+        return None
+    mapped = address.ipv4_mapped
+    return mapped if mapped is not None else address
+
+
+def client_chain(peer: str | None, xff_values: Sequence[str], trusted: TrustedProxies) -> tuple[str, str]:
+    """(the caller's address, the ``X-Forwarded-For`` to send upstream); "" only when nothing is known.
+
+    Behind trusted proxies the hops are read right to left up to and including the first untrusted
+    one (docs/contract.md §3); each of them must be an address (:func:`parse_hop`), else
+    :class:`UnreadableHop`: falling back to the proxy's own address would let a caller escape the
+    rules on its real one. What lies left of that hop is the caller's own say and is neither read
+    nor sent on: the upstream learns exactly the chain the gateway vouches for, caller first, so
+    one that reads the left-most entry reads the address that was decided on.
+
+    A peer of None or "" (a unix socket: only local processes connect) is treated like a trusted
+    proxy; a peer the transport names but that is no address is its own word, used as it is.
+    """
+    vouched: list[str] = []
     if peer:
-        last_valid, peer_trusted = trusted.classify_peer(peer)
-        if last_valid is None:
-            return peer  # the transport's own word, not caller-supplied
-        if not peer_trusted:
-            return last_valid
-    if not xff_values:
-        return last_valid or ""
-    for entry in reversed(",".join(xff_values).split(",")):
-        if not entry.strip():
-            continue  # empty list elements are allowed by the list syntax (RFC 9110 §5.6.1)
-        address, hop_trusted = trusted.classify(entry)
+        address, peer_trusted = trusted.classify_peer(peer)
         if address is None:
-            break  # garbage: nothing left of it can be vouched for
-        if not hop_trusted:
-            return address
-        last_valid = address
-    return last_valid or ""
+            return peer, peer
+        if not peer_trusted or not xff_values:
+            return address, address  # the common case: one cached lookup
+        vouched.append(address)
+    elif not xff_values:
+        return "", ""
+    hops = xff_values[0] if len(xff_values) == 1 else ",".join(xff_values)
+    for entry in reversed(hops.split(",")):
+        if not entry.strip(" \t"):
+            continue  # empty list elements are allowed by the list syntax (RFC 9110 §5.6.1)
+        parsed = parse_hop(entry)
+        if parsed is None:
+            raise UnreadableHop("an X-Forwarded-For hop is not an IP address in canonical form")
+        vouched.append(str(parsed))
+        if not trusted.holds(parsed):
+            break
+    if not vouched:
+        return "", ""
+    return vouched[-1], ", ".join(reversed(vouched))

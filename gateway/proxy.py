@@ -1,7 +1,8 @@
 """The streaming forwarder: header hygiene both ways, chunk-by-chunk relay, usage capture.
 
-Nothing here decides who may call; it forwards a request that was already
-admitted and reports what happened (status, usage, errors) to its caller.
+Nothing here decides who may call; it sends a request's canonical view (see
+request_model.py) that was already admitted, exactly as decided on, and reports
+what happened (status, usage, errors) to its caller.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import re
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
@@ -26,6 +27,9 @@ from yarl import URL
 
 from .errors import GatewayError, bad_request, error_body
 
+if TYPE_CHECKING:
+    from .request_model import CanonicalRequest
+
 log = logging.getLogger("gateway.proxy")
 
 # RFC 9110 §7.6.1 hop-by-hop fields plus the ones proxies traditionally drop.
@@ -33,9 +37,17 @@ HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "te", "trailer", "trailers", "transfer-encoding", "upgrade",
     "proxy-connection", "proxy-authenticate", "proxy-authorization",
 })
-# Request fields the gateway sets itself or must never pass on.
-_REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "authorization", "x-forwarded-for",
-                               "x-forwarded-proto", "x-request-id", "expect"}
+# Caller headers naming something the gateway sets or vouches for (docs/contract.md §4a): the upstream
+# must learn these from the gateway only. Names are compared as an upstream may compare them: letter
+# case aside and "_" as "-" (WSGI-style servers merge X_Gateway_Tier into X-Gateway-Tier).
+_VOUCHED = frozenset({"forwarded", "x-real-ip", "x-original-url", "x-rewrite-url"})
+_VOUCHED_PREFIXES = ("x-gateway-", "x-forwarded-", "proxy-")
+# Request fields the gateway sets itself or must never pass on. The body goes upstream decoded, so its
+# Content-Encoding never does; Content-Length is the decoded body's, set by the client.
+_REQUEST_DROP = (HOP_BY_HOP | _VOUCHED
+                 | {"host", "content-length", "content-encoding", "authorization", "x-request-id", "expect"})
+# Read by the gateway to decide: another spelling of it (Content_Type) could be read by the upstream instead.
+_DECIDED_ON = frozenset({"content-type"})
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 USAGE_CAPTURE_LIMIT = 4 * 1024 * 1024
 # A request-target may hold visible ASCII only; the pure-Python parser lets raw UTF-8 through, llhttp does
@@ -54,10 +66,32 @@ def _connection_named(headers: Mapping[str, str] | CIMultiDictProxy[str]) -> set
     values: Iterable[str] = getall("Connection", []) if getall else [headers.get("Connection", "")]
     for value in values:
         for token in value.split(","):
-            token = token.strip().lower()
+            token = token.strip().lower().replace("_", "-")
             if token:
                 named.add(token)
     return named
+
+
+def header_key(name: str) -> str:
+    """A header name as any upstream might compare it: lower case, ``_`` read as ``-``."""
+    lower = name.lower()
+    return lower.replace("_", "-") if "_" in lower else lower
+
+
+_DROPPED_NAMES: dict[str, bool] = {}
+
+
+def _dropped(name: str) -> bool:
+    """Whether a caller header never goes upstream as the caller sent it (cached: names repeat)."""
+    found = _DROPPED_NAMES.get(name)
+    if found is None:
+        key = header_key(name)
+        found = (key in _REQUEST_DROP or key.startswith(_VOUCHED_PREFIXES)
+                 or (key in _DECIDED_ON and key != name.lower()))
+        if len(_DROPPED_NAMES) >= 4096:
+            _DROPPED_NAMES.clear()
+        _DROPPED_NAMES[name] = found
+    return found
 
 
 @functools.lru_cache(maxsize=1024)  # most requests name one of a few targets; a refusal is not cached
@@ -114,16 +148,20 @@ def response_problem(status: int, reason: str | None, headers: CIMultiDictProxy[
 def upstream_request_headers(incoming: CIMultiDictProxy[str], *, forwarded_for: str, proto: str,
                              request_id: str, identity_headers: Iterable[tuple[str, str]],
                              upstream_auth: str | None) -> CIMultiDict[str]:
-    """Caller headers minus hop-by-hop, credentials and ``X-Gateway-*``, plus the gateway's own."""
-    drop = _REQUEST_DROP | _connection_named(incoming) if "Connection" in incoming else _REQUEST_DROP
+    """Caller headers minus hop-by-hop, credentials and every name the gateway vouches for, plus its own.
+
+    The gateway's own (``X-Forwarded-For``, ``X-Forwarded-Proto``, ``X-Request-Id``, ``X-Gateway-*``,
+    the upstream's ``Authorization``) are each sent exactly once.
+    """
+    named = _connection_named(incoming) if "Connection" in incoming else None
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
-        lower = name.lower()
-        if lower in drop or lower.startswith("proxy-") or lower.startswith("x-gateway-"):
+        if _dropped(name) or (named is not None and header_key(name) in named):
             continue
         out.add(name, value)
     # Added after the filter so a caller's "Connection: X-Forwarded-For" cannot strip them.
-    out["X-Forwarded-For"] = forwarded_for
+    if forwarded_for:
+        out["X-Forwarded-For"] = forwarded_for
     out["X-Forwarded-Proto"] = proto
     out["X-Request-Id"] = request_id
     for name, value in identity_headers:
@@ -134,11 +172,11 @@ def upstream_request_headers(incoming: CIMultiDictProxy[str], *, forwarded_for: 
 
 
 def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    drop = _RESPONSE_DROP | _connection_named(upstream) if "Connection" in upstream else _RESPONSE_DROP
+    named = _connection_named(upstream) if "Connection" in upstream else None
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream.items():
         lower = name.lower()
-        if lower in drop or lower.startswith("proxy-"):
+        if lower in _RESPONSE_DROP or lower.startswith("proxy-") or (named is not None and header_key(name) in named):
             continue
         out.add(name, value)
     return out
@@ -287,30 +325,34 @@ class Forwarder:
         # Upstream URLs by (base, request-target): most requests name one of a few paths.
         self._urls: dict[tuple[str, str], URL] = {}
 
-    def _url(self, model: str | None, raw_path: str) -> URL:
+    def _url(self, model: str | None, target: str) -> URL:
         base = self.router.base_for(model)
-        key = (base, raw_path)
+        key = (base, target)
         url = self._urls.get(key)
         if url is None:
-            url = URL(base + origin_form(raw_path), encoded=True)
+            url = URL(base + target, encoded=True)
             if len(self._urls) >= _URL_CACHE_SIZE:
                 self._urls.clear()
             self._urls[key] = url
         return url
 
-    async def forward(self, request: BaseRequest, *, body: bytes, model: str | None,
-                      headers: CIMultiDict[str], request_id: str,
+    async def forward(self, request: BaseRequest, view: CanonicalRequest, *, request_id: str,
                       extra_response_headers: Iterable[tuple[str, str]],
                       on_usage: UsageSink | None, outcome: ProxyOutcome) -> web.StreamResponse:
-        url = self._url(model, request.raw_path)
+        """Send ``view`` (method, origin-form target, the computed headers, the decoded body) upstream and
+        relay the answer to ``request``'s caller. Nothing of the request is read again here, so what
+        was decided on is what is sent."""
+        url = self._url(view.model, view.target)
+        headers = view.headers
         if on_usage is not None:
             # Usage is read from the response as it passes: a compressed one would hide it, and with it
             # the token budget. Ask for the identity coding (the caller's Accept-Encoding is dropped).
             headers["Accept-Encoding"] = "identity"
+        body = view.body
         started = self.clock()
         try:
             upstream = await self.session.request(
-                request.method, url, headers=headers, data=body if body else None,
+                view.method, url, headers=headers, data=body if body else None,
                 allow_redirects=False, timeout=self.timeout, auto_decompress=False,
             )
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:

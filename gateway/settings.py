@@ -249,6 +249,7 @@ def _default_tiers() -> dict[str, Tier]:
 class Limits(_Section):
     max_body_bytes: int = Field(10_485_760, ge=1)
     header_read_timeout_s: float = Field(10, gt=0)
+    body_read_timeout_s: float = Field(30, gt=0)  # the whole body, however it trickles: else 408
     max_header_bytes: int = Field(8190, ge=1024)
     shutdown_grace_s: float = Field(30, ge=0)
 

@@ -100,8 +100,10 @@ def assert_contract_error(response: RawResponse, status: int, code: str) -> None
     assert response.status == status, (response.status, response.body[:300])
     body = response.json()
     assert body["error"]["code"] == code, body
-    assert body["error"]["type"] == {400: "invalid_request_error", 413: "invalid_request_error",
-                                     403: "permission_error", 451: "legal_block"}[status]
+    assert body["error"]["type"] == {400: "invalid_request_error", 405: "invalid_request_error",
+                                     408: "invalid_request_error", 413: "invalid_request_error",
+                                     415: "invalid_request_error", 403: "permission_error",
+                                     451: "legal_block"}[status]
     assert body["error"]["message"]
     assert body["error"]["request_id"] == response.header("X-Request-Id")
     assert response.header("X-Gateway-Reason") == code
@@ -124,7 +126,7 @@ BODY = b'{"model": "open-model"}'
 N = str(len(BODY)).encode()
 HEX = f"{len(BODY):x}".encode()
 CHUNKED_BODY = HEX + b"\r\n" + BODY + b"\r\n0\r\n\r\n"
-HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\n" + AUTH
+HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n" + AUTH
 # What a smuggler hides behind the malformed request: a complete, authorised request of its own.
 SMUGGLED = b"GET /smuggled HTTP/1.1\r\nHost: gateway\r\n" + AUTH + b"\r\n"
 
@@ -177,6 +179,7 @@ SMUGGLING: dict[str, bytes] = {
 # after it are body, never a request, and the body never completes. Answered 400 when the body read times
 # out, then closed when the lingering read (as long as the header timeout) ends.
 BODY_NEVER_ENDS = {("python", "chunk_size_overflow")}
+JSON = ("Content-Type", "application/json")
 
 
 def parser_of(gw: GatewayProcess) -> str:
@@ -189,9 +192,11 @@ def test_smuggling_corpus_is_400_and_close_and_nothing_reaches_upstream(
     slow = (parser_of(gw), case) in BODY_NEVER_ENDS
     started = time.monotonic()
     responses, closed = exchange(port_of(gw), SMUGGLING[case] + SMUGGLED, timeout=3 * HEADER_TIMEOUT_S + 3)
-    # Exactly one answer: the smuggled request behind the malformed one is never parsed as a request.
-    assert [r.status for r in responses] == [400], [(r.status, r.body[:120]) for r in responses]
-    assert_contract_error(responses[0], 400, "invalid_request")
+    # Exactly one answer: the smuggled request behind the malformed one is never parsed as a request (a
+    # body that never ends is answered 408 when its read times out).
+    status, code = (408, "request_timeout") if slow else (400, "invalid_request")
+    assert [r.status for r in responses] == [status], [(r.status, r.body[:120]) for r in responses]
+    assert_contract_error(responses[0], status, code)
     assert closed
     if slow:
         assert time.monotonic() - started < 2 * HEADER_TIMEOUT_S + 1.5
@@ -214,8 +219,8 @@ def test_parser_error_answers_never_echo_the_request(gw: GatewayProcess, clean_u
 def test_upstream_sees_exactly_the_requests_the_gateway_accepted(gw: GatewayProcess,
                                                                  clean_upstream: Upstream) -> None:
     ids = [f"acc-{uuid.uuid4().hex[:8]}-{i}" for i in range(4)]
-    valid = [request("POST", "/v1/chat/completions", [("Authorization", f"Bearer {TOKEN}"), ("X-Request-Id", rid)],
-                     BODY) for rid in ids]
+    valid = [request("POST", "/v1/chat/completions", [("Authorization", f"Bearer {TOKEN}"), ("X-Request-Id", rid),
+                                                      JSON], BODY) for rid in ids]
     # Two valid requests answered first, then two more with a smuggling attempt behind them in one write.
     with RawConnection(port_of(gw)) as conn:
         conn.send(valid[0] + valid[1])
@@ -280,7 +285,8 @@ def test_connection_header_cannot_strip_headers_the_gateway_adds(gw: GatewayProc
              "X-Gateway-Tier, Authorization, Host, X-Caller-Private")
     data = request("POST", "/v1/chat/completions",
                    [("Authorization", f"Bearer {TOKEN}"), ("Connection", named), ("X-Caller-Private", "drop me"),
-                    ("X-Forwarded-For", "6.6.6.6"), ("X-Request-Id", "conn-close-1"), ("X-Kept", "kept")], BODY)
+                    ("X-Forwarded-For", "6.6.6.6"), ("X-Request-Id", "conn-close-1"), ("X-Kept", "kept"), JSON],
+                   BODY)
     responses, closed = exchange(port_of(gw), data)
     assert [r.status for r in responses] == [200] and closed
     headers = clean_upstream.seen[0].headers
@@ -323,7 +329,7 @@ def test_absolute_form_target_is_proxied_to_the_configured_upstream_only(gw: Gat
 def test_absolute_form_model_path_is_decided_on_its_path(gw: GatewayProcess, clean_upstream: Upstream) -> None:
     for model, status in ((SECRET, 403), (OPEN, 200)):
         data = (b"POST http://evil.example/v1/models/" + model.encode() + b"/infer HTTP/1.1\r\nHost: gateway\r\n"
-                + AUTH + b"Connection: close\r\nContent-Length: 2\r\n\r\n{}")
+                + AUTH + b"Connection: close\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
         responses, _ = exchange(port_of(gw), data)
         assert [r.status for r in responses] == [status]
     assert seen_paths(clean_upstream) == [f"/v1/models/{OPEN}/infer"]
@@ -337,7 +343,10 @@ def test_other_request_target_forms_are_refused(gw: GatewayProcess, clean_upstre
     data = method + b" " + target + b" HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n" + AUTH + b"\r\n"
     responses, _ = exchange(port_of(gw), data)
     assert len(responses) == 1
-    assert_contract_error(responses[0], 400, "invalid_request")
+    if method == b"CONNECT":  # never tunnelled, whatever its target
+        assert_contract_error(responses[0], 405, "method_not_allowed")
+    else:
+        assert_contract_error(responses[0], 400, "invalid_request")
     assert clean_upstream.seen == []
 
 
@@ -401,7 +410,7 @@ def test_canonical_model_paths_are_decided_and_served_as_named(gw: GatewayProces
     for index, (path, status, code) in enumerate(cases):
         # Paths that name no model are sent with a body that does (the last case without: refused).
         body = b"{}" if ("/infer" in path and "/other/" not in path) or index == len(cases) - 1 else MODEL_BODY
-        data = request("POST", path, [("Authorization", f"Bearer {TOKEN}"), ("Connection", "close")], body)
+        data = request("POST", path, [("Authorization", f"Bearer {TOKEN}"), ("Connection", "close"), JSON], body)
         responses, _ = exchange(port_of(gw), data)
         assert [r.status for r in responses] == [status], (path, responses[0].body[:200])
         if code:
@@ -415,7 +424,7 @@ def test_canonical_model_paths_are_decided_and_served_as_named(gw: GatewayProces
 def test_path_and_body_naming_different_models_is_refused(gw: GatewayProcess, clean_upstream: Upstream) -> None:
     for body, status in ((json.dumps({"model": SECRET}).encode(), 400), (json.dumps({"model": OPEN}).encode(), 200)):
         data = request("POST", f"/v1/models/{OPEN}/infer",
-                       [("Authorization", f"Bearer {TOKEN}"), ("Connection", "close")], body)
+                       [("Authorization", f"Bearer {TOKEN}"), ("Connection", "close"), JSON], body)
         responses, _ = exchange(port_of(gw), data)
         assert [r.status for r in responses] == [status]
     assert len(clean_upstream.seen) == 1
@@ -431,7 +440,15 @@ def _post(gw: GatewayProcess, body: bytes, *, content_type: str | None = "applic
     return responses[0]
 
 
+# Read two ways by different parsers: 400 ambiguous_request (docs/contract.md §4a).
+AMBIGUOUS = {"duplicate_key", "duplicate_key_reversed", "duplicate_escaped_key", "duplicate_fully_escaped_key",
+             "trailing_second_document", "other_case_key", "escaped_other_case_key",
+             "only_other_case_key", "top_level_list"}
 JSON_TRICKS: dict[str, bytes] = {
+    "other_case_key": b'{"model": "open-model", "MODEL": "secret-model"}',
+    "escaped_other_case_key": b'{"model": "open-model", "MOD\\u0045L": "secret-model"}',
+    "only_other_case_key": b'{"Model": "secret-model"}',
+    "top_level_list": b'[{"model": "secret-model"}]',
     "duplicate_key": b'{"model": "open-model", "model": "secret-model"}',
     "duplicate_key_reversed": b'{"model": "secret-model", "model": "open-model"}',
     "duplicate_escaped_key": b'{"model": "open-model", "mod\\u0065l": "secret-model"}',
@@ -458,12 +475,13 @@ JSON_TRICKS: dict[str, bytes] = {
 
 @pytest.mark.parametrize("case", list(JSON_TRICKS))
 def test_json_body_tricks_are_refused(gw: GatewayProcess, clean_upstream: Upstream, case: str) -> None:
-    assert_contract_error(_post(gw, JSON_TRICKS[case]), 400, "invalid_request")
+    assert_contract_error(_post(gw, JSON_TRICKS[case]), 400,
+                          "ambiguous_request" if case in AMBIGUOUS else "invalid_request")
     assert clean_upstream.seen == []
 
 
 def test_model_only_in_a_nested_object_names_no_model(gw: GatewayProcess, clean_upstream: Upstream) -> None:
-    for body in (b'{"input": {"model": "secret-model"}}', b'[{"model": "secret-model"}]',
+    for body in (b'{"input": {"model": "secret-model"}}',
                  b'{"messages": [{"role": "user", "content": "\\"model\\": \\"secret-model\\""}]}'):
         # A request that names no model is refused (row 3a), after rows 1-3: a denied country still hears so.
         assert_contract_error(_post(gw, body), 400, "model_required")
@@ -471,7 +489,8 @@ def test_model_only_in_a_nested_object_names_no_model(gw: GatewayProcess, clean_
     assert clean_upstream.seen == []
 
 
-def test_form_bodies_name_their_model(gw: GatewayProcess, clean_upstream: Upstream) -> None:
+def test_multipart_bodies_name_their_model_and_other_media_types_are_refused(gw: GatewayProcess,
+                                                                             clean_upstream: Upstream) -> None:
     boundary = "----FormBoundaryXyZ09"  # mixed case, as browsers make them
     multipart = "multipart/form-data; boundary=" + boundary
 
@@ -486,25 +505,27 @@ def test_form_bodies_name_their_model(gw: GatewayProcess, clean_upstream: Upstre
     assert_contract_error(_post(gw, form(('name="model"', SECRET.encode()), audio), content_type=multipart),
                           403, "not_released")
     assert _post(gw, form(('name="model"', OPEN.encode()), audio), content_type=multipart).status == 200
-    for refused in (form(('name="model"', OPEN.encode()), ('name="model"', SECRET.encode())),
-                    form(('name="model"; filename="m.txt"', SECRET.encode())),
-                    form(("name*=utf-8''model", SECRET.encode())),
-                    form(('name="Model"', SECRET.encode())),
-                    form(('name="x"; name="model"', SECRET.encode())),
-                    form(('name="model"', SECRET.encode()))[:-4]):  # no closing delimiter
-        assert_contract_error(_post(gw, refused, content_type=multipart), 400, "invalid_request")
-    urlencoded = "application/x-www-form-urlencoded"
-    assert_contract_error(_post(gw, b"model=secret-model&x=1", content_type=urlencoded), 403, "not_released")
-    assert _post(gw, b"x=1&model=open-model", content_type=urlencoded).status == 200
-    for refused_form in (b"model=open-model&model=secret-model", b"model=open-model;model=secret-model",
-                         b"model=", b"model=%FF"):
-        assert_contract_error(_post(gw, refused_form, content_type=urlencoded), 400, "invalid_request")
+    for refused, code in ((form(('name="model"', OPEN.encode()), ('name="model"', SECRET.encode())),
+                           "ambiguous_request"),
+                          (form(('name="Model"', SECRET.encode())), "ambiguous_request"),
+                          (form(('name="model"; filename="m.txt"', SECRET.encode())), "invalid_request"),
+                          (form(("name*=utf-8''model", SECRET.encode())), "invalid_request"),
+                          (form(('name="x"; name="model"', SECRET.encode())), "invalid_request"),
+                          (form(('name="model"', SECRET.encode()))[:-4], "invalid_request")):  # no closing delimiter
+        assert_contract_error(_post(gw, refused, content_type=multipart), 400, code)
+    # A URL-encoded form is not a media type the model is read from (docs/contract.md §4a): refused on a path
+    # that needs a model, whatever it holds, as is a body with no media type or another one.
+    for body, content_type in ((b"model=secret-model&x=1", "application/x-www-form-urlencoded"),
+                               (b"x=1&model=open-model", "application/x-www-form-urlencoded"),
+                               (b'{"model": "secret-model"}', None), (b'{"model": "secret-model"}', "text/plain"),
+                               (b'{"model": "open-model"}', "text/json")):
+        assert_contract_error(_post(gw, body, content_type=content_type), 415, "unsupported_media_type")
     two_types = request("POST", "/v1/chat/completions",
-                        [("Authorization", f"Bearer {TOKEN}"), ("Content-Type", urlencoded),
+                        [("Authorization", f"Bearer {TOKEN}"), ("Content-Type", "application/x-www-form-urlencoded"),
                          ("Content-Type", "application/json"), ("Connection", "close")], b'{"model": "secret-model"}')
     responses, _ = exchange(port_of(gw), two_types)
-    assert_contract_error(responses[0], 400, "invalid_request")
-    assert len(clean_upstream.seen) == 2
+    assert_contract_error(responses[0], 400, "invalid_request")  # the HTTP parser refuses a second one
+    assert len(clean_upstream.seen) == 1
 
 
 # --- case 16: body limits, pipelining, tiny chunks, dribbled headers -------------------------------------
@@ -560,7 +581,7 @@ def _pipeline(gw: GatewayProcess, upstream: Upstream, count: int) -> None:
 
 def test_headers_dribbled_a_byte_at_a_time_are_still_served(gw: GatewayProcess, clean_upstream: Upstream) -> None:
     data = request("POST", f"/v1/models/{OPEN}/infer", [("Authorization", f"Bearer {TOKEN}"),
-                                                        ("Connection", "close")], b"{}")
+                                                        ("Connection", "close"), JSON], b"{}")
     head_end = data.index(b"\r\n\r\n") + 4
     pause = (HEADER_TIMEOUT_S * 0.6) / head_end  # the whole head within 60% of the timeout
     started = time.monotonic()
@@ -580,7 +601,7 @@ def test_a_body_that_stalls_is_cut_after_the_read_timeout(gw: GatewayProcess, cl
         conn.send(HEAD + b"Content-Length: 100\r\n\r\n{\"model\":")
         started = time.monotonic()
         response = conn.read_response(timeout=HEADER_TIMEOUT_S + 3)
-        assert_contract_error(response, 400, "invalid_request")
+        assert_contract_error(response, 408, "request_timeout")
         assert HEADER_TIMEOUT_S * 0.9 <= time.monotonic() - started < HEADER_TIMEOUT_S + 2
     assert clean_upstream.seen == []
 

@@ -1,6 +1,7 @@
 """Client IP: the peer, or the right-most untrusted X-Forwarded-For hop behind trusted proxies.
 
-HARDENING case 13 at the unit level.
+Hardening case 13 at the unit level, and finding 9 of the second review: a hop the gateway must read
+that is not an address in canonical form is refused, never skipped for the proxy's own address.
 """
 
 from __future__ import annotations
@@ -11,9 +12,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.network import TrustedProxies, client_ip, normalise_ip
+from gateway.network import TrustedProxies, UnreadableHop, client_chain, normalise_ip, parse_hop
 
 TRUSTED = TrustedProxies(["10.0.0.0/8", "2001:db8:ffff::/48"])
+
+
+def client_ip(peer: str | None, xff: list[str], trusted: TrustedProxies) -> str:
+    return client_chain(peer, xff, trusted)[0]
 PROXY = "10.0.0.2"
 CLIENT = "203.0.113.5"
 
@@ -95,25 +100,51 @@ def test_all_hops_trusted_gives_the_leftmost_trusted() -> None:
     assert client_ip(PROXY, [], TRUSTED) == PROXY
 
 
-@pytest.mark.parametrize(("xff", "expected"), [
-    (f"{CLIENT}, garbage, 10.0.0.1", "10.0.0.1"),
-    (f"{CLIENT}, garbage", PROXY),
-    ("<script>alert(1)</script>", PROXY),
-    (f"{CLIENT}, 1.2.3.4:http", PROXY),
-    (f"{CLIENT}, unknown, 10.0.0.1, 10.0.0.3", "10.0.0.1"),
+@pytest.mark.parametrize("xff", [
+    f"{CLIENT}, garbage, 10.0.0.1",
+    f"{CLIENT}, garbage",
+    "<script>alert(1)</script>",
+    f"{CLIENT}, 1.2.3.4:http",
+    f"{CLIENT}, unknown, 10.0.0.1, 10.0.0.3",
+    "198.51.100.007",  # octal to inet_aton, decimal to others
+    "3325256711",  # 198.51.100.7 to inet_aton
+    "0xc6.0x33.0x64.7",
+    "198.51.100.7:8080",  # a port: not an address
+    "[2001:db8::5]:443",
+    "[2001:db8::5]",
+    "fe80::1%eth0",
+    "::ffff:",
 ])
-def test_garbage_stops_the_walk_at_the_last_valid_hop(xff: str, expected: str) -> None:
-    assert client_ip(PROXY, [xff], TRUSTED) == expected
+def test_an_unreadable_hop_that_must_be_read_is_refused(xff: str) -> None:
+    """Finding 9: never a fallback to the last readable hop or the proxy's own address."""
+    with pytest.raises(UnreadableHop):
+        client_chain(PROXY, [xff], TRUSTED)
+    with pytest.raises(UnreadableHop):
+        client_chain(None, [xff], TRUSTED)
+
+
+def test_garbage_left_of_the_first_untrusted_hop_is_never_read() -> None:
+    assert client_chain(PROXY, [f"garbage, 198.51.100.007, {CLIENT}, 10.0.0.1"], TRUSTED) == (
+        CLIENT, f"{CLIENT}, 10.0.0.1, {PROXY}")
+    # An untrusted peer's header is never read at all.
+    assert client_chain("198.51.100.7", ["garbage"], TRUSTED) == ("198.51.100.7", "198.51.100.7")
 
 
 def test_empty_list_elements_are_skipped() -> None:
     assert client_ip(PROXY, [f"{CLIENT}, , 10.0.0.1,"], TRUSTED) == CLIENT
 
 
-def test_ports_brackets_and_zones_in_xff_are_stripped() -> None:
-    assert client_ip(PROXY, ["[2001:db8::5]:443, 10.0.0.1:8080"], TRUSTED) == "2001:db8::5"
-    assert client_ip(PROXY, [f"{CLIENT}:5678"], TRUSTED) == CLIENT
+def test_canonical_hops_in_any_letter_case_and_mapped_forms() -> None:
+    assert client_ip(PROXY, ["2001:DB8::5, 10.0.0.1"], TRUSTED) == "2001:db8::5"
+    assert client_ip(PROXY, [f" {CLIENT}\t"], TRUSTED) == CLIENT
     assert client_ip(PROXY, ["::ffff:203.0.113.5"], TRUSTED) == CLIENT
+    assert parse_hop("198.51.100.7") is not None and parse_hop("01.2.3.4") is None
+
+
+def test_the_forwarded_chain_is_what_the_gateway_vouches_for() -> None:
+    assert client_chain(PROXY, [f"6.6.6.6, {CLIENT}", "10.0.0.1"], TRUSTED) == (CLIENT, f"{CLIENT}, 10.0.0.1, {PROXY}")
+    assert client_chain(PROXY, [], TRUSTED) == (PROXY, PROXY)
+    assert client_chain("::ffff:10.0.0.2", [CLIENT], TRUSTED) == (CLIENT, f"{CLIENT}, {PROXY}")
 
 
 def test_mapped_peers_are_normalised() -> None:
@@ -125,7 +156,6 @@ def test_unknown_peer_walks_xff_and_only_then_gives_empty() -> None:
     assert client_ip(None, [f"{CLIENT}, 10.0.0.1"], TRUSTED) == CLIENT
     assert client_ip("", [CLIENT], TRUSTED) == CLIENT
     assert client_ip(None, [], TRUSTED) == ""
-    assert client_ip(None, ["garbage"], TRUSTED) == ""
     assert client_ip(None, ["10.0.0.1"], TRUSTED) == "10.0.0.1"
 
 
@@ -138,7 +168,11 @@ _entry = st.one_of(
 @given(peer=st.sampled_from([PROXY, "198.51.100.7", "::ffff:10.0.0.3", None]),
        headers=st.lists(st.lists(_entry, max_size=5).map(", ".join), max_size=3))
 def test_result_is_always_an_address_never_garbage(peer: str | None, headers: list[str]) -> None:
-    result = client_ip(peer, headers, TRUSTED)
+    try:
+        result = client_ip(peer, headers, TRUSTED)
+    except UnreadableHop:
+        assert peer is None or TRUSTED.contains(peer)
+        return
     if result:
         assert str(ipaddress.ip_address(result)) == result
     else:

@@ -27,13 +27,14 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.app import ModelExtractor, header_safe
+from gateway.app import header_safe
 from gateway.caller import Caller
 from gateway.errors import GatewayError
 from gateway.logs import request_id_for
-from gateway.network import TrustedProxies, client_ip, parse_ip
+from gateway.network import TrustedProxies, UnreadableHop, client_chain, parse_ip
 from gateway.policy import Rules, build_snapshot, decide
 from gateway.proxy import HOP_BY_HOP, origin_form, response_headers, upstream_request_headers
+from gateway.request_model import ModelExtractor
 
 # GATEWAY_PROPERTY_EXAMPLES raises the count for a longer fuzz run (e.g. 20000); the default keeps the suite fast.
 FAST = settings(max_examples=int(os.environ.get("GATEWAY_PROPERTY_EXAMPLES", "300")), deadline=None,
@@ -46,7 +47,16 @@ GATEWAY_SET = ("x-forwarded-for", "x-forwarded-proto", "x-request-id", "x-gatewa
 NAME_POOL = [*HOP_BY_HOP, "Connection", "Keep-Alive", "TE", "Upgrade", "Proxy-Authorization", "Proxy-Foo",
              "X-Gateway-Subject", "X-Gateway-Tier", "x-gateway-anything", "Authorization", "Host", "Content-Length",
              "X-Forwarded-For", "X-Forwarded-Proto", "X-Request-Id", "Expect", "Content-Type", "Accept",
-             "X-Custom", "X-Other", "User-Agent", "Cookie"]
+             "X-Custom", "X-Other", "User-Agent", "Cookie",
+             # Spellings an upstream may fold into a header the gateway sets or vouches for (finding 6).
+             "X_Gateway_Subject", "x_gateway_tier", "X_Forwarded_For", "X-Forwarded-Host", "Forwarded", "X-Real-IP",
+             "X_Real_IP", "X-Original-URL", "X_Rewrite_URL", "Content_Type", "Content-Encoding", "Transfer_Encoding",
+             "X_Custom_Kept"]
+VOUCHED = ("forwarded", "x-real-ip", "x-original-url", "x-rewrite-url", "content-encoding")
+
+
+def folded(name: str) -> str:
+    return name.lower().replace("_", "-")
 header_names = st.one_of(st.sampled_from(NAME_POOL).map(lambda n: "".join(
     c.upper() if i % 2 else c.lower() for i, c in enumerate(n))), st.sampled_from(NAME_POOL),
     st.from_regex(r"[A-Za-z][A-Za-z0-9-]{0,15}", fullmatch=True))
@@ -70,11 +80,14 @@ def test_upstream_request_headers_hygiene(headers: list[tuple[str, str]], connec
                                    proto=proto, request_id="rid-1", identity_headers=identity,
                                    upstream_auth=upstream_auth)
     names = [name.lower() for name in out]
-    named_by_connection = {t.strip().lower() for v in incoming.getall("Connection", []) for t in v.split(",")}
+    named_by_connection = {folded(t.strip()) for v in incoming.getall("Connection", []) for t in v.split(",")}
     for name in names:
-        assert name not in HOP_BY_HOP and not name.startswith("proxy-"), name
-        assert name not in named_by_connection or name in GATEWAY_SET, name
-        assert name not in ("host", "content-length", "expect")
+        assert folded(name) not in HOP_BY_HOP and not folded(name).startswith("proxy-"), name
+        assert folded(name) not in named_by_connection or name in GATEWAY_SET, name
+        assert folded(name) not in ("host", "content-length", "expect", *VOUCHED)
+        assert not folded(name).startswith(("x-gateway-", "x-forwarded-")) or name in GATEWAY_SET, name
+    # However an upstream folds names, the gateway's own arrive once each.
+    assert len([n for n in names if folded(n) in GATEWAY_SET]) == len(GATEWAY_SET) - (upstream_auth is None)
     # The gateway's own, each exactly once, whatever the caller sent or named in Connection.
     for name, value in (("x-forwarded-for", "203.0.113.9, 10.0.0.1"), ("x-forwarded-proto", proto),
                         ("x-request-id", "rid-1"), *((n.lower(), v) for n, v in identity)):
@@ -88,9 +101,10 @@ def test_upstream_request_headers_hygiene(headers: list[tuple[str, str]], connec
         assert names.count("authorization") == 1 and out["Authorization"] == upstream_auth
     # Every other caller header passes unchanged and in order.
     expected = [(n.lower(), v) for n, v in incoming.items()
-                if n.lower() not in HOP_BY_HOP and not n.lower().startswith(("proxy-", "x-gateway-"))
-                and n.lower() not in named_by_connection and n.lower() not in GATEWAY_SET
-                and n.lower() not in ("host", "content-length", "expect")]
+                if folded(n) not in HOP_BY_HOP and not folded(n).startswith(("proxy-", "x-gateway-", "x-forwarded-"))
+                and folded(n) not in named_by_connection and folded(n) not in GATEWAY_SET
+                and folded(n) not in ("host", "content-length", "expect", *VOUCHED)
+                and not (folded(n) == "content-type" and "_" in n)]
     assert [(n.lower(), v) for n, v in out.items() if n.lower() not in GATEWAY_SET] == expected
 
 
@@ -125,18 +139,32 @@ xff_entry = st.one_of(ipv4, ipv6, trusted_hops, untrusted_hops, garbage,
 peers = st.one_of(st.none(), st.just(""), ipv4, ipv6, trusted_hops, garbage)
 
 
+def chain_or_refusal(peer: str | None, xff: list[str]) -> tuple[str, str] | None:
+    try:
+        return client_chain(peer, xff, TRUSTED)
+    except UnreadableHop:
+        return None
+
+
 @FAST
 @given(peer=peers, xff=st.lists(st.lists(xff_entry, max_size=5).map(", ".join), max_size=3))
 def test_client_ip_is_an_address_or_the_transports_own_word(peer: str | None, xff: list[str]) -> None:
-    result = client_ip(peer, xff, TRUSTED)
+    found = chain_or_refusal(peer, xff)
+    # Several XFF headers are one list.
+    assert chain_or_refusal(peer, [", ".join(xff)] if xff else []) == found
+    if found is None:
+        # Refused only where the XFF is read at all: behind a trusted peer (or a unix socket's none).
+        assert not peer or TRUSTED.contains(peer)
+        return
+    result, forwarded = found
     assert result == "" or parse_ip(result) is not None or result == peer
     if result and parse_ip(result) is not None:
         assert str(parse_ip(result)) == result  # normalised
         assert "," not in result and " " not in result
     if peer and parse_ip(peer) is not None and not TRUSTED.contains(peer):
-        assert result == str(parse_ip(peer))  # an untrusted peer's XFF is never believed
-    # Several XFF headers are one list.
-    assert client_ip(peer, [", ".join(xff)] if xff else [], TRUSTED) == result
+        assert found == (str(parse_ip(peer)),) * 2  # an untrusted peer's XFF is never believed nor sent on
+    # The upstream's left-most X-Forwarded-For entry is the address the gateway decided on.
+    assert forwarded.split(", ")[0] == result
 
 
 @FAST
@@ -145,11 +173,24 @@ def test_client_ip_is_an_address_or_the_transports_own_word(peer: str | None, xf
 def test_spoofed_left_of_the_rightmost_untrusted_hop_changes_nothing(peer: str, spoofed: list[str], real: str,
                                                                     hops: list[str]) -> None:
     honest = [real, *hops]
-    expected = client_ip(peer, [", ".join(honest)], TRUSTED)
-    assert expected == str(parse_ip(real))
-    assert client_ip(peer, [", ".join([*spoofed, *honest])], TRUSTED) == expected
-    assert client_ip(peer, [", ".join(spoofed), ", ".join(honest)] if spoofed else [", ".join(honest)],
-                     TRUSTED) == expected
+    expected = client_chain(peer, [", ".join(honest)], TRUSTED)
+    assert expected == (str(parse_ip(real)), ", ".join(str(parse_ip(h)) for h in [*honest, peer]))
+    # Whatever the caller put left of the real hop, garbage included, is neither read nor sent on.
+    assert client_chain(peer, [", ".join([*spoofed, *honest])], TRUSTED) == expected
+    assert client_chain(peer, [", ".join(spoofed), ", ".join(honest)] if spoofed else [", ".join(honest)],
+                        TRUSTED) == expected
+
+
+NOT_CANONICAL = ["198.51.100.007", "3325256711", "0x7f.0.0.1", "198.51.100.7:80", "[2001:db8::1]", "fe80::1%eth0"]
+
+
+@FAST
+@given(peer=trusted_hops, bad=st.one_of(garbage, st.sampled_from(NOT_CANONICAL)),
+       hops=st.lists(trusted_hops, max_size=3))
+def test_an_unreadable_hop_that_must_be_read_is_refused_never_skipped(peer: str, bad: str, hops: list[str]) -> None:
+    assume(bad in NOT_CANONICAL or (bad.strip(" \t") and "," not in bad and parse_ip(bad.strip(" \t")) is None))
+    with pytest.raises(UnreadableHop):
+        client_chain(peer, [", ".join(["203.0.113.9", bad, *hops])], TRUSTED)
 
 
 @FAST
@@ -296,8 +337,14 @@ def test_json_model_is_what_a_json_parser_reads(document: dict[str, Any], ensure
         model = EXTRACTOR.model_from_body(body, ["application/json"])
     except GatewayError as err:
         assert err.status == 400
-        assert "model" in document and not (isinstance(expected, str) and expected)
+        # Refused: an unusable model, or a key that case-insensitive decoders read as "model" too.
+        if "Model" in document:
+            assert err.code == "ambiguous_request"
+        else:
+            assert "model" in document
+            assert not (isinstance(expected, str) and expected) or re.search(r"[\x00-\x1f\x7f-\x9f]", expected)
         return
+    assert "Model" not in document
     assert model == (expected if "model" in document else None)
 
 
@@ -309,8 +356,8 @@ def test_a_duplicate_model_key_is_refused_however_spelled(first: str, second: st
 
     body = ('{"model": ' + json.dumps(first) + ', "x": 1, "' + escape + '": ' + json.dumps(second) + "}").encode()
     with pytest.raises(GatewayError) as refused:
-        EXTRACTOR.model_from_body(body, [])
-    assert refused.value.status == 400
+        EXTRACTOR.model_from_body(body, ["application/json"])
+    assert (refused.value.status, refused.value.code) == (400, "ambiguous_request")
 
 
 @FAST
@@ -322,7 +369,7 @@ def test_multipart_model_is_the_one_model_field(boundary: str, fields: list[tupl
                     + value.encode() + b"\r\n" for name, value in fields) + f"--{boundary}--\r\n".encode()
     models = [value for name, value in fields if name == "model"]
     content_type = [f'multipart/form-data; boundary="{boundary}"']
-    if len(models) > 1:
+    if len(models) > 1 or not fields:  # two models, or no part at all
         with pytest.raises(GatewayError):
             EXTRACTOR.model_from_body(body, content_type)
         return
@@ -337,9 +384,11 @@ def test_any_body_is_refused_or_answered_never_an_error(body: bytes, content_typ
     try:
         model = EXTRACTOR.model_from_body(body, content_type)
     except GatewayError as err:
-        assert err.status == 400
+        assert err.status in (400, 415)
         return
     assert model is None or (isinstance(model, str) and model)
+    # Read at all only as JSON or multipart, and only with one media type named.
+    assert not body or content_type in (["application/json"], ["multipart/form-data; boundary=xx"])
 
 
 # --- decide() ---------------------------------------------------------------------------------------------

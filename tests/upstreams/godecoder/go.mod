@@ -1,0 +1,3 @@
+module example.invalid/godecoder
+
+go 1.19
