@@ -317,7 +317,8 @@ def test_absolute_form_target_is_proxied_to_the_configured_upstream_only(gw: Gat
         clean_upstream.reset()
         body = b"" if path.startswith("/v1/models") else MODEL_BODY
         head = (b"POST " if body else b"GET ") + target + b" HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n"
-        data = head + AUTH + (f"Content-Length: {len(body)}\r\n".encode() if body else b"") + b"\r\n" + body
+        framing = f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n".encode() if body else b""
+        data = head + AUTH + framing + b"\r\n" + body
         responses, _ = exchange(port_of(gw), data)
         assert [r.status for r in responses] == [200], (target, responses[0].body[:200])
         assert seen_paths(clean_upstream) == [path], target
@@ -357,8 +358,9 @@ def test_hostile_host_headers_change_nothing(gw: GatewayProcess, clean_upstream:
         clean_upstream.reset()
         for path, status in (("/metrics", 200), ("/admin/v1/policy", 200), (f"/v1/models/{SECRET}/infer", 403)):
             method, body = ("GET", b"") if path.endswith("/infer") else ("POST", MODEL_BODY)
-            data = request(method, path, [("Authorization", f"Bearer {TOKEN}"), ("Connection", "close")], body,
-                           host=host)
+            framing = [JSON] if body else []
+            data = request(method, path, [("Authorization", f"Bearer {TOKEN}"), ("Connection", "close"), *framing],
+                           body, host=host)
             responses, _ = exchange(port_of(gw), data)
             assert [r.status for r in responses] == [status], (host, path, responses[0].body[:200])
             # Proxied like any other path, never answered by the admin listener.

@@ -207,22 +207,22 @@ async def test_get_one_model_is_decided_as_that_model(gateway: GatewayProcess, u
 # --------------------------------------------------------------------------- row 3a
 
 
-@pytest.mark.parametrize(("body", "content_type"), [
-    (b'{"messages": []}', "application/json"),
-    (b"[1,2]", "application/json"),
-    (b'{"messages": [], "nested": {"model": "frontier-x"}}', "application/json"),
-    (b"", None),
+@pytest.mark.parametrize(("body", "content_type", "code"), [
+    (b'{"messages": []}', "application/json", "model_required"),
+    (b"[1,2]", "application/json", "ambiguous_request"),  # JSON that is not one object: no reading is safe
+    (b'{"messages": [], "nested": {"model": "frontier-x"}}', "application/json", "model_required"),
+    (b"", None, "model_required"),
 ])
 async def test_a_request_naming_no_model_is_400_model_required(gateway: GatewayProcess,
                                                                upstream_seen: ListingUpstream, body: bytes,
-                                                               content_type: str | None) -> None:
+                                                               content_type: str | None, code: str) -> None:
     headers = {**auth(CN), **({"Content-Type": content_type} if content_type else {})}
     async with aiohttp.ClientSession() as client, client.post(gateway.url + "/v1/chat/completions", data=body,
                                                               headers=headers) as response:
         error = orjson.loads(await response.read())["error"]
         assert response.status == 400, error
-        assert (error["code"], error["type"]) == ("model_required", "invalid_request_error")
-        assert response.headers["X-Gateway-Reason"] == "model_required"
+        assert (error["code"], error["type"]) == (code, "invalid_request_error")
+        assert response.headers["X-Gateway-Reason"] == code
     assert upstream_seen.seen == []
 
 
