@@ -270,7 +270,8 @@ class AuditLog:
         # True: the sender replays the spool from ``spool.sent`` (Redis failed or fell behind) and
         # the tick writes to the file only; False: it sends ``_memory``.
         self._from_file = False
-        self._memory_cap = max(BATCH, settings.queue_size // 4)
+        # Records held in memory for the sender beyond which it reads them back from the file instead.
+        self._memory_cap = min(4 * BATCH, settings.queue_size)
         self._seq = 0
         self._orphan: Orphan | None = None
         self._next_retry = 0.0
@@ -395,27 +396,32 @@ class AuditLog:
         """Send what the spool holds beyond ``sent`` (file first, then memory), in order."""
         if not final and self._redis_away and self.monotonic() < self._next_retry:
             return
-        if self._from_file:
-            if not await self._catch_up(final):
-                return
-        elif self._in_memory > self._memory_cap and all(c.durable for c in self._memory):
-            self._to_file()  # Redis falls behind: stop holding copies, read them back later
+        if self._from_file and not await self._catch_up(final):
             return
-        while self._memory and not self._from_file:
-            chunk = self._memory[0]
-            left = await self._send(chunk.entries)
-            if self._from_file or not self._memory or self._memory[0] is not chunk:
-                return  # close() cleared the memory meanwhile
-            if left:
-                # What Redis took needs no second send (it would land once anyway).
-                self._in_memory -= len(chunk.entries) - len(left)
-                chunk.entries = left
-                if all(c.durable for c in self._memory):
+        memory = self._memory
+        while memory and not self._from_file:
+            if self._in_memory > self._memory_cap and all(c.durable for c in memory):
+                # Redis falls behind: stop holding copies (memory stays small), read them back later.
+                self._to_file()
+                return
+            # The head chunks, up to a script call's worth of records, in one append.
+            chunks, entries = [], []
+            for chunk in memory:
+                if entries and len(entries) + len(chunk.entries) > BATCH:
+                    break
+                chunks.append(chunk)
+                entries.extend(chunk.entries)
+            if await self._send(entries):
+                # Not taken (or not all): sent again later, from the file when it holds them all;
+                # what Redis did take lands only once.
+                if all(c.durable for c in memory):
                     self._to_file()
                 return
-            self._memory.popleft()
-            self._in_memory -= len(chunk.entries)
-            self.spool.acknowledged(chunk.end)
+            for chunk in chunks:
+                if memory and memory[0] is chunk:
+                    memory.popleft()
+                    self._in_memory -= len(chunk.entries)
+            self.spool.acknowledged(chunks[-1].end)
 
     def _to_file(self) -> None:
         """Redis is away or behind: the memory copies go; the sender replays the file from ``sent``."""

@@ -26,7 +26,7 @@ from gateway.redis_server import RedisServer, free_port
 
 from .faultproxy import FaultProxy
 from .harness import GatewayProcess, Upstream, gateway_config, hs_token, seed_policy, wait_until
-from .test_audit import assert_exactly, send, stream_length
+from .test_audit import assert_exactly, send, stream, stream_length
 from .test_redis_faults import metric, post
 
 # --- the audit trail: killed while Redis hangs ------------------------------------------------------
@@ -206,3 +206,27 @@ async def test_what_the_local_limiter_admitted_is_charged_to_redis_when_it_retur
         assert all(answer.code == "rate_limited" for answer in back)
     finally:
         gateway.stop()
+
+
+async def test_a_redis_slower_than_the_audit_loses_and_repeats_nothing(slow_redis: FaultProxy,
+                                                                       upstream: Upstream) -> None:
+    """Appends slower than the records come: the sender falls back to the file, then catches up, in order."""
+    config = gateway_config(upstream.url, tiers=TIERS, redis={"timeout_s": 0.1},
+                            policy={"max_staleness_s": 60, "poll_interval_s": 0.1}, audit={"flush_ms": 20})
+    gateway = GatewayProcess(config, redis_url=slow_redis.url).start()
+    answered: list[str] = []
+    try:
+        # 1.2 s a round trip: every append outlasts the sender's deadline; records wait in the file.
+        slow_redis.set("delay", delay_s=0.6)
+        started = time.monotonic()
+        while time.monotonic() - started < 2.0:
+            await asyncio.gather(*(send(gateway, answered, prefix=f"slow{len(answered)}-{n}", count=10)
+                                   for n in range(4)))
+        assert metric(gateway, "gateway_audit_spooled_total") > 0
+        slow_redis.set("pass")
+        assert wait_until(lambda: stream_length(slow_redis.url) >= len(answered), 15), gateway.log()
+        await asyncio.sleep(0.5)
+    finally:
+        gateway.stop()
+    got = [record["request_id"] for record, _id in stream(slow_redis.url)]
+    assert sorted(got) == sorted(answered) and len(set(got)) == len(got)
