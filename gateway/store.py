@@ -316,7 +316,7 @@ class Store:
 
     async def ping(self) -> bool:
         try:
-            return bool(await self._bounded("ping", self.client.ping()))
+            return bool(await self._bounded("ping", self.client.ping(), self.policy_timeout_s))
         except StoreUnavailable:
             return False
 
@@ -540,7 +540,8 @@ class Store:
             log.warning("policy version %s written but not announced", version)
 
     async def read_changes(self, limit: int) -> list[dict[str, Any]]:
-        raw = await self._bounded("changes", self.client.xrevrange(CHANGES_KEY, count=limit))
+        raw = await self._bounded("changes", self.client.xrevrange(CHANGES_KEY, count=limit),
+                                  self.load_timeout_s)
         return [orjson.loads(fields[b"c"]) for _id, fields in raw]
 
     async def policy_exists(self) -> bool:
@@ -775,11 +776,12 @@ class Store:
         return int(await self._bounded("audit", run(), timeout_s or self.load_timeout_s))
 
     async def read_audit(self, limit: int) -> list[dict[str, Any]]:
-        raw = await self._bounded("audit", self.client.xrevrange(AUDIT_KEY, count=limit))
+        # Off the hot path (an operator's read): the longer deadline, as for policy reads.
+        raw = await self._bounded("audit", self.client.xrevrange(AUDIT_KEY, count=limit), self.load_timeout_s)
         return [orjson.loads(fields[b"r"]) for _id, fields in raw]
 
     async def audit_length(self) -> int:
-        return int(await self._bounded("audit", self.client.xlen(AUDIT_KEY)))
+        return int(await self._bounded("audit", self.client.xlen(AUDIT_KEY), self.policy_timeout_s))
 
 
 def _part_of(op: Op) -> str | None:
