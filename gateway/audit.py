@@ -310,6 +310,10 @@ class AuditLog:
         try:
             self._write_ahead()
             await self._send_pending(final=True)
+            if self._held and not self._from_file:
+                # The spool refused them, but Redis has caught up: straight to Redis.
+                self._write_ahead()
+                await self._send_pending(final=True)
         finally:
             lost = len(self._held) + sum(len(c.entries) for c in self._memory if not c.durable)
             if lost:
