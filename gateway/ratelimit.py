@@ -400,9 +400,13 @@ class RateLimiter:
             if budget is not None:
                 budget.left_s -= time.monotonic() - started
         if reply is None:
-            self._failures += 1
-            backoff = min(self._backoff_s, self._timeout_s * (1 << min(self._failures - 1, 16)))
-            self._skip_until = self._clock() + backoff
+            now = self._clock()
+            # Calls that fail together (a dropped connection fails every call on it) are one
+            # failure: only the first after a skip ends lengthens the next one.
+            if now >= self._skip_until:
+                self._failures += 1
+                backoff = min(self._backoff_s, self._timeout_s * (1 << min(self._failures - 1, 16)))
+                self._skip_until = now + backoff
             return None
         self._failures = 0
         if self._unsynced and self._writing_back is None:
