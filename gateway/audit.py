@@ -264,7 +264,7 @@ class AuditLog:
         self.producer = new_producer_id()
         self.spool = Spool(Path(settings.spool_dir), self.producer)
         self._queue: deque[dict[str, Any]] = deque()
-        self._held: list[Entry] = []  # numbered, but the spool refused them (sent from the file only)
+        self._held: list[Entry] = []  # numbered; the spool refused them while the sender read the file
         self._memory: deque[_Chunk] = deque()  # written ahead, not yet acknowledged, in order
         self._in_memory = 0  # records in ``_memory``
         # True: the sender replays the spool from ``spool.sent`` (Redis failed or fell behind) and
