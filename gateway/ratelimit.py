@@ -352,6 +352,7 @@ class RateLimiter:
         self._script_now = script_now
         self._skip_until = -math.inf
         self.local = LocalLimiter(clock=clock, max_keys=local_max_keys)
+        self._local_max_keys = local_max_keys
         self._check_args = {name: (str(_interval_us(t)), str(t.burst), str(t.tokens_per_minute or 0))
                             for name, t in self._tiers.items()}
         # (subject, model) the local limiter admitted or charged that Redis has not seen yet.
@@ -438,7 +439,7 @@ class RateLimiter:
         self._fell_back()
         result = self.local.check(subject, model, limits)
         if result.allowed or owed != (0, 0):
-            self._unsynced[(subject, model)] = None
+            self._owe((subject, model))
         return result
 
     async def charge(self, subject: str, model: str | None, tier: str, tokens: int, *,
@@ -452,7 +453,14 @@ class RateLimiter:
         reply = await self._run(CHARGE_SCRIPT, (token_key,), (str(int(tokens)), self._now_arg()), budget)
         if reply is None:
             self.local.charge(subject, model, limits, tokens)
-            self._unsynced[(subject, model)] = None
+            self._owe((subject, model))
+
+    def _owe(self, key: tuple[str, str]) -> None:
+        """Remember a caller with spend Redis has not seen; as many as the local limiter keeps."""
+        unsynced = self._unsynced
+        unsynced[key] = None
+        if len(unsynced) > self._local_max_keys:
+            del unsynced[next(iter(unsynced))]  # the oldest; its local state is the first evicted too
 
     async def _write_back(self) -> None:
         """Charge Redis with what the local limiter admitted while it was away, one call per caller."""
