@@ -137,7 +137,7 @@ class Gateway:
         s = self.settings
         password = read_secret(s.redis.password_env, self.environ)
         self.store = Store.from_url(self.redis_url, timeout_s=s.redis.timeout_s, password=password,
-                                    tls=s.redis.tls_options())
+                                    tls=s.redis.tls_options(), policy_timeout_s=s.redis.policy_timeout_s)
         self.store.on_error = self.metrics.redis_error
         if self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             tls = s.redis.ssl_context() if self.redis_url.startswith("rediss://") else None
@@ -151,7 +151,8 @@ class Gateway:
         self.forwarder = Forwarder(self.session, Router(s.upstream.url, s.upstream.routes),
                                    read_timeout_s=s.upstream.read_timeout_s,
                                    connect_timeout_s=s.upstream.connect_timeout_s, clock=time.perf_counter)
-        self.limiter = RateLimiter(self.store, s.tiers, on_fallback=self.metrics.ratelimit_fallback)
+        self.limiter = RateLimiter(self.store, s.tiers, on_fallback=self.metrics.ratelimit_fallback,
+                                   timeout_s=s.redis.timeout_s)
         if s.auth.jwks_url:
             self.jwks = JwksFetcher(s.auth.jwks_url, self.keyring, self.session,
                                     refresh_s=s.auth.jwks_refresh_s, cooldown_s=s.auth.jwks_cooldown_s)
@@ -171,6 +172,8 @@ class Gateway:
             await self.jwks.close()
         if self.audit is not None:
             await self.audit.close()
+        if self.limiter is not None:
+            await self.limiter.close()
         if self.session is not None:
             await self.session.close()
         if self.store is not None:
@@ -281,14 +284,15 @@ class Gateway:
         exchange.decision = decision
         if not decision.allowed:
             raise GatewayError(decision.status, decision.code, decision.message)
-        rate = await limiter.check(identity.subject, model, identity.tier)
+        budget = limiter.budget()  # one wait on Redis for the check and the charge together
+        rate = await limiter.check(identity.subject, model, identity.tier, budget=budget)
         exchange.rate = rate
         rate_headers = rate.headers(identity.tier)
         if not rate.allowed:
             raise GatewayError(429, rate.code, _rate_message(rate, model), headers=tuple(rate_headers))
 
         async def charge(tokens: int) -> None:
-            await limiter.charge(identity.subject, model, identity.tier, tokens)
+            await limiter.charge(identity.subject, model, identity.tier, tokens, budget=budget)
 
         if lists_models(method, path, self.rules):  # whatever model a body names: the list is cut down
             now, rules = self.clock(), self.rules

@@ -1,29 +1,36 @@
-"""The audit trail (contract §10): one record per decision, kept across Redis outages and restarts.
+"""The audit trail (contract §10): one record per decision, kept across Redis outages, kills and restarts.
 
 A record's way out:
 
 1. ``record()`` puts the dict on a bounded in-memory queue. It never awaits and
    never blocks; when the queue is full the record is dropped, counted and logged.
-2. Every ``audit.flush_ms`` the drain task numbers queued records with this
-   process's sequence (1, 2, 3...) and appends them in batches to the Redis stream.
-3. While Redis is away, batches go to this process's spool file instead (one
-   file per process, fsync per batch). From then on every new batch goes behind
-   them into the spool until the spool has been replayed, so each process's
-   records reach the stream in the order they were made.
+2. Every ``audit.flush_ms`` the drain tick numbers the queued records with this
+   process's sequence (1, 2, 3...) and appends them to this process's spool file
+   in one ``write`` (write-ahead), whatever Redis is doing. That is what makes a
+   killed process lose at most ``flush_ms`` of records: once ``write`` returns,
+   the bytes are in the kernel's page cache and outlive the process (SIGKILL,
+   OOM kill, a crash). No fsync: it would only add protection against the
+   machine itself losing power, at a disk flush per tick.
+3. Independently of the tick, a sender task appends the written records to the
+   Redis stream in batches; a Redis that hangs holds up only the sender, never
+   the write-ahead. While everything goes well the sender sends from memory (no
+   reading back), and the file is cut back to empty once Redis acknowledged all
+   of it. When Redis fails (or falls far behind) the sender drops its memory
+   copies and replays from the file instead, in order, until it has caught up.
 4. Appends are idempotent per (producer, sequence) (``gateway/lua/audit.lua``):
-   a batch whose reply was lost in a timeout and that was spooled anyway, or a
-   spool replayed twice, lands once.
+   a batch whose reply was lost in a timeout, a batch that was sent and then
+   replayed from the spool, a spool replayed twice: each record lands once.
 5. Each process holds an exclusive ``flock`` on its spool file for its life. A
    file whose lock can be taken belongs to a process that is gone (stopped,
    crashed, SIGKILLed): any gateway process replays it and deletes it. The lock,
    not a pid check, decides, so a reused pid or two workers scanning together
    cannot replay a file twice or steal a live one.
 
-Loss bounds: a graceful stop flushes everything to Redis or to the spool. A
-killed process loses what it had queued since its last flush (``flush_ms``, plus
-the Redis deadline if it was mid-append to an unanswering Redis). Records are
-dropped, counted by ``gateway_audit_dropped_total`` and logged at error level,
-only when the queue is full, i.e. when Redis and the spool both fail.
+Loss bounds: a graceful stop flushes everything to Redis, or leaves it in the
+spool for the next start. A killed process loses what was queued since its last
+write-ahead tick (``flush_ms``). Records are dropped, counted by
+``gateway_audit_dropped_total`` and logged at error level, only when the queue
+is full, i.e. when Redis and the spool both fail.
 """
 
 from __future__ import annotations
@@ -104,7 +111,12 @@ def iter_lines(fd: int, start: int, end: int | None = None) -> Iterator[tuple[by
 
 
 class Spool:
-    """This process's spool file: created on first use, locked for life, deleted once replayed."""
+    """This process's spool file: the write-ahead log of its records, locked for its life.
+
+    ``size`` is what was written, ``sent`` how much of it Redis acknowledged; once
+    they meet, the file is cut back to empty. At a clean stop with nothing left the
+    file is deleted; otherwise it stays for the next process to replay.
+    """
 
     def __init__(self, directory: Path, producer: str) -> None:
         self.directory = directory
@@ -112,7 +124,7 @@ class Spool:
         self.path = directory / f"{producer}{SUFFIX}"
         self.fd: int | None = None
         self.size = 0  # bytes written
-        self.sent = 0  # bytes replayed to Redis
+        self.sent = 0  # bytes acknowledged by Redis
 
     @property
     def pending(self) -> bool:
@@ -134,8 +146,11 @@ class Spool:
         self.size = self.sent = 0
         return fd
 
-    def append(self, entries: Sequence[Entry]) -> None:
-        """Write and fsync; on failure the file is cut back to its last whole line and OSError raised."""
+    def append(self, entries: Sequence[Entry]) -> int:
+        """Write the lines (no fsync, see the module docstring); the new size.
+
+        On failure the file is cut back to its last whole line and OSError raised.
+        """
         if self.fd is None:
             self.fd = self._open()
         data = b"".join(encode_line(self.producer, seq, record) for seq, record in entries)
@@ -144,7 +159,6 @@ class Spool:
             while view:
                 written = os.write(self.fd, view)
                 view = view[written:]
-            os.fsync(self.fd)
         except OSError:
             try:
                 os.ftruncate(self.fd, self.size)
@@ -152,9 +166,20 @@ class Spool:
                 log.error("audit spool %s may end in a torn line", self.path)
             raise
         self.size += len(data)
+        return self.size
+
+    def acknowledged(self, offset: int) -> None:
+        """Redis holds everything up to ``offset``; an empty file again once it holds all of it."""
+        self.sent = max(self.sent, offset)
+        if self.fd is not None and self.size and self.sent >= self.size:
+            try:
+                os.ftruncate(self.fd, 0)  # O_APPEND: the next write starts at 0 again
+            except OSError:
+                return  # still whole and in order; replaying it again lands nothing twice
+            self.size = self.sent = 0
 
     def discard(self) -> None:
-        """Everything was replayed: remove the file; the next outage starts a new one."""
+        """At a clean stop with everything acknowledged: remove the file."""
         if self.fd is None:
             return
         try:
@@ -165,10 +190,23 @@ class Spool:
             self.size = self.sent = 0
 
     def release(self) -> None:
-        """At exit: keep what was not replayed for the next process to find, and drop the lock."""
+        """At exit: keep what was not acknowledged for the next process to find, and drop the lock."""
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+@dataclass(slots=True)
+class _Chunk:
+    """Records written ahead in one tick, kept in memory for the sender.
+
+    ``end``: the spool size just after them (what an acknowledgement lets go of);
+    ``durable``: False when the spool write failed and memory is their only copy.
+    """
+
+    entries: list[Entry]
+    end: int
+    durable: bool
 
 
 @dataclass(slots=True)
@@ -215,7 +253,7 @@ def _lock_orphan(path: Path) -> int | None:
 
 
 class AuditLog:
-    """A bounded in-memory queue drained every ``flush_ms`` to the audit stream, or to the spool."""
+    """A bounded in-memory queue, written ahead to the spool every ``flush_ms`` and sent on to Redis."""
 
     def __init__(self, store: Store, settings: AuditSettings, *, metrics: Metrics,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
@@ -226,8 +264,14 @@ class AuditLog:
         self.producer = new_producer_id()
         self.spool = Spool(Path(settings.spool_dir), self.producer)
         self._queue: deque[dict[str, Any]] = deque()
-        self._held: list[Entry] = []  # numbered, but neither Redis nor the spool took them yet
-        self._in_transit = 0  # records of the batch being written right now
+        self._held: list[Entry] = []  # numbered; the spool refused them while the sender read the file
+        self._memory: deque[_Chunk] = deque()  # written ahead, not yet acknowledged, in order
+        self._in_memory = 0  # records in ``_memory``
+        # True: the sender replays the spool from ``spool.sent`` (Redis failed or fell behind) and
+        # the tick writes to the file only; False: it sends ``_memory``.
+        self._from_file = False
+        # Records held in memory for the sender beyond which it reads them back from the file instead.
+        self._memory_cap = min(4 * BATCH, settings.queue_size)
         self._seq = 0
         self._orphan: Orphan | None = None
         self._next_retry = 0.0
@@ -239,12 +283,13 @@ class AuditLog:
         self._last_drop_log = -1e9
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._sender: asyncio.Task[None] | None = None
 
     # --- the hot path -----------------------------------------------------------------------
 
     def record(self, fields: dict[str, Any]) -> None:
-        """Queue one §10 record; O(1), never blocks. Serialization happens in the drain task."""
-        if len(self._queue) + len(self._held) + self._in_transit >= self.settings.queue_size:
+        """Queue one §10 record; O(1), never blocks. Serialization happens in the drain tick."""
+        if len(self._queue) + len(self._held) + self._in_memory >= self.settings.queue_size:
             self._drop(1, "audit queue full: Redis and the spool both fail")
             return
         self._queue.append(fields)
@@ -258,56 +303,88 @@ class AuditLog:
         """Flush everything: to Redis, else to the spool; what is left in the spool waits for a restart."""
         self._stop.set()
         if self._task is not None:
-            # Not cancelled: a batch taken off the queue must reach Redis or the spool.
             await self._task
+        if self._sender is not None:
+            # Not cancelled: a batch in flight must learn whether Redis took it.
+            await self._sender
         try:
-            await self.flush(final=True)
+            self._write_ahead()
+            await self._send_pending(final=True)
+            if self._held and not self._from_file:
+                # The spool refused them, but Redis has caught up: straight to Redis.
+                self._write_ahead()
+                await self._send_pending(final=True)
         finally:
-            if self._held:
-                self._drop(len(self._held), "audit records unsaved at shutdown")
-                self._held = []
+            lost = len(self._held) + sum(len(c.entries) for c in self._memory if not c.durable)
+            if lost:
+                self._drop(lost, "audit records unsaved at shutdown: Redis and the spool both failed")
+            self._held, self._memory, self._in_memory = [], deque(), 0
             self._log_drops(force=True)
             self._release_orphan()
             if self.spool.pending:
                 log.warning("audit spool kept for replay at the next start",
                             extra={"spool": str(self.spool.path), "bytes": self.spool.size - self.spool.sent})
-            self.spool.release()
+                self.spool.release()
+            else:
+                self.spool.discard()
 
     async def _drain_loop(self) -> None:
         interval = self.settings.flush_ms / 1000
         while not self._stop.is_set():
             try:
-                await self.flush()
-                await self._replay_orphans()
-            except Exception:  # the drain must outlive any one bad batch
-                log.exception("audit drain failed; retrying")
+                self._write_ahead()
+            except Exception:  # the tick must outlive any one bad batch
+                log.exception("audit write-ahead failed; retrying")
+            if self._sender is None or self._sender.done():
+                self._sender = asyncio.create_task(self._send_round(), name="audit-send")
             self._log_drops()
             try:
                 await asyncio.wait_for(self._stop.wait(), interval)
             except TimeoutError:
                 pass
 
-    # --- draining ---------------------------------------------------------------------------
+    async def _send_round(self) -> None:
+        try:
+            await self._send_pending()
+            await self._replay_orphans()
+        except Exception:  # the sender must outlive any one bad batch
+            log.exception("audit send failed; retrying")
 
-    async def flush(self, *, final: bool = False) -> None:
-        """Send the queue on: replay the own spool first (order), then Redis or the spool."""
-        if self.spool.pending and (final or self.monotonic() >= self._next_retry):
-            await self._replay_own(budget=None if final else REPLAY_BATCHES_PER_TICK)
-        while self._queue or self._held:
-            batch = self._take(BATCH)
-            self._in_transit = len(batch)
-            try:
-                if not self.spool.pending:
-                    batch = await self._send(batch)
-                if batch and not await self._to_spool(batch):
-                    break  # held for the next tick; the queue bound turns a lasting failure into drops
-            finally:
-                self._in_transit = 0
+    # --- write-ahead ------------------------------------------------------------------------
 
-    def _take(self, limit: int) -> list[Entry]:
+    def _write_ahead(self) -> None:
+        """Number the queue and append it to the spool in one write; runs on the loop (no awaits)."""
+        if not self._queue and not self._held:
+            return
+        entries = self._take()
+        if not entries:
+            return
+        try:
+            end, durable = self.spool.append(entries), True
+        except OSError as exc:
+            end, durable = self.spool.size, False
+            if not self._spool_failing:
+                self._spool_failing = True
+                log.error("AUDIT SPOOL UNWRITABLE: %s; records kept in memory until the queue is full",
+                          exc, extra={"spool": str(self.spool.path), "held": len(entries)})
+        else:
+            if self._spool_failing:
+                self._spool_failing = False
+                log.warning("audit spool writable again", extra={"spool": str(self.spool.path)})
+        if self._from_file:
+            if durable:
+                self.metrics.audit_spooled.inc(len(entries))
+            else:
+                self._held = entries  # the file must stay in order: written again at the next tick
+            return
+        self._memory.append(_Chunk(entries, end, durable))
+        self._in_memory += len(entries)
+
+    def _take(self) -> list[Entry]:
         batch, self._held = self._held, []
-        while self._queue and len(batch) < limit:
-            record = self._queue.popleft()
+        queue = self._queue
+        while queue:
+            record = queue.popleft()
             try:
                 payload = orjson.dumps(record)
             except TypeError:
@@ -316,6 +393,70 @@ class AuditLog:
             self._seq += 1
             batch.append((self._seq, payload))
         return batch
+
+    # --- sending ----------------------------------------------------------------------------
+
+    async def _send_pending(self, *, final: bool = False) -> None:
+        """Send what the spool holds beyond ``sent`` (file first, then memory), in order."""
+        if not final and self._redis_away and self.monotonic() < self._next_retry:
+            return
+        if self._from_file and not await self._catch_up(final):
+            return
+        memory = self._memory
+        while memory and not self._from_file:
+            if self._in_memory > self._memory_cap and all(c.durable for c in memory):
+                # Redis falls behind: stop holding copies (memory stays small), read them back later.
+                self._to_file()
+                return
+            # The head chunks, up to a script call's worth of records, in one append.
+            chunks, entries = [], []
+            for chunk in memory:
+                if entries and len(entries) + len(chunk.entries) > BATCH:
+                    break
+                chunks.append(chunk)
+                entries.extend(chunk.entries)
+            if await self._send(entries):
+                # Not taken (or not all): sent again later, from the file when it holds them all;
+                # what Redis did take lands only once.
+                if all(c.durable for c in memory):
+                    self._to_file()
+                return
+            for chunk in chunks:
+                if memory and memory[0] is chunk:
+                    memory.popleft()
+                    self._in_memory -= len(chunk.entries)
+            self.spool.acknowledged(chunks[-1].end)
+
+    def _to_file(self) -> None:
+        """Redis is away or behind: the memory copies go; the sender replays the file from ``sent``."""
+        self.metrics.audit_spooled.inc(self._in_memory)
+        self._memory.clear()
+        self._in_memory = 0
+        self._from_file = True
+
+    async def _catch_up(self, final: bool) -> bool:
+        """Replay the own spool from ``sent``; True once it is all acknowledged (back to memory)."""
+        budget = None if final else REPLAY_BATCHES_PER_TICK
+        while True:
+            spool = self.spool
+            if spool.fd is None or spool.sent >= spool.size:
+                self._from_file = False
+                if spool.fd is not None:
+                    spool.acknowledged(spool.size)
+                return True
+            try:
+                done = await self._replay(spool.fd, spool.sent, spool.size, spool.acknowledged, budget)
+            except StoreUnavailable as exc:
+                self._redis_gone(exc)
+                return False
+            self._redis_back()
+            if not done:
+                return False
+            if spool.sent < spool.size:
+                if not final:
+                    return False  # written meanwhile: the next round goes on
+                continue
+            log.info("audit spool replayed to Redis", extra={"spool": str(spool.path)})
 
     async def _send(self, batch: list[Entry]) -> list[Entry]:
         """Append to Redis in script-sized chunks; returns what Redis did not take."""
@@ -329,28 +470,11 @@ class AuditLog:
         self._redis_back()
         return []
 
-    async def _to_spool(self, batch: list[Entry]) -> bool:
-        try:
-            # fsync can take milliseconds: off the event loop, so requests never wait for the disk.
-            await asyncio.to_thread(self.spool.append, batch)
-        except OSError as exc:
-            self._held = batch
-            if not self._spool_failing:
-                self._spool_failing = True
-                log.error("AUDIT SPOOL UNWRITABLE: %s; records held in memory until the queue is full",
-                          exc, extra={"spool": str(self.spool.path), "held": len(batch)})
-            return False
-        if self._spool_failing:
-            self._spool_failing = False
-            log.warning("audit spool writable again", extra={"spool": str(self.spool.path)})
-        self.metrics.audit_spooled.inc(len(batch))
-        return True
-
     def _redis_gone(self, exc: Exception) -> None:
         self._next_retry = self.monotonic() + RETRY_S
         if not self._redis_away:
             self._redis_away = True
-            log.warning("audit: Redis unavailable, spooling records to %s (%s)", self.spool.path, exc)
+            log.warning("audit: Redis unavailable, records wait in the spool %s (%s)", self.spool.path, exc)
 
     def _redis_back(self) -> None:
         if self._redis_away:
@@ -358,23 +482,6 @@ class AuditLog:
             log.info("audit: Redis reachable again")
 
     # --- replay -----------------------------------------------------------------------------
-
-    async def _replay_own(self, budget: int | None) -> None:
-        spool = self.spool
-        assert spool.fd is not None
-
-        def progress(offset: int) -> None:
-            spool.sent = offset
-
-        try:
-            done = await self._replay(spool.fd, spool.sent, spool.size, progress, budget)
-        except StoreUnavailable as exc:
-            self._redis_gone(exc)
-            return
-        self._redis_back()
-        if done:
-            log.info("audit spool replayed to Redis", extra={"spool": str(spool.path)})
-            spool.discard()
 
     async def _replay(self, fd: int, start: int, end: int | None, progress: Callable[[int], None],
                       budget: int | None) -> bool:

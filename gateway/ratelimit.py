@@ -8,6 +8,7 @@ same limits decides in-process: degraded, never unlimited.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import math
@@ -23,10 +24,12 @@ from gateway.settings import Tier
 __all__ = [
     "CHARGE_SCRIPT",
     "CHECK_SCRIPT",
+    "SYNC_SCRIPT",
     "BackendUnavailable",
     "LocalLimiter",
     "RateLimiter",
     "RateResult",
+    "RedisBudget",
     "ScriptBackend",
     "rate_keys",
 ]
@@ -35,6 +38,7 @@ log = logging.getLogger(__name__)
 
 CHECK_SCRIPT = "ratelimit"  # gateway/lua/ratelimit.lua
 CHARGE_SCRIPT = "charge"  # gateway/lua/charge.lua
+SYNC_SCRIPT = "sync"  # gateway/lua/sync.lua: what the local limiter admitted, charged to Redis
 ANY_MODEL = "*"
 WINDOW_S = 60
 _US = 1_000_000
@@ -48,9 +52,24 @@ class BackendUnavailable(Exception):
 
 
 class ScriptBackend(Protocol):
-    """Runs ``gateway/lua/<name>.lua`` atomically (EVALSHA), bounded by ``redis.timeout_s``."""
+    """Runs ``gateway/lua/<name>.lua`` atomically (EVALSHA), bounded by ``redis.timeout_s``.
 
-    async def run_script(self, name: str, keys: Sequence[str], args: Sequence[str | int | float]) -> Any: ...
+    ``timeout_s`` (passed only when shorter): what is left of the calling request's wait.
+    """
+
+    async def run_script(self, name: str, keys: Sequence[str], args: Sequence[str | int | float], *,
+                         timeout_s: float | None = None) -> Any: ...
+
+
+class RedisBudget:
+    """What is left of one request's wait on Redis: ``redis.timeout_s`` in total, however many
+    calls the request makes (docs/contract.md §5). Each call may wait only for what is left and
+    spends what it waited; once it is spent, the local limiter decides."""
+
+    __slots__ = ("left_s",)
+
+    def __init__(self, seconds: float) -> None:
+        self.left_s = seconds
 
 
 @lru_cache(maxsize=65_536)
@@ -172,11 +191,14 @@ def _result(tier: Tier, reply: Sequence[Any], *, fallback: bool) -> RateResult:
 
 
 class _LocalState:
-    __slots__ = ("buckets", "tat")
+    __slots__ = ("buckets", "tat", "unsynced_tokens", "unsynced_us")
 
     def __init__(self) -> None:
         self.tat = 0
         self.buckets: dict[int, int] = {}
+        # Spend Redis has not seen yet: emission intervals admitted here, tokens charged here.
+        self.unsynced_us = 0
+        self.unsynced_tokens = 0
 
 
 class LocalLimiter:
@@ -226,6 +248,7 @@ class LocalLimiter:
         reply: tuple[int, ...]
         if rate_ok and tokens_ok:
             state.tat = new_tat
+            state.unsynced_us += interval
             remaining = (capacity - (new_tat - now)) // interval
             reset = new_tat - now if remaining else new_tat - now - capacity + interval
             reply = (1, 0, remaining, reset, 0, used, token_reset)
@@ -264,26 +287,58 @@ class LocalLimiter:
         second = self._now_us() // _US
         state = self._state(subject, model or ANY_MODEL)
         state.buckets[second] = state.buckets.get(second, 0) + tokens
+        state.unsynced_tokens += tokens
         if len(state.buckets) > WINDOW_S + 4:
             oldest = second - (WINDOW_S - 1)
             for old in [s for s in state.buckets if s < oldest]:
                 del state.buckets[old]
 
 
+    def take_unsynced(self, subject: str, model: str) -> tuple[int, int]:
+        """(µs of request spend, tokens) admitted here that Redis has not seen, and forget them.
+
+        The request spend is what is left of it now: the emission intervals admitted here,
+        less what the bucket has drained since (GCRA forgets spend as time passes, so an
+        outage long ago owes nothing). Tokens are owed whole (they count for a minute).
+        """
+        state = self._states.get((subject, model))
+        if state is None:
+            return 0, 0
+        debt = min(state.unsynced_us, max(0, state.tat - self._now_us()))
+        tokens = state.unsynced_tokens
+        state.unsynced_us = state.unsynced_tokens = 0
+        return debt, tokens
+
+    def give_back(self, subject: str, model: str, debt_us: int, tokens: int) -> None:
+        """Redis did not take what :meth:`take_unsynced` returned: owe it again."""
+        state = self._state(subject, model)
+        state.unsynced_us += debt_us
+        state.unsynced_tokens += tokens
+
+
 class RateLimiter:
     """Request and token limits shared by every process through Redis, local when Redis is away.
 
-    Each check is one script call. After a failed call Redis is skipped for
-    ``backoff_s`` so that a blackholed Redis costs one timeout per back-off,
-    not one per request; then the next call probes it again. ``on_fallback``
-    is called once for every check decided by the local limiter (a charge that
-    falls back is kept locally but not counted: it decides nothing).
+    Each check is one script call. A request waits on Redis at most ``timeout_s`` in
+    total: pass one :class:`RedisBudget` (``budget()``) to its check and its charge, and
+    once it is spent the local limiter decides. After a failed call Redis is skipped for
+    a back-off that starts at ``timeout_s`` and doubles with each further failure up to
+    ``backoff_s``: a blackholed Redis costs one timeout per back-off, not one per request,
+    and a single late reply sends a tenth of a second of traffic to the local limiter,
+    not a whole second. ``on_fallback`` is called once for every check decided by the
+    local limiter (a charge that falls back is kept locally but not counted: it decides
+    nothing).
+
+    What the local limiter admitted and charged is written back when Redis answers again
+    (docs/contract.md §5): a caller's next check carries its own debt in the same script
+    call, and a background task writes back everyone else's, one script call per caller.
     """
 
     def __init__(self, backend: ScriptBackend, tiers: Mapping[str, Tier], *,
                  clock: Callable[[], float] = time.monotonic,
                  on_fallback: Callable[[], None] | None = None,
                  backoff_s: float = 1.0,
+                 timeout_s: float = 0.1,
                  local_max_keys: int = 100_000,
                  script_now: Callable[[], float] | None = None) -> None:
         # script_now (tests only): wall seconds sent to the scripts instead of Redis TIME.
@@ -292,11 +347,21 @@ class RateLimiter:
         self._clock = clock
         self._on_fallback = on_fallback
         self._backoff_s = backoff_s
+        self._timeout_s = timeout_s
+        self._failures = 0  # consecutive failed calls: the back-off doubles with each
         self._script_now = script_now
         self._skip_until = -math.inf
         self.local = LocalLimiter(clock=clock, max_keys=local_max_keys)
+        self._local_max_keys = local_max_keys
         self._check_args = {name: (str(_interval_us(t)), str(t.burst), str(t.tokens_per_minute or 0))
                             for name, t in self._tiers.items()}
+        # (subject, model) the local limiter admitted or charged that Redis has not seen yet.
+        self._unsynced: dict[tuple[str, str], None] = {}
+        self._writing_back: asyncio.Task[None] | None = None
+
+    def budget(self) -> RedisBudget:
+        """A new request's wait on Redis: ``redis.timeout_s`` for all its calls together."""
+        return RedisBudget(self._timeout_s)
 
     def _tier(self, name: str) -> Tier:
         try:
@@ -328,44 +393,123 @@ class RateLimiter:
     def _now_arg(self) -> str:
         return "" if self._script_now is None else repr(self._script_now() * 1000)
 
-    async def _run(self, name: str, keys: Sequence[str], args: Sequence[str]) -> Any | None:
+    async def _run(self, name: str, keys: Sequence[str], args: Sequence[str],
+                   budget: RedisBudget | None = None) -> Any | None:
         """The script's reply, or None when Redis must be skipped (fallback)."""
         if self._clock() < self._skip_until:
             return None
+        backend = self._backend
+        if budget is None:
+            call = backend.run_script(name, keys, args)
+        else:
+            left = budget.left_s
+            if left <= 0:
+                return None  # this request has waited its share; Redis itself may be fine
+            # The connection bounds a call by timeout_s by itself; a timer only for less.
+            call = (backend.run_script(name, keys, args) if left >= self._timeout_s
+                    else backend.run_script(name, keys, args, timeout_s=left))
+            started = time.monotonic()
         try:
-            return await self._backend.run_script(name, keys, args)
+            reply = await call
         except BackendUnavailable:
-            pass
+            reply = None
         except Exception:
             # Quotas degrade rather than fail: an unexpected Redis reply (OOM,
             # READONLY during failover) also falls back, but is worth a log line.
             log.warning("rate limit script %s failed; limiting locally", name, exc_info=True)
-        self._skip_until = self._clock() + self._backoff_s
-        return None
+            reply = None
+        finally:
+            if budget is not None:
+                budget.left_s -= time.monotonic() - started
+        if reply is None:
+            now = self._clock()
+            # Calls that fail together (a dropped connection fails every call on it) are one
+            # failure: only the first after a skip ends lengthens the next one.
+            if now >= self._skip_until:
+                self._failures += 1
+                backoff = min(self._backoff_s, self._timeout_s * (1 << min(self._failures - 1, 16)))
+                self._skip_until = now + backoff
+            return None
+        self._failures = 0
+        if self._unsynced and self._writing_back is None:
+            self._writing_back = asyncio.get_running_loop().create_task(self._write_back())
+        return reply
 
     def _fell_back(self) -> None:
         if self._on_fallback is not None:
             self._on_fallback()
 
-    async def check(self, subject: str, model: str | None, tier: str) -> RateResult:
+    async def check(self, subject: str, model: str | None, tier: str, *,
+                    budget: RedisBudget | None = None) -> RateResult:
         """Admit or refuse one request now; an admitted request consumes one unit."""
         limits = self._tier(tier)
         model = model or ANY_MODEL
         request_key, token_key = rate_keys(subject, model)
-        reply = await self._run(CHECK_SCRIPT, (request_key, token_key),
-                                (*self._check_args[tier], self._now_arg()))
+        args: tuple[str, ...] = (*self._check_args[tier], self._now_arg())
+        owed = (0, 0)
+        if self._unsynced and (subject, model) in self._unsynced:
+            # Spent here while Redis was away: charged in the same call, before the decision.
+            del self._unsynced[(subject, model)]
+            owed = self.local.take_unsynced(subject, model)
+            args = (*args, str(owed[0]), str(owed[1]))
+        reply = await self._run(CHECK_SCRIPT, (request_key, token_key), args, budget)
         if reply is not None:
             return _result(limits, reply, fallback=False)
+        if owed != (0, 0):
+            self.local.give_back(subject, model, *owed)
         self._fell_back()
-        return self.local.check(subject, model, limits)
+        result = self.local.check(subject, model, limits)
+        if result.allowed or owed != (0, 0):
+            self._owe((subject, model))
+        return result
 
-    async def charge(self, subject: str, model: str | None, tier: str, tokens: int) -> None:
+    async def charge(self, subject: str, model: str | None, tier: str, tokens: int, *,
+                     budget: RedisBudget | None = None) -> None:
         """Charge the tokens a response used; a tier without a token limit charges nothing."""
         limits = self._tier(tier)
         if tokens <= 0 or limits.tokens_per_minute is None:
             return
         model = model or ANY_MODEL
         _, token_key = rate_keys(subject, model)
-        reply = await self._run(CHARGE_SCRIPT, (token_key,), (str(int(tokens)), self._now_arg()))
+        reply = await self._run(CHARGE_SCRIPT, (token_key,), (str(int(tokens)), self._now_arg()), budget)
         if reply is None:
             self.local.charge(subject, model, limits, tokens)
+            self._owe((subject, model))
+
+    def _owe(self, key: tuple[str, str]) -> None:
+        """Remember a caller with spend Redis has not seen; as many as the local limiter keeps."""
+        unsynced = self._unsynced
+        unsynced[key] = None
+        if len(unsynced) > self._local_max_keys:
+            del unsynced[next(iter(unsynced))]  # the oldest; its local state is the first evicted too
+
+    async def _write_back(self) -> None:
+        """Charge Redis with what the local limiter admitted while it was away, one call per caller."""
+        try:
+            while self._unsynced:
+                subject, model = key = next(iter(self._unsynced))
+                del self._unsynced[key]
+                owed = self.local.take_unsynced(subject, model)
+                if owed == (0, 0):
+                    continue
+                request_key, token_key = rate_keys(subject, model)
+                try:
+                    await self._backend.run_script(SYNC_SCRIPT, (request_key, token_key),
+                                                   (str(owed[0]), str(owed[1]), self._now_arg()))
+                except Exception as exc:  # Redis went away again: owed until it answers next
+                    self.local.give_back(subject, model, *owed)
+                    self._unsynced[key] = None
+                    log.debug("rate-limit write-back paused: %s", exc)
+                    return
+        finally:
+            self._writing_back = None
+
+    async def close(self) -> None:
+        """Stop a write-back in progress (what it had not written stays owed in this process only)."""
+        task = self._writing_back
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass

@@ -41,6 +41,13 @@ def pack(*args: bytes | str | int | float) -> bytes:
     return b"".join(parts)
 
 
+def _expire(future: asyncio.Future[Any]) -> None:
+    """A call's own deadline passed: its caller falls back; the reply, when it comes, is dropped in order."""
+    if not future.done():
+        future.set_exception(DeadlineExceeded("no reply within the request's deadline"))
+        future.exception()  # a caller that was cancelled will never read it
+
+
 class _Protocol(asyncio.Protocol):
     """Replies pair with waiters in order; at most one batch is on the wire at a time.
 
@@ -51,7 +58,8 @@ class _Protocol(asyncio.Protocol):
 
     def __init__(self, deadline_s: float) -> None:
         self.reader = hiredis.Reader()
-        self.waiters: deque[tuple[asyncio.Future[Any], float]] = deque()
+        # (future, when queued, the timer of a per-call deadline or None)
+        self.waiters: deque[tuple[asyncio.Future[Any], float, asyncio.TimerHandle | None]] = deque()
         self.unsent: list[bytes] = []
         self.in_flight = 0
         self.flush_scheduled = False
@@ -67,13 +75,15 @@ class _Protocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
-    def queue(self, payload: bytes) -> asyncio.Future[Any]:
+    def queue(self, payload: bytes, deadline: float | None = None) -> asyncio.Future[Any]:
+        """The future of one command's reply; ``deadline`` (loop time): fail it then, connection kept."""
         if self.closed:
             raise WireError("connection closed")
         loop = self.loop
         future: asyncio.Future[Any] = loop.create_future()
         now = loop.time()
-        self.waiters.append((future, now))
+        timer = None if deadline is None else loop.call_at(deadline, _expire, future)
+        self.waiters.append((future, now, timer))
         self.unsent.append(payload)
         if not self.in_flight and not self.flush_scheduled:
             self.flush_scheduled = True
@@ -106,8 +116,10 @@ class _Protocol(asyncio.Protocol):
                 self._fail(WireError("unexpected reply"))
                 return
             self.in_flight -= 1
-            future, _queued = self.waiters.popleft()
-            if future.done():  # its caller gave up; the reply still belongs to it
+            future, _queued, timer = self.waiters.popleft()
+            if timer is not None:
+                timer.cancel()
+            if future.done():  # its caller gave up (or its deadline passed); the reply still belongs to it
                 continue
             if isinstance(reply, hiredis.ReplyError):
                 future.set_exception(ReplyError(str(reply)))
@@ -130,7 +142,7 @@ class _Protocol(asyncio.Protocol):
             return
         loop = self.loop
         now = loop.time()
-        _future, queued = self.waiters[0]
+        _future, queued, _timer = self.waiters[0]
         silent = self.in_flight and now - self.last_heard > self.deadline_s
         if silent or now - queued > 10 * self.deadline_s:
             self._fail(DeadlineExceeded(f"no reply within {self.deadline_s:.3f}s; connection dropped"))
@@ -146,7 +158,9 @@ class _Protocol(asyncio.Protocol):
             self.watchdog.cancel()
             self.watchdog = None
         while self.waiters:
-            future, _queued = self.waiters.popleft()
+            future, _queued, timer = self.waiters.popleft()
+            if timer is not None:
+                timer.cancel()
             if not future.done():
                 future.set_exception(error)
                 future.exception()  # a caller that was cancelled will never read it
@@ -223,12 +237,23 @@ class RespConnection:
         if not connecting.cancelled() and connecting.exception() is None:
             self._protocol = connecting.result()
 
-    async def call(self, payload: bytes) -> Any:
-        """Send one packed command and await its reply; raises WireError (DeadlineExceeded) or ReplyError."""
+    async def call(self, payload: bytes, *, deadline: float | None = None) -> Any:
+        """Send one packed command and await its reply; raises WireError (DeadlineExceeded) or ReplyError.
+
+        ``deadline`` (event-loop time): a caller with less time than the connection's deadline
+        (what is left of a request's wait on Redis) gets DeadlineExceeded then. Only that call
+        fails: its reply is still read and dropped in order, and the connection stays.
+        """
         protocol = self._protocol
         if protocol is None or protocol.closed:
-            protocol = await self._protocol_ready()
-        return await protocol.queue(payload)
+            # The connect is shared (shielded); a caller waits for it no longer than for a reply.
+            loop = asyncio.get_running_loop()
+            try:
+                async with asyncio.timeout_at(deadline if deadline is not None else loop.time() + self.deadline_s):
+                    protocol = await self._protocol_ready()
+            except TimeoutError as exc:
+                raise DeadlineExceeded("no connection within the deadline") from exc
+        return await protocol.queue(payload, deadline)
 
     async def close(self) -> None:
         if self._connecting is not None:

@@ -69,7 +69,9 @@ class Upstream(_Section):
 
 class RedisSettings(_Section):
     url: str | None = None
-    timeout_s: float = Field(0.1, gt=0)
+    timeout_s: float = Field(0.1, gt=0)  # a request's whole wait on Redis, however many calls
+    # Policy polls and reads: off the hot path, so a Redis slower than timeout_s is not "no policy".
+    policy_timeout_s: float = Field(2.0, gt=0)
     # Standalone: redis://host:port/db, rediss:// (TLS), unix:///path.sock.
     # Sentinel: redis+sentinel://host:port,host:port/service_name (rediss+sentinel:// for TLS).
     # Cluster: redis+cluster://host:port,host:port (seed nodes; rediss+cluster:// for TLS).

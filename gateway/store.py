@@ -319,11 +319,15 @@ def _build_client(url: str, *, password: str | None, tls: Mapping[str, Any] | No
 class Store:
     """Async access to the gateway's Redis; every call is bounded by a deadline."""
 
-    def __init__(self, client: Any, *, timeout_s: float, load_timeout_s: float | None = None) -> None:
+    def __init__(self, client: Any, *, timeout_s: float, load_timeout_s: float | None = None,
+                 policy_timeout_s: float = 2.0) -> None:
         self.client = client
-        self.timeout_s = timeout_s
+        self.timeout_s = timeout_s  # the hot path's: a request's whole wait on Redis
+        # Policy polls are off the hot path: a Redis slower than timeout_s still confirms the policy,
+        # rather than the whole fleet failing closed at max_staleness_s although Redis answers.
+        self.policy_timeout_s = policy_timeout_s
         # Whole-policy loads move megabytes; they get a longer, still bounded, deadline.
-        self.load_timeout_s = load_timeout_s or max(2.0, timeout_s * 20)
+        self.load_timeout_s = load_timeout_s or max(2.0, timeout_s * 20, policy_timeout_s)
         # How long a write keeps retrying a failed connection (a failover, a restart) before
         # it gives up; short, because an operator waits on it and can simply try again.
         self.write_retry_s = 1.0
@@ -334,12 +338,15 @@ class Store:
         self.on_error: Callable[[str], None] = lambda op: None
         self.is_cluster = isinstance(client, RedisCluster)
         self.wire: RespConnection | None = None
+        self._unlogged_failures = 0
+        self._last_failure_log = -1e9
 
     @classmethod
     def from_url(cls, url: str, *, timeout_s: float, password: str | None = None,
-                 tls: Mapping[str, Any] | None = None) -> Store:
+                 tls: Mapping[str, Any] | None = None, policy_timeout_s: float = 2.0) -> Store:
         """A store on ``redis://``, ``rediss://``, ``unix://``, Sentinel or Cluster URLs (see README)."""
-        return cls(_build_client(url, password=password, tls=tls), timeout_s=timeout_s)
+        return cls(_build_client(url, password=password, tls=tls), timeout_s=timeout_s,
+                   policy_timeout_s=policy_timeout_s)
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -367,7 +374,7 @@ class Store:
 
     async def ping(self) -> bool:
         try:
-            return bool(await self._bounded("ping", self.client.ping()))
+            return bool(await self._bounded("ping", self.client.ping(), self.policy_timeout_s))
         except StoreUnavailable:
             return False
 
@@ -376,7 +383,7 @@ class Store:
     async def read_version(self) -> tuple[int | None, str | None]:
         """(version, generation); version None means Redis holds no policy."""
         version, generation = await self._bounded(
-            "poll", self.client.mget([VERSION_KEY, GENERATION_KEY]))
+            "poll", self.client.mget([VERSION_KEY, GENERATION_KEY]), self.policy_timeout_s)
         if version is None:
             return None, None
         return int(version), (generation or b"").decode()
@@ -601,7 +608,8 @@ class Store:
             log.warning("policy version %s written but not announced", version)
 
     async def read_changes(self, limit: int) -> list[dict[str, Any]]:
-        raw = await self._bounded("changes", self.client.xrevrange(CHANGES_KEY, count=limit))
+        raw = await self._bounded("changes", self.client.xrevrange(CHANGES_KEY, count=limit),
+                                  self.load_timeout_s)
         return [orjson.loads(fields[b"c"]) for _id, fields in raw]
 
     async def policy_exists(self) -> bool:
@@ -679,10 +687,15 @@ class Store:
         """Send hot-path script calls over a lean RESP connection instead of redis-py (standalone Redis)."""
         self.wire = wire
 
-    async def run_script(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """EVALSHA of ``gateway/lua/<name>.lua``; calls made in the same loop tick share one write."""
+    async def run_script(self, name: str, keys: Sequence[str], args: Sequence[Any], *,
+                         timeout_s: float | None = None) -> Any:
+        """EVALSHA of ``gateway/lua/<name>.lua``; calls made in the same loop tick share one write.
+
+        ``timeout_s``: what is left of the calling request's wait on Redis, when less than
+        ``redis.timeout_s`` (docs/contract.md §5: one deadline per request, however many calls).
+        """
         if self.wire is not None:
-            return await self._run_script_wire(self.wire, name, keys, args)
+            return await self._run_script_wire(self.wire, name, keys, args, timeout_s)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._batch.append((name, keys, args, future))
@@ -690,29 +703,51 @@ class Store:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
         try:
-            async with asyncio.timeout(self.timeout_s):
+            async with asyncio.timeout(self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)):
                 return await asyncio.shield(future)
         except TimeoutError as exc:
             self.on_error("script")
             raise StoreUnavailable(f"redis script {name}: timed out") from exc
 
     async def _run_script_wire(self, wire: RespConnection, name: str, keys: Sequence[str],
-                               args: Sequence[Any]) -> Any:
+                               args: Sequence[Any], timeout_s: float | None) -> Any:
         source, sha = self._script(name)
         payload = pack("EVALSHA", sha, len(keys), *keys, *args)
-        # No timer here: the connection answers every call within its deadline (redis.timeout_s).
+        # A timer only for a shortened deadline: otherwise the connection answers every call
+        # within its own deadline (redis.timeout_s).
+        started = asyncio.get_running_loop().time()
+        deadline = None if timeout_s is None else started + timeout_s
         try:
             try:
-                return await wire.call(payload)
+                return await wire.call(payload, deadline=deadline)
             except ReplyError as exc:
                 if not str(exc).startswith("NOSCRIPT"):
                     raise
-                # Redis restarted or flushed its script cache: load once and retry.
-                await wire.call(pack("SCRIPT", "LOAD", source))
-                return await wire.call(payload)
-        except (WireError, ReplyError) as exc:
-            self.on_error("script")
+                # Redis restarted or flushed its script cache: load once and retry, all three
+                # calls within the one deadline.
+                deadline = started + (self.timeout_s if timeout_s is None else timeout_s)
+                await wire.call(pack("SCRIPT", "LOAD", source), deadline=deadline)
+                return await wire.call(payload, deadline=deadline)
+        except ReplyError as exc:
+            # Redis answered with an error (a Lua error, OOM, READONLY): never a slow network, so
+            # counted apart and always worth a line.
+            self.on_error("script_error")
+            self._note_failure(f"redis script {name} answered an error: {exc}")
             raise StoreUnavailable(f"redis script {name}: {exc}") from exc
+        except WireError as exc:
+            self.on_error("script")
+            self._note_failure(f"redis script {name}: {type(exc).__name__}: {exc}")
+            raise StoreUnavailable(f"redis script {name}: {exc}") from exc
+
+    def _note_failure(self, message: str) -> None:
+        """A hot-path failure, logged at most once a second (a burst fails many calls at once)."""
+        now = asyncio.get_running_loop().time()
+        self._unlogged_failures += 1
+        if now - self._last_failure_log >= 1.0:
+            log.warning("%s (%d hot-path Redis failures since the last such line)",
+                        message, self._unlogged_failures)
+            self._unlogged_failures = 0
+            self._last_failure_log = now
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -748,6 +783,8 @@ class Store:
             if future.done():
                 continue
             if isinstance(result, Exception):
+                self.on_error("script_error")
+                self._note_failure(f"redis script answered an error: {result}")
                 future.set_exception(StoreUnavailable(str(result)))
                 future.exception()
             else:
@@ -808,11 +845,12 @@ class Store:
         return int(await self._bounded("audit", run(), timeout_s or self.load_timeout_s))
 
     async def read_audit(self, limit: int) -> list[dict[str, Any]]:
-        raw = await self._bounded("audit", self.client.xrevrange(AUDIT_KEY, count=limit))
+        # Off the hot path (an operator's read): the longer deadline, as for policy reads.
+        raw = await self._bounded("audit", self.client.xrevrange(AUDIT_KEY, count=limit), self.load_timeout_s)
         return [orjson.loads(fields[b"r"]) for _id, fields in raw]
 
     async def audit_length(self) -> int:
-        return int(await self._bounded("audit", self.client.xlen(AUDIT_KEY)))
+        return int(await self._bounded("audit", self.client.xlen(AUDIT_KEY), self.policy_timeout_s))
 
 
 def _part_of(op: Op) -> str | None:

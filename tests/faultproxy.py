@@ -2,6 +2,10 @@
 
 It sits between the gateway and Redis on loopback and covers what toxiproxy would.
 The mode can change while connections are open; it applies to traffic from then on.
+
+``start()`` runs it on a thread of the test process; ``start_process()`` in a process of its
+own, for load tests: a thread shares the interpreter with the load generator, and under load it
+is starved for longer than ``redis.timeout_s`` now and then, a delay nobody meant to inject.
 """
 
 from __future__ import annotations
@@ -10,8 +14,12 @@ import asyncio
 import random
 import socket
 import struct
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from gateway.redis_server import free_port
 
@@ -30,6 +38,8 @@ class FaultProxy:
     _thread: threading.Thread | None = None
     _server: asyncio.AbstractServer | None = None
     _writers: set[asyncio.StreamWriter] = field(default_factory=set)
+    _control: Any = None  # a proxy process (start_process), told its modes over stdin
+    _process: Any = None
 
     @property
     def url(self) -> str:
@@ -38,6 +48,11 @@ class FaultProxy:
     def set(self, mode: str, *, delay_s: float = 0.0, jitter_s: float = 0.0) -> None:
         """Switch mode; ``refuse`` and ``reset`` also cut the connections that are open now."""
         self.mode, self.delay_s, self.jitter_s = mode, delay_s, jitter_s
+        if self._control is not None:
+            self._control.stdin.write(f"{mode} {delay_s} {jitter_s}\n")
+            self._control.stdin.flush()
+            assert self._control.stdout.readline().strip() == "ok"  # applied
+            return
         if mode in ("refuse", "reset") and self._loop is not None:
             self._loop.call_soon_threadsafe(self._cut_all)
 
@@ -82,7 +97,27 @@ class FaultProxy:
         self._loop, self._server, self._thread = serve_in_thread(self._handle, self.port, name="fault-proxy")
         return self
 
+    def start_process(self) -> FaultProxy:
+        """Run the proxy in a child process; ``set`` and ``stop`` reach it over its stdin."""
+        root = Path(__file__).resolve().parent.parent
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "tests.faultproxy", str(self.target_port), str(self.port)],
+            cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self._process.stdout is not None and self._process.stdout.readline().strip() == "ready"
+        self._control = self._process
+        return self
+
     def stop(self) -> None:
+        if self._process is not None:
+            process, self._process, self._control = self._process, None, None
+            assert process.stdin is not None
+            process.stdin.close()
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            return
         if self._loop is None:
             return
 
@@ -107,3 +142,19 @@ def _reset(writer: asyncio.StreamWriter) -> None:
     except OSError:
         pass
     writer.transport.abort()
+
+
+
+def _serve(target_port: int, port: int) -> None:
+    """The body of a proxy process: serve on a thread, take "mode delay jitter" lines until stdin closes."""
+    proxy = FaultProxy(target_port, port=port).start()
+    print("ready", flush=True)
+    for line in sys.stdin:
+        mode, delay_s, jitter_s = line.split()
+        proxy.set(mode, delay_s=float(delay_s), jitter_s=float(jitter_s))
+        print("ok", flush=True)
+    proxy.stop()
+
+
+if __name__ == "__main__":
+    _serve(int(sys.argv[1]), int(sys.argv[2]))

@@ -34,10 +34,11 @@ class ScriptClient:
         self._sources = {path.stem: lua_source(path.stem) for path in LUA_DIR.glob("*.lua")}
         self._shas: dict[str, str] = {}
 
-    async def run_script(self, name: str, keys: Sequence[str], args: Sequence[str | int | float]) -> Any:
+    async def run_script(self, name: str, keys: Sequence[str], args: Sequence[str | int | float], *,
+                         timeout_s: float | None = None) -> Any:
         self.calls += 1
         try:
-            async with asyncio.timeout(self.timeout_s):
+            async with asyncio.timeout(self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)):
                 sha = self._shas.get(name)
                 if sha is None:
                     sha = self._shas[name] = await self.redis.script_load(self._sources[name])

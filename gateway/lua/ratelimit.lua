@@ -7,6 +7,9 @@
 -- ARGV[2]  burst
 -- ARGV[3]  tokens_per_minute; 0 means no token limit
 -- ARGV[4]  optional: now in milliseconds (tests); empty means Redis server TIME
+-- ARGV[5]  optional: request spend (µs of GCRA emission) a gateway's local limiter admitted
+--          while Redis was away, charged before the decision (and kept even when it refuses)
+-- ARGV[6]  optional: tokens the local limiter charged meanwhile, charged the same way
 --
 -- Returns {allowed 0|1, code 0 ok|1 rate_limited|2 token_rate_limited,
 --          remaining, reset_us, retry_us, tokens_used (-1 without a token limit),
@@ -34,6 +37,13 @@ local capacity = interval * burst
 
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
+local debt = tonumber(ARGV[5] or '0') or 0
+if debt > 0 then
+  tat = tat + debt
+  redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000))
+end
+local owed_tokens = tonumber(ARGV[6] or '0') or 0
+if owed_tokens > 0 then add_tokens(KEYS[2], now, owed_tokens) end
 local new_tat = tat + interval
 local rate_ok = new_tat - now <= capacity
 

@@ -36,3 +36,24 @@ local function prune_window(key, oldest)
   redis.call('HSET', key, 'sum', used, 'lo', buckets[1][1], 'hi', buckets[#buckets][1])
   return used, buckets
 end
+
+-- Adds `tokens` to the bucket of the second `now` (µs) falls in, keeps sum/lo/hi and the
+-- key's lifetime right. Returns the tokens now held in that second.
+local function add_tokens(key, now, tokens)
+  local now_s = math.floor(now / 1000000)
+  local held = redis.call('HINCRBY', key, now_s, tokens)
+  redis.call('HINCRBY', key, 'sum', tokens)
+  redis.call('HSETNX', key, 'lo', now_s)
+  local hi = tonumber(redis.call('HGET', key, 'hi'))
+  if hi == nil or now_s > hi then
+    redis.call('HSET', key, 'hi', now_s)
+    hi = now_s
+  end
+  -- The newest bucket leaves the window at the start of second hi + 60; the key
+  -- lives exactly that long, so an idle caller's key disappears by itself.
+  redis.call('PEXPIRE', key, math.ceil(((hi + 60) * 1000000 - now) / 1000))
+  -- Checks prune old buckets; prune here too so a caller charged often but
+  -- rarely checked cannot grow the hash past one minute of seconds.
+  if redis.call('HLEN', key) > 64 then prune_window(key, now_s - 59) end
+  return held
+end
