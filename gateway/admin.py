@@ -87,7 +87,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.admin")
 
 PREFIX = "/admin/v1"
-# Monitoring must work without the admin token (CONTRACT §1).
+# Monitoring must work without the admin token (docs/contract.md §1).
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100

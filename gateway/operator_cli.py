@@ -1,4 +1,4 @@
-"""Operator subcommands of ``gateway`` (CONTRACT §8): each a call to the admin API.
+"""Operator subcommands of ``gateway`` (docs/contract.md §8): each a call to the admin API.
 
 They talk to ``GATEWAY_ADMIN_URL`` (default ``http://127.0.0.1:9901``) with the
 token in ``GATEWAY_ADMIN_TOKEN`` (or the file named by ``GATEWAY_ADMIN_TOKEN_FILE``).

@@ -38,7 +38,7 @@ PARTNERS = "partners"
 IP_RANGES = "ip-ranges"
 LIST_NAMES = (DENY_COUNTRIES, DENY_ENTITIES, PARTNERS, IP_RANGES)
 
-# Decision codes (CONTRACT §4).
+# Decision codes (docs/contract.md §4).
 ENTITY_DENIED = "entity_denied"
 COUNTRY_DENIED = "country_denied"
 MODEL_UNKNOWN = "model_unknown"

@@ -69,7 +69,7 @@ AUDIT_MARK_PREFIX = "{gw:audit}:seq:"
 AUDIT_MARK_TTL_S = 7 * 86400
 CHANNEL = "gw:policy"
 CHANGES_MAXLEN = 100_000
-# Set in each write's transaction and read back before the write counts (HARDENING 23).
+# Set in each write's transaction and read back before the write counts (docs/hardening.md 23).
 WRITE_MARK_PREFIX = PREFIX + "write:"
 WRITE_MARK_TTL_S = 600
 LIST_NAMES = ("deny-countries", "deny-entities", "partners", "ip-ranges")

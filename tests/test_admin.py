@@ -1,4 +1,4 @@
-"""The admin API (CONTRACT §6-7) through two real gateway processes sharing one real Redis."""
+"""The admin API (docs/contract.md §6-7) through two real gateway processes sharing one real Redis."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Admin and public credentials never cross (HARDENING 30, 32): each listener refuses the other's."""
+"""Admin and public credentials never cross (docs/hardening.md 30, 32): each listener refuses the other's."""
 
 from __future__ import annotations
 

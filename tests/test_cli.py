@@ -1,4 +1,4 @@
-"""The operator CLI (CONTRACT §8): the real ``gateway`` command against a running admin listener."""
+"""The operator CLI (docs/contract.md §8): the real ``gateway`` command against a running admin listener."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""HTTP and proxying on a raw socket (HARDENING 11, 12, 14, 15, 16, 17), under both aiohttp HTTP parsers.
+"""HTTP and proxying on a raw socket (docs/hardening.md 11, 12, 14, 15, 16, 17), under both aiohttp HTTP parsers.
 
 Every test runs twice: against a gateway on llhttp (aiohttp's C extension, the default) and against one
 with ``AIOHTTP_NO_EXTENSIONS=1`` (the pure-Python parser). Both gateways share one Redis of this module's

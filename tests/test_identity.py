@@ -1,4 +1,4 @@
-"""Who is calling: JWT and API key verification, including HARDENING Identity cases 1-9."""
+"""Who is calling: JWT and API key verification, including docs/hardening.md, identity cases 1-9."""
 
 from __future__ import annotations
 

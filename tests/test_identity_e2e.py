@@ -1,4 +1,4 @@
-"""Who is calling, through running gateway processes: HARDENING Identity cases 1-10 over real HTTP.
+"""Who is calling, through running gateway processes: docs/hardening.md, identity cases 1-10 over real HTTP.
 
 Two module-scoped gateways share one Redis of this module's own:
 - ``asym``: RS256/ES256/EdDSA keys from PEM files plus a JWKS (cooldown an hour, so any refetch
@@ -641,7 +641,7 @@ async def test_authorization_header_over_8_kib_is_refused_with_the_contract_body
         reply = await call(client, asym, authorization=oversized)
         assert reply.status in (400, 401)
         assert seen_for(clean_upstream, reply) == []
-        # Every response the gateway makes itself: OpenAI-style body, request id, reason (CONTRACT §4);
+        # Every response the gateway makes itself: OpenAI-style body, request id, reason (docs/contract.md §4);
         # and none of the caller's credential is echoed back.
         assert isinstance(reply.body, dict), reply.body
         expected = {400: ("invalid_request_error", "invalid_request"),

@@ -1,4 +1,4 @@
-"""Where the caller is, through running gateway processes: X-Forwarded-For, ip-ranges and GeoIP (HARDENING 13).
+"""Where the caller is, through running gateway processes: X-Forwarded-For, ip-ranges and GeoIP (docs/hardening.md 13).
 
 The test client connects from 127.0.0.1. Three module-scoped gateways share one Redis of this
 module's own: ``plain`` trusts no proxy; ``trusted`` trusts 127.0.0.1 and has a small City-shaped

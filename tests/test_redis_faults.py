@@ -1,4 +1,4 @@
-"""Redis faults through a running gateway (HARDENING 19-22, 24, 25): a TCP fault proxy, CLIENT PAUSE, FLUSHALL.
+"""Redis faults through a running gateway (docs/hardening.md 19-22, 24, 25): a TCP fault proxy, CLIENT PAUSE, FLUSHALL.
 
 Two callers run through every fault: ``alice`` (US, allowed: 200) and ``ivan`` (IR, on the deny list:
 451). The invariant under every fault is the same: a request is answered from a confirmed policy or

@@ -6,7 +6,7 @@ failover window (only decided answers: the last snapshot's 200/451, or 503
 ``policy_stale``; never a 500, never a denied caller admitted), that pub/sub and
 the version poll follow the promoted replica, and that a list change written
 through the Sentinel URL after the failover is enforced within a second. Writes
-count only once read back from the primary (HARDENING 23): a write issued during
+count only once read back from the primary (docs/hardening.md 23): a write issued during
 the failover lands once on the new primary, and one whose reply or request was
 lost is neither guessed nor applied twice.
 """

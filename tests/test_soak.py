@@ -1,4 +1,4 @@
-"""Load and soak (HARDENING 16 and 17 at full size, 26-29): ``make soak`` (``pytest -m soak``), not ``make test``.
+"""Load and soak (docs/hardening.md 16 and 17 at full size, 26-29): ``make soak`` (``pytest -m soak``).
 
 Durations are configurable: ``SOAK_SECONDS`` (the mixed-traffic soak, default 600) and
 ``SOAK_SSE_SECONDS`` (the slow-reader streams, default 30).

@@ -1,4 +1,4 @@
-"""A hostile model server (HARDENING 18), under both aiohttp HTTP parsers (the client side parses responses).
+"""A hostile model server (docs/hardening.md 18), under both aiohttp HTTP parsers (the client side parses responses).
 
 The upstream here is a raw asyncio socket server of this module's own: it answers each path with bytes
 no real HTTP library would send, counts what it was asked, and keeps connections alive so that leftover
