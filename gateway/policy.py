@@ -287,6 +287,9 @@ class Snapshot:
     # The allowed decision for this version, built once so the allowed path
     # allocates nothing per request.
     allow: Decision = field(init=False, repr=False, compare=False)
+    # Registered names by their folded spelling: a name the registry lacks but that folds to one
+    # it has is another spelling of a controlled model, which a lenient upstream may serve.
+    folded_models: Mapping[str, str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if any(name not in self.lists for name in LIST_NAMES):
@@ -294,6 +297,13 @@ class Snapshot:
             object.__setattr__(self, "lists", MappingProxyType(lists))
         message = f"Access is permitted under policy version {self.version}."
         object.__setattr__(self, "allow", Decision(True, 200, "", message, self.version))
+        object.__setattr__(self, "folded_models", {fold_model_name(name): name for name in self.models})
+
+
+def fold_model_name(name: str) -> str:
+    """``name`` as a lenient model server may read it: compatibility-normalised (NFKC), case-folded,
+    without surrounding white space."""
+    return unicodedata.normalize("NFKC", name).casefold().strip()
 
 
 # --------------------------------------------------------------------------- small validators
@@ -1340,6 +1350,11 @@ def decide(
         return snapshot.allow if screening is None else _allow(snapshot, screening)
     entry = snapshot.models.get(model)
     if entry is None:
+        registered = snapshot.folded_models.get(fold_model_name(model))
+        if registered is not None:
+            message = (f"Model '{clip(model)}' is not registered, but model '{registered}' is, and a model "
+                       "server may read one as the other; send the registered name (ambiguous_request).")
+            return _block(snapshot, AMBIGUOUS_REQUEST, message, screening=screening)
         if rules.unknown_model != "allow":
             message = (f"Model '{clip(model)}' is not in the gateway's model registry, and unregistered models "
                        "are not served (model_unknown).")

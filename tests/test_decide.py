@@ -522,6 +522,18 @@ def test_unknown_model_allowed_when_configured() -> None:
     assert decide(SNAP, caller(org="bad-org"), "no-such-model", NOW, allow_unknown).code == "entity_denied"
 
 
+@pytest.mark.parametrize("unknown", ["allow", "deny"])
+@pytest.mark.parametrize("spelling", ["CONTROLLED", "Controlled", " controlled", "controlled\u3000", "\uff43ontrolled"])
+def test_another_spelling_of_a_registered_model_is_ambiguous_not_unknown(unknown: str, spelling: str) -> None:
+    # A lenient model server may serve "controlled" for any of these; with unknown_model: allow they
+    # would otherwise pass as unregistered models, past the country set.
+    decision = decide(SNAP, caller(claimed_country="CN"), spelling, NOW, rules(unknown_model=unknown))
+    assert (decision.status, decision.code) == (400, "ambiguous_request")
+    assert "'controlled'" in decision.message
+    # The registered spelling itself is decided by its own rows.
+    assert decide(SNAP, caller(claimed_country="CN"), "controlled", NOW, rules()).code == "export_restricted"
+
+
 # --------------------------------------------------------------------------- screening
 
 

@@ -309,3 +309,25 @@ def test_model_names_over_256_bytes_or_with_controls_are_400_and_never_echoed(gw
     assert (response.status, response.json()["error"]["code"]) == (403, "model_unknown")
     assert b"m" * 257 not in response.body
     assert clean_upstream.seen == []
+
+
+# --- the model value in another spelling -----------------------------------------------------------------
+
+
+def test_another_spelling_of_a_registered_model_is_refused_even_when_unknown_models_pass(
+        upstream: Upstream, clean_upstream: Upstream) -> None:
+    """With ``unknown_model: allow``, ``FRONTIER-X`` was an unregistered model and passed, though a model
+    server that folds case or white space serves ``frontier-x`` for it."""
+    with RedisServer() as redis:
+        seed_policy(redis.url, findings_policy())
+        config = gateway_config(upstream.url, policy={"unknown_model": "allow"})
+        gateway = GatewayProcess(config, redis_url=redis.url)
+        gateway.start()
+        try:
+            for spelling in ("FRONTIER-X", "Frontier-X", " frontier-x", "frontier-x ", "\uff46rontier-x"):
+                refused(send(gateway, chat(spelling), [JSON]), 400, "ambiguous_request")
+            assert send(gateway, chat("some-unregistered-model"), [JSON]).status == 200
+        finally:
+            gateway.stop()
+    never_served_restricted(clean_upstream)
+    assert not any(RESTRICTED in json.loads(seen.body)["model"].casefold().strip() for seen in clean_upstream.seen)
