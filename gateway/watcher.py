@@ -20,6 +20,9 @@ from .store import POLICY_PARTS, KnownRevisions, Store, StoreUnavailable
 
 log = logging.getLogger("gateway.watcher")
 
+# How long close() waits for the poll and listen tasks after cancelling them.
+CLOSE_WAIT_S = 5.0
+
 
 class PolicyWatcher:
     """Owns the current :class:`Snapshot`; swapped in one assignment, read without locks."""
@@ -41,6 +44,7 @@ class PolicyWatcher:
         self.on_change: list[Callable[[Snapshot | None], None]] = []
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
+        self._closing = False
         self._screening: tuple[int, str, ScreeningIndex | None] = (-1, "", None)
 
     @property
@@ -68,13 +72,24 @@ class PolicyWatcher:
                        asyncio.create_task(self._listen_loop(), name="policy-listen")]
 
     async def close(self) -> None:
+        # A cancel can be swallowed: redis-py's pub/sub may drop one that lands while it subscribes,
+        # and one landing with a timer's expiry can be read as that timeout. So the loops also stop
+        # on a flag, and the tasks are cancelled again until they end (bounded: close never hangs).
+        self._closing = True
+        self._wake.set()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CLOSE_WAIT_S
+        pending = set(self._tasks)
+        while pending and loop.time() < deadline:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=0.05)
+        if pending:
+            log.warning("policy tasks still running %.0f s after close: %s", CLOSE_WAIT_S,
+                        ", ".join(task.get_name() for task in pending))
         for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):
-                pass
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                log.debug("policy task %s ended with %r", task.get_name(), task.exception())
         self._tasks = []
 
     def wake(self) -> None:
@@ -152,7 +167,7 @@ class PolicyWatcher:
                 callback(snapshot)
 
     async def _poll_loop(self) -> None:
-        while True:
+        while not self._closing:
             try:
                 async with asyncio.timeout(self.poll_interval_s):
                     await self._wake.wait()
@@ -167,7 +182,7 @@ class PolicyWatcher:
                 log.exception("policy reload failed; keeping version %s", self.version)
 
     async def _listen_loop(self) -> None:
-        while True:
+        while not self._closing:
             try:
                 await self.store.listen(self.wake)
             except asyncio.CancelledError:

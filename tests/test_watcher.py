@@ -367,3 +367,23 @@ async def test_entry_by_entry_reloads_agree_with_whole_reads_over_random_writes(
     finally:
         await raw.aclose()
     assert {"set", "delete", "replace", "raw", "several"} <= set(kinds)
+
+
+async def test_close_returns_however_a_cancel_meets_the_poll_timer(redis_url: str) -> None:
+    """A cancel landing with the poll timer's expiry can be read as the timeout and swallowed; the
+    watcher must stop all the same (a process that failed after starting once never exited)."""
+    import asyncio
+
+    store = Store.from_url(redis_url, timeout_s=2)
+    await import_policy(store, big_policy(), actor="test", tiers=TIERS)
+    settings = Settings.model_validate({"upstream": {"url": "http://127.0.0.1:9"},
+                                        "policy": {"poll_interval_s": 0.001}})
+    try:
+        for attempt in range(60):
+            watcher = PolicyWatcher(store, settings)
+            await watcher.start()
+            await asyncio.sleep(0.001 * (attempt % 7))  # land the cancel at every phase of the timer
+            await asyncio.wait_for(watcher.close(), timeout=10)
+            assert watcher._tasks == []
+    finally:
+        await store.close()
