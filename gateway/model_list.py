@@ -30,8 +30,11 @@ _CONDITIONAL_FIELDS = ("If-None-Match", "If-Match", "If-Modified-Since", "If-Unm
 
 
 def lists_models(method: str, path: str, rules: Rules) -> bool:
-    """True for a ``GET`` to a modelless path that lists models (one ending in ``/models``)."""
-    return method == "GET" and path in rules.modelless_paths and path.endswith("/models")
+    """True for a ``GET`` or ``HEAD`` to a modelless path that lists models (one ending in ``/models``).
+
+    A ``HEAD`` is answered from the filtered list too (its body left out): the upstream's own headers
+    would give away the whole list's length."""
+    return method in ("GET", "HEAD") and path in rules.modelless_paths and path.endswith("/models")
 
 
 def _unreadable(outcome: ProxyOutcome, why: str) -> GatewayError:

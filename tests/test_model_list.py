@@ -52,7 +52,7 @@ def test_what_is_no_list_is_refused(body: bytes) -> None:
 
 
 @pytest.mark.parametrize(("method", "path", "expected"), [
-    ("GET", "/v1/models", True), ("HEAD", "/v1/models", False), ("POST", "/v1/models", False),
+    ("GET", "/v1/models", True), ("HEAD", "/v1/models", True), ("POST", "/v1/models", False),
     ("GET", "/v1/models/open", False), ("GET", "/health", False),
 ])
 def test_which_requests_are_list_requests(method: str, path: str, expected: bool) -> None:

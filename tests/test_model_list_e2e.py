@@ -185,11 +185,18 @@ async def test_an_unreadable_list_is_502_never_unfiltered(gateway: GatewayProces
     assert len(upstream_seen.seen) == 1
 
 
-async def test_head_of_the_list_is_forwarded(gateway: GatewayProcess, upstream_seen: ListingUpstream) -> None:
+async def test_head_of_the_list_describes_the_filtered_list(gateway: GatewayProcess,
+                                                           upstream_seen: ListingUpstream) -> None:
+    # A HEAD answered with the upstream's own headers would give away the whole list's length.
+    _, _, filtered = await _get_list(gateway, CN)
+    upstream_seen.seen.clear()
     async with aiohttp.ClientSession() as client, client.head(gateway.url + "/v1/models",
                                                               headers=auth(CN)) as response:
         assert response.status == 200
-    assert [(s.method, s.raw_path) for s in upstream_seen.seen] == [("HEAD", "/v1/models")]
+        assert int(response.headers["Content-Length"]) == len(filtered)
+        assert await response.read() == b""
+    # The list is fetched (GET) to be filtered; nothing unfiltered goes back.
+    assert [(s.method, s.raw_path) for s in upstream_seen.seen] == [("GET", "/v1/models")]
 
 
 @pytest.mark.parametrize(("token", "status", "code"), [
