@@ -26,13 +26,12 @@ from typing import Any
 
 import yaml
 
+from .policy.names import LIST_NAMES, STAGES
 from .settings import ConfigError, read_secret
 
 DEFAULT_ADMIN_URL = "http://127.0.0.1:9901"
 TOKEN_ENV = "GATEWAY_ADMIN_TOKEN"
 URL_ENV = "GATEWAY_ADMIN_URL"
-LIST_NAMES = ("deny-countries", "deny-entities", "partners", "ip-ranges")
-STAGES = ("internal", "partners", "general")
 _CELL_LIMIT = 60
 
 
