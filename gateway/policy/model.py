@@ -40,7 +40,6 @@ class ScreeningLike(Protocol):
     def match(self, name: str) -> ScreeningHitLike | None: ...
 
 
-
 # --------------------------------------------------------------------------- snapshot types
 
 
@@ -171,8 +170,10 @@ def fold_model_name(name: str) -> str:
     return unicodedata.normalize("NFKC", name).casefold().strip()
 
 
-
 # --------------------------------------------------------------------------- the decision's input
+
+# The caller as the policy sees it: who (from the credential) and where from (claim and IP).
+# identity.py builds one per request; decide() and the model list read it.
 
 
 @dataclass(slots=True)

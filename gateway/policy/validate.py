@@ -34,7 +34,6 @@ class PolicyValidationError(ValueError):
         self.message = message
 
 
-
 # --------------------------------------------------------------------------- small validators
 
 

@@ -97,7 +97,6 @@ class LazyEntries(Mapping[str, "Entry"]):
             return Entry(key, "unreadable stored entry (applied: fail closed)", "", "", "", None, None, None)
 
 
-
 # --------------------------------------------------------------------------- stored dicts <-> types
 
 
