@@ -202,10 +202,11 @@ def micro_costs() -> dict[str, float]:
     """In-process costs of the per-request steps, in microseconds (no I/O)."""
     import timeit
 
-    from gateway.caller import Caller
     from gateway.identity import Authenticator
     from gateway.jwks import KeyRing
-    from gateway.policy import Rules, build_snapshot, decide
+    from gateway.policy.decide import Rules, decide
+    from gateway.policy.model import Caller
+    from gateway.policy.wire import build_snapshot
     from gateway.settings import parse_settings
 
     settings = parse_settings({"upstream": {"url": "http://up"},

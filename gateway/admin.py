@@ -32,17 +32,16 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
-from .caller import Caller
 from .countries import validate_region
 from .errors import GatewayError, bad_request, error_response, json_response
 from .identity import hash_api_key, new_api_key
 from .logs import request_id_for
 from .openapi import openapi_document
-from .policy import (
-    LIST_NAMES,
-    PARTNERS,
+from .policy.decide import decide
+from .policy.model import Caller
+from .policy.names import LIST_NAMES, PARTNERS, now_iso
+from .policy.validate import (
     PolicyValidationError,
-    decide,
     document_warnings,
     drop_expired,
     entry_warnings,
@@ -103,10 +102,6 @@ ACTOR_KEY: web.RequestKey[str] = web.RequestKey("admin_actor", str)
 REQUEST_ID_KEY: web.RequestKey[str] = web.RequestKey("admin_request_id", str)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def now_iso() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def _digest(token: str) -> bytes:

@@ -34,7 +34,8 @@ from .logs import bind_request, log_access, request_id_for
 from .metrics import Metrics
 from .model_list import forward_model_list, lists_models
 from .network import TrustedProxies
-from .policy import Decision, Rules, clip, decide, path_model
+from .policy.decide import Rules, clip, decide, path_model
+from .policy.model import Decision
 from .proxy import SKIP_AUTO_HEADERS, Forwarder, ProxyOutcome, Router
 from .ratelimit import RateLimiter, RateResult
 from .redis_wire import RespConnection

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from .policy import PolicyValidationError, drop_expired, missing_parts, validate_policy_document
+from .policy.names import now_iso
+from .policy.validate import PolicyValidationError, drop_expired, missing_parts, validate_policy_document
 from .settings import ConfigError
 from .store import PolicyIncomplete, Store, policy_ops
 
@@ -29,10 +30,6 @@ def read_policy_file(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise PolicyValidationError("(document)", f"{path} must hold a mapping")
     return data
-
-
-def now_iso() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 async def import_policy(store: Store, document: dict[str, Any], *, actor: str,

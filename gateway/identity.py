@@ -16,12 +16,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import jwt
 
-from .caller import Caller
 from .jwks import MAX_KID_LENGTH, KeyRing, VerificationKey
+from .policy.model import Caller
+from .policy.names import CredentialKind
 from .settings import Auth
 
 API_KEY_PREFIX = "gk_"
@@ -34,7 +35,6 @@ _NEVER_ALGORITHMS = frozenset({"none"})
 _DECODE_OPTIONS: Any = {"require": ["exp", "iss", "aud"], "verify_exp": False,
                         "verify_nbf": False, "verify_iat": False}
 
-CredentialKind = Literal["jwt", "api_key"]
 
 
 class AuthError(Exception):

@@ -39,17 +39,17 @@ from prometheus_client import (
     generate_latest,
 )
 
+from .policy.names import LIST_NAMES
 from .settings import Settings
 
 if TYPE_CHECKING:
-    from .policy import Snapshot
+    from .policy.model import Snapshot
     from .watcher import PolicyWatcher
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
                    120, 300)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.01, 0.025,
                     0.05, 0.1, 0.25)
-LIST_NAMES = ("deny-countries", "deny-entities", "partners", "ip-ranges")
 DECISIONS = ("allow", "block", "rate_limit", "error")
 UPSTREAM_ERROR_KINDS = ("connect", "timeout", "protocol")
 REDIS_OPS = ("poll", "load", "script", "audit", "write", "publish", "ping", "changes", "admin")

@@ -19,7 +19,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from .errors import GatewayError
-from .policy import Rules
+from .policy.decide import Rules
 from .proxy import Forwarder, ProxyOutcome, response_headers, response_problem
 
 MAX_LIST_BYTES = 4 * 1024 * 1024

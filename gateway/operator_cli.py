@@ -26,13 +26,12 @@ from typing import Any
 
 import yaml
 
+from .policy.names import LIST_NAMES, STAGES, now_iso
 from .settings import ConfigError, read_secret
 
 DEFAULT_ADMIN_URL = "http://127.0.0.1:9901"
 TOKEN_ENV = "GATEWAY_ADMIN_TOKEN"
 URL_ENV = "GATEWAY_ADMIN_URL"
-LIST_NAMES = ("deny-countries", "deny-entities", "partners", "ip-ranges")
-STAGES = ("internal", "partners", "general")
 _CELL_LIMIT = 60
 
 
@@ -557,7 +556,7 @@ def _policy_export(args: argparse.Namespace) -> None:
     if args.json:
         text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
     else:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        stamp = now_iso()
         header = (f"# Export-control policy, version {data.get('version')}, exported {stamp} from "
                   f"{args.admin_url}.\n# Every section is here (empty ones too), so the file restores an "
                   "empty Redis: gateway policy import FILE.\n# Into a Redis that holds a policy the import "

@@ -17,7 +17,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ENV_PREFIX = "GATEWAY_"
-STAGES = ("internal", "partners", "general")
 TLS_SCHEMES = ("rediss://", "rediss+sentinel://", "rediss+cluster://")
 REDIS_SCHEMES = ("redis://", "unix://", "redis+sentinel://", "redis+cluster://", *TLS_SCHEMES)
 Stage = Literal["internal", "partners", "general"]

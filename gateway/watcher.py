@@ -13,7 +13,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .policy import Snapshot, build_snapshot
+from .policy.model import Snapshot
+from .policy.wire import build_snapshot
 from .screening import ScreeningIndex
 from .settings import Settings
 from .store import POLICY_PARTS, KnownRevisions, Store, StoreUnavailable

@@ -7,18 +7,10 @@ from typing import Any
 
 import pytest
 
-from gateway.caller import Caller
-from gateway.policy import (
-    Decision,
-    Model,
-    Rules,
-    Snapshot,
-    build_snapshot,
-    clip,
-    decide,
-    format_instant,
-    path_model,
-)
+from gateway.policy.decide import Rules, clip, decide, path_model
+from gateway.policy.model import Caller, Decision, Model, Snapshot
+from gateway.policy.validate import format_instant
+from gateway.policy.wire import build_snapshot
 from gateway.settings import Settings
 
 NOW = 1_800_000_000.0  # 2027-01-15T08:00:00Z

@@ -5,9 +5,10 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from gateway.caller import Caller
 from gateway.model_list import filter_models, lists_models
-from gateway.policy import Rules, build_snapshot, decide
+from gateway.policy.decide import Rules, decide
+from gateway.policy.model import Caller
+from gateway.policy.wire import build_snapshot
 
 NOW = 1_800_000_000.0
 TIERS = {"public": frozenset({"general"}), "partner": frozenset({"partners", "general"})}

@@ -28,7 +28,7 @@ import redis as redis_sync
 import yaml
 from yarl import URL
 
-from gateway.policy import (
+from gateway.policy.validate import (
     PolicyValidationError,
     document_warnings,
     drop_expired,

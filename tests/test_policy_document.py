@@ -9,21 +9,14 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway.caller import Caller
-from gateway.policy import (
-    LIST_NAMES,
-    ApiKey,
-    Entry,
+from gateway.policy.decide import Rules, decide
+from gateway.policy.model import ApiKey, Caller, Entry
+from gateway.policy.names import LIST_NAMES
+from gateway.policy.validate import (
     PolicyValidationError,
-    Rules,
-    build_snapshot,
-    decide,
-    entry_from_dict,
     format_instant,
-    model_from_dict,
     normalize_key,
     parse_instant,
-    policy_document,
     validate_api_key_request,
     validate_entry,
     validate_list,
@@ -31,6 +24,7 @@ from gateway.policy import (
     validate_model_name,
     validate_policy_document,
 )
+from gateway.policy.wire import build_snapshot, entry_from_dict, model_from_dict, policy_document
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "policy.example.yaml"
 ACTOR = "ops-alice"

@@ -28,11 +28,13 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.app import header_safe
-from gateway.caller import Caller
 from gateway.errors import GatewayError
 from gateway.logs import request_id_for
 from gateway.network import TrustedProxies, UnreadableHop, client_chain, parse_ip
-from gateway.policy import Rules, build_snapshot, decide
+from gateway.policy.decide import Rules, decide
+from gateway.policy.model import Caller
+from gateway.policy.names import STAGES
+from gateway.policy.wire import build_snapshot
 from gateway.proxy import HOP_BY_HOP, origin_form, response_headers, upstream_request_headers
 from gateway.request_model import ModelExtractor
 
@@ -394,7 +396,6 @@ def test_any_body_is_refused_or_answered_never_an_error(body: bytes, content_typ
 # --- decide() ---------------------------------------------------------------------------------------------
 
 NOW = 1_800_000_000.0
-STAGES = ("internal", "partners", "general")
 COUNTRIES = ["US", "DE", "IR", "CN", "RU", "UA", "GB"]
 SUBDIVISIONS = ["UA-43", "UA-30", "US-CA"]
 REGIONS = COUNTRIES + SUBDIVISIONS

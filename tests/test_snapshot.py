@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import orjson
 
-from gateway.caller import Caller
-from gateway.policy import Rules, build_snapshot, decide
+from gateway.policy.decide import Rules, decide
+from gateway.policy.model import Caller
+from gateway.policy.wire import build_snapshot
 from gateway.settings import parse_settings
 
 RULES = Rules.from_settings(parse_settings({"upstream": {"url": "http://up"}}, environ={}))

@@ -12,7 +12,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.bootstrap import import_policy
-from gateway.policy import Snapshot, build_snapshot, policy_document
+from gateway.policy.model import Snapshot
+from gateway.policy.wire import build_snapshot, policy_document
 from gateway.settings import Settings
 from gateway.store import (
     APIKEYS_KEY,

@@ -1,0 +1,635 @@
+"""Operator input -> the normalised stored dicts, and what a write would change or risk.
+
+* ``validate_*`` turn operator input (admin API bodies, policy files) into the dicts the store
+  keeps, or raise :class:`PolicyValidationError` naming the field.
+* :func:`drop_expired`, :func:`merge_patch`, :func:`policy_diff`: an import's and a patch's
+  preparation and preview.
+* ``*_warnings``: writes that are valid but may be mistakes (docs/hardening.md).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import unicodedata
+from collections.abc import Collection, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from gateway.countries import validate_region
+from gateway.policy.names import DENY_COUNTRIES, DENY_ENTITIES, IP_RANGES, LIST_NAMES, PARTNERS, STAGES
+
+MAX_REASON_CHARS = 1000
+MAX_KEY_CHARS = 256
+MAX_MODEL_NAME_CHARS = 200
+_MAX_INSTANT_CHARS = 64
+_ECHO_LIMIT = 60
+
+
+class PolicyValidationError(ValueError):
+    """Operator input that cannot become policy; ``field`` is the path to the bad value."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+# --------------------------------------------------------------------------- small validators
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _shown(value: str) -> str:
+    return repr(value if len(value) <= _ECHO_LIMIT else value[:_ECHO_LIMIT] + "...")
+
+
+def _mapping(value: object, where: str, what: str = "an object") -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise PolicyValidationError(where or "body", f"must be {what}, got {_type_name(value)}")
+    return value
+
+
+def _type_name(value: object) -> str:
+    names = {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string",
+             list: "array", dict: "object"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _no_unknown(body: Mapping[str, Any], allowed: Collection[str], where: str) -> None:
+    for name in body:
+        if name not in allowed:
+            shown = name if isinstance(name, str) else repr(name)
+            raise PolicyValidationError(
+                _join(where, shown), f"unknown field; expected one of {', '.join(sorted(allowed))}"
+            )
+
+
+def _is_control(ch: str) -> bool:
+    # Unicode category C: controls, format characters (zero-width joiners,
+    # direction overrides), surrogates, private use and unassigned. None belong
+    # in an identifier an operator has to read and match exactly.
+    return unicodedata.category(ch).startswith("C")
+
+
+def _text(value: object, where: str, *, required: bool, limit: int = MAX_REASON_CHARS) -> str:
+    """Free text (reason, source): stripped, bounded, no control characters except tab and newline."""
+    if value is None:
+        if required:
+            raise PolicyValidationError(where, "is required and must not be empty")
+        return ""
+    if not isinstance(value, str):
+        raise PolicyValidationError(where, f"must be a string, got {_type_name(value)}")
+    text = value.strip()
+    if required and not text:
+        raise PolicyValidationError(where, "is required and must not be empty")
+    if len(text) > limit:
+        raise PolicyValidationError(where, f"must be at most {limit} characters, got {len(text)}")
+    if any(_is_control(ch) and ch not in "\t\n" for ch in text):
+        raise PolicyValidationError(where, "must not contain control characters")
+    return text
+
+
+def _identifier(value: object, where: str, *, limit: int = MAX_KEY_CHARS, spaces: bool = True) -> str:
+    """A name matched exactly (subject, org, model, key id): no surrounding space, no control chars."""
+    if not isinstance(value, str):
+        raise PolicyValidationError(where, f"must be a string, got {_type_name(value)}")
+    if not value:
+        raise PolicyValidationError(where, "must not be empty")
+    if len(value) > limit:
+        raise PolicyValidationError(where, f"must be at most {limit} characters, got {len(value)}")
+    if any(_is_control(ch) for ch in value):
+        raise PolicyValidationError(where, "must not contain control or invisible format characters")
+    if not spaces and any(ch.isspace() for ch in value):
+        raise PolicyValidationError(where, f"{_shown(value)} must not contain whitespace")
+    if value != value.strip():
+        raise PolicyValidationError(where, f"{_shown(value)} must not start or end with whitespace")
+    return value
+
+
+def region_code(value: object, where: str) -> str:
+    try:
+        return validate_region(value)
+    except ValueError as exc:
+        raise PolicyValidationError(where, str(exc)) from None
+
+
+def _bool(value: object, where: str) -> bool:
+    # A string "false" must never read as true: only JSON booleans are accepted.
+    if not isinstance(value, bool):
+        raise PolicyValidationError(where, f"must be true or false, got {_type_name(value)}")
+    return value
+
+
+def stage_name(value: object, where: str) -> str:
+    if not isinstance(value, str) or value not in STAGES:
+        shown = _shown(value) if isinstance(value, str) else _type_name(value)
+        raise PolicyValidationError(where, f"{shown} is not a stage; expected one of {', '.join(STAGES)}")
+    return value
+
+
+def _format_utc(moment: datetime) -> str:
+    text = moment.astimezone(UTC).isoformat()
+    return text.removesuffix("+00:00") + "Z"
+
+
+def format_instant(ts: float) -> str:
+    """Epoch seconds as the ISO-8601 UTC form the policy stores, e.g. ``2026-01-31T09:30:00Z``."""
+    return _format_utc(datetime.fromtimestamp(ts, UTC))
+
+
+_INSTANT_FORM = ("an ISO-8601 date-time with a time zone, e.g. 2027-01-31T00:00:00Z "
+                 "or 2027-01-31T09:00:00+01:00")
+
+
+def parse_instant(value: object, where: str) -> tuple[str, float]:
+    """An ISO-8601 date-time with a time zone -> (normalised UTC text, epoch seconds)."""
+    if not isinstance(value, str) or not value or len(value) > _MAX_INSTANT_CHARS:
+        raise PolicyValidationError(where, f"must be {_INSTANT_FORM}")
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise PolicyValidationError(where, f"{_shown(value)} is not {_INSTANT_FORM}") from None
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise PolicyValidationError(where, f"{_shown(value)} has no time zone; the accepted form is "
+                                    f"{_INSTANT_FORM} (add Z for UTC)")
+    try:
+        return _format_utc(moment), moment.timestamp()
+    except (OverflowError, ValueError):
+        raise PolicyValidationError(where, f"{_shown(value)} is out of range") from None
+
+
+def optional_instant(value: object, where: str) -> tuple[str | None, float | None]:
+    if value is None:
+        return None, None
+    return parse_instant(value, where)
+
+
+def _future_expiry(value: object, where: str, now: float | None) -> str | None:
+    """An optional ``expires_at``; with ``now`` given it must lie after it.
+
+    An entry that has already expired applies to nobody, so writing one would only remove what
+    it replaces (an active deny entry, say) while looking like a change to it: refused.
+    """
+    text, moment = optional_instant(value, where)
+    if now is not None and moment is not None and moment <= now:
+        raise PolicyValidationError(where, f"{text} is not in the future (now is {format_instant(now)}); "
+                                    "give a later instant, or leave expires_at out for no expiry")
+    return text
+
+
+# --------------------------------------------------------------------------- keys and names
+
+
+def check_list(list_name: object) -> str:
+    if list_name not in LIST_NAMES:
+        shown = _shown(list_name) if isinstance(list_name, str) else _type_name(list_name)
+        raise PolicyValidationError("list", f"{shown} is not a list; expected one of {', '.join(LIST_NAMES)}")
+    return list_name  # type: ignore[return-value]
+
+
+def normalize_key(list_name: str, key: object, *, where: str = "key") -> str:
+    """The stored form of a list key: upper-case region, canonical CIDR, or the checked identifier."""
+    check_list(list_name)
+    if list_name == DENY_COUNTRIES:
+        return region_code(key, where)
+    if list_name == IP_RANGES:
+        if not isinstance(key, str) or not key or len(key) > 64:
+            raise PolicyValidationError(where, "must be a CIDR such as 203.0.113.0/24 or 2001:db8::/32")
+        try:
+            # strict=False: "203.0.113.7/24" means the /24 it lies in.
+            return str(ipaddress.ip_network(key.strip(), strict=False))
+        except ValueError:
+            raise PolicyValidationError(
+                where, f"{_shown(key)} is not a CIDR such as 203.0.113.0/24 or 2001:db8::/32"
+            ) from None
+    return _identifier(key, where)
+
+
+def validate_model_name(name: object, *, where: str = "model") -> str:
+    """A registry name: 1-200 characters, no whitespace or control characters."""
+    return _identifier(name, where, limit=MAX_MODEL_NAME_CHARS, spaces=False)
+
+
+# --------------------------------------------------------------------------- validation of operator input
+
+_ENTRY_FIELDS = frozenset({"reason", "source", "expires_at", "added_by", "added_at"})
+_IP_ENTRY_FIELDS = _ENTRY_FIELDS | {"country"}
+
+
+def validate_entry(
+    list_name: str,
+    key: object,
+    body: object,
+    *,
+    actor: str,
+    now_iso: str,
+    keep_meta: bool = False,
+    where: str = "",
+    now: float | None = None,
+) -> dict[str, Any]:
+    """Check one list entry and return the dict to store.
+
+    With ``now`` (epoch seconds) an ``expires_at`` must lie in the future.
+
+    ``added_by``/``added_at`` are set to ``actor``/``now_iso`` unless
+    ``keep_meta`` and the body carries them (a whole-policy import keeps the
+    history it restores). ``where`` prefixes field paths, e.g.
+    ``lists.deny-countries.CU``; use :func:`normalize_key` for the stored key.
+    """
+    check_list(list_name)
+    normalize_key(list_name, key, where=where or "key")
+    data = _mapping(body, where)
+    ip_list = list_name == IP_RANGES
+    allowed = _IP_ENTRY_FIELDS if ip_list else _ENTRY_FIELDS
+    if not ip_list and "country" in data:
+        raise PolicyValidationError(
+            _join(where, "country"), f"only ip-ranges entries carry a country, not {list_name}"
+        )
+    _no_unknown(data, allowed, where)
+    stored: dict[str, Any] = {
+        "reason": _text(data.get("reason"), _join(where, "reason"), required=True),
+        "source": _text(data.get("source"), _join(where, "source"), required=False),
+        "added_by": actor,
+        "added_at": now_iso,
+        "expires_at": _future_expiry(data.get("expires_at"), _join(where, "expires_at"), now),
+    }
+    if keep_meta:
+        # An empty value counts as absent: the import stamps it like a new entry.
+        if data.get("added_by") not in (None, ""):
+            stored["added_by"] = _identifier(data["added_by"], _join(where, "added_by"))
+        if data.get("added_at") not in (None, ""):
+            stored["added_at"] = parse_instant(data["added_at"], _join(where, "added_at"))[0]
+    if ip_list:
+        if data.get("country") is None:
+            raise PolicyValidationError(_join(where, "country"), "is required for ip-ranges entries")
+        stored["country"] = region_code(data["country"], _join(where, "country"))
+    return stored
+
+
+def validate_list(
+    list_name: str,
+    entries: object,
+    *,
+    actor: str,
+    now_iso: str,
+    keep_meta: bool = False,
+    where: str = "entries",
+    now: float | None = None,
+) -> dict[str, dict[str, Any]]:
+    """A whole list ``{key: entry}``: keys normalised, two spellings of one key refused."""
+    check_list(list_name)
+    data = _mapping(entries, where, "an object of key: entry")
+    out: dict[str, dict[str, Any]] = {}
+    for raw_key, body in data.items():
+        path = _join(where, raw_key if isinstance(raw_key, str) else repr(raw_key))
+        key = normalize_key(list_name, raw_key, where=path)
+        if key in out:
+            raise PolicyValidationError(path, f"duplicates the key {key!r} once normalised")
+        out[key] = validate_entry(list_name, key, body, actor=actor, now_iso=now_iso,
+                                  keep_meta=keep_meta, where=path, now=now)
+    return out
+
+
+_MODEL_FIELDS = frozenset({"stage", "timeline", "allowed_countries", "export_suspended"})
+_TIMELINE_FIELDS = frozenset({"at", "stage"})
+
+
+def validate_model(name: object, body: object, *, where: str = "") -> dict[str, Any]:
+    """Check a registry entry; the timeline comes back sorted by time, countries sorted and upper case."""
+    validate_model_name(name, where=where or "model")
+    data = _mapping(body, where)
+    _no_unknown(data, _MODEL_FIELDS, where)
+    if "stage" not in data:
+        raise PolicyValidationError(_join(where, "stage"), f"is required; one of {', '.join(STAGES)}")
+    stage = stage_name(data["stage"], _join(where, "stage"))
+    timeline = _validate_timeline(data.get("timeline"), _join(where, "timeline"))
+    allowed = data.get("allowed_countries")
+    countries: list[str] | None = None
+    if allowed is not None:
+        path = _join(where, "allowed_countries")
+        if not isinstance(allowed, list):
+            raise PolicyValidationError(
+                path, f"must be a list of country codes or null, got {_type_name(allowed)}"
+            )
+        countries = sorted({region_code(code, f"{path}[{i}]") for i, code in enumerate(allowed)})
+    suspended = data.get("export_suspended", False)
+    return {
+        "stage": stage,
+        "timeline": timeline,
+        "allowed_countries": countries,
+        "export_suspended": _bool(suspended, _join(where, "export_suspended")),
+    }
+
+
+def _validate_timeline(value: object, where: str) -> list[dict[str, str]]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise PolicyValidationError(where, f"must be a list of {{at, stage}}, got {_type_name(value)}")
+    steps: list[tuple[float, str, str]] = []
+    seen: dict[float, int] = {}
+    for i, item in enumerate(value):
+        path = f"{where}[{i}]"
+        step = _mapping(item, path)
+        _no_unknown(step, _TIMELINE_FIELDS, path)
+        if "at" not in step:
+            raise PolicyValidationError(f"{path}.at", "is required")
+        if "stage" not in step:
+            raise PolicyValidationError(f"{path}.stage", "is required")
+        at_iso, at_ts = parse_instant(step["at"], f"{path}.at")
+        # Two stages at one instant leave the current stage undefined.
+        if at_ts in seen:
+            raise PolicyValidationError(f"{path}.at", f"repeats the time of {where}[{seen[at_ts]}]")
+        seen[at_ts] = i
+        steps.append((at_ts, at_iso, stage_name(step["stage"], f"{path}.stage")))
+    steps.sort()
+    return [{"at": at_iso, "stage": stage} for _ts, at_iso, stage in steps]
+
+
+_KEY_REQUEST_FIELDS = frozenset({"subject", "org", "org_name", "country", "tier", "expires_at"})
+_KEY_RECORD_FIELDS = _KEY_REQUEST_FIELDS | {"hash", "created_at", "created_by"}
+
+
+def _key_attributes(data: Mapping[str, Any], tiers: Collection[str], where: str,
+                    now: float | None = None) -> dict[str, Any]:
+    for name in ("subject", "org", "country", "tier"):
+        if data.get(name) is None:
+            raise PolicyValidationError(_join(where, name), "is required")
+    tier = data["tier"]
+    if not isinstance(tier, str) or tier not in tiers:
+        shown = _shown(tier) if isinstance(tier, str) else _type_name(tier)
+        raise PolicyValidationError(_join(where, "tier"), f"{shown} is not a tier; expected one of "
+                                    f"{', '.join(sorted(tiers))}")
+    org_name = data.get("org_name")
+    return {
+        "subject": _identifier(data["subject"], _join(where, "subject")),
+        "org": _identifier(data["org"], _join(where, "org")),
+        "org_name": None if org_name is None else _text(org_name, _join(where, "org_name"), required=True),
+        "country": region_code(data["country"], _join(where, "country")),
+        "tier": tier,
+        "expires_at": _future_expiry(data.get("expires_at"), _join(where, "expires_at"), now),
+    }
+
+
+def validate_api_key_request(body: object, tiers: Collection[str], *, now: float | None = None) -> dict[str, Any]:
+    """``POST /admin/v1/api-keys``: subject, org, org_name?, country, tier, expires_at? (future, given ``now``)."""
+    data = _mapping(body, "")
+    _no_unknown(data, _KEY_REQUEST_FIELDS, "")
+    return _key_attributes(data, tiers, "", now)
+
+
+def validate_api_key_record(
+    key_id: object,
+    body: object,
+    *,
+    tiers: Collection[str],
+    actor: str,
+    now_iso: str,
+    where: str = "",
+) -> dict[str, Any]:
+    """A stored API key as a policy import carries it: the attributes plus hash and creation record."""
+    _identifier(key_id, where or "id", spaces=False)
+    data = _mapping(body, where)
+    _no_unknown(data, _KEY_RECORD_FIELDS, where)
+    if data.get("hash") is None:
+        raise PolicyValidationError(_join(where, "hash"), "is required")
+    record: dict[str, Any] = {"hash": _identifier(data["hash"], _join(where, "hash"), spaces=False)}
+    record.update(_key_attributes(data, tiers, where))
+    created_at, created_by = data.get("created_at"), data.get("created_by")
+    record["created_at"] = (
+        now_iso if created_at is None else parse_instant(created_at, _join(where, "created_at"))[0]
+    )
+    record["created_by"] = (
+        actor if created_by is None else _identifier(created_by, _join(where, "created_by"))
+    )
+    return record
+
+
+_DOCUMENT_SECTIONS = frozenset({"version", "lists", "models", "api_keys", "screening", "revoked_api_keys"})
+# What a policy document must carry to restore a Redis that holds none (contract §6).
+WHOLE_POLICY_PARTS = (*(f"lists.{name}" for name in LIST_NAMES), "models", "api_keys", "screening")
+_REVOCATION_FIELDS = frozenset({"hash", "subject", "org", "revoked_at", "revoked_by"})
+
+
+def validate_revocation(key_id: object, body: object, *, where: str) -> dict[str, Any]:
+    """A kept revocation as an export carries it: the key's hash, who revoked it and when."""
+    _identifier(key_id, where, spaces=False)
+    data = _mapping(body, where)
+    _no_unknown(data, _REVOCATION_FIELDS, where)
+    for name in ("hash", "revoked_at", "revoked_by"):
+        if data.get(name) is None:
+            raise PolicyValidationError(_join(where, name), "is required")
+    return {
+        "hash": _identifier(data["hash"], _join(where, "hash"), spaces=False),
+        "subject": None if data.get("subject") is None else _identifier(data["subject"], _join(where, "subject")),
+        "org": None if data.get("org") is None else _identifier(data["org"], _join(where, "org")),
+        "revoked_at": parse_instant(data["revoked_at"], _join(where, "revoked_at"))[0],
+        "revoked_by": _identifier(data["revoked_by"], _join(where, "revoked_by")),
+    }
+
+
+def missing_parts(document: Mapping[str, Any]) -> list[str]:
+    """The parts of :data:`WHOLE_POLICY_PARTS` a (validated) document leaves out."""
+    lists = document.get("lists") or {}
+    present = {f"lists.{name}" for name in lists} | {name for name in ("models", "api_keys", "screening")
+                                                       if name in document}
+    return [part for part in WHOLE_POLICY_PARTS if part not in present]
+
+
+def validate_policy_document(
+    doc: object,
+    *,
+    actor: str,
+    now_iso: str,
+    tiers: Collection[str],
+) -> dict[str, Any]:
+    """``PUT /admin/v1/policy``: each section present comes back normalised; ``version`` is dropped.
+
+    ``added_by``/``added_at`` (and ``created_*`` of keys) are kept as given so
+    GET then PUT round-trips. The ``screening`` section is only checked to be
+    an object; its entries are the screening module's to validate.
+    """
+    data = _mapping(doc, "", "an object with lists, models, api_keys or screening")
+    _no_unknown(data, _DOCUMENT_SECTIONS, "")
+    out: dict[str, Any] = {}
+    if "lists" in data:
+        lists = _mapping(data["lists"], "lists", "an object of list name: entries")
+        out["lists"] = {}
+        for list_name, entries in lists.items():
+            if list_name not in LIST_NAMES:
+                raise PolicyValidationError(
+                    f"lists.{list_name}", f"unknown list; expected one of {', '.join(LIST_NAMES)}"
+                )
+            out["lists"][list_name] = validate_list(list_name, entries, actor=actor, now_iso=now_iso,
+                                                    keep_meta=True, where=f"lists.{list_name}")
+    if "models" in data:
+        models = _mapping(data["models"], "models", "an object of model name: model")
+        out["models"] = {
+            name: validate_model(name, body, where=f"models.{name}") for name, body in models.items()
+        }
+    if "api_keys" in data:
+        keys = _mapping(data["api_keys"], "api_keys", "an object of key id: key")
+        out["api_keys"] = {}
+        hashes: dict[str, str] = {}
+        for key_id, body in keys.items():
+            path = f"api_keys.{key_id}"
+            record = validate_api_key_record(
+                key_id, body, tiers=tiers, actor=actor, now_iso=now_iso, where=path
+            )
+            if record["hash"] in hashes:
+                other = hashes[record["hash"]]
+                raise PolicyValidationError(f"{path}.hash", f"is also the hash of key {other!r}")
+            hashes[record["hash"]] = key_id
+            out["api_keys"][key_id] = record
+    if "screening" in data:
+        screening = _mapping(data["screening"], "screening", 'an object such as {"entries": [...]}')
+        out["screening"] = dict(screening)
+    if "revoked_api_keys" in data:
+        revoked = _mapping(data["revoked_api_keys"], "revoked_api_keys", "an object of key id: revocation")
+        out["revoked_api_keys"] = {key_id: validate_revocation(key_id, body, where=f"revoked_api_keys.{key_id}")
+                                   for key_id, body in revoked.items()}
+        for key_id in out.get("api_keys", {}):
+            if key_id in out["revoked_api_keys"]:
+                raise PolicyValidationError(f"api_keys.{key_id}", "is also listed in revoked_api_keys")
+    return out
+
+
+def drop_expired(document: Mapping[str, Any], now: float) -> tuple[dict[str, Any], list[str]]:
+    """A validated document without the list entries whose ``expires_at`` has passed.
+
+    An import replaces each list whole, so an entry that has expired means the same as one left
+    out; dropping it (with a warning naming it) keeps an export that holds one importable, while
+    a single-entry write with a past ``expires_at`` is refused outright.
+    """
+    out = dict(document)
+    warnings: list[str] = []
+    lists: dict[str, Any] = {}
+    for name, entries in (document.get("lists") or {}).items():
+        kept = {}
+        for key, entry in entries.items():
+            if _expired(entry, now):
+                warnings.append(f"lists.{name}.{key}: expired at {entry['expires_at']}; not imported")
+            else:
+                kept[key] = entry
+        lists[name] = kept
+    if "lists" in document:
+        out["lists"] = lists
+    return out, warnings
+
+
+def _expired(record: Mapping[str, Any], now: float) -> bool:
+    expires = record.get("expires_at")
+    return expires is not None and parse_instant(expires, "expires_at")[1] <= now
+
+
+def merge_patch(target: Mapping[str, Any] | None, patch: Mapping[str, Any]) -> dict[str, Any]:
+    """RFC 7396 JSON merge patch: members named in ``patch`` replace those of ``target``, ``null``
+    removes one, objects merge recursively, anything else (arrays too) replaces whole."""
+    out = dict(target or {})
+    for name, value in patch.items():
+        if value is None:
+            out.pop(name, None)
+        elif isinstance(value, Mapping):
+            current = out.get(name)
+            out[name] = merge_patch(current if isinstance(current, Mapping) else None, value)
+        else:
+            out[name] = value
+    return out
+
+
+def patch_body(body: object) -> Mapping[str, Any]:
+    """A merge patch must be an object that names at least one field."""
+    data = _mapping(body, "body", "a JSON object naming the fields to change (a merge patch)")
+    if not data:
+        raise PolicyValidationError("body", "names no field to change")
+    return data
+
+
+# --------------------------------------------------------------------------- what an import would change
+
+# Who wrote an entry and when is history, not content: an import restamps entries that carry none.
+_HISTORY_FIELDS = frozenset({"added_by", "added_at", "created_by", "created_at"})
+
+
+def _content(record: Mapping[str, Any]) -> dict[str, Any]:
+    return {name: value for name, value in record.items() if name not in _HISTORY_FIELDS}
+
+
+def _keyed_diff(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, list[str]]:
+    return {
+        "added": sorted(set(after) - set(before)),
+        "removed": sorted(set(before) - set(after)),
+        "changed": sorted(key for key in set(before) & set(after)
+                          if _content(before[key]) != _content(after[key])),
+    }
+
+
+def policy_diff(current: Mapping[str, Any], incoming: Mapping[str, Any]) -> dict[str, Any]:
+    """Per section of ``incoming`` (validated, the sections an import would write): the keys it would
+    add, remove and change against ``current`` (a policy document; empty sections when none is held).
+    ``screening`` compares the entry lists: their counts, and whether they differ at all."""
+    out: dict[str, Any] = {}
+    current_lists = current.get("lists") or {}
+    for name, entries in (incoming.get("lists") or {}).items():
+        out[f"lists.{name}"] = _keyed_diff(current_lists.get(name) or {}, entries)
+    for section in ("models", "api_keys"):
+        if section in incoming:
+            out[section] = _keyed_diff(current.get(section) or {}, incoming[section])
+    if "screening" in incoming:
+        before = (current.get("screening") or {}).get("entries") or []
+        after = (incoming.get("screening") or {}).get("entries") or []
+        out["screening"] = {"before": len(before), "after": len(after), "changed": before != after}
+    if incoming.get("revoked_api_keys"):
+        held = current.get("revoked_api_keys") or {}
+        out["revoked_api_keys"] = {"added": sorted(set(incoming["revoked_api_keys"]) - set(held)),
+                                   "removed": [], "changed": []}
+    return out
+
+
+# --------------------------------------------------------------------------- risky-but-valid writes
+
+
+def entry_warnings(list_name: str, key: str, *, home_countries: Collection[str],
+                   partners: Collection[str]) -> list[str]:
+    """Why a valid list entry may still be a mistake: a home country denied, an ip-ranges entry wider
+    than /8 (IPv4) or /32 (IPv6), a denied entity that is a current partner. Empty when none."""
+    if list_name == DENY_COUNTRIES:
+        country = key.split("-", 1)[0]
+        if key in home_countries or country in home_countries:
+            return [f"deny-countries {key}: denies a home country (network.home_countries: "
+                    f"{', '.join(sorted(home_countries))}); callers there are refused every model"]
+    elif list_name == IP_RANGES:
+        network = ipaddress.ip_network(key, strict=False)
+        widest = 8 if network.version == 4 else 32
+        if network.prefixlen < widest:
+            return [f"ip-ranges {key}: wider than /{widest}; it places {network.num_addresses:,} "
+                    "addresses in one country over the GeoIP database"]
+    elif list_name == DENY_ENTITIES and key in partners:
+        return [f"deny-entities {key}: is also a current partner; the deny entry wins"]
+    return []
+
+
+def model_warnings(name: str, model: Mapping[str, Any]) -> list[str]:
+    """Why a valid model may still be a mistake: an empty ``allowed_countries`` serves nobody."""
+    if model.get("allowed_countries") == []:
+        return [f"models {name}: allowed_countries is empty; no caller in any country may use it "
+                "(null means any country)"]
+    return []
+
+
+def document_warnings(document: Mapping[str, Any], *, home_countries: Collection[str],
+                      partners: Collection[str]) -> list[str]:
+    """:func:`entry_warnings` and :func:`model_warnings` over a validated policy document; the
+    partners are the document's own when it carries them, else ``partners``."""
+    lists = document.get("lists") or {}
+    current_partners = set(lists[PARTNERS]) if PARTNERS in lists else set(partners)
+    warnings: list[str] = []
+    for name in LIST_NAMES:
+        for key in lists.get(name, {}):
+            warnings += entry_warnings(name, key, home_countries=home_countries, partners=current_partners)
+    for name, model in (document.get("models") or {}).items():
+        warnings += model_warnings(name, model)
+    return warnings
+

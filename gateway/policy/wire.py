@@ -1,0 +1,285 @@
+"""The stored form of the policy (docs/contract.md §7) <-> the snapshot types.
+
+``*_from_dict`` / ``*_to_dict`` convert one record, :func:`build_snapshot` turns what the store
+read into a :class:`~gateway.policy.model.Snapshot` (deny lists stay stored JSON until consulted,
+:class:`LazyEntries`), and :func:`policy_document` is the ``GET /admin/v1/policy`` shape.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Iterator, Mapping
+from types import MappingProxyType
+from typing import Any
+
+import orjson
+
+from gateway.policy.model import ApiKey, Entry, Model, ScreeningLike, Snapshot
+from gateway.policy.names import IP_RANGES, LAZY_LISTS, LIST_NAMES
+from gateway.policy.validate import (
+    PolicyValidationError,
+    check_list,
+    optional_instant,
+    parse_instant,
+    region_code,
+    stage_name,
+)
+
+
+class LazyEntries(Mapping[str, "Entry"]):
+    """A deny list kept as stored JSON until a decision first consults an entry.
+
+    Deny lists can hold hundreds of thousands of entries, of which a decision looks
+    up one or two; parsing them all on every reload would cost most of a reload.
+    A stored entry that cannot be read still denies (fail closed).
+    """
+
+    __slots__ = ("_encoded", "_list", "_parsed", "_raw")
+
+    def __init__(self, list_name: str, raw: Mapping[str, bytes | Mapping[str, Any]] | Mapping[bytes, bytes]) -> None:
+        self._list = list_name
+        self._raw: Mapping[Any, Any] = raw
+        # Keys may stay as Redis returned them (bytes): decoding 100,000 keys is a fifth of a reload,
+        # while encoding the one or two a decision looks up costs nothing.
+        self._encoded = isinstance(next(iter(raw), ""), bytes)
+        self._parsed: dict[str, Entry] = {}
+
+    def _raw_key(self, key: str) -> Any:
+        return key.encode("utf-8", "surrogatepass") if self._encoded else key
+
+    def __getitem__(self, key: str) -> Entry:
+        entry = self._parsed.get(key)
+        if entry is None:
+            entry = self._parsed[key] = self._parse(key, self._raw[self._raw_key(key)])
+        return entry
+
+    def get(self, key: str, default: Any = None) -> Any:
+        entry = self._parsed.get(key)
+        if entry is not None:
+            return entry
+        return self[key] if self._raw_key(key) in self._raw else default
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self._raw_key(key) in self._raw
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def __iter__(self) -> Iterator[str]:
+        if self._encoded:
+            return (key.decode("utf-8", "surrogatepass") for key in self._raw)
+        return iter(self._raw)
+
+    def patched(self, changes: Mapping[Any, Any]) -> LazyEntries:
+        """A copy with ``changes`` applied (entry key -> stored value, None to delete); entries
+        already parsed and not changed stay parsed."""
+        raw = dict(self._raw)
+        parsed = dict(self._parsed)
+        for key, value in changes.items():
+            text = key.decode("utf-8", "surrogatepass") if isinstance(key, bytes) else key
+            raw_key = self._raw_key(text) if raw else key
+            parsed.pop(text, None)
+            if value is None:
+                raw.pop(raw_key, None)
+            else:
+                raw[raw_key] = value
+        patched = LazyEntries(self._list, raw)
+        patched._parsed = parsed
+        return patched
+
+    def _parse(self, key: str, value: bytes | Mapping[str, Any]) -> Entry:
+        try:
+            data = orjson.loads(value) if isinstance(value, bytes | bytearray) else value
+            if not isinstance(data, Mapping):
+                raise PolicyValidationError(f"lists.{self._list}.{key}", "is not an object")
+            return entry_from_dict(self._list, key, data)
+        except (orjson.JSONDecodeError, PolicyValidationError):
+            return Entry(key, "unreadable stored entry (applied: fail closed)", "", "", "", None, None, None)
+
+
+# --------------------------------------------------------------------------- stored dicts <-> types
+
+
+def entry_from_dict(list_name: str, key: str, d: Mapping[str, Any]) -> Entry:
+    """A stored entry -> :class:`Entry`; a value that cannot be read raises PolicyValidationError.
+
+    Runs once per entry on every snapshot reload (hundreds of thousands of times), so the
+    common case (no expiry, not an ip-range) does no parsing beyond the dict lookups.
+    """
+    expires = d.get("expires_at")
+    if expires is None:
+        expires_at = expires_ts = None
+    else:
+        expires_at, expires_ts = optional_instant(expires, f"lists.{list_name}.{key}.expires_at")
+    country = None
+    if list_name == IP_RANGES:
+        country = region_code(d.get("country"), f"lists.{list_name}.{key}.country")
+    return Entry(key, str(d.get("reason") or ""), str(d.get("source") or ""), str(d.get("added_by") or ""),
+                 str(d.get("added_at") or ""), expires_at, expires_ts, country)
+
+
+def entry_to_dict(e: Entry) -> dict[str, Any]:
+    d: dict[str, Any] = {
+        "reason": e.reason,
+        "source": e.source,
+        "added_by": e.added_by,
+        "added_at": e.added_at,
+        "expires_at": e.expires_at,
+    }
+    if e.country is not None:
+        d["country"] = e.country
+    return d
+
+
+def model_from_dict(name: str, d: Mapping[str, Any]) -> Model:
+    where = f"models.{name}"
+    stage = stage_name(d.get("stage"), f"{where}.stage")
+    steps = []
+    for i, step in enumerate(d.get("timeline") or ()):
+        if not isinstance(step, Mapping):
+            raise PolicyValidationError(f"{where}.timeline[{i}]", "must be an object with at and stage")
+        at_iso, at_ts = parse_instant(step.get("at"), f"{where}.timeline[{i}].at")
+        steps.append((at_ts, at_iso, stage_name(step.get("stage"), f"{where}.timeline[{i}].stage")))
+    steps.sort()
+    allowed = d.get("allowed_countries")
+    return Model(
+        name=name,
+        stage=stage,
+        timeline=tuple(steps),
+        allowed_countries=None if allowed is None else frozenset(str(code).upper() for code in allowed),
+        # Anything but an explicit false suspends: a damaged flag fails closed.
+        export_suspended=d.get("export_suspended", False) is not False,
+    )
+
+
+def model_to_dict(m: Model) -> dict[str, Any]:
+    return {
+        "stage": m.stage,
+        "timeline": [{"at": at_iso, "stage": stage} for _ts, at_iso, stage in m.timeline],
+        "allowed_countries": None if m.allowed_countries is None else sorted(m.allowed_countries),
+        "export_suspended": m.export_suspended,
+    }
+
+
+def api_key_from_dict(key_id: str, d: Mapping[str, Any]) -> ApiKey:
+    where = f"api_keys.{key_id}"
+    expires_at, expires_ts = optional_instant(d.get("expires_at"), f"{where}.expires_at")
+    for name in ("hash", "subject", "org", "country", "tier"):
+        if not isinstance(d.get(name), str) or not d[name]:
+            raise PolicyValidationError(f"{where}.{name}", "is required")
+    org_name = d.get("org_name")
+    return ApiKey(
+        id=key_id,
+        key_hash=d["hash"],
+        subject=d["subject"],
+        org=d["org"],
+        org_name=None if org_name is None else str(org_name),
+        country=str(d["country"]).upper(),
+        tier=d["tier"],
+        expires_at=expires_at,
+        expires_ts=expires_ts,
+        created_at=str(d.get("created_at") or ""),
+        created_by=str(d.get("created_by") or ""),
+    )
+
+
+def api_key_to_dict(k: ApiKey) -> dict[str, Any]:
+    return {
+        "hash": k.key_hash,
+        "subject": k.subject,
+        "org": k.org,
+        "org_name": k.org_name,
+        "country": k.country,
+        "tier": k.tier,
+        "expires_at": k.expires_at,
+        "created_at": k.created_at,
+        "created_by": k.created_by,
+    }
+
+
+def build_snapshot(
+    *,
+    version: int,
+    generation: str,
+    loaded_at: float,
+    lists: Mapping[str, Mapping[str, Mapping[str, Any]]],
+    models: Mapping[str, Mapping[str, Any]],
+    api_keys: Mapping[str, Mapping[str, Any]],
+    screening: ScreeningLike | None = None,
+    reuse: Snapshot | None = None,
+    unchanged: Collection[str] = (),
+    deltas: Mapping[str, Mapping[Any, Any]] | None = None,
+) -> Snapshot:
+    """Stored dicts -> an immutable :class:`Snapshot`; a list left out is empty.
+
+    Parts named in ``unchanged`` (list names, ``"models"``, ``"apikeys"``) are taken from ``reuse``
+    as they are, already parsed: a change to one list does not rebuild the others. Lists in
+    ``deltas`` are ``reuse``'s with those entries changed (entry key -> stored value, None: deleted).
+    """
+    deltas = deltas or {}
+    if (unchanged or deltas) and reuse is None:
+        raise ValueError("unchanged parts need a snapshot to reuse")
+    for list_name in (*lists, *deltas):
+        check_list(list_name)
+
+    def typed_list(name: str) -> Mapping[str, Entry]:
+        # Built here rather than per entry: entry_from_dict trusts list_name from LIST_NAMES.
+        if reuse is not None and name in unchanged:
+            return reuse.lists[name]
+        if reuse is not None and name in deltas:
+            base = reuse.lists[name]
+            if isinstance(base, LazyEntries):
+                return base.patched(deltas[name])
+            patched = dict(base)
+            for key, d in deltas[name].items():
+                if d is None:
+                    patched.pop(key, None)
+                else:
+                    patched[key] = entry_from_dict(name, key, d)
+            return MappingProxyType(patched)
+        if name in LAZY_LISTS:
+            return LazyEntries(name, lists.get(name, {}))
+        return MappingProxyType({key: entry_from_dict(name, key, d) for key, d in lists.get(name, {}).items()})
+
+    typed_lists: dict[str, Mapping[str, Entry]] = {name: typed_list(name) for name in LIST_NAMES}
+    if reuse is not None and "apikeys" in unchanged:
+        keys: Mapping[str, ApiKey] = reuse.api_keys
+    else:
+        built = {}
+        for key_id, d in api_keys.items():
+            key = api_key_from_dict(key_id, d)
+            built[key.key_hash] = key
+        keys = MappingProxyType(built)
+    active_ranges = [entry for entry in typed_lists[IP_RANGES].values()
+                     if entry.country is not None and entry.active(loaded_at)]
+    ip_ranges = {entry.key: entry.country for entry in active_ranges if entry.country is not None}
+    expiries = [entry.expires_ts for entry in active_ranges if entry.expires_ts is not None]
+    typed_models = (reuse.models if reuse is not None and "models" in unchanged else
+                    MappingProxyType({name: model_from_dict(name, d) for name, d in models.items()}))
+    return Snapshot(
+        version=version,
+        generation=generation,
+        loaded_at=loaded_at,
+        lists=MappingProxyType(typed_lists),
+        models=typed_models,
+        api_keys=keys,
+        screening=screening,
+        ip_ranges=MappingProxyType(ip_ranges),
+        ip_ranges_expire_at=min(expiries, default=math.inf),
+    )
+
+
+def policy_document(snapshot: Snapshot) -> dict[str, Any]:
+    """The §7 ``GET /admin/v1/policy`` shape, without ``screening`` (the screening module adds it)."""
+    return {
+        "version": snapshot.version,
+        "lists": {
+            name: {key: entry_to_dict(e) for key, e in sorted(snapshot.lists[name].items())}
+            for name in LIST_NAMES
+        },
+        "models": {name: model_to_dict(m) for name, m in sorted(snapshot.models.items())},
+        "api_keys": {
+            k.id: api_key_to_dict(k) for k in sorted(snapshot.api_keys.values(), key=lambda k: k.id)
+        },
+    }
+
