@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from .settings import ConfigError, read_secret
+from ..settings import ConfigError, read_secret
 
 DEFAULT_ADMIN_URL = "http://127.0.0.1:9901"
 TOKEN_ENV = "GATEWAY_ADMIN_TOKEN"
