@@ -1,10 +1,13 @@
-"""The operator API on the admin listener (docs/contract.md §7): one write path, token auth, JSON errors.
+"""The operator API on the admin listener (docs/contract.md §7): its handlers and routes, one write path.
 
 Every write runs validate -> one :meth:`Store.write` (data, version bump and
 change record in one transaction) -> publish, then refreshes this process's
 snapshot so the operator's next call already sees the change. Reads of the
 policy go to Redis, the authority; ``decide`` and screening searches use the
 snapshot the public listener enforces.
+
+Token auth is auth.py's middleware and every failure becomes a contract error body in
+error_middleware.py; the handlers get an :class:`AdminContext`, never the whole runtime.
 
 Operators' everyday commands must not reopen access by accident, so: PATCH
 (RFC 7396 merge patch) changes only the fields it names, merged and validated
