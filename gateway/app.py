@@ -23,7 +23,8 @@ import aiohttp
 from aiohttp import web
 from aiohttp.web_request import BaseRequest
 
-from .admin import register_admin_routes
+from .admin.api import register_admin_routes
+from .admin.context import AdminContext
 from .audit import AuditLog
 from .errors import GatewayError, decision_label, error_response, json_response
 from .geo import GeoResolver
@@ -434,5 +435,15 @@ def create_admin_app(gateway: Gateway) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
-    register_admin_routes(app, gateway)
+    register_admin_routes(app, admin_context(gateway))
     return app
+
+
+def admin_context(gateway: Gateway) -> AdminContext:
+    """The components the operator API uses, from a started runtime."""
+    if gateway.store is None or gateway.watcher is None:
+        raise RuntimeError("the admin API is built from a started gateway (start() first)")
+    s = gateway.settings
+    return AdminContext(store=gateway.store, policy=gateway.watcher, geo=gateway.geo, clock=gateway.clock,
+                        rules=gateway.rules, tiers=tuple(s.tiers), screening=s.screening, admin=s.admin,
+                        environ=gateway.environ)

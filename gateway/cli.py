@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .operator_cli import add_operator_commands
+from .admin.cli import add_operator_commands
 from .settings import ConfigError, Settings, load_settings
 
 

@@ -113,7 +113,7 @@ def preflight(settings: Settings, environ: Mapping[str, str] | None = None) -> N
     """Load what the config points at (key files, secrets, token files) once, before any process
     starts, so a bad path, key or missing secret exits with status 2 and a message naming the key.
     ``gateway check-config`` runs exactly this too, so a file it calls ok is one ``serve`` starts with."""
-    from .admin import parse_tokens_file
+    from .admin.auth import parse_tokens_file
     from .geo import GeoResolver
     from .jwks import KeyRing
 

@@ -1,7 +1,7 @@
 """The admin API's OpenAPI 3.0 document (``GET /admin/v1/openapi.json``).
 
 The request schemas mirror the validation in :mod:`gateway.policy.validate` and
-:mod:`gateway.admin` (required fields, lengths, enums, ``additionalProperties:
+:mod:`gateway.admin.api` (required fields, lengths, enums, ``additionalProperties:
 false``), so a client generated from it sends what the gateway accepts. The
 validators stay the authority: country codes, CIDRs and instants are checked
 there beyond what a schema can say.
@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .policy.names import LIST_NAMES, STAGES
-from .policy.validate import MAX_KEY_CHARS, MAX_MODEL_NAME_CHARS, MAX_REASON_CHARS
+from ..policy.names import LIST_NAMES, STAGES
+from ..policy.validate import MAX_KEY_CHARS, MAX_MODEL_NAME_CHARS, MAX_REASON_CHARS
 
 _REF = "#/components/schemas/"
 

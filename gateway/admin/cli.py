@@ -10,202 +10,37 @@ HTTP here, so the commands start fast and need nothing the gateway does not.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import signal
 import sys
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .policy.names import LIST_NAMES, STAGES, now_iso
-from .settings import ConfigError, read_secret
-
-DEFAULT_ADMIN_URL = "http://127.0.0.1:9901"
-TOKEN_ENV = "GATEWAY_ADMIN_TOKEN"
-URL_ENV = "GATEWAY_ADMIN_URL"
-_CELL_LIMIT = 60
-
-
-class CliError(Exception):
-    """A failure to report on stderr; the command exits with status 1."""
-
-
-# --- talking to the admin API ----------------------------------------------------------------
-
-
-class AdminClient:
-    """JSON over HTTP to the admin listener, with errors turned into one readable sentence."""
-
-    def __init__(self, base_url: str, token: str, *, timeout: float) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.token = token
-        self.timeout = timeout
-
-    def call(self, method: str, path: str, *, body: Any = None, data: bytes | None = None,
-             content_type: str = "application/json", query: Mapping[str, Any] | None = None) -> Any:
-        url = self.base_url + path
-        if query:
-            url += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
-        if body is not None:
-            data = json.dumps(body, ensure_ascii=False).encode()
-        headers = {"Authorization": f"Bearer {self.token}", "Accept": "application/json"}
-        if data is not None:
-            headers["Content-Type"] = content_type
-        request = urllib.request.Request(url, data=data, method=method, headers=headers)
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                payload = response.read()
-        except urllib.error.HTTPError as exc:
-            raise CliError(_http_error_message(method, path, exc)) from None
-        except urllib.error.URLError as exc:
-            raise CliError(self._unreachable(exc.reason)) from None
-        except (TimeoutError, ConnectionError) as exc:
-            raise CliError(self._unreachable(exc)) from None
-        try:
-            return json.loads(payload) if payload else {}
-        except ValueError:
-            raise CliError(f"{method} {path}: the admin API answered with something that is not JSON") from None
-
-    def _unreachable(self, reason: object) -> str:
-        if isinstance(reason, ConnectionRefusedError):
-            why = "connection refused"
-        elif isinstance(reason, TimeoutError):
-            why = f"no answer within {self.timeout:g} s"
-        else:
-            why = str(reason)
-        return (f"cannot reach the admin API at {self.base_url}: {why}. Is `gateway serve` running, and "
-                f"does {URL_ENV} point at its admin listener?")
-
-
-def _http_error_message(method: str, path: str, exc: urllib.error.HTTPError) -> str:
-    try:
-        error = json.loads(exc.read())["error"]
-        return f"{method} {path}: {exc.code} {error['code']}: {error['message']}"
-    except (ValueError, KeyError, TypeError, OSError):
-        return f"{method} {path}: HTTP {exc.code} {exc.reason}"
-
-
-def _client(args: argparse.Namespace) -> AdminClient:
-    try:
-        token = read_secret(TOKEN_ENV)
-    except ConfigError as exc:
-        raise CliError(str(exc)) from None
-    if not token:
-        raise CliError(f"{TOKEN_ENV} is not set: export the admin token (or {TOKEN_ENV}_FILE naming a "
-                       "file that holds it)")
-    return AdminClient(args.admin_url, token, timeout=args.timeout)
-
-
-def _segment(value: str) -> str:
-    # Every character that is not unreserved is encoded, so a CIDR's "/" stays one path segment.
-    return urllib.parse.quote(value, safe="")
-
-
-# --- output ----------------------------------------------------------------------------------
-
-
-def _cell(value: Any) -> str:
-    if value is None or value == "" or value == []:
-        text = "-"
-    elif isinstance(value, bool):
-        text = "yes" if value else "no"
-    elif isinstance(value, list | tuple):
-        text = ",".join(_cell(item) for item in value)
-    elif isinstance(value, dict):
-        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-    else:
-        text = str(value)
-    text = " ".join(text.split())
-    return text if len(text) <= _CELL_LIMIT else text[:_CELL_LIMIT - 3] + "..."
-
-
-def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    cells = [[_cell(value) for value in row] for row in rows]
-    widths = [max([len(header)] + [len(row[i]) for row in cells]) for i, header in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
-    return "\n".join(lines)
-
-
-def _print_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, ensure_ascii=False))
-
-
-def _emit(args: argparse.Namespace, data: Any, text: Callable[[Any], str]) -> None:
-    if args.json:
-        _print_json(data)
-    else:
-        print(text(data))
-    _print_warnings(data)
-
-
-def _print_warnings(data: Any) -> None:
-    """A write that succeeded but carries a risk says so on stderr (also with --json, whose output
-    holds the same ``warnings``), so a script's log and a person's terminal both show it."""
-    warnings = data.get("warnings") if isinstance(data, dict) else None
-    for warning in warnings or ():
-        print(f"gateway: warning: {warning}", file=sys.stderr)
-
-
-def _written(what: str) -> Callable[[Any], str]:
-    return lambda data: f"{what}; policy version {data.get('version')}"
-
-
-# --- reading files ---------------------------------------------------------------------------
-
-
-def _read_bytes(name: str) -> bytes:
-    if name == "-":
-        return sys.stdin.buffer.read()
-    try:
-        return Path(name).read_bytes()
-    except OSError as exc:
-        raise CliError(f"cannot read {name}: {exc.strerror}") from None
-
-
-def _read_document(name: str) -> Any:
-    """A YAML or JSON file (JSON is YAML) as plain JSON values."""
-    try:
-        data = yaml.safe_load(_read_bytes(name))
-    except yaml.YAMLError as exc:
-        raise CliError(f"{name}: not valid YAML or JSON: {exc}") from None
-    return _plain(data, name)
-
-
-def _plain(value: Any, where: str) -> Any:
-    """YAML's dates and non-string keys made JSON: the admin API validates the rest."""
-    if isinstance(value, dt.datetime):
-        return value.isoformat() if value.tzinfo else value.isoformat() + "Z"
-    if isinstance(value, dt.date):
-        return value.isoformat()
-    if isinstance(value, list):
-        return [_plain(item, where) for item in value]
-    if isinstance(value, dict):
-        out = {}
-        for key, item in value.items():
-            if isinstance(key, bool) or key is None:
-                # YAML 1.1 reads NO, YES, ON, OFF as booleans: Norway must be quoted.
-                raise CliError(f"{where}: the key {key!r} is not text (YAML read it as "
-                               f"{type(key).__name__}); quote it, e.g. 'NO': ...")
-            out[str(key)] = _plain(item, where)
-        return out
-    return value
-
+from ..policy.names import LIST_NAMES, STAGES, now_iso
+from .cli_io import (
+    DEFAULT_ADMIN_URL,
+    URL_ENV,
+    CliError,
+    admin_client,
+    emit,
+    read_bytes,
+    read_document,
+    segment,
+    table,
+    written,
+)
 
 # --- lists -----------------------------------------------------------------------------------
 
 
 def _lists_get(args: argparse.Namespace) -> None:
-    data = _client(args).call("GET", f"/admin/v1/lists/{_segment(args.list)}")
+    data = admin_client(args).call("GET", f"/admin/v1/lists/{segment(args.list)}")
 
     def text(data: Any) -> str:
         entries = data.get("entries", {})
@@ -223,7 +58,7 @@ def _lists_get(args: argparse.Namespace) -> None:
         title = f"{data.get('list')}: {len(entries)} entries, policy version {data.get('version')}"
         return title + ("\n" + table(headers, rows) if rows else "")
 
-    _emit(args, data, text)
+    emit(args, data, text)
 
 
 def _lists_put(args: argparse.Namespace) -> None:
@@ -234,8 +69,8 @@ def _lists_put(args: argparse.Namespace) -> None:
         body["expires_at"] = args.expires_at
     if args.country is not None:
         body["country"] = args.country
-    data = _client(args).call("PUT", f"/admin/v1/lists/{_segment(args.list)}/{_segment(args.key)}", body=body)
-    _emit(args, data, _written(f"{args.list} {data.get('key', args.key)} written"))
+    data = admin_client(args).call("PUT", f"/admin/v1/lists/{segment(args.list)}/{segment(args.key)}", body=body)
+    emit(args, data, written(f"{args.list} {data.get('key', args.key)} written"))
 
 
 def _lists_patch(args: argparse.Namespace) -> None:
@@ -250,17 +85,17 @@ def _lists_patch(args: argparse.Namespace) -> None:
         body["expires_at"] = None  # a merge patch's null removes the field
     if not body:
         raise CliError("nothing to change: give --reason, --source, --expires-at, --no-expiry or --country")
-    data = _client(args).call("PATCH", f"/admin/v1/lists/{_segment(args.list)}/{_segment(args.key)}", body=body)
-    _emit(args, data, _written(f"{args.list} {data.get('key', args.key)} changed ({', '.join(body)})"))
+    data = admin_client(args).call("PATCH", f"/admin/v1/lists/{segment(args.list)}/{segment(args.key)}", body=body)
+    emit(args, data, written(f"{args.list} {data.get('key', args.key)} changed ({', '.join(body)})"))
 
 
 def _lists_delete(args: argparse.Namespace) -> None:
-    data = _client(args).call("DELETE", f"/admin/v1/lists/{_segment(args.list)}/{_segment(args.key)}")
-    _emit(args, data, _written(f"{args.list} {data.get('key', args.key)} deleted"))
+    data = admin_client(args).call("DELETE", f"/admin/v1/lists/{segment(args.list)}/{segment(args.key)}")
+    emit(args, data, written(f"{args.list} {data.get('key', args.key)} deleted"))
 
 
 def _lists_replace(args: argparse.Namespace) -> None:
-    document = _read_document(args.file)
+    document = read_document(args.file)
     if document is None:
         document = {}
     if not isinstance(document, dict):
@@ -269,8 +104,8 @@ def _lists_replace(args: argparse.Namespace) -> None:
     wrapped = isinstance(document.get("entries"), dict) and set(document) <= {"version", "list", "entries"}
     entries = document["entries"] if wrapped else document
     body = {"entries": entries, "allow_empty": args.allow_empty}
-    data = _client(args).call("PUT", f"/admin/v1/lists/{_segment(args.list)}", body=body)
-    _emit(args, data, _written(f"{args.list} replaced with {data.get('count', len(entries))} entries"))
+    data = admin_client(args).call("PUT", f"/admin/v1/lists/{segment(args.list)}", body=body)
+    emit(args, data, written(f"{args.list} replaced with {data.get('count', len(entries))} entries"))
 
 
 # --- models ----------------------------------------------------------------------------------
@@ -287,7 +122,7 @@ _MODEL_HEADERS = ["NAME", "STAGE", "TIMELINE", "ALLOWED COUNTRIES", "EXPORT SUSP
 
 
 def _models_list(args: argparse.Namespace) -> None:
-    data = _client(args).call("GET", "/admin/v1/models")
+    data = admin_client(args).call("GET", "/admin/v1/models")
 
     def text(data: Any) -> str:
         models = data.get("models", {})
@@ -295,12 +130,12 @@ def _models_list(args: argparse.Namespace) -> None:
         rows = [_model_row(name, model) for name, model in models.items()]
         return title + ("\n" + table(_MODEL_HEADERS, rows) if rows else "")
 
-    _emit(args, data, text)
+    emit(args, data, text)
 
 
 def _models_get(args: argparse.Namespace) -> None:
-    data = _client(args).call("GET", f"/admin/v1/models/{_segment(args.name)}")
-    _emit(args, data, lambda d: table(_MODEL_HEADERS, [_model_row(d["name"], d["model"])]))
+    data = admin_client(args).call("GET", f"/admin/v1/models/{segment(args.name)}")
+    emit(args, data, lambda d: table(_MODEL_HEADERS, [_model_row(d["name"], d["model"])]))
 
 
 def _timeline(text: str) -> Any:
@@ -321,8 +156,8 @@ def _models_put(args: argparse.Namespace) -> None:
         body["timeline"] = _timeline(args.timeline)
     if args.allowed_countries is not None:
         body["allowed_countries"] = _countries(args.allowed_countries)
-    data = _client(args).call("PUT", f"/admin/v1/models/{_segment(args.name)}", body=body)
-    _emit(args, data, _written(f"model {args.name} replaced whole"))
+    data = admin_client(args).call("PUT", f"/admin/v1/models/{segment(args.name)}", body=body)
+    emit(args, data, written(f"model {args.name} replaced whole"))
     left_out = [name for name, given in (("--timeline", args.timeline), ("--allowed-countries",
                                                                          args.allowed_countries)) if given is None]
     print(f"gateway: note: `models put` replaces {args.name} whole; "
@@ -353,8 +188,8 @@ def _models_patch(args: argparse.Namespace) -> None:
 
 
 def _patch_model(args: argparse.Namespace, body: dict[str, Any], done: str) -> None:
-    data = _client(args).call("PATCH", f"/admin/v1/models/{_segment(args.name)}", body=body)
-    _emit(args, data, _written(done))
+    data = admin_client(args).call("PATCH", f"/admin/v1/models/{segment(args.name)}", body=body)
+    emit(args, data, written(done))
 
 
 def _models_suspend(args: argparse.Namespace) -> None:
@@ -368,8 +203,8 @@ def _models_lift(args: argparse.Namespace) -> None:
 
 
 def _models_delete(args: argparse.Namespace) -> None:
-    data = _client(args).call("DELETE", f"/admin/v1/models/{_segment(args.name)}")
-    _emit(args, data, _written(f"model {args.name} deleted"))
+    data = admin_client(args).call("DELETE", f"/admin/v1/models/{segment(args.name)}")
+    emit(args, data, written(f"model {args.name} deleted"))
 
 
 # --- API keys --------------------------------------------------------------------------------
@@ -381,18 +216,18 @@ def _keys_create(args: argparse.Namespace) -> None:
         body["org_name"] = args.org_name
     if args.expires_at is not None:
         body["expires_at"] = args.expires_at
-    data = _client(args).call("POST", "/admin/v1/api-keys", body=body)
-    _emit(args, data, lambda d: f"id:  {d['id']}\nkey: {d['key']}\nThe key is shown only this once; "
+    data = admin_client(args).call("POST", "/admin/v1/api-keys", body=body)
+    emit(args, data, lambda d: f"id:  {d['id']}\nkey: {d['key']}\nThe key is shown only this once; "
                                 f"store it now. Policy version {d.get('version')}.")
 
 
 def _keys_revoke(args: argparse.Namespace) -> None:
-    data = _client(args).call("DELETE", f"/admin/v1/api-keys/{_segment(args.id)}")
-    _emit(args, data, _written(f"key {args.id} revoked"))
+    data = admin_client(args).call("DELETE", f"/admin/v1/api-keys/{segment(args.id)}")
+    emit(args, data, written(f"key {args.id} revoked"))
 
 
 def _keys_list(args: argparse.Namespace) -> None:
-    data = _client(args).call("GET", "/admin/v1/api-keys")
+    data = admin_client(args).call("GET", "/admin/v1/api-keys")
 
     def text(data: Any) -> str:
         keys = data.get("api_keys", {})
@@ -403,7 +238,7 @@ def _keys_list(args: argparse.Namespace) -> None:
         title = f"{len(keys)} keys, policy version {data.get('version')}"
         return title + ("\n" + table(headers, rows) if rows else "")
 
-    _emit(args, data, text)
+    emit(args, data, text)
 
 
 # --- decide ----------------------------------------------------------------------------------
@@ -412,7 +247,7 @@ def _keys_list(args: argparse.Namespace) -> None:
 def _decide(args: argparse.Namespace) -> None:
     body = {"subject": args.subject, "org": args.org, "org_name": args.org_name, "country": args.country,
             "tier": args.tier, "ip": args.ip, "model": args.model}
-    data = _client(args).call("POST", "/admin/v1/decide", body={k: v for k, v in body.items() if v is not None})
+    data = admin_client(args).call("POST", "/admin/v1/decide", body={k: v for k, v in body.items() if v is not None})
 
     def text(d: Any) -> str:
         lines = [f"{d.get('decision')} {d.get('status')} {d.get('code') or ''}".rstrip(), d.get("message", ""),
@@ -422,23 +257,23 @@ def _decide(args: argparse.Namespace) -> None:
             lines.append(f"screening: {hit.get('matched_name')} ({hit.get('source')}), score {hit.get('score')}")
         return "\n".join(lines)
 
-    _emit(args, data, text)
+    emit(args, data, text)
 
 
 # --- screening -------------------------------------------------------------------------------
 
 
 def _screening_import(args: argparse.Namespace) -> None:
-    raw = _read_bytes(args.file)
+    raw = read_bytes(args.file)
     json_file = args.file.lower().endswith(".json") or raw.lstrip()[:1] in (b"{", b"[")
     content_type = "application/json" if json_file else "text/csv; charset=utf-8"
-    data = _client(args).call("POST", "/admin/v1/screening/import", data=raw, content_type=content_type)
-    _emit(args, data, _written(f"screening list replaced with {data.get('entries')} entries"))
+    data = admin_client(args).call("POST", "/admin/v1/screening/import", data=raw, content_type=content_type)
+    emit(args, data, written(f"screening list replaced with {data.get('entries')} entries"))
 
 
 def _screening_search(args: argparse.Namespace) -> None:
     query = {"name": args.name, "limit": args.limit, "min_score": args.min_score}
-    data = _client(args).call("GET", "/admin/v1/screening/search", query=query)
+    data = admin_client(args).call("GET", "/admin/v1/screening/search", query=query)
 
     def text(d: Any) -> str:
         matches = d.get("matches", [])
@@ -449,7 +284,7 @@ def _screening_search(args: argparse.Namespace) -> None:
                  m.get("entry_id")] for m in matches]
         return table(["SCORE", "ACTION", "NAME", "MATCHED NAME", "SOURCE", "ID"], rows)
 
-    _emit(args, data, text)
+    emit(args, data, text)
 
 
 # --- audit and change history ----------------------------------------------------------------
@@ -481,7 +316,7 @@ def _stop_on_sigterm(_signum: int, _frame: object) -> None:
 
 
 def _audit_tail(args: argparse.Namespace) -> None:
-    client = _client(args)
+    client = admin_client(args)
     # A follower reads the whole window once, so that every record already there counts as seen and
     # only those written later are printed; of the old ones it prints the last --limit, as without it.
     window = _FOLLOW_WINDOW if args.follow else args.limit
@@ -525,7 +360,7 @@ def _print_audit(args: argparse.Namespace, records: list[dict[str, Any]], *, hea
 
 
 def _changes(args: argparse.Namespace) -> None:
-    data = _client(args).call("GET", "/admin/v1/changes", query={"limit": args.limit})
+    data = admin_client(args).call("GET", "/admin/v1/changes", query={"limit": args.limit})
 
     def text(d: Any) -> str:
         changes = d.get("changes", [])
@@ -535,7 +370,7 @@ def _changes(args: argparse.Namespace) -> None:
                 for c in changes]
         return table(["TIME", "ACTOR", "VERSION", "TARGET", "CHANGE"], rows)
 
-    _emit(args, data, text)
+    emit(args, data, text)
 
 
 def _change_summary(change: Mapping[str, Any]) -> str:
@@ -552,7 +387,7 @@ def _change_summary(change: Mapping[str, Any]) -> str:
 
 
 def _policy_export(args: argparse.Namespace) -> None:
-    data = _client(args).call("GET", "/admin/v1/policy")
+    data = admin_client(args).call("GET", "/admin/v1/policy")
     if args.json:
         text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
     else:
@@ -575,17 +410,17 @@ def _policy_export(args: argparse.Namespace) -> None:
 
 
 def _policy_import(args: argparse.Namespace) -> None:
-    document = _read_document(args.file)
+    document = read_document(args.file)
     if not isinstance(document, dict):
         raise CliError(f"{args.file}: expected a policy mapping with lists, models, api_keys or screening")
     query = {"sections": args.sections} if args.sections is not None else None
     if args.dry_run:
-        data = _client(args).call("POST", "/admin/v1/policy/diff", body=document, query=query)
-        _emit(args, data, _diff_text)
+        data = admin_client(args).call("POST", "/admin/v1/policy/diff", body=document, query=query)
+        emit(args, data, _diff_text)
         return
-    data = _client(args).call("PUT", "/admin/v1/policy", body=document, query=query)
+    data = admin_client(args).call("PUT", "/admin/v1/policy", body=document, query=query)
     what = f"sections {args.sections}" if args.sections else "policy"
-    _emit(args, data, _written(f"{what} imported from {args.file}"))
+    emit(args, data, written(f"{what} imported from {args.file}"))
 
 
 def _diff_text(data: Mapping[str, Any]) -> str:
