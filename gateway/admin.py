@@ -61,9 +61,9 @@ from .policy import (
 )
 from .screening import ScreeningFormatError, ScreeningIndex, parse_csl
 from .settings import Admin, ConfigError, read_secret
-from .store import (
-    APIKEYS_KEY,
-    MODELS_KEY,
+from .storage.clients import StoreUnavailable
+from .storage.keys import APIKEYS_KEY, MODELS_KEY, list_key
+from .storage.ops import (
     HashDelete,
     HashReplace,
     HashSet,
@@ -75,11 +75,9 @@ from .store import (
     PolicyIncomplete,
     PolicyMissing,
     ScreeningReplace,
-    Store,
-    StoreUnavailable,
-    list_key,
     policy_ops,
 )
+from .storage.store import Store
 
 if TYPE_CHECKING:
     from .app import Gateway

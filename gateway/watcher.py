@@ -16,7 +16,10 @@ from typing import Any
 from .policy import Snapshot, build_snapshot
 from .screening import ScreeningIndex
 from .settings import Settings
-from .store import POLICY_PARTS, KnownRevisions, Store, StoreUnavailable
+from .storage.clients import StoreUnavailable
+from .storage.keys import POLICY_PARTS
+from .storage.policy_store import KnownRevisions
+from .storage.store import Store
 
 log = logging.getLogger("gateway.watcher")
 

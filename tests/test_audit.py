@@ -19,7 +19,7 @@ import redis as redis_sync
 from gateway.audit import encode_line
 from gateway.redis_server import RedisServer, free_port
 from gateway.screening import parse_csl
-from gateway.store import Store
+from gateway.storage.store import Store
 
 from .harness import BASE_POLICY, GatewayProcess, Upstream, auth, gateway_config, hs_token, seed_policy, wait_until
 from .test_metrics import scrape, value
