@@ -2,8 +2,9 @@
 
 The algorithm lives here and in ``gateway/lua/``; Redis is reached only through
 an injected :class:`ScriptBackend` (the store), so this module never imports a
-Redis client (only its key names, from the key schema in ``gateway.storage.keys``). When the backend is unavailable, a :class:`LocalLimiter` with the
-same limits decides in-process: degraded, never unlimited.
+Redis client (only its key names, from the key schema in ``gateway.storage.keys``).
+When the backend is unavailable, a :class:`LocalLimiter` with the same limits
+decides in-process: degraded, never unlimited.
 """
 
 from __future__ import annotations

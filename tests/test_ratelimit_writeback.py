@@ -178,19 +178,6 @@ async def test_a_call_given_less_than_the_connection_deadline_fails_alone(
 # --- script failures told apart; no failure without a fault ---------------------------------------------
 
 
-async def test_an_error_reply_is_counted_apart_from_a_missed_deadline(redis_url: str) -> None:
-    """A Lua error is Redis answering, never a slow network: ``op="script_error"``, not ``op="script"``."""
-    store = Store.from_url(redis_url, timeout_s=0.1, lean_wire=True)
-    errors: list[str] = []
-    store.on_error = errors.append
-    try:
-        with pytest.raises(StoreUnavailable, match="ERR"):
-            await store.run_script("ratelimit", rate_keys("ivy", "m"), ("not-a-number", "5", "0", ""))
-        assert errors == ["script_error"]
-    finally:
-        await store.close()
-
-
 async def test_a_busy_gateway_on_a_healthy_redis_sees_no_script_failure(redis_url: str) -> None:
     """The soak's load shape (many callers, token charges, refusals) straight to Redis: no error at all.
 

@@ -19,6 +19,7 @@ from redis.exceptions import NoScriptError, RedisError, WatchError
 
 from ..errors import BackendUnavailable
 
+# The logger name the store has always logged under (operators filter on it).
 log = logging.getLogger("gateway.store")
 
 

@@ -60,6 +60,7 @@ from .ops import (
     ScreeningReplace,
 )
 
+# The logger name the store has always logged under (operators filter on it).
 log = logging.getLogger("gateway.store")
 
 MAX_INCREMENTAL_TRIES = 3

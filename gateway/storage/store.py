@@ -17,7 +17,12 @@ WIRE_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 class Store(PolicyStore, AuditStream):
-    """Async access to the gateway's Redis; every call is bounded by a deadline."""
+    """Async access to the gateway's Redis; every call is bounded by a deadline.
+
+    Its parts share one client, one set of deadlines and one failure count
+    (:class:`~gateway.storage.clients.RedisAccess`), so they are combined as bases rather than
+    held as members: each part's methods read as they did.
+    """
 
     @classmethod
     def from_url(cls, url: str, *, timeout_s: float, password: str | None = None,
