@@ -36,8 +36,6 @@ class KeyRevoked(Exception):
         self.key_id = key_id
         self.revoked = dict(revoked)
 
-
-
 # --- write operations -------------------------------------------------------------------------
 
 

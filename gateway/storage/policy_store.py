@@ -113,7 +113,6 @@ def _summary(values: Mapping[str, Any], limit: int = 200) -> Any:
     return {"count": len(values), "keys_sample": sorted(values)[:limit]}
 
 
-
 class PolicyStore(RedisAccess):
     """The policy's reads, writes and announcements."""
 
