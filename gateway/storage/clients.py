@@ -19,7 +19,7 @@ from redis.exceptions import NoScriptError, RedisError, WatchError
 
 from ..errors import BackendUnavailable
 
-# The logger name the store has always logged under (operators filter on it).
+# The logger name the store logged under before the split, so log lines read as before.
 log = logging.getLogger("gateway.store")
 
 

@@ -60,7 +60,7 @@ from .ops import (
     ScreeningReplace,
 )
 
-# The logger name the store has always logged under (operators filter on it).
+# The logger name the store logged under before the split, so log lines read as before.
 log = logging.getLogger("gateway.store")
 
 MAX_INCREMENTAL_TRIES = 3
