@@ -117,7 +117,7 @@ def gateway_config(directory: Path, upstream: str, redis_url: str) -> tuple[Path
 
 def seed(redis_url: str, *, entities: int = 0, partners: int = 0) -> None:
     from gateway.bootstrap import import_policy
-    from gateway.store import Store
+    from gateway.storage.store import Store
 
     lists: dict[str, Any] = {
         "deny-countries": {"IR": {"reason": "bench"}},
@@ -182,7 +182,9 @@ def policy_scale(gateway_pid: int, admin: str, redis_url: str) -> dict[str, floa
 
 
 def add_list_entry(redis_url: str, list_name: str = "deny-countries", key: str = "AQ") -> int:
-    from gateway.store import HashSet, Store, list_key
+    from gateway.storage.keys import list_key
+    from gateway.storage.ops import HashSet
+    from gateway.storage.store import Store
 
     async def run() -> int:
         store = Store.from_url(redis_url, timeout_s=5)
@@ -293,7 +295,9 @@ def propagation(redis_url: str, admins: list[str], changes: int = 200) -> dict[s
     """Time from a committed list change until every process enforces its version."""
     import aiohttp
 
-    from gateway.store import HashDelete, HashSet, Store, list_key
+    from gateway.storage.keys import list_key
+    from gateway.storage.ops import HashDelete, HashSet
+    from gateway.storage.store import Store
 
     async def run() -> dict[str, float]:
         store = Store.from_url(redis_url, timeout_s=2)

@@ -39,10 +39,9 @@ from .policy.decide import Rules, clip, decide, path_model
 from .policy.model import Decision
 from .proxy import SKIP_AUTO_HEADERS, Forwarder, ProxyOutcome, Router
 from .ratelimit import RateLimiter, RateResult
-from .redis_wire import RespConnection
 from .request_model import RequestReader
 from .settings import Settings, read_secret
-from .store import Store
+from .storage.store import Store
 from .watcher import PolicyWatcher
 
 log = logging.getLogger("gateway.app")
@@ -139,12 +138,9 @@ class Gateway:
         s = self.settings
         password = read_secret(s.redis.password_env, self.environ)
         self.store = Store.from_url(self.redis_url, timeout_s=s.redis.timeout_s, password=password,
-                                    tls=s.redis.tls_options(), policy_timeout_s=s.redis.policy_timeout_s)
+                                    tls=s.redis.tls_options(), policy_timeout_s=s.redis.policy_timeout_s,
+                                    lean_wire=True, ssl_context=s.redis.ssl_context)
         self.store.on_error = self.metrics.redis_error
-        if self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            tls = s.redis.ssl_context() if self.redis_url.startswith("rediss://") else None
-            self.store.use_wire(RespConnection(self.redis_url, deadline_s=s.redis.timeout_s, password=password,
-                                               ssl_context=tls))
         connector = aiohttp.TCPConnector(limit=s.upstream.max_connections, ttl_dns_cache=300,
                                          enable_cleanup_closed=True)
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False,

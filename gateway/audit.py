@@ -49,7 +49,8 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from .settings import AuditSettings
-from .store import Store, StoreUnavailable
+from .storage.clients import StoreUnavailable
+from .storage.store import Store
 
 if TYPE_CHECKING:
     from .metrics import Metrics

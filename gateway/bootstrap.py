@@ -17,7 +17,8 @@ import yaml
 from .policy.names import now_iso
 from .policy.validate import PolicyValidationError, drop_expired, missing_parts, validate_policy_document
 from .settings import ConfigError
-from .store import PolicyIncomplete, Store, policy_ops
+from .storage.ops import PolicyIncomplete, policy_ops
+from .storage.store import Store
 
 if TYPE_CHECKING:
     from .app import Gateway

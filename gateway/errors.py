@@ -25,6 +25,14 @@ ERROR_TYPES: dict[int, str] = {
     504: "upstream_error",
 }
 
+class BackendUnavailable(Exception):
+    """Storage (Redis) did not answer in time or could not be reached.
+
+    A domain error, not the storage layer's: the rate limiter falls back on it without importing
+    storage, and ``gateway.storage`` raises its subclass ``StoreUnavailable``.
+    """
+
+
 DECISION_OF_STATUS: dict[int, str] = {401: "block", 403: "block", 451: "block", 503: "block",
                                       429: "rate_limit"}
 

@@ -2,8 +2,9 @@
 
 The algorithm lives here and in ``gateway/lua/``; Redis is reached only through
 an injected :class:`ScriptBackend` (the store), so this module never imports a
-Redis client. When the backend is unavailable, a :class:`LocalLimiter` with the
-same limits decides in-process: degraded, never unlimited.
+Redis client (only its key names, from the key schema in ``gateway.storage.keys``).
+When the backend is unavailable, a :class:`LocalLimiter` with the same limits
+decides in-process: degraded, never unlimited.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal, NamedTuple, Protocol
 
+from gateway.errors import BackendUnavailable
 from gateway.settings import Tier
+from gateway.storage.keys import rate_state_keys
 
 __all__ = [
     "CHARGE_SCRIPT",
@@ -45,10 +48,6 @@ _US = 1_000_000
 
 Code = Literal["", "rate_limited", "token_rate_limited"]
 _CODES: tuple[Code, Code, Code] = ("", "rate_limited", "token_rate_limited")
-
-
-class BackendUnavailable(Exception):
-    """Redis did not answer in time or could not be reached; the store raises this."""
 
 
 class ScriptBackend(Protocol):
@@ -84,7 +83,7 @@ def rate_keys(subject: str, model: str) -> tuple[str, str]:
                              digest_size=16).hexdigest()
     # ":w", the token window with a running sum (token_window.lua); ":t" held the older layout, which
     # gateways of an earlier release may still write during a rolling upgrade, so it is left alone.
-    return f"gw:rl:{{{digest}}}:r", f"gw:rl:{{{digest}}}:w"
+    return rate_state_keys(digest)
 
 
 def _format_duration(seconds: float) -> str:

@@ -17,7 +17,10 @@ from .policy.model import Snapshot
 from .policy.wire import build_snapshot
 from .screening import ScreeningIndex
 from .settings import Settings
-from .store import POLICY_PARTS, KnownRevisions, Store, StoreUnavailable
+from .storage.clients import StoreUnavailable
+from .storage.keys import POLICY_PARTS
+from .storage.policy_store import KnownRevisions
+from .storage.store import Store
 
 log = logging.getLogger("gateway.watcher")
 

@@ -321,7 +321,7 @@ def seeded_gateway(config: dict[str, Any], document: dict[str, Any] | None = Non
 def seed_policy(redis_url: str, document: dict[str, Any] | None = None) -> int:
     """Import a whole policy straight into Redis (as an operator's restore would)."""
     from gateway.bootstrap import import_policy
-    from gateway.store import Store
+    from gateway.storage.store import Store
 
     async def run() -> int:
         store = Store.from_url(redis_url, timeout_s=2)
@@ -349,19 +349,19 @@ ENTRY: dict[str, Any] = {"reason": "test", "source": "test", "added_by": "test",
 
 async def write_entry(redis_url: str, key: str, field: str, value: dict[str, Any] | None = None) -> int:
     """One list entry written through the store's write path (version bump, change record); the new version."""
-    from gateway.store import HashSet
+    from gateway.storage.ops import HashSet
 
     return await _write_one(redis_url, HashSet(key, field, ENTRY if value is None else value), f"{key}#{field}")
 
 
 async def delete_entry(redis_url: str, key: str, field: str) -> int:
-    from gateway.store import HashDelete
+    from gateway.storage.ops import HashDelete
 
     return await _write_one(redis_url, HashDelete(key, field), f"{key}#{field}")
 
 
 async def _write_one(redis_url: str, op: Any, target: str) -> int:
-    from gateway.store import Store
+    from gateway.storage.store import Store
 
     store = Store.from_url(redis_url, timeout_s=2)
     try:

@@ -19,7 +19,6 @@ import redis as redis_sync
 from gateway.audit import encode_line
 from gateway.redis_server import RedisServer, free_port
 from gateway.screening import parse_csl
-from gateway.store import Store
 
 from .harness import BASE_POLICY, GatewayProcess, Upstream, auth, gateway_config, hs_token, seed_policy, wait_until
 from .test_metrics import scrape, value
@@ -265,21 +264,6 @@ async def test_full_queue_drops_loudly_and_never_blocks_requests(fresh_redis: Re
     errors = [orjson.loads(line) for line in gateway.log_path.read_text().splitlines()
               if '"AUDIT RECORDS LOST' in line]
     assert errors and errors[0]["level"] == "error"
-
-
-async def test_appends_are_idempotent_per_producer_and_sequence(redis_url: str) -> None:
-    store = Store.from_url(redis_url, timeout_s=1)
-    try:
-        records = [(seq, orjson.dumps({"request_id": f"r{seq}"})) for seq in range(1, 9)]
-        assert await store.append_audit("p1", records[:5], maxlen=1000) == 5
-        assert await store.append_audit("p1", records[2:], maxlen=1000) == 3  # 3..5 seen, 6..8 new
-        assert await store.append_audit("p1", records, maxlen=1000) == 0
-        assert await store.append_audit("p2", records[:2], maxlen=1000) == 2  # another process
-        assert await store.audit_length() == 10
-        newest = await store.read_audit(3)
-    finally:
-        await store.close()
-    assert [r["request_id"] for r in newest] == ["r2", "r1", "r8"]
 
 
 async def test_orphan_spool_with_a_torn_last_line_is_replayed(redis_url: str, upstream: Upstream,

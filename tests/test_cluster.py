@@ -18,17 +18,9 @@ import pytest
 import redis as redis_sync
 
 from gateway.ratelimit import rate_keys
-from gateway.store import (
-    AUDIT_KEY,
-    CHANGES_KEY,
-    VERSION_KEY,
-    HashDelete,
-    HashSet,
-    NotFound,
-    PolicyMissing,
-    Store,
-    list_key,
-)
+from gateway.storage.keys import AUDIT_KEY, CHANGES_KEY, VERSION_KEY, list_key
+from gateway.storage.ops import HashDelete, HashSet, NotFound, PolicyMissing
+from gateway.storage.store import Store
 
 from .harness import (
     ENTRY,

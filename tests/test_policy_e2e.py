@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from gateway.redis_server import RedisServer
-from gateway.store import list_key
+from gateway.storage.keys import list_key
 
 from .harness import (
     BASE_POLICY,

@@ -18,7 +18,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from gateway.ratelimit import BackendUnavailable, RateLimiter, rate_keys
 from gateway.redis_server import RedisServer, free_port
 from gateway.settings import Tier
-from gateway.store import lua_source
+from gateway.storage.scripts import lua_source
 
 LUA_DIR = Path(__file__).resolve().parent.parent / "gateway" / "lua"
 

@@ -18,9 +18,9 @@ import redis as redis_sync
 
 from gateway.ratelimit import RateLimiter, RedisBudget, rate_keys
 from gateway.redis_server import RedisServer
-from gateway.redis_wire import RespConnection
 from gateway.settings import Tier
-from gateway.store import Store, StoreUnavailable
+from gateway.storage.clients import StoreUnavailable
+from gateway.storage.store import Store
 
 from .faultproxy import FaultProxy
 from .test_ratelimit_redis import T0, FakeClock, ScriptClient
@@ -150,8 +150,7 @@ async def test_one_failure_skips_redis_briefly_and_repeated_ones_back_off(
 async def test_a_call_given_less_than_the_connection_deadline_fails_alone(
         proxied: tuple[RedisServer, FaultProxy]) -> None:
     _, proxy = proxied
-    store = Store.from_url(proxy.url, timeout_s=0.1)
-    store.use_wire(RespConnection(proxy.url, deadline_s=0.1))
+    store = Store.from_url(proxy.url, timeout_s=0.1, lean_wire=True)
     limiter = RateLimiter(store, TIERS, timeout_s=0.1)
     try:
         assert not (await limiter.check("hal", "m", "burst5")).fallback  # connected, script loaded
@@ -179,28 +178,13 @@ async def test_a_call_given_less_than_the_connection_deadline_fails_alone(
 # --- script failures told apart; no failure without a fault ---------------------------------------------
 
 
-async def test_an_error_reply_is_counted_apart_from_a_missed_deadline(redis_url: str) -> None:
-    """A Lua error is Redis answering, never a slow network: ``op="script_error"``, not ``op="script"``."""
-    store = Store.from_url(redis_url, timeout_s=0.1)
-    store.use_wire(RespConnection(redis_url, deadline_s=0.1))
-    errors: list[str] = []
-    store.on_error = errors.append
-    try:
-        with pytest.raises(StoreUnavailable, match="ERR"):
-            await store.run_script("ratelimit", rate_keys("ivy", "m"), ("not-a-number", "5", "0", ""))
-        assert errors == ["script_error"]
-    finally:
-        await store.close()
-
-
 async def test_a_busy_gateway_on_a_healthy_redis_sees_no_script_failure(redis_url: str) -> None:
     """The soak's load shape (many callers, token charges, refusals) straight to Redis: no error at all.
 
     The soak's script errors came from its fault proxy (a thread in the load generator's process,
     starved past timeout_s under load), not from the gateway or its scripts.
     """
-    store = Store.from_url(redis_url, timeout_s=0.1)
-    store.use_wire(RespConnection(redis_url, deadline_s=0.1))
+    store = Store.from_url(redis_url, timeout_s=0.1, lean_wire=True)
     errors: list[str] = []
     store.on_error = errors.append
     tiers = {"tight": Tier(requests_per_minute=30, burst=5, tokens_per_minute=None),

@@ -18,7 +18,8 @@ import pytest
 
 from gateway.redis_server import RedisServer, RedisServerError
 from gateway.settings import ConfigError, parse_settings
-from gateway.store import Store, StoreUnavailable
+from gateway.storage.clients import StoreUnavailable
+from gateway.storage.store import Store
 
 from .harness import (
     ADMIN_TOKEN,

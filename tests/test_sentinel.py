@@ -24,7 +24,10 @@ import aiohttp
 import orjson
 import pytest
 
-from gateway.store import HashSet, Store, StoreUnavailable, list_key
+from gateway.storage.clients import StoreUnavailable
+from gateway.storage.keys import list_key
+from gateway.storage.ops import HashSet
+from gateway.storage.store import Store
 
 from .harness import (
     CHAT,

@@ -26,7 +26,7 @@ import redis as redis_sync
 from gateway.ratelimit import RateLimiter
 from gateway.redis_server import RedisServer, free_port
 from gateway.settings import Tier
-from gateway.store import Store
+from gateway.storage.store import Store
 
 from .faultproxy import FaultProxy
 from .harness import BASE_POLICY, CHAT, GatewayProcess, Upstream, gateway_config, hs_token, seed_policy

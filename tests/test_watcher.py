@@ -13,23 +13,20 @@ import redis.asyncio as aioredis
 
 from gateway.bootstrap import import_policy
 from gateway.policy.model import Snapshot
+from gateway.policy.names import LIST_NAMES
 from gateway.policy.wire import build_snapshot, policy_document
 from gateway.settings import Settings
-from gateway.store import (
+from gateway.storage.keys import (
     APIKEYS_KEY,
-    LIST_NAMES,
     MODELS_KEY,
     REVS_KEY,
     VERSION_KEY,
-    HashDelete,
-    HashReplace,
-    HashSet,
-    KnownRevisions,
-    Op,
-    Store,
     list_key,
     touched_key,
 )
+from gateway.storage.ops import HashDelete, HashReplace, HashSet, Op
+from gateway.storage.policy_store import KnownRevisions
+from gateway.storage.store import Store
 from gateway.watcher import PolicyWatcher
 
 from .harness import BASE_POLICY, ENTRY
@@ -302,7 +299,7 @@ async def test_change_records_lost_by_hand_force_a_whole_read(watched: tuple[Sto
 
 async def test_a_reader_older_than_the_trimmed_records_reads_the_list_whole(
         watched: tuple[Store, PolicyWatcher], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("gateway.store.TOUCHED_CAP", 5)
+    monkeypatch.setattr("gateway.storage.policy_store.TOUCHED_CAP", 5)
     store, watcher = watched
     old = held_revisions(watcher)
     for i in range(4):
@@ -324,7 +321,7 @@ async def test_entry_by_entry_reloads_agree_with_whole_reads_over_random_writes(
     # Any mix of single-entry writes, deletes, whole-list replaces, writes to other parts, writers that
     # keep nothing, and trimmed records: after every step the incrementally kept snapshot is the
     # policy a fresh reader reads whole.
-    monkeypatch.setattr("gateway.store.TOUCHED_CAP", 12)
+    monkeypatch.setattr("gateway.storage.policy_store.TOUCHED_CAP", 12)
     store, watcher = watched
     rng = random.Random(20261128)
     raw = aioredis.Redis.from_url(redis_url)

@@ -50,9 +50,9 @@ from ..policy.validate import (
     validate_policy_document,
 )
 from ..screening import ScreeningIndex, parse_csl
-from ..store import (
-    APIKEYS_KEY,
-    MODELS_KEY,
+from ..storage.clients import StoreUnavailable
+from ..storage.keys import APIKEYS_KEY, MODELS_KEY, list_key
+from ..storage.ops import (
     HashDelete,
     HashReplace,
     HashSet,
@@ -61,8 +61,6 @@ from ..store import (
     KeyRevoked,
     OpsPlan,
     ScreeningReplace,
-    StoreUnavailable,
-    list_key,
 )
 from .auth import ACTOR_KEY, token_middleware
 from .context import ADMIN_CONTEXT_KEY, AdminContext

@@ -12,7 +12,7 @@ from ..geo import GeoResolver
 from ..policy.decide import Rules
 from ..policy.model import Snapshot
 from ..settings import Admin, ScreeningSettings
-from ..store import Store
+from ..storage.store import Store
 
 
 class PolicyView(Protocol):

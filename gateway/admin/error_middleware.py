@@ -14,7 +14,8 @@ from ..errors import GatewayError, bad_request, error_response
 from ..logs import request_id_for
 from ..policy.validate import PolicyValidationError
 from ..screening import ScreeningFormatError
-from ..store import KeyRevoked, NotFound, PolicyIncomplete, PolicyMissing, StoreUnavailable
+from ..storage.clients import StoreUnavailable
+from ..storage.ops import KeyRevoked, NotFound, PolicyIncomplete, PolicyMissing
 
 log = logging.getLogger("gateway.admin")
 

@@ -17,7 +17,7 @@ from ..policy.model import Caller, Snapshot
 from ..policy.names import LIST_NAMES
 from ..policy.validate import normalize_key
 from ..screening import ScreeningFormatError, parse_csl
-from ..store import OpsPlan, policy_ops
+from ..storage.ops import OpsPlan, policy_ops
 from .error_middleware import invalid, not_found
 
 MAX_LIMIT = 1000

@@ -1,142 +1,68 @@
-"""The only module that speaks Redis: key schema, policy reads and writes, scripts, streams.
-
-Key schema (every policy key shares the hash tag ``{gw}`` so one transaction can
-change several of them on Redis Cluster too):
-
-==============================  =======  ==================================================
-key                             type     holds
-==============================  =======  ==================================================
-``{gw}:version``                string   the policy version; bumped by every change
-``{gw}:generation``             string   id of the policy generation (new after a restore)
-``{gw}:list:<name>``            hash     list entry key -> JSON entry (four lists)
-``{gw}:models``                 hash     model name -> JSON model
-``{gw}:apikeys``                hash     key id -> JSON attributes incl. the key's hash
-``{gw}:revoked``                hash     key id -> JSON revocation (hash, revoked_at, revoked_by): a
-                                        revoked key id or hash is never written back into apikeys
-``{gw}:screening``              string   JSON list of imported screening entries
-``{gw}:screening_rev``          string   policy version at which screening last changed
-``{gw}:revs``                   hash     part -> version of its last change; ``at`` -> version described;
-                                        ``<list>:floor``, ``delta_at`` (see ``{gw}:touched:<list>``)
-``{gw}:touched:<list>``         zset     entry key -> version of its last single-entry change; a reader
-                                        whose copy of the list is at least ``<list>:floor`` reads only
-                                        the entries changed since (``delta_at``: version these describe)
-``{gw}:changes``                stream   change history (actor, time, before, after, version)
-``{gw}:write:<id>``             string   version a write produced; read back to confirm it (TTL)
-``gw:audit``                    stream   audit records (``r``: JSON, ``id``: producer:sequence)
-``{gw:audit}:seq:<producer>``   string   highest audit sequence appended for one process
-``gw:rl:{<hash>}:r`` / ``:w``   string / hash   rate-limit state, always with a TTL
-==============================  =======  ==================================================
-
-Channel ``gw:policy`` announces each new version. Redis errors and timeouts are
-turned into :class:`StoreUnavailable` here, so no other module handles redis-py types.
-"""
+"""Policy reads (whole or incremental, by part revisions and entry records), transactional writes,
+the change history, and the pub/sub announcement of each new version."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Any
-from urllib.parse import parse_qs, urlparse
 
 import orjson
-import redis.asyncio as aioredis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.sentinel import Sentinel
-from redis.exceptions import NoScriptError, RedisError, WatchError
+from redis.exceptions import RedisError, WatchError
 
-from .ratelimit import BackendUnavailable
-from .redis_wire import ReplyError, RespConnection, WireError, pack
+from ..policy.names import LAZY_LISTS, LIST_NAMES
+from .clients import RedisAccess, StoreUnavailable
+from .keys import (
+    APIKEYS_KEY,
+    APIKEYS_PART,
+    CHANGES_KEY,
+    CHANGES_MAXLEN,
+    CHANNEL,
+    DELTA_AT,
+    GENERATION_KEY,
+    MODELS_KEY,
+    MODELS_PART,
+    PART_KEYS,
+    PART_OF_KEY,
+    POLICY_PARTS,
+    PREFIX,
+    REVOKED_KEY,
+    REVS_AT,
+    REVS_KEY,
+    SCREENING_KEY,
+    SCREENING_REV_KEY,
+    TOUCHED_CAP,
+    VERSION_KEY,
+    WRITE_MARK_PREFIX,
+    WRITE_MARK_TTL_S,
+    floor_field,
+    list_key,
+    touched_key,
+)
+from .ops import (
+    Change,
+    HashDelete,
+    HashReplace,
+    HashSet,
+    HashUpdate,
+    KeyRevoke,
+    KeyRevoked,
+    NotFound,
+    Op,
+    OpsPlan,
+    PolicyIncomplete,
+    PolicyMissing,
+    RevocationsMerge,
+    ScreeningReplace,
+)
 
+# The logger name the store logged under before the split, so log lines read as before.
 log = logging.getLogger("gateway.store")
 
-PREFIX = "{gw}:"
-VERSION_KEY = PREFIX + "version"
-GENERATION_KEY = PREFIX + "generation"
-MODELS_KEY = PREFIX + "models"
-APIKEYS_KEY = PREFIX + "apikeys"
-REVOKED_KEY = PREFIX + "revoked"
-SCREENING_KEY = PREFIX + "screening"
-SCREENING_REV_KEY = PREFIX + "screening_rev"
-CHANGES_KEY = PREFIX + "changes"
-AUDIT_KEY = "gw:audit"
-# The hash tag puts every producer's mark in the stream's Cluster slot, so one script touches both.
-AUDIT_MARK_PREFIX = "{gw:audit}:seq:"
-AUDIT_MARK_TTL_S = 7 * 86400
-CHANNEL = "gw:policy"
-CHANGES_MAXLEN = 100_000
-# Set in each write's transaction and read back before the write counts (docs/hardening.md 23).
-WRITE_MARK_PREFIX = PREFIX + "write:"
-WRITE_MARK_TTL_S = 600
-LIST_NAMES = ("deny-countries", "deny-entities", "partners", "ip-ranges")
-LAZY_LISTS = frozenset({"deny-countries", "deny-entities"})
-# Which version last changed each part of the policy, so a reload fetches only what changed.
-REVS_KEY = PREFIX + "revs"
-MODELS_PART, APIKEYS_PART = "models", "apikeys"
-POLICY_PARTS = (*LIST_NAMES, MODELS_PART, APIKEYS_PART)
-REVS_AT = "at"  # the version the revisions describe; any other value makes them unusable
 MAX_INCREMENTAL_TRIES = 3
-# Entry-level changes: ``{gw}:touched:<list>`` scores each entry key with the version of its last
-# single-entry write, so a reader holding the list as of version v reads only the entries scored
-# above v. ``<list>:floor`` in the revisions: a reader whose copy predates it must read the list whole
-# (a whole-list replace, a writer that kept no record, or records trimmed to TOUCHED_CAP).
-# ``delta_at`` is the version the records describe; a writer that does not keep them leaves it behind.
-TOUCHED_PREFIX = PREFIX + "touched:"
-DELTA_AT = "delta_at"
-FLOOR_SUFFIX = ":floor"
-TOUCHED_CAP = 20_000
-
-
-def list_key(name: str) -> str:
-    return f"{PREFIX}list:{name}"
-
-
-def touched_key(name: str) -> str:
-    return f"{TOUCHED_PREFIX}{name}"
-
-
-def floor_field(name: str) -> str:
-    return name + FLOOR_SUFFIX
-
-
-_PART_KEYS = {**{name: list_key(name) for name in LIST_NAMES}, MODELS_PART: MODELS_KEY, APIKEYS_PART: APIKEYS_KEY}
-_PART_OF_KEY = {key: part for part, key in _PART_KEYS.items()}
-
-
-class StoreUnavailable(BackendUnavailable):
-    """Redis did not answer (refused, reset, timed out). Subclass of the limiter's error type."""
-
-
-class PolicyMissing(Exception):
-    """A single-entry write into a Redis that holds no policy (contract: 409 policy_missing)."""
-
-
-class NotFound(Exception):
-    """A delete (or a patch) of something that is not there."""
-
-
-class PolicyIncomplete(Exception):
-    """A restore into a Redis with no policy that leaves parts out (contract: 409 policy_incomplete).
-
-    ``missing`` names them as a policy document does: ``lists.partners``, ``api_keys``, ``screening``.
-    """
-
-    def __init__(self, missing: Sequence[str]) -> None:
-        super().__init__(", ".join(missing))
-        self.missing = tuple(missing)
-
-
-class KeyRevoked(Exception):
-    """A write that would make a revoked API key (its id or its hash) active again (409 key_revoked)."""
-
-    def __init__(self, key_id: str, revoked: Mapping[str, Any]) -> None:
-        super().__init__(key_id)
-        self.key_id = key_id
-        self.revoked = dict(revoked)
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,83 +97,6 @@ class KnownRevisions:
     revs: dict[str, int]
 
 
-# --- write operations -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class HashSet:
-    key: str
-    field: str
-    value: Mapping[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class HashDelete:
-    key: str
-    field: str
-    must_exist: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class HashReplace:
-    key: str
-    values: Mapping[str, Mapping[str, Any]]
-
-
-@dataclass(frozen=True, slots=True)
-class ScreeningReplace:
-    entries: Sequence[Mapping[str, Any]]
-
-
-@dataclass(frozen=True, slots=True)
-class HashUpdate:
-    """Read-modify-write of one field, inside the write's WATCH (a merge patch).
-
-    ``update`` gets the stored value (None when absent) and returns the value to store; it may
-    raise (:class:`NotFound`, a validation error) and then nothing changes. The write retries on a
-    concurrent change, so ``update`` always sees the value it replaces: no update is lost.
-    """
-
-    key: str
-    field: str
-    update: Callable[[dict[str, Any] | None], Mapping[str, Any]]
-
-
-@dataclass(frozen=True, slots=True)
-class KeyRevoke:
-    """Delete an API key and keep its revocation (id, hash, who, when), so it can never return."""
-
-    key_id: str
-    revoked_by: str
-    revoked_at: str
-
-
-@dataclass(frozen=True, slots=True)
-class RevocationsMerge:
-    """Revocation records carried by an import: added to those kept, never removing any."""
-
-    records: Mapping[str, Mapping[str, Any]]
-
-
-Op = HashSet | HashDelete | HashReplace | ScreeningReplace | HashUpdate | KeyRevoke | RevocationsMerge
-# A write's operations, or a function that chooses them inside the transaction from whether Redis
-# holds a policy (True) or is empty (False); it may raise to refuse the write.
-OpsPlan = Sequence[Op] | Callable[[bool], Sequence[Op]]
-
-
-@dataclass(slots=True)
-class Change:
-    """One change-history record."""
-
-    actor: str
-    time: str
-    target: str
-    before: Any = None
-    after: Any = None
-    version: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
 def _decode_hash(raw: Mapping[bytes, bytes]) -> dict[str, dict[str, Any]]:
     if not raw:
         return {}
@@ -263,120 +112,8 @@ def _summary(values: Mapping[str, Any], limit: int = 200) -> Any:
     return {"count": len(values), "keys_sample": sorted(values)[:limit]}
 
 
-def lua_source(name: str) -> str:
-    """``gateway/lua/<name>.lua``, with each ``-- @include <other>`` line replaced by that file."""
-    source = resources.files("gateway").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
-    return _INCLUDE.sub(lambda match: lua_source(match.group(1)), source)
-
-
-_INCLUDE = re.compile(r"^-- @include (\w+)$", re.MULTILINE)
-
-
-def _hosts(netloc: str) -> list[tuple[str, int]]:
-    """``h1:p1,h2:p2`` (credentials before ``@`` ignored: the password comes from password_env)."""
-    out = []
-    for item in netloc.rsplit("@", 1)[-1].split(","):
-        host, _, port = item.strip().rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f"redis url: {item!r} is not host:port")
-        out.append((host.strip("[]"), int(port)))
-    return out
-
-
-def _build_client(url: str, *, password: str | None, tls: Mapping[str, Any] | None = None) -> Any:
-    """A redis-py asyncio client for a standalone, Sentinel or Cluster URL.
-
-    ``tls`` holds redis-py's ``ssl_*`` keyword arguments (``RedisSettings.tls_options``);
-    they apply to the ``rediss`` forms only. No client here retries on its own for long:
-    every call is bounded by the store's deadline and the callers decide what a miss means.
-    """
-    parsed = urlparse(url)
-    scheme = parsed.scheme
-    secure = scheme in ("rediss", "rediss+sentinel", "rediss+cluster")
-    tls_kwargs: dict[str, Any] = {**(tls or {}), "ssl": True} if secure else {}
-    if scheme in ("redis+sentinel", "rediss+sentinel"):
-        query = parse_qs(parsed.query)
-        sentinel_kwargs: dict[str, Any] = {"socket_timeout": 1.0, "socket_connect_timeout": 1.0, **tls_kwargs}
-        if query.get("sentinel_password"):
-            sentinel_kwargs["password"] = query["sentinel_password"][0]
-        # SentinelConnectionPool asks the Sentinels for the primary on every new connection,
-        # so a connection lost in a failover is re-made to the promoted replica.
-        sentinel = Sentinel(_hosts(parsed.netloc), sentinel_kwargs=sentinel_kwargs,
-                            password=password, **tls_kwargs)
-        return sentinel.master_for(parsed.path.strip("/") or "mymaster", socket_timeout=None,
-                                   socket_connect_timeout=2.0, retry_on_timeout=False)
-    if scheme in ("redis+cluster", "rediss+cluster"):
-        return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in _hosts(parsed.netloc)],
-                            password=password, socket_connect_timeout=2.0, **tls_kwargs)
-    kwargs: dict[str, Any] = {"socket_connect_timeout": 2.0, "health_check_interval": 0}
-    if password:
-        kwargs["password"] = password
-    if secure:
-        kwargs.update(tls or {})  # from_url sets the SSL connection class for rediss:// itself
-    return aioredis.Redis.from_url(url, **kwargs)
-
-
-class Store:
-    """Async access to the gateway's Redis; every call is bounded by a deadline."""
-
-    def __init__(self, client: Any, *, timeout_s: float, load_timeout_s: float | None = None,
-                 policy_timeout_s: float = 2.0) -> None:
-        self.client = client
-        self.timeout_s = timeout_s  # the hot path's: a request's whole wait on Redis
-        # Policy polls are off the hot path: a Redis slower than timeout_s still confirms the policy,
-        # rather than the whole fleet failing closed at max_staleness_s although Redis answers.
-        self.policy_timeout_s = policy_timeout_s
-        # Whole-policy loads move megabytes; they get a longer, still bounded, deadline.
-        self.load_timeout_s = load_timeout_s or max(2.0, timeout_s * 20, policy_timeout_s)
-        # How long a write keeps retrying a failed connection (a failover, a restart) before
-        # it gives up; short, because an operator waits on it and can simply try again.
-        self.write_retry_s = 1.0
-        self._scripts: dict[str, tuple[str, str]] = {}
-        self._batch: list[tuple[str, Sequence[str], Sequence[Any], asyncio.Future[Any]]] = []
-        self._flush_scheduled = False
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self.on_error: Callable[[str], None] = lambda op: None
-        self.is_cluster = isinstance(client, RedisCluster)
-        self.wire: RespConnection | None = None
-        self._unlogged_failures = 0
-        self._last_failure_log = -1e9
-
-    @classmethod
-    def from_url(cls, url: str, *, timeout_s: float, password: str | None = None,
-                 tls: Mapping[str, Any] | None = None, policy_timeout_s: float = 2.0) -> Store:
-        """A store on ``redis://``, ``rediss://``, ``unix://``, Sentinel or Cluster URLs (see README)."""
-        return cls(_build_client(url, password=password, tls=tls), timeout_s=timeout_s,
-                   policy_timeout_s=policy_timeout_s)
-
-    async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        if self.wire is not None:
-            await self.wire.close()
-        close = getattr(self.client, "aclose", None) or self.client.close
-        await close()
-        # A Sentinel-managed client also holds one connection per Sentinel it asked.
-        manager = getattr(getattr(self.client, "connection_pool", None), "sentinel_manager", None)
-        for sentinel in getattr(manager, "sentinels", ()):
-            await sentinel.aclose()
-
-    async def _bounded(self, op: str, awaitable: Awaitable[Any], deadline_s: float | None = None) -> Any:
-        try:
-            async with asyncio.timeout(deadline_s or self.timeout_s):
-                return await awaitable
-        except (RedisError, OSError, TimeoutError, RuntimeError) as exc:
-            # RuntimeError: uvloop's "unable to perform operation on <TCPTransport closed=True>"
-            # when Redis resets a connection under redis-py; it is a transport failure too.
-            if isinstance(exc, (WatchError, NoScriptError)):
-                raise
-            self.on_error(op)
-            raise StoreUnavailable(f"redis {op}: {type(exc).__name__}: {exc}") from exc
-
-    async def ping(self) -> bool:
-        try:
-            return bool(await self._bounded("ping", self.client.ping(), self.policy_timeout_s))
-        except StoreUnavailable:
-            return False
+class PolicyStore(RedisAccess):
+    """The policy's reads, writes and announcements."""
 
     # --- policy reads ---------------------------------------------------------------------
 
@@ -414,7 +151,7 @@ class Store:
                 for name in recorded:
                     pipe.zrangebyscore(touched_key(name), f"({held}", "+inf")
                 for part in parts:
-                    pipe.hgetall(_PART_KEYS[part])
+                    pipe.hgetall(PART_KEYS[part])
                 for name, keys in entries.items():
                     pipe.hmget(list_key(name), keys)
                 return list(await pipe.execute())
@@ -681,181 +418,10 @@ class Store:
             except (RedisError, OSError, RuntimeError):  # the connection is gone either way
                 pass
 
-    # --- scripts, auto-pipelined ----------------------------------------------------------
-
-    def use_wire(self, wire: RespConnection) -> None:
-        """Send hot-path script calls over a lean RESP connection instead of redis-py (standalone Redis)."""
-        self.wire = wire
-
-    async def run_script(self, name: str, keys: Sequence[str], args: Sequence[Any], *,
-                         timeout_s: float | None = None) -> Any:
-        """EVALSHA of ``gateway/lua/<name>.lua``; calls made in the same loop tick share one write.
-
-        ``timeout_s``: what is left of the calling request's wait on Redis, when less than
-        ``redis.timeout_s`` (docs/contract.md §5: one deadline per request, however many calls).
-        """
-        if self.wire is not None:
-            return await self._run_script_wire(self.wire, name, keys, args, timeout_s)
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._batch.append((name, keys, args, future))
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            loop.call_soon(self._flush)
-        try:
-            async with asyncio.timeout(self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)):
-                return await asyncio.shield(future)
-        except TimeoutError as exc:
-            self.on_error("script")
-            raise StoreUnavailable(f"redis script {name}: timed out") from exc
-
-    async def _run_script_wire(self, wire: RespConnection, name: str, keys: Sequence[str],
-                               args: Sequence[Any], timeout_s: float | None) -> Any:
-        source, sha = self._script(name)
-        payload = pack("EVALSHA", sha, len(keys), *keys, *args)
-        # A timer only for a shortened deadline: otherwise the connection answers every call
-        # within its own deadline (redis.timeout_s).
-        started = asyncio.get_running_loop().time()
-        deadline = None if timeout_s is None else started + timeout_s
-        try:
-            try:
-                return await wire.call(payload, deadline=deadline)
-            except ReplyError as exc:
-                if not str(exc).startswith("NOSCRIPT"):
-                    raise
-                # Redis restarted or flushed its script cache: load once and retry, all three
-                # calls within the one deadline.
-                deadline = started + (self.timeout_s if timeout_s is None else timeout_s)
-                await wire.call(pack("SCRIPT", "LOAD", source), deadline=deadline)
-                return await wire.call(payload, deadline=deadline)
-        except ReplyError as exc:
-            # Redis answered with an error (a Lua error, OOM, READONLY): never a slow network, so
-            # counted apart and always worth a line.
-            self.on_error("script_error")
-            self._note_failure(f"redis script {name} answered an error: {exc}")
-            raise StoreUnavailable(f"redis script {name}: {exc}") from exc
-        except WireError as exc:
-            self.on_error("script")
-            self._note_failure(f"redis script {name}: {type(exc).__name__}: {exc}")
-            raise StoreUnavailable(f"redis script {name}: {exc}") from exc
-
-    def _note_failure(self, message: str) -> None:
-        """A hot-path failure, logged at most once a second (a burst fails many calls at once)."""
-        now = asyncio.get_running_loop().time()
-        self._unlogged_failures += 1
-        if now - self._last_failure_log >= 1.0:
-            log.warning("%s (%d hot-path Redis failures since the last such line)",
-                        message, self._unlogged_failures)
-            self._unlogged_failures = 0
-            self._last_failure_log = now
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        batch, self._batch = self._batch, []
-        task = asyncio.get_running_loop().create_task(self._execute(batch))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def _script(self, name: str) -> tuple[str, str]:
-        cached = self._scripts.get(name)
-        if cached is None:
-            import hashlib
-
-            source = lua_source(name)
-            cached = (source, hashlib.sha1(source.encode()).hexdigest())
-            self._scripts[name] = cached
-        return cached
-
-    async def _execute(self, batch: list[tuple[str, Sequence[str], Sequence[Any],
-                                               asyncio.Future[Any]]]) -> None:
-        try:
-            results = await self._pipeline_scripts(batch)
-        except Exception as exc:  # every waiter must learn the outcome
-            error = exc if isinstance(exc, StoreUnavailable) else StoreUnavailable(str(exc))
-            if not isinstance(exc, StoreUnavailable):
-                self.on_error("script")
-            for *_rest, future in batch:
-                if not future.done():
-                    future.set_exception(error)
-                    future.exception()  # a caller that timed out will never read it
-            return
-        for (*_rest, future), result in zip(batch, results, strict=True):
-            if future.done():
-                continue
-            if isinstance(result, Exception):
-                self.on_error("script_error")
-                self._note_failure(f"redis script answered an error: {result}")
-                future.set_exception(StoreUnavailable(str(result)))
-                future.exception()
-            else:
-                future.set_result(result)
-
-    async def _pipeline_scripts(self, batch: Sequence[tuple[str, Sequence[str], Sequence[Any], Any]]
-                                ) -> list[Any]:
-        for attempt in range(2):
-            pipe = self.client.pipeline(transaction=False)
-            for name, keys, args, _future in batch:
-                _source, sha = self._script(name)
-                # execute_command, not pipe.evalsha: redis-py's Cluster pipeline blocks the
-                # method, yet routes the raw command by its first key and splits per node.
-                pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
-            try:
-                results = list(await pipe.execute(raise_on_error=False))
-            except (RedisError, OSError, RuntimeError) as exc:
-                raise StoreUnavailable(f"redis script: {type(exc).__name__}: {exc}") from exc
-            if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
-                # Redis restarted or flushed its script cache: load once, then replay the batch.
-                for name in {item[0] for item in batch}:
-                    source, _sha = self._script(name)
-                    await self._load_script(source)
-                continue
-            return results
-        return results
-
-    async def _load_script(self, source: str) -> None:
-        if self.is_cluster:
-            # Every primary: each serves EVALSHA for its own slots and has its own script cache.
-            await self.client.execute_command("SCRIPT LOAD", source, target_nodes=RedisCluster.PRIMARIES)
-        else:
-            await self.client.script_load(source)
-
-    # --- audit stream ---------------------------------------------------------------------
-    # Appends are idempotent per (producer, sequence), see gateway/lua/audit.lua: a batch
-    # whose reply was lost, or a spool replayed twice, lands once. One high-water mark per
-    # producer (gateway process) instead of one key per record keeps Redis memory flat.
-
-    async def append_audit(self, producer: str, records: Sequence[tuple[int, bytes]], *, maxlen: int,
-                           timeout_s: float | None = None) -> int:
-        """Append ``(sequence, record JSON)`` pairs in ascending order; returns how many were new."""
-        if not records:
-            return 0
-        source, sha = self._script("audit")
-        keys = (AUDIT_KEY, AUDIT_MARK_PREFIX + producer)
-        args: list[Any] = [maxlen, AUDIT_MARK_TTL_S, producer]
-        for seq, record in records:
-            args += (seq, record)
-
-        async def run() -> Any:
-            try:
-                return await self.client.evalsha(sha, len(keys), *keys, *args)
-            except NoScriptError:
-                await self._load_script(source)
-                return await self.client.evalsha(sha, len(keys), *keys, *args)
-
-        return int(await self._bounded("audit", run(), timeout_s or self.load_timeout_s))
-
-    async def read_audit(self, limit: int) -> list[dict[str, Any]]:
-        # Off the hot path (an operator's read): the longer deadline, as for policy reads.
-        raw = await self._bounded("audit", self.client.xrevrange(AUDIT_KEY, count=limit), self.load_timeout_s)
-        return [orjson.loads(fields[b"r"]) for _id, fields in raw]
-
-    async def audit_length(self) -> int:
-        return int(await self._bounded("audit", self.client.xlen(AUDIT_KEY), self.policy_timeout_s))
-
 
 def _part_of(op: Op) -> str | None:
     """The policy part a write operation changes (None: the screening list)."""
-    return _PART_OF_KEY.get(getattr(op, "key", ""))
+    return PART_OF_KEY.get(getattr(op, "key", ""))
 
 
 async def _touched_trims(pipe: Any, ops: Sequence[Op], revs: Mapping[str, int],
@@ -931,7 +497,7 @@ def _decode_entries(name: str, keys: Sequence[bytes], values: Sequence[bytes | N
 def _queue_policy_reads(pipe: Any) -> None:
     """Queue the reads of a whole policy: heads, the four lists, models, API keys (in that order)."""
     _queue_heads(pipe)
-    for key in _PART_KEYS.values():  # POLICY_PARTS order
+    for key in PART_KEYS.values():  # POLICY_PARTS order
         pipe.hgetall(key)
 
 
@@ -1015,19 +581,3 @@ async def _resolve(pipe: Any, ops: Sequence[Op]) -> list[HashSet | HashDelete | 
             if other is not None:
                 raise KeyRevoked(other, held[other])
     return out
-
-
-def policy_ops(document: Mapping[str, Any]) -> list[Op]:
-    """Write operations that replace each section (and each list) present in a validated document."""
-    ops: list[Op] = []
-    for name, entries in (document.get("lists") or {}).items():
-        ops.append(HashReplace(list_key(name), entries))
-    if "models" in document:
-        ops.append(HashReplace(MODELS_KEY, document["models"] or {}))
-    if "api_keys" in document:
-        ops.append(HashReplace(APIKEYS_KEY, document["api_keys"] or {}))
-    if "screening" in document:
-        ops.append(ScreeningReplace((document["screening"] or {}).get("entries", [])))
-    if document.get("revoked_api_keys"):
-        ops.append(RevocationsMerge(document["revoked_api_keys"]))
-    return ops

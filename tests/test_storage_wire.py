@@ -9,7 +9,7 @@ import time
 import pytest
 
 from gateway.redis_server import RedisServer
-from gateway.redis_wire import DeadlineExceeded, ReplyError, RespConnection, WireError, pack
+from gateway.storage.wire import DeadlineExceeded, ReplyError, RespConnection, WireError, pack
 
 from .faultproxy import FaultProxy
 

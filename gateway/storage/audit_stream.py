@@ -1,0 +1,49 @@
+"""The audit stream: idempotent appends of audit records, and the operator's reads of it.
+
+Appends are idempotent per (producer, sequence), see gateway/lua/audit.lua: a batch
+whose reply was lost, or a spool replayed twice, lands once. One high-water mark per
+producer (gateway process) instead of one key per record keeps Redis memory flat.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+from redis.exceptions import NoScriptError
+
+from .keys import AUDIT_KEY, AUDIT_MARK_PREFIX, AUDIT_MARK_TTL_S
+from .scripts import Scripts
+
+
+class AuditStream(Scripts):
+    """Appends to and reads of ``gw:audit``; the append runs ``audit.lua`` over redis-py with its own deadline."""
+
+    async def append_audit(self, producer: str, records: Sequence[tuple[int, bytes]], *, maxlen: int,
+                           timeout_s: float | None = None) -> int:
+        """Append ``(sequence, record JSON)`` pairs in ascending order; returns how many were new."""
+        if not records:
+            return 0
+        source, sha = self._script("audit")
+        keys = (AUDIT_KEY, AUDIT_MARK_PREFIX + producer)
+        args: list[Any] = [maxlen, AUDIT_MARK_TTL_S, producer]
+        for seq, record in records:
+            args += (seq, record)
+
+        async def run() -> Any:
+            try:
+                return await self.client.evalsha(sha, len(keys), *keys, *args)
+            except NoScriptError:
+                await self._load_script(source)
+                return await self.client.evalsha(sha, len(keys), *keys, *args)
+
+        return int(await self._bounded("audit", run(), timeout_s or self.load_timeout_s))
+
+    async def read_audit(self, limit: int) -> list[dict[str, Any]]:
+        # Off the hot path (an operator's read): the longer deadline, as for policy reads.
+        raw = await self._bounded("audit", self.client.xrevrange(AUDIT_KEY, count=limit), self.load_timeout_s)
+        return [orjson.loads(fields[b"r"]) for _id, fields in raw]
+
+    async def audit_length(self) -> int:
+        return int(await self._bounded("audit", self.client.xlen(AUDIT_KEY), self.policy_timeout_s))

@@ -1,0 +1,94 @@
+"""The one Redis key schema: every key name and key builder the gateway uses.
+
+Key schema (every policy key shares the hash tag ``{gw}`` so one transaction can
+change several of them on Redis Cluster too):
+
+==============================  =======  ==================================================
+key                             type     holds
+==============================  =======  ==================================================
+``{gw}:version``                string   the policy version; bumped by every change
+``{gw}:generation``             string   id of the policy generation (new after a restore)
+``{gw}:list:<name>``            hash     list entry key -> JSON entry (four lists)
+``{gw}:models``                 hash     model name -> JSON model
+``{gw}:apikeys``                hash     key id -> JSON attributes incl. the key's hash
+``{gw}:revoked``                hash     key id -> JSON revocation (hash, revoked_at, revoked_by): a
+                                        revoked key id or hash is never written back into apikeys
+``{gw}:screening``              string   JSON list of imported screening entries
+``{gw}:screening_rev``          string   policy version at which screening last changed
+``{gw}:revs``                   hash     part -> version of its last change; ``at`` -> version described;
+                                        ``<list>:floor``, ``delta_at`` (see ``{gw}:touched:<list>``)
+``{gw}:touched:<list>``         zset     entry key -> version of its last single-entry change; a reader
+                                        whose copy of the list is at least ``<list>:floor`` reads only
+                                        the entries changed since (``delta_at``: version these describe)
+``{gw}:changes``                stream   change history (actor, time, before, after, version)
+``{gw}:write:<id>``             string   version a write produced; read back to confirm it (TTL)
+``gw:audit``                    stream   audit records (``r``: JSON, ``id``: producer:sequence)
+``{gw:audit}:seq:<producer>``   string   highest audit sequence appended for one process
+``gw:rl:{<hash>}:r`` / ``:w``   string / hash   rate-limit state, always with a TTL
+==============================  =======  ==================================================
+
+Channel ``gw:policy`` announces each new version. README.md's key table is tested against
+this module (tests/test_storage_keys.py), so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from ..policy.names import LIST_NAMES
+
+PREFIX = "{gw}:"
+VERSION_KEY = PREFIX + "version"
+GENERATION_KEY = PREFIX + "generation"
+MODELS_KEY = PREFIX + "models"
+APIKEYS_KEY = PREFIX + "apikeys"
+REVOKED_KEY = PREFIX + "revoked"
+SCREENING_KEY = PREFIX + "screening"
+SCREENING_REV_KEY = PREFIX + "screening_rev"
+CHANGES_KEY = PREFIX + "changes"
+AUDIT_KEY = "gw:audit"
+# The hash tag puts every producer's mark in the stream's Cluster slot, so one script touches both.
+AUDIT_MARK_PREFIX = "{gw:audit}:seq:"
+AUDIT_MARK_TTL_S = 7 * 86400
+CHANNEL = "gw:policy"
+RATE_PREFIX = "gw:rl:"
+CHANGES_MAXLEN = 100_000
+# Set in each write's transaction and read back before the write counts (docs/hardening.md 23).
+WRITE_MARK_PREFIX = PREFIX + "write:"
+WRITE_MARK_TTL_S = 600
+# Which version last changed each part of the policy, so a reload fetches only what changed.
+REVS_KEY = PREFIX + "revs"
+MODELS_PART, APIKEYS_PART = "models", "apikeys"
+POLICY_PARTS = (*LIST_NAMES, MODELS_PART, APIKEYS_PART)
+REVS_AT = "at"  # the version the revisions describe; any other value makes them unusable
+# Entry-level changes: ``{gw}:touched:<list>`` scores each entry key with the version of its last
+# single-entry write, so a reader holding the list as of version v reads only the entries scored
+# above v. ``<list>:floor`` in the revisions: a reader whose copy predates it must read the list whole
+# (a whole-list replace, a writer that kept no record, or records trimmed to TOUCHED_CAP).
+# ``delta_at`` is the version the records describe; a writer that does not keep them leaves it behind.
+TOUCHED_PREFIX = PREFIX + "touched:"
+DELTA_AT = "delta_at"
+FLOOR_SUFFIX = ":floor"
+TOUCHED_CAP = 20_000
+
+
+def list_key(name: str) -> str:
+    return f"{PREFIX}list:{name}"
+
+
+def touched_key(name: str) -> str:
+    return f"{TOUCHED_PREFIX}{name}"
+
+
+def floor_field(name: str) -> str:
+    return name + FLOOR_SUFFIX
+
+
+PART_KEYS = {**{name: list_key(name) for name in LIST_NAMES}, MODELS_PART: MODELS_KEY, APIKEYS_PART: APIKEYS_KEY}
+PART_OF_KEY = {key: part for part, key in PART_KEYS.items()}
+
+
+def rate_state_keys(digest: str) -> tuple[str, str]:
+    """The request key (GCRA time) and the token key (window) of one caller's hashed (subject, model).
+
+    The braces are a Cluster hash tag: both keys of a caller share a slot, as one script needs.
+    """
+    return f"{RATE_PREFIX}{{{digest}}}:r", f"{RATE_PREFIX}{{{digest}}}:w"
