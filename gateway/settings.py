@@ -223,11 +223,15 @@ class PolicySettings(_Section):
         return value
 
 
+def _general_stage() -> list[Stage]:
+    return ["general"]
+
+
 class Tier(_Section):
     requests_per_minute: int = Field(60, ge=1)
     burst: int = Field(10, ge=1)
     tokens_per_minute: int | None = Field(None, ge=1)
-    stages: list[Stage] = Field(default_factory=lambda: ["general"])
+    stages: list[Stage] = Field(default_factory=_general_stage)
     # 401/403/451 answers a caller may get per minute before they become 429 (default: requests_per_minute).
     blocked_per_minute: int | None = Field(None, ge=1)
 
