@@ -95,6 +95,8 @@ class RevocationsMerge:
 
 
 Op = HashSet | HashDelete | HashReplace | ScreeningReplace | HashUpdate | KeyRevoke | RevocationsMerge
+# What a write's operations become once the read-modify-write ones are resolved inside the transaction.
+PlainOp = HashSet | HashDelete | HashReplace | ScreeningReplace
 # A write's operations, or a function that chooses them inside the transaction from whether Redis
 # holds a policy (True) or is empty (False); it may raise to refuse the write.
 OpsPlan = Sequence[Op] | Callable[[bool], Sequence[Op]]

@@ -53,6 +53,7 @@ from .ops import (
     NotFound,
     Op,
     OpsPlan,
+    PlainOp,
     PolicyIncomplete,
     PolicyMissing,
     RevocationsMerge,
@@ -297,6 +298,7 @@ class PolicyStore(RedisAccess):
                         floors[part] = new_version
                         pipe.delete(touched_key(part))
                     else:
+                        assert not isinstance(op, ScreeningReplace)  # it has no key, so no list part
                         pipe.zadd(touched_key(part), {op.field: new_version})
             if screening_changed:
                 pipe.set(SCREENING_REV_KEY, new_version)
@@ -312,7 +314,7 @@ class PolicyStore(RedisAccess):
             changes.append(change)
             await pipe.execute()
 
-    async def _read_before(self, pipe: Any, ops: Sequence[Op]) -> tuple[Any, Any]:
+    async def _read_before(self, pipe: Any, ops: Sequence[PlainOp]) -> tuple[Any, Any]:
         before: dict[str, Any] = {}
         after: dict[str, Any] = {}
         for op in ops:
@@ -532,10 +534,10 @@ def _missing_parts(ops: Sequence[Op]) -> list[str]:
     return missing
 
 
-async def _resolve(pipe: Any, ops: Sequence[Op]) -> list[HashSet | HashDelete | HashReplace | ScreeningReplace]:
+async def _resolve(pipe: Any, ops: Sequence[Op]) -> list[PlainOp]:
     """Turn read-modify-write operations into plain ones, reading under the caller's WATCH, and refuse a
     write that would make a revoked key active again. Runs before MULTI; raising leaves Redis as it was."""
-    out: list[HashSet | HashDelete | HashReplace | ScreeningReplace] = []
+    out: list[PlainOp] = []
     revoked: dict[str, dict[str, Any]] | None = None
 
     async def held_revocations() -> dict[str, dict[str, Any]]:
