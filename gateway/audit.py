@@ -410,7 +410,8 @@ class AuditLog:
                 self._to_file()
                 return
             # The head chunks, up to a script call's worth of records, in one append.
-            chunks, entries = [], []
+            chunks: list[_Chunk] = []
+            entries: list[Entry] = []
             for chunk in memory:
                 if entries and len(entries) + len(chunk.entries) > BATCH:
                     break
@@ -487,7 +488,8 @@ class AuditLog:
     async def _replay(self, fd: int, start: int, end: int | None, progress: Callable[[int], None],
                       budget: int | None) -> bool:
         """Send spool lines from ``start`` in batches; True when all were sent, False when out of budget."""
-        producer, batch, batch_end, sent_batches = "", [], start, 0
+        batch: list[Entry] = []
+        producer, batch_end, sent_batches = "", start, 0
         for line, line_end in iter_lines(fd, start, end):
             entry = decode_line(line)
             if entry is None:

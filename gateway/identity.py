@@ -235,7 +235,9 @@ class Authenticator:
             raise AuthError("invalid token") from None
         except Exception:  # a hostile token must end as a 401, never as a 500
             raise AuthError("malformed token") from None
-        return decoded["payload"]
+        # PyJWT types the decoded token as dict[str, Any]; its "payload" is the claims object.
+        payload: dict[str, Any] = decoded["payload"]
+        return payload
 
     def _identity(self, *, subject: str, org: str | None, org_name: str | None, tier: Any,
                   country: Any, credential: CredentialKind, expires_at: float | None) -> Identity:

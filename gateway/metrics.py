@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import os
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -99,8 +99,12 @@ def request_label_sets(models: Iterable[str], tiers: Iterable[str]) -> list[Requ
     return keys
 
 
+# How a scrape combines the workers' values of a gauge (the modes Gauge accepts).
+MultiprocessMode = Literal["all", "liveall", "min", "livemin", "max", "livemax", "sum", "livesum", "mostrecent",
+                           "livemostrecent"]
+
 # process_* gauge -> how a scrape combines the workers' values (prometheus-client multiprocess modes).
-PROCESS_GAUGES: dict[str, tuple[str, str]] = {
+PROCESS_GAUGES: dict[str, tuple[str, MultiprocessMode]] = {
     "process_resident_memory_bytes": ("Resident memory size in bytes, summed over workers", "livesum"),
     "process_virtual_memory_bytes": ("Virtual memory size in bytes, summed over workers", "livesum"),
     "process_open_fds": ("Number of open file descriptors, summed over workers", "livesum"),
