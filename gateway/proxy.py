@@ -259,7 +259,7 @@ def _sse_error_event(code: str, message: str, request_id: str) -> bytes:
     return b"event: error\ndata: " + body + b"\n\n"
 
 
-def _fail_body_when_connection_lost(upstream: aiohttp.ClientResponse) -> Callable[[], None]:
+def _fail_body_when_connection_lost(upstream: aiohttp.ClientResponse) -> Callable[[], object]:
     """Make a response body that can no longer complete fail instead of waiting forever.
 
     With llhttp (aiohttp 3.14), a malformed chunk in the middle of a response body closes the
@@ -347,6 +347,7 @@ class Forwarder:
         if on_usage is not None:
             # Usage is read from the response as it passes: a compressed one would hide it, and with it
             # the token budget. Ask for the identity coding (the caller's Accept-Encoding is dropped).
+            assert headers is not None  # RequestReader.read filled them before the request reached here
             headers["Accept-Encoding"] = "identity"
         body = view.body
         started = self.clock()

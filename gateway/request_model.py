@@ -529,12 +529,12 @@ class ModelExtractor:
             dispositions = [v for k, v in fields if k == b"content-disposition"]
             if len(dispositions) != 1:
                 raise bad_request("Each multipart part needs exactly one Content-Disposition.")
-            name, filename = _disposition(dispositions[0])
-            if name.lower() == "_charset_":
+            field_name, filename = _disposition(dispositions[0])
+            if field_name.lower() == "_charset_":
                 raise bad_request("A multipart '_charset_' field would change how other fields are read.")
-            if name.lower() != "model":
+            if field_name.lower() != "model":
                 continue
-            if name != "model":
+            if field_name != "model":
                 raise ambiguous_request("The multipart body names its model field in another letter case.")
             others = [(k, v.lower()) for k, v in fields if k != b"content-disposition"]
             if filename is not None or any(
