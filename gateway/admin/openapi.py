@@ -26,14 +26,15 @@ def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
     return {**schema, "nullable": True}
 
 
-_TEXT = {"type": "string", "maxLength": MAX_REASON_CHARS}
-_IDENT = {"type": "string", "minLength": 1, "maxLength": MAX_KEY_CHARS}
-_INSTANT = {"type": "string", "format": "date-time",
-            "description": "ISO-8601 with a time zone, e.g. 2027-01-31T00:00:00Z"}
-_FUTURE = {**_INSTANT, "description": "ISO-8601 with a time zone, e.g. 2027-01-31T00:00:00Z; on a write it must "
-           "lie in the future (400 naming expires_at otherwise)"}
-_REGION = {"type": "string", "minLength": 2, "maxLength": 6,
-           "description": "ISO 3166-1 alpha-2 country or ISO 3166-2 subdivision code, e.g. US or UA-43"}
+_TEXT: dict[str, Any] = {"type": "string", "maxLength": MAX_REASON_CHARS}
+_IDENT: dict[str, Any] = {"type": "string", "minLength": 1, "maxLength": MAX_KEY_CHARS}
+_INSTANT: dict[str, Any] = {"type": "string", "format": "date-time",
+                            "description": "ISO-8601 with a time zone, e.g. 2027-01-31T00:00:00Z"}
+_FUTURE: dict[str, Any] = {**_INSTANT, "description": "ISO-8601 with a time zone, e.g. 2027-01-31T00:00:00Z; on a "
+                           "write it must lie in the future (400 naming expires_at otherwise)"}
+_REGION: dict[str, Any] = {"type": "string", "minLength": 2, "maxLength": 6,
+                           "description": "ISO 3166-1 alpha-2 country or ISO 3166-2 subdivision code, e.g. US or "
+                                          "UA-43"}
 
 
 def _stored(properties: dict[str, Any]) -> dict[str, Any]:

@@ -186,7 +186,7 @@ def check_list(list_name: object) -> str:
     if list_name not in LIST_NAMES:
         shown = _shown(list_name) if isinstance(list_name, str) else _type_name(list_name)
         raise PolicyValidationError("list", f"{shown} is not a list; expected one of {', '.join(LIST_NAMES)}")
-    return list_name  # type: ignore[return-value]
+    return list_name
 
 
 def normalize_key(list_name: str, key: object, *, where: str = "key") -> str:
