@@ -404,7 +404,7 @@ def test_path_tricks_are_refused_never_guessed(gw: GatewayProcess, clean_upstrea
 def test_canonical_model_paths_are_decided_and_served_as_named(gw: GatewayProcess, clean_upstream: Upstream) -> None:
     cases = [(f"/v1/models/{SECRET}/infer", 403, "not_released"),
              (f"/v1/models/{SECRET}/infer?model={OPEN}", 403, "not_released"),  # the query names nothing
-             ("/v1/models/SECRET-MODEL/infer", 403, "model_unknown"),  # another name: not registered
+             ("/v1/models/SECRET-MODEL/infer", 400, "ambiguous_request"),  # another spelling of a registered name
              (f"/v1/models/{OPEN}/infer", 200, ""),
              (f"/v1/models/{OPEN}/infer?x=%2F..%2F", 200, ""),
              ("/v1/models", 200, ""), ("/v1/models/", 200, ""), (f"/v1/files/{SECRET}%2Finfer", 200, ""),

@@ -307,10 +307,10 @@ def decide(
         return snapshot.allow if screening is None else _allow(snapshot, screening)
     entry = snapshot.models.get(model)
     if entry is None:
-        registered = snapshot.folded_models.get(fold_model_name(model))
-        if registered is not None:
-            message = (f"Model '{clip(model)}' is not registered, but model '{registered}' is, and a model "
-                       "server may read one as the other; send the registered name (ambiguous_request).")
+        if fold_model_name(model) in snapshot.folded_models:
+            message = (f"Model '{clip(model)}' is not registered, but a model that differs from it only in letter "
+                       "case, character width or surrounding spaces is, and a model server may read one as the "
+                       "other; send the registered name exactly (ambiguous_request).")
             return _block(snapshot, AMBIGUOUS_REQUEST, message, screening=screening)
         if rules.unknown_model != "allow":
             message = (f"Model '{clip(model)}' is not in the gateway's model registry, and unregistered models "

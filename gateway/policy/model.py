@@ -151,9 +151,9 @@ class Snapshot:
     # The allowed decision for this version, built once so the allowed path
     # allocates nothing per request.
     allow: Decision = field(init=False, repr=False, compare=False)
-    # Registered names by their folded spelling: a name the registry lacks but that folds to one
+    # Registered names in their folded spelling: a name the registry lacks but that folds to one
     # it has is another spelling of a controlled model, which a lenient upstream may serve.
-    folded_models: Mapping[str, str] = field(init=False, repr=False, compare=False)
+    folded_models: frozenset[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if any(name not in self.lists for name in LIST_NAMES):
@@ -161,7 +161,7 @@ class Snapshot:
             object.__setattr__(self, "lists", MappingProxyType(lists))
         message = f"Access is permitted under policy version {self.version}."
         object.__setattr__(self, "allow", Decision(True, 200, "", message, self.version))
-        object.__setattr__(self, "folded_models", {fold_model_name(name): name for name in self.models})
+        object.__setattr__(self, "folded_models", frozenset(fold_model_name(name) for name in self.models))
 
 
 def fold_model_name(name: str) -> str:
