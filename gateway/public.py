@@ -80,7 +80,6 @@ class PublicPath:
 
     def __init__(self, runtime: Runtime) -> None:
         s = runtime.settings
-        self.runtime = runtime
         self.settings = s
         self.clock = runtime.clock
         self.rules = runtime.rules
@@ -147,7 +146,7 @@ class PublicPath:
     def _error(self, err: GatewayError, exchange: Exchange) -> web.Response:
         rate = exchange.rate
         rate_headers = None
-        if rate is not None:
+        if rate is not None and err.status != 429:  # a 429 carries the headers of the limit it is over
             rate_headers = rate.headers(exchange.identity.tier if exchange.identity else "")
         return self.presentation.response(err, request_id=exchange.request_id,
                                           policy_version=self.watcher.version, rate_headers=rate_headers)
