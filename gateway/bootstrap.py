@@ -21,7 +21,7 @@ from .storage.ops import PolicyIncomplete, policy_ops
 from .storage.store import Store
 
 if TYPE_CHECKING:
-    from .app import Gateway
+    from .runtime import Runtime
 
 log = logging.getLogger("gateway.bootstrap")
 
@@ -74,21 +74,19 @@ def _incomplete(path: Path, missing: Sequence[str]) -> str:
             "api_keys: {}, screening: {entries: []}); nothing was imported")
 
 
-async def import_policy_file_if_missing(gateway: Gateway, path: Path) -> None:
+async def import_policy_file_if_missing(runtime: Runtime, path: Path) -> None:
     """``serve --bootstrap-policy``: seed an empty Redis (development and embedded mode)."""
-    store = gateway.store
-    assert store is not None
+    store = runtime.store
     if await store.policy_exists():
         log.info("redis already holds a policy; %s not imported", path)
         return
     try:
         version = await import_policy(store, read_policy_file(path), actor="bootstrap",
-                                      tiers=tuple(gateway.settings.tiers), fill_missing=False)
+                                      tiers=tuple(runtime.settings.tiers), fill_missing=False)
     except PolicyIncomplete as exc:
         # check_policy_file refused this before start; here only if the file changed since.
         log.error(_incomplete(path, exc.missing))
         raise ConfigError(_incomplete(path, exc.missing)) from None
     log.info("policy imported from %s", path, extra={"policy_version": version})
-    if gateway.watcher is not None:
-        await gateway.watcher.refresh()
+    await runtime.watcher.refresh()
 

@@ -1,11 +1,24 @@
-"""The contract's error bodies and headers, made in one place for every gateway-made response."""
+"""The contract's errors, in one place for every listener: the error table (domain exception type ->
+contract code and status), the error bodies and headers, and how the public listener presents a
+refusal (``block_style``, the ``Link: rel="blocked-by"`` header on 451, rate headers).
+
+The public path, the admin error middleware and the listeners' parser-level refusals all turn a
+failure into a response here; none of them maps an exception type or status of its own.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from aiohttp import web
+
+from .identity import AuthError
+from .policy.validate import PolicyValidationError
+from .screening import ScreeningFormatError
+from .storage.ops import KeyRevoked, NotFound, PolicyIncomplete, PolicyMissing
 
 ERROR_TYPES: dict[int, str] = {
     400: "invalid_request_error",
@@ -126,3 +139,150 @@ def request_timeout(seconds: float) -> GatewayError:
 
 def json_response(data: object, status: int = 200) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(data), content_type="application/json")
+
+
+# --- the contract's errors, by name -----------------------------------------------------------
+
+
+def unauthenticated(message: str) -> GatewayError:
+    """401 (row 1): no verified caller; ``message`` never holds the credential."""
+    return GatewayError(401, "unauthenticated", message)
+
+
+def policy_stale() -> GatewayError:
+    """503 (row 10): the public listener admits nothing while its policy is unconfirmed."""
+    return GatewayError(503, "policy_stale",
+                        "The gateway cannot confirm its export-control policy; no request is "
+                        "admitted until it can.")
+
+
+def storage_unavailable() -> GatewayError:
+    """503 on the admin API: Redis did not answer, so nothing was written."""
+    return GatewayError(503, "redis_unavailable",
+                        "Redis is unavailable; nothing was changed. Retry when it is back.")
+
+
+def internal_error(request_id: str | None = None) -> GatewayError:
+    """500: an unexpected failure; with ``request_id``, the answer names the log line to look for."""
+    if request_id is None:
+        return GatewayError(500, "internal_error", "The gateway failed to handle the request.")
+    return GatewayError(500, "internal_error",
+                        "The gateway failed to handle this request; see its log "
+                        f"for request id {request_id}.")
+
+
+def malformed_request() -> GatewayError:
+    """400 for a request the HTTP parser refused; never echoes the parser's message (it quotes the
+    caller's bytes, credentials included)."""
+    return bad_request("The HTTP request is malformed.")
+
+
+def invalid(field: str, message: str) -> GatewayError:
+    return bad_request(f"{field}: {message}")
+
+
+def not_found(message: str) -> GatewayError:
+    return GatewayError(404, "not_found", message)
+
+
+def policy_missing(*, read: bool = False) -> GatewayError:
+    if read:
+        return GatewayError(409, "policy_missing",
+                            "No policy is loaded: Redis holds none (emptied, or restarted without its "
+                            "data), so there is nothing to show and every caller is answered 503 "
+                            "policy_stale. Restore a whole policy from a backup: gateway policy import "
+                            "BACKUP.yaml (PUT /admin/v1/policy with every section).")
+    return GatewayError(409, "policy_missing",
+                        "Redis holds no policy: restore one with PUT /admin/v1/policy (gateway policy "
+                        "import FILE) before changing single entries.")
+
+
+def policy_incomplete(missing: Sequence[str]) -> GatewayError:
+    return GatewayError(409, "policy_incomplete",
+                        f"Redis holds no policy, so this import is a restore and must carry every "
+                        f"section; missing: {', '.join(missing)} (write an empty one as empty, e.g. "
+                        f"partners: {{}}, screening: {{entries: []}}). Nothing was written; `gateway "
+                        f"policy export` writes a complete file.")
+
+
+def key_revoked(exc: KeyRevoked) -> GatewayError:
+    record = exc.revoked
+    return GatewayError(409, "key_revoked",
+                        f"API key {exc.key_id!r} was revoked at {record.get('revoked_at')} by "
+                        f"{record.get('revoked_by')}; a revoked key (its id or its hash) is never made "
+                        "active again. Nothing was changed; issue a new key with POST /admin/v1/api-keys.",
+                        error_type="invalid_request_error")
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
+def http_error(exc: web.HTTPException) -> GatewayError:
+    """aiohttp's own refusals (no route, wrong method, body too large) in the contract's shape."""
+    status = exc.status if 400 <= exc.status < 600 else 500
+    messages = {404: "No such admin endpoint.",
+                405: f"Method not allowed here; allowed: {exc.headers.get('Allow', '')}.",
+                413: "The request body is too large."}
+    headers = tuple((name, value) for name, value in exc.headers.items() if name.lower() == "allow")
+    return GatewayError(status, _HTTP_CODES.get(status, "invalid_request"),
+                        messages.get(status, exc.reason or "The request was refused."), headers=headers)
+
+
+# --- the error table ----------------------------------------------------------------------------
+
+# Domain exception type -> the contract error it is answered with. Looked up along the exception's
+# MRO, so a subclass (``storage.clients.StoreUnavailable`` of :class:`BackendUnavailable`) is answered
+# as its base unless it has an entry of its own. No two entries are related by subclassing, so the
+# order of entries does not matter.
+ERROR_TABLE: dict[type[BaseException], Callable[[Any], GatewayError]] = {
+    GatewayError: lambda err: err,
+    AuthError: lambda exc: unauthenticated(exc.message),
+    PolicyValidationError: lambda exc: invalid(exc.field or "body", exc.message),
+    ScreeningFormatError: lambda exc: bad_request(str(exc)),
+    PolicyMissing: lambda _exc: policy_missing(),
+    PolicyIncomplete: lambda exc: policy_incomplete(exc.missing),
+    KeyRevoked: key_revoked,
+    NotFound: lambda exc: not_found(f"No entry {str(exc)[:80]!r} to change or delete."),
+    BackendUnavailable: lambda _exc: storage_unavailable(),
+    web.HTTPException: http_error,
+}
+
+
+def error_for(exc: BaseException) -> GatewayError | None:
+    """The contract error ``exc`` is answered with, or None when it is no domain error (a bug: 500)."""
+    for kind in type(exc).__mro__:
+        make = ERROR_TABLE.get(kind)
+        if make is not None:
+            return make(exc)
+    return None
+
+
+# --- presentation on the public listener --------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Presentation:
+    """How the public listener presents its refusals (``policy.block_style``, ``policy.blocked_by_url``)."""
+
+    block_style: str = "rfc7725"
+    blocked_by_url: str | None = None
+
+    def response(self, err: GatewayError, *, request_id: str, policy_version: int,
+                 rate_headers: Iterable[tuple[str, str]] | None = None) -> web.Response:
+        """``err`` as the caller gets it; ``rate_headers`` (the caller's limits) go on every answer but a 429,
+        which carries its own. ``X-Gateway-Reason`` keeps the gateway's code whatever the style."""
+        reason = err.code
+        if err.code == "country_denied" and self.block_style == "openai":
+            err = GatewayError(403, "unsupported_country_region_territory",
+                               "Country, region, or territory not supported",
+                               headers=err.headers, error_type="request_forbidden")
+        headers = err.headers
+        if err.status == 451 and self.blocked_by_url:
+            headers = (*headers, ("Link", f'<{self.blocked_by_url}>; rel="blocked-by"'))
+        if rate_headers is not None and err.status != 429:
+            headers = (*headers, *rate_headers)
+        err.headers = headers
+        response = error_response(err, request_id=request_id, policy_version=policy_version, reason=reason)
+        if err.status == 408:
+            response.force_close()  # the rest of a body that came too slowly is not waited for
+        return response

@@ -23,7 +23,7 @@ from aiohttp.http_exceptions import BadHttpMessage
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from aiohttp.web_request import BaseRequest
 
-from .errors import GatewayError, bad_request, error_response
+from .errors import error_response, internal_error, malformed_request
 from .logs import request_id_for
 
 log = logging.getLogger("gateway.listener")
@@ -55,11 +55,10 @@ class _JsonErrorRequestHandler(RequestHandler):
             raise ConnectionError("response already started; closing the connection")
         if status >= 500:
             log.error("unhandled error in request handler", exc_info=exc)
-            err = GatewayError(500, "internal_error", "The gateway failed to handle the request.")
+            err = internal_error()
         else:
             log.debug("malformed request from %s: %s", request.remote, exc)
-            # Never echo the parser's message: it quotes the caller's bytes (credentials included).
-            err = bad_request("The HTTP request is malformed.")
+            err = malformed_request()  # never the parser's message: it quotes the caller's bytes
         server.on_rejected(err.status, err.code)
         response = error_response(err, request_id=request_id_for(None), policy_version=server.policy_version())
         response.force_close()

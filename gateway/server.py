@@ -16,10 +16,11 @@ from pathlib import Path
 
 from aiohttp import web
 
-from .app import Gateway, create_admin_app, create_public_server
+from .app import create_admin_app, create_public_server
 from .listener import JsonErrorAppRunner
 from .logs import setup_logging
 from .redis_server import RedisServer
+from .runtime import Runtime, create_runtime
 from .settings import ConfigError, Settings, read_secret
 
 log = logging.getLogger("gateway.server")
@@ -28,20 +29,25 @@ log = logging.getLogger("gateway.server")
 async def run_gateway(settings: Settings, *, redis_url: str, reuse_port: bool,
                       bootstrap_policy: Path | None = None, stop: asyncio.Event | None = None) -> None:
     """Run one gateway process until SIGTERM/SIGINT (or ``stop``), then shut down gracefully."""
-    gateway = Gateway(settings, redis_url=redis_url)
-    await gateway.start()
-    if bootstrap_policy is not None:
-        from .bootstrap import import_policy_file_if_missing
+    async with create_runtime(settings, redis_url=redis_url) as runtime:
+        if bootstrap_policy is not None:
+            from .bootstrap import import_policy_file_if_missing
 
-        await import_policy_file_if_missing(gateway, bootstrap_policy)
+            await import_policy_file_if_missing(runtime, bootstrap_policy)
+        await _serve(runtime, reuse_port=reuse_port, stop=stop or asyncio.Event())
+    log.info("gateway stopped")
+
+
+async def _serve(runtime: Runtime, *, reuse_port: bool, stop: asyncio.Event) -> None:
+    """Both listeners over ``runtime`` until ``stop``; in-flight requests drain before the runtime closes."""
+    settings = runtime.settings
     limits = settings.limits
-    public_runner = web.ServerRunner(create_public_server(gateway), shutdown_timeout=limits.shutdown_grace_s)
-    admin_runner = JsonErrorAppRunner(create_admin_app(gateway), access_log=None, shutdown_timeout=5.0,
+    public_runner = web.ServerRunner(create_public_server(runtime), shutdown_timeout=limits.shutdown_grace_s)
+    admin_runner = JsonErrorAppRunner(create_admin_app(runtime), access_log=None, shutdown_timeout=5.0,
                                       keepalive_timeout=limits.header_read_timeout_s,
-                                      policy_version=gateway.policy_version)
+                                      policy_version=runtime.policy_version)
     await public_runner.setup()
     await admin_runner.setup()
-    stop = stop or asyncio.Event()
     try:
         await _listen(public_runner, settings.listen.host, settings.listen.port, "listen", reuse_port=reuse_port,
                       backlog=2048)
@@ -57,8 +63,6 @@ async def run_gateway(settings: Settings, *, redis_url: str, reuse_port: bool,
         log.info("gateway stopping: draining in-flight requests")
         await public_runner.cleanup()
         await admin_runner.cleanup()
-        await gateway.close()
-        log.info("gateway stopped")
 
 
 class ListenError(Exception):

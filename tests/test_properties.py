@@ -27,7 +27,6 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.app import header_safe
 from gateway.errors import GatewayError
 from gateway.logs import request_id_for
 from gateway.network import TrustedProxies, UnreadableHop, client_chain, parse_ip
@@ -36,6 +35,7 @@ from gateway.policy.model import Caller
 from gateway.policy.names import STAGES
 from gateway.policy.wire import build_snapshot
 from gateway.proxy import HOP_BY_HOP, origin_form, response_headers, upstream_request_headers
+from gateway.public import header_safe
 from gateway.request_model import ModelExtractor
 
 # GATEWAY_PROPERTY_EXAMPLES raises the count for a longer fuzz run (e.g. 20000); the default keeps the suite fast.

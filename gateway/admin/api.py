@@ -29,9 +29,16 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from ..errors import GatewayError, json_response
+from ..errors import (
+    GatewayError,
+    invalid,
+    json_response,
+    key_revoked,
+    not_found,
+    policy_incomplete,
+    policy_missing,
+)
 from ..identity import hash_api_key, new_api_key
-from ..policy.decide import decide
 from ..policy.names import LIST_NAMES, PARTNERS, now_iso
 from ..policy.validate import (
     document_warnings,
@@ -64,10 +71,10 @@ from ..storage.ops import (
 )
 from .auth import ACTOR_KEY, token_middleware
 from .context import ADMIN_CONTEXT_KEY, AdminContext
-from .error_middleware import error_middleware, invalid, key_revoked, not_found, policy_incomplete, policy_missing
+from .error_middleware import error_middleware
 from .inputs import (
     IMPORT_SECTIONS,
-    decide_caller,
+    decide_request,
     entry_key,
     import_plan,
     import_sections,
@@ -353,11 +360,13 @@ class AdminApi:
     # decisions
 
     async def decide(self, request: web.Request) -> web.Response:
-        context, policy = self.context, self.policy
+        admission, policy = self.context.admission, self.policy
         body = await read_json(request)
+        identity, ip, model = decide_request(body, self.tiers)
         snapshot = policy.snapshot
-        caller, model = decide_caller(body, tiers=self.tiers, geo=context.geo, snapshot=snapshot)
-        decision = decide(snapshot, caller, model, context.clock(), context.rules, stale=policy.stale())
+        # The public path's steps; a stale policy is answered as its decision would be, not refused.
+        caller = admission.caller(identity, ip, snapshot)
+        decision = admission.decide(snapshot, caller, model, stale=policy.stale())
         answer = decision.to_dict()
         if answer.get("screening") is None:
             answer.pop("screening", None)

@@ -2,31 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
 
 from aiohttp import web
 
-from ..geo import GeoResolver
+from ..admission import Admission, PolicyView
 from ..policy.decide import Rules
-from ..policy.model import Snapshot
 from ..settings import Admin, ScreeningSettings
 from ..storage.store import Store
-
-
-class PolicyView(Protocol):
-    """The process's enforced policy as the admin API reads it (the policy watcher is one)."""
-
-    @property
-    def snapshot(self) -> Snapshot | None: ...
-
-    @property
-    def version(self) -> int: ...
-
-    def stale(self) -> bool: ...
-
-    async def refresh(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,8 +19,7 @@ class AdminContext:
 
     store: Store  # reads and the one write path; Redis is the authority
     policy: PolicyView  # the snapshot the public listener enforces (decide, screening search, warnings)
-    geo: GeoResolver
-    clock: Callable[[], float]
+    admission: Admission  # POST /admin/v1/decide: the public path's steps, without the rate step
     rules: Rules
     tiers: tuple[str, ...]
     screening: ScreeningSettings

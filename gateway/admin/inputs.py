@@ -12,13 +12,12 @@ import orjson
 from aiohttp import web
 
 from ..countries import validate_region
-from ..geo import GeoResolver
-from ..policy.model import Caller, Snapshot
+from ..errors import invalid, not_found
+from ..identity import Identity
 from ..policy.names import LIST_NAMES
 from ..policy.validate import normalize_key
 from ..screening import ScreeningFormatError, parse_csl
 from ..storage.ops import OpsPlan, policy_ops
-from .error_middleware import invalid, not_found
 
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
@@ -161,22 +160,15 @@ async def screening_section(section: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 
-def decide_caller(body: Any, *, tiers: Sequence[str], geo: GeoResolver,
-                  snapshot: Snapshot | None) -> tuple[Caller, str | None]:
-    """The caller and model a ``POST /admin/v1/decide`` body describes, its countries resolved as the
-    public path resolves a request's: the claimed country, and the address through geo and the
-    snapshot's ``ip-ranges``.
-
-    The public path (app.py, ``Gateway._admit_and_forward``) assembles the same caller from a verified
-    credential: ``geo.resolve(ip, snapshot.ip_ranges)`` then ``identity.to_caller(...)``; the two are
-    meant to become one admission step.
-    """
-    caller_fields = decide_fields(json_object(body, DECIDE_FIELDS), tiers)
-    ip = caller_fields.pop("ip")
-    ip_country, ip_subdivision = geo.resolve(ip, snapshot.ip_ranges if snapshot else {})
-    model = caller_fields.pop("model")
-    caller = Caller(**caller_fields, ip=ip, ip_country=ip_country, ip_subdivision=ip_subdivision)
-    return caller, model
+def decide_request(body: Any, tiers: Sequence[str]) -> tuple[Identity, str, str | None]:
+    """The caller (as a verified credential would describe it), address and model a
+    ``POST /admin/v1/decide`` body names; its countries are the admission step's (admission.py), as
+    for a public request."""
+    fields = decide_fields(json_object(body, DECIDE_FIELDS), tiers)
+    identity = Identity(subject=fields["subject"], org=fields["org"], org_name=fields["org_name"],
+                        tier=fields["tier"], country=fields["claimed_country"], credential="jwt",
+                        expires_at=None)
+    return identity, fields["ip"], fields["model"]
 
 
 def decide_fields(body: Mapping[str, Any], tiers: Sequence[str]) -> dict[str, Any]:
