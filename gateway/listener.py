@@ -39,9 +39,9 @@ class _JsonErrorRequestHandler(RequestHandler):
         super().data_received(data)
         if payload is None or payload.is_eof():
             return
-        if len(self._messages) > queued and isinstance(self._messages[-1][0], _ErrInfo):
+        if len(self._messages) > queued and isinstance(info := self._messages[-1][0], _ErrInfo):
             # The parser failed inside the body being read: that request answers it (400), not a second response.
-            info = self._messages.pop()[0]
+            self._messages.pop()
             if payload.exception() is None:
                 payload.set_exception(info.exc if info.exc is not None else BadHttpMessage("malformed body"))
         if payload.exception() is not None:

@@ -70,9 +70,9 @@ class ListenError(Exception):
 
 
 async def _listen(runner: web.BaseRunner, host: str, port: int, section: str, *, reuse_port: bool,
-                  **options: int) -> None:
+                  backlog: int = 128) -> None:
     try:
-        await web.TCPSite(runner, host, port, reuse_port=reuse_port, **options).start()
+        await web.TCPSite(runner, host, port, reuse_port=reuse_port, backlog=backlog).start()
     except OSError as exc:
         why = exc.strerror or str(exc)
         raise ListenError(f"{section}.port: cannot listen on {host}:{port}: {why}; if another process holds "
