@@ -49,8 +49,9 @@ from hypothesis import strategies as st
 
 from gateway.redis_server import RedisServer, free_port
 
-from .harness import BASE_POLICY, ROOT, GatewayProcess, gateway_config, hs_token, seed_policy
-from .rawhttp import RawConnection, RawResponse, request
+from .support.gateway_process import BASE_POLICY, ROOT, GatewayProcess, gateway_config, seed_policy
+from .support.rawhttp import RawConnection, RawResponse, request
+from .support.tokens import hs_token
 
 GO_SOURCE = ROOT / "tests" / "upstreams" / "godecoder"
 RESTRICTED, OPEN = "frontier-x", "gpt-mock"

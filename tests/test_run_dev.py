@@ -20,7 +20,7 @@ import pytest
 
 from gateway.redis_server import free_port
 
-from .harness import ROOT
+from .support.gateway_process import ROOT
 
 SCRIPT = ROOT / "scripts" / "run-dev.sh"
 

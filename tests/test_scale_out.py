@@ -20,20 +20,19 @@ from gateway.redis_server import RedisServer, RedisServerError
 from gateway.settings import ConfigError, parse_settings
 from gateway.store import Store, StoreUnavailable
 
-from .harness import (
+from .support.gateway_process import (
     ADMIN_TOKEN,
     CHAT,
     SCALE_TIERS,
     GatewayProcess,
-    Upstream,
-    auth,
     first_status,
     gateway_config,
-    hs_token,
     post_chat,
     seed_policy,
 )
-from .topology import TlsFiles, TlsRedisServer, make_tls_files
+from .support.tokens import auth, hs_token
+from .support.topology import TlsFiles, TlsRedisServer, make_tls_files
+from .support.upstream import Upstream
 
 TIERS = SCALE_TIERS
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}

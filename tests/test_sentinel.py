@@ -26,19 +26,10 @@ import pytest
 
 from gateway.store import HashSet, Store, StoreUnavailable, list_key
 
-from .harness import (
-    CHAT,
-    ENTRY,
-    GatewayProcess,
-    Upstream,
-    auth,
-    delete_entry,
-    gateway_config,
-    hs_token,
-    seed_policy,
-    write_entry,
-)
-from .topology import SentinelTopology
+from .support.gateway_process import CHAT, ENTRY, GatewayProcess, delete_entry, gateway_config, seed_policy, write_entry
+from .support.tokens import auth, hs_token
+from .support.topology import SentinelTopology
+from .support.upstream import Upstream
 
 # A generous tier: this test is about failover, not quotas.
 TIERS: dict[str, Any] = {"partner": {"requests_per_minute": 600000, "burst": 100000,

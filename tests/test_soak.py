@@ -28,10 +28,12 @@ from gateway.redis_server import RedisServer, free_port
 from gateway.settings import Tier
 from gateway.store import Store
 
-from .faultproxy import FaultProxy
-from .harness import BASE_POLICY, CHAT, GatewayProcess, Upstream, gateway_config, hs_token, seed_policy
-from .rawhttp import AsyncRawConnection
-from .servers import read_request, serve_in_thread
+from .support.faultproxy import FaultProxy
+from .support.gateway_process import BASE_POLICY, CHAT, GatewayProcess, gateway_config, seed_policy
+from .support.rawhttp import AsyncRawConnection
+from .support.servers import read_request, serve_in_thread
+from .support.tokens import hs_token
+from .support.upstream import Upstream
 from .test_http_hardening import _pipeline, _slowloris, gw, module_redis  # noqa: F401 - fixtures
 
 pytestmark = [pytest.mark.soak, pytest.mark.timeout(3600)]

@@ -21,9 +21,10 @@ import pytest
 
 from gateway.redis_server import RedisServer, free_port
 
-from .harness import GatewayProcess, gateway_config, hs_token, seed_policy
-from .rawhttp import ProtocolViolation, RawConnection, RawResponse, ResponseParser, request
-from .servers import read_request, serve_in_thread
+from .support.gateway_process import GatewayProcess, gateway_config, seed_policy
+from .support.rawhttp import ProtocolViolation, RawConnection, RawResponse, ResponseParser, request
+from .support.servers import read_request, serve_in_thread
+from .support.tokens import hs_token
 
 PARSERS = {"llhttp": {}, "python": {"AIOHTTP_NO_EXTENSIONS": "1"}}
 CHAT = b'{"model": "gpt-mock", "messages": []}'

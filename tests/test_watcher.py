@@ -31,7 +31,7 @@ from gateway.store import (
 )
 from gateway.watcher import PolicyWatcher
 
-from .harness import BASE_POLICY, ENTRY
+from .support.gateway_process import BASE_POLICY, ENTRY
 
 TIERS = ("public", "partner", "internal")
 
