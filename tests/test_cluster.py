@@ -1,6 +1,6 @@
 """Redis Cluster: the store's transactions, scripts, pub/sub and streams, and a gateway on ``redis+cluster://``.
 
-Three primaries on loopback (tests/topology.py), formed once for the module. The
+Three primaries on loopback (tests/support/topology.py), formed once for the module. The
 policy keys share the ``{gw}`` hash tag, so WATCH/MULTI and the MULTI reads run on
 one node; rate-limit keys carry a per-caller tag and spread over the nodes, their
 EVALSHA batches split per node; the scripts are loaded on every primary.

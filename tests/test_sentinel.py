@@ -1,6 +1,6 @@
 """Redis Sentinel: a gateway on ``redis+sentinel://`` follows a failover of a killed primary.
 
-A real primary, replica and three Sentinels on loopback (tests/topology.py). The
+A real primary, replica and three Sentinels on loopback (tests/support/topology.py). The
 primary is SIGKILLed mid-traffic; the test checks what callers saw during the
 failover window (only decided answers: the last snapshot's 200/451, or 503
 ``policy_stale``; never a 500, never a denied caller admitted), that pub/sub and
