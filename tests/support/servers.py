@@ -28,6 +28,16 @@ def serve_in_thread(handler: Handler, port: int, *, name: str,
             asyncio.start_server(handler, "127.0.0.1", port, **server_kwargs))
         ready.set()
         loop.run_forever()
+        # Stopped: end what is still running and close the loop, so that no task, socket or loop is left
+        # for the garbage collector to warn about (warnings fail tests).
+        started["server"].close()
+        tasks = asyncio.all_tasks(loop)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
 
     thread = threading.Thread(target=run, daemon=True, name=name)
     thread.start()
