@@ -351,9 +351,10 @@ def test_redirects_are_relayed_as_is_and_never_followed(gw: GatewayProcess, clea
 
 def _rss_kib(gw: GatewayProcess) -> int:
     assert gw.proc is not None
-    for line in open(f"/proc/{gw.proc.pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
+    with open(f"/proc/{gw.proc.pid}/status") as status:  # closed on the early return (ResourceWarning)
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
     raise AssertionError("no VmRSS")
 
 
