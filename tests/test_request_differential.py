@@ -105,6 +105,8 @@ def go_upstream(go_decoder: Path) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(10)
+        if proc.stderr is not None:
+            proc.stderr.close()  # a pipe left open is a ResourceWarning
 
 
 def _model_of(document: Any) -> str | None:
