@@ -374,7 +374,7 @@ class Forwarder:
             upstream.release()
             outcome.upstream_seconds = self.clock() - started
 
-    async def _relay(self, request: BaseRequest, upstream: aiohttp.ClientResponse, *, request_id: str,
+    async def _relay(self, request: BaseRequest, upstream: aiohttp.ClientResponse, *, request_id: str,  # noqa: C901 - complexity 16, the most in its module: to be split
                      extra: Iterable[tuple[str, str]], on_usage: UsageSink | None,
                      outcome: ProxyOutcome, started: float) -> web.StreamResponse:
         outcome.upstream_status = upstream.status

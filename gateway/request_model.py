@@ -497,7 +497,7 @@ class ModelExtractor:
         return bad_request("The request body is not valid JSON.")
 
     @staticmethod
-    def _multipart_model(body: bytes, boundary: str | None) -> str | None:
+    def _multipart_model(body: bytes, boundary: str | None) -> str | None:  # noqa: C901 - complexity 18, the most in its module: to be split
         """The one ``model`` field of a multipart/form-data body, read strictly (RFC 7578): every delimiter
         line exactly ``--boundary``, each part one Content-Disposition ``form-data`` with simple parameters.
         A ``model`` field must be plain text: no file name, transfer or content coding, or other charset."""

@@ -9,7 +9,7 @@ from hypothesis import settings
 
 from gateway.redis_server import RedisServer
 
-from .harness import Upstream
+from .support.upstream import Upstream
 
 # The property tests check properties, not timings: on a loaded machine (the suite run in the background,
 # beside other work) one example can outlast hypothesis' 200 ms default deadline and fail a correct test.

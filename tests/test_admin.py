@@ -16,17 +16,10 @@ from yarl import URL
 
 from gateway.redis_server import RedisServer
 
-from .harness import (
-    ADMIN_TOKEN,
-    BASE_POLICY,
-    ROOT,
-    GatewayProcess,
-    Upstream,
-    auth,
-    gateway_config,
-    hs_token,
-    seed_policy,
-)
+from .support.gateway_process import ADMIN_TOKEN, BASE_POLICY, ROOT, GatewayProcess, gateway_config, seed_policy
+from .support.tokens import auth, hs_token
+from .support.upstream import Upstream
+from .support.waiting import wait_until
 
 OPS_TOKEN = "ops-token-of-alice-0123456789"
 CSL_CSV = (ROOT / "gateway" / "data" / "csl_sample.csv").read_bytes()
@@ -139,17 +132,6 @@ async def public_status(session: aiohttp.ClientSession, gw: GatewayProcess, toke
                             headers=auth(token)) as response:
         await response.read()
         return response.status, response.headers.get("X-Gateway-Reason", "")
-
-
-async def eventually(check: Any, within: float = 1.0) -> float:
-    """Seconds until the async ``check`` first returned true; fails after ``within`` seconds."""
-    started = time.monotonic()
-    while True:
-        if await check():
-            return time.monotonic() - started
-        if time.monotonic() - started > within:
-            raise AssertionError(f"not true within {within} s")
-        await asyncio.sleep(0.01)
 
 
 # --- policy ---------------------------------------------------------------------------------
@@ -355,7 +337,7 @@ async def test_entry_added_on_one_process_is_enforced_by_another_within_1s(
         return await public_status(session, second, token) == (451, "entity_denied")
 
     try:
-        assert await eventually(blocked, 1.0) < 1.0
+        assert await wait_until(blocked, 1.0) < 1.0
     finally:
         await AdminClient(session, first.admin_url).ok("DELETE", "/admin/v1/lists/deny-entities/carol-org")
     assert await public_status(session, first, token) == (200, "")  # the writer saw its own delete
@@ -425,14 +407,14 @@ async def test_api_key_issue_use_and_revoke_on_every_process(
         async def works(process: GatewayProcess = process) -> bool:
             return await public_status(session, process, key) == (200, "")
 
-        await eventually(works, 1.0)
+        await wait_until(works, 1.0)
     revoked = await admin.ok("DELETE", f"/admin/v1/api-keys/{key_id}")
     assert revoked["version"] > issued["version"]
     for process in gateways:
         async def refused(process: GatewayProcess = process) -> bool:
             return (await public_status(session, process, key))[0] == 401
 
-        assert await eventually(refused, 1.0) < 1.0
+        assert await wait_until(refused, 1.0) < 1.0
     status, answer = await admin.call("DELETE", f"/admin/v1/api-keys/{key_id}")
     assert_error(status, answer, 404, "not_found")
 
@@ -546,7 +528,7 @@ async def test_audit_records_newest_first(admin: AdminClient, session: aiohttp.C
         records = (await admin.ok("GET", "/admin/v1/audit?limit=50"))["records"]
         return all(any(r["request_id"] == i for r in records) for i in ids)
 
-    await eventually(flushed, 5.0)
+    await wait_until(flushed, 5.0)
     records = (await admin.ok("GET", "/admin/v1/audit?limit=50"))["records"]
     positions = [next(n for n, r in enumerate(records) if r["request_id"] == i) for i in ids]
     assert positions[1] < positions[0]

@@ -13,7 +13,9 @@ import pytest
 from multidict import CIMultiDict
 from yarl import URL
 
-from .harness import ADMIN_TOKEN, GatewayProcess, Upstream, auth, gateway_config, hs_token, seeded_gateway
+from .support.gateway_process import ADMIN_TOKEN, GatewayProcess, gateway_config, seeded_gateway
+from .support.tokens import auth, hs_token
+from .support.upstream import Upstream
 
 NAMED_TOKEN = "named-operator-token-0001"
 LATER_TOKEN = "named-operator-token-0002"
@@ -165,7 +167,7 @@ async def test_tokens_file_changes_apply_without_restart(session: aiohttp.Client
 def test_unparseable_admin_requests_get_the_contract_json(gateway: GatewayProcess) -> None:
     # The admin listener answers what its parser refuses as the public one does: a JSON 400 that
     # never quotes the request (here an admin token), and a closed connection.
-    from .rawhttp import exchange
+    from .support.rawhttp import exchange
 
     port = URL(gateway.admin_url).port
     assert port is not None

@@ -15,7 +15,8 @@ import pytest
 import schemathesis
 from schemathesis.engine import Status, events
 
-from .harness import ADMIN_TOKEN, GatewayProcess, Upstream, gateway_config, seeded_gateway
+from .support.gateway_process import ADMIN_TOKEN, GatewayProcess, gateway_config, seeded_gateway
+from .support.upstream import Upstream
 
 # Per operation and phase; bounded so the run stays well under a minute.
 MAX_EXAMPLES = 15

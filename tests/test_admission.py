@@ -26,8 +26,9 @@ from gateway.storage.clients import StoreUnavailable
 from gateway.storage.ops import KeyRevoked, NotFound, PolicyIncomplete, PolicyMissing
 from gateway.storage.store import Store
 
-from .harness import ADMIN_TOKEN, BASE_POLICY, HS_SECRET, gateway_config, hs_token
-from .jwt_helpers import FakeClock
+from .support.clock import FakeClock
+from .support.gateway_process import ADMIN_TOKEN, BASE_POLICY, gateway_config
+from .support.tokens import HS_SECRET, hs_token
 
 ENV = {"TEST_HS256_SECRET": HS_SECRET, "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN}
 TIERS = ("public", "partner", "internal")

@@ -17,7 +17,9 @@ import aiohttp
 import pytest
 import yaml
 
-from .harness import ROOT, GatewayProcess, Upstream, auth, gateway_config, seed_policy
+from .support.gateway_process import ROOT, GatewayProcess, gateway_config, seed_policy
+from .support.tokens import auth
+from .support.upstream import Upstream
 from .test_metrics import Samples, scrape
 
 PROMETHEUS = ROOT / "deploy" / "prometheus"

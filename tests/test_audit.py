@@ -20,7 +20,10 @@ from gateway.audit import encode_line
 from gateway.redis_server import RedisServer, free_port
 from gateway.screening import parse_csl
 
-from .harness import BASE_POLICY, GatewayProcess, Upstream, auth, gateway_config, hs_token, seed_policy, wait_until
+from .support.gateway_process import BASE_POLICY, GatewayProcess, gateway_config, seed_policy
+from .support.tokens import auth, hs_token
+from .support.upstream import Upstream
+from .support.waiting import wait_until_blocking
 from .test_metrics import scrape, value
 
 FIELDS = {"time", "request_id", "subject", "org", "tier", "claimed_country", "client_ip", "ip_country",
@@ -117,7 +120,7 @@ async def test_one_record_per_decision_with_the_contract_fields(redis_url: str, 
                     # Read whole: a caller that hangs up unread is audited as 499 (client closed).
                     assert r.status == status, await r.text()
                     await r.read()
-        assert wait_until(lambda: stream_length(redis_url) >= len(cases), 5)
+        wait_until_blocking(lambda: stream_length(redis_url) >= len(cases), 5)
         await asyncio.sleep(0.1)
     finally:
         gateway.stop()
@@ -153,19 +156,19 @@ async def test_redis_outage_spools_then_replays_exactly_once_in_order(durable_re
     sent: list[str] = []
     try:
         await send(gateway, sent, prefix="before", count=5)
-        assert wait_until(lambda: stream_length(durable_redis.url) == 5, 5)
+        wait_until_blocking(lambda: stream_length(durable_redis.url) == 5, 5)
         durable_redis.stop()
         await send(gateway, sent, prefix="during", count=10)
-        assert wait_until(lambda: spool_lines(spool_dir) == 10, 5), gateway.log()
+        wait_until_blocking(lambda: spool_lines(spool_dir) == 10, 5, message=gateway.log)
         spooled = value(await scrape(gateway.admin_url), "gateway_audit_spooled_total")
         assert spooled == 10
         durable_redis.start()
         await send(gateway, sent, prefix="after", count=5)
-        assert wait_until(lambda: stream_length(durable_redis.url) >= 20, 10), gateway.log()
+        wait_until_blocking(lambda: stream_length(durable_redis.url) >= 20, 10, message=gateway.log)
         await asyncio.sleep(0.3)  # any duplicate would land now
         assert_exactly(durable_redis.url, sent)
         # Replayed: the process's spool is cut back to empty (and removed at a clean stop).
-        assert wait_until(lambda: spool_lines(spool_dir) == 0, 5)
+        wait_until_blocking(lambda: spool_lines(spool_dir) == 0, 5)
         assert value(await scrape(gateway.admin_url), "gateway_audit_dropped_total") == 0
     finally:
         gateway.stop()
@@ -180,10 +183,10 @@ async def test_spool_of_a_killed_process_is_replayed_by_the_next_one(durable_red
     sent: list[str] = []
     try:
         await send(first, sent, prefix="direct", count=4)
-        assert wait_until(lambda: stream_length(durable_redis.url) == 4, 5)
+        wait_until_blocking(lambda: stream_length(durable_redis.url) == 4, 5)
         durable_redis.stop()
         await send(first, sent, prefix="spooled", count=6)
-        assert wait_until(lambda: spool_lines(spool_dir) == 6, 5), first.log()
+        wait_until_blocking(lambda: spool_lines(spool_dir) == 6, 5, message=first.log)
     finally:
         first.stop(signal.SIGKILL)
     assert len(spool_files(spool_dir)) == 1
@@ -194,7 +197,7 @@ async def test_spool_of_a_killed_process_is_replayed_by_the_next_one(durable_red
               "admin": {**config["admin"], "port": free_port()}}
     second = GatewayProcess(config, redis_url=durable_redis.url, workers=2).start()
     try:
-        assert wait_until(lambda: stream_length(durable_redis.url) >= 10, 10), second.log()
+        wait_until_blocking(lambda: stream_length(durable_redis.url) >= 10, 10, message=second.log)
         await asyncio.sleep(0.5)
         assert_exactly(durable_redis.url, sent)
         assert not any(p.name.startswith(orphan_name) for p in spool_files(spool_dir))
@@ -232,7 +235,7 @@ async def test_sigterm_during_outage_spools_and_next_start_sends(durable_redis: 
     durable_redis.start()
     restarted = GatewayProcess(config, redis_url=durable_redis.url).start()
     try:
-        assert wait_until(lambda: stream_length(durable_redis.url) >= 5, 10), restarted.log()
+        wait_until_blocking(lambda: stream_length(durable_redis.url) >= 5, 10, message=restarted.log)
         await asyncio.sleep(0.3)
         assert_exactly(durable_redis.url, sent)
     finally:
@@ -280,7 +283,7 @@ async def test_orphan_spool_with_a_torn_last_line_is_replayed(redis_url: str, up
     config = gateway_config(upstream.url, audit={"flush_ms": 20, "spool_dir": str(spool_dir)})
     gateway = GatewayProcess(config, redis_url=redis_url).start()
     try:
-        assert wait_until(lambda: not orphan.exists(), 5), gateway.log()
+        wait_until_blocking(lambda: not orphan.exists(), 5, message=gateway.log)
         samples = await scrape(gateway.admin_url)
     finally:
         gateway.stop()

@@ -21,18 +21,10 @@ import yaml
 
 from gateway.redis_server import RedisServer, free_port
 
-from .harness import (
-    ADMIN_TOKEN,
-    BASE_POLICY,
-    ROOT,
-    GatewayProcess,
-    Upstream,
-    auth,
-    gateway_config,
-    hs_token,
-    seeded_gateway,
-    wait_until,
-)
+from .support.gateway_process import ADMIN_TOKEN, BASE_POLICY, ROOT, GatewayProcess, gateway_config, seeded_gateway
+from .support.tokens import auth, hs_token
+from .support.upstream import Upstream
+from .support.waiting import wait_until_blocking
 
 CSL_CSV = ROOT / "gateway" / "data" / "csl_sample.csv"
 _SCRIPT = Path(sys.executable).parent / "gateway"
@@ -194,7 +186,7 @@ def test_keys_create_use_list_revoke(gateway: GatewayProcess) -> None:
                "--tier", "public")
     assert "key: gk_" in human and "shown only this once" in human
     ok(gateway, "keys", "revoke", key_id)
-    assert wait_until(lambda: public_status(gateway, key) == 401, timeout=1.0)
+    wait_until_blocking(lambda: public_status(gateway, key) == 401, 1.0)
 
 
 def test_decide_prints_the_decision(gateway: GatewayProcess) -> None:
@@ -226,7 +218,7 @@ def _audited(gateway: GatewayProcess, *subjects: str) -> None:
     """One blocked request per subject, each in the audit trail (as the admin API reads it) before the next."""
     for subject in subjects:
         public_status(gateway, hs_token(subject, country="IR"))
-        assert wait_until(lambda s=subject: s in ok(gateway, "audit", "tail", "--limit", "1"), timeout=5)
+        wait_until_blocking(lambda s=subject: s in ok(gateway, "audit", "tail", "--limit", "1"), 5)
 
 
 def _lines(stream: Any) -> queue.Queue[str]:

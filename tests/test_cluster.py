@@ -1,6 +1,6 @@
 """Redis Cluster: the store's transactions, scripts, pub/sub and streams, and a gateway on ``redis+cluster://``.
 
-Three primaries on loopback (tests/topology.py), formed once for the module. The
+Three primaries on loopback (tests/support/topology.py), formed once for the module. The
 policy keys share the ``{gw}`` hash tag, so WATCH/MULTI and the MULTI reads run on
 one node; rate-limit keys carry a per-caller tag and spread over the nodes, their
 EVALSHA batches split per node; the scripts are loaded on every primary.
@@ -22,18 +22,19 @@ from gateway.storage.keys import AUDIT_KEY, CHANGES_KEY, VERSION_KEY, list_key
 from gateway.storage.ops import HashDelete, HashSet, NotFound, PolicyMissing
 from gateway.storage.store import Store
 
-from .harness import (
+from .support.gateway_process import (
     ENTRY,
     SCALE_TIERS,
     GatewayProcess,
-    Upstream,
     first_status,
     gateway_config,
-    hs_token,
     post_chat,
     seed_policy,
 )
-from .topology import ClusterTopology, server_version
+from .support.tokens import hs_token
+from .support.topology import ClusterTopology, server_version
+from .support.upstream import Upstream
+from .support.waiting import wait_until
 
 TIERS = SCALE_TIERS
 
@@ -168,21 +169,14 @@ async def test_gateway_on_a_cluster_limits_exactly_and_follows_changes(cluster: 
                                   now_iso="2026-01-01T00:00:00Z", target="t")
                 assert await first_status(client, gateway, french, 451, within=3) < 1.0
                 # Audit records reach the stream on the cluster.
-                assert await eventually(lambda: store.audit_length(), len(statuses), within=5)
+                async def audited() -> bool:
+                    return bool(await store.audit_length() >= len(statuses))
+
+                await wait_until(audited, 5, interval=0.05)
             finally:
                 await store.close()
     finally:
         gateway.stop()
-
-
-async def eventually(read: Any, at_least: int, *, within: float) -> bool:
-    """Whether ``await read()`` reaches ``at_least`` within ``within`` seconds."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if await read() >= at_least:
-            return True
-        await asyncio.sleep(0.05)
-    return bool(await read() >= at_least)
 
 
 async def metrics(client: aiohttp.ClientSession, gateway: GatewayProcess) -> list[str]:

@@ -24,8 +24,11 @@ import pytest
 
 from gateway.redis_server import RedisServer, free_port
 
-from .faultproxy import FaultProxy
-from .harness import GatewayProcess, Upstream, gateway_config, hs_token, seed_policy, wait_until
+from .support.faultproxy import FaultProxy
+from .support.gateway_process import GatewayProcess, gateway_config, seed_policy
+from .support.tokens import hs_token
+from .support.upstream import Upstream
+from .support.waiting import wait_until_blocking
 from .test_audit import assert_exactly, send, stream, stream_length
 from .test_redis_faults import metric, post
 
@@ -54,7 +57,7 @@ async def test_a_gateway_killed_while_redis_hangs_loses_no_decision_older_than_f
         answered: list[str] = []
         try:
             await send(first, answered, prefix="before", count=3)
-            assert wait_until(lambda: stream_length(redis.url) == 3, 5), first.log()
+            wait_until_blocking(lambda: stream_length(redis.url) == 3, 5, message=first.log)
             redis.pause()
             # The first record's batch is sent to the frozen Redis, and its send hangs: the command
             # waits in Redis's socket buffer, and lands when Redis resumes. Everything after it
@@ -72,7 +75,7 @@ async def test_a_gateway_killed_while_redis_hangs_loses_no_decision_older_than_f
             redis.resume()
         second = GatewayProcess(restarted(config), redis_url=redis.url).start()
         try:
-            assert wait_until(lambda: stream_length(redis.url) >= len(answered), 10), second.log()
+            wait_until_blocking(lambda: stream_length(redis.url) >= len(answered), 10, message=second.log)
             await asyncio.sleep(0.5)  # a duplicate would land now
             assert_exactly(redis.url, answered)
         finally:
@@ -89,8 +92,8 @@ async def test_the_spool_is_cut_back_once_redis_holds_every_record(upstream: Ups
         answered: list[str] = []
         try:
             await send(gateway, answered, prefix="r", count=30)
-            assert wait_until(lambda: stream_length(redis.url) == 30, 5), gateway.log()
-            assert wait_until(lambda: all(p.stat().st_size == 0 for p in spool.glob("*.jsonl")), 5)
+            wait_until_blocking(lambda: stream_length(redis.url) == 30, 5, message=gateway.log)
+            wait_until_blocking(lambda: all(p.stat().st_size == 0 for p in spool.glob("*.jsonl")), 5)
         finally:
             assert gateway.stop() == 0
         assert not list(spool.glob("*.jsonl"))  # a clean stop with everything sent leaves no file
@@ -224,7 +227,7 @@ async def test_a_redis_slower_than_the_audit_loses_and_repeats_nothing(slow_redi
                                    for n in range(4)))
         assert metric(gateway, "gateway_audit_spooled_total") > 0
         slow_redis.set("pass")
-        assert wait_until(lambda: stream_length(slow_redis.url) >= len(answered), 15), gateway.log()
+        wait_until_blocking(lambda: stream_length(slow_redis.url) >= len(answered), 15, message=gateway.log)
         await asyncio.sleep(0.5)
     finally:
         gateway.stop()

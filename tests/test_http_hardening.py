@@ -25,8 +25,10 @@ import pytest
 
 from gateway.redis_server import RedisServer
 
-from .harness import BASE_POLICY, GatewayProcess, Seen, Upstream, gateway_config, hs_token, seed_policy
-from .rawhttp import AsyncRawConnection, RawConnection, RawResponse, chunked, exchange, request
+from .support.gateway_process import BASE_POLICY, GatewayProcess, gateway_config, seed_policy
+from .support.rawhttp import AsyncRawConnection, RawConnection, RawResponse, chunked, exchange, request
+from .support.tokens import hs_token
+from .support.upstream import Seen, Upstream
 
 PATTERN = r"^/v1/models/(?P<model>[^/]+)/infer$"
 OPEN, SECRET = "open-model", "secret-model"

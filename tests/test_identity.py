@@ -25,17 +25,16 @@ from gateway.identity import (
 )
 from gateway.jwks import JwksFetcher, KeyRing, parse_jwks
 from gateway.settings import Auth, Claims
-from tests.jwt_helpers import (
+
+from .support.clock import FakeClock
+from .support.servers import ConnectionCounter, JwksServer
+from .support.tokens import (
     AUDIENCE,
     DROP,
     ISSUER,
-    ConnectionCounter,
-    FakeClock,
-    JwksServer,
     SigningKey,
     b64url,
     claims,
-    eventually,
     forge,
     forge_hs256,
     jwks_document,
@@ -47,6 +46,7 @@ from tests.jwt_helpers import (
     sign_payload,
     sign_raw,
 )
+from .support.waiting import wait_until
 
 ALGORITHMS = ["RS256", "ES256", "EdDSA"]
 TIERS = ("public", "partner", "internal")
@@ -329,14 +329,14 @@ async def test_3_random_kid_flood_fetches_once_per_cooldown(jwks_setup: Any,
             await asyncio.sleep(0)  # let the fetch run meanwhile, as it would under real load
 
     await flood()
-    await eventually(lambda: fetcher.fetch_count == 2)
+    await wait_until(lambda: fetcher.fetch_count == 2)
     monotonic.advance(10)
     await flood()
     await asyncio.sleep(0.1)
     assert server.hits == 2
     monotonic.advance(21)
     await flood()
-    await eventually(lambda: server.hits == 3)
+    await wait_until(lambda: server.hits == 3)
     await asyncio.sleep(0.1)
     assert server.hits == 3
 
@@ -473,9 +473,9 @@ async def test_8_rotated_key_is_accepted_after_the_background_refresh(jwks_setup
     # The request that meets the new kid fails at once: no fetch on its path.
     assert rejected(authenticator, token) == "unknown signing key"
     assert server.hits == 1
-    await eventually(lambda: fetcher.fetch_count == 2 and fetcher.last_success is not None
+    await wait_until(lambda: fetcher.fetch_count == 2 and fetcher.last_success is not None
                      and server.hits == 2)
-    await eventually(lambda: _accepts(authenticator, token))
+    await wait_until(lambda: _accepts(authenticator, token))
     assert accepted(authenticator, rsa_key.mint(claims(wall.now))).subject == "user-1"
 
 
@@ -492,7 +492,7 @@ async def test_8_jwks_endpoint_down_keeps_the_last_keys(jwks_setup: Any, rsa_key
     await server.close()
     monotonic.advance(31)
     assert rejected(authenticator, make_rsa_key("rsa-3").mint(claims(wall.now))) == "unknown signing key"
-    await eventually(lambda: fetcher.fetch_count == 2)
+    await wait_until(lambda: fetcher.fetch_count == 2)
     assert accepted(authenticator, rsa_key.mint(claims(wall.now, sub="later"))).subject == "later"
 
 
@@ -501,7 +501,7 @@ async def test_8_slow_jwks_endpoint_never_delays_a_request(jwks_setup: Any, rsa_
     server.delay_s = 5.0
     monotonic.advance(31)
     fetcher.request_refresh()
-    await eventually(lambda: server.hits == 2)  # the fetch is now hanging on the server
+    await wait_until(lambda: server.hits == 2)  # the fetch is now hanging on the server
     assert accepted(authenticator, rsa_key.mint(claims(wall.now, sub="during"))).subject == "during"
     assert rejected(authenticator, make_rsa_key("rsa-4").mint(claims(wall.now))) == "unknown signing key"
     assert server.served == 1  # both requests were answered while the fetch still hung

@@ -32,12 +32,10 @@ from cryptography.x509.oid import NameOID
 from gateway.identity import hash_api_key, new_api_key
 from gateway.redis_server import RedisServer
 
-from .harness import BASE_POLICY, CHAT, GatewayProcess, Seen, Upstream, gateway_config, seed_policy
-from .jwt_helpers import (
+from .support.gateway_process import BASE_POLICY, CHAT, GatewayProcess, gateway_config, seed_policy
+from .support.servers import BackgroundLoop, ConnectionCounter, JwksServer
+from .support.tokens import (
     DROP,
-    BackgroundLoop,
-    ConnectionCounter,
-    JwksServer,
     SigningKey,
     b64url,
     claims,
@@ -50,6 +48,8 @@ from .jwt_helpers import (
     sign_payload,
     sign_raw,
 )
+from .support.upstream import Seen, Upstream
+from .support.waiting import wait_until
 
 UPSTREAM_SECRET = "upstream-own-credential-0123456789"
 LEEWAY_S = 5
@@ -269,14 +269,6 @@ async def wait_for_status(client: aiohttp.ClientSession, gateway: GatewayProcess
             return time.monotonic() - started
         if time.monotonic() - started > within_s:
             raise AssertionError(f"{gateway.url} answered {reply.status}, not {status}, for {within_s} s")
-        await asyncio.sleep(0.01)
-
-
-async def wait_until(condition: Any, within_s: float = 5.0, message: Any = None) -> None:
-    deadline = time.monotonic() + within_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met in {within_s} s: {message() if message else ''}")
         await asyncio.sleep(0.01)
 
 

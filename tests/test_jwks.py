@@ -12,16 +12,11 @@ import pytest
 
 from gateway.jwks import JwksFetcher, KeyRing, VerificationKey, parse_jwks
 from gateway.settings import Auth, ConfigError
-from tests.jwt_helpers import (
-    FakeClock,
-    JwksServer,
-    eventually,
-    jwks_document,
-    make_ec_key,
-    make_ed25519_key,
-    make_hs256_secret,
-    make_rsa_key,
-)
+
+from .support.clock import FakeClock
+from .support.servers import JwksServer
+from .support.tokens import jwks_document, make_ec_key, make_ed25519_key, make_hs256_secret, make_rsa_key
+from .support.waiting import wait_until
 
 ASYMMETRIC = ["RS256", "ES256", "EdDSA"]
 
@@ -242,7 +237,7 @@ async def test_refresh_requests_fetch_at_most_once_per_cooldown(server: JwksServ
     try:
         for _ in range(1000):
             fetcher.request_refresh()
-        await eventually(lambda: server.hits == 2)
+        await wait_until(lambda: server.hits == 2)
         clock.advance(29)
         fetcher.request_refresh()
         await asyncio.sleep(0.1)
@@ -250,7 +245,7 @@ async def test_refresh_requests_fetch_at_most_once_per_cooldown(server: JwksServ
         clock.advance(2)
         for _ in range(1000):
             fetcher.request_refresh()
-        await eventually(lambda: server.hits == 3)
+        await wait_until(lambda: server.hits == 3)
         await asyncio.sleep(0.1)
         assert server.hits == fetcher.fetch_count == 3
     finally:
@@ -265,7 +260,7 @@ async def test_rotation_brings_in_the_new_kid(server: JwksServer, session, rsa_k
         rotated = make_rsa_key("rsa-2")
         server.document = jwks_document([rotated])
         fetcher.request_refresh()
-        await eventually(lambda: ring.get("rsa-2") is not None)
+        await wait_until(lambda: ring.get("rsa-2") is not None)
         assert ring.get("rsa-1") is None  # the retired key is gone with the rotation
     finally:
         await fetcher.close()
@@ -275,7 +270,7 @@ async def test_periodic_refresh_runs_without_any_request(server: JwksServer, ses
     fetcher = _fetcher(server, KeyRing(algorithms=ASYMMETRIC), session, FakeClock(), refresh_s=0.05)
     await fetcher.start()
     try:
-        await eventually(lambda: server.hits >= 3)
+        await wait_until(lambda: server.hits >= 3)
     finally:
         await fetcher.close()
     hits = server.hits
@@ -304,8 +299,8 @@ async def test_failed_fetch_keeps_the_last_good_keys(server: JwksServer, session
         clock.advance(31)
         with caplog.at_level(logging.WARNING, logger="gateway.jwks"):
             fetcher.request_refresh()
-            await eventually(lambda: fetcher.fetch_count == 2)
-            await eventually(lambda: "keeping 1 last good keys" in caplog.text)
+            await wait_until(lambda: fetcher.fetch_count == 2)
+            await wait_until(lambda: "keeping 1 last good keys" in caplog.text)
         assert ring.get("rsa-1") is not None
     finally:
         await fetcher.close()
@@ -321,7 +316,7 @@ async def test_slow_endpoint_times_out_and_keys_stay(server: JwksServer, session
         server.document = jwks_document([make_rsa_key("rsa-2")])
         clock.advance(31)
         fetcher.request_refresh()
-        await eventually(lambda: server.hits == 2)
+        await wait_until(lambda: server.hits == 2)
         await asyncio.sleep(0.4)  # past the fetch timeout
         assert ring.get("rsa-1") is not None and ring.get("rsa-2") is None
         assert fetcher.last_success == clock.now - 31
@@ -339,17 +334,17 @@ async def test_last_good_keys_serve_only_for_a_bounded_time(server: JwksServer, 
         server.status = 503
         clock.advance(300)
         fetcher.request_refresh()
-        await eventually(lambda: fetcher.fetch_count == 2)
+        await wait_until(lambda: fetcher.fetch_count == 2)
         assert ring.get("rsa-1") is not None
         clock.advance(301)
         with caplog.at_level(logging.ERROR, logger="gateway.jwks"):
             fetcher.request_refresh()
-            await eventually(lambda: ring.get("rsa-1") is None)
+            await wait_until(lambda: ring.get("rsa-1") is None)
         assert "dropped 1 keys" in caplog.text
         server.status = 200  # the IdP is back: the next fetch restores the keys
         clock.advance(31)
         fetcher.request_refresh()
-        await eventually(lambda: ring.get("rsa-1") is not None)
+        await wait_until(lambda: ring.get("rsa-1") is not None)
     finally:
         await fetcher.close()
 

@@ -14,7 +14,9 @@ import pytest
 
 from gateway.logs import JsonFormatter, bind_request, redact, subject_hash
 
-from .harness import ADMIN_TOKEN, HS_SECRET, GatewayProcess, Upstream, gateway_config, hs_token, seed_policy
+from .support.gateway_process import ADMIN_TOKEN, GatewayProcess, gateway_config, seed_policy
+from .support.tokens import HS_SECRET, hs_token
+from .support.upstream import Upstream
 
 
 def log_lines(gateway: GatewayProcess) -> list[dict[str, Any]]:

@@ -13,7 +13,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.redis_server import RedisServer, free_port
 
-from .harness import BASE_POLICY, GatewayProcess, Upstream, auth, gateway_config, hs_token, seed_policy
+from .support.gateway_process import BASE_POLICY, GatewayProcess, gateway_config, seed_policy
+from .support.tokens import auth, hs_token
+from .support.upstream import Upstream
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

@@ -19,16 +19,9 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
-from .harness import (
-    ADMIN_TOKEN,
-    BASE_POLICY,
-    GatewayProcess,
-    Upstream,
-    auth,
-    gateway_config,
-    hs_token,
-    seeded_gateway,
-)
+from .support.gateway_process import ADMIN_TOKEN, BASE_POLICY, GatewayProcess, gateway_config, seeded_gateway
+from .support.tokens import auth, hs_token
+from .support.upstream import Upstream
 
 POLICY: dict[str, Any] = {
     "lists": BASE_POLICY["lists"],

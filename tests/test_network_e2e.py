@@ -23,7 +23,9 @@ from netaddr import IPSet
 
 from gateway.redis_server import RedisServer
 
-from .harness import BASE_POLICY, GatewayProcess, Seen, Upstream, gateway_config, hs_token, seed_policy
+from .support.gateway_process import BASE_POLICY, GatewayProcess, gateway_config, seed_policy
+from .support.tokens import hs_token
+from .support.upstream import Seen, Upstream
 
 IR_ADDRESS = "198.51.100.7"  # ip-ranges -> IR (denied)
 US_ADDRESS = "203.0.113.9"  # ip-ranges -> US

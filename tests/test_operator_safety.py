@@ -41,16 +41,9 @@ from gateway.policy.validate import (
 )
 from gateway.redis_server import RedisServer
 
-from .harness import (
-    ADMIN_TOKEN,
-    BASE_POLICY,
-    ROOT,
-    GatewayProcess,
-    Upstream,
-    gateway_config,
-    hs_token,
-    seed_policy,
-)
+from .support.gateway_process import ADMIN_TOKEN, BASE_POLICY, ROOT, GatewayProcess, gateway_config, seed_policy
+from .support.tokens import hs_token
+from .support.upstream import Upstream
 
 _SCRIPT = Path(sys.executable).parent / "gateway"
 COMMAND = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "gateway"]

@@ -15,17 +15,9 @@ import pytest
 from gateway.redis_server import RedisServer
 from gateway.storage.keys import list_key
 
-from .harness import (
-    BASE_POLICY,
-    CHAT,
-    GatewayProcess,
-    Upstream,
-    auth,
-    gateway_config,
-    hs_token,
-    seed_policy,
-    write_entry,
-)
+from .support.gateway_process import BASE_POLICY, CHAT, GatewayProcess, gateway_config, seed_policy, write_entry
+from .support.tokens import auth, hs_token
+from .support.upstream import Upstream
 
 
 def policy_with(**models: dict[str, Any]) -> dict[str, Any]:

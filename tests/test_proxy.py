@@ -16,15 +16,9 @@ from yarl import URL
 
 from gateway.redis_server import RedisServer, free_port
 
-from .harness import (
-    ROOT,
-    GatewayProcess,
-    Upstream,
-    auth,
-    gateway_config,
-    hs_token,
-    seed_policy,
-)
+from .support.gateway_process import ROOT, GatewayProcess, gateway_config, seed_policy
+from .support.tokens import auth, hs_token
+from .support.upstream import Upstream
 
 MODEL = {"model": "gpt-mock"}  # every proxied request names its model (a GET or HEAD to /v1/models need not)
 

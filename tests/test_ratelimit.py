@@ -7,16 +7,7 @@ import pytest
 from gateway.ratelimit import LocalLimiter, RateResult, _format_duration, rate_keys
 from gateway.settings import Tier
 
-
-class FakeClock:
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from .support.clock import FakeClock
 
 
 def tier(rpm: int = 60, burst: int = 5, tpm: int | None = None) -> Tier:
@@ -24,7 +15,7 @@ def tier(rpm: int = 60, burst: int = 5, tpm: int | None = None) -> Tier:
 
 
 def test_burst_then_steady_rate() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     limiter = LocalLimiter(clock=clock)
     limits = tier(rpm=60, burst=5)
     results = [limiter.check("alice", "m", limits) for _ in range(6)]
@@ -54,7 +45,7 @@ def test_not_a_fixed_window() -> None:
 
 
 def test_retry_after_is_when_a_retry_passes() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     limiter = LocalLimiter(clock=clock)
     limits = tier(rpm=7, burst=1)  # 8.57 s between requests: Retry-After must round up
     assert limiter.check("a", "m", limits).allowed
@@ -67,7 +58,7 @@ def test_retry_after_is_when_a_retry_passes() -> None:
 
 
 def test_reset_is_time_to_full_or_to_next_pass() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     limiter = LocalLimiter(clock=clock)
     limits = tier(rpm=60, burst=3)
     first = limiter.check("a", "m", limits)
@@ -81,7 +72,7 @@ def test_reset_is_time_to_full_or_to_next_pass() -> None:
 
 
 def test_subjects_and_models_are_separate() -> None:
-    limiter = LocalLimiter(clock=FakeClock())
+    limiter = LocalLimiter(clock=FakeClock(1000.0))
     limits = tier(rpm=1, burst=1)
     assert limiter.check("a", "m1", limits).allowed
     assert limiter.check("a", "m2", limits).allowed
@@ -120,7 +111,7 @@ def test_token_budget_and_sliding_window() -> None:
 
 
 def test_token_block_consumes_no_request() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     limiter = LocalLimiter(clock=clock)
     limits = tier(rpm=1, burst=2, tpm=10)
     assert limiter.check("a", "m", limits).remaining == 1
@@ -132,7 +123,7 @@ def test_token_block_consumes_no_request() -> None:
 
 
 def test_no_token_limit_means_no_token_fields() -> None:
-    limiter = LocalLimiter(clock=FakeClock())
+    limiter = LocalLimiter(clock=FakeClock(1000.0))
     limits = tier(tpm=None)
     limiter.charge("a", "m", limits, 10**9)
     result = limiter.check("a", "m", limits)
@@ -142,7 +133,7 @@ def test_no_token_limit_means_no_token_fields() -> None:
 
 
 def test_memory_is_bounded_and_recent_callers_kept() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     limiter = LocalLimiter(clock=clock, max_keys=100)
     limits = tier(rpm=1, burst=1)
     assert limiter.check("busy", "m", limits).allowed

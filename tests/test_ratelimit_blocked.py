@@ -11,7 +11,8 @@ from gateway.ratelimit import RateLimiter
 from gateway.redis_server import free_port
 from gateway.settings import Tier
 
-from .test_ratelimit_redis import FakeClock, ScriptClient
+from .support.clock import FakeClock
+from .test_ratelimit_redis import ScriptClient
 
 T0 = 1_700_000_000.0
 TIERS = {

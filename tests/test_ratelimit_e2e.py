@@ -14,8 +14,10 @@ import redis as redis_sync
 
 from gateway.redis_server import RedisServer
 
-from .faultproxy import FaultProxy
-from .harness import CHAT, GatewayProcess, Upstream, auth, gateway_config, hs_token, seed_policy
+from .support.faultproxy import FaultProxy
+from .support.gateway_process import CHAT, GatewayProcess, gateway_config, seed_policy
+from .support.tokens import auth, hs_token
+from .support.upstream import Upstream
 
 TIERS: dict[str, Any] = {
     "public": {"requests_per_minute": 60, "burst": 10, "stages": ["general"]},

@@ -20,6 +20,8 @@ from gateway.redis_server import RedisServer, free_port
 from gateway.settings import Tier
 from gateway.storage.scripts import lua_source
 
+from .support.clock import FakeClock
+
 LUA_DIR = Path(__file__).resolve().parent.parent / "gateway" / "lua"
 
 
@@ -52,17 +54,6 @@ class ScriptClient:
 
     async def close(self) -> None:
         await self.redis.aclose()
-
-
-class FakeClock:
-    def __init__(self, start: float) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 TIERS = {

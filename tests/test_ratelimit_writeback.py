@@ -22,8 +22,9 @@ from gateway.settings import Tier
 from gateway.storage.clients import StoreUnavailable
 from gateway.storage.store import Store
 
-from .faultproxy import FaultProxy
-from .test_ratelimit_redis import T0, FakeClock, ScriptClient
+from .support.clock import FakeClock
+from .support.faultproxy import FaultProxy
+from .test_ratelimit_redis import T0, ScriptClient
 
 TIERS = {
     "burst5": Tier(requests_per_minute=6, burst=5, tokens_per_minute=None),

@@ -28,8 +28,10 @@ import redis as redis_sync
 
 from gateway.redis_server import RedisServer
 
-from .faultproxy import FaultProxy
-from .harness import BASE_POLICY, CHAT, GatewayProcess, Upstream, gateway_config, hs_token, seed_policy
+from .support.faultproxy import FaultProxy
+from .support.gateway_process import BASE_POLICY, CHAT, GatewayProcess, gateway_config, seed_policy
+from .support.tokens import hs_token
+from .support.upstream import Upstream
 
 ALLOWED = hs_token("alice", country="US", tier="partner")
 DENIED = hs_token("ivan", country="IR", tier="partner")
@@ -393,7 +395,7 @@ def test_admin_reads_while_redis_resets_connections_are_never_500(upstream: Upst
     import urllib.error
     import urllib.request
 
-    from .harness import ADMIN_TOKEN
+    from .support.gateway_process import ADMIN_TOKEN
 
     with RedisServer() as redis:
         seed_policy(redis.url)

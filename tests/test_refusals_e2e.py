@@ -14,7 +14,9 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from .harness import ADMIN_TOKEN, BASE_POLICY, GatewayProcess, Upstream, auth, gateway_config, hs_token, seeded_gateway
+from .support.gateway_process import ADMIN_TOKEN, BASE_POLICY, GatewayProcess, gateway_config, seeded_gateway
+from .support.tokens import auth, hs_token
+from .support.upstream import Upstream
 
 BLOCKED_PER_MINUTE = 5
 TIERS: dict[str, Any] = {

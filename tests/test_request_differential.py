@@ -49,8 +49,9 @@ from hypothesis import strategies as st
 
 from gateway.redis_server import RedisServer, free_port
 
-from .harness import BASE_POLICY, ROOT, GatewayProcess, gateway_config, hs_token, seed_policy
-from .rawhttp import RawConnection, RawResponse, request
+from .support.gateway_process import BASE_POLICY, ROOT, GatewayProcess, gateway_config, seed_policy
+from .support.rawhttp import RawConnection, RawResponse, request
+from .support.tokens import hs_token
 
 GO_SOURCE = ROOT / "tests" / "upstreams" / "godecoder"
 RESTRICTED, OPEN = "frontier-x", "gpt-mock"
@@ -104,6 +105,8 @@ def go_upstream(go_decoder: Path) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(10)
+        if proc.stderr is not None:
+            proc.stderr.close()  # a pipe left open is a ResourceWarning
 
 
 def _model_of(document: Any) -> str | None:

@@ -22,8 +22,10 @@ import pytest
 
 from gateway.redis_server import RedisServer
 
-from .harness import BASE_POLICY, GatewayProcess, Seen, Upstream, gateway_config, hs_token, seed_policy
-from .rawhttp import RawConnection, RawResponse, exchange, request
+from .support.gateway_process import BASE_POLICY, GatewayProcess, gateway_config, seed_policy
+from .support.rawhttp import RawConnection, RawResponse, exchange, request
+from .support.tokens import hs_token
+from .support.upstream import Seen, Upstream
 
 RESTRICTED, OPEN = "frontier-x", "gpt-mock"
 CN = hs_token("cn-caller", country="CN", tier="partner", org="acme")

@@ -20,7 +20,7 @@ import pytest
 
 from gateway.redis_server import free_port
 
-from .harness import ROOT
+from .support.gateway_process import ROOT
 
 SCRIPT = ROOT / "scripts" / "run-dev.sh"
 
@@ -119,6 +119,8 @@ def test_overridden_ports_are_used_printed_and_served(tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        assert proc.stdout is not None
+        proc.stdout.close()  # a pipe left open is a ResourceWarning
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and any(_port_open(p) for p in (public, admin, mock)):
         time.sleep(0.1)

@@ -21,20 +21,19 @@ from gateway.settings import ConfigError, parse_settings
 from gateway.storage.clients import StoreUnavailable
 from gateway.storage.store import Store
 
-from .harness import (
+from .support.gateway_process import (
     ADMIN_TOKEN,
     CHAT,
     SCALE_TIERS,
     GatewayProcess,
-    Upstream,
-    auth,
     first_status,
     gateway_config,
-    hs_token,
     post_chat,
     seed_policy,
 )
-from .topology import TlsFiles, TlsRedisServer, make_tls_files
+from .support.tokens import auth, hs_token
+from .support.topology import TlsFiles, TlsRedisServer, make_tls_files
+from .support.upstream import Upstream
 
 TIERS = SCALE_TIERS
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -150,6 +149,9 @@ def test_tls_settings_are_checked_at_start(tls_files: TlsFiles, tmp_path: Path) 
     assert redis_settings("redis://127.0.0.1:6379/0").tls_options() == {}
 
 
+# A unix socket of the store's is left for the garbage collector here (ResourceWarning, reported as unraisable);
+# not yet traced to its owner (the store's unix-socket connection is the suspect). Ignored for this test only.
+@pytest.mark.filterwarnings("ignore:Exception ignored in. <socket.socket:pytest.PytestUnraisableExceptionWarning")
 async def test_unix_socket_url() -> None:
     with RedisServer(unix_socket=True) as server:
         assert server.url.startswith("unix://")

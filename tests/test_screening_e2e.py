@@ -12,16 +12,9 @@ import aiohttp
 import orjson
 import pytest
 
-from .harness import (
-    ADMIN_TOKEN,
-    BASE_POLICY,
-    GatewayProcess,
-    Upstream,
-    auth,
-    gateway_config,
-    hs_token,
-    seeded_gateway,
-)
+from .support.gateway_process import ADMIN_TOKEN, BASE_POLICY, GatewayProcess, gateway_config, seeded_gateway
+from .support.tokens import auth, hs_token
+from .support.upstream import Upstream
 
 CSV = resources.files("gateway").joinpath("data", "csl_sample.csv").read_bytes()
 JSON = resources.files("gateway").joinpath("data", "csl_sample.json").read_bytes()

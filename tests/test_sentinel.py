@@ -1,6 +1,6 @@
 """Redis Sentinel: a gateway on ``redis+sentinel://`` follows a failover of a killed primary.
 
-A real primary, replica and three Sentinels on loopback (tests/topology.py). The
+A real primary, replica and three Sentinels on loopback (tests/support/topology.py). The
 primary is SIGKILLed mid-traffic; the test checks what callers saw during the
 failover window (only decided answers: the last snapshot's 200/451, or 503
 ``policy_stale``; never a 500, never a denied caller admitted), that pub/sub and
@@ -29,19 +29,10 @@ from gateway.storage.keys import list_key
 from gateway.storage.ops import HashSet
 from gateway.storage.store import Store
 
-from .harness import (
-    CHAT,
-    ENTRY,
-    GatewayProcess,
-    Upstream,
-    auth,
-    delete_entry,
-    gateway_config,
-    hs_token,
-    seed_policy,
-    write_entry,
-)
-from .topology import SentinelTopology
+from .support.gateway_process import CHAT, ENTRY, GatewayProcess, delete_entry, gateway_config, seed_policy, write_entry
+from .support.tokens import auth, hs_token
+from .support.topology import SentinelTopology
+from .support.upstream import Upstream
 
 # A generous tier: this test is about failover, not quotas.
 TIERS: dict[str, Any] = {"partner": {"requests_per_minute": 600000, "burst": 100000,

@@ -11,7 +11,7 @@ import pytest
 from gateway.redis_server import RedisServer
 from gateway.storage.wire import DeadlineExceeded, ReplyError, RespConnection, WireError, pack
 
-from .faultproxy import FaultProxy
+from .support.faultproxy import FaultProxy
 
 
 async def test_replies_match_commands_through_a_cancellation_storm(redis_url: str) -> None:

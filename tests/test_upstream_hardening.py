@@ -21,9 +21,10 @@ import pytest
 
 from gateway.redis_server import RedisServer, free_port
 
-from .harness import GatewayProcess, gateway_config, hs_token, seed_policy
-from .rawhttp import ProtocolViolation, RawConnection, RawResponse, ResponseParser, request
-from .servers import read_request, serve_in_thread
+from .support.gateway_process import GatewayProcess, gateway_config, seed_policy
+from .support.rawhttp import ProtocolViolation, RawConnection, RawResponse, ResponseParser, request
+from .support.servers import read_request, serve_in_thread
+from .support.tokens import hs_token
 
 PARSERS = {"llhttp": {}, "python": {"AIOHTTP_NO_EXTENSIONS": "1"}}
 CHAT = b'{"model": "gpt-mock", "messages": []}'
@@ -350,9 +351,10 @@ def test_redirects_are_relayed_as_is_and_never_followed(gw: GatewayProcess, clea
 
 def _rss_kib(gw: GatewayProcess) -> int:
     assert gw.proc is not None
-    for line in open(f"/proc/{gw.proc.pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
+    with open(f"/proc/{gw.proc.pid}/status") as status:  # closed on the early return (ResourceWarning)
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
     raise AssertionError("no VmRSS")
 
 

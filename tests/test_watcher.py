@@ -29,7 +29,7 @@ from gateway.storage.policy_store import KnownRevisions
 from gateway.storage.store import Store
 from gateway.watcher import PolicyWatcher
 
-from .harness import BASE_POLICY, ENTRY
+from .support.gateway_process import BASE_POLICY, ENTRY
 
 TIERS = ("public", "partner", "internal")
 

@@ -271,7 +271,7 @@ def _request_model(
     return None, _block(snapshot, MODEL_REQUIRED, message, screening=screening)
 
 
-def decide(
+def decide(  # noqa: C901 - complexity 17, the most in its module: to be split
     snapshot: Snapshot | None,
     caller: Caller,
     model: str | None,

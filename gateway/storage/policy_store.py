@@ -246,7 +246,7 @@ class PolicyStore(RedisAccess):
         raw = await self._bounded("write", self.client.get(WRITE_MARK_PREFIX + write_id), self.load_timeout_s)
         return None if raw is None else int(raw)
 
-    async def _write_once(self, plan: OpsPlan, *, actor: str, now_iso: str, target: str,
+    async def _write_once(self, plan: OpsPlan, *, actor: str, now_iso: str, target: str,  # noqa: C901 - complexity 16, the most in its module: to be split
                           import_whole: bool, write_id: str, changes: list[Change]) -> None:
         async with self.client.pipeline(transaction=True) as pipe:
             await pipe.watch(VERSION_KEY)

@@ -1,21 +1,20 @@
-"""Test helpers for identity: signing keys, minted and forged tokens, JWK sets and a loopback JWKS server."""
+"""JWT minting for tests: signing keys, minted and forged tokens, JWK sets, and the HS256 tokens that
+gateway processes accept."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import contextlib
 import hashlib
 import hmac
 import json
 import secrets
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import jwt
-from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
@@ -23,6 +22,8 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 ISSUER = "https://idp.example"
 AUDIENCE = "model-gateway"
 DROP = object()  # a claim value meaning "leave this claim out"
+# The HS256 secret GatewayProcess hands its gateways (as TEST_HS256_SECRET).
+HS_SECRET = "test-hs256-secret-of-sufficient-length-0123456789"
 
 
 @dataclass(frozen=True)
@@ -157,136 +158,14 @@ def jwks_document(keys: Iterable[SigningKey | Mapping[str, Any]]) -> dict[str, A
     return {"keys": [dict(k) if isinstance(k, Mapping) else k.jwk() for k in keys]}
 
 
-class FakeClock:
-    """A clock that moves only when told to."""
-
-    def __init__(self, now: float = 1_750_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+def hs_token(subject: str = "alice", *, org: str | None = "acme", country: str | None = "US",
+             tier: str | None = "partner", org_name: str | None = None, ttl: int = 3600,
+             **extra: Any) -> str:
+    now = int(time.time())
+    claims: dict[str, Any] = {"sub": subject, "iss": ISSUER, "aud": AUDIENCE, "iat": now, "exp": now + ttl,
+                              "org": org, "country": country, "tier": tier, "org_name": org_name, **extra}
+    return jwt.encode({k: v for k, v in claims.items() if v is not None}, HS_SECRET, algorithm="HS256")
 
 
-class JwksServer:
-    """A loopback HTTP server publishing a JWK set at ``/jwks.json``; counts hits, can fail or stall."""
-
-    def __init__(self, document: Mapping[str, Any] | None = None) -> None:
-        self.document: Any = dict(document or {"keys": []})
-        self.hits = 0  # requests received
-        self.served = 0  # responses completed
-        self.status = 200
-        self.delay_s = 0.0
-        self.redirect_to: str | None = None
-        self.raw_body: bytes | None = None
-        self._release = asyncio.Event()
-        self._runner: web.AppRunner | None = None
-        self.port = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/jwks.json"
-
-    async def start(self) -> JwksServer:
-        app = web.Application()
-        app.router.add_get("/jwks.json", self._handle)
-        self._runner = web.AppRunner(app, shutdown_timeout=1.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
-        return self
-
-    async def close(self) -> None:
-        self._release.set()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    def release(self) -> None:
-        """Let the requests stalled so far finish now; later ones stall for ``delay_s`` again."""
-        self._release.set()
-        self._release = asyncio.Event()
-
-    async def __aenter__(self) -> JwksServer:
-        return await self.start()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        self.hits += 1
-        if self.delay_s:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._release.wait(), self.delay_s)
-        self.served += 1
-        if self.redirect_to is not None:
-            raise web.HTTPFound(self.redirect_to)
-        if self.status != 200:
-            return web.Response(status=self.status, text="unavailable")
-        body = self.raw_body if self.raw_body is not None else json.dumps(self.document).encode()
-        return web.Response(body=body, content_type="application/json")
-
-
-class ConnectionCounter:
-    """A loopback TCP listener that only counts the connections it accepts."""
-
-    def __init__(self) -> None:
-        self.connections = 0
-        self._server: asyncio.Server | None = None
-        self.port = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/keys"
-
-    async def __aenter__(self) -> ConnectionCounter:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        writer.close()
-
-
-async def eventually(condition: Any, timeout_s: float = 5.0) -> None:
-    """Wait (polling the loop) until ``condition()`` is true; fail after ``timeout_s``."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
-
-
-class BackgroundLoop:
-    """An asyncio loop in a daemon thread, so loopback servers (JwksServer, ConnectionCounter) keep
-    serving a gateway process while test code blocks or runs an event loop of its own."""
-
-    def __init__(self) -> None:
-        import threading
-
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="test-background-loop")
-        self._thread.start()
-
-    def run(self, coroutine: Any, timeout_s: float = 10.0) -> Any:
-        """Run ``coroutine`` on the background loop and wait for its result."""
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout_s)
-
-    def call(self, function: Any, *args: Any) -> None:
-        """Call ``function(*args)`` on the background loop (e.g. to set one of its asyncio.Events)."""
-        self.loop.call_soon_threadsafe(function, *args)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
+def auth(token: str | None = None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token or hs_token()}"}

@@ -99,9 +99,9 @@ class FaultProxy:
 
     def start_process(self) -> FaultProxy:
         """Run the proxy in a child process; ``set`` and ``stop`` reach it over its stdin."""
-        root = Path(__file__).resolve().parent.parent
+        root = Path(__file__).resolve().parent.parent.parent
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "tests.faultproxy", str(self.target_port), str(self.port)],
+            [sys.executable, "-m", "tests.support.faultproxy", str(self.target_port), str(self.port)],
             cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self._process.stdout is not None and self._process.stdout.readline().strip() == "ready"
         self._control = self._process

@@ -1,4 +1,4 @@
-"""Real parts for black-box tests: a programmable loopback upstream and gateway processes."""
+"""Gateway processes for black-box tests: their config, start and stop, and the policy seeded into their Redis."""
 
 from __future__ import annotations
 
@@ -8,39 +8,20 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jwt
-import orjson
 import yaml
-from aiohttp import web
 
 from gateway.redis_server import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
-HS_SECRET = "test-hs256-secret-of-sufficient-length-0123456789"
+from .tokens import HS_SECRET, auth
+
+ROOT = Path(__file__).resolve().parent.parent.parent
 ADMIN_TOKEN = "test-admin-token"
-ISSUER = "https://idp.example"
-AUDIENCE = "model-gateway"
-
-
-def hs_token(subject: str = "alice", *, org: str | None = "acme", country: str | None = "US",
-             tier: str | None = "partner", org_name: str | None = None, ttl: int = 3600,
-             **extra: Any) -> str:
-    now = int(time.time())
-    claims: dict[str, Any] = {"sub": subject, "iss": ISSUER, "aud": AUDIENCE, "iat": now, "exp": now + ttl,
-                              "org": org, "country": country, "tier": tier, "org_name": org_name, **extra}
-    return jwt.encode({k: v for k, v in claims.items() if v is not None}, HS_SECRET, algorithm="HS256")
-
-
-def auth(token: str | None = None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token or hs_token()}"}
 
 
 BASE_POLICY: dict[str, Any] = {
@@ -55,141 +36,6 @@ BASE_POLICY: dict[str, Any] = {
                      "export_suspended": False},
     },
 }
-
-
-# --- upstream ----------------------------------------------------------------------------------
-
-
-@dataclass
-class Seen:
-    method: str
-    raw_path: str
-    headers: list[tuple[str, str]]
-    body: bytes
-
-
-@dataclass
-class Upstream:
-    """A loopback aiohttp model server in a thread; tests program it and read what it saw."""
-
-    port: int = field(default_factory=free_port)
-    seen: list[Seen] = field(default_factory=list)
-    release: threading.Event = field(default_factory=threading.Event)
-    disconnected: threading.Event = field(default_factory=threading.Event)
-    usage_tokens: int = 42
-    # What GET .../models lists (the gateway answers a caller only the ones it may use).
-    model_ids: list[str] = field(default_factory=lambda: ["gpt-mock"])
-    _loop: asyncio.AbstractEventLoop | None = None
-    _thread: threading.Thread | None = None
-    _runner: web.AppRunner | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def reset(self) -> None:
-        self.seen.clear()
-        self.release = threading.Event()
-        self.disconnected = threading.Event()
-
-    async def _record(self, request: web.Request) -> bytes:
-        body = await request.read()
-        self.seen.append(Seen(request.method, request.raw_path, list(request.headers.items()), body))
-        return body
-
-    async def echo(self, request: web.Request) -> web.Response:
-        body = await self._record(request)
-        headers = {"X-Upstream": "yes", "Connection": "X-Secret-Hop", "X-Secret-Hop": "leak",
-                   "Keep-Alive": "timeout=5", "Proxy-Authenticate": "Basic"}
-        document = {"method": request.method, "path": request.raw_path, "body": body.decode("latin-1"),
-                    "headers": {str(k): v for k, v in request.headers.items()},
-                    "usage": {"prompt_tokens": 1, "completion_tokens": self.usage_tokens - 1,
-                              "total_tokens": self.usage_tokens}}
-        if request.path.endswith("/models"):  # an OpenAI-style model list, with the echo alongside
-            document.update({"object": "list", "data": [{"id": m, "object": "model"} for m in self.model_ids]})
-        return web.Response(body=orjson.dumps(document), content_type="application/json", headers=headers)
-
-    async def stream(self, request: web.Request) -> web.StreamResponse:
-        """First event at once, the rest only after ``release`` is set by the test."""
-        await self._record(request)
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        await response.write(b'data: {"n": 1}\n\n')
-        try:
-            loop = asyncio.get_running_loop()
-            while not self.release.is_set():
-                await asyncio.sleep(0.01)
-                if request.transport is None or request.transport.is_closing():
-                    raise ConnectionResetError
-                if loop.time() > 1e12:  # pragma: no cover
-                    break
-            await response.write(b'data: {"n": 2}\n\n')
-            usage = {"usage": {"prompt_tokens": 1, "completion_tokens": self.usage_tokens - 1,
-                               "total_tokens": self.usage_tokens}}
-            await response.write(b"data: " + orjson.dumps(usage) + b"\n\ndata: [DONE]\n\n")
-            await response.write_eof()
-        except (ConnectionResetError, asyncio.CancelledError):
-            self.disconnected.set()
-            raise
-        return response
-
-    async def stall(self, request: web.Request) -> web.Response:
-        await self._record(request)
-        await asyncio.sleep(float(request.query.get("s", "30")))
-        return web.Response(text="late")
-
-    async def stall_mid_stream(self, request: web.Request) -> web.StreamResponse:
-        await self._record(request)
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        await response.write(b'data: {"n": 1}\n\n')
-        await asyncio.sleep(float(request.query.get("s", "30")))
-        return response
-
-    async def chunked(self, request: web.Request) -> web.StreamResponse:
-        await self._record(request)
-        response = web.StreamResponse(headers={"Content-Type": "text/plain"})
-        response.enable_chunked_encoding()
-        await response.prepare(request)
-        for i in range(5):
-            await response.write(f"part{i};".encode())
-        await response.write_eof()
-        return response
-
-    def _app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_route("*", "/stream", self.stream)
-        app.router.add_route("*", "/v1/stream", self.stream)
-        app.router.add_route("*", "/stall", self.stall)
-        app.router.add_route("*", "/stall-mid-stream", self.stall_mid_stream)
-        app.router.add_route("*", "/chunked", self.chunked)
-        app.router.add_route("*", "/{tail:.*}", self.echo)
-        return app
-
-    def start(self) -> Upstream:
-        ready = threading.Event()
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            self._runner = web.AppRunner(self._app(), access_log=None, handler_cancellation=True)
-            loop.run_until_complete(self._runner.setup())
-            loop.run_until_complete(web.TCPSite(self._runner, "127.0.0.1", self.port).start())
-            ready.set()
-            loop.run_forever()
-            loop.run_until_complete(self._runner.cleanup())
-            loop.close()
-
-        self._thread = threading.Thread(target=run, daemon=True, name="test-upstream")
-        self._thread.start()
-        ready.wait(10)
-        return self
-
-    def stop(self) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None:
-            self._thread.join(10)
 
 
 # --- gateway processes -------------------------------------------------------------------------
@@ -397,12 +243,3 @@ async def first_status(client: Any, gateway: GatewayProcess, token: str, status:
             return time.monotonic() - started
         await asyncio.sleep(0.01)
     raise AssertionError(f"{gateway.url} did not answer {status} within {within}s")
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 5, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
