@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export GATEWAY_DEV_HS256_SECRET ?= dev-only-hs256-secret-not-for-production-use
 export GATEWAY_ADMIN_TOKEN ?= dev-admin-token
 
-.PHONY: install run test soak bench bench-ab lint typecheck clean
+.PHONY: install run test soak bench bench-ab lint format typecheck clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,8 @@ run: $(STAMP)
 # `make test SEED=N` repeats that order (`$(BIN)/pytest -p no:randomly` runs them in file order).
 test: $(STAMP)
 	$(BIN)/ruff check gateway tests bench
+	$(BIN)/ruff format --check gateway tests bench
+	$(BIN)/mypy gateway
 	@seed=$${SEED:-$$($(BIN)/python -c 'import random; print(random.randrange(1 << 32))')}; \
 	echo "test order: --randomly-seed=$$seed (make test SEED=$$seed repeats it)"; \
 	$(BIN)/pytest -q --randomly-seed=$$seed
@@ -41,8 +43,13 @@ bench-ab: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check gateway tests bench
+	$(BIN)/ruff format --check gateway tests bench
 
-# mypy --strict over the gateway package ([tool.mypy] in pyproject.toml); not yet part of `make test`.
+# `ruff format` rewrites the files; `make test` and `make lint` only check them.
+format: $(STAMP)
+	$(BIN)/ruff format gateway tests bench
+
+# mypy --strict over the gateway package ([tool.mypy] in pyproject.toml); `make test` runs it too.
 typecheck: $(STAMP)
 	$(BIN)/mypy gateway
 

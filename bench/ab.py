@@ -26,10 +26,13 @@ from bench.run import ROOT, SECRET, ensure_wrk, gateway_config, run_wrk, token, 
 from gateway.redis_server import RedisServer, free_port
 
 POLICY: dict[str, Any] = {
-    "lists": {"deny-countries": {"IR": {"reason": "bench", "source": "bench"}}, "deny-entities": {},
-              "partners": {}, "ip-ranges": {}},
-    "models": {"gpt-mock": {"stage": "general", "timeline": [], "allowed_countries": None,
-                            "export_suspended": False}},
+    "lists": {
+        "deny-countries": {"IR": {"reason": "bench", "source": "bench"}},
+        "deny-entities": {},
+        "partners": {},
+        "ip-ranges": {},
+    },
+    "models": {"gpt-mock": {"stage": "general", "timeline": [], "allowed_countries": None, "export_suspended": False}},
     "api_keys": {},
     "screening": {"entries": []},
 }
@@ -63,9 +66,11 @@ def main() -> None:
 
     try:
         with ExitStack() as stack:
+
             def spawn(tree: Path, *argv: str) -> None:
-                procs.append(subprocess.Popen([sys.executable, "-m", *argv], cwd=tree,
-                                              env={**env, "PYTHONPATH": str(tree)}))
+                procs.append(
+                    subprocess.Popen([sys.executable, "-m", *argv], cwd=tree, env={**env, "PYTHONPATH": str(tree)})
+                )
 
             upstream_port, bare_port = free_port(), free_port()
             upstream = f"http://127.0.0.1:{upstream_port}"
@@ -76,8 +81,7 @@ def main() -> None:
             for name, tree in (("gateway_ref", baseline), ("gateway_this", ROOT)):
                 redis = stack.enter_context(RedisServer())
                 config_path, config = gateway_config(Path(tempfile.mkdtemp(dir=work)), upstream, redis.url)
-                spawn(tree, "gateway", "serve", "--config", str(config_path),
-                      "--bootstrap-policy", str(policy_file))
+                spawn(tree, "gateway", "serve", "--config", str(config_path), "--bootstrap-policy", str(policy_file))
                 wait_http(f"http://127.0.0.1:{config['admin']['port']}/readyz", timeout=60)
                 ports[name] = config["listen"]["port"]
             stack.callback(stop)  # last registered, first run: the gateways stop before their Redis
@@ -85,8 +89,15 @@ def main() -> None:
             rounds: dict[str, list[dict[str, float]]] = {name: [] for name in ports}
             for _ in range(args.rounds):
                 for name, port in ports.items():
-                    rounds[name].append(run_wrk(f"http://127.0.0.1:{port}/v1/chat/completions", script,
-                                                connections=32, threads=2, seconds=args.seconds))
+                    rounds[name].append(
+                        run_wrk(
+                            f"http://127.0.0.1:{port}/v1/chat/completions",
+                            script,
+                            connections=32,
+                            threads=2,
+                            seconds=args.seconds,
+                        )
+                    )
             report(args.ref, rounds)
     finally:
         stop()
@@ -97,16 +108,22 @@ def report(ref: str, rounds: dict[str, list[dict[str, float]]]) -> None:
     print(f"\n{'path':<16} {'req/s (median)':>15} {'p99 ms':>8}   req/s of each round")
     for name, runs in rounds.items():
         rps = [run["rps"] for run in runs]
-        print(f"{name:<16} {statistics.median(rps):>15,.0f} {statistics.median(r['p99_ms'] for r in runs):>8.2f}"
-              f"   {', '.join(f'{value:,.0f}' for value in rps)}")
+        print(
+            f"{name:<16} {statistics.median(rps):>15,.0f} {statistics.median(r['p99_ms'] for r in runs):>8.2f}"
+            f"   {', '.join(f'{value:,.0f}' for value in rps)}"
+        )
     bare = [run["rps"] for run in rounds["bare_proxy"]]
     for name in ("gateway_ref", "gateway_this"):
         ratios = [run["rps"] / b for run, b in zip(rounds[name], bare, strict=True)]
-        print(f"{name} / bare proxy: median {statistics.median(ratios):.3f}x "
-              f"(rounds {', '.join(f'{r:.3f}' for r in ratios)})")
+        print(
+            f"{name} / bare proxy: median {statistics.median(ratios):.3f}x "
+            f"(rounds {', '.join(f'{r:.3f}' for r in ratios)})"
+        )
     pairs = [this["rps"] / old["rps"] for this, old in zip(rounds["gateway_this"], rounds["gateway_ref"], strict=True)]
-    print(f"this tree / {ref}: median {statistics.median(pairs):.3f}x (rounds {', '.join(f'{r:.3f}' for r in pairs)})"
-          f"  [{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}]")
+    print(
+        f"this tree / {ref}: median {statistics.median(pairs):.3f}x (rounds {', '.join(f'{r:.3f}' for r in pairs)})"
+        f"  [{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}]"
+    )
 
 
 if __name__ == "__main__":

@@ -18,8 +18,12 @@ import orjson
 from gateway.mock_upstream import MODELS, completion
 
 BODY = orjson.dumps(completion(MODELS[0], 12))
-RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
-            + str(len(BODY)).encode() + b"\r\n\r\n" + BODY)
+RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+    + str(len(BODY)).encode()
+    + b"\r\n\r\n"
+    + BODY
+)
 
 
 class Responder(asyncio.Protocol):
@@ -36,10 +40,10 @@ class Responder(asyncio.Protocol):
         while (end := self.buffer.find(b"\r\n\r\n")) >= 0:
             head = self.buffer[:end].lower()
             at = head.find(b"\r\ncontent-length:")
-            length = int(head[at + 17:].split(b"\r\n", 1)[0]) if at >= 0 else 0
+            length = int(head[at + 17 :].split(b"\r\n", 1)[0]) if at >= 0 else 0
             if len(self.buffer) < end + 4 + length:
                 return  # the body is still coming
-            self.buffer = self.buffer[end + 4 + length:]
+            self.buffer = self.buffer[end + 4 + length :]
             self.transport.write(RESPONSE)
 
 

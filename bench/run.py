@@ -50,9 +50,20 @@ def wait_http(url: str, timeout: float = 20) -> None:
 
 def token(tier: str = "bench") -> str:
     now = int(time.time())
-    return jwt.encode({"sub": "bench-user", "org": "bench-org", "country": "US", "tier": tier,
-                       "iss": "https://idp.example", "aud": "model-gateway", "iat": now, "exp": now + 86400},
-                      SECRET, algorithm="HS256")
+    return jwt.encode(
+        {
+            "sub": "bench-user",
+            "org": "bench-org",
+            "country": "US",
+            "tier": tier,
+            "iss": "https://idp.example",
+            "aud": "model-gateway",
+            "iat": now,
+            "exp": now + 86400,
+        },
+        SECRET,
+        algorithm="HS256",
+    )
 
 
 def wrk_script(directory: Path, bearer: str, name: str = "post") -> Path:
@@ -61,7 +72,8 @@ def wrk_script(directory: Path, bearer: str, name: str = "post") -> Path:
         'wrk.method = "POST"\n'
         f"wrk.body = '{BODY}'\n"
         'wrk.headers["Content-Type"] = "application/json"\n'
-        f'wrk.headers["Authorization"] = "Bearer {bearer}"\n')
+        f'wrk.headers["Authorization"] = "Bearer {bearer}"\n'
+    )
     return path
 
 
@@ -76,8 +88,12 @@ def _ms(text: str) -> float:
 
 
 def run_wrk(url: str, script: Path, *, connections: int, threads: int, seconds: int) -> dict[str, float]:
-    output = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency",
-                             "-s", str(script), url], capture_output=True, text=True, check=True).stdout
+    output = subprocess.run(
+        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
     p50 = _ms(re.search(r"^\s+50%\s+(\S+)", output, re.M).group(1))  # type: ignore[union-attr]
     p99 = _ms(re.search(r"^\s+99%\s+(\S+)", output, re.M).group(1))  # type: ignore[union-attr]
@@ -101,12 +117,17 @@ def gateway_config(directory: Path, upstream: str, redis_url: str) -> tuple[Path
         "upstream": {"url": upstream},
         "redis": {"url": redis_url},
         "auth": {"algorithms": ["HS256"], "hs256_secret_env": "BENCH_HS256_SECRET"},
-        "tiers": {"bench": {"requests_per_minute": 100_000_000, "burst": 1_000_000,
-                            "tokens_per_minute": 1_000_000_000_000, "stages": ["general"]},
-                  # The same path with request limits only: one Redis call per request, no usage capture.
-                  "bench-requests": {"requests_per_minute": 100_000_000, "burst": 1_000_000,
-                                     "stages": ["general"]},
-                  "public": {"requests_per_minute": 60, "burst": 10, "stages": ["general"]}},
+        "tiers": {
+            "bench": {
+                "requests_per_minute": 100_000_000,
+                "burst": 1_000_000,
+                "tokens_per_minute": 1_000_000_000_000,
+                "stages": ["general"],
+            },
+            # The same path with request limits only: one Redis call per request, no usage capture.
+            "bench-requests": {"requests_per_minute": 100_000_000, "burst": 1_000_000, "stages": ["general"]},
+            "public": {"requests_per_minute": 60, "burst": 10, "stages": ["general"]},
+        },
         "audit": {"spool_dir": str(directory / "spool")},
         "logging": {"level": "warning"},
     }
@@ -125,9 +146,12 @@ def seed(redis_url: str, *, entities: int = 0, partners: int = 0) -> None:
         "partners": {f"org-{i}": {"reason": "bench", "source": "bench"} for i in range(partners)},
         "ip-ranges": {},
     }
-    document = {"lists": lists, "models": {"gpt-mock": {"stage": "general", "timeline": [],
-                                                        "allowed_countries": None,
-                                                        "export_suspended": False}}}
+    document = {
+        "lists": lists,
+        "models": {
+            "gpt-mock": {"stage": "general", "timeline": [], "allowed_countries": None, "export_suspended": False}
+        },
+    }
 
     async def run() -> None:
         store = Store.from_url(redis_url, timeout_s=30)
@@ -163,6 +187,7 @@ def policy_scale(gateway_pid: int, admin: str, redis_url: str) -> dict[str, floa
         state = readyz(admin)
     visible_s = round(time.perf_counter() - started, 3)
     first_reload = state.get("last_reload_ms", -1.0)
+
     # Then the steady state: a change reads the changed entry only, whatever the list's size (the
     # changed list's index is copied: a few ms for the 100,000-entry deny-entities list).
     def reload_ms(list_name: str, key: str) -> float:
@@ -174,11 +199,14 @@ def policy_scale(gateway_pid: int, admin: str, redis_url: str) -> dict[str, floa
     small = [reload_ms("deny-countries", "AQ") for _ in range(5)]
     large = [reload_ms("deny-entities", f"bench-entity-{i}") for i in range(5)]
     partners = [reload_ms("partners", f"bench-partner-{i}") for i in range(5)]
-    return {"import_and_visible_s": visible_s, "first_reload_ms": first_reload,
-            "reload_ms_median_small_list_change": statistics.median(small),
-            "reload_ms_median_deny_entities_change": statistics.median(large),
-            "reload_ms_median_partners_change": statistics.median(partners),
-            "rss_mb_large_policy": round(rss_mb(gateway_pid), 1)}
+    return {
+        "import_and_visible_s": visible_s,
+        "first_reload_ms": first_reload,
+        "reload_ms_median_small_list_change": statistics.median(small),
+        "reload_ms_median_deny_entities_change": statistics.median(large),
+        "reload_ms_median_partners_change": statistics.median(partners),
+        "rss_mb_large_policy": round(rss_mb(gateway_pid), 1),
+    }
 
 
 def add_list_entry(redis_url: str, list_name: str = "deny-countries", key: str = "AQ") -> int:
@@ -189,10 +217,19 @@ def add_list_entry(redis_url: str, list_name: str = "deny-countries", key: str =
     async def run() -> int:
         store = Store.from_url(redis_url, timeout_s=5)
         try:
-            entry = {"reason": "bench", "source": "bench", "added_by": "bench",
-                     "added_at": "2026-01-01T00:00:00Z", "expires_at": None}
-            version, _ = await store.write([HashSet(list_key(list_name), key, entry)], actor="bench",
-                                           now_iso="2026-01-01T00:00:00Z", target="bench")
+            entry = {
+                "reason": "bench",
+                "source": "bench",
+                "added_by": "bench",
+                "added_at": "2026-01-01T00:00:00Z",
+                "expires_at": None,
+            }
+            version, _ = await store.write(
+                [HashSet(list_key(list_name), key, entry)],
+                actor="bench",
+                now_iso="2026-01-01T00:00:00Z",
+                target="bench",
+            )
             return version
         finally:
             await store.close()
@@ -211,25 +248,37 @@ def micro_costs() -> dict[str, float]:
     from gateway.policy.wire import build_snapshot
     from gateway.settings import parse_settings
 
-    settings = parse_settings({"upstream": {"url": "http://up"},
-                               "auth": {"algorithms": ["HS256"], "hs256_secret_env": "BENCH_HS256_SECRET"},
-                               "tiers": {"bench": {"stages": ["general"]}, "public": {"stages": ["general"]}}},
-                              environ={"BENCH_HS256_SECRET": SECRET})
-    authenticator = Authenticator(settings.auth, settings.tiers.keys(),
-                                  KeyRing.from_settings(settings.auth, {"BENCH_HS256_SECRET": SECRET}))
+    settings = parse_settings(
+        {
+            "upstream": {"url": "http://up"},
+            "auth": {"algorithms": ["HS256"], "hs256_secret_env": "BENCH_HS256_SECRET"},
+            "tiers": {"bench": {"stages": ["general"]}, "public": {"stages": ["general"]}},
+        },
+        environ={"BENCH_HS256_SECRET": SECRET},
+    )
+    authenticator = Authenticator(
+        settings.auth, settings.tiers.keys(), KeyRing.from_settings(settings.auth, {"BENCH_HS256_SECRET": SECRET})
+    )
     header = f"Bearer {token()}"
     authenticator.authenticate(header, {})
     entry = {"reason": "bench", "source": "bench", "added_by": "b", "added_at": "2026-01-01T00:00:00Z"}
     snapshot = build_snapshot(
-        version=1, generation="g", loaded_at=time.time(), api_keys={},
-        lists={"deny-entities": {f"entity-{i}": json.dumps(entry).encode() for i in range(100_000)},
-               "deny-countries": {"IR": json.dumps(entry).encode()},
-               "partners": {f"org-{i}": entry for i in range(10_000)}, "ip-ranges": {}},
-        models={"gpt-mock": {"stage": "general", "timeline": [], "allowed_countries": None,
-                             "export_suspended": False}})
+        version=1,
+        generation="g",
+        loaded_at=time.time(),
+        api_keys={},
+        lists={
+            "deny-entities": {f"entity-{i}": json.dumps(entry).encode() for i in range(100_000)},
+            "deny-countries": {"IR": json.dumps(entry).encode()},
+            "partners": {f"org-{i}": entry for i in range(10_000)},
+            "ip-ranges": {},
+        },
+        models={"gpt-mock": {"stage": "general", "timeline": [], "allowed_countries": None, "export_suspended": False}},
+    )
     rules = Rules.from_settings(settings)
-    caller = Caller(subject="bench-user", org="bench-org", org_name=None, tier="bench", claimed_country="US",
-                    ip="10.1.2.3")
+    caller = Caller(
+        subject="bench-user", org="bench-org", org_name=None, tier="bench", claimed_country="US", ip="10.1.2.3"
+    )
     now = time.time()
     n = 20_000
     jwt_us = timeit.timeit(lambda: authenticator.authenticate(header, {}), number=n) / n * 1e6
@@ -239,9 +288,11 @@ def micro_costs() -> dict[str, float]:
 
 async def _first_byte_ms(host: str, port: int, path: str) -> float:
     reader, writer = await asyncio.open_connection(host, port)
-    request = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token()}\r\n"
-               f"Content-Type: application/json\r\nContent-Length: {len(STREAM_BODY)}\r\n"
-               f"Connection: close\r\n\r\n{STREAM_BODY}").encode()
+    request = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token()}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(STREAM_BODY)}\r\n"
+        f"Connection: close\r\n\r\n{STREAM_BODY}"
+    ).encode()
     started = time.perf_counter()
     writer.write(request)
     await reader.readuntil(b"data:")  # the first SSE event's first bytes (after the status and headers)
@@ -255,11 +306,13 @@ STREAM_BODY = '{"model": "gpt-mock", "stream": true, "messages": [{"role": "user
 
 def time_to_first_byte(ports: dict[str, int], samples: int = 200) -> dict[str, float]:
     """p50 time to the first SSE event at concurrency 1 (the mock waits 5 ms between events)."""
+
     async def run() -> dict[str, float]:
         out: dict[str, float] = {}
         for name, port in ports.items():
-            timings = sorted([await _first_byte_ms("127.0.0.1", port, "/v1/chat/completions?delay=0.005")
-                              for _ in range(samples)])
+            timings = sorted(
+                [await _first_byte_ms("127.0.0.1", port, "/v1/chat/completions?delay=0.005") for _ in range(samples)]
+            )
             out[f"ttfb_p50_ms_{name}"] = round(timings[len(timings) // 2], 3)
         return out
 
@@ -270,12 +323,17 @@ def time_to_first_byte(ports: dict[str, int], samples: int = 200) -> dict[str, f
 
 def stream_memory(port: int, pid: int, megabytes: int = 100) -> dict[str, float]:
     """Gateway RSS while a slow reader takes a 100 MiB stream: flat means nothing is buffered whole."""
+
     async def run() -> dict[str, float]:
         before = rss_mb(pid)
         peak = before
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write((f"GET /v1/bulk?mb={megabytes} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token()}"
-                      "\r\nConnection: close\r\n\r\n").encode())
+        writer.write(
+            (
+                f"GET /v1/bulk?mb={megabytes} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token()}"
+                "\r\nConnection: close\r\n\r\n"
+            ).encode()
+        )
         received = 0
         started = time.perf_counter()
         while chunk := await reader.read(256 * 1024):
@@ -284,9 +342,13 @@ def stream_memory(port: int, pid: int, megabytes: int = 100) -> dict[str, float]
             if received % (8 * 1024 * 1024) < len(chunk):
                 peak = max(peak, rss_mb(pid))
         writer.close()
-        return {"stream_mib": round(received / 2**20, 1), "stream_seconds": round(time.perf_counter() - started, 1),
-                "rss_mb_before_stream": before, "rss_mb_peak_during_stream": peak,
-                "rss_growth_mb": round(peak - before, 1)}
+        return {
+            "stream_mib": round(received / 2**20, 1),
+            "stream_seconds": round(time.perf_counter() - started, 1),
+            "rss_mb_before_stream": before,
+            "rss_mb_peak_during_stream": peak,
+            "rss_growth_mb": round(peak - before, 1),
+        }
 
     return asyncio.run(run())
 
@@ -302,9 +364,15 @@ def propagation(redis_url: str, admins: list[str], changes: int = 200) -> dict[s
     async def run() -> dict[str, float]:
         store = Store.from_url(redis_url, timeout_s=2)
         delays: list[float] = []
-        entry = {"reason": "bench", "source": "bench", "added_by": "bench", "added_at": "2026-01-01T00:00:00Z",
-                 "expires_at": None}
+        entry = {
+            "reason": "bench",
+            "source": "bench",
+            "added_by": "bench",
+            "added_at": "2026-01-01T00:00:00Z",
+            "expires_at": None,
+        }
         async with aiohttp.ClientSession() as client:
+
             async def version_of(admin: str) -> int:
                 async with client.get(admin + "/readyz") as response:
                     return int((await response.json())["policy_version"])
@@ -314,18 +382,24 @@ def propagation(redis_url: str, admins: list[str], changes: int = 200) -> dict[s
                     await asyncio.sleep(0.001)
 
             for i in range(changes):
-                op = HashSet(list_key("deny-countries"), "AQ", entry) if i % 2 == 0 else \
-                    HashDelete(list_key("deny-countries"), "AQ")
+                op = (
+                    HashSet(list_key("deny-countries"), "AQ", entry)
+                    if i % 2 == 0
+                    else HashDelete(list_key("deny-countries"), "AQ")
+                )
                 version, _ = await store.write([op], actor="bench", now_iso="2026-01-01T00:00:00Z", target="bench")
                 committed = time.perf_counter()
                 await asyncio.gather(*(seen(admin, version) for admin in admins))
                 delays.append((time.perf_counter() - committed) * 1000)
         await store.close()
         delays.sort()
-        return {"processes": len(admins), "changes": changes,
-                "visible_p50_ms": round(delays[len(delays) // 2], 1),
-                "visible_p99_ms": round(delays[int(len(delays) * 0.99) - 1], 1),
-                "visible_max_ms": round(delays[-1], 1)}
+        return {
+            "processes": len(admins),
+            "changes": changes,
+            "visible_p50_ms": round(delays[len(delays) // 2], 1),
+            "visible_p99_ms": round(delays[int(len(delays) * 0.99) - 1], 1),
+            "visible_max_ms": round(delays[-1], 1),
+        }
 
     return asyncio.run(run())
 
@@ -342,8 +416,9 @@ class Cluster:
         self.procs.append(proc)
         return proc
 
-    def gateway(self, upstream: str, redis_url: str, *,
-                workers: int = 1) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+    def gateway(
+        self, upstream: str, redis_url: str, *, workers: int = 1
+    ) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
         config_path, config = gateway_config(Path(tempfile.mkdtemp(dir=self.work)), upstream, redis_url)
         proc = self.spawn("gateway", "serve", "--config", str(config_path), "--workers", str(workers))
         wait_http(f"http://127.0.0.1:{config['admin']['port']}/readyz")
@@ -359,16 +434,24 @@ class Cluster:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=int, default=int(os.environ.get("BENCH_SECONDS", "6")))
-    parser.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_ROUNDS", "3")),
-                        help="interleaved runs per path; medians are reported (the machine is shared)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=int(os.environ.get("BENCH_ROUNDS", "3")),
+        help="interleaved runs per path; medians are reported (the machine is shared)",
+    )
     args = parser.parse_args()
     ensure_wrk()
     work = Path(tempfile.mkdtemp(prefix="gw-bench-"))
     env = {**os.environ, "BENCH_HS256_SECRET": SECRET}
     os.environ["BENCH_HS256_SECRET"] = SECRET
-    results: dict[str, Any] = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                               "seconds": args.seconds, "connections": 32, "load_generator": "wrk",
-                               "paths": {}}
+    results: dict[str, Any] = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": args.seconds,
+        "connections": 32,
+        "load_generator": "wrk",
+        "paths": {},
+    }
     cluster = Cluster(work, env)
     with ExitStack() as stack:
         redis = stack.enter_context(RedisServer())
@@ -386,8 +469,10 @@ def main() -> None:
         ports = {"upstream": upstream_port, "bare_proxy": bare_port, "gateway": config["listen"]["port"]}
         chat = "http://127.0.0.1:{}/v1/chat/completions"
         targets = {name: (chat.format(port), script) for name, port in ports.items()}
-        targets["gateway_request_limits"] = (chat.format(ports["gateway"]),
-                                             wrk_script(work, token("bench-requests"), "post-requests"))
+        targets["gateway_request_limits"] = (
+            chat.format(ports["gateway"]),
+            wrk_script(work, token("bench-requests"), "post-requests"),
+        )
         results["rounds"] = args.rounds
         results["path_rounds"] = {}
         results["paths"] = measure_paths(targets, args.seconds, args.rounds, results["path_rounds"])
@@ -397,7 +482,8 @@ def main() -> None:
         results["streaming"].update(stream_memory(config["listen"]["port"], gateway.pid))
         others = [cluster.gateway(upstream, redis.url)[1] for _ in range(2)]
         results["propagation"] = propagation(
-            redis.url, [admin] + [f"http://127.0.0.1:{c['admin']['port']}" for c in others])
+            redis.url, [admin] + [f"http://127.0.0.1:{c['admin']['port']}" for c in others]
+        )
         results["policy"] = {"rss_mb_small_policy": round(rss_mb(gateway.pid), 1)}
         results["policy"].update(policy_scale(gateway.pid, admin, redis.url))
         seed(redis.url)  # back to the small policy for the workers runs
@@ -406,15 +492,22 @@ def main() -> None:
         # Two workers can only scale where there are cores to spare. With the aiohttp mock upstream,
         # wrk, the upstream and Redis share the same two cores; CPU per request shows whether a second
         # worker adds cost of its own. With the light upstream, they take little of the second core.
-        results["workers"] = scale_workers(cluster, upstream, redis.url, script, args.seconds, args.rounds,
-                                           {"redis": redis_pid, "upstream": mock.pid})
+        results["workers"] = scale_workers(
+            cluster, upstream, redis.url, script, args.seconds, args.rounds, {"redis": redis_pid, "upstream": mock.pid}
+        )
         light_port = free_port()
         light_upstream = cluster.spawn("bench.light_upstream", str(light_port))
         light = f"http://127.0.0.1:{light_port}"
         wait_http(light + "/v1/models")
-        results["workers_light_upstream"] = scale_workers(cluster, light, redis.url, script, args.seconds,
-                                                          args.rounds, {"redis": redis_pid,
-                                                                        "upstream": light_upstream.pid})
+        results["workers_light_upstream"] = scale_workers(
+            cluster,
+            light,
+            redis.url,
+            script,
+            args.seconds,
+            args.rounds,
+            {"redis": redis_pid, "upstream": light_upstream.pid},
+        )
     print_table(results)
     out = ROOT / "bench" / "results" / f"{results['time'].replace(':', '')}.json"
     out.write_text(json.dumps(results, indent=2))
@@ -446,8 +539,9 @@ def cpu_per_request(pid: int, run: Callable[[], dict[str, float]]) -> tuple[dict
     return row, round(spent / requests * 1e6, 1)
 
 
-def scale_workers(cluster: Cluster, upstream: str, redis_url: str, script: Path, seconds: int,
-                  rounds: int, others: dict[str, int]) -> dict[str, float]:
+def scale_workers(
+    cluster: Cluster, upstream: str, redis_url: str, script: Path, seconds: int, rounds: int, others: dict[str, int]
+) -> dict[str, float]:
     """``--workers 2`` against one worker on ``upstream``, taking turns for ``rounds`` rounds (medians).
 
     Also the CPU that Redis, the upstream and wrk (``others``: name -> pid; wrk is this process's
@@ -468,8 +562,9 @@ def scale_workers(cluster: Cluster, upstream: str, redis_url: str, script: Path,
         for workers, (pid, url) in gateways.items():
             others_before = {name: process_tree_cpu_s(other) for name, other in others.items()}
             wrk_before = _children_cpu_s()
-            row, spent = cpu_per_request(pid, lambda url=url: measure_path(url, script, seconds, single=False,
-                                                                           warm=False))
+            row, spent = cpu_per_request(
+                pid, lambda url=url: measure_path(url, script, seconds, single=False, warm=False)
+            )
             rps[workers].append(row["rps_c32"])
             cpu[workers].append(spent)
             if workers == 2:
@@ -478,11 +573,19 @@ def scale_workers(cluster: Cluster, upstream: str, redis_url: str, script: Path,
                     beside[name].append((process_tree_cpu_s(other) - others_before[name]) / requests * 1e6)
                 beside["wrk"].append((_children_cpu_s() - wrk_before) / requests * 1e6)
     one, two = statistics.median(rps[1]), statistics.median(rps[2])
-    result = {"rps_c32_one_worker": one, "rps_c32_two_workers": two, "two_over_one": round(two / one, 3),
-              "cpu_us_per_request_one_worker": statistics.median(cpu[1]),
-              "cpu_us_per_request_two_workers": statistics.median(cpu[2])}
-    result.update({f"cpu_us_per_request_{name}_two_workers": round(statistics.median(values), 1)
-                   for name, values in beside.items()})
+    result = {
+        "rps_c32_one_worker": one,
+        "rps_c32_two_workers": two,
+        "two_over_one": round(two / one, 3),
+        "cpu_us_per_request_one_worker": statistics.median(cpu[1]),
+        "cpu_us_per_request_two_workers": statistics.median(cpu[2]),
+    }
+    result.update(
+        {
+            f"cpu_us_per_request_{name}_two_workers": round(statistics.median(values), 1)
+            for name, values in beside.items()
+        }
+    )
     total_us = result["cpu_us_per_request_two_workers"] + sum(statistics.median(v) for v in beside.values())
     result["cores_busy_two_workers"] = round(total_us * two / 1e6, 2)
     return result
@@ -493,13 +596,11 @@ def _children_cpu_s() -> float:
     return times.children_user + times.children_system
 
 
-def measure_path(url: str, script: Path, seconds: int, *, single: bool = True,
-                 warm: bool = True) -> dict[str, float]:
+def measure_path(url: str, script: Path, seconds: int, *, single: bool = True, warm: bool = True) -> dict[str, float]:
     if warm:
         run_wrk(url, script, connections=8, threads=1, seconds=2)
     loaded = run_wrk(url, script, connections=32, threads=2, seconds=seconds)
-    row = {"rps_c32": loaded["rps"], "p99_ms_c32": loaded["p99_ms"], "non_2xx": loaded["non_2xx"],
-           "seconds": seconds}
+    row = {"rps_c32": loaded["rps"], "p99_ms_c32": loaded["p99_ms"], "non_2xx": loaded["non_2xx"], "seconds": seconds}
     if single:
         one = run_wrk(url, script, connections=1, threads=1, seconds=max(3, seconds // 2))
         row.update({"p50_ms_c1": one["p50_ms"], "p99_ms_c1": one["p99_ms"], "non_2xx": row["non_2xx"] + one["non_2xx"]})
@@ -509,20 +610,24 @@ def measure_path(url: str, script: Path, seconds: int, *, single: bool = True,
 def path_ratios(rounds: dict[str, list[dict[str, float]]]) -> dict[str, float]:
     """Gateway / bare proxy ratios: each round's ratio, then their median. The paths of a round run
     seconds apart, so a slow spell of the machine (they come and go) moves both sides of a round's ratio."""
+
     def ratio(path: str, key: str) -> float:
         pairs = zip(rounds[path], rounds["bare_proxy"], strict=True)
         return round(statistics.median(mine[key] / bare[key] for mine, bare in pairs), 3)
 
-    return {"rps_gateway_over_bare": ratio("gateway", "rps_c32"),
-            "p50_c1_gateway_over_bare": ratio("gateway", "p50_ms_c1"),
-            "p99_c1_gateway_over_bare": ratio("gateway", "p99_ms_c1"),
-            "rps_request_limits_over_bare": ratio("gateway_request_limits", "rps_c32"),
-            "p50_c1_request_limits_over_bare": ratio("gateway_request_limits", "p50_ms_c1"),
-            "p99_c1_request_limits_over_bare": ratio("gateway_request_limits", "p99_ms_c1")}
+    return {
+        "rps_gateway_over_bare": ratio("gateway", "rps_c32"),
+        "p50_c1_gateway_over_bare": ratio("gateway", "p50_ms_c1"),
+        "p99_c1_gateway_over_bare": ratio("gateway", "p99_ms_c1"),
+        "rps_request_limits_over_bare": ratio("gateway_request_limits", "rps_c32"),
+        "p50_c1_request_limits_over_bare": ratio("gateway_request_limits", "p50_ms_c1"),
+        "p99_c1_request_limits_over_bare": ratio("gateway_request_limits", "p99_ms_c1"),
+    }
 
 
-def measure_paths(targets: dict[str, tuple[str, Path]], seconds: int, rounds: int,
-                  runs: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, float]]:
+def measure_paths(
+    targets: dict[str, tuple[str, Path]], seconds: int, rounds: int, runs: dict[str, list[dict[str, float]]]
+) -> dict[str, dict[str, float]]:
     """Each path measured ``rounds`` times, the paths taking turns, and the median of each figure kept:
     a burst of load from elsewhere on the machine then skews one run of one path, not a ratio.
     ``runs`` receives every round's figures, so the spread can be judged from the results file."""
@@ -532,26 +637,33 @@ def measure_paths(targets: dict[str, tuple[str, Path]], seconds: int, rounds: in
     for _ in range(rounds):
         for name, (url, script) in targets.items():
             runs[name].append(measure_path(url, script, seconds, warm=False))
-    return {name: {key: (sum(r[key] for r in rows) if key == "non_2xx" else statistics.median(r[key] for r in rows))
-                   for key in rows[0]} for name, rows in runs.items()}
+    return {
+        name: {
+            key: (sum(r[key] for r in rows) if key == "non_2xx" else statistics.median(r[key] for r in rows))
+            for key in rows[0]
+        }
+        for name, rows in runs.items()
+    }
 
 
 def print_table(results: dict[str, Any]) -> None:
     print(f"\n{'path':<24} {'req/s c32':>10} {'p99 c32':>9} {'p50 c1':>8} {'p99 c1':>8} {'non-2xx':>8}")
     for name, row in results["paths"].items():
-        print(f"{name:<24} {row['rps_c32']:>10.0f} {row['p99_ms_c32']:>7.2f}ms {row['p50_ms_c1']:>6.2f}ms "
-              f"{row['p99_ms_c1']:>6.2f}ms {row['non_2xx']:>8}")
+        print(
+            f"{name:<24} {row['rps_c32']:>10.0f} {row['p99_ms_c32']:>7.2f}ms {row['p50_ms_c1']:>6.2f}ms "
+            f"{row['p99_ms_c1']:>6.2f}ms {row['non_2xx']:>8}"
+        )
     print("\nratios (gateway / bare proxy; the median of each round's ratio):")
     for key, value in results["ratios"].items():
         print(f"  {key:<28} {value:.3f}")
-    for section, title in (("micro", "per-request steps, in process"),
-                           ("streaming", "streaming (SSE first byte at c1; 100 MiB to a slow reader)"),
-                           ("propagation", "list change visible on every process"),
-                           ("policy", "policy scale (100,000 deny-entities + 10,000 partners)"),
-                           ("workers", "--workers 2 against one worker (wrk, mock upstream and Redis on the "
-                                        "same 2 cores)"),
-                           ("workers_light_upstream", "--workers 2 against one worker, light upstream "
-                                                      "(bench/light_upstream.py)")):
+    for section, title in (
+        ("micro", "per-request steps, in process"),
+        ("streaming", "streaming (SSE first byte at c1; 100 MiB to a slow reader)"),
+        ("propagation", "list change visible on every process"),
+        ("policy", "policy scale (100,000 deny-entities + 10,000 partners)"),
+        ("workers", "--workers 2 against one worker (wrk, mock upstream and Redis on the same 2 cores)"),
+        ("workers_light_upstream", "--workers 2 against one worker, light upstream (bench/light_upstream.py)"),
+    ):
         print(f"\n{title}:")
         for key, value in results[section].items():
             print(f"  {key:<32} {value}")

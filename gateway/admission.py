@@ -45,8 +45,16 @@ class Admission:
 
     __slots__ = ("_authenticate", "_clock", "_limiter", "_resolve", "policy", "rules")
 
-    def __init__(self, *, policy: PolicyView, authenticator: Authenticator, geo: GeoResolver, rules: Rules,
-                 clock: Callable[[], float], limiter: RateLimiter | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        policy: PolicyView,
+        authenticator: Authenticator,
+        geo: GeoResolver,
+        rules: Rules,
+        clock: Callable[[], float],
+        limiter: RateLimiter | None = None,
+    ) -> None:
         self.policy = policy
         self.rules = rules
         self._authenticate = authenticator.authenticate
@@ -83,11 +91,28 @@ class Admission:
         ``GET /v1/models/<name>`` names (row 3a)."""
         return named if named is not None else path_model(method, path, self.rules)
 
-    def decide(self, snapshot: Snapshot | None, caller: Caller, model: str | None, *, method: str = "POST",
-               path: str | None = None, stale: bool = False, now: float | None = None) -> Decision:
+    def decide(
+        self,
+        snapshot: Snapshot | None,
+        caller: Caller,
+        model: str | None,
+        *,
+        method: str = "POST",
+        path: str | None = None,
+        stale: bool = False,
+        now: float | None = None,
+    ) -> Decision:
         """Rows 2-8 (and 10 with ``stale``) at ``now``, by default the clock's."""
-        return decide(snapshot, caller, model, self._clock() if now is None else now, self.rules, stale=stale,
-                      method=method, path=path)
+        return decide(
+            snapshot,
+            caller,
+            model,
+            self._clock() if now is None else now,
+            self.rules,
+            stale=stale,
+            method=method,
+            path=path,
+        )
 
     def rate(self, identity: Identity, model: str | None, budget: RedisBudget) -> Awaitable[RateResult]:
         """Row 9: the caller's request limit for ``model`` (the check and the charge share ``budget``).
@@ -105,7 +130,8 @@ def rate_refused(rate: RateResult, model: str | None, headers: tuple[tuple[str, 
 def _rate_message(rate: RateResult, model: str | None) -> str:
     target = f"model '{clip(model)}'" if model else "this gateway"
     if rate.code == "token_rate_limited":
-        return (f"Token budget for {target} is spent ({rate.token_limit} tokens per minute); "
-                f"retry after {rate.retry_after_s} s.")
-    return (f"Rate limit for {target} reached ({rate.limit} requests per minute); "
-            f"retry after {rate.retry_after_s} s.")
+        return (
+            f"Token budget for {target} is spent ({rate.token_limit} tokens per minute); "
+            f"retry after {rate.retry_after_s} s."
+        )
+    return f"Rate limit for {target} reached ({rate.limit} requests per minute); retry after {rate.retry_after_s} s."

@@ -27,16 +27,23 @@ def create_public_server(runtime: Runtime) -> JsonErrorServer:
     metrics = runtime.metrics
 
     def rejected(status: int, code: str) -> None:
-        metrics.request_done(decision=decision_label(status), code=code, model="", tier="",
-                             duration_s=0.0, upstream_s=0.0)
+        metrics.request_done(
+            decision=decision_label(status), code=code, model="", tier="", duration_s=0.0, upstream_s=0.0
+        )
 
-    return JsonErrorServer(PublicPath(runtime).handle, policy_version=runtime.policy_version,
-                           on_rejected=rejected, handler_cancellation=True,
-                           keepalive_timeout=limits.header_read_timeout_s, access_log=None,
-                           # Request bodies are decoded by the gateway itself (request_model.py), bounded,
-                           # once, and sent upstream decoded: never by the server underneath it.
-                           auto_decompress=False,
-                           max_field_size=limits.max_header_bytes, max_line_size=limits.max_header_bytes)
+    return JsonErrorServer(
+        PublicPath(runtime).handle,
+        policy_version=runtime.policy_version,
+        on_rejected=rejected,
+        handler_cancellation=True,
+        keepalive_timeout=limits.header_read_timeout_s,
+        access_log=None,
+        # Request bodies are decoded by the gateway itself (request_model.py), bounded,
+        # once, and sent upstream decoded: never by the server underneath it.
+        auto_decompress=False,
+        max_field_size=limits.max_header_bytes,
+        max_line_size=limits.max_header_bytes,
+    )
 
 
 def create_admin_app(runtime: Runtime) -> web.Application:
@@ -51,6 +58,13 @@ def create_admin_app(runtime: Runtime) -> web.Application:
 def admin_context(runtime: Runtime) -> AdminContext:
     """The components the operator API uses."""
     s = runtime.settings
-    return AdminContext(store=runtime.store, policy=runtime.watcher, admission=runtime.admission,
-                        rules=runtime.rules, tiers=tuple(s.tiers), screening=s.screening, admin=s.admin,
-                        environ=runtime.environ)
+    return AdminContext(
+        store=runtime.store,
+        policy=runtime.watcher,
+        admission=runtime.admission,
+        rules=runtime.rules,
+        tiers=tuple(s.tiers),
+        screening=s.screening,
+        admin=s.admin,
+        environ=runtime.environ,
+    )

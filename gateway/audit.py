@@ -256,8 +256,14 @@ def _lock_orphan(path: Path) -> int | None:
 class AuditLog:
     """A bounded in-memory queue, written ahead to the spool every ``flush_ms`` and sent on to Redis."""
 
-    def __init__(self, store: Store, settings: AuditSettings, *, metrics: Metrics,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        store: Store,
+        settings: AuditSettings,
+        *,
+        metrics: Metrics,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.store = store
         self.settings = settings
         self.metrics = metrics
@@ -323,8 +329,10 @@ class AuditLog:
             self._log_drops(force=True)
             self._release_orphan()
             if self.spool.pending:
-                log.warning("audit spool kept for replay at the next start",
-                            extra={"spool": str(self.spool.path), "bytes": self.spool.size - self.spool.sent})
+                log.warning(
+                    "audit spool kept for replay at the next start",
+                    extra={"spool": str(self.spool.path), "bytes": self.spool.size - self.spool.sent},
+                )
                 self.spool.release()
             else:
                 self.spool.discard()
@@ -366,8 +374,11 @@ class AuditLog:
             end, durable = self.spool.size, False
             if not self._spool_failing:
                 self._spool_failing = True
-                log.error("AUDIT SPOOL UNWRITABLE: %s; records kept in memory until the queue is full",
-                          exc, extra={"spool": str(self.spool.path), "held": len(entries)})
+                log.error(
+                    "AUDIT SPOOL UNWRITABLE: %s; records kept in memory until the queue is full",
+                    exc,
+                    extra={"spool": str(self.spool.path), "held": len(entries)},
+                )
         else:
             if self._spool_failing:
                 self._spool_failing = False
@@ -464,8 +475,12 @@ class AuditLog:
         """Append to Redis in script-sized chunks; returns what Redis did not take."""
         for index in range(0, len(batch), BATCH):
             try:
-                await self.store.append_audit(self.producer, batch[index:index + BATCH],
-                                              maxlen=self.settings.stream_maxlen, timeout_s=SEND_TIMEOUT_S)
+                await self.store.append_audit(
+                    self.producer,
+                    batch[index : index + BATCH],
+                    maxlen=self.settings.stream_maxlen,
+                    timeout_s=SEND_TIMEOUT_S,
+                )
             except StoreUnavailable as exc:
                 self._redis_gone(exc)
                 return batch[index:]
@@ -485,8 +500,9 @@ class AuditLog:
 
     # --- replay -----------------------------------------------------------------------------
 
-    async def _replay(self, fd: int, start: int, end: int | None, progress: Callable[[int], None],
-                      budget: int | None) -> bool:
+    async def _replay(
+        self, fd: int, start: int, end: int | None, progress: Callable[[int], None], budget: int | None
+    ) -> bool:
         """Send spool lines from ``start`` in batches; True when all were sent, False when out of budget."""
         batch: list[Entry] = []
         producer, batch_end, sent_batches = "", start, 0
@@ -511,8 +527,7 @@ class AuditLog:
         return True
 
     async def _append(self, producer: str, batch: list[Entry]) -> None:
-        await self.store.append_audit(producer, batch, maxlen=self.settings.stream_maxlen,
-                                      timeout_s=SEND_TIMEOUT_S)
+        await self.store.append_audit(producer, batch, maxlen=self.settings.stream_maxlen, timeout_s=SEND_TIMEOUT_S)
 
     async def _replay_orphans(self) -> None:
         """Replay spool files of processes that are gone, a budget of batches per tick."""
@@ -581,8 +596,15 @@ class AuditLog:
             return
         now = self.monotonic()
         if force or now - self._last_drop_log >= 1.0:
-            log.error("AUDIT RECORDS LOST: %d dropped (%s)", self._unlogged_drops, self._drop_reason,
-                      extra={"dropped": self._unlogged_drops, "queued": len(self._queue),
-                             "queue_size": self.settings.queue_size})
+            log.error(
+                "AUDIT RECORDS LOST: %d dropped (%s)",
+                self._unlogged_drops,
+                self._drop_reason,
+                extra={
+                    "dropped": self._unlogged_drops,
+                    "queued": len(self._queue),
+                    "queue_size": self.settings.queue_size,
+                },
+            )
             self._unlogged_drops = 0
             self._last_drop_log = now

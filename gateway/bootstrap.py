@@ -33,8 +33,9 @@ def read_policy_file(path: Path) -> dict[str, Any]:
     return data
 
 
-async def import_policy(store: Store, document: dict[str, Any], *, actor: str,
-                        tiers: list[str] | tuple[str, ...], fill_missing: bool = True) -> int:
+async def import_policy(
+    store: Store, document: dict[str, Any], *, actor: str, tiers: list[str] | tuple[str, ...], fill_missing: bool = True
+) -> int:
     """Validate and import a whole-policy document atomically; returns the new version.
 
     ``fill_missing`` writes the parts the document leaves out as empty, for seeding a test or
@@ -50,8 +51,9 @@ async def import_policy(store: Store, document: dict[str, Any], *, actor: str,
                 lists[part.removeprefix("lists.")] = {}
             else:
                 validated[part] = {"entries": []} if part == "screening" else {}
-    version, _change = await store.write(policy_ops(validated), actor=actor, now_iso=now_iso(),
-                                         target="policy", import_whole=True)
+    version, _change = await store.write(
+        policy_ops(validated), actor=actor, now_iso=now_iso(), target="policy", import_whole=True
+    )
     return version
 
 
@@ -59,8 +61,7 @@ def check_policy_file(path: Path, tiers: list[str] | tuple[str, ...]) -> None:
     """``serve --bootstrap-policy``, before anything starts: the file must read, validate and carry
     every section, else :class:`ConfigError` naming what is wrong (the command exits 2)."""
     try:
-        validated = validate_policy_document(read_policy_file(path), actor="bootstrap", now_iso=now_iso(),
-                                             tiers=tiers)
+        validated = validate_policy_document(read_policy_file(path), actor="bootstrap", now_iso=now_iso(), tiers=tiers)
     except (PolicyValidationError, OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"--bootstrap-policy {path}: {exc}") from None
     missing = missing_parts(validated)
@@ -69,9 +70,11 @@ def check_policy_file(path: Path, tiers: list[str] | tuple[str, ...]) -> None:
 
 
 def _incomplete(path: Path, missing: Sequence[str]) -> str:
-    return (f"--bootstrap-policy {path}: a policy loaded into an empty Redis must carry every section; "
-            f"missing: {', '.join(missing)} (write an empty one as empty, e.g. partners: {{}}, "
-            "api_keys: {}, screening: {entries: []}); nothing was imported")
+    return (
+        f"--bootstrap-policy {path}: a policy loaded into an empty Redis must carry every section; "
+        f"missing: {', '.join(missing)} (write an empty one as empty, e.g. partners: {{}}, "
+        "api_keys: {}, screening: {entries: []}); nothing was imported"
+    )
 
 
 async def import_policy_file_if_missing(runtime: Runtime, path: Path) -> None:
@@ -81,12 +84,12 @@ async def import_policy_file_if_missing(runtime: Runtime, path: Path) -> None:
         log.info("redis already holds a policy; %s not imported", path)
         return
     try:
-        version = await import_policy(store, read_policy_file(path), actor="bootstrap",
-                                      tiers=tuple(runtime.settings.tiers), fill_missing=False)
+        version = await import_policy(
+            store, read_policy_file(path), actor="bootstrap", tiers=tuple(runtime.settings.tiers), fill_missing=False
+        )
     except PolicyIncomplete as exc:
         # check_policy_file refused this before start; here only if the file changed since.
         log.error(_incomplete(path, exc.missing))
         raise ConfigError(_incomplete(path, exc.missing)) from None
     log.info("policy imported from %s", path, extra={"policy_version": version})
     await runtime.watcher.refresh()
-

@@ -74,9 +74,17 @@ def _dev_token(args: argparse.Namespace) -> int:
         print(f"gateway: --secret-env: environment variable {args.secret_env} is not set", file=sys.stderr)
         return 2
     now = int(time.time())
-    claims = {"sub": args.subject, "org": args.org, "org_name": args.org_name, "country": args.country,
-              "tier": args.tier, "iss": args.issuer, "aud": args.audience, "iat": now,
-              "exp": now + args.ttl}
+    claims = {
+        "sub": args.subject,
+        "org": args.org,
+        "org_name": args.org_name,
+        "country": args.country,
+        "tier": args.tier,
+        "iss": args.issuer,
+        "aud": args.audience,
+        "iat": now,
+        "exp": now + args.ttl,
+    }
     print(jwt.encode({k: v for k, v in claims.items() if v is not None}, secret, algorithm="HS256"))
     return 0
 
@@ -97,8 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the gateway")
     serve.add_argument("--config", required=True, type=Path, help="YAML config file")
     serve.add_argument("--workers", type=int, default=1, help="processes sharing the public port")
-    serve.add_argument("--bootstrap-policy", type=Path, default=None,
-                       help="import this policy file at start if Redis holds no policy")
+    serve.add_argument(
+        "--bootstrap-policy", type=Path, default=None, help="import this policy file at start if Redis holds no policy"
+    )
     serve.set_defaults(func=_serve)
 
     check = sub.add_parser("check-config", help="validate a config file and exit")
@@ -111,20 +120,30 @@ def build_parser() -> argparse.ArgumentParser:
     mock.set_defaults(func=_mock_upstream)
 
     token = sub.add_parser(
-        "dev-token", help="print a development HS256 token",
+        "dev-token",
+        help="print a development HS256 token",
         description="Print a signed HS256 JWT for trying the gateway (config/dev.yaml accepts it). "
-                    "Never for production: anyone with the secret can mint any identity.",
-        formatter_class=_DefaultsHelp)
-    token.add_argument("--secret-env", default="GATEWAY_DEV_HS256_SECRET", metavar="VAR",
-                       help="environment variable holding the HS256 secret (the gateway's auth.hs256_secret_env)")
+        "Never for production: anyone with the secret can mint any identity.",
+        formatter_class=_DefaultsHelp,
+    )
+    token.add_argument(
+        "--secret-env",
+        default="GATEWAY_DEV_HS256_SECRET",
+        metavar="VAR",
+        help="environment variable holding the HS256 secret (the gateway's auth.hs256_secret_env)",
+    )
     token.add_argument("--subject", default="dev-user", help="the caller's subject (claim sub)")
     token.add_argument("--org", default="dev-org", help="the caller's organisation (claim org)")
-    token.add_argument("--org-name", default=None,
-                       help="the organisation's name, screened against the denied-parties list "
-                            "(claim org_name; default: not sent)")
-    token.add_argument("--country", default="US",
-                       help="the caller's country, ISO 3166-1 alpha-2 or a subdivision such as UA-43 "
-                            "(claim country)")
+    token.add_argument(
+        "--org-name",
+        default=None,
+        help="the organisation's name, screened against the denied-parties list (claim org_name; default: not sent)",
+    )
+    token.add_argument(
+        "--country",
+        default="US",
+        help="the caller's country, ISO 3166-1 alpha-2 or a subdivision such as UA-43 (claim country)",
+    )
     token.add_argument("--tier", default="partner", help="the caller's tier, a key of the config's tiers (claim tier)")
     token.add_argument("--issuer", default="https://idp.example", help="claim iss; must equal auth.issuer")
     token.add_argument("--audience", default="model-gateway", help="claim aud; must equal auth.audience")

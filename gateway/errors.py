@@ -38,6 +38,7 @@ ERROR_TYPES: dict[int, str] = {
     504: "upstream_error",
 }
 
+
 class BackendUnavailable(Exception):
     """Storage (Redis) did not answer in time or could not be reached.
 
@@ -46,8 +47,7 @@ class BackendUnavailable(Exception):
     """
 
 
-DECISION_OF_STATUS: dict[int, str] = {401: "block", 403: "block", 451: "block", 503: "block",
-                                      429: "rate_limit"}
+DECISION_OF_STATUS: dict[int, str] = {401: "block", 403: "block", 451: "block", 503: "block", 429: "rate_limit"}
 
 
 def decision_label(status: int) -> str:
@@ -81,21 +81,25 @@ def bounded_message(message: str) -> str:
     encoded = message.encode("utf-8", "surrogatepass")
     if len(encoded) <= MAX_MESSAGE_BYTES:
         return message
-    return encoded[:MAX_MESSAGE_BYTES - 3].decode("utf-8", "ignore") + "..."
+    return encoded[: MAX_MESSAGE_BYTES - 3].decode("utf-8", "ignore") + "..."
 
 
-def error_body(status: int, code: str, message: str, request_id: str,
-               error_type: str | None = None) -> bytes:
-    return orjson.dumps({"error": {
-        "message": bounded_message(message),
-        "type": error_type or ERROR_TYPES.get(status, "api_error"),
-        "code": code,
-        "request_id": request_id,
-    }})
+def error_body(status: int, code: str, message: str, request_id: str, error_type: str | None = None) -> bytes:
+    return orjson.dumps(
+        {
+            "error": {
+                "message": bounded_message(message),
+                "type": error_type or ERROR_TYPES.get(status, "api_error"),
+                "code": code,
+                "request_id": request_id,
+            }
+        }
+    )
 
 
-def error_response(err: GatewayError, *, request_id: str, policy_version: int,
-                   reason: str | None = None) -> web.Response:
+def error_response(
+    err: GatewayError, *, request_id: str, policy_version: int, reason: str | None = None
+) -> web.Response:
     """The JSON error response with the contract's gateway headers."""
     response = web.Response(
         status=err.status,
@@ -128,13 +132,16 @@ def unsupported_media_type(message: str) -> GatewayError:
 
 
 def method_not_allowed(method: str) -> GatewayError:
-    return GatewayError(405, "method_not_allowed", f"The method {method} is not allowed through this gateway.",
-                        headers=(("Allow", "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),))
+    return GatewayError(
+        405,
+        "method_not_allowed",
+        f"The method {method} is not allowed through this gateway.",
+        headers=(("Allow", "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),),
+    )
 
 
 def request_timeout(seconds: float) -> GatewayError:
-    return GatewayError(408, "request_timeout",
-                        f"The request body did not arrive within {seconds:g} s.")
+    return GatewayError(408, "request_timeout", f"The request body did not arrive within {seconds:g} s.")
 
 
 def json_response(data: object, status: int = 200) -> web.Response:
@@ -151,24 +158,25 @@ def unauthenticated(message: str) -> GatewayError:
 
 def policy_stale() -> GatewayError:
     """503 (row 10): the public listener admits nothing while its policy is unconfirmed."""
-    return GatewayError(503, "policy_stale",
-                        "The gateway cannot confirm its export-control policy; no request is "
-                        "admitted until it can.")
+    return GatewayError(
+        503,
+        "policy_stale",
+        "The gateway cannot confirm its export-control policy; no request is admitted until it can.",
+    )
 
 
 def storage_unavailable() -> GatewayError:
     """503 on the admin API: Redis did not answer, so nothing was written."""
-    return GatewayError(503, "redis_unavailable",
-                        "Redis is unavailable; nothing was changed. Retry when it is back.")
+    return GatewayError(503, "redis_unavailable", "Redis is unavailable; nothing was changed. Retry when it is back.")
 
 
 def internal_error(request_id: str | None = None) -> GatewayError:
     """500: an unexpected failure; with ``request_id``, the answer names the log line to look for."""
     if request_id is None:
         return GatewayError(500, "internal_error", "The gateway failed to handle the request.")
-    return GatewayError(500, "internal_error",
-                        "The gateway failed to handle this request; see its log "
-                        f"for request id {request_id}.")
+    return GatewayError(
+        500, "internal_error", f"The gateway failed to handle this request; see its log for request id {request_id}."
+    )
 
 
 def malformed_request() -> GatewayError:
@@ -187,31 +195,43 @@ def not_found(message: str) -> GatewayError:
 
 def policy_missing(*, read: bool = False) -> GatewayError:
     if read:
-        return GatewayError(409, "policy_missing",
-                            "No policy is loaded: Redis holds none (emptied, or restarted without its "
-                            "data), so there is nothing to show and every caller is answered 503 "
-                            "policy_stale. Restore a whole policy from a backup: gateway policy import "
-                            "BACKUP.yaml (PUT /admin/v1/policy with every section).")
-    return GatewayError(409, "policy_missing",
-                        "Redis holds no policy: restore one with PUT /admin/v1/policy (gateway policy "
-                        "import FILE) before changing single entries.")
+        return GatewayError(
+            409,
+            "policy_missing",
+            "No policy is loaded: Redis holds none (emptied, or restarted without its "
+            "data), so there is nothing to show and every caller is answered 503 "
+            "policy_stale. Restore a whole policy from a backup: gateway policy import "
+            "BACKUP.yaml (PUT /admin/v1/policy with every section).",
+        )
+    return GatewayError(
+        409,
+        "policy_missing",
+        "Redis holds no policy: restore one with PUT /admin/v1/policy (gateway policy "
+        "import FILE) before changing single entries.",
+    )
 
 
 def policy_incomplete(missing: Sequence[str]) -> GatewayError:
-    return GatewayError(409, "policy_incomplete",
-                        f"Redis holds no policy, so this import is a restore and must carry every "
-                        f"section; missing: {', '.join(missing)} (write an empty one as empty, e.g. "
-                        f"partners: {{}}, screening: {{entries: []}}). Nothing was written; `gateway "
-                        f"policy export` writes a complete file.")
+    return GatewayError(
+        409,
+        "policy_incomplete",
+        f"Redis holds no policy, so this import is a restore and must carry every "
+        f"section; missing: {', '.join(missing)} (write an empty one as empty, e.g. "
+        f"partners: {{}}, screening: {{entries: []}}). Nothing was written; `gateway "
+        f"policy export` writes a complete file.",
+    )
 
 
 def key_revoked(exc: KeyRevoked) -> GatewayError:
     record = exc.revoked
-    return GatewayError(409, "key_revoked",
-                        f"API key {exc.key_id!r} was revoked at {record.get('revoked_at')} by "
-                        f"{record.get('revoked_by')}; a revoked key (its id or its hash) is never made "
-                        "active again. Nothing was changed; issue a new key with POST /admin/v1/api-keys.",
-                        error_type="invalid_request_error")
+    return GatewayError(
+        409,
+        "key_revoked",
+        f"API key {exc.key_id!r} was revoked at {record.get('revoked_at')} by "
+        f"{record.get('revoked_by')}; a revoked key (its id or its hash) is never made "
+        "active again. Nothing was changed; issue a new key with POST /admin/v1/api-keys.",
+        error_type="invalid_request_error",
+    )
 
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
@@ -220,12 +240,18 @@ _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_la
 def http_error(exc: web.HTTPException) -> GatewayError:
     """aiohttp's own refusals (no route, wrong method, body too large) in the contract's shape."""
     status = exc.status if 400 <= exc.status < 600 else 500
-    messages = {404: "No such admin endpoint.",
-                405: f"Method not allowed here; allowed: {exc.headers.get('Allow', '')}.",
-                413: "The request body is too large."}
+    messages = {
+        404: "No such admin endpoint.",
+        405: f"Method not allowed here; allowed: {exc.headers.get('Allow', '')}.",
+        413: "The request body is too large.",
+    }
     headers = tuple((name, value) for name, value in exc.headers.items() if name.lower() == "allow")
-    return GatewayError(status, _HTTP_CODES.get(status, "invalid_request"),
-                        messages.get(status, exc.reason or "The request was refused."), headers=headers)
+    return GatewayError(
+        status,
+        _HTTP_CODES.get(status, "invalid_request"),
+        messages.get(status, exc.reason or "The request was refused."),
+        headers=headers,
+    )
 
 
 # --- the error table ----------------------------------------------------------------------------
@@ -267,15 +293,25 @@ class Presentation:
     block_style: str = "rfc7725"
     blocked_by_url: str | None = None
 
-    def response(self, err: GatewayError, *, request_id: str, policy_version: int,
-                 rate_headers: Iterable[tuple[str, str]] | None = None) -> web.Response:
+    def response(
+        self,
+        err: GatewayError,
+        *,
+        request_id: str,
+        policy_version: int,
+        rate_headers: Iterable[tuple[str, str]] | None = None,
+    ) -> web.Response:
         """``err`` as the caller gets it; ``rate_headers`` (the caller's limits) go on every answer but a 429,
         which carries its own. ``X-Gateway-Reason`` keeps the gateway's code whatever the style."""
         reason = err.code
         if err.code == "country_denied" and self.block_style == "openai":
-            err = GatewayError(403, "unsupported_country_region_territory",
-                               "Country, region, or territory not supported",
-                               headers=err.headers, error_type="request_forbidden")
+            err = GatewayError(
+                403,
+                "unsupported_country_region_territory",
+                "Country, region, or territory not supported",
+                headers=err.headers,
+                error_type="request_forbidden",
+            )
         headers = err.headers
         if err.status == 451 and self.blocked_by_url:
             headers = (*headers, ("Link", f'<{self.blocked_by_url}>; rel="blocked-by"'))

@@ -28,11 +28,25 @@ NO_COUNTRY: Codes = (None, None)
 _COUNTRY = re.compile(r"[A-Z]{2}")
 _SUBDIVISION_PART = re.compile(r"[A-Z0-9]{1,3}")
 _CODE = re.compile(r"([A-Z]{2})(-[A-Z0-9]{1,3})?")
-_LOCAL_NETWORKS = tuple(ipaddress.ip_network(cidr) for cidr in (
-    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
-    "192.168.0.0/16", "224.0.0.0/4", "240.0.0.0/4",
-    "::/128", "::1/128", "fc00::/7", "fe80::/10", "ff00::/8",
-))
+_LOCAL_NETWORKS = tuple(
+    ipaddress.ip_network(cidr)
+    for cidr in (
+        "0.0.0.0/8",
+        "10.0.0.0/8",
+        "100.64.0.0/10",
+        "127.0.0.0/8",
+        "169.254.0.0/16",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "224.0.0.0/4",
+        "240.0.0.0/4",
+        "::/128",
+        "::1/128",
+        "fc00::/7",
+        "fe80::/10",
+        "ff00::/8",
+    )
+)
 _INDEX_SLOTS = 4  # snapshots are swapped whole; a few slots cover old and new during a swap
 
 
@@ -66,8 +80,7 @@ class _RangeIndex:
             table = tables.setdefault((network.version, network.prefixlen), {})
             table[int(network.network_address) >> shift] = codes
         self._tables = {
-            version: [(bits - plen, table) for (v, plen), table in sorted(tables.items(), reverse=True)
-                      if v == version]
+            version: [(bits - plen, table) for (v, plen), table in sorted(tables.items(), reverse=True) if v == version]
             for version, bits in ((4, 32), (6, 128))
         }
 

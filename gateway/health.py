@@ -26,9 +26,12 @@ class Health:
     async def readyz(self, _request: BaseRequest) -> web.Response:
         watcher = self.watcher
         ready = not watcher.stale()
-        body = {"ready": ready, "policy_version": watcher.version,
-                "policy_age_s": round(watcher.age_s(), 3) if watcher.confirmed_at else None,
-                "last_reload_ms": round(watcher.last_reload_s * 1000, 1)}
+        body = {
+            "ready": ready,
+            "policy_version": watcher.version,
+            "policy_age_s": round(watcher.age_s(), 3) if watcher.confirmed_at else None,
+            "last_reload_ms": round(watcher.last_reload_s * 1000, 1),
+        }
         return json_response(body, status=200 if ready else 503)
 
     async def metrics_page(self, _request: BaseRequest) -> web.Response:

@@ -32,9 +32,7 @@ _API_KEY_SHAPE = re.compile(r"gk_[A-Za-z0-9_-]{16,128}")
 _COUNTRY_SHAPE = re.compile(r"[A-Z]{2}(-[A-Z0-9]{1,3})?")
 _NEVER_ALGORITHMS = frozenset({"none"})
 # exp, nbf and iat are checked below against the injected clock, not PyJWT's wall clock.
-_DECODE_OPTIONS: Any = {"require": ["exp", "iss", "aud"], "verify_exp": False,
-                        "verify_nbf": False, "verify_iat": False}
-
+_DECODE_OPTIONS: Any = {"require": ["exp", "iss", "aud"], "verify_exp": False, "verify_nbf": False, "verify_iat": False}
 
 
 class AuthError(Exception):
@@ -61,9 +59,17 @@ class Identity:
     expires_at: float | None
 
     def to_caller(self, ip: str, ip_country: str | None, ip_subdivision: str | None) -> Caller:
-        return Caller(subject=self.subject, org=self.org, org_name=self.org_name, tier=self.tier,
-                      claimed_country=self.country, ip=ip, ip_country=ip_country,
-                      ip_subdivision=ip_subdivision, credential=self.credential)
+        return Caller(
+            subject=self.subject,
+            org=self.org,
+            org_name=self.org_name,
+            tier=self.tier,
+            claimed_country=self.country,
+            ip=ip,
+            ip_country=ip_country,
+            ip_subdivision=ip_subdivision,
+            credential=self.credential,
+        )
 
 
 class ApiKeyLike(Protocol):
@@ -152,9 +158,15 @@ class Authenticator:
         expires_at = _api_key_expiry(record)
         if expires_at is not None and self._clock() >= expires_at:
             raise AuthError("API key expired")
-        return self._identity(subject=record.subject, org=record.org, org_name=record.org_name,
-                              tier=record.tier, country=record.country, credential="api_key",
-                              expires_at=expires_at)
+        return self._identity(
+            subject=record.subject,
+            org=record.org,
+            org_name=record.org_name,
+            tier=record.tier,
+            country=record.country,
+            credential="api_key",
+            expires_at=expires_at,
+        )
 
     # JWTs
 
@@ -189,10 +201,15 @@ class Authenticator:
         subject = claims.get(names.subject)
         if not isinstance(subject, str) or not subject:
             raise AuthError("token has no subject")
-        return self._identity(subject=subject, org=_optional_str(claims, names.org),
-                              org_name=_optional_str(claims, names.org_name),
-                              tier=claims.get(names.tier), country=claims.get(names.country),
-                              credential="jwt", expires_at=expires_at)
+        return self._identity(
+            subject=subject,
+            org=_optional_str(claims, names.org),
+            org_name=_optional_str(claims, names.org_name),
+            tier=claims.get(names.tier),
+            country=claims.get(names.country),
+            credential="jwt",
+            expires_at=expires_at,
+        )
 
     def _select_key(self, header: dict[str, Any]) -> VerificationKey:
         alg = header.get("alg")
@@ -216,9 +233,14 @@ class Authenticator:
 
     def _decode(self, token: str, key: VerificationKey) -> dict[str, Any]:
         try:
-            decoded = self._jwt.decode_complete(token, key.key, algorithms=[key.algorithm],
-                                                options=_DECODE_OPTIONS, audience=self._auth.audience,
-                                                issuer=self._auth.issuer)
+            decoded = self._jwt.decode_complete(
+                token,
+                key.key,
+                algorithms=[key.algorithm],
+                options=_DECODE_OPTIONS,
+                audience=self._auth.audience,
+                issuer=self._auth.issuer,
+            )
         except jwt.InvalidAudienceError:
             raise AuthError("wrong audience") from None
         except jwt.InvalidIssuerError:
@@ -239,15 +261,30 @@ class Authenticator:
         payload: dict[str, Any] = decoded["payload"]
         return payload
 
-    def _identity(self, *, subject: str, org: str | None, org_name: str | None, tier: Any,
-                  country: Any, credential: CredentialKind, expires_at: float | None) -> Identity:
+    def _identity(
+        self,
+        *,
+        subject: str,
+        org: str | None,
+        org_name: str | None,
+        tier: Any,
+        country: Any,
+        credential: CredentialKind,
+        expires_at: float | None,
+    ) -> Identity:
         if tier is None:
             tier = self._auth.default_tier
         if not isinstance(tier, str) or tier not in self._tiers:
             raise AuthError("unknown tier")
-        return Identity(subject=subject, org=org, org_name=org_name, tier=tier,
-                        country=normalise_country(country), credential=credential,
-                        expires_at=expires_at)
+        return Identity(
+            subject=subject,
+            org=org,
+            org_name=org_name,
+            tier=tier,
+            country=normalise_country(country),
+            credential=credential,
+            expires_at=expires_at,
+        )
 
 
 def _api_key_expiry(record: ApiKeyLike) -> float | None:

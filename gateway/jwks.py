@@ -42,8 +42,7 @@ RSA_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
 EC_ALGORITHMS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
 HMAC_ALGORITHMS = ("HS256",)
 _JWK_KEY_TYPES = ("RSA", "EC", "OKP")  # never "oct": a JWKS publishes public keys only
-_PRIVATE_KEY_TYPES = (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey,
-                      ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)
+_PRIVATE_KEY_TYPES = (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)
 
 
 def candidate_algorithms(key: Any) -> tuple[str, ...]:
@@ -67,8 +66,7 @@ def _fingerprint(key: Any) -> str:
     if isinstance(key, bytes):
         material = b"hmac:" + key
     else:
-        material = key.public_bytes(serialization.Encoding.DER,
-                                    serialization.PublicFormat.SubjectPublicKeyInfo)
+        material = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(material).hexdigest()
 
 
@@ -166,8 +164,10 @@ def _signature(keys: Iterable[VerificationKey]) -> frozenset[tuple[str | None, s
 def _check_no_mixing(allowed: list[str]) -> None:
     symmetric = [alg for alg in allowed if alg in HMAC_ALGORITHMS]
     if symmetric and len(symmetric) != len(allowed):
-        raise ConfigError("auth.algorithms: HS256 cannot be combined with asymmetric algorithms "
-                          "(a public key must never double as an HMAC secret)")
+        raise ConfigError(
+            "auth.algorithms: HS256 cannot be combined with asymmetric algorithms "
+            "(a public key must never double as an HMAC secret)"
+        )
 
 
 def _check_unique_kids(keys: list[VerificationKey]) -> None:
@@ -188,12 +188,13 @@ def _hmac_secret(auth: Auth, environ: Mapping[str, str] | None) -> bytes | None:
         raise ConfigError("auth.hs256_secret_env: required when auth.algorithms has HS256")
     secret = read_secret(auth.hs256_secret_env, environ)
     if not secret:
-        raise ConfigError(f"auth.hs256_secret_env: environment variable {auth.hs256_secret_env} "
-                          f"(or {auth.hs256_secret_env}_FILE) is not set")
+        raise ConfigError(
+            f"auth.hs256_secret_env: environment variable {auth.hs256_secret_env} "
+            f"(or {auth.hs256_secret_env}_FILE) is not set"
+        )
     raw = secret.encode("utf-8")
     if len(raw) < MIN_HMAC_SECRET_BYTES:
-        raise ConfigError(f"auth.hs256_secret_env: the HS256 secret must be at least "
-                          f"{MIN_HMAC_SECRET_BYTES} bytes")
+        raise ConfigError(f"auth.hs256_secret_env: the HS256 secret must be at least {MIN_HMAC_SECRET_BYTES} bytes")
     return raw
 
 
@@ -221,8 +222,7 @@ def _load_pem_file(path: Path, allowed: list[str]) -> VerificationKey:
         raise ConfigError(f"{where}: RSA keys need at least {MIN_RSA_BITS} bits")
     algorithm = choose_algorithm(key, allowed)
     if algorithm is None:
-        raise ConfigError(f"{where}: a {_describe(key)} key serves none of auth.algorithms "
-                          f"({', '.join(allowed)})")
+        raise ConfigError(f"{where}: a {_describe(key)} key serves none of auth.algorithms ({', '.join(allowed)})")
     return VerificationKey(path.stem, algorithm, key)
 
 
@@ -314,13 +314,18 @@ class JwksFetcher:
 
     @classmethod
     def from_settings(
-        cls, auth: Auth, keyring: KeyRing, session: aiohttp.ClientSession,
-        *, clock: Callable[[], float] = time.monotonic,
+        cls,
+        auth: Auth,
+        keyring: KeyRing,
+        session: aiohttp.ClientSession,
+        *,
+        clock: Callable[[], float] = time.monotonic,
     ) -> JwksFetcher:
         if not auth.jwks_url:
             raise ConfigError("auth.jwks_url: not set")
-        return cls(auth.jwks_url, keyring, session, refresh_s=auth.jwks_refresh_s,
-                   cooldown_s=auth.jwks_cooldown_s, clock=clock)
+        return cls(
+            auth.jwks_url, keyring, session, refresh_s=auth.jwks_refresh_s, cooldown_s=auth.jwks_cooldown_s, clock=clock
+        )
 
     async def start(self) -> None:
         """Fetch once (bounded by the timeout) so the first requests find keys, then keep refreshing."""
@@ -367,8 +372,9 @@ class JwksFetcher:
         self._healthy = True
 
     async def _download(self) -> Any:
-        async with self._session.get(self.url, allow_redirects=False, timeout=self._timeout,
-                                     headers=_JWKS_HEADERS) as response:
+        async with self._session.get(
+            self.url, allow_redirects=False, timeout=self._timeout, headers=_JWKS_HEADERS
+        ) as response:
             if response.status != 200:
                 raise ValueError(f"HTTP status {response.status}")
             body = bytearray()
@@ -385,8 +391,12 @@ class JwksFetcher:
         stale = self.last_success is not None and self._clock() - self.last_success > self.max_stale_s
         if stale and kept:
             self._keyring.replace_jwks(())
-            log.error("JWKS fetch from %s failed (%s); last good keys are older than %.0f s, "
-                      "dropped %d keys", self.url, reason, self.max_stale_s, kept)
+            log.error(
+                "JWKS fetch from %s failed (%s); last good keys are older than %.0f s, dropped %d keys",
+                self.url,
+                reason,
+                self.max_stale_s,
+                kept,
+            )
         else:
-            log.warning("JWKS fetch from %s failed (%s); keeping %d last good keys",
-                        self.url, reason, kept)
+            log.warning("JWKS fetch from %s failed (%s); keeping %d last good keys", self.url, reason, kept)

@@ -48,8 +48,9 @@ class _JsonErrorRequestHandler(RequestHandler):
             payload.feed_eof()  # nothing more will come: no lingering read may wait for it
             self.close()  # and nothing after it on this connection is trusted
 
-    def handle_error(self, request: BaseRequest, status: int = 500, exc: BaseException | None = None,
-                     message: str | None = None) -> web.StreamResponse:
+    def handle_error(
+        self, request: BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None
+    ) -> web.StreamResponse:
         server: JsonErrorServer = self._manager  # type: ignore[assignment]
         if request.writer.output_size > 0:
             raise ConnectionError("response already started; closing the connection")
@@ -68,8 +69,14 @@ class _JsonErrorRequestHandler(RequestHandler):
 class JsonErrorServer(web.Server):
     """``web.Server`` whose connections answer unparseable requests with the contract's JSON body."""
 
-    def __init__(self, handler: Handler, *, policy_version: Callable[[], int],
-                 on_rejected: Callable[[int, str], None], **kwargs: Any) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        policy_version: Callable[[], int],
+        on_rejected: Callable[[int, str], None],
+        **kwargs: Any,
+    ) -> None:
         # After an answer to a request whose body was not read to the end (413, a stalled or malformed body),
         # aiohttp keeps reading and discarding it so the caller sees the answer before the close; no longer
         # than a header may take to arrive.
@@ -92,9 +99,13 @@ class JsonErrorAppRunner(web.AppRunner):
 
     async def _make_server(self) -> web.Server:
         plain = await super()._make_server()  # starts and freezes the application
-        return JsonErrorServer(plain.request_handler, request_factory=plain.request_factory,
-                               policy_version=self._policy_version, on_rejected=_not_counted,
-                               **self._kwargs)
+        return JsonErrorServer(
+            plain.request_handler,
+            request_factory=plain.request_factory,
+            policy_version=self._policy_version,
+            on_rejected=_not_counted,
+            **self._kwargs,
+        )
 
 
 def _not_counted(_status: int, _code: str) -> None:

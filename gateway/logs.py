@@ -29,9 +29,10 @@ from .settings import Logging
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 _REQUEST: ContextVar[tuple[str, str, str] | None] = ContextVar("gateway_request", default=None)
 _SECRET = re.compile(
-    r"(?i:bearer)\s+[^\s\"',;]+"                              # Authorization header values
+    r"(?i:bearer)\s+[^\s\"',;]+"  # Authorization header values
     r"|eyJ[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]*"  # JWTs (header.payload.signature)
-    r"|gk_[A-Za-z0-9_-]{8,}")                                  # the gateway's API keys
+    r"|gk_[A-Za-z0-9_-]{8,}"
+)  # the gateway's API keys
 MAX_PATH = 512
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 # Made request ids: a random per-process prefix and a counter, unique across processes and
@@ -72,10 +73,18 @@ def log_access(*, status: int, decision: str, code: str, duration_s: float, subj
         return
     bound = _REQUEST.get()
     method, path = (bound[1], bound[2][:MAX_PATH]) if bound is not None else ("", "")
-    access_log.info("request", extra={"method": method, "path": path, "status": status,
-                                      "decision": decision, "code": code,
-                                      "duration_ms": round(duration_s * 1000, 3),
-                                      "subject_hash": subject_hash(subject)})
+    access_log.info(
+        "request",
+        extra={
+            "method": method,
+            "path": path,
+            "status": status,
+            "decision": decision,
+            "code": code,
+            "duration_ms": round(duration_s * 1000, 3),
+            "subject_hash": subject_hash(subject),
+        },
+    )
 
 
 def redact(text: str) -> str:
@@ -87,8 +96,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),

@@ -46,10 +46,8 @@ if TYPE_CHECKING:
     from .policy.model import Snapshot
     from .watcher import PolicyWatcher
 
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
-                   120, 300)
-OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.01, 0.025,
-                    0.05, 0.1, 0.25)
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 DECISIONS = ("allow", "block", "rate_limit", "error")
 UPSTREAM_ERROR_KINDS = ("connect", "timeout", "protocol")
 REDIS_OPS = ("poll", "load", "script", "audit", "write", "publish", "ping", "changes", "admin")
@@ -89,8 +87,7 @@ def request_label_sets(models: Iterable[str], tiers: Iterable[str]) -> list[Requ
     """Every (decision, code, model, tier) that a request can produce under this registry."""
     registry = sorted(models)
     tier_values = list(tiers)
-    choices = {ANY_MODEL: ["", "other", *registry], NO_MODEL: [""], OTHER_MODEL: ["other"],
-               REGISTRY_MODEL: registry}
+    choices = {ANY_MODEL: ["", "other", *registry], NO_MODEL: [""], OTHER_MODEL: ["other"], REGISTRY_MODEL: registry}
     keys: list[RequestKey] = []
     for decision, code, model_set, tier_known in CODES:
         for model in choices[model_set]:
@@ -100,8 +97,9 @@ def request_label_sets(models: Iterable[str], tiers: Iterable[str]) -> list[Requ
 
 
 # How a scrape combines the workers' values of a gauge (the modes Gauge accepts).
-MultiprocessMode = Literal["all", "liveall", "min", "livemin", "max", "livemax", "sum", "livesum", "mostrecent",
-                           "livemostrecent"]
+MultiprocessMode = Literal[
+    "all", "liveall", "min", "livemin", "max", "livemax", "sum", "livesum", "mostrecent", "livemostrecent"
+]
 
 # process_* gauge -> how a scrape combines the workers' values (prometheus-client multiprocess modes).
 PROCESS_GAUGES: dict[str, tuple[str, MultiprocessMode]] = {
@@ -109,8 +107,10 @@ PROCESS_GAUGES: dict[str, tuple[str, MultiprocessMode]] = {
     "process_virtual_memory_bytes": ("Virtual memory size in bytes, summed over workers", "livesum"),
     "process_open_fds": ("Number of open file descriptors, summed over workers", "livesum"),
     "process_max_fds": ("Maximum number of open file descriptors; over workers the lowest", "livemin"),
-    "process_start_time_seconds": ("Start time of the process since unix epoch in seconds; over workers the "
-                                   "earliest", "livemin"),
+    "process_start_time_seconds": (
+        "Start time of the process since unix epoch in seconds; over workers the earliest",
+        "livemin",
+    ),
 }
 
 
@@ -120,11 +120,16 @@ class WorkerProcessMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         # Reads /proc/self like the single-process collector, so the numbers mean the same; not registered.
         self._source = ProcessCollector(registry=None)
-        self._gauges = {name: Gauge(name, help_text, registry=registry, multiprocess_mode=mode)
-                        for name, (help_text, mode) in PROCESS_GAUGES.items()}
+        self._gauges = {
+            name: Gauge(name, help_text, registry=registry, multiprocess_mode=mode)
+            for name, (help_text, mode) in PROCESS_GAUGES.items()
+        }
         # A counter, so a worker's CPU seconds still count after it exits, as a total should.
-        self._cpu = Counter("process_cpu_seconds", "Total user and system CPU time spent in seconds, summed "
-                            "over workers", registry=registry)
+        self._cpu = Counter(
+            "process_cpu_seconds",
+            "Total user and system CPU time spent in seconds, summed over workers",
+            registry=registry,
+        )
         self._cpu_counted = 0.0
         self.refresh()
 
@@ -149,37 +154,66 @@ class Metrics:
         self.multiprocess = multiprocess_dir() is not None
         self.tiers = tuple(settings.tiers)
         r = self.registry
-        self.requests = Counter("gateway_requests", "Requests by decision, code, model and tier",
-                                ["decision", "code", "model", "tier"], registry=r)
-        self.duration = Histogram("gateway_request_duration_seconds", "Whole request time by decision",
-                                  ["decision"], buckets=LATENCY_BUCKETS, registry=r)
-        self.overhead = Histogram("gateway_overhead_seconds",
-                                  "Time the gateway adds to a request (total minus upstream)",
-                                  buckets=OVERHEAD_BUCKETS, registry=r)
-        self.upstream = Histogram("gateway_upstream_duration_seconds", "Upstream time of proxied requests",
-                                  buckets=LATENCY_BUCKETS, registry=r)
-        self.upstream_errors = Counter("gateway_upstream_errors", "Upstream failures by kind", ["kind"],
-                                       registry=r)
-        self.in_flight = Gauge("gateway_in_flight_requests", "Requests being handled", registry=r,
-                               multiprocess_mode="livesum")
-        self.policy_version = Gauge("gateway_policy_version",
-                                    "Policy version enforced (0: none); over workers the lowest",
-                                    registry=r, multiprocess_mode="livemin")
-        self.policy_age = Gauge("gateway_policy_age_seconds",
-                                "Seconds since the policy version was last confirmed (+Inf: never); "
-                                "over workers the oldest", registry=r, multiprocess_mode="livemax")
-        self.list_entries = Gauge("gateway_list_entries", "Entries per live list in the enforced policy",
-                                  ["list"], registry=r, multiprocess_mode="livemostrecent")
-        self.redis_errors = Counter("gateway_redis_errors", "Redis errors and timeouts by operation",
-                                    ["op"], registry=r)
-        self.fallback = Counter("gateway_ratelimit_fallback", "Rate-limit checks served by the local limiter",
-                                registry=r)
-        self.audit_spooled = Counter("gateway_audit_spooled",
-                                     "Audit records written to the local spool while Redis was away",
-                                     registry=r)
-        self.audit_dropped = Counter("gateway_audit_dropped",
-                                     "Audit records lost (queue full: Redis and spool both failing)",
-                                     registry=r)
+        self.requests = Counter(
+            "gateway_requests",
+            "Requests by decision, code, model and tier",
+            ["decision", "code", "model", "tier"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "gateway_request_duration_seconds",
+            "Whole request time by decision",
+            ["decision"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.overhead = Histogram(
+            "gateway_overhead_seconds",
+            "Time the gateway adds to a request (total minus upstream)",
+            buckets=OVERHEAD_BUCKETS,
+            registry=r,
+        )
+        self.upstream = Histogram(
+            "gateway_upstream_duration_seconds",
+            "Upstream time of proxied requests",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_errors = Counter("gateway_upstream_errors", "Upstream failures by kind", ["kind"], registry=r)
+        self.in_flight = Gauge(
+            "gateway_in_flight_requests", "Requests being handled", registry=r, multiprocess_mode="livesum"
+        )
+        self.policy_version = Gauge(
+            "gateway_policy_version",
+            "Policy version enforced (0: none); over workers the lowest",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        self.policy_age = Gauge(
+            "gateway_policy_age_seconds",
+            "Seconds since the policy version was last confirmed (+Inf: never); over workers the oldest",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.list_entries = Gauge(
+            "gateway_list_entries",
+            "Entries per live list in the enforced policy",
+            ["list"],
+            registry=r,
+            multiprocess_mode="livemostrecent",
+        )
+        self.redis_errors = Counter(
+            "gateway_redis_errors", "Redis errors and timeouts by operation", ["op"], registry=r
+        )
+        self.fallback = Counter(
+            "gateway_ratelimit_fallback", "Rate-limit checks served by the local limiter", registry=r
+        )
+        self.audit_spooled = Counter(
+            "gateway_audit_spooled", "Audit records written to the local spool while Redis was away", registry=r
+        )
+        self.audit_dropped = Counter(
+            "gateway_audit_dropped", "Audit records lost (queue full: Redis and spool both failing)", registry=r
+        )
         # Memory, CPU and open files: read at each scrape in one process; with workers, each worker's
         # readings are refreshed with the policy gauges (a scrape reaches one worker, not all of them).
         self._process: WorkerProcessMetrics | None = None
@@ -213,8 +247,9 @@ class Metrics:
             return model
         return "other"
 
-    def request_done(self, *, decision: str, code: str, model: str, tier: str, duration_s: float,
-                     upstream_s: float) -> None:
+    def request_done(
+        self, *, decision: str, code: str, model: str, tier: str, duration_s: float, upstream_s: float
+    ) -> None:
         key = (decision, code, model, tier)
         child = self._requests.get(key)
         if child is None:  # a combination not foreseen; still bounded, since every part is
@@ -255,6 +290,7 @@ class Metrics:
 
     def start(self, watcher: PolicyWatcher) -> None:
         """Keep the age gauge current: with workers, a scrape reaches one worker, not all of them."""
+
         async def refresh() -> None:
             while True:
                 self.refresh_policy_gauges(watcher)

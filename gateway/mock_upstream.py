@@ -23,11 +23,16 @@ WORDS = "The gateway forwarded this answer from the development mock model serve
 def completion(model: str, prompt_tokens: int) -> dict[str, object]:
     text = " ".join(WORDS)
     return {
-        "id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "object": "chat.completion", "created": int(time.time()),
+        "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
+        "object": "chat.completion",
+        "created": int(time.time()),
         "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(WORDS),
-                  "total_tokens": prompt_tokens + len(WORDS)},
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": len(WORDS),
+            "total_tokens": prompt_tokens + len(WORDS),
+        },
     }
 
 
@@ -45,8 +50,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     model = str(data.get("model", "gpt-mock"))
     prompt_tokens = max(1, len(orjson.dumps(data.get("messages", []))) // 4)
     if not data.get("stream"):
-        return web.Response(body=orjson.dumps(completion(model, prompt_tokens)),
-                            content_type="application/json")
+        return web.Response(body=orjson.dumps(completion(model, prompt_tokens)), content_type="application/json")
     delay = float(request.query.get("delay", "0"))
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
@@ -60,31 +64,49 @@ async def chat(request: web.Request) -> web.StreamResponse:
 async def _stream_words(response: web.StreamResponse, model: str, prompt_tokens: int, delay: float) -> None:
     ident = f"chatcmpl-{uuid.uuid4().hex[:12]}"
     for word in WORDS:
-        chunk = {"id": ident, "object": "chat.completion.chunk", "model": model,
-                 "choices": [{"index": 0, "delta": {"content": word + " "}, "finish_reason": None}]}
+        chunk = {
+            "id": ident,
+            "object": "chat.completion.chunk",
+            "model": model,
+            "choices": [{"index": 0, "delta": {"content": word + " "}, "finish_reason": None}],
+        }
         await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
         if delay:
             await asyncio.sleep(delay)
-    final = {"id": ident, "object": "chat.completion.chunk", "model": model,
-             "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
-             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(WORDS),
-                       "total_tokens": prompt_tokens + len(WORDS)}}
+    final = {
+        "id": ident,
+        "object": "chat.completion.chunk",
+        "model": model,
+        "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": len(WORDS),
+            "total_tokens": prompt_tokens + len(WORDS),
+        },
+    }
     await response.write(b"data: " + orjson.dumps(final) + b"\n\ndata: [DONE]\n\n")
     await response.write_eof()
 
 
 async def models(_request: web.Request) -> web.Response:
-    return web.Response(body=orjson.dumps({"object": "list", "data": [
-        {"id": m, "object": "model", "owned_by": "mock"} for m in MODELS]}), content_type="application/json")
+    return web.Response(
+        body=orjson.dumps(
+            {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "mock"} for m in MODELS]}
+        ),
+        content_type="application/json",
+    )
 
 
 async def echo(request: web.Request) -> web.Response:
     """Anything else: echo what arrived (method, path, query, headers), handy for checking the proxy."""
     body = await request.read()
     headers = {str(k): v for k, v in request.headers.items()}
-    return web.Response(body=orjson.dumps({"method": request.method, "path": request.raw_path,
-                                           "headers": headers, "body_bytes": len(body)}),
-                        content_type="application/json")
+    return web.Response(
+        body=orjson.dumps(
+            {"method": request.method, "path": request.raw_path, "headers": headers, "body_bytes": len(body)}
+        ),
+        content_type="application/json",
+    )
 
 
 async def bulk(request: web.Request) -> web.StreamResponse:
@@ -116,5 +138,11 @@ def run_mock(host: str, port: int) -> None:
         loop_factory = uvloop.new_event_loop
     except ImportError:  # pragma: no cover
         loop_factory = None
-    web.run_app(create_mock_app(), host=host, port=port, access_log=None, print=None,
-                loop=loop_factory() if loop_factory else None)
+    web.run_app(
+        create_mock_app(),
+        host=host,
+        port=port,
+        access_log=None,
+        print=None,
+        loop=loop_factory() if loop_factory else None,
+    )

@@ -24,8 +24,19 @@ from .proxy import Forwarder, ProxyOutcome, response_headers, response_problem
 
 MAX_LIST_BYTES = 4 * 1024 * 1024
 # Upstream response fields that describe the body as the upstream sent it, not the filtered one.
-_BODY_FIELDS = ("Content-Type", "Content-Encoding", "ETag", "Content-MD5", "Digest", "Content-Range",
-                "Accept-Ranges", "Last-Modified", "Cache-Control", "Expires", "Age")
+_BODY_FIELDS = (
+    "Content-Type",
+    "Content-Encoding",
+    "ETag",
+    "Content-MD5",
+    "Digest",
+    "Content-Range",
+    "Accept-Ranges",
+    "Last-Modified",
+    "Cache-Control",
+    "Expires",
+    "Age",
+)
 _CONDITIONAL_FIELDS = ("If-None-Match", "If-Match", "If-Modified-Since", "If-Unmodified-Since", "Range", "If-Range")
 
 
@@ -39,8 +50,9 @@ def lists_models(method: str, path: str, rules: Rules) -> bool:
 
 def _unreadable(outcome: ProxyOutcome, why: str) -> GatewayError:
     outcome.error_kind = "protocol"
-    return GatewayError(502, "upstream_unreachable",
-                        f"The model server's model list could not be read ({why}), so no list is answered.")
+    return GatewayError(
+        502, "upstream_unreachable", f"The model server's model list could not be read ({why}), so no list is answered."
+    )
 
 
 def filter_models(body: bytes, allowed: Callable[[str], bool]) -> bytes:
@@ -61,9 +73,16 @@ def filter_models(body: bytes, allowed: Callable[[str], bool]) -> bytes:
     return orjson.dumps(document)
 
 
-async def forward_model_list(forwarder: Forwarder, target: str, *, headers: CIMultiDict[str],
-                             request_id: str, extra_response_headers: Iterable[tuple[str, str]],
-                             allowed: Callable[[str], bool], outcome: ProxyOutcome) -> web.Response:
+async def forward_model_list(
+    forwarder: Forwarder,
+    target: str,
+    *,
+    headers: CIMultiDict[str],
+    request_id: str,
+    extra_response_headers: Iterable[tuple[str, str]],
+    allowed: Callable[[str], bool],
+    outcome: ProxyOutcome,
+) -> web.Response:
     """``GET target`` (origin-form, as admitted) upstream with ``headers``; answer the entries ``allowed``
     keeps. The only other answer is an error (502, or 504 when the upstream is silent)."""
     # Filtering reads the body, so it must come uncompressed; the caller's Accept-Encoding is not passed.
@@ -74,9 +93,9 @@ async def forward_model_list(forwarder: Forwarder, target: str, *, headers: CIMu
     url = URL(forwarder.router.base_for(None) + target, encoded=True)
     started = time.perf_counter()
     try:
-        upstream = await forwarder.session.get(url, headers=headers,
-                                               allow_redirects=False, timeout=forwarder.timeout,
-                                               auto_decompress=False)
+        upstream = await forwarder.session.get(
+            url, headers=headers, allow_redirects=False, timeout=forwarder.timeout, auto_decompress=False
+        )
     except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
         outcome.error_kind = "timeout"
         raise GatewayError(504, "upstream_timeout", "The model server did not answer in time.") from exc

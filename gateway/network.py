@@ -25,7 +25,7 @@ def parse_ip(text: str) -> IPAddress | None:
     text = text.strip()
     if text.startswith("["):
         end = text.find("]")
-        if end < 0 or not _is_port_suffix(text[end + 1:], allow_empty=True):
+        if end < 0 or not _is_port_suffix(text[end + 1 :], allow_empty=True):
             return None
         text = text[1:end]
     elif text.count(":") == 1:

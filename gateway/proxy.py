@@ -33,10 +33,20 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.proxy")
 
 # RFC 9110 §7.6.1 hop-by-hop fields plus the ones proxies traditionally drop.
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "te", "trailer", "trailers", "transfer-encoding", "upgrade",
-    "proxy-connection", "proxy-authenticate", "proxy-authorization",
-})
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+    }
+)
 # Caller headers naming something the gateway sets or vouches for (docs/contract.md §4a): the upstream
 # must learn these from the gateway only. Names are compared as an upstream may compare them: letter
 # case aside and "_" as "-" (WSGI-style servers merge X_Gateway_Tier into X-Gateway-Tier).
@@ -44,8 +54,9 @@ _VOUCHED = frozenset({"forwarded", "x-real-ip", "x-original-url", "x-rewrite-url
 _VOUCHED_PREFIXES = ("x-gateway-", "x-forwarded-", "proxy-")
 # Request fields the gateway sets itself or must never pass on. The body goes upstream decoded, so its
 # Content-Encoding never does; Content-Length is the decoded body's, set by the client.
-_REQUEST_DROP = (HOP_BY_HOP | _VOUCHED
-                 | {"host", "content-length", "content-encoding", "authorization", "x-request-id", "expect"})
+_REQUEST_DROP = (
+    HOP_BY_HOP | _VOUCHED | {"host", "content-length", "content-encoding", "authorization", "x-request-id", "expect"}
+)
 # Read by the gateway to decide: another spelling of it (Content_Type) could be read by the upstream instead.
 _DECIDED_ON = frozenset({"content-type"})
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
@@ -86,8 +97,9 @@ def _dropped(name: str) -> bool:
     found = _DROPPED_NAMES.get(name)
     if found is None:
         key = header_key(name)
-        found = (key in _REQUEST_DROP or key.startswith(_VOUCHED_PREFIXES)
-                 or (key in _DECIDED_ON and key != name.lower()))
+        found = (
+            key in _REQUEST_DROP or key.startswith(_VOUCHED_PREFIXES) or (key in _DECIDED_ON and key != name.lower())
+        )
         if len(_DROPPED_NAMES) >= 4096:
             _DROPPED_NAMES.clear()
         _DROPPED_NAMES[name] = found
@@ -110,7 +122,7 @@ def origin_form(target: str) -> str:
         if not separator or scheme.lower() not in ("http", "https"):
             raise _bad_target()
         cut = [i for i in (rest.find("/"), rest.find("?")) if i >= 0]
-        target = rest[min(cut):] if cut else "/"
+        target = rest[min(cut) :] if cut else "/"
         if target.startswith("?"):
             target = "/" + target
     if _ENCODED_CONTROL.search(target.split("?", 1)[0]):
@@ -119,8 +131,10 @@ def origin_form(target: str) -> str:
 
 
 def _bad_target() -> GatewayError:
-    return bad_request("The request target must be a path (origin-form) of visible ASCII, without a fragment "
-                       "or encoded control characters.")
+    return bad_request(
+        "The request target must be a path (origin-form) of visible ASCII, without a fragment "
+        "or encoded control characters."
+    )
 
 
 def response_problem(status: int, reason: str | None, headers: CIMultiDictProxy[str]) -> str | None:
@@ -145,9 +159,15 @@ def response_problem(status: int, reason: str | None, headers: CIMultiDictProxy[
     return None
 
 
-def upstream_request_headers(incoming: CIMultiDictProxy[str], *, forwarded_for: str, proto: str,
-                             request_id: str, identity_headers: Iterable[tuple[str, str]],
-                             upstream_auth: str | None) -> CIMultiDict[str]:
+def upstream_request_headers(
+    incoming: CIMultiDictProxy[str],
+    *,
+    forwarded_for: str,
+    proto: str,
+    request_id: str,
+    identity_headers: Iterable[tuple[str, str]],
+    upstream_auth: str | None,
+) -> CIMultiDict[str]:
     """Caller headers minus hop-by-hop, credentials and every name the gateway vouches for, plus its own.
 
     The gateway's own (``X-Forwarded-For``, ``X-Forwarded-Proto``, ``X-Request-Id``, ``X-Gateway-*``,
@@ -275,8 +295,11 @@ def _fail_body_when_connection_lost(upstream: aiohttp.ClientResponse) -> Callabl
 
     def on_closed(_closed: asyncio.Future[None] | None) -> None:
         if not content.is_eof() and content.exception() is None:
-            content.set_exception(aiohttp.ClientPayloadError("The connection to the model server was lost "
-                                                             "before the response was complete."))
+            content.set_exception(
+                aiohttp.ClientPayloadError(
+                    "The connection to the model server was lost before the response was complete."
+                )
+            )
 
     closed = protocol.closed
     if closed is None or closed.done():  # already gone
@@ -315,13 +338,21 @@ class Forwarder:
     set once on the session, they cost nothing per request.
     """
 
-    def __init__(self, session: aiohttp.ClientSession, router: Router, *, read_timeout_s: float,
-                 connect_timeout_s: float, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        router: Router,
+        *,
+        read_timeout_s: float,
+        connect_timeout_s: float,
+        clock: Callable[[], float],
+    ) -> None:
         self.session = session
         self.router = router
         self.clock = clock
-        self.timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s,
-                                             sock_connect=connect_timeout_s, sock_read=read_timeout_s)
+        self.timeout = aiohttp.ClientTimeout(
+            total=None, connect=connect_timeout_s, sock_connect=connect_timeout_s, sock_read=read_timeout_s
+        )
         # Upstream URLs by (base, request-target): most requests name one of a few paths.
         self._urls: dict[tuple[str, str], URL] = {}
 
@@ -336,9 +367,16 @@ class Forwarder:
             self._urls[key] = url
         return url
 
-    async def forward(self, request: BaseRequest, view: CanonicalRequest, *, request_id: str,
-                      extra_response_headers: Iterable[tuple[str, str]],
-                      on_usage: UsageSink | None, outcome: ProxyOutcome) -> web.StreamResponse:
+    async def forward(
+        self,
+        request: BaseRequest,
+        view: CanonicalRequest,
+        *,
+        request_id: str,
+        extra_response_headers: Iterable[tuple[str, str]],
+        on_usage: UsageSink | None,
+        outcome: ProxyOutcome,
+    ) -> web.StreamResponse:
         """Send ``view`` (method, origin-form target, the computed headers, the decoded body) upstream and
         relay the answer to ``request``'s caller. Nothing of the request is read again here, so what
         was decided on is what is sent."""
@@ -353,30 +391,47 @@ class Forwarder:
         started = self.clock()
         try:
             upstream = await self.session.request(
-                view.method, url, headers=headers, data=body if body else None,
-                allow_redirects=False, timeout=self.timeout, auto_decompress=False,
+                view.method,
+                url,
+                headers=headers,
+                data=body if body else None,
+                allow_redirects=False,
+                timeout=self.timeout,
+                auto_decompress=False,
             )
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             outcome.error_kind = "timeout"
-            raise GatewayError(504, "upstream_timeout",
-                               "The model server did not answer in time.") from exc
+            raise GatewayError(504, "upstream_timeout", "The model server did not answer in time.") from exc
         except aiohttp.ClientError as exc:
             outcome.error_kind = "connect" if isinstance(exc, aiohttp.ClientConnectorError) else "protocol"
-            raise GatewayError(502, "upstream_unreachable",
-                               "The model server could not be reached.") from exc
+            raise GatewayError(502, "upstream_unreachable", "The model server could not be reached.") from exc
         unwatch = _fail_body_when_connection_lost(upstream)
         try:
-            return await self._relay(request, upstream, request_id=request_id,
-                                     extra=extra_response_headers, on_usage=on_usage,
-                                     outcome=outcome, started=started)
+            return await self._relay(
+                request,
+                upstream,
+                request_id=request_id,
+                extra=extra_response_headers,
+                on_usage=on_usage,
+                outcome=outcome,
+                started=started,
+            )
         finally:
             unwatch()
             upstream.release()
             outcome.upstream_seconds = self.clock() - started
 
-    async def _relay(self, request: BaseRequest, upstream: aiohttp.ClientResponse, *, request_id: str,  # noqa: C901 - complexity 16, the most in its module: to be split
-                     extra: Iterable[tuple[str, str]], on_usage: UsageSink | None,
-                     outcome: ProxyOutcome, started: float) -> web.StreamResponse:
+    async def _relay(  # noqa: C901 - complexity 16, the most in its module: to be split
+        self,
+        request: BaseRequest,
+        upstream: aiohttp.ClientResponse,
+        *,
+        request_id: str,
+        extra: Iterable[tuple[str, str]],
+        on_usage: UsageSink | None,
+        outcome: ProxyOutcome,
+        started: float,
+    ) -> web.StreamResponse:
         outcome.upstream_status = upstream.status
         problem = response_problem(upstream.status, upstream.reason, upstream.headers)
         if problem is not None:
@@ -384,8 +439,9 @@ class Forwarder:
             outcome.error_kind = "protocol"
             upstream.close()  # never reuse a connection that carried it
             raise GatewayError(502, "upstream_unreachable", "The model server sent a malformed response.")
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
-                                      headers=response_headers(upstream.headers))
+        response = web.StreamResponse(
+            status=upstream.status, reason=upstream.reason, headers=response_headers(upstream.headers)
+        )
         response.headers["X-Request-Id"] = request_id
         for name, value in extra:
             response.headers[name] = value
@@ -419,13 +475,15 @@ class Forwarder:
                     await response.write(chunk)
         except (TimeoutError, aiohttp.ServerTimeoutError):
             outcome.error_kind = "timeout"
-            await self._abort_stream(response, is_sse, "upstream_timeout",
-                                     "The model server stopped sending mid-response.", request_id)
+            await self._abort_stream(
+                response, is_sse, "upstream_timeout", "The model server stopped sending mid-response.", request_id
+            )
             return response
         except aiohttp.ClientPayloadError:
             outcome.error_kind = "protocol"
-            await self._abort_stream(response, is_sse, "upstream_unreachable",
-                                     "The model server broke off the response.", request_id)
+            await self._abort_stream(
+                response, is_sse, "upstream_unreachable", "The model server broke off the response.", request_id
+            )
             return response
         if is_json and held_size <= USAGE_CAPTURE_LIMIT and held:
             try:
@@ -441,8 +499,9 @@ class Forwarder:
         return response
 
     @staticmethod
-    async def _abort_stream(response: web.StreamResponse, is_sse: bool, code: str, message: str,
-                            request_id: str) -> None:
+    async def _abort_stream(
+        response: web.StreamResponse, is_sse: bool, code: str, message: str, request_id: str
+    ) -> None:
         if is_sse:
             try:
                 await response.write(_sse_error_event(code, message, request_id))

@@ -35,8 +35,11 @@ _UNSAFE_HEADER_CHARS = re.compile(r"[^\x20-\x24\x26-\x7e]+")  # all but printabl
 @functools.lru_cache(maxsize=4096)
 def identity_headers(subject: str, org: str | None, tier: str) -> tuple[tuple[str, str], ...]:
     """The ``X-Gateway-*`` headers for one caller (a hot caller's are encoded once)."""
-    return (("X-Gateway-Subject", header_safe(subject)), ("X-Gateway-Org", header_safe(org)),
-            ("X-Gateway-Tier", header_safe(tier)))
+    return (
+        ("X-Gateway-Subject", header_safe(subject)),
+        ("X-Gateway-Org", header_safe(org)),
+        ("X-Gateway-Tier", header_safe(tier)),
+    )
 
 
 def header_safe(value: str | None) -> str:
@@ -49,7 +52,8 @@ def header_safe(value: str | None) -> str:
     if not value:
         return ""
     encoded = _UNSAFE_HEADER_CHARS.sub(
-        lambda m: "".join(f"%{byte:02X}" for byte in m.group().encode("utf-8", "surrogatepass")), value)
+        lambda m: "".join(f"%{byte:02X}" for byte in m.group().encode("utf-8", "surrogatepass")), value
+    )
     if encoded[:1] == " " or encoded[-1:] == " ":
         core = encoded.strip(" ")
         lead = len(encoded) - len(encoded.lstrip(" "))
@@ -97,8 +101,7 @@ class PublicPath:
     # --- the public request path ----------------------------------------------------------
 
     async def handle(self, request: BaseRequest) -> web.StreamResponse:
-        exchange = Exchange(request_id=request_id_for(request.headers.get("X-Request-Id")),
-                            started=time.perf_counter())
+        exchange = Exchange(request_id=request_id_for(request.headers.get("X-Request-Id")), started=time.perf_counter())
         bind_request(exchange.request_id, request.method, request.path)
         self.metrics.in_flight.inc()
         try:
@@ -139,17 +142,21 @@ class PublicPath:
         if rate.allowed:
             return err
         name = f"{tier}-refused"
-        return GatewayError(429, "rate_limited",
-                            f"Too many refused requests ({rate.limit} per minute); retry after "
-                            f"{rate.retry_after_s} s.", headers=tuple(rate.headers(name)))
+        return GatewayError(
+            429,
+            "rate_limited",
+            f"Too many refused requests ({rate.limit} per minute); retry after {rate.retry_after_s} s.",
+            headers=tuple(rate.headers(name)),
+        )
 
     def _error(self, err: GatewayError, exchange: Exchange) -> web.Response:
         rate = exchange.rate
         rate_headers = None
         if rate is not None and err.status != 429:  # a 429 carries the headers of the limit it is over
             rate_headers = rate.headers(exchange.identity.tier if exchange.identity else "")
-        return self.presentation.response(err, request_id=exchange.request_id,
-                                          policy_version=self.watcher.version, rate_headers=rate_headers)
+        return self.presentation.response(
+            err, request_id=exchange.request_id, policy_version=self.watcher.version, rate_headers=rate_headers
+        )
 
     async def _admit_and_forward(self, request: BaseRequest, exchange: Exchange) -> web.StreamResponse:
         admission, limiter, forwarder = self.admission, self.limiter, self.forwarder
@@ -162,9 +169,13 @@ class PublicPath:
         exchange.identity = identity
         caller = admission.caller(identity, view.client_ip, snapshot)
         exchange.ip_country = caller.ip_subdivision or caller.ip_country
-        await self.reader.read(view, request, request_id=exchange.request_id,
-                               identity_headers=identity_headers(identity.subject, identity.org, identity.tier),
-                               upstream_auth=self.upstream_auth)
+        await self.reader.read(
+            view,
+            request,
+            request_id=exchange.request_id,
+            identity_headers=identity_headers(identity.subject, identity.org, identity.tier),
+            upstream_auth=self.upstream_auth,
+        )
         method, path = view.method, view.target.partition("?")[0]
         if view.model is None:  # GET /v1/models/<name> is about model <name> (row 3a)
             view.model = admission.model(None, method, path)
@@ -188,14 +199,24 @@ class PublicPath:
             assert view.headers is not None
             now = self.clock()
             return await forward_model_list(
-                forwarder, view.target, headers=view.headers, request_id=exchange.request_id,
-                extra_response_headers=rate_headers, outcome=exchange.outcome,
-                allowed=lambda name: admission.decide(snapshot, caller, name, now=now).allowed)
+                forwarder,
+                view.target,
+                headers=view.headers,
+                request_id=exchange.request_id,
+                extra_response_headers=rate_headers,
+                outcome=exchange.outcome,
+                allowed=lambda name: admission.decide(snapshot, caller, name, now=now).allowed,
+            )
         tiers = self.settings.tiers
         needs_usage = tiers[identity.tier].tokens_per_minute is not None
-        return await forwarder.forward(request, view, request_id=exchange.request_id,
-                                       extra_response_headers=rate_headers,
-                                       on_usage=charge if needs_usage else None, outcome=exchange.outcome)
+        return await forwarder.forward(
+            request,
+            view,
+            request_id=exchange.request_id,
+            extra_response_headers=rate_headers,
+            on_usage=charge if needs_usage else None,
+            outcome=exchange.outcome,
+        )
 
     def _finish(self, exchange: Exchange) -> None:
         duration = time.perf_counter() - exchange.started
@@ -209,11 +230,21 @@ class PublicPath:
         snapshot = self.watcher.snapshot
         identity = exchange.identity
         tier = identity.tier if identity else ""
-        self.metrics.request_done(decision=decision, code=exchange.code,
-                                  model=self.metrics.model_label(exchange.model, snapshot), tier=tier,
-                                  duration_s=duration, upstream_s=outcome.upstream_seconds)
-        log_access(status=exchange.status, decision=decision, code=exchange.code, duration_s=duration,
-                   subject=identity.subject if identity else None)
+        self.metrics.request_done(
+            decision=decision,
+            code=exchange.code,
+            model=self.metrics.model_label(exchange.model, snapshot),
+            tier=tier,
+            duration_s=duration,
+            upstream_s=outcome.upstream_seconds,
+        )
+        log_access(
+            status=exchange.status,
+            decision=decision,
+            code=exchange.code,
+            duration_s=duration,
+            subject=identity.subject if identity else None,
+        )
         self.audit.record(self._audit_record(exchange, decision, duration))
 
     def _audit_record(self, exchange: Exchange, decision: str, duration: float) -> dict[str, Any]:
@@ -238,8 +269,9 @@ class PublicPath:
             "duration_ms": round(duration * 1000, 3),
         }
         if screening:
-            record["screening"] = {name: _bounded(value) if isinstance(value, str) else value
-                                   for name, value in screening.items()}
+            record["screening"] = {
+                name: _bounded(value) if isinstance(value, str) else value for name, value in screening.items()
+            }
         return record
 
 
@@ -261,5 +293,3 @@ def _rfc3339(epoch: float) -> str:
     if second != _second_cache[0]:
         _second_cache[0], _second_cache[1] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
     return f"{_second_cache[1]}.{int((epoch - second) * 1000):03d}Z"
-
-

@@ -56,8 +56,9 @@ class ScriptBackend(Protocol):
     ``timeout_s`` (passed only when shorter): what is left of the calling request's wait.
     """
 
-    async def run_script(self, name: str, keys: Sequence[str], args: Sequence[str | int | float], *,
-                         timeout_s: float | None = None) -> Any: ...
+    async def run_script(
+        self, name: str, keys: Sequence[str], args: Sequence[str | int | float], *, timeout_s: float | None = None
+    ) -> Any: ...
 
 
 class RedisBudget:
@@ -79,8 +80,9 @@ def rate_keys(subject: str, model: str) -> tuple[str, str]:
     length prefix keeps ("a|b", "c") and ("a", "b|c") apart. The braces are a
     Cluster hash tag: both keys of a caller share a slot, as one script needs.
     """
-    digest = hashlib.blake2b(f"{len(subject)}:{subject}|{model}".encode(errors="surrogatepass"),
-                             digest_size=16).hexdigest()
+    digest = hashlib.blake2b(
+        f"{len(subject)}:{subject}|{model}".encode(errors="surrogatepass"), digest_size=16
+    ).hexdigest()
     # ":w", the token window with a running sum (token_window.lua); ":t" held the older layout, which
     # gateways of an earlier release may still write during a rolling upgrade, so it is left alone.
     return rate_state_keys(digest)
@@ -122,8 +124,13 @@ def _tier_strings(tier_name: str, limit: int, token_limit: int | None) -> _TierS
     policy = f"{name};q={limit};w={WINDOW_S}"
     if token_limit is not None:
         policy += f", {token_name};q={token_limit};w={WINDOW_S}"
-    return _TierStrings(policy=policy, request_item=f"{name};r=", token_item=f"{token_name};r=",
-                        limit=str(limit), token_limit=str(token_limit))
+    return _TierStrings(
+        policy=policy,
+        request_item=f"{name};r=",
+        token_item=f"{token_name};r=",
+        limit=str(limit),
+        token_limit=str(token_limit),
+    )
 
 
 class RateResult(NamedTuple):
@@ -148,18 +155,22 @@ class RateResult(NamedTuple):
         strings = _tier_strings(tier_name, self.limit, self.token_limit)
         reset = math.ceil(self.reset_s)
         state = f"{strings.request_item}{self.remaining};t={reset}"
-        out = [("RateLimit-Policy", strings.policy), ("RateLimit", state),
-               ("x-ratelimit-limit-requests", strings.limit),
-               ("x-ratelimit-remaining-requests", str(self.remaining)),
-               ("x-ratelimit-reset-requests", _format_duration(self.reset_s))]
+        out = [
+            ("RateLimit-Policy", strings.policy),
+            ("RateLimit", state),
+            ("x-ratelimit-limit-requests", strings.limit),
+            ("x-ratelimit-remaining-requests", str(self.remaining)),
+            ("x-ratelimit-reset-requests", _format_duration(self.reset_s)),
+        ]
         if self.token_limit is not None:
             tokens_remaining = self.tokens_remaining or 0
             token_reset = self.token_reset_s or 0.0
-            out[1] = ("RateLimit", f"{state}, {strings.token_item}{tokens_remaining};"
-                                   f"t={math.ceil(token_reset)}")
-            out += [("x-ratelimit-limit-tokens", strings.token_limit),
-                    ("x-ratelimit-remaining-tokens", str(tokens_remaining)),
-                    ("x-ratelimit-reset-tokens", _format_duration(token_reset))]
+            out[1] = ("RateLimit", f"{state}, {strings.token_item}{tokens_remaining};t={math.ceil(token_reset)}")
+            out += [
+                ("x-ratelimit-limit-tokens", strings.token_limit),
+                ("x-ratelimit-remaining-tokens", str(tokens_remaining)),
+                ("x-ratelimit-reset-tokens", _format_duration(token_reset)),
+            ]
         if not self.allowed:
             out.append(("Retry-After", str(self.retry_after_s)))
         return out
@@ -292,7 +303,6 @@ class LocalLimiter:
             for old in [s for s in state.buckets if s < oldest]:
                 del state.buckets[old]
 
-
     def take_unsynced(self, subject: str, model: str) -> tuple[int, int]:
         """(µs of request spend, tokens) admitted here that Redis has not seen, and forget them.
 
@@ -333,13 +343,18 @@ class RateLimiter:
     call, and a background task writes back everyone else's, one script call per caller.
     """
 
-    def __init__(self, backend: ScriptBackend, tiers: Mapping[str, Tier], *,
-                 clock: Callable[[], float] = time.monotonic,
-                 on_fallback: Callable[[], None] | None = None,
-                 backoff_s: float = 1.0,
-                 timeout_s: float = 0.1,
-                 local_max_keys: int = 100_000,
-                 script_now: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self,
+        backend: ScriptBackend,
+        tiers: Mapping[str, Tier],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        on_fallback: Callable[[], None] | None = None,
+        backoff_s: float = 1.0,
+        timeout_s: float = 0.1,
+        local_max_keys: int = 100_000,
+        script_now: Callable[[], float] | None = None,
+    ) -> None:
         # script_now (tests only): wall seconds sent to the scripts instead of Redis TIME.
         self._backend = backend
         self._tiers = dict(tiers)
@@ -352,8 +367,9 @@ class RateLimiter:
         self._skip_until = -math.inf
         self.local = LocalLimiter(clock=clock, max_keys=local_max_keys)
         self._local_max_keys = local_max_keys
-        self._check_args = {name: (str(_interval_us(t)), str(t.burst), str(t.tokens_per_minute or 0))
-                            for name, t in self._tiers.items()}
+        self._check_args = {
+            name: (str(_interval_us(t)), str(t.burst), str(t.tokens_per_minute or 0)) for name, t in self._tiers.items()
+        }
         # (subject, model) the local limiter admitted or charged that Redis has not seen yet.
         self._unsynced: dict[tuple[str, str], None] = {}
         self._writing_back: asyncio.Task[None] | None = None
@@ -382,8 +398,7 @@ class RateLimiter:
         limits = Tier(requests_per_minute=per_minute, burst=per_minute)
         digest = hashlib.blake2b(key.encode(errors="surrogatepass"), digest_size=16).hexdigest()
         keys = (f"gw:rb:{{{digest}}}:r", f"gw:rb:{{{digest}}}:w")  # ":w" is never written (no token limit)
-        reply = await self._run(CHECK_SCRIPT, keys, (str(_interval_us(limits)), str(per_minute), "0",
-                                                     self._now_arg()))
+        reply = await self._run(CHECK_SCRIPT, keys, (str(_interval_us(limits)), str(per_minute), "0", self._now_arg()))
         if reply is not None:
             return _result(limits, reply, fallback=False)
         self._fell_back()
@@ -392,8 +407,9 @@ class RateLimiter:
     def _now_arg(self) -> str:
         return "" if self._script_now is None else repr(self._script_now() * 1000)
 
-    async def _run(self, name: str, keys: Sequence[str], args: Sequence[str],
-                   budget: RedisBudget | None = None) -> Any | None:
+    async def _run(
+        self, name: str, keys: Sequence[str], args: Sequence[str], budget: RedisBudget | None = None
+    ) -> Any | None:
         """The script's reply, or None when Redis must be skipped (fallback)."""
         if self._clock() < self._skip_until:
             return None
@@ -405,8 +421,11 @@ class RateLimiter:
             if left <= 0:
                 return None  # this request has waited its share; Redis itself may be fine
             # The connection bounds a call by timeout_s by itself; a timer only for less.
-            call = (backend.run_script(name, keys, args) if left >= self._timeout_s
-                    else backend.run_script(name, keys, args, timeout_s=left))
+            call = (
+                backend.run_script(name, keys, args)
+                if left >= self._timeout_s
+                else backend.run_script(name, keys, args, timeout_s=left)
+            )
             started = time.monotonic()
         try:
             reply = await call
@@ -438,8 +457,9 @@ class RateLimiter:
         if self._on_fallback is not None:
             self._on_fallback()
 
-    async def check(self, subject: str, model: str | None, tier: str, *,
-                    budget: RedisBudget | None = None) -> RateResult:
+    async def check(
+        self, subject: str, model: str | None, tier: str, *, budget: RedisBudget | None = None
+    ) -> RateResult:
         """Admit or refuse one request now; an admitted request consumes one unit."""
         limits = self._tier(tier)
         model = model or ANY_MODEL
@@ -462,8 +482,9 @@ class RateLimiter:
             self._owe((subject, model))
         return result
 
-    async def charge(self, subject: str, model: str | None, tier: str, tokens: int, *,
-                     budget: RedisBudget | None = None) -> None:
+    async def charge(
+        self, subject: str, model: str | None, tier: str, tokens: int, *, budget: RedisBudget | None = None
+    ) -> None:
         """Charge the tokens a response used; a tier without a token limit charges nothing."""
         limits = self._tier(tier)
         if tokens <= 0 or limits.tokens_per_minute is None:
@@ -493,8 +514,9 @@ class RateLimiter:
                     continue
                 request_key, token_key = rate_keys(subject, model)
                 try:
-                    await self._backend.run_script(SYNC_SCRIPT, (request_key, token_key),
-                                                   (str(owed[0]), str(owed[1]), self._now_arg()))
+                    await self._backend.run_script(
+                        SYNC_SCRIPT, (request_key, token_key), (str(owed[0]), str(owed[1]), self._now_arg())
+                    )
                 except Exception as exc:  # Redis went away again: owed until it answers next
                     self.local.give_back(subject, model, *owed)
                     self._unsynced[key] = None

@@ -48,8 +48,9 @@ class RedisServer:
     The port stays the same across restarts so clients reconnect to the same address.
     """
 
-    def __init__(self, *, port: int | None = None, unix_socket: bool = False,
-                 extra_args: list[str] | None = None) -> None:
+    def __init__(
+        self, *, port: int | None = None, unix_socket: bool = False, extra_args: list[str] | None = None
+    ) -> None:
         self.binary = find_redis_binary()
         self.port = free_port() if port is None and not unix_socket else (port or 0)
         self._dir = tempfile.mkdtemp(prefix="gw-redis-")
@@ -64,10 +65,25 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def _args(self) -> list[str]:
-        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
-                "--save", "", "--appendonly", "no", "--dir", self._dir,
-                "--protected-mode", "no", "--loglevel", "warning",
-                "--logfile", os.path.join(self._dir, "redis.log")]
+        args = [
+            self.binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            self._dir,
+            "--protected-mode",
+            "no",
+            "--loglevel",
+            "warning",
+            "--logfile",
+            os.path.join(self._dir, "redis.log"),
+        ]
         if self.socket_path:
             args += ["--unixsocket", self.socket_path, "--unixsocketperm", "700"]
         return args + self.extra_args
@@ -75,14 +91,17 @@ class RedisServer:
     def start(self, timeout_s: float = 10.0) -> RedisServer:
         if self.process and self.process.poll() is None:
             return self
-        self.process = subprocess.Popen(self._args(), stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(
+            self._args(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RedisServerError(f"redis-server exited with {self.process.returncode}: "
-                                       f"{self.log_tail()}")
+                raise RedisServerError(f"redis-server exited with {self.process.returncode}: {self.log_tail()}")
             if self._ping():
                 return self
             time.sleep(0.02)

@@ -74,7 +74,8 @@ _MEDIA_TYPE = re.compile(rf"[ \t]*({_TOKEN})/({_TOKEN})[ \t]*((?:;[ \t]*(?:{_TOK
 _PARAMETER = re.compile(rf"({_TOKEN})=({_TOKEN}|\"[^\"]*\")")
 # A part's Content-Disposition, as strictly: form-data and simple parameters, nothing escaped.
 _DISPOSITION = re.compile(
-    rf"[ \t]*form-data[ \t]*((?:;[ \t]*{_TOKEN}[ \t]*=[ \t]*(?:{_TOKEN}|{_QUOTED})[ \t]*)*);?[ \t]*", re.IGNORECASE)
+    rf"[ \t]*form-data[ \t]*((?:;[ \t]*{_TOKEN}[ \t]*=[ \t]*(?:{_TOKEN}|{_QUOTED})[ \t]*)*);?[ \t]*", re.IGNORECASE
+)
 _DISPOSITION_PARAMETER = re.compile(rf"({_TOKEN})[ \t]*=[ \t]*({_TOKEN}|\"[^\"]*\")")
 # A 5-unit JSON string made of letters and \u escapes, at least one escape: the only other way to
 # spell the key "model" (or a letter-case variant) in JSON text.
@@ -111,8 +112,15 @@ class RequestReader:
     forward) once the caller is known.
     """
 
-    def __init__(self, *, trusted: TrustedProxies, model_path_pattern: str | None, max_body_bytes: int,
-                 body_read_timeout_s: float, body_gap_timeout_s: float) -> None:
+    def __init__(
+        self,
+        *,
+        trusted: TrustedProxies,
+        model_path_pattern: str | None,
+        max_body_bytes: int,
+        body_read_timeout_s: float,
+        body_gap_timeout_s: float,
+    ) -> None:
         self.trusted = trusted
         self.models = ModelExtractor(model_path_pattern, max_body_bytes=max_body_bytes)
         self.max_body_bytes = max_body_bytes
@@ -124,16 +132,26 @@ class RequestReader:
         if method in REFUSED_METHODS:
             raise method_not_allowed(method)
         try:
-            ip, forwarded_for = client_chain(request.remote, request.headers.getall("X-Forwarded-For", ()),
-                                             self.trusted)
+            ip, forwarded_for = client_chain(
+                request.remote, request.headers.getall("X-Forwarded-For", ()), self.trusted
+            )
         except UnreadableHop as exc:
-            raise bad_request("An X-Forwarded-For hop from a trusted proxy is not an IP address in canonical "
-                              "form; the caller's address cannot be vouched for.") from exc
+            raise bad_request(
+                "An X-Forwarded-For hop from a trusted proxy is not an IP address in canonical "
+                "form; the caller's address cannot be vouched for."
+            ) from exc
         deadline = asyncio.get_running_loop().time() + self.body_read_timeout_s
         return CanonicalRequest(method, ip, forwarded_for, request.scheme, deadline)
 
-    async def read(self, view: CanonicalRequest, request: BaseRequest, *, request_id: str,
-                   identity_headers: Iterable[tuple[str, str]], upstream_auth: str | None) -> None:
+    async def read(
+        self,
+        view: CanonicalRequest,
+        request: BaseRequest,
+        *,
+        request_id: str,
+        identity_headers: Iterable[tuple[str, str]],
+        upstream_auth: str | None,
+    ) -> None:
         headers = request.headers
         view.target = target = origin_form(request.raw_path)
         body = await self._body(request, view.deadline)
@@ -146,12 +164,18 @@ class RequestReader:
         content_types = headers.getall("Content-Type", ())
         body_model, view.media_type = models.read_body(body, content_types)
         if path_model is not None and body_model is not None and path_model != body_model:
-            raise bad_request(f"The request path names model '{path_model[:100]}' and its body names "
-                              f"'{body_model[:100]}'.")
+            raise bad_request(
+                f"The request path names model '{path_model[:100]}' and its body names '{body_model[:100]}'."
+            )
         view.model = path_model if path_model is not None else body_model
-        view.headers = upstream_request_headers(headers, forwarded_for=view.forwarded_for, proto=view.proto,
-                                                request_id=request_id, identity_headers=identity_headers,
-                                                upstream_auth=upstream_auth)
+        view.headers = upstream_request_headers(
+            headers,
+            forwarded_for=view.forwarded_for,
+            proto=view.proto,
+            request_id=request_id,
+            identity_headers=identity_headers,
+            upstream_auth=upstream_auth,
+        )
 
     async def _body(self, request: BaseRequest, deadline: float) -> bytes:
         limit = self.max_body_bytes
@@ -187,13 +211,18 @@ class RequestReader:
                 chunks.append(chunk)
         except TimeoutError as exc:
             if loop.time() < deadline:
-                raise GatewayError(408, "request_timeout", "The request body stalled for more than "
-                                   f"{self.body_gap_timeout_s:g} s.") from exc
+                raise GatewayError(
+                    408, "request_timeout", f"The request body stalled for more than {self.body_gap_timeout_s:g} s."
+                ) from exc
             raise request_timeout(self.body_read_timeout_s) from exc
         except web.HTTPException:
             raise
-        except (aiohttp.ClientPayloadError, aiohttp.http_exceptions.HttpProcessingError, web.RequestPayloadError,
-                ValueError) as exc:
+        except (
+            aiohttp.ClientPayloadError,
+            aiohttp.http_exceptions.HttpProcessingError,
+            web.RequestPayloadError,
+            ValueError,
+        ) as exc:
             # Bad chunking or a body cut short: the parser's errors arrive here, on the body stream.
             raise bad_request("The request body is malformed.") from exc
         return b"".join(chunks)
@@ -216,8 +245,9 @@ def decode_body(body: bytes, encodings: Iterable[str], limit: int) -> bytes:
     values = list(encodings)
     coding = values[0].strip(" \t").lower() if len(values) == 1 and values[0].isascii() else ""
     if coding not in CODINGS:
-        raise unsupported_media_type("The request's Content-Encoding must be one of gzip, deflate, br or "
-                                     "identity, once.")
+        raise unsupported_media_type(
+            "The request's Content-Encoding must be one of gzip, deflate, br or identity, once."
+        )
     if coding == "identity" or not body:
         return body
     if coding == "gzip":
@@ -231,8 +261,7 @@ def decode_body(body: bytes, encodings: Iterable[str], limit: int) -> bytes:
     else:
         decoded = _unbrotli(body, limit)
     if still_compressed(decoded, limit):
-        raise unsupported_media_type("The request body is compressed more than once; send it with one "
-                                     "content coding.")
+        raise unsupported_media_type("The request body is compressed more than once; send it with one content coding.")
     return decoded
 
 
@@ -363,9 +392,11 @@ class ModelExtractor:
         for candidate in self._loosened(path):
             loose = self.loose_pattern.search(candidate)
             if loose and loose.group("model"):
-                raise bad_request("The request path could name a model in more than one way (encoded characters, "
-                                  "dot segments, empty segments, ';' parameters, backslashes, letter case or a "
-                                  "trailing slash); send the canonical path.")
+                raise bad_request(
+                    "The request path could name a model in more than one way (encoded characters, "
+                    "dot segments, empty segments, ';' parameters, backslashes, letter case or a "
+                    "trailing slash); send the canonical path."
+                )
         return None
 
     @staticmethod
@@ -432,7 +463,9 @@ class ModelExtractor:
             return self._multipart_model(body, params.get("boundary")), media
         raise unsupported_media_type(
             "The request body must be application/json (or +json) or multipart/form-data"
-            + ("" if media else "; it declares no Content-Type") + ".")
+            + ("" if media else "; it declares no Content-Type")
+            + "."
+        )
 
     def _json_model(self, body: bytes) -> str | None:
         try:
@@ -448,8 +481,11 @@ class ModelExtractor:
                 raise ambiguous_request("The request names 'model' in another letter case.")
         # Only a key spelled with escapes ("mod\u0065l") or several "model" strings let the body name the key
         # twice; parsers disagree on which one wins.
-        if (b"\\u" in body or body.count(b'"model"') > 1) and self._may_repeat_model(body) \
-                and self._top_level_model_keys(body) > 1:
+        if (
+            (b"\\u" in body or body.count(b'"model"') > 1)
+            and self._may_repeat_model(body)
+            and self._top_level_model_keys(body) > 1
+        ):
             raise ambiguous_request("The request names 'model' more than once.")
         if model is None and "model" not in document:
             return None
@@ -538,11 +574,14 @@ class ModelExtractor:
                 raise ambiguous_request("The multipart body names its model field in another letter case.")
             others = [(k, v.lower()) for k, v in fields if k != b"content-disposition"]
             if filename is not None or any(
-                    not (k == b"content-type" and v in (b"text/plain", b"text/plain; charset=utf-8"))
-                    and not (k == b"content-transfer-encoding" and v in (b"7bit", b"8bit", b"binary"))
-                    for k, v in others):
-                raise bad_request("The multipart 'model' field must be plain UTF-8 text: no file name, "
-                                  "transfer or content coding, or other charset.")
+                not (k == b"content-type" and v in (b"text/plain", b"text/plain; charset=utf-8"))
+                and not (k == b"content-transfer-encoding" and v in (b"7bit", b"8bit", b"binary"))
+                for k, v in others
+            ):
+                raise bad_request(
+                    "The multipart 'model' field must be plain UTF-8 text: no file name, "
+                    "transfer or content coding, or other charset."
+                )
             found.append(content)
         if not found:
             return None

@@ -63,16 +63,27 @@ class Runtime:
 def open_store(settings: Settings, redis_url: str, environ: Mapping[str, str]) -> Store:
     """The store a gateway process uses (the lean wire for its scripts)."""
     s = settings.redis
-    return Store.from_url(redis_url, timeout_s=s.timeout_s, password=read_secret(s.password_env, environ),
-                          tls=s.tls_options(), policy_timeout_s=s.policy_timeout_s, lean_wire=True,
-                          ssl_context=s.ssl_context)
+    return Store.from_url(
+        redis_url,
+        timeout_s=s.timeout_s,
+        password=read_secret(s.password_env, environ),
+        tls=s.tls_options(),
+        policy_timeout_s=s.policy_timeout_s,
+        lean_wire=True,
+        ssl_context=s.ssl_context,
+    )
 
 
 @contextlib.asynccontextmanager
-async def create_runtime(settings: Settings, *, clock: Callable[[], float] = time.time,
-                         monotonic: Callable[[], float] = time.monotonic, store: Store | None = None,
-                         redis_url: str | None = None,
-                         environ: Mapping[str, str] | None = None) -> AsyncIterator[Runtime]:
+async def create_runtime(
+    settings: Settings,
+    *,
+    clock: Callable[[], float] = time.time,
+    monotonic: Callable[[], float] = time.monotonic,
+    store: Store | None = None,
+    redis_url: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> AsyncIterator[Runtime]:
     """Build and start the runtime; closed when the ``async with`` ends.
 
     ``store`` is used as given (and left open: its owner closes it); else one is opened on ``redis_url``
@@ -92,24 +103,39 @@ async def create_runtime(settings: Settings, *, clock: Callable[[], float] = tim
             store = open_store(s, url, env)
             stack.push_async_callback(store.close)
         store.on_error = metrics.redis_error
-        connector = aiohttp.TCPConnector(limit=s.upstream.max_connections, ttl_dns_cache=300,
-                                         enable_cleanup_closed=True)
-        session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
-                                        cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=SKIP_AUTO_HEADERS)
+        connector = aiohttp.TCPConnector(
+            limit=s.upstream.max_connections, ttl_dns_cache=300, enable_cleanup_closed=True
+        )
+        session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=SKIP_AUTO_HEADERS,
+        )
         stack.push_async_callback(session.close)
-        forwarder = Forwarder(session, Router(s.upstream.url, s.upstream.routes),
-                              read_timeout_s=s.upstream.read_timeout_s,
-                              connect_timeout_s=s.upstream.connect_timeout_s, clock=time.perf_counter)
+        forwarder = Forwarder(
+            session,
+            Router(s.upstream.url, s.upstream.routes),
+            read_timeout_s=s.upstream.read_timeout_s,
+            connect_timeout_s=s.upstream.connect_timeout_s,
+            clock=time.perf_counter,
+        )
         limiter = RateLimiter(store, s.tiers, on_fallback=metrics.ratelimit_fallback, timeout_s=s.redis.timeout_s)
         stack.push_async_callback(limiter.close)
         jwks: JwksFetcher | None = None
         if s.auth.jwks_url:
-            jwks = JwksFetcher(s.auth.jwks_url, keyring, session, refresh_s=s.auth.jwks_refresh_s,
-                               cooldown_s=s.auth.jwks_cooldown_s)
+            jwks = JwksFetcher(
+                s.auth.jwks_url, keyring, session, refresh_s=s.auth.jwks_refresh_s, cooldown_s=s.auth.jwks_cooldown_s
+            )
             stack.push_async_callback(jwks.close)
             await jwks.start()
-        authenticator = Authenticator(s.auth, s.tiers.keys(), keyring, clock=clock,
-                                      on_unknown_kid=jwks.request_refresh if jwks is not None else None)
+        authenticator = Authenticator(
+            s.auth,
+            s.tiers.keys(),
+            keyring,
+            clock=clock,
+            on_unknown_kid=jwks.request_refresh if jwks is not None else None,
+        )
         watcher = PolicyWatcher(store, s, clock=clock, monotonic=monotonic)
         watcher.on_change.append(metrics.policy_loaded)
         stack.push_async_callback(watcher.close)
@@ -120,16 +146,35 @@ async def create_runtime(settings: Settings, *, clock: Callable[[], float] = tim
         stack.push_async_callback(audit.close)
         await audit.start()
         limits = s.limits
-        reader = RequestReader(trusted=TrustedProxies(s.network.trusted_proxies),
-                               model_path_pattern=s.policy.model_path_pattern,
-                               max_body_bytes=limits.max_body_bytes, body_read_timeout_s=limits.body_read_timeout_s,
-                               body_gap_timeout_s=limits.header_read_timeout_s)
+        reader = RequestReader(
+            trusted=TrustedProxies(s.network.trusted_proxies),
+            model_path_pattern=s.policy.model_path_pattern,
+            max_body_bytes=limits.max_body_bytes,
+            body_read_timeout_s=limits.body_read_timeout_s,
+            body_gap_timeout_s=limits.header_read_timeout_s,
+        )
         rules = Rules.from_settings(s)
         upstream_key = read_secret(s.upstream.api_key_env, env)
-        admission = Admission(policy=watcher, authenticator=authenticator, geo=geo, rules=rules, clock=clock,
-                              limiter=limiter)
-        yield Runtime(settings=s, clock=clock, monotonic=monotonic, environ=env, rules=rules, reader=reader,
-                      metrics=metrics, authenticator=authenticator, geo=geo,
-                      upstream_auth=f"Bearer {upstream_key}" if upstream_key else None, store=store,
-                      session=session, forwarder=forwarder, limiter=limiter, jwks=jwks, watcher=watcher,
-                      audit=audit, admission=admission)
+        admission = Admission(
+            policy=watcher, authenticator=authenticator, geo=geo, rules=rules, clock=clock, limiter=limiter
+        )
+        yield Runtime(
+            settings=s,
+            clock=clock,
+            monotonic=monotonic,
+            environ=env,
+            rules=rules,
+            reader=reader,
+            metrics=metrics,
+            authenticator=authenticator,
+            geo=geo,
+            upstream_auth=f"Bearer {upstream_key}" if upstream_key else None,
+            store=store,
+            session=session,
+            forwarder=forwarder,
+            limiter=limiter,
+            jwks=jwks,
+            watcher=watcher,
+            audit=audit,
+            admission=admission,
+        )

@@ -38,11 +38,35 @@ __all__ = [
 
 # The Consolidated Screening List CSV header, in the order trade.gov publishes it.
 CSL_COLUMNS: tuple[str, ...] = (
-    "_id", "source", "entity_number", "type", "programs", "name", "title", "addresses",
-    "federal_register_notice", "start_date", "end_date", "standard_order", "license_requirement",
-    "license_policy", "call_sign", "vessel_type", "gross_tonnage", "gross_registered_tonnage",
-    "vessel_flag", "vessel_owner", "remarks", "source_list_url", "alt_names", "citizenships",
-    "dates_of_birth", "nationalities", "places_of_birth", "source_information_url", "ids",
+    "_id",
+    "source",
+    "entity_number",
+    "type",
+    "programs",
+    "name",
+    "title",
+    "addresses",
+    "federal_register_notice",
+    "start_date",
+    "end_date",
+    "standard_order",
+    "license_requirement",
+    "license_policy",
+    "call_sign",
+    "vessel_type",
+    "gross_tonnage",
+    "gross_registered_tonnage",
+    "vessel_flag",
+    "vessel_owner",
+    "remarks",
+    "source_list_url",
+    "alt_names",
+    "citizenships",
+    "dates_of_birth",
+    "nationalities",
+    "places_of_birth",
+    "source_information_url",
+    "ids",
 )
 
 # Bounds that turn a hostile or corrupt upload into an error instead of a memory spike.
@@ -140,9 +164,7 @@ def _csv_records(text: str) -> Iterator[tuple[str, Mapping[str, Any]]]:
             row_number += 1
             where = f"row {row_number} (line {start_line})"
             if len(cells) != len(header):
-                raise ScreeningFormatError(
-                    f"{where}: {len(cells)} fields, but the header has {len(header)}"
-                )
+                raise ScreeningFormatError(f"{where}: {len(cells)} fields, but the header has {len(header)}")
             yield where, {column: cell for column, cell in zip(header, cells, strict=True) if column}
     except csv.Error as exc:
         raise ScreeningFormatError(f"line {reader.line_num}: malformed CSV: {exc}") from None
@@ -307,12 +329,61 @@ def _country_code(value: str) -> str | None:
 # Legal-form tokens (after dots are dropped: "L.L.C." -> "llc", "S.p.A." -> "spa").
 # They say nothing about who a party is, and left in they make unrelated
 # companies look alike ("Acme Corp" vs "Zenith Corp").
-LEGAL_SUFFIXES: frozenset[str] = frozenset({
-    "llc", "inc", "incorporated", "ltd", "ltda", "limited", "gmbh", "mbh", "co", "corp", "corporation",
-    "company", "plc", "sa", "sae", "sal", "sas", "ag", "kg", "kgaa", "ohg", "bv", "nv", "oao", "ooo",
-    "zao", "pao", "ao", "tov", "pjsc", "jsc", "ojsc", "cjsc", "sarl", "srl", "spa", "pte", "pty", "pvt",
-    "kk", "lp", "llp", "bhd", "sdn", "fze", "fzc", "fzco", "fzllc", "sro", "kft", "zrt",
-})
+LEGAL_SUFFIXES: frozenset[str] = frozenset(
+    {
+        "llc",
+        "inc",
+        "incorporated",
+        "ltd",
+        "ltda",
+        "limited",
+        "gmbh",
+        "mbh",
+        "co",
+        "corp",
+        "corporation",
+        "company",
+        "plc",
+        "sa",
+        "sae",
+        "sal",
+        "sas",
+        "ag",
+        "kg",
+        "kgaa",
+        "ohg",
+        "bv",
+        "nv",
+        "oao",
+        "ooo",
+        "zao",
+        "pao",
+        "ao",
+        "tov",
+        "pjsc",
+        "jsc",
+        "ojsc",
+        "cjsc",
+        "sarl",
+        "srl",
+        "spa",
+        "pte",
+        "pty",
+        "pvt",
+        "kk",
+        "lp",
+        "llp",
+        "bhd",
+        "sdn",
+        "fze",
+        "fzc",
+        "fzco",
+        "fzllc",
+        "sro",
+        "kft",
+        "zrt",
+    }
+)
 # Multi-word legal forms, dropped as a whole so that their words alone ("joint",
 # "stock") stay meaningful elsewhere in a name.
 _LEGAL_PHRASES: tuple[tuple[str, ...], ...] = (
@@ -330,11 +401,10 @@ _LEGAL_PHRASES: tuple[tuple[str, ...], ...] = (
 _NOISE_WORDS = frozenset({"the", "and"})  # "&" becomes a space, so "and" must vanish too
 
 # Letters NFD does not decompose into a base letter plus a mark.
-_LETTER_FOLD = str.maketrans({"ø": "o", "đ": "d", "ð": "d", "ł": "l", "ħ": "h", "\u0131": "i", "þ": "th",
-                              "æ": "ae", "œ": "oe"})
-_ASCII_PUNCT = str.maketrans(
-    {chr(c): " " for c in range(128) if not chr(c).isalnum()} | {".": None, ",": None}
+_LETTER_FOLD = str.maketrans(
+    {"ø": "o", "đ": "d", "ð": "d", "ł": "l", "ħ": "h", "\u0131": "i", "þ": "th", "æ": "ae", "œ": "oe"}
 )
+_ASCII_PUNCT = str.maketrans({chr(c): " " for c in range(128) if not chr(c).isalnum()} | {".": None, ",": None})
 
 
 def normalize(name: str) -> str:
@@ -365,7 +435,7 @@ def _drop_legal_forms(tokens: list[str]) -> list[str]:
     i = 0
     while i < len(tokens):
         for phrase in _LEGAL_PHRASES:
-            if tuple(tokens[i:i + len(phrase)]) == phrase:
+            if tuple(tokens[i : i + len(phrase)]) == phrase:
                 i += len(phrase)
                 break
         else:
@@ -631,8 +701,7 @@ class ScreeningIndex:
         # Rank by an optimistic token score, so common words ("trading") reach
         # only the names they could make up most of.
         names = self._names
-        estimates = ((weight / (query.weight + names[index].weight), index)
-                     for index, weight in overlap.items())
+        estimates = ((weight / (query.weight + names[index].weight), index) for index, weight in overlap.items())
         for estimate, index in heapq.nlargest(max(limit * 4, _TOKEN_CANDIDATES), estimates):
             if estimate >= min_score * 0.5:
                 candidates.add(index)
@@ -652,8 +721,11 @@ class ScreeningIndex:
         else:
             low, high = 0, len(lengths)
         found = process.extract(
-            flat, flats[low:high], scorer=JaroWinkler.normalized_similarity,
-            score_cutoff=min_score, limit=width,
+            flat,
+            flats[low:high],
+            scorer=JaroWinkler.normalized_similarity,
+            score_cutoff=min_score,
+            limit=width,
         )
         return {indices[low + position] for _, _, position in found}
 
@@ -663,8 +735,11 @@ class ScreeningIndex:
             return [(token, 1.0)] if token in self._postings else []
         bucket = self._vocabulary.get(token[0], [])
         found = process.extract(
-            token, bucket, scorer=JaroWinkler.normalized_similarity,
-            score_cutoff=_VOCAB_CUTOFF, limit=_VOCAB_PER_TOKEN,
+            token,
+            bucket,
+            scorer=JaroWinkler.normalized_similarity,
+            score_cutoff=_VOCAB_CUTOFF,
+            limit=_VOCAB_PER_TOKEN,
         )
         return [(similar, similarity) for similar, similarity, _ in found]
 

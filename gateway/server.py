@@ -26,8 +26,14 @@ from .settings import ConfigError, Settings, read_secret
 log = logging.getLogger("gateway.server")
 
 
-async def run_gateway(settings: Settings, *, redis_url: str, reuse_port: bool,
-                      bootstrap_policy: Path | None = None, stop: asyncio.Event | None = None) -> None:
+async def run_gateway(
+    settings: Settings,
+    *,
+    redis_url: str,
+    reuse_port: bool,
+    bootstrap_policy: Path | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
     """Run one gateway process until SIGTERM/SIGINT (or ``stop``), then shut down gracefully."""
     async with create_runtime(settings, redis_url=redis_url) as runtime:
         if bootstrap_policy is not None:
@@ -43,18 +49,28 @@ async def _serve(runtime: Runtime, *, reuse_port: bool, stop: asyncio.Event) -> 
     settings = runtime.settings
     limits = settings.limits
     public_runner = web.ServerRunner(create_public_server(runtime), shutdown_timeout=limits.shutdown_grace_s)
-    admin_runner = JsonErrorAppRunner(create_admin_app(runtime), access_log=None, shutdown_timeout=5.0,
-                                      keepalive_timeout=limits.header_read_timeout_s,
-                                      policy_version=runtime.policy_version)
+    admin_runner = JsonErrorAppRunner(
+        create_admin_app(runtime),
+        access_log=None,
+        shutdown_timeout=5.0,
+        keepalive_timeout=limits.header_read_timeout_s,
+        policy_version=runtime.policy_version,
+    )
     await public_runner.setup()
     await admin_runner.setup()
     try:
-        await _listen(public_runner, settings.listen.host, settings.listen.port, "listen", reuse_port=reuse_port,
-                      backlog=2048)
+        await _listen(
+            public_runner, settings.listen.host, settings.listen.port, "listen", reuse_port=reuse_port, backlog=2048
+        )
         await _listen(admin_runner, settings.admin.host, settings.admin.port, "admin", reuse_port=reuse_port)
-        log.info("gateway listening", extra={"public": f"{settings.listen.host}:{settings.listen.port}",
-                                             "admin": f"{settings.admin.host}:{settings.admin.port}",
-                                             "pid": os.getpid()})
+        log.info(
+            "gateway listening",
+            extra={
+                "public": f"{settings.listen.host}:{settings.listen.port}",
+                "admin": f"{settings.admin.host}:{settings.admin.port}",
+                "pid": os.getpid(),
+            },
+        )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
@@ -69,15 +85,18 @@ class ListenError(Exception):
     """A listener could not bind its address (most often: another process holds the port)."""
 
 
-async def _listen(runner: web.BaseRunner, host: str, port: int, section: str, *, reuse_port: bool,
-                  backlog: int = 128) -> None:
+async def _listen(
+    runner: web.BaseRunner, host: str, port: int, section: str, *, reuse_port: bool, backlog: int = 128
+) -> None:
     try:
         await web.TCPSite(runner, host, port, reuse_port=reuse_port, backlog=backlog).start()
     except OSError as exc:
         why = exc.strerror or str(exc)
-        raise ListenError(f"{section}.port: cannot listen on {host}:{port}: {why}; if another process holds "
-                          f"the port, stop it or choose a free one ({section}.port or "
-                          f"GATEWAY_{section.upper()}__PORT)") from None
+        raise ListenError(
+            f"{section}.port: cannot listen on {host}:{port}: {why}; if another process holds "
+            f"the port, stop it or choose a free one ({section}.port or "
+            f"GATEWAY_{section.upper()}__PORT)"
+        ) from None
 
 
 # Young-generation collections start once this many more container objects are alive than freed. The
@@ -133,9 +152,13 @@ def preflight(settings: Settings, environ: Mapping[str, str] | None = None) -> N
     # A secret the config names must be there: without it the admin API would refuse everyone, the
     # upstream would get no credentials, or Redis would refuse the gateway, each found only later.
     if settings.admin.tokens_file is None:
-        _require_secret("admin.token_env", settings.admin.token_env, env,
-                        "export it, name tokens in admin.tokens_file instead, or set admin.token_env: null to run "
-                        "with the admin API closed")
+        _require_secret(
+            "admin.token_env",
+            settings.admin.token_env,
+            env,
+            "export it, name tokens in admin.tokens_file instead, or set admin.token_env: null to run "
+            "with the admin API closed",
+        )
     _require_secret("upstream.api_key_env", settings.upstream.api_key_env, env)
     if settings.redis.url is not None:
         _require_secret("redis.password_env", settings.redis.password_env, env)
@@ -143,8 +166,9 @@ def preflight(settings: Settings, environ: Mapping[str, str] | None = None) -> N
 
 def _require_secret(key: str, env_name: str | None, environ: Mapping[str, str], hint: str = "") -> None:
     if env_name and not read_secret(env_name, environ):
-        raise ConfigError(f"{key}: environment variable {env_name} (or {env_name}_FILE) is not set"
-                          f"{'; ' + hint if hint else ''}")
+        raise ConfigError(
+            f"{key}: environment variable {env_name} (or {env_name}_FILE) is not set{'; ' + hint if hint else ''}"
+        )
 
 
 def serve(settings: Settings, *, workers: int, bootstrap_policy: Path | None) -> int:
@@ -173,8 +197,11 @@ def _supervise(settings: Settings, redis_url: str, workers: int, bootstrap: Path
     context = multiprocessing.get_context("spawn")
     procs = []
     for index in range(workers):
-        proc = context.Process(target=_run_worker, name=f"gateway-worker-{index}",
-                               args=(settings, redis_url, True, bootstrap if index == 0 else None))
+        proc = context.Process(
+            target=_run_worker,
+            name=f"gateway-worker-{index}",
+            args=(settings, redis_url, True, bootstrap if index == 0 else None),
+        )
         proc.start()
         procs.append(proc)
     stopping = False

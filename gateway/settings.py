@@ -121,11 +121,13 @@ class RedisSettings(_Section):
         """
         if not (self.url or "").startswith(TLS_SCHEMES):
             return {}
-        return {"ssl_ca_certs": str(self.tls_ca_file) if self.tls_ca_file else None,
-                "ssl_certfile": str(self.tls_cert_file) if self.tls_cert_file else None,
-                "ssl_keyfile": str(self.tls_key_file) if self.tls_key_file else None,
-                "ssl_check_hostname": True,
-                "ssl_min_version": ssl.TLSVersion.TLSv1_2}
+        return {
+            "ssl_ca_certs": str(self.tls_ca_file) if self.tls_ca_file else None,
+            "ssl_certfile": str(self.tls_cert_file) if self.tls_cert_file else None,
+            "ssl_keyfile": str(self.tls_key_file) if self.tls_key_file else None,
+            "ssl_check_hostname": True,
+            "ssl_min_version": ssl.TLSVersion.TLSv1_2,
+        }
 
 
 class Claims(_Section):
@@ -153,8 +155,7 @@ class Auth(_Section):
     @field_validator("algorithms")
     @classmethod
     def _algorithms(cls, value: list[str]) -> list[str]:
-        known = {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512",
-                 "EdDSA", "HS256"}
+        known = {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA", "HS256"}
         for alg in value:
             if alg not in known:
                 raise ValueError(f"unknown algorithm {alg!r}; known: {', '.join(sorted(known))}")
@@ -244,10 +245,10 @@ class Tier(_Section):
 def _default_tiers() -> dict[str, Tier]:
     return {
         "public": Tier(requests_per_minute=60, burst=10, tokens_per_minute=100_000, stages=["general"]),
-        "partner": Tier(requests_per_minute=600, burst=60, tokens_per_minute=2_000_000,
-                        stages=["partners", "general"]),
-        "internal": Tier(requests_per_minute=6000, burst=600, tokens_per_minute=None,
-                         stages=["internal", "partners", "general"]),
+        "partner": Tier(requests_per_minute=600, burst=60, tokens_per_minute=2_000_000, stages=["partners", "general"]),
+        "internal": Tier(
+            requests_per_minute=6000, burst=600, tokens_per_minute=None, stages=["internal", "partners", "general"]
+        ),
     }
 
 
@@ -311,7 +312,7 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     for name, raw in environ.items():
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
-        path = [part.lower() for part in name[len(ENV_PREFIX):].split("__")]
+        path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
         if not all(path):
             raise ConfigError(f"{name}: empty key segment in environment override")
         try:
@@ -360,7 +361,7 @@ def _upstream_message(key: str, item: Any, message: str) -> str:
     """Say what belongs under ``upstream``: the one key without a default, so a new user meets it first."""
     if key == "upstream" and item["type"] != "missing":
         given = item.get("input")
-        message = ("is empty (null)" if given is None else f"must be a mapping, not {type(given).__name__}")
+        message = "is empty (null)" if given is None else f"must be a mapping, not {type(given).__name__}"
         message += ": it holds the model server's url"
     return f"{message}; give the model server's address, e.g. `{UPSTREAM_EXAMPLE}` (or GATEWAY_UPSTREAM__URL)"
 

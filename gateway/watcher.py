@@ -31,9 +31,14 @@ CLOSE_WAIT_S = 5.0
 class PolicyWatcher:
     """Owns the current :class:`Snapshot`; swapped in one assignment, read without locks."""
 
-    def __init__(self, store: Store, settings: Settings, *,
-                 clock: Callable[[], float] = time.time,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        store: Store,
+        settings: Settings,
+        *,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.store = store
         self.settings = settings
         self.clock = clock
@@ -72,8 +77,10 @@ class PolicyWatcher:
             await self.refresh()
         except StoreUnavailable as exc:
             log.warning("policy not loaded at start: %s", exc)
-        self._tasks = [asyncio.create_task(self._poll_loop(), name="policy-poll"),
-                       asyncio.create_task(self._listen_loop(), name="policy-listen")]
+        self._tasks = [
+            asyncio.create_task(self._poll_loop(), name="policy-poll"),
+            asyncio.create_task(self._listen_loop(), name="policy-listen"),
+        ]
 
     async def close(self) -> None:
         # A cancel can be swallowed: redis-py's pub/sub may drop one that lands while it subscribes,
@@ -89,8 +96,11 @@ class PolicyWatcher:
                 task.cancel()
             _, pending = await asyncio.wait(pending, timeout=0.05)
         if pending:
-            log.warning("policy tasks still running %.0f s after close: %s", CLOSE_WAIT_S,
-                        ", ".join(task.get_name() for task in pending))
+            log.warning(
+                "policy tasks still running %.0f s after close: %s",
+                CLOSE_WAIT_S,
+                ", ".join(task.get_name() for task in pending),
+            )
         for task in self._tasks:
             if task.done() and not task.cancelled() and task.exception() is not None:
                 log.debug("policy task %s ended with %r", task.get_name(), task.exception())
@@ -122,9 +132,19 @@ class PolicyWatcher:
         if current.ip_ranges_expire_at <= self.clock():
             # An ip-ranges override expired: the country map is derived again from the same
             # version, so the override stops applying now rather than at the next change.
-            self._swap(build_snapshot(version=current.version, generation=current.generation,
-                                      loaded_at=self.clock(), lists={}, models={}, api_keys={},
-                                      screening=current.screening, reuse=current, unchanged=POLICY_PARTS))
+            self._swap(
+                build_snapshot(
+                    version=current.version,
+                    generation=current.generation,
+                    loaded_at=self.clock(),
+                    lists={},
+                    models={},
+                    api_keys={},
+                    screening=current.screening,
+                    reuse=current,
+                    unchanged=POLICY_PARTS,
+                )
+            )
 
     async def _reload(self) -> None:
         started = time.perf_counter()
@@ -137,11 +157,18 @@ class PolicyWatcher:
             self.confirmed_at = None
             return
         screening = await self._screening_index(data.screening_rev, data.generation)
-        snapshot = build_snapshot(version=data.version, generation=data.generation,
-                                  loaded_at=self.clock(), lists=data.lists, models=data.models,
-                                  api_keys=data.api_keys, screening=screening,
-                                  reuse=current if data.unchanged or data.deltas else None,
-                                  unchanged=data.unchanged, deltas=data.deltas)
+        snapshot = build_snapshot(
+            version=data.version,
+            generation=data.generation,
+            loaded_at=self.clock(),
+            lists=data.lists,
+            models=data.models,
+            api_keys=data.api_keys,
+            screening=screening,
+            reuse=current if data.unchanged or data.deltas else None,
+            unchanged=data.unchanged,
+            deltas=data.deltas,
+        )
         self._known = KnownRevisions(data.generation, data.revs) if data.revs else None
         self._swap(snapshot)
         self.confirmed_at = self.monotonic()
@@ -155,9 +182,16 @@ class PolicyWatcher:
             return index
         entries = await self.store.load_screening() if rev else []
         cfg = self.settings.screening
-        index = ScreeningIndex(entries, block_threshold=cfg.block_threshold,
-                               review_threshold=cfg.review_threshold,
-                               cache_size=cfg.cache_size) if entries else None
+        index = (
+            ScreeningIndex(
+                entries,
+                block_threshold=cfg.block_threshold,
+                review_threshold=cfg.review_threshold,
+                cache_size=cfg.cache_size,
+            )
+            if entries
+            else None
+        )
         self._screening = (rev, generation, index)
         return index
 

@@ -52,11 +52,13 @@ async def session() -> Any:
         yield client
 
 
-async def _admin_status(session: aiohttp.ClientSession, gateway: GatewayProcess, method: str, path: str,
-                        authorization: str | None) -> tuple[int, CIMultiDict[str], Any]:
+async def _admin_status(
+    session: aiohttp.ClientSession, gateway: GatewayProcess, method: str, path: str, authorization: str | None
+) -> tuple[int, CIMultiDict[str], Any]:
     headers = {"Authorization": authorization} if authorization is not None else {}
-    async with session.request(method, gateway.admin_url + path, headers=headers,
-                               json={"reason": "r"} if method == "PUT" else None) as response:
+    async with session.request(
+        method, gateway.admin_url + path, headers=headers, json={"reason": "r"} if method == "PUT" else None
+    ) as response:
         return response.status, CIMultiDict(response.headers), orjson.loads(await response.read())
 
 
@@ -69,23 +71,41 @@ def _assert_unauthenticated(status: int, headers: CIMultiDict[str], body: Any) -
 
 
 async def _issue_key(session: aiohttp.ClientSession, gateway: GatewayProcess) -> str:
-    async with session.post(gateway.admin_url + "/admin/v1/api-keys", headers=auth(ADMIN_TOKEN),
-                            json={"subject": "svc", "org": "acme", "country": "US", "tier": "partner"}) as r:
+    async with session.post(
+        gateway.admin_url + "/admin/v1/api-keys",
+        headers=auth(ADMIN_TOKEN),
+        json={"subject": "svc", "org": "acme", "country": "US", "tier": "partner"},
+    ) as r:
         assert r.status == 200
         return str((await r.json())["key"])
 
 
-@pytest.mark.parametrize(("method", "path"), [
-    ("GET", "/admin/v1/policy"), ("PUT", "/admin/v1/lists/deny-countries/CU"),
-    ("GET", "/admin/v1/openapi.json"), ("GET", "/admin/v1/audit"), ("GET", "/admin/v1/does-not-exist"),
-])
-async def test_user_credentials_are_refused_on_the_admin_api(session: aiohttp.ClientSession,
-                                                             gateway: GatewayProcess, method: str,
-                                                             path: str) -> None:
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/admin/v1/policy"),
+        ("PUT", "/admin/v1/lists/deny-countries/CU"),
+        ("GET", "/admin/v1/openapi.json"),
+        ("GET", "/admin/v1/audit"),
+        ("GET", "/admin/v1/does-not-exist"),
+    ],
+)
+async def test_user_credentials_are_refused_on_the_admin_api(
+    session: aiohttp.ClientSession, gateway: GatewayProcess, method: str, path: str
+) -> None:
     api_key = await _issue_key(session, gateway)
-    credentials = [None, "", "Bearer", "Bearer ", f"Bearer {hs_token()}", f"Bearer {api_key}",
-                   f"Basic {ADMIN_TOKEN}", f"Bearer {ADMIN_TOKEN.upper()}", f"Bearer {ADMIN_TOKEN}x",
-                   f"Bearer {NAMED_TOKEN[:-1]}"]
+    credentials = [
+        None,
+        "",
+        "Bearer",
+        "Bearer ",
+        f"Bearer {hs_token()}",
+        f"Bearer {api_key}",
+        f"Basic {ADMIN_TOKEN}",
+        f"Bearer {ADMIN_TOKEN.upper()}",
+        f"Bearer {ADMIN_TOKEN}x",
+        f"Bearer {NAMED_TOKEN[:-1]}",
+    ]
     for authorization in credentials:
         _assert_unauthenticated(*await _admin_status(session, gateway, method, path, authorization))
     # The same API key is good on the public listener: it is refused for where it is used, not for what it is.
@@ -95,8 +115,7 @@ async def test_user_credentials_are_refused_on_the_admin_api(session: aiohttp.Cl
 
 async def test_admin_tokens_open_the_admin_api(session: aiohttp.ClientSession, gateway: GatewayProcess) -> None:
     for token in (ADMIN_TOKEN, NAMED_TOKEN):
-        status, _headers, body = await _admin_status(session, gateway, "GET", "/admin/v1/policy",
-                                                     f"bearer {token}")
+        status, _headers, body = await _admin_status(session, gateway, "GET", "/admin/v1/policy", f"bearer {token}")
         assert status == 200 and body["version"] >= 1
 
 
@@ -108,14 +127,18 @@ async def test_monitoring_needs_no_token(session: aiohttp.ClientSession, gateway
         assert "gateway_policy_version" in await response.text()
 
 
-async def test_admin_token_is_no_credential_on_the_public_listener(session: aiohttp.ClientSession,
-                                                                   gateway: GatewayProcess,
-                                                                   clean_upstream: Upstream) -> None:
+async def test_admin_token_is_no_credential_on_the_public_listener(
+    session: aiohttp.ClientSession, gateway: GatewayProcess, clean_upstream: Upstream
+) -> None:
     admin_host = URL(gateway.admin_url).raw_authority
     for token in (ADMIN_TOKEN, NAMED_TOKEN):
-        for path, host in (("/admin/v1/policy", None), ("/admin/v1/policy", admin_host),
-                           ("/admin/v1/lists/deny-countries", None), ("/v1/chat/completions", None),
-                           ("/metrics", admin_host)):
+        for path, host in (
+            ("/admin/v1/policy", None),
+            ("/admin/v1/policy", admin_host),
+            ("/admin/v1/lists/deny-countries", None),
+            ("/v1/chat/completions", None),
+            ("/metrics", admin_host),
+        ):
             headers = {"Authorization": f"Bearer {token}"}
             if host:
                 headers["Host"] = host
@@ -126,9 +149,9 @@ async def test_admin_token_is_no_credential_on_the_public_listener(session: aioh
     assert clean_upstream.seen == []  # nothing reached the model server either
 
 
-async def test_public_listener_serves_no_gateway_metrics_or_admin(session: aiohttp.ClientSession,
-                                                                  gateway: GatewayProcess,
-                                                                  clean_upstream: Upstream) -> None:
+async def test_public_listener_serves_no_gateway_metrics_or_admin(
+    session: aiohttp.ClientSession, gateway: GatewayProcess, clean_upstream: Upstream
+) -> None:
     # A user's good token on admin-looking paths is just proxied: the upstream answers, not the gateway.
     for path in ("/metrics", "/admin/v1/policy"):
         async with session.post(gateway.url + path, headers=auth(), json={"model": "gpt-mock"}) as response:
@@ -140,26 +163,33 @@ async def test_public_listener_serves_no_gateway_metrics_or_admin(session: aioht
         assert "authorization" not in {name.lower() for name, _ in seen.headers}
 
 
-async def test_tokens_file_changes_apply_without_restart(session: aiohttp.ClientSession,
-                                                         gateway: GatewayProcess, tokens_file: Path) -> None:
+async def test_tokens_file_changes_apply_without_restart(
+    session: aiohttp.ClientSession, gateway: GatewayProcess, tokens_file: Path
+) -> None:
     original = _read(tokens_file)
     try:
-        _assert_unauthenticated(*await _admin_status(session, gateway, "GET", "/admin/v1/changes",
-                                                     f"Bearer {LATER_TOKEN}"))
+        _assert_unauthenticated(
+            *await _admin_status(session, gateway, "GET", "/admin/v1/changes", f"Bearer {LATER_TOKEN}")
+        )
         _write(tokens_file, original + _line("carol", LATER_TOKEN))
-        async with session.put(gateway.admin_url + "/admin/v1/lists/deny-entities/tokens-file-probe",
-                               headers=auth(LATER_TOKEN), json={"reason": "probe"}) as response:
+        async with session.put(
+            gateway.admin_url + "/admin/v1/lists/deny-entities/tokens-file-probe",
+            headers=auth(LATER_TOKEN),
+            json={"reason": "probe"},
+        ) as response:
             assert response.status == 200
         async with session.get(gateway.admin_url + "/admin/v1/changes?limit=1", headers=auth(LATER_TOKEN)) as r:
             assert (await r.json())["changes"][0]["actor"] == "carol"
         # A broken edit keeps the last good tokens rather than locking every operator out.
         _write(tokens_file, "carol: not-a-digest\n")
-        status, _headers, _body = await _admin_status(session, gateway, "GET", "/admin/v1/changes",
-                                                      f"Bearer {LATER_TOKEN}")
+        status, _headers, _body = await _admin_status(
+            session, gateway, "GET", "/admin/v1/changes", f"Bearer {LATER_TOKEN}"
+        )
         assert status == 200
         _write(tokens_file, original)
-        _assert_unauthenticated(*await _admin_status(session, gateway, "GET", "/admin/v1/changes",
-                                                     f"Bearer {LATER_TOKEN}"))
+        _assert_unauthenticated(
+            *await _admin_status(session, gateway, "GET", "/admin/v1/changes", f"Bearer {LATER_TOKEN}")
+        )
     finally:
         _write(tokens_file, original)
 
@@ -172,9 +202,10 @@ def test_unparseable_admin_requests_get_the_contract_json(gateway: GatewayProces
     port = URL(gateway.admin_url).port
     assert port is not None
     secret = b"Bearer " + NAMED_TOKEN.encode()
-    for data in (b"GET /admin/v1/policy HTTP/1.1\r\nHost: a\r\nAuthorization: " + secret + b"\r\nBad Header\r\n\r\n",
-                 b"POST /admin/v1/decide HTTP/1.1\r\nHost: a\r\nAuthorization: " + secret
-                 + b"\r\nContent-Length: +5\r\n\r\n{}"):
+    for data in (
+        b"GET /admin/v1/policy HTTP/1.1\r\nHost: a\r\nAuthorization: " + secret + b"\r\nBad Header\r\n\r\n",
+        b"POST /admin/v1/decide HTTP/1.1\r\nHost: a\r\nAuthorization: " + secret + b"\r\nContent-Length: +5\r\n\r\n{}",
+    ):
         responses, closed = exchange(port, data)
         assert [r.status for r in responses] == [400] and closed
         body = responses[0].json()

@@ -44,8 +44,14 @@ def _failures(event: events.ScenarioFinished) -> list[str]:
             if check.status == Status.SUCCESS or check.failure_info is None:
                 continue
             interaction = event.recorder.interactions.get(case_id)
-            request = (f"{interaction.request.method} {interaction.request.uri[:300]} "
-                       f"{(interaction.request.body or b'')[:300]!r}") if interaction else "(no request)"
+            request = (
+                (
+                    f"{interaction.request.method} {interaction.request.uri[:300]} "
+                    f"{(interaction.request.body or b'')[:300]!r}"
+                )
+                if interaction
+                else "(no request)"
+            )
             failure = check.failure_info.failure
             found.append(f"{event.label}: {check.name}: {failure.title}: {failure.message[:300]}\n    {request}")
     return found
@@ -73,8 +79,7 @@ def test_admin_api_never_answers_5xx(fuzzed_gateway: GatewayProcess) -> None:
                 statuses[interaction.response.status_code] += 1
                 content_type = str(interaction.response.headers.get("content-type"))
                 if "application/json" not in content_type:
-                    not_json.append(f"{interaction.request.method} {interaction.request.uri[:200]}: "
-                                    f"{content_type}")
+                    not_json.append(f"{interaction.request.method} {interaction.request.uri[:200]}: {content_type}")
             if event.status not in (Status.SUCCESS, Status.SKIP):
                 failures.extend(_failures(event) or [f"{event.label}: {event.status}"])
         elif isinstance(event, events.NonFatalError | events.FatalError):

@@ -71,8 +71,9 @@ def bearer(**claims: Any) -> str:
     return f"Bearer {hs_token(**claims)}"
 
 
-async def test_runtime_components_are_started_and_closed_with_it(tmp_path: Path, store: Store,
-                                                                  clock: FakeClock) -> None:
+async def test_runtime_components_are_started_and_closed_with_it(
+    tmp_path: Path, store: Store, clock: FakeClock
+) -> None:
     await import_policy(store, policy(), actor="test", tiers=TIERS)
     async with create_runtime(settings_for(tmp_path), clock=clock, store=store, environ=ENV) as runtime:
         assert runtime.watcher.snapshot is not None
@@ -84,8 +85,7 @@ async def test_runtime_components_are_started_and_closed_with_it(tmp_path: Path,
     assert await store.policy_exists()  # a store passed in is left open for its owner
 
 
-async def test_no_policy_is_refused_as_stale_before_identity(tmp_path: Path, store: Store,
-                                                              clock: FakeClock) -> None:
+async def test_no_policy_is_refused_as_stale_before_identity(tmp_path: Path, store: Store, clock: FakeClock) -> None:
     async with create_runtime(settings_for(tmp_path), clock=clock, store=store, environ=ENV) as runtime:
         with pytest.raises(GatewayError) as refused:
             runtime.admission.enforced()
@@ -120,8 +120,9 @@ async def test_model_and_decide_steps(runtime: Runtime) -> None:
     assert admission.model(None, "GET", "/v1/models/gpt-mock") == "gpt-mock"
     assert admission.model("named", "GET", "/v1/models/gpt-mock") == "named"
     assert admission.decide(snapshot, at_home, "gpt-mock", path="/v1/chat/completions").allowed
-    denied = admission.decide(snapshot, admission.caller(identity, "203.0.113.7", snapshot), "gpt-mock",
-                              path="/v1/chat/completions")
+    denied = admission.decide(
+        snapshot, admission.caller(identity, "203.0.113.7", snapshot), "gpt-mock", path="/v1/chat/completions"
+    )
     assert (denied.allowed, denied.status, denied.code) == (False, 451, "country_denied")
     stale = admission.decide(snapshot, at_home, "gpt-mock", stale=True)
     assert (stale.allowed, stale.code) == (False, "policy_stale")
@@ -152,8 +153,13 @@ async def test_rate_step_is_separate_and_optional(runtime: Runtime) -> None:
     assert (refused.status, refused.code) == (429, "rate_limited")
     assert "gpt-mock" in refused.message and any(name == "Retry-After" for name, _ in refused.headers)
     # An admission without a limiter (POST /admin/v1/decide, an impact preview) consumes no rate limit.
-    unlimited = Admission(policy=runtime.watcher, authenticator=runtime.authenticator, geo=runtime.geo,
-                          rules=runtime.rules, clock=runtime.clock)
+    unlimited = Admission(
+        policy=runtime.watcher,
+        authenticator=runtime.authenticator,
+        geo=runtime.geo,
+        rules=runtime.rules,
+        clock=runtime.clock,
+    )
     with pytest.raises(AssertionError):
         unlimited.rate(identity, "gpt-mock", runtime.limiter.budget())
 
@@ -163,9 +169,20 @@ async def test_admin_decide_answers_as_the_admission_decides(runtime: Runtime) -
     snapshot = admission.enforced()
     async with TestClient(TestServer(create_admin_app(runtime))) as client:
         for ip, country in (("198.51.100.1", "US"), ("203.0.113.7", "US"), ("198.51.100.1", "IR")):
-            response = await client.post("/admin/v1/decide", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-                                         data=orjson.dumps({"subject": "alice", "org": "acme", "tier": "partner",
-                                                            "country": country, "ip": ip, "model": "gpt-mock"}))
+            response = await client.post(
+                "/admin/v1/decide",
+                headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+                data=orjson.dumps(
+                    {
+                        "subject": "alice",
+                        "org": "acme",
+                        "tier": "partner",
+                        "country": country,
+                        "ip": ip,
+                        "model": "gpt-mock",
+                    }
+                ),
+            )
             answer = await response.json()
             identity = admission.identify(bearer(subject="alice", country=country), snapshot)
             caller = admission.caller(identity, ip, snapshot)
@@ -196,8 +213,12 @@ def test_error_table_maps_domain_exceptions_by_type() -> None:
 
 def test_presentation_of_a_refusal() -> None:
     openai = Presentation(block_style="openai", blocked_by_url="https://example.com/why")
-    response = openai.response(GatewayError(451, "country_denied", "no"), request_id="r1", policy_version=3,
-                               rate_headers=(("X-RateLimit-Limit", "60"),))
+    response = openai.response(
+        GatewayError(451, "country_denied", "no"),
+        request_id="r1",
+        policy_version=3,
+        rate_headers=(("X-RateLimit-Limit", "60"),),
+    )
     assert response.status == 403
     assert orjson.loads(response.body)["error"]["code"] == "unsupported_country_region_territory"
     assert response.headers["X-Gateway-Reason"] == "country_denied"
@@ -205,6 +226,10 @@ def test_presentation_of_a_refusal() -> None:
     plain = Presentation(blocked_by_url="https://example.com/why")
     response = plain.response(GatewayError(451, "entity_denied", "no"), request_id="r1", policy_version=3)
     assert response.status == 451 and response.headers["Link"] == '<https://example.com/why>; rel="blocked-by"'
-    response = plain.response(GatewayError(429, "rate_limited", "slow", headers=(("Retry-After", "1"),)),
-                              request_id="r1", policy_version=3, rate_headers=(("X-RateLimit-Limit", "60"),))
+    response = plain.response(
+        GatewayError(429, "rate_limited", "slow", headers=(("Retry-After", "1"),)),
+        request_id="r1",
+        policy_version=3,
+        rate_headers=(("X-RateLimit-Limit", "60"),),
+    )
     assert "X-RateLimit-Limit" not in response.headers and response.headers["Retry-After"] == "1"

@@ -43,8 +43,11 @@ def test_request_handler_keeps_its_message_queue_and_current_request() -> None:
 def test_err_info_is_a_record_of_status_exception_and_message() -> None:
     info = web_protocol._ErrInfo
     assert dataclasses.is_dataclass(info) or hasattr(info, "__attrs_attrs__")
-    fields = {field.name for field in dataclasses.fields(info)} if dataclasses.is_dataclass(info) else {
-        attribute.name for attribute in info.__attrs_attrs__}  # type: ignore[attr-defined]
+    fields = (
+        {field.name for field in dataclasses.fields(info)}
+        if dataclasses.is_dataclass(info)
+        else {attribute.name for attribute in info.__attrs_attrs__}
+    )  # type: ignore[attr-defined]
     assert {"status", "exc", "message"} <= fields
     made = info(status=400, exc=http_exceptions.BadHttpMessage("x"), message="x")
     assert isinstance(made.exc, http_exceptions.BadHttpMessage)
@@ -52,8 +55,7 @@ def test_err_info_is_a_record_of_status_exception_and_message() -> None:
 
 def test_handle_error_keeps_its_signature() -> None:
     """The listener overrides ``handle_error(request, status, exc, message)`` and aiohttp calls it so."""
-    assert list(parameters(web_protocol.RequestHandler.handle_error)) == ["self", "request", "status", "exc",
-                                                                          "message"]
+    assert list(parameters(web_protocol.RequestHandler.handle_error)) == ["self", "request", "status", "exc", "message"]
 
 
 def test_request_handler_is_built_from_a_server_and_its_kwargs() -> None:

@@ -27,8 +27,25 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "gateway-dashboard.json"
 # Series Prometheus makes itself (per target), not the gateway.
 PROMETHEUS_SERIES = {"up"}
 TARGET_LABELS = {"instance", "job", "le"}
-PROMQL_WORDS = {"sum", "by", "rate", "increase", "histogram_quantile", "max", "min", "avg", "or", "and",
-                "unless", "without", "on", "ignoring", "bool", "count", "le"}
+PROMQL_WORDS = {
+    "sum",
+    "by",
+    "rate",
+    "increase",
+    "histogram_quantile",
+    "max",
+    "min",
+    "avg",
+    "or",
+    "and",
+    "unless",
+    "without",
+    "on",
+    "ignoring",
+    "bool",
+    "count",
+    "le",
+}
 SELECTOR = re.compile(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\s*\{([^}]*)\}")
 GROUPING = re.compile(r"\bby\s*\(([^)]*)\)")
 NAME = re.compile(r"\b([a-z_:][a-z0-9_:]*)\b(?!\s*\()")
@@ -50,8 +67,11 @@ def metric_names(expr: str) -> set[str]:
     without_braces = re.sub(r"\{[^}]*\}", "{}", without_strings)
     without_ranges = re.sub(r"\[[^\]]*\]", "[]", without_braces)
     without_grouping = GROUPING.sub("", without_ranges)
-    return {name for name in NAME.findall(without_grouping)
-            if name not in PROMQL_WORDS and not name.startswith("__") and not name.isdigit()}
+    return {
+        name
+        for name in NAME.findall(without_grouping)
+        if name not in PROMQL_WORDS and not name.startswith("__") and not name.isdigit()
+    }
 
 
 def labels_used(expr: str) -> set[str]:
@@ -71,8 +91,10 @@ def exposition(upstream: Upstream) -> Iterator[Samples]:
     from gateway.redis_server import RedisServer
 
     async def run(gateway: GatewayProcess) -> Samples:
-        async with aiohttp.ClientSession() as client, client.get(gateway.url + "/v1/models",
-                                                                     headers=auth()) as response:
+        async with (
+            aiohttp.ClientSession() as client,
+            client.get(gateway.url + "/v1/models", headers=auth()) as response,
+        ):
             assert response.status == 200
         return await scrape(gateway.admin_url)
 
@@ -110,15 +132,27 @@ def check_expressions(exprs: list[str], samples: Samples) -> set[str]:
 def test_alert_rules_query_only_exposed_metrics(exposition: Samples) -> None:
     rules = alert_rules()
     names = {rule["alert"] for rule in rules}
-    assert {"GatewayPolicyStale", "GatewayRedisErrors", "GatewayAuditSpooling", "GatewayAuditDropped",
-            "GatewayHigh5xxRatio", "GatewayOverheadP99High"} <= names
+    assert {
+        "GatewayPolicyStale",
+        "GatewayRedisErrors",
+        "GatewayAuditSpooling",
+        "GatewayAuditDropped",
+        "GatewayHigh5xxRatio",
+        "GatewayOverheadP99High",
+    } <= names
     for rule in rules:
         assert rule["labels"]["severity"] in ("warning", "critical")
         assert rule["annotations"]["summary"]
     referenced = check_expressions([rule["expr"] for rule in rules], exposition)
-    assert {"gateway_policy_age_seconds", "gateway_policy_version", "gateway_redis_errors_total",
-            "gateway_audit_spooled_total", "gateway_audit_dropped_total", "gateway_requests_total",
-            "gateway_overhead_seconds_bucket"} <= referenced
+    assert {
+        "gateway_policy_age_seconds",
+        "gateway_policy_version",
+        "gateway_redis_errors_total",
+        "gateway_audit_spooled_total",
+        "gateway_audit_dropped_total",
+        "gateway_requests_total",
+        "gateway_overhead_seconds_bucket",
+    } <= referenced
     stale = next(rule for rule in rules if rule["alert"] == "GatewayPolicyStale")["expr"]
     assert "gateway_policy_age_seconds > 30" in stale and "gateway_policy_version == 0" in stale
     overhead = next(rule for rule in rules if rule["alert"] == "GatewayOverheadP99High")["expr"]
@@ -131,10 +165,17 @@ def test_dashboard_queries_only_exposed_metrics(exposition: Samples) -> None:
     assert len(ids) == len(set(ids))
     exprs = dashboard_exprs()
     referenced = check_expressions(exprs, exposition)
-    assert {"gateway_requests_total", "gateway_overhead_seconds_bucket",
-            "gateway_upstream_duration_seconds_bucket", "gateway_policy_version",
-            "gateway_policy_age_seconds", "gateway_redis_errors_total", "gateway_ratelimit_fallback_total",
-            "gateway_audit_spooled_total", "gateway_audit_dropped_total"} <= referenced
+    assert {
+        "gateway_requests_total",
+        "gateway_overhead_seconds_bucket",
+        "gateway_upstream_duration_seconds_bucket",
+        "gateway_policy_version",
+        "gateway_policy_age_seconds",
+        "gateway_redis_errors_total",
+        "gateway_ratelimit_fallback_total",
+        "gateway_audit_spooled_total",
+        "gateway_audit_dropped_total",
+    } <= referenced
     joined = "\n".join(exprs)
     assert "sum by (decision)" in joined and "sum by (code)" in joined
     for metric in ("gateway_overhead_seconds_bucket", "gateway_upstream_duration_seconds_bucket"):
@@ -154,15 +195,19 @@ def test_prometheus_scrapes_the_admin_listener() -> None:
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (Debian: prometheus)")
 def test_promtool_checks_config_and_rules_and_runs_rule_tests() -> None:
-    for args in (["check", "config", "prometheus.yml"], ["check", "rules", "alerts.yml"],
-                 ["test", "rules", "alerts_test.yml"]):
-        result = subprocess.run(["promtool", *args], cwd=PROMETHEUS, capture_output=True, text=True,
-                                timeout=60)
+    for args in (
+        ["check", "config", "prometheus.yml"],
+        ["check", "rules", "alerts.yml"],
+        ["test", "rules", "alerts_test.yml"],
+    ):
+        result = subprocess.run(["promtool", *args], cwd=PROMETHEUS, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, (args, result.stdout, result.stderr)
 
 
 def test_expression_parsing_helpers() -> None:
-    expr = ('histogram_quantile(0.99, sum by (instance, le) (rate(gateway_overhead_seconds_bucket'
-            '{instance=~"$instance", decision!="allow"}[5m]))) > 0.005 or up{job="x"} == 0')
+    expr = (
+        "histogram_quantile(0.99, sum by (instance, le) (rate(gateway_overhead_seconds_bucket"
+        '{instance=~"$instance", decision!="allow"}[5m]))) > 0.005 or up{job="x"} == 0'
+    )
     assert metric_names(expr) == {"gateway_overhead_seconds_bucket", "up"}
     assert labels_used(expr) == {"instance", "le", "decision", "job"}

@@ -26,16 +26,30 @@ from .support.upstream import Upstream
 from .support.waiting import wait_until_blocking
 from .test_metrics import scrape, value
 
-FIELDS = {"time", "request_id", "subject", "org", "tier", "claimed_country", "client_ip", "ip_country",
-          "model", "decision", "code", "policy_version", "status", "upstream_status", "duration_ms"}
+FIELDS = {
+    "time",
+    "request_id",
+    "subject",
+    "org",
+    "tier",
+    "claimed_country",
+    "client_ip",
+    "ip_country",
+    "model",
+    "decision",
+    "code",
+    "policy_version",
+    "status",
+    "upstream_status",
+    "duration_ms",
+}
 
 
 def stream(redis_url: str) -> list[tuple[dict[str, Any], str]]:
     """The audit stream oldest first: (record, producer:sequence id) per entry."""
     client = redis_sync.Redis.from_url(redis_url)
     try:
-        return [(orjson.loads(fields[b"r"]), fields[b"id"].decode())
-                for _id, fields in client.xrange("gw:audit")]
+        return [(orjson.loads(fields[b"r"]), fields[b"id"].decode()) for _id, fields in client.xrange("gw:audit")]
     finally:
         client.close()
 
@@ -64,8 +78,9 @@ async def send(gateway: GatewayProcess, request_ids: list[str], *, prefix: str, 
         for index in range(count):
             request_id = f"{prefix}-{index:03d}"
             headers = {**auth(), "X-Request-Id": request_id}
-            async with client.post(gateway.url + "/v1/chat/completions", json={"model": "gpt-mock"},
-                                   headers=headers) as response:
+            async with client.post(
+                gateway.url + "/v1/chat/completions", json={"model": "gpt-mock"}, headers=headers
+            ) as response:
                 assert response.status == 200, await response.text()
                 await response.read()
             request_ids.append(request_id)
@@ -91,8 +106,9 @@ def durable_redis() -> Iterator[RedisServer]:
 
 def outage_config(upstream: Upstream, **audit: Any) -> dict[str, Any]:
     # Longer staleness than any outage here, so the gateway keeps deciding from its snapshot.
-    return gateway_config(upstream.url, policy={"max_staleness_s": 60}, redis={"timeout_s": 0.2},
-                          audit={"flush_ms": 50, **audit})
+    return gateway_config(
+        upstream.url, policy={"max_staleness_s": 60}, redis={"timeout_s": 0.2}, audit={"flush_ms": 50, **audit}
+    )
 
 
 async def test_one_record_per_decision_with_the_contract_fields(redis_url: str, upstream: Upstream) -> None:
@@ -102,12 +118,24 @@ async def test_one_record_per_decision_with_the_contract_fields(redis_url: str, 
     gateway = GatewayProcess(config, redis_url=redis_url).start()
     cases = [
         ("ok-1", auth(), {"model": "gpt-mock"}, 200, "allow", ""),
-        ("ir-1", auth(hs_token("carol", org="corp", country="IR")), {"model": "gpt-mock"}, 451, "block",
-         "country_denied"),
+        (
+            "ir-1",
+            auth(hs_token("carol", org="corp", country="IR")),
+            {"model": "gpt-mock"},
+            451,
+            "block",
+            "country_denied",
+        ),
         ("anon-1", {}, {"model": "gpt-mock"}, 401, "block", "unauthenticated"),
         ("big-1", auth(), b"x" * 2000, 413, "error", "request_too_large"),
-        ("csl-1", auth(hs_token("dave", org="sgaf", org_name="Société Générale d'Armement Fictif")),
-         {"model": "gpt-mock"}, 451, "block", "entity_denied"),
+        (
+            "csl-1",
+            auth(hs_token("dave", org="sgaf", org_name="Société Générale d'Armement Fictif")),
+            {"model": "gpt-mock"},
+            451,
+            "block",
+            "entity_denied",
+        ),
         ("ok-2", auth(), {"model": "gpt-mock"}, 200, "allow", ""),
     ]
     started = datetime.now(UTC)
@@ -115,8 +143,9 @@ async def test_one_record_per_decision_with_the_contract_fields(redis_url: str, 
         async with aiohttp.ClientSession() as client:
             for request_id, headers, body, status, _decision, _code in cases:
                 kwargs: dict[str, Any] = {"data": body} if isinstance(body, bytes) else {"json": body}
-                async with client.post(gateway.url + "/v1/chat/completions",
-                                       headers={**headers, "X-Request-Id": request_id}, **kwargs) as r:
+                async with client.post(
+                    gateway.url + "/v1/chat/completions", headers={**headers, "X-Request-Id": request_id}, **kwargs
+                ) as r:
                     # Read whole: a caller that hangs up unread is audited as 499 (client closed).
                     assert r.status == status, await r.text()
                     await r.read()
@@ -148,8 +177,9 @@ async def test_one_record_per_decision_with_the_contract_fields(redis_url: str, 
     assert screening["score"] >= 0.85 and "Armement Fictif" in orjson.dumps(screening).decode()
 
 
-async def test_redis_outage_spools_then_replays_exactly_once_in_order(durable_redis: RedisServer,
-                                                                       upstream: Upstream) -> None:
+async def test_redis_outage_spools_then_replays_exactly_once_in_order(
+    durable_redis: RedisServer, upstream: Upstream
+) -> None:
     seed_policy(durable_redis.url)
     gateway = GatewayProcess(outage_config(upstream), redis_url=durable_redis.url).start()
     spool_dir = Path(gateway.config["audit"]["spool_dir"])
@@ -174,8 +204,9 @@ async def test_redis_outage_spools_then_replays_exactly_once_in_order(durable_re
         gateway.stop()
 
 
-async def test_spool_of_a_killed_process_is_replayed_by_the_next_one(durable_redis: RedisServer,
-                                                                     upstream: Upstream) -> None:
+async def test_spool_of_a_killed_process_is_replayed_by_the_next_one(
+    durable_redis: RedisServer, upstream: Upstream
+) -> None:
     seed_policy(durable_redis.url)
     config = outage_config(upstream)
     first = GatewayProcess(config, redis_url=durable_redis.url).start()
@@ -193,8 +224,11 @@ async def test_spool_of_a_killed_process_is_replayed_by_the_next_one(durable_red
     orphan_name = spool_files(spool_dir)[0].name
     durable_redis.start()
     # Two workers start together on the same spool: the file lock lets one replay it, once.
-    config = {**config, "listen": {"host": "127.0.0.1", "port": free_port()},
-              "admin": {**config["admin"], "port": free_port()}}
+    config = {
+        **config,
+        "listen": {"host": "127.0.0.1", "port": free_port()},
+        "admin": {**config["admin"], "port": free_port()},
+    }
     second = GatewayProcess(config, redis_url=durable_redis.url, workers=2).start()
     try:
         wait_until_blocking(lambda: stream_length(durable_redis.url) >= 10, 10, message=second.log)
@@ -208,8 +242,7 @@ async def test_spool_of_a_killed_process_is_replayed_by_the_next_one(durable_red
 async def test_sigterm_flushes_the_queue(redis_url: str, upstream: Upstream) -> None:
     seed_policy(redis_url)
     # A flush interval far longer than the test: only the shutdown flush can deliver the records.
-    gateway = GatewayProcess(gateway_config(upstream.url, audit={"flush_ms": 60_000}),
-                             redis_url=redis_url).start()
+    gateway = GatewayProcess(gateway_config(upstream.url, audit={"flush_ms": 60_000}), redis_url=redis_url).start()
     sent: list[str] = []
     try:
         await send(gateway, sent, prefix="queued", count=7)
@@ -219,8 +252,9 @@ async def test_sigterm_flushes_the_queue(redis_url: str, upstream: Upstream) -> 
     assert_exactly(redis_url, sent)
 
 
-async def test_sigterm_during_outage_spools_and_next_start_sends(durable_redis: RedisServer,
-                                                                 upstream: Upstream) -> None:
+async def test_sigterm_during_outage_spools_and_next_start_sends(
+    durable_redis: RedisServer, upstream: Upstream
+) -> None:
     seed_policy(durable_redis.url)
     config = outage_config(upstream, flush_ms=60_000)
     gateway = GatewayProcess(config, redis_url=durable_redis.url).start()
@@ -242,8 +276,9 @@ async def test_sigterm_during_outage_spools_and_next_start_sends(durable_redis: 
         restarted.stop()
 
 
-async def test_full_queue_drops_loudly_and_never_blocks_requests(fresh_redis: RedisServer,
-                                                                 upstream: Upstream, tmp_path: Path) -> None:
+async def test_full_queue_drops_loudly_and_never_blocks_requests(
+    fresh_redis: RedisServer, upstream: Upstream, tmp_path: Path
+) -> None:
     seed_policy(fresh_redis.url)
     blocker = tmp_path / "a-file"
     blocker.write_text("the spool cannot be a directory under a file")
@@ -254,8 +289,9 @@ async def test_full_queue_drops_loudly_and_never_blocks_requests(fresh_redis: Re
         started = time.monotonic()
         async with aiohttp.ClientSession() as client:
             for _ in range(15):
-                async with client.post(gateway.url + "/v1/chat/completions", json={"model": "gpt-mock"},
-                                       headers=auth()) as response:
+                async with client.post(
+                    gateway.url + "/v1/chat/completions", json={"model": "gpt-mock"}, headers=auth()
+                ) as response:
                     assert response.status == 200
         assert time.monotonic() - started < 5
         await asyncio.sleep(0.3)
@@ -264,22 +300,25 @@ async def test_full_queue_drops_loudly_and_never_blocks_requests(fresh_redis: Re
         gateway.stop()
     assert value(samples, "gateway_audit_dropped_total") >= 10
     assert value(samples, "gateway_audit_spooled_total") == 0
-    errors = [orjson.loads(line) for line in gateway.log_path.read_text().splitlines()
-              if '"AUDIT RECORDS LOST' in line]
+    errors = [orjson.loads(line) for line in gateway.log_path.read_text().splitlines() if '"AUDIT RECORDS LOST' in line]
     assert errors and errors[0]["level"] == "error"
 
 
-async def test_orphan_spool_with_a_torn_last_line_is_replayed(redis_url: str, upstream: Upstream,
-                                                             tmp_path: Path) -> None:
+async def test_orphan_spool_with_a_torn_last_line_is_replayed(
+    redis_url: str, upstream: Upstream, tmp_path: Path
+) -> None:
     """A file as a SIGKILL mid-write leaves it: whole lines are sent, the torn one is counted as lost."""
     seed_policy(redis_url)
     spool_dir = tmp_path / "spool"
     spool_dir.mkdir()
-    records = [orjson.dumps({"request_id": f"orphan-{seq}", "time": f"2026-01-01T00:00:0{seq}.000Z"})
-               for seq in range(1, 6)]
+    records = [
+        orjson.dumps({"request_id": f"orphan-{seq}", "time": f"2026-01-01T00:00:0{seq}.000Z"}) for seq in range(1, 6)
+    ]
     orphan = spool_dir / "4242-1700000000000-abcdef.jsonl"
-    orphan.write_bytes(b"".join(encode_line("4242-1700000000000-abcdef", seq, record)
-                                for seq, record in enumerate(records, 1)) + b'{"producer":"4242-17')
+    orphan.write_bytes(
+        b"".join(encode_line("4242-1700000000000-abcdef", seq, record) for seq, record in enumerate(records, 1))
+        + b'{"producer":"4242-17'
+    )
     config = gateway_config(upstream.url, audit={"flush_ms": 20, "spool_dir": str(spool_dir)})
     gateway = GatewayProcess(config, redis_url=redis_url).start()
     try:

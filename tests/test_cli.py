@@ -37,13 +37,22 @@ def gateway(upstream: Upstream) -> Iterator[GatewayProcess]:
         yield process
 
 
-def cli(gateway: GatewayProcess | None, *args: str, env: dict[str, str] | None = None,
-        stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def cli(
+    gateway: GatewayProcess | None, *args: str, env: dict[str, str] | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
     base = {key: value for key, value in os.environ.items() if not key.startswith("GATEWAY_ADMIN")}
     if gateway is not None:
         base.update({"GATEWAY_ADMIN_URL": gateway.admin_url, "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN})
-    return subprocess.run([*COMMAND, *args], env={**base, **(env or {})}, input=stdin, capture_output=True,
-                          text=True, timeout=60, cwd=ROOT, check=False)
+    return subprocess.run(
+        [*COMMAND, *args],
+        env={**base, **(env or {})},
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        check=False,
+    )
 
 
 def ok(gateway: GatewayProcess, *args: str, **kwargs: Any) -> str:
@@ -60,8 +69,11 @@ def fails(gateway: GatewayProcess | None, *args: str, status: int = 1, **kwargs:
 
 
 def public_status(gateway: GatewayProcess, token: str) -> int:
-    request = urllib.request.Request(gateway.url + "/v1/chat/completions", data=b'{"model": "gpt-mock"}',
-                                     headers={**auth(token), "Content-Type": "application/json"})
+    request = urllib.request.Request(
+        gateway.url + "/v1/chat/completions",
+        data=b'{"model": "gpt-mock"}',
+        headers={**auth(token), "Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(request, timeout=5) as response:
             return int(response.status)
@@ -79,8 +91,19 @@ def admin_get(gateway: GatewayProcess, path: str) -> Any:
 
 
 def test_lists_put_get_delete_as_table_and_json(gateway: GatewayProcess) -> None:
-    out = ok(gateway, "lists", "put", "deny-countries", "cu", "--reason", "Cuba embargo", "--source", "OFAC",
-             "--expires-at", "2099-01-01T00:00:00Z")
+    out = ok(
+        gateway,
+        "lists",
+        "put",
+        "deny-countries",
+        "cu",
+        "--reason",
+        "Cuba embargo",
+        "--source",
+        "OFAC",
+        "--expires-at",
+        "2099-01-01T00:00:00Z",
+    )
     assert "deny-countries CU written; policy version" in out
     table = ok(gateway, "lists", "get", "deny-countries")
     header, *rows = table.splitlines()[1:]
@@ -120,28 +143,31 @@ def test_lists_replace_from_a_yaml_file(gateway: GatewayProcess, tmp_path: Path)
     ok(gateway, "lists", "replace", "partners", str(path))
 
 
-@pytest.mark.parametrize(("args", "status", "expected"), [
-    (("lists", "put", "deny-countries", "XX", "--reason", "r"), 1, "key: 'XX'"),
-    (("lists", "put", "ip-ranges", "10.0.0.0/8", "--reason", "r"), 1, "country: is required"),
-    (("lists", "put", "deny-countries", "CU", "--reason", "r", "--expires-at", "soon"), 1, "expires_at"),
-    (("lists", "delete", "deny-entities", "nobody-at-all"), 1, "404 not_found"),
-    (("lists", "replace", "partners", "/nonexistent/file.yaml"), 1, "cannot read /nonexistent/file.yaml"),
-    (("lists", "get", "allow-list"), 2, "invalid choice: 'allow-list'"),
-    (("lists", "put", "deny-countries", "CU"), 2, "--reason"),
-    (("models", "put", "m", "--stage", "beta"), 2, "--stage"),
-    (("models", "put", "m", "--stage", "general", "--timeline", "[{"), 1, "--timeline: not valid JSON"),
-    (("models", "put", "m", "--stage", "general", "--allowed-countries", "US,XX"), 1,
-     "allowed_countries[1]"),
-    (("models", "get", "no-such-model"), 1, "404 not_found"),
-    (("keys", "create", "--subject", "s", "--org", "o", "--country", "US"), 2, "--tier"),
-    (("keys", "create", "--subject", "s", "--org", "o", "--country", "US", "--tier", "gold"), 1, "tier:"),
-    (("keys", "revoke", "key_missing"), 1, "404 not_found"),
-    (("decide", "--subject", "s", "--tier", "public", "--ip", "nowhere"), 1, "ip: must be"),
-    (("audit", "tail", "--limit", "0"), 2, "--limit"),
-    (("screening", "import", "/nonexistent.csv"), 1, "cannot read /nonexistent.csv"),
-])
-def test_failures_exit_non_zero_naming_the_problem(gateway: GatewayProcess, args: tuple[str, ...],
-                                                   status: int, expected: str) -> None:
+@pytest.mark.parametrize(
+    ("args", "status", "expected"),
+    [
+        (("lists", "put", "deny-countries", "XX", "--reason", "r"), 1, "key: 'XX'"),
+        (("lists", "put", "ip-ranges", "10.0.0.0/8", "--reason", "r"), 1, "country: is required"),
+        (("lists", "put", "deny-countries", "CU", "--reason", "r", "--expires-at", "soon"), 1, "expires_at"),
+        (("lists", "delete", "deny-entities", "nobody-at-all"), 1, "404 not_found"),
+        (("lists", "replace", "partners", "/nonexistent/file.yaml"), 1, "cannot read /nonexistent/file.yaml"),
+        (("lists", "get", "allow-list"), 2, "invalid choice: 'allow-list'"),
+        (("lists", "put", "deny-countries", "CU"), 2, "--reason"),
+        (("models", "put", "m", "--stage", "beta"), 2, "--stage"),
+        (("models", "put", "m", "--stage", "general", "--timeline", "[{"), 1, "--timeline: not valid JSON"),
+        (("models", "put", "m", "--stage", "general", "--allowed-countries", "US,XX"), 1, "allowed_countries[1]"),
+        (("models", "get", "no-such-model"), 1, "404 not_found"),
+        (("keys", "create", "--subject", "s", "--org", "o", "--country", "US"), 2, "--tier"),
+        (("keys", "create", "--subject", "s", "--org", "o", "--country", "US", "--tier", "gold"), 1, "tier:"),
+        (("keys", "revoke", "key_missing"), 1, "404 not_found"),
+        (("decide", "--subject", "s", "--tier", "public", "--ip", "nowhere"), 1, "ip: must be"),
+        (("audit", "tail", "--limit", "0"), 2, "--limit"),
+        (("screening", "import", "/nonexistent.csv"), 1, "cannot read /nonexistent.csv"),
+    ],
+)
+def test_failures_exit_non_zero_naming_the_problem(
+    gateway: GatewayProcess, args: tuple[str, ...], status: int, expected: str
+) -> None:
     version = admin_get(gateway, "/admin/v1/policy")["version"]
     assert expected in fails(gateway, *args, status=status)
     assert admin_get(gateway, "/admin/v1/policy")["version"] == version
@@ -161,11 +187,26 @@ def test_connection_and_token_problems_are_explained(gateway: GatewayProcess) ->
 
 def test_models_put_list_get_delete(gateway: GatewayProcess) -> None:
     timeline = '[{"at": "2099-06-01T00:00:00Z", "stage": "general"}]'
-    ok(gateway, "models", "put", "vendor/model-z", "--stage", "partners", "--timeline", timeline,
-       "--allowed-countries", "us,de", "--export-suspended")
+    ok(
+        gateway,
+        "models",
+        "put",
+        "vendor/model-z",
+        "--stage",
+        "partners",
+        "--timeline",
+        timeline,
+        "--allowed-countries",
+        "us,de",
+        "--export-suspended",
+    )
     model = json.loads(ok(gateway, "models", "get", "vendor/model-z", "--json"))["model"]
-    assert model == {"stage": "partners", "timeline": [{"at": "2099-06-01T00:00:00Z", "stage": "general"}],
-                     "allowed_countries": ["DE", "US"], "export_suspended": True}
+    assert model == {
+        "stage": "partners",
+        "timeline": [{"at": "2099-06-01T00:00:00Z", "stage": "general"}],
+        "allowed_countries": ["DE", "US"],
+        "export_suspended": True,
+    }
     listing = ok(gateway, "models", "list")
     row = next(line for line in listing.splitlines() if line.startswith("vendor/model-z"))
     assert "partners" in row and "DE,US" in row and "yes" in row
@@ -176,26 +217,74 @@ def test_models_put_list_get_delete(gateway: GatewayProcess) -> None:
 
 
 def test_keys_create_use_list_revoke(gateway: GatewayProcess) -> None:
-    created = json.loads(ok(gateway, "keys", "create", "--subject", "svc-cli", "--org", "acme", "--country", "US",
-                            "--tier", "partner", "--org-name", "Acme Corp", "--json"))
+    created = json.loads(
+        ok(
+            gateway,
+            "keys",
+            "create",
+            "--subject",
+            "svc-cli",
+            "--org",
+            "acme",
+            "--country",
+            "US",
+            "--tier",
+            "partner",
+            "--org-name",
+            "Acme Corp",
+            "--json",
+        )
+    )
     key_id, key = created["id"], created["key"]
     assert public_status(gateway, key) == 200
     listing = ok(gateway, "keys", "list")
     assert key_id in listing and "svc-cli" in listing and key not in listing
-    human = ok(gateway, "keys", "create", "--subject", "svc-cli-2", "--org", "acme", "--country", "US",
-               "--tier", "public")
+    human = ok(
+        gateway, "keys", "create", "--subject", "svc-cli-2", "--org", "acme", "--country", "US", "--tier", "public"
+    )
     assert "key: gk_" in human and "shown only this once" in human
     ok(gateway, "keys", "revoke", key_id)
     wait_until_blocking(lambda: public_status(gateway, key) == 401, 1.0)
 
 
 def test_decide_prints_the_decision(gateway: GatewayProcess) -> None:
-    out = ok(gateway, "decide", "--subject", "u1", "--org", "acme", "--country", "IR", "--tier", "partner",
-             "--ip", "127.0.0.1", "--model", "gpt-mock")
+    out = ok(
+        gateway,
+        "decide",
+        "--subject",
+        "u1",
+        "--org",
+        "acme",
+        "--country",
+        "IR",
+        "--tier",
+        "partner",
+        "--ip",
+        "127.0.0.1",
+        "--model",
+        "gpt-mock",
+    )
     first, message, version = out.splitlines()[:3]
     assert first == "block 451 country_denied" and "IR" in message and version.startswith("policy version")
-    data = json.loads(ok(gateway, "decide", "--subject", "u1", "--org", "acme", "--country", "US", "--tier",
-                         "partner", "--ip", "127.0.0.1", "--model", "gpt-mock", "--json"))
+    data = json.loads(
+        ok(
+            gateway,
+            "decide",
+            "--subject",
+            "u1",
+            "--org",
+            "acme",
+            "--country",
+            "US",
+            "--tier",
+            "partner",
+            "--ip",
+            "127.0.0.1",
+            "--model",
+            "gpt-mock",
+            "--json",
+        )
+    )
     assert (data["decision"], data["status"], data["code"]) == ("allow", 200, "")
 
 
@@ -245,17 +334,20 @@ def test_audit_tail_prints_the_latest_oldest_first(gateway: GatewayProcess) -> N
     assert subjects[2] in table[1] and subjects[3] in table[2]
 
 
-def test_audit_follow_prints_limit_old_records_then_new_ones_and_stops_on_sigterm(
-        gateway: GatewayProcess) -> None:
+def test_audit_follow_prints_limit_old_records_then_new_ones_and_stops_on_sigterm(gateway: GatewayProcess) -> None:
     tag = f"follow-{time.monotonic_ns()}"
     _audited(gateway, *(f"{tag}-old-{n}" for n in range(3)))
     # SIGINT ignored, as a shell starts a background job: SIGTERM must still stop the follower cleanly.
-    follower = subprocess.Popen([*COMMAND, "audit", "tail", "--follow", "--json", "--limit", "1",
-                                 "--interval", "0.1"], cwd=ROOT, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "GATEWAY_ADMIN_URL": gateway.admin_url,
-                                     "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN},
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    follower = subprocess.Popen(
+        [*COMMAND, "audit", "tail", "--follow", "--json", "--limit", "1", "--interval", "0.1"],
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "GATEWAY_ADMIN_URL": gateway.admin_url, "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
     try:
         lines = _lines(follower.stdout)
         assert json.loads(lines.get(timeout=20))["subject"] == f"{tag}-old-2"  # --limit 1: the latest only
@@ -286,15 +378,50 @@ def test_changes_table(gateway: GatewayProcess) -> None:
 
 
 def test_policy_export_then_import_into_an_empty_redis_reproduces_it(
-        gateway: GatewayProcess, upstream: Upstream, fresh_redis: RedisServer, tmp_path: Path) -> None:
+    gateway: GatewayProcess, upstream: Upstream, fresh_redis: RedisServer, tmp_path: Path
+) -> None:
     # Something of every kind, so the round trip has to carry it all.
-    ok(gateway, "lists", "put", "ip-ranges", "192.0.2.0/24", "--reason", "doc net", "--country", "UA-43",
-       "--expires-at", "2098-01-01T12:00:00+02:00")
+    ok(
+        gateway,
+        "lists",
+        "put",
+        "ip-ranges",
+        "192.0.2.0/24",
+        "--reason",
+        "doc net",
+        "--country",
+        "UA-43",
+        "--expires-at",
+        "2098-01-01T12:00:00+02:00",
+    )
     ok(gateway, "lists", "put", "deny-countries", "NO", "--reason", "a key YAML would read as false")
-    ok(gateway, "models", "put", "exported-model", "--stage", "partners",
-       "--timeline", '[{"at": "2098-01-01T00:00:00Z", "stage": "general"}]', "--allowed-countries", "US")
-    ok(gateway, "keys", "create", "--subject", "svc-export", "--org", "acme", "--country", "US", "--tier",
-       "partner", "--expires-at", "2099-01-01T00:00:00Z")
+    ok(
+        gateway,
+        "models",
+        "put",
+        "exported-model",
+        "--stage",
+        "partners",
+        "--timeline",
+        '[{"at": "2098-01-01T00:00:00Z", "stage": "general"}]',
+        "--allowed-countries",
+        "US",
+    )
+    ok(
+        gateway,
+        "keys",
+        "create",
+        "--subject",
+        "svc-export",
+        "--org",
+        "acme",
+        "--country",
+        "US",
+        "--tier",
+        "partner",
+        "--expires-at",
+        "2099-01-01T00:00:00Z",
+    )
     ok(gateway, "screening", "import", str(CSL_CSV))
     path = tmp_path / "policy.yaml"
     ok(gateway, "policy", "export", str(path))
@@ -308,21 +435,22 @@ def test_policy_export_then_import_into_an_empty_redis_reproduces_it(
     restored_gateway = GatewayProcess(gateway_config(upstream.url), redis_url=fresh_redis.url)
     restored_gateway.start(wait_ready=False)
     try:
-        assert "409 policy_missing" in fails(restored_gateway, "lists", "put", "deny-countries", "CU",
-                                             "--reason", "r")
+        assert "409 policy_missing" in fails(restored_gateway, "lists", "put", "deny-countries", "CU", "--reason", "r")
         assert "policy imported" in ok(restored_gateway, "policy", "import", str(path))
         restored = admin_get(restored_gateway, "/admin/v1/policy")
         assert restored["version"] == 1  # a new generation
-        assert {k: v for k, v in restored.items() if k != "version"} == \
-            {k: v for k, v in source.items() if k != "version"}
+        assert {k: v for k, v in restored.items() if k != "version"} == {
+            k: v for k, v in source.items() if k != "version"
+        }
         assert public_status(restored_gateway, hs_token("after-restore")) == 200
     finally:
         restored_gateway.stop()
     ok(gateway, "lists", "delete", "deny-countries", "NO")
 
 
-def test_policy_import_of_the_example_policy(gateway: GatewayProcess, upstream: Upstream,
-                                             fresh_redis: RedisServer) -> None:
+def test_policy_import_of_the_example_policy(
+    gateway: GatewayProcess, upstream: Upstream, fresh_redis: RedisServer
+) -> None:
     restored_gateway = GatewayProcess(gateway_config(upstream.url), redis_url=fresh_redis.url)
     restored_gateway.start(wait_ready=False)
     try:
@@ -337,8 +465,11 @@ def test_policy_import_of_the_example_policy(gateway: GatewayProcess, upstream: 
 
 # --- check-config, dev-token ----------------------------------------------------------------
 
-SECRET_VARS = {"GATEWAY_ADMIN_TOKEN": "an-admin-token", "CHECK_HS256_SECRET": "x" * 40,
-               "CHECK_UPSTREAM_KEY": "an-upstream-key"}
+SECRET_VARS = {
+    "GATEWAY_ADMIN_TOKEN": "an-admin-token",
+    "CHECK_HS256_SECRET": "x" * 40,
+    "CHECK_UPSTREAM_KEY": "an-upstream-key",
+}
 
 
 def _config_file(tmp_path: Path, config: Any) -> Path:
@@ -352,17 +483,22 @@ def _plain_env(**extra: str) -> dict[str, str]:
     return {**{k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}, **extra}
 
 
-@pytest.mark.parametrize(("missing", "key"), [
-    ("GATEWAY_ADMIN_TOKEN", "admin.token_env"),
-    ("CHECK_HS256_SECRET", "auth.hs256_secret_env"),
-    ("CHECK_UPSTREAM_KEY", "upstream.api_key_env"),
-])
+@pytest.mark.parametrize(
+    ("missing", "key"),
+    [
+        ("GATEWAY_ADMIN_TOKEN", "admin.token_env"),
+        ("CHECK_HS256_SECRET", "auth.hs256_secret_env"),
+        ("CHECK_UPSTREAM_KEY", "upstream.api_key_env"),
+    ],
+)
 def test_check_config_fails_where_serve_fails(tmp_path: Path, missing: str, key: str) -> None:
-    config = {"listen": {"host": "127.0.0.1", "port": free_port()},
-              "admin": {"host": "127.0.0.1", "port": free_port(), "token_env": "GATEWAY_ADMIN_TOKEN"},
-              "upstream": {"url": "http://127.0.0.1:1", "api_key_env": "CHECK_UPSTREAM_KEY"},
-              "auth": {"algorithms": ["HS256"], "hs256_secret_env": "CHECK_HS256_SECRET"},
-              "audit": {"spool_dir": str(tmp_path / "spool")}}
+    config = {
+        "listen": {"host": "127.0.0.1", "port": free_port()},
+        "admin": {"host": "127.0.0.1", "port": free_port(), "token_env": "GATEWAY_ADMIN_TOKEN"},
+        "upstream": {"url": "http://127.0.0.1:1", "api_key_env": "CHECK_UPSTREAM_KEY"},
+        "auth": {"algorithms": ["HS256"], "hs256_secret_env": "CHECK_HS256_SECRET"},
+        "audit": {"spool_dir": str(tmp_path / "spool")},
+    }
     path = _config_file(tmp_path, config)
     assert "ok" in ok_plain("check-config", "--config", str(path), env=_plain_env(**SECRET_VARS))
     env = _plain_env(**{k: v for k, v in SECRET_VARS.items() if k != missing})
@@ -375,19 +511,23 @@ def test_check_config_fails_where_serve_fails(tmp_path: Path, missing: str, key:
 
 
 def ok_plain(*args: str, env: dict[str, str]) -> str:
-    result = subprocess.run([*COMMAND, *args], env=env, capture_output=True, text=True, timeout=60, cwd=ROOT,
-                            check=False)
+    result = subprocess.run(
+        [*COMMAND, *args], env=env, capture_output=True, text=True, timeout=60, cwd=ROOT, check=False
+    )
     assert result.returncode == 0, f"{args}: {result.stderr}"
     return result.stdout
 
 
-@pytest.mark.parametrize(("text", "key"), [
-    ("upstream: null\n", "upstream: is empty (null)"),
-    ("upstream:\n", "upstream: is empty (null)"),
-    ("upstream: http://127.0.0.1:8000\n", "upstream: must be a mapping, not str"),
-    ("upstream: {routes: {}}\n", "upstream.url: required key is missing"),
-    ("listen: {port: 8080}\n", "upstream: required key is missing"),
-])
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("upstream: null\n", "upstream: is empty (null)"),
+        ("upstream:\n", "upstream: is empty (null)"),
+        ("upstream: http://127.0.0.1:8000\n", "upstream: must be a mapping, not str"),
+        ("upstream: {routes: {}}\n", "upstream.url: required key is missing"),
+        ("listen: {port: 8080}\n", "upstream: required key is missing"),
+    ],
+)
 def test_upstream_problems_say_what_to_write(tmp_path: Path, text: str, key: str) -> None:
     path = _config_file(tmp_path, text)
     result = cli(None, "check-config", "--config", str(path), env=_plain_env())
@@ -395,24 +535,48 @@ def test_upstream_problems_say_what_to_write(tmp_path: Path, text: str, key: str
     assert key in result.stderr
     assert "upstream: {url: http://127.0.0.1:8000}" in result.stderr  # what to put there
     # An environment override fills the same gap, as the message says.
-    assert "ok" in ok_plain("check-config", "--config", str(path),
-                            env=_plain_env(GATEWAY_UPSTREAM__URL="http://127.0.0.1:8000",
-                                           GATEWAY_ADMIN_TOKEN="t", GATEWAY_AUTH__ALGORITHMS="[HS256]",
-                                           GATEWAY_AUTH__HS256_SECRET_ENV="CHECK_HS256_SECRET",
-                                           CHECK_HS256_SECRET="x" * 40))
+    assert "ok" in ok_plain(
+        "check-config",
+        "--config",
+        str(path),
+        env=_plain_env(
+            GATEWAY_UPSTREAM__URL="http://127.0.0.1:8000",
+            GATEWAY_ADMIN_TOKEN="t",
+            GATEWAY_AUTH__ALGORITHMS="[HS256]",
+            GATEWAY_AUTH__HS256_SECRET_ENV="CHECK_HS256_SECRET",
+            CHECK_HS256_SECRET="x" * 40,
+        ),
+    )
 
 
 def test_dev_token_help_describes_every_option_with_its_default() -> None:
     result = cli(None, "dev-token", "--help", env={"COLUMNS": "1000"})  # no line breaks inside a value
     assert result.returncode == 0
-    options = ["--secret-env", "--subject", "--org", "--org-name", "--country", "--tier", "--issuer",
-               "--audience", "--ttl"]
+    options = [
+        "--secret-env",
+        "--subject",
+        "--org",
+        "--org-name",
+        "--country",
+        "--tier",
+        "--issuer",
+        "--audience",
+        "--ttl",
+    ]
     text = " ".join(result.stdout.split())
     for option in options:
         described = text.split(option, 1)[1].split(" --", 1)[0]
         assert len(described.split()) >= 4, f"{option} has no description: {described!r}"
-    for default in ("GATEWAY_DEV_HS256_SECRET", "dev-user", "dev-org", "US", "partner", "https://idp.example",
-                    "model-gateway", "3600"):  # and --org-name: not sent
+    for default in (
+        "GATEWAY_DEV_HS256_SECRET",
+        "dev-user",
+        "dev-org",
+        "US",
+        "partner",
+        "https://idp.example",
+        "model-gateway",
+        "3600",
+    ):  # and --org-name: not sent
         assert f"default: {default}" in text, default
 
 
@@ -430,12 +594,14 @@ def test_serve_names_a_port_another_process_holds(tmp_path: Path, section: str, 
         holder.listen()
         taken = holder.getsockname()[1]
         ports = {"listen": free_port(), "admin": free_port(), section: taken}
-        config = {"listen": {"host": "127.0.0.1", "port": ports["listen"]},
-                  "admin": {"host": "127.0.0.1", "port": ports["admin"]},
-                  "upstream": {"url": "http://127.0.0.1:1"},
-                  "redis": {"url": f"redis://127.0.0.1:{free_port()}"},  # nobody there: start does not wait on it
-                  "auth": {"algorithms": ["HS256"], "hs256_secret_env": "CHECK_HS256_SECRET"},
-                  "audit": {"spool_dir": str(tmp_path / "spool")}}
+        config = {
+            "listen": {"host": "127.0.0.1", "port": ports["listen"]},
+            "admin": {"host": "127.0.0.1", "port": ports["admin"]},
+            "upstream": {"url": "http://127.0.0.1:1"},
+            "redis": {"url": f"redis://127.0.0.1:{free_port()}"},  # nobody there: start does not wait on it
+            "auth": {"algorithms": ["HS256"], "hs256_secret_env": "CHECK_HS256_SECRET"},
+            "audit": {"spool_dir": str(tmp_path / "spool")},
+        }
         path = _config_file(tmp_path, config)
         result = cli(None, "serve", "--config", str(path), "--workers", workers, env=_plain_env(**SECRET_VARS))
     assert result.returncode == 2, result.stderr

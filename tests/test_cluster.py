@@ -68,8 +68,15 @@ async def test_store_transactions_scripts_and_streams_on_a_cluster(cluster: Clus
         # Concurrent WATCH/MULTI writers on the {gw} slot: every one lands, none lost.
         before, _ = await store.read_version()
         assert before is not None
-        writes = [store.write([HashSet(list_key("partners"), f"org-{i}", ENTRY)], actor="t",
-                              now_iso="2026-01-01T00:00:00Z", target=f"org-{i}") for i in range(15)]
+        writes = [
+            store.write(
+                [HashSet(list_key("partners"), f"org-{i}", ENTRY)],
+                actor="t",
+                now_iso="2026-01-01T00:00:00Z",
+                target=f"org-{i}",
+            )
+            for i in range(15)
+        ]
         versions = sorted(version for version, _change in await asyncio.gather(*writes))
         assert versions == list(range(before + 1, before + 16))
         with pytest.raises(NotFound):
@@ -86,8 +93,11 @@ async def test_store_transactions_scripts_and_streams_on_a_cluster(cluster: Clus
         subjects = [f"subject-{i}" for i in range(12)]
 
         async def check_all() -> list[Any]:
-            return list(await asyncio.gather(*(store.run_script("ratelimit", rate_keys(s, "gpt-mock"),
-                                                                ["1000000", "5", "0"]) for s in subjects)))
+            return list(
+                await asyncio.gather(
+                    *(store.run_script("ratelimit", rate_keys(s, "gpt-mock"), ["1000000", "5", "0"]) for s in subjects)
+                )
+            )
 
         assert all(result[0] == 1 for result in await check_all())
         for node in cluster.nodes:
@@ -130,8 +140,12 @@ async def test_announcements_reach_a_subscriber_on_any_node(cluster: ClusterTopo
     try:
         await asyncio.wait_for(heard.wait(), 5)  # the subscription's confirmation
         heard.clear()
-        await store.write([HashSet(list_key("deny-entities"), "someone", ENTRY)], actor="t",
-                          now_iso="2026-01-01T00:00:00Z", target="t")
+        await store.write(
+            [HashSet(list_key("deny-entities"), "someone", ENTRY)],
+            actor="t",
+            now_iso="2026-01-01T00:00:00Z",
+            target="t",
+        )
         await asyncio.wait_for(heard.wait(), 2)
         assert len(messages) == 2
     finally:
@@ -140,8 +154,9 @@ async def test_announcements_reach_a_subscriber_on_any_node(cluster: ClusterTopo
         await store.close()
 
 
-async def test_gateway_on_a_cluster_limits_exactly_and_follows_changes(cluster: ClusterTopology,
-                                                                       upstream: Upstream) -> None:
+async def test_gateway_on_a_cluster_limits_exactly_and_follows_changes(
+    cluster: ClusterTopology, upstream: Upstream
+) -> None:
     seed_policy(cluster.url)
     gateway = GatewayProcess(gateway_config(upstream.url, tiers=TIERS), redis_url=cluster.url).start()
     try:
@@ -154,8 +169,9 @@ async def test_gateway_on_a_cluster_limits_exactly_and_follows_changes(cluster: 
             # its caller's limit matters): their limits live on different nodes.
             callers = [hs_token(f"cluster-caller-{i}", tier="public") for i in range(12)]
             assert set(await asyncio.gather(*(post_chat(client, gateway, t) for t in callers))) == {200}
-            rate_nodes = {port for port, keys in node_keys(cluster).items()
-                          if any(k.startswith("gw:rl:") for k in keys)}
+            rate_nodes = {
+                port for port, keys in node_keys(cluster).items() if any(k.startswith("gw:rl:") for k in keys)
+            }
             assert len(rate_nodes) == 3
             assert "gateway_ratelimit_fallback_total 0.0" in await metrics(client, gateway)  # all in Redis
 
@@ -165,9 +181,14 @@ async def test_gateway_on_a_cluster_limits_exactly_and_follows_changes(cluster: 
             assert await post_chat(client, gateway, french) == 200
             store = Store.from_url(cluster.url, timeout_s=2)
             try:
-                await store.write([HashSet(list_key("deny-countries"), "FR", ENTRY)], actor="t",
-                                  now_iso="2026-01-01T00:00:00Z", target="t")
+                await store.write(
+                    [HashSet(list_key("deny-countries"), "FR", ENTRY)],
+                    actor="t",
+                    now_iso="2026-01-01T00:00:00Z",
+                    target="t",
+                )
                 assert await first_status(client, gateway, french, 451, within=3) < 1.0
+
                 # Audit records reach the stream on the cluster.
                 async def audited() -> bool:
                     return bool(await store.audit_length() >= len(statuses))

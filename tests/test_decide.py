@@ -38,19 +38,33 @@ TIERS = {
 
 
 def rules(*, unknown_model: str = "deny", require_ip_country: bool = False) -> Rules:
-    return Rules(home_countries=frozenset({"US"}), unknown_model=unknown_model, tier_stages=TIERS,
-                 require_ip_country=require_ip_country)
+    return Rules(
+        home_countries=frozenset({"US"}),
+        unknown_model=unknown_model,
+        tier_stages=TIERS,
+        require_ip_country=require_ip_country,
+    )
 
 
 def entry(reason: str = "test entry", *, expires_at: str | None = None, **extra: Any) -> dict[str, Any]:
-    return {"reason": reason, "source": "test", "added_by": "tester", "added_at": "2026-01-01T00:00:00Z",
-            "expires_at": expires_at, **extra}
+    return {
+        "reason": reason,
+        "source": "test",
+        "added_by": "tester",
+        "added_at": "2026-01-01T00:00:00Z",
+        "expires_at": expires_at,
+        **extra,
+    }
 
 
-def model(stage: str = "general", *, timeline: list[dict[str, str]] | None = None,
-          allowed: list[str] | None = None, suspended: bool = False) -> dict[str, Any]:
-    return {"stage": stage, "timeline": timeline or [], "allowed_countries": allowed,
-            "export_suspended": suspended}
+def model(
+    stage: str = "general",
+    *,
+    timeline: list[dict[str, str]] | None = None,
+    allowed: list[str] | None = None,
+    suspended: bool = False,
+) -> dict[str, Any]:
+    return {"stage": stage, "timeline": timeline or [], "allowed_countries": allowed, "export_suspended": suspended}
 
 
 BASE_LISTS: dict[str, dict[str, dict[str, Any]]] = {
@@ -92,18 +106,33 @@ class ExactScreening:
         return self.hits.get(name)
 
 
-def snapshot(*, lists: dict[str, dict[str, dict[str, Any]]] | None = None,
-             models: dict[str, dict[str, Any]] | None = None,
-             screening: ExactScreening | None = None) -> Snapshot:
-    return build_snapshot(version=VERSION, generation="g1", loaded_at=NOW,
-                          lists=BASE_LISTS if lists is None else lists,
-                          models=BASE_MODELS if models is None else models,
-                          api_keys={}, screening=screening)
+def snapshot(
+    *,
+    lists: dict[str, dict[str, dict[str, Any]]] | None = None,
+    models: dict[str, dict[str, Any]] | None = None,
+    screening: ExactScreening | None = None,
+) -> Snapshot:
+    return build_snapshot(
+        version=VERSION,
+        generation="g1",
+        loaded_at=NOW,
+        lists=BASE_LISTS if lists is None else lists,
+        models=BASE_MODELS if models is None else models,
+        api_keys={},
+        screening=screening,
+    )
 
 
 def caller(**overrides: Any) -> Caller:
-    fields: dict[str, Any] = {"subject": "alice", "org": "acme", "org_name": None, "tier": "public",
-                              "claimed_country": "US", "ip": "192.0.2.10", "ip_country": "US"}
+    fields: dict[str, Any] = {
+        "subject": "alice",
+        "org": "acme",
+        "org_name": None,
+        "tier": "public",
+        "claimed_country": "US",
+        "ip": "192.0.2.10",
+        "ip_country": "US",
+    }
     fields.update(overrides)
     return Caller(**fields)
 
@@ -126,12 +155,10 @@ TABLE: list[tuple[str, dict[str, Any], str | None, str]] = [
     ("row 2: denied subject", {"subject": "bad-user"}, "open", "entity_denied"),
     ("row 2: denied org", {"org": "bad-org"}, "open", "entity_denied"),
     ("row 2: org id is not matched as a subject", {"subject": "acme", "org": None}, "open", ""),
-    ("row 3: claim in denied country", {"claimed_country": "KP", "ip_country": None}, "open",
-     "country_denied"),
+    ("row 3: claim in denied country", {"claimed_country": "KP", "ip_country": None}, "open", "country_denied"),
     ("row 3: IP in denied country", {"ip_country": "CU"}, "open", "country_denied"),
     ("row 3: claim is a denied subdivision", {"claimed_country": "UA-43"}, "open", "country_denied"),
-    ("row 3: IP subdivision denied", {"ip_country": "UA", "ip_subdivision": "UA-43"}, "open",
-     "country_denied"),
+    ("row 3: IP subdivision denied", {"ip_country": "UA", "ip_subdivision": "UA-43"}, "open", "country_denied"),
     ("row 3: other subdivision of UA passes", {"claimed_country": "UA-14", "ip_country": None}, "open", ""),
     ("row 4: unknown model", {}, "no-such-model", "model_unknown"),
     ("row 5: suspended, foreign claim", {"claimed_country": "GB"}, "suspended", "export_suspended"),
@@ -140,11 +167,9 @@ TABLE: list[tuple[str, dict[str, Any], str | None, str]] = [
     ("row 5: suspended, no claim", {"claimed_country": None}, "suspended", "export_suspended"),
     ("row 5: suspended, home claim but foreign IP", {"ip_country": "GB"}, "suspended", "export_suspended"),
     ("row 5: suspended, IP unknown, not required", {"ip_country": None}, "suspended", ""),
-    ("row 6: claim outside allowed", {"claimed_country": "FR", "ip_country": None}, "controlled",
-     "export_restricted"),
+    ("row 6: claim outside allowed", {"claimed_country": "FR", "ip_country": None}, "controlled", "export_restricted"),
     ("row 6: claim inside allowed", {"claimed_country": "GB", "ip_country": "GB"}, "controlled", ""),
-    ("row 6: subdivision inside via its country", {"claimed_country": "UA-14", "ip_country": "UA"},
-     "controlled", ""),
+    ("row 6: subdivision inside via its country", {"claimed_country": "UA-14", "ip_country": "UA"}, "controlled", ""),
     ("row 6: no claim", {"claimed_country": None}, "controlled", "export_restricted"),
     ("row 6: claim US, IP RU: stricter wins", {"ip_country": "RU"}, "controlled", "export_restricted"),
     ("row 6: claim RU, IP US: stricter wins", {"claimed_country": "RU"}, "controlled", "export_restricted"),
@@ -164,8 +189,7 @@ TABLE: list[tuple[str, dict[str, Any], str | None, str]] = [
 ]
 
 
-@pytest.mark.parametrize(("fields", "model_name", "code"), [row[1:] for row in TABLE],
-                         ids=[row[0] for row in TABLE])
+@pytest.mark.parametrize(("fields", "model_name", "code"), [row[1:] for row in TABLE], ids=[row[0] for row in TABLE])
 def test_decision_table(fields: dict[str, Any], model_name: str | None, code: str) -> None:
     assert_decision(decide(SNAP, caller(**fields), model_name, NOW, rules()), code)
 
@@ -182,8 +206,7 @@ ORDER: list[tuple[str, dict[str, Any], str | None, str]] = [
 ]
 
 
-@pytest.mark.parametrize(("fields", "model_name", "code"), [row[1:] for row in ORDER],
-                         ids=[row[0] for row in ORDER])
+@pytest.mark.parametrize(("fields", "model_name", "code"), [row[1:] for row in ORDER], ids=[row[0] for row in ORDER])
 def test_first_matching_row_wins(fields: dict[str, Any], model_name: str | None, code: str) -> None:
     assert_decision(decide(SNAP, caller(**fields), model_name, NOW, rules()), code)
 
@@ -199,7 +222,11 @@ def test_stale_policy_beats_everything(fields: dict[str, Any]) -> None:
 def test_no_snapshot_is_stale_with_version_zero() -> None:
     decision = decide(None, caller(), "open", NOW, rules())
     assert (decision.allowed, decision.status, decision.code, decision.policy_version) == (
-        False, 503, "policy_stale", 0)
+        False,
+        503,
+        "policy_stale",
+        0,
+    )
     assert "(policy_stale)" in decision.message
 
 
@@ -213,20 +240,36 @@ ROW_3A: list[tuple[str, dict[str, Any], str, str, str | None, str]] = [
     ("DELETE a model by path", {}, "DELETE", "/v1/models/open", None, "model_required"),
     ("GET the list", {}, "GET", "/v1/models", None, ""),
     ("HEAD the list", {}, "HEAD", "/v1/models", None, ""),
-    ("GET the list, no country claim", {"claimed_country": None, "ip_country": None}, "GET", "/v1/models",
-     None, ""),
+    ("GET the list, no country claim", {"claimed_country": None, "ip_country": None}, "GET", "/v1/models", None, ""),
     ("trailing slash is not the list", {}, "GET", "/v1/models/", None, "model_required"),
     ("letter case is not the list", {}, "GET", "/V1/models", None, "model_required"),
     ("encoded list path is not the list", {}, "GET", "/v1/%6Dodels", None, "model_required"),
-    ("row 1-3 first: denied subject", {"subject": "bad-user"}, "POST", "/v1/chat/completions", None,
-     "entity_denied"),
-    ("row 1-3 first: denied country", {"claimed_country": "KP"}, "POST", "/v1/chat/completions", None,
-     "country_denied"),
+    ("row 1-3 first: denied subject", {"subject": "bad-user"}, "POST", "/v1/chat/completions", None, "entity_denied"),
+    (
+        "row 1-3 first: denied country",
+        {"claimed_country": "KP"},
+        "POST",
+        "/v1/chat/completions",
+        None,
+        "country_denied",
+    ),
     ("denied country on the list path", {"ip_country": "CU"}, "GET", "/v1/models", None, "country_denied"),
-    ("body model: rows 4-8 as before", {"claimed_country": "FR"}, "POST", "/v1/chat/completions",
-     "controlled", "export_restricted"),
-    ("GET one model: decided as that model", {"claimed_country": "FR"}, "GET", "/v1/models/controlled", None,
-     "export_restricted"),
+    (
+        "body model: rows 4-8 as before",
+        {"claimed_country": "FR"},
+        "POST",
+        "/v1/chat/completions",
+        "controlled",
+        "export_restricted",
+    ),
+    (
+        "GET one model: decided as that model",
+        {"claimed_country": "FR"},
+        "GET",
+        "/v1/models/controlled",
+        None,
+        "export_restricted",
+    ),
     ("GET one model: allowed one", {}, "GET", "/v1/models/open", None, ""),
     ("GET one model: staged one", {}, "GET", "/v1/models/preview", None, "not_released"),
     ("GET one model: unknown one", {}, "GET", "/v1/models/no-such-model", None, "model_unknown"),
@@ -241,8 +284,9 @@ ROW_3A: list[tuple[str, dict[str, Any], str, str, str | None, str]] = [
 ]
 
 
-@pytest.mark.parametrize(("fields", "method", "path", "model_name", "code"), [row[1:] for row in ROW_3A],
-                         ids=[row[0] for row in ROW_3A])
+@pytest.mark.parametrize(
+    ("fields", "method", "path", "model_name", "code"), [row[1:] for row in ROW_3A], ids=[row[0] for row in ROW_3A]
+)
 def test_row_3a(fields: dict[str, Any], method: str, path: str, model_name: str | None, code: str) -> None:
     decision = decide(SNAP, caller(**fields), model_name, NOW, rules(), method=method, path=path)
     assert_decision(decision, code)
@@ -255,8 +299,12 @@ def test_model_required_message_says_what_to_send() -> None:
 
 
 def test_modelless_paths_come_from_the_rules() -> None:
-    custom = Rules(home_countries=frozenset({"US"}), unknown_model="deny", tier_stages=TIERS,
-                   modelless_paths=frozenset({"/health", "/v1/models"}))
+    custom = Rules(
+        home_countries=frozenset({"US"}),
+        unknown_model="deny",
+        tier_stages=TIERS,
+        modelless_paths=frozenset({"/health", "/v1/models"}),
+    )
     assert decide(SNAP, caller(), None, NOW, custom, method="GET", path="/health").allowed
     assert decide(SNAP, caller(), None, NOW, rules(), method="GET", path="/health").code == "model_required"
     assert decide(SNAP, caller(), None, NOW, custom, method="POST", path="/health").code == "model_required"
@@ -279,16 +327,20 @@ def test_modelless_allowed_path_is_the_prebuilt_decision() -> None:
 LONG = "m" * 300 + "é" * 200  # 700 UTF-8 bytes
 
 
-@pytest.mark.parametrize(("fields", "model_name", "path"), [
-    ({}, LONG, None),  # model_unknown
-    ({"claimed_country": "FR"}, "controlled", None),  # a short name passes whole
-    ({"subject": "bad-user"}, LONG, None),
-    ({"tier": "partner", "org": "o" * 400}, "preview", None),
-    ({"tier": "t" * 400}, "open", None),
-    ({}, LONG, "/v1/models/" + "x" * 300),
-])
-def test_messages_echo_at_most_256_bytes_of_any_caller_value(fields: dict[str, Any], model_name: str,
-                                                             path: str | None) -> None:
+@pytest.mark.parametrize(
+    ("fields", "model_name", "path"),
+    [
+        ({}, LONG, None),  # model_unknown
+        ({"claimed_country": "FR"}, "controlled", None),  # a short name passes whole
+        ({"subject": "bad-user"}, LONG, None),
+        ({"tier": "partner", "org": "o" * 400}, "preview", None),
+        ({"tier": "t" * 400}, "open", None),
+        ({}, LONG, "/v1/models/" + "x" * 300),
+    ],
+)
+def test_messages_echo_at_most_256_bytes_of_any_caller_value(
+    fields: dict[str, Any], model_name: str, path: str | None
+) -> None:
     method = "GET" if path else "POST"
     decision = decide(SNAP, caller(**fields), model_name, NOW, rules(), method=method, path=path)
     assert not decision.allowed
@@ -321,8 +373,14 @@ def test_allowed_decision_is_the_snapshots_prebuilt_one() -> None:
 
 def test_decision_to_dict_is_the_admin_decide_shape() -> None:
     blocked = decide(SNAP, caller(claimed_country="KP"), "open", NOW, rules()).to_dict()
-    assert blocked == {"decision": "block", "status": 451, "code": "country_denied",
-                       "message": blocked["message"], "policy_version": VERSION, "screening": None}
+    assert blocked == {
+        "decision": "block",
+        "status": 451,
+        "code": "country_denied",
+        "message": blocked["message"],
+        "policy_version": VERSION,
+        "screening": None,
+    }
     assert decide(SNAP, caller(), "open", NOW, rules()).to_dict()["decision"] == "allow"
 
 
@@ -331,8 +389,10 @@ def test_decision_to_dict_is_the_admin_decide_shape() -> None:
 
 def test_restricted_message_names_model_country_and_rule() -> None:
     decision = decide(SNAP, caller(claimed_country="RU", ip_country=None), "controlled", NOW, rules())
-    assert decision.message == ("Access to model 'controlled' from country RU is not permitted: "
-                                "RU is outside the model's allowed countries (export_restricted).")
+    assert decision.message == (
+        "Access to model 'controlled' from country RU is not permitted: "
+        "RU is outside the model's allowed countries (export_restricted)."
+    )
 
 
 def test_disagreeing_signals_name_the_failing_one() -> None:
@@ -357,8 +417,9 @@ def test_country_denied_message_prefers_the_subdivision() -> None:
         ({"tier": "partner", "org": "globex"}, "preview", ["'preview'", "'globex'", "(partner_required)"]),
     ],
 )
-def test_messages_are_sentences_naming_what_applied(fields: dict[str, Any], model_name: str | None,
-                                                    fragments: list[str]) -> None:
+def test_messages_are_sentences_naming_what_applied(
+    fields: dict[str, Any], model_name: str | None, fragments: list[str]
+) -> None:
     message = decide(SNAP, caller(**fields), model_name, NOW, rules()).message
     assert message.endswith(".")
     for fragment in fragments:
@@ -369,16 +430,29 @@ def test_messages_are_sentences_naming_what_applied(fields: dict[str, Any], mode
 
 T1 = NOW + 100  # internal -> partners
 T2 = NOW + 200  # partners -> general
-STAGED = snapshot(models={"staged": model("internal", timeline=[
-    {"at": format_instant(T2), "stage": "general"},  # out of order on purpose: stored sorted
-    {"at": format_instant(T1), "stage": "partners"},
-])})
+STAGED = snapshot(
+    models={
+        "staged": model(
+            "internal",
+            timeline=[
+                {"at": format_instant(T2), "stage": "general"},  # out of order on purpose: stored sorted
+                {"at": format_instant(T1), "stage": "partners"},
+            ],
+        )
+    }
+)
 
 
 @pytest.mark.parametrize(
     ("now", "stage"),
-    [(NOW, "internal"), (T1 - 0.001, "internal"), (T1, "partners"), (T2 - 0.001, "partners"),
-     (T2, "general"), (T2 + 86_400 * 365, "general")],
+    [
+        (NOW, "internal"),
+        (T1 - 0.001, "internal"),
+        (T1, "partners"),
+        (T2 - 0.001, "partners"),
+        (T2, "general"),
+        (T2 + 86_400 * 365, "general"),
+    ],
 )
 def test_current_stage_follows_the_timeline(now: float, stage: str) -> None:
     assert STAGED.models["staged"].current_stage(now) == stage
@@ -429,8 +503,7 @@ def expiring_snapshot() -> Snapshot:
         ({"tier": "partner"}, "preview", ""),
     ],
 )
-def test_entries_apply_until_expires_at_and_not_from_it(fields: dict[str, Any], model_name: str,
-                                                        code: str) -> None:
+def test_entries_apply_until_expires_at_and_not_from_it(fields: dict[str, Any], model_name: str, code: str) -> None:
     snap = expiring_snapshot()
     assert decide(snap, caller(**fields), model_name, NOW, rules()).code == code
     assert decide(snap, caller(**fields), model_name, EXPIRES - 0.001, rules()).code == code
@@ -540,16 +613,17 @@ def test_org_name_screened_as_blocked_is_entity_denied() -> None:
     assert decision.screening == {**hit.to_dict(), "screened": "org_name"}
     # The message names the rule only: neither the listed name nor the score, which would let a denied
     # party tune its name until it scores below the threshold. The audit record keeps both (screening).
-    assert decision.message == ("Access to model 'open' is not permitted: the caller's organisation matches "
-                                "the denied-party screening list (entity_denied).")
+    assert decision.message == (
+        "Access to model 'open' is not permitted: the caller's organisation matches "
+        "the denied-party screening list (entity_denied)."
+    )
     assert "Rosoboronexport" not in decision.message and "0.97" not in decision.message
 
 
 def test_org_is_screened_when_there_is_no_org_name() -> None:
     # A token whose org claim is the organisation's name, with no org_name: screened all the same.
     hit = Hit(blocked=True, score=1.0, name="Quillfeather Trading LLC")
-    decision = decide(screened(hit), caller(org="Quillfeather Trading LLC", org_name=None), "open", NOW,
-                      rules())
+    decision = decide(screened(hit), caller(org="Quillfeather Trading LLC", org_name=None), "open", NOW, rules())
     assert_decision(decision, "entity_denied")
     assert decision.screening == {**hit.to_dict(), "screened": "org"}
     assert "Quillfeather" not in decision.message
@@ -558,8 +632,7 @@ def test_org_is_screened_when_there_is_no_org_name() -> None:
 def test_org_block_wins_over_an_org_name_review_hit() -> None:
     review = Hit(blocked=False, score=0.86, name="Acme Trading")
     block = Hit(blocked=True, score=0.95, name="qf-llc")
-    decision = decide(screened(review, block), caller(org="qf-llc", org_name="Acme Trading"), "open", NOW,
-                      rules())
+    decision = decide(screened(review, block), caller(org="qf-llc", org_name="Acme Trading"), "open", NOW, rules())
     assert decision.code == "entity_denied"
     assert decision.screening == {**block.to_dict(), "screened": "org"}
 
@@ -588,8 +661,7 @@ def test_review_band_hit_is_carried_into_a_later_block() -> None:
 
 def test_deny_entities_is_checked_before_screening() -> None:
     index = ExactScreening({"Bad Org Ltd": Hit(blocked=True, score=1.0, name="Bad Org Ltd")})
-    decision = decide(snapshot(screening=index), caller(org="bad-org", org_name="Bad Org Ltd"), "open", NOW,
-                      rules())
+    decision = decide(snapshot(screening=index), caller(org="bad-org", org_name="Bad Org Ltd"), "open", NOW, rules())
     assert decision.code == "entity_denied" and decision.screening is None
     assert index.asked == []
 
@@ -606,11 +678,13 @@ def test_no_org_means_no_screening_and_no_hit() -> None:
 
 
 def test_rules_from_settings() -> None:
-    settings = Settings.model_validate({
-        "upstream": {"url": "http://127.0.0.1:8000"},
-        "network": {"home_countries": ["US", "CA"], "require_ip_country": True},
-        "policy": {"unknown_model": "allow"},
-    })
+    settings = Settings.model_validate(
+        {
+            "upstream": {"url": "http://127.0.0.1:8000"},
+            "network": {"home_countries": ["US", "CA"], "require_ip_country": True},
+            "policy": {"unknown_model": "allow"},
+        }
+    )
     built = Rules.from_settings(settings)
     assert built.home_countries == frozenset({"US", "CA"})
     assert built.unknown_model == "allow"

@@ -42,8 +42,7 @@ def documents(path: Path) -> list[Any]:
 
 
 def k8s_resources() -> list[dict[str, Any]]:
-    return [doc for path in sorted(K8S.glob("*.yaml")) for doc in documents(path)
-            if path.name != "kustomization.yaml"]
+    return [doc for path in sorted(K8S.glob("*.yaml")) for doc in documents(path) if path.name != "kustomization.yaml"]
 
 
 def one(kind: str, name: str | None = None) -> dict[str, Any]:
@@ -74,8 +73,13 @@ def test_grafana_dashboards_are_json() -> None:
 
 def dockerfile() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
-    joined = re.sub(r"\\\n", " ", "\n".join(line for line in (DEPLOY / "Dockerfile").read_text().splitlines()
-                                            if not line.lstrip().startswith("#")))
+    joined = re.sub(
+        r"\\\n",
+        " ",
+        "\n".join(
+            line for line in (DEPLOY / "Dockerfile").read_text().splitlines() if not line.lstrip().startswith("#")
+        ),
+    )
     out = []
     for line in joined.splitlines():
         if line.strip():
@@ -99,8 +103,11 @@ def test_image_is_slim_python_and_installs_the_package() -> None:
         if word == "COPY" and "--from" not in args:
             for source in shlex.split(args)[:-1]:
                 assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
-    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-               if line.strip() and not line.startswith("#")}
+    ignored = {
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
     assert not ignored & {"gateway", "pyproject.toml", "README.md", "deploy", "deploy/gateway.yaml"}
 
 
@@ -149,8 +156,11 @@ def mounts(service: dict[str, Any]) -> dict[str, str]:
 
 def test_compose_stack_has_two_gateways_redis_upstream_and_monitoring() -> None:
     services = compose()["services"]
-    gateways = [name for name, s in services.items() if s.get("image") == "export-gateway:local"
-                and "mock-upstream" not in (s.get("entrypoint") or [])]
+    gateways = [
+        name
+        for name, s in services.items()
+        if s.get("image") == "export-gateway:local" and "mock-upstream" not in (s.get("entrypoint") or [])
+    ]
     assert len(gateways) == 2
     assert {"redis", "upstream", "prometheus", "grafana"} <= services.keys()
     assert services["upstream"]["entrypoint"][:2] == ["gateway", "mock-upstream"]
@@ -195,8 +205,11 @@ def test_kustomization_lists_every_manifest() -> None:
 
 
 # Prometheus Operator resources (CRDs) have no bundled schema; they are checked structurally below.
-@pytest.mark.parametrize("resource", [r for r in k8s_resources() if not r["apiVersion"].startswith(CRD_GROUPS)],
-                         ids=lambda r: f"{r['kind']}/{r['metadata']['name']}")
+@pytest.mark.parametrize(
+    "resource",
+    [r for r in k8s_resources() if not r["apiVersion"].startswith(CRD_GROUPS)],
+    ids=lambda r: f"{r['kind']}/{r['metadata']['name']}",
+)
 def test_manifest_validates_against_the_kubernetes_schema(resource: dict[str, Any]) -> None:
     for version in K8S_VERSIONS:
         kubernetes_validate.validate(resource, version, strict=True)
@@ -269,8 +282,12 @@ def test_every_secret_the_config_names_comes_from_the_secret() -> None:
     settings = configmap_settings()
     secret = one("Secret", "export-gateway-secrets")
     env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container()["env"] if "valueFrom" in e}
-    named = [settings.admin.token_env, settings.auth.hs256_secret_env, settings.upstream.api_key_env,
-             settings.redis.password_env]
+    named = [
+        settings.admin.token_env,
+        settings.auth.hs256_secret_env,
+        settings.upstream.api_key_env,
+        settings.redis.password_env,
+    ]
     for env_name in filter(None, named):
         ref = env[env_name]
         assert ref["name"] == secret["metadata"]["name"]
@@ -293,8 +310,7 @@ def test_services_hpa_pdb_and_network_policy_select_the_pods() -> None:
         assert {p["targetPort"] for p in service["spec"]["ports"]} <= ports
     assert [p["targetPort"] for p in one("Service", "export-gateway")["spec"]["ports"]] == ["http"]
     hpa = one("HorizontalPodAutoscaler")
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
-                                             "name": "export-gateway"}
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "export-gateway"}
     assert hpa["spec"]["minReplicas"] >= 2
     assert selects(one("PodDisruptionBudget")["spec"]["selector"]["matchLabels"], pod_labels)
     policy = one("NetworkPolicy")

@@ -37,12 +37,16 @@ from .test_redis_faults import metric, post
 
 def restarted(config: dict[str, Any]) -> dict[str, Any]:
     """The same configuration (the same spool directory) on new ports."""
-    return {**config, "listen": {**config["listen"], "port": free_port()},
-            "admin": {**config["admin"], "port": free_port()}}
+    return {
+        **config,
+        "listen": {**config["listen"], "port": free_port()},
+        "admin": {**config["admin"], "port": free_port()},
+    }
 
 
 async def test_a_gateway_killed_while_redis_hangs_loses_no_decision_older_than_flush_ms(
-        upstream: Upstream, tmp_path: Path) -> None:
+    upstream: Upstream, tmp_path: Path
+) -> None:
     """Records reach the spool within flush_ms even while the Redis send hangs; the next start sends them once.
 
     Before, the drain task waited up to a second on the frozen Redis with the records in memory only,
@@ -51,8 +55,12 @@ async def test_a_gateway_killed_while_redis_hangs_loses_no_decision_older_than_f
     flush_ms = 100
     with RedisServer() as redis:
         seed_policy(redis.url)
-        config = gateway_config(upstream.url, policy={"max_staleness_s": 60}, redis={"timeout_s": 0.1},
-                                audit={"flush_ms": flush_ms, "spool_dir": str(tmp_path / "spool")})
+        config = gateway_config(
+            upstream.url,
+            policy={"max_staleness_s": 60},
+            redis={"timeout_s": 0.1},
+            audit={"flush_ms": flush_ms, "spool_dir": str(tmp_path / "spool")},
+        )
         first = GatewayProcess(config, redis_url=redis.url).start()
         answered: list[str] = []
         try:
@@ -104,8 +112,12 @@ async def test_the_spool_is_cut_back_once_redis_holds_every_record(upstream: Ups
 
 TIERS: dict[str, Any] = {
     # Every response's usage is charged: a request makes two Redis calls, the check and the charge.
-    "partner": {"requests_per_minute": 600_000, "burst": 100_000, "tokens_per_minute": 1_000_000_000,
-                "stages": ["partners", "general"]},
+    "partner": {
+        "requests_per_minute": 600_000,
+        "burst": 100_000,
+        "tokens_per_minute": 1_000_000_000,
+        "stages": ["partners", "general"],
+    },
     "public": {"requests_per_minute": 60, "burst": 10, "stages": ["general"]},
     "internal": {"requests_per_minute": 6000, "burst": 600, "stages": ["internal", "partners", "general"]},
     # One request every 10 s after a burst of 5: nothing refills within the test.
@@ -134,13 +146,15 @@ def ready(gateway: GatewayProcess) -> int:
 
 
 async def test_a_request_waits_on_redis_at_most_timeout_s_over_all_its_calls(
-        slow_redis: FaultProxy, upstream: Upstream) -> None:
+    slow_redis: FaultProxy, upstream: Upstream
+) -> None:
     """Each call fits in timeout_s, the check and the charge together do not: the charge gets what is left.
 
     Before, every call had its own deadline: ~130 ms a request on Redis, and never a fallback.
     """
-    config = gateway_config(upstream.url, tiers=TIERS, redis={"timeout_s": 0.1},
-                            policy={"max_staleness_s": 60, "poll_interval_s": 0.1})
+    config = gateway_config(
+        upstream.url, tiers=TIERS, redis={"timeout_s": 0.1}, policy={"max_staleness_s": 60, "poll_interval_s": 0.1}
+    )
     gateway = GatewayProcess(config, redis_url=slow_redis.url).start()
     token = hs_token("tess", tier="partner")
     try:
@@ -160,15 +174,20 @@ async def test_a_request_waits_on_redis_at_most_timeout_s_over_all_its_calls(
 
 
 async def test_policy_polls_outlast_a_redis_slower_than_the_hot_path_deadline(
-        slow_redis: FaultProxy, upstream: Upstream) -> None:
+    slow_redis: FaultProxy, upstream: Upstream
+) -> None:
     """At a round trip above redis.timeout_s, the version poll still confirms: ready past max_staleness_s.
 
     Before, polls shared the hot path's deadline: each failed, and the gateway answered 503 after
     max_staleness_s although Redis answered every poll.
     """
     staleness = 1.5
-    config = gateway_config(upstream.url, tiers=TIERS, redis={"timeout_s": 0.1},
-                            policy={"max_staleness_s": staleness, "poll_interval_s": 0.1})
+    config = gateway_config(
+        upstream.url,
+        tiers=TIERS,
+        redis={"timeout_s": 0.1},
+        policy={"max_staleness_s": staleness, "poll_interval_s": 0.1},
+    )
     gateway = GatewayProcess(config, redis_url=slow_redis.url).start()
     allowed, denied = hs_token("alice", tier="partner"), hs_token("ivan", country="IR", tier="partner")
     try:
@@ -188,10 +207,12 @@ async def test_policy_polls_outlast_a_redis_slower_than_the_hot_path_deadline(
 
 
 async def test_what_the_local_limiter_admitted_is_charged_to_redis_when_it_returns(
-        slow_redis: FaultProxy, upstream: Upstream) -> None:
+    slow_redis: FaultProxy, upstream: Upstream
+) -> None:
     """A burst of 5 spent locally while Redis is away is not handed out again when Redis returns."""
-    config = gateway_config(upstream.url, tiers=TIERS, redis={"timeout_s": 0.1},
-                            policy={"max_staleness_s": 60, "poll_interval_s": 0.1})
+    config = gateway_config(
+        upstream.url, tiers=TIERS, redis={"timeout_s": 0.1}, policy={"max_staleness_s": 60, "poll_interval_s": 0.1}
+    )
     gateway = GatewayProcess(config, redis_url=slow_redis.url).start()
     token = hs_token("tina", tier="tight")
     try:
@@ -211,11 +232,17 @@ async def test_what_the_local_limiter_admitted_is_charged_to_redis_when_it_retur
         gateway.stop()
 
 
-async def test_a_redis_slower_than_the_audit_loses_and_repeats_nothing(slow_redis: FaultProxy,
-                                                                       upstream: Upstream) -> None:
+async def test_a_redis_slower_than_the_audit_loses_and_repeats_nothing(
+    slow_redis: FaultProxy, upstream: Upstream
+) -> None:
     """Appends slower than the records come: the sender falls back to the file, then catches up, in order."""
-    config = gateway_config(upstream.url, tiers=TIERS, redis={"timeout_s": 0.1},
-                            policy={"max_staleness_s": 60, "poll_interval_s": 0.1}, audit={"flush_ms": 20})
+    config = gateway_config(
+        upstream.url,
+        tiers=TIERS,
+        redis={"timeout_s": 0.1},
+        policy={"max_staleness_s": 60, "poll_interval_s": 0.1},
+        audit={"flush_ms": 20},
+    )
     gateway = GatewayProcess(config, redis_url=slow_redis.url).start()
     answered: list[str] = []
     try:
@@ -223,8 +250,9 @@ async def test_a_redis_slower_than_the_audit_loses_and_repeats_nothing(slow_redi
         slow_redis.set("delay", delay_s=0.6)
         started = time.monotonic()
         while time.monotonic() - started < 2.0:
-            await asyncio.gather(*(send(gateway, answered, prefix=f"slow{len(answered)}-{n}", count=10)
-                                   for n in range(4)))
+            await asyncio.gather(
+                *(send(gateway, answered, prefix=f"slow{len(answered)}-{n}", count=10) for n in range(4))
+            )
         assert metric(gateway, "gateway_audit_spooled_total") > 0
         slow_redis.set("pass")
         wait_until_blocking(lambda: stream_length(slow_redis.url) >= len(answered), 15, message=gateway.log)

@@ -23,27 +23,37 @@ def write_mmdb(path: Path, records: dict[str, Any], *, database_type: str, ip_ve
 
 @pytest.fixture
 def city_db(tmp_path: Path) -> Path:
-    return write_mmdb(tmp_path / "city.mmdb", {
-        "203.0.113.0/24": {"country": {"iso_code": "UA", "names": {"en": "Ukraine"}},
-                           "subdivisions": [{"iso_code": "43", "names": {"en": "Crimea"}}],
-                           "city": {"names": {"en": "Simferopol"}}},
-        "198.51.100.0/24": {"country": {"iso_code": "de"}},
-        "192.0.2.0/24": {"registered_country": {"iso_code": "US"}},
-        "2001:db8:1::/48": {"country": {"iso_code": "JP"},
-                            "subdivisions": [{"iso_code": "13"}, {"iso_code": "X"}]},
-        "2001:db8:2::/48": {"country": {"iso_code": "FR"}, "subdivisions": [{"iso_code": "TOOLONG"}]},
-        "2001:db8:3::/48": {"country": {"iso_code": "Germany"}},
-        "2001:db8:4::/48": "not a record",
-        "10.0.0.0/8": {"country": {"iso_code": "RU"}},
-        "100.64.0.0/10": {"country": {"iso_code": "RU"}},
-    }, database_type="GeoIP2-City")
+    return write_mmdb(
+        tmp_path / "city.mmdb",
+        {
+            "203.0.113.0/24": {
+                "country": {"iso_code": "UA", "names": {"en": "Ukraine"}},
+                "subdivisions": [{"iso_code": "43", "names": {"en": "Crimea"}}],
+                "city": {"names": {"en": "Simferopol"}},
+            },
+            "198.51.100.0/24": {"country": {"iso_code": "de"}},
+            "192.0.2.0/24": {"registered_country": {"iso_code": "US"}},
+            "2001:db8:1::/48": {"country": {"iso_code": "JP"}, "subdivisions": [{"iso_code": "13"}, {"iso_code": "X"}]},
+            "2001:db8:2::/48": {"country": {"iso_code": "FR"}, "subdivisions": [{"iso_code": "TOOLONG"}]},
+            "2001:db8:3::/48": {"country": {"iso_code": "Germany"}},
+            "2001:db8:4::/48": "not a record",
+            "10.0.0.0/8": {"country": {"iso_code": "RU"}},
+            "100.64.0.0/10": {"country": {"iso_code": "RU"}},
+        },
+        database_type="GeoIP2-City",
+    )
 
 
 @pytest.fixture
 def country_db(tmp_path: Path) -> Path:
-    return write_mmdb(tmp_path / "country.mmdb", {
-        "203.0.113.0/24": {"continent": {"code": "AS"}, "country": {"iso_code": "IR"}},
-    }, database_type="GeoIP2-Country", ip_version=4)
+    return write_mmdb(
+        tmp_path / "country.mmdb",
+        {
+            "203.0.113.0/24": {"continent": {"code": "AS"}, "country": {"iso_code": "IR"}},
+        },
+        database_type="GeoIP2-Country",
+        ip_version=4,
+    )
 
 
 @pytest.fixture
@@ -53,23 +63,42 @@ def city(city_db: Path):
     resolver.close()
 
 
-@pytest.mark.parametrize(("ip", "expected"), [
-    ("203.0.113.9", ("UA", "UA-43")),
-    ("::ffff:203.0.113.9", ("UA", "UA-43")),
-    ("198.51.100.1", ("DE", None)),
-    ("2001:db8:1::7", ("JP", "JP-13")),
-    ("2001:db8:2::7", ("FR", None)),           # malformed subdivision code: the country still counts
-    ("2001:db8:3::7", (None, None)),           # not an ISO code
-    ("2001:db8:4::7", (None, None)),           # not a record
-    ("192.0.2.1", (None, None)),               # registered country only: says nothing about the caller
-    ("8.8.8.8", (None, None)),                 # not in the database
-])
+@pytest.mark.parametrize(
+    ("ip", "expected"),
+    [
+        ("203.0.113.9", ("UA", "UA-43")),
+        ("::ffff:203.0.113.9", ("UA", "UA-43")),
+        ("198.51.100.1", ("DE", None)),
+        ("2001:db8:1::7", ("JP", "JP-13")),
+        ("2001:db8:2::7", ("FR", None)),  # malformed subdivision code: the country still counts
+        ("2001:db8:3::7", (None, None)),  # not an ISO code
+        ("2001:db8:4::7", (None, None)),  # not a record
+        ("192.0.2.1", (None, None)),  # registered country only: says nothing about the caller
+        ("8.8.8.8", (None, None)),  # not in the database
+    ],
+)
 def test_city_database_gives_country_and_subdivision(city: GeoResolver, ip: str, expected: tuple) -> None:
     assert city.lookup(ip) == expected
 
 
-@pytest.mark.parametrize("ip", ["127.0.0.1", "::1", "10.1.2.3", "100.64.0.1", "192.168.1.1", "172.16.0.1",
-                                "169.254.1.1", "fe80::1", "fd00::1", "0.0.0.0", "::", "not an ip", ""])
+@pytest.mark.parametrize(
+    "ip",
+    [
+        "127.0.0.1",
+        "::1",
+        "10.1.2.3",
+        "100.64.0.1",
+        "192.168.1.1",
+        "172.16.0.1",
+        "169.254.1.1",
+        "fe80::1",
+        "fd00::1",
+        "0.0.0.0",
+        "::",
+        "not an ip",
+        "",
+    ],
+)
 def test_local_and_unparseable_addresses_have_no_country(city: GeoResolver, ip: str) -> None:
     assert city.lookup(ip) == (None, None)
 
@@ -116,19 +145,21 @@ RANGES = {
 }
 
 
-@pytest.mark.parametrize(("ip", "expected"), [
-    ("203.0.113.9", ("RU", None)),          # the operator's list wins over the database's UA-43
-    ("203.0.113.130", ("UA", "UA-43")),     # longer prefix wins; a subdivision gives its country too
-    ("203.0.113.200", ("BY", None)),        # the longest prefix of all
-    ("::ffff:203.0.113.200", ("BY", None)),
-    ("2001:db8:1::7", ("IR", None)),
-    ("10.1.2.3", ("US", None)),             # operators may place private ranges
-    ("198.51.100.1", ("DE", None)),         # an invalid code is ignored: the database answers
-    ("8.8.8.8", (None, None)),
-    ("garbage", (None, None)),
-])
-def test_ip_ranges_override_the_database_by_longest_prefix(city: GeoResolver, ip: str,
-                                                           expected: tuple) -> None:
+@pytest.mark.parametrize(
+    ("ip", "expected"),
+    [
+        ("203.0.113.9", ("RU", None)),  # the operator's list wins over the database's UA-43
+        ("203.0.113.130", ("UA", "UA-43")),  # longer prefix wins; a subdivision gives its country too
+        ("203.0.113.200", ("BY", None)),  # the longest prefix of all
+        ("::ffff:203.0.113.200", ("BY", None)),
+        ("2001:db8:1::7", ("IR", None)),
+        ("10.1.2.3", ("US", None)),  # operators may place private ranges
+        ("198.51.100.1", ("DE", None)),  # an invalid code is ignored: the database answers
+        ("8.8.8.8", (None, None)),
+        ("garbage", (None, None)),
+    ],
+)
+def test_ip_ranges_override_the_database_by_longest_prefix(city: GeoResolver, ip: str, expected: tuple) -> None:
     assert city.resolve(ip, RANGES) == expected
 
 

@@ -48,8 +48,12 @@ PARSERS = {"llhttp": {}, "python": {"AIOHTTP_NO_EXTENSIONS": "1"}}
 def hardening_policy() -> dict[str, Any]:
     document = copy.deepcopy(BASE_POLICY)
     for name, stage in ((OPEN, "general"), (SECRET, "internal")):
-        document["models"][name] = {"stage": stage, "timeline": [], "allowed_countries": None,
-                                    "export_suspended": False}
+        document["models"][name] = {
+            "stage": stage,
+            "timeline": [],
+            "allowed_countries": None,
+            "export_suspended": False,
+        }
     return document
 
 
@@ -68,11 +72,16 @@ def module_redis() -> Iterator[str]:
 
 @pytest.fixture(scope="module", params=list(PARSERS))
 def gw(request: pytest.FixtureRequest, module_redis: str, upstream: Upstream) -> Iterator[GatewayProcess]:
-    config = gateway_config(upstream.url, tiers=TIERS, policy={"model_path_pattern": PATTERN},
-                            limits={"max_body_bytes": MAX_BODY, "header_read_timeout_s": HEADER_TIMEOUT_S},
-                            upstream={"api_key_env": "TEST_UPSTREAM_KEY"})
-    gateway = GatewayProcess(config, redis_url=module_redis,
-                             env={"TEST_UPSTREAM_KEY": UPSTREAM_KEY, **PARSERS[request.param]})
+    config = gateway_config(
+        upstream.url,
+        tiers=TIERS,
+        policy={"model_path_pattern": PATTERN},
+        limits={"max_body_bytes": MAX_BODY, "header_read_timeout_s": HEADER_TIMEOUT_S},
+        upstream={"api_key_env": "TEST_UPSTREAM_KEY"},
+    )
+    gateway = GatewayProcess(
+        config, redis_url=module_redis, env={"TEST_UPSTREAM_KEY": UPSTREAM_KEY, **PARSERS[request.param]}
+    )
     gateway.start()
     try:
         # The environment really selects the parser: aiohttp._http_parser is llhttp, aiohttp.http_parser Python.
@@ -87,10 +96,12 @@ def _parser_of(gateway: GatewayProcess) -> str:
     import subprocess
     import sys
 
-    code = ("import aiohttp.web_protocol as p; "
-            "print(p.HttpRequestParser.__module__ + '.' + p.HttpRequestParser.__name__)")
-    return subprocess.run([sys.executable, "-c", code], env=gateway.env, capture_output=True, text=True,
-                          check=True).stdout.strip()
+    code = (
+        "import aiohttp.web_protocol as p; print(p.HttpRequestParser.__module__ + '.' + p.HttpRequestParser.__name__)"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code], env=gateway.env, capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 def port_of(gateway: GatewayProcess) -> int:
@@ -102,15 +113,25 @@ def assert_contract_error(response: RawResponse, status: int, code: str) -> None
     assert response.status == status, (response.status, response.body[:300])
     body = response.json()
     assert body["error"]["code"] == code, body
-    assert body["error"]["type"] == {400: "invalid_request_error", 405: "invalid_request_error",
-                                     408: "invalid_request_error", 413: "invalid_request_error",
-                                     415: "invalid_request_error", 403: "permission_error",
-                                     451: "legal_block"}[status]
+    assert (
+        body["error"]["type"]
+        == {
+            400: "invalid_request_error",
+            405: "invalid_request_error",
+            408: "invalid_request_error",
+            413: "invalid_request_error",
+            415: "invalid_request_error",
+            403: "permission_error",
+            451: "legal_block",
+        }[status]
+    )
     assert body["error"]["message"]
     assert body["error"]["request_id"] == response.header("X-Request-Id")
     assert response.header("X-Gateway-Reason") == code
     assert response.header("X-Gateway-Policy-Version") is not None
-    assert response.header("Content-Type", ).startswith("application/json")
+    assert response.header(
+        "Content-Type",
+    ).startswith("application/json")
 
 
 def seen_paths(upstream: Upstream) -> list[str]:
@@ -190,7 +211,8 @@ def parser_of(gw: GatewayProcess) -> str:
 
 @pytest.mark.parametrize("case", list(SMUGGLING))
 def test_smuggling_corpus_is_400_and_close_and_nothing_reaches_upstream(
-        gw: GatewayProcess, clean_upstream: Upstream, case: str) -> None:
+    gw: GatewayProcess, clean_upstream: Upstream, case: str
+) -> None:
     slow = (parser_of(gw), case) in BODY_NEVER_ENDS
     started = time.monotonic()
     responses, closed = exchange(port_of(gw), SMUGGLING[case] + SMUGGLED, timeout=3 * HEADER_TIMEOUT_S + 3)
@@ -218,11 +240,14 @@ def test_parser_error_answers_never_echo_the_request(gw: GatewayProcess, clean_u
     assert clean_upstream.seen == []
 
 
-def test_upstream_sees_exactly_the_requests_the_gateway_accepted(gw: GatewayProcess,
-                                                                 clean_upstream: Upstream) -> None:
+def test_upstream_sees_exactly_the_requests_the_gateway_accepted(gw: GatewayProcess, clean_upstream: Upstream) -> None:
     ids = [f"acc-{uuid.uuid4().hex[:8]}-{i}" for i in range(4)]
-    valid = [request("POST", "/v1/chat/completions", [("Authorization", f"Bearer {TOKEN}"), ("X-Request-Id", rid),
-                                                      JSON], BODY) for rid in ids]
+    valid = [
+        request(
+            "POST", "/v1/chat/completions", [("Authorization", f"Bearer {TOKEN}"), ("X-Request-Id", rid), JSON], BODY
+        )
+        for rid in ids
+    ]
     # Two valid requests answered first, then two more with a smuggling attempt behind them in one write.
     with RawConnection(port_of(gw)) as conn:
         conn.send(valid[0] + valid[1])
@@ -240,7 +265,7 @@ def test_upstream_sees_exactly_the_requests_the_gateway_accepted(gw: GatewayProc
     statuses = [r.status for r in rest]
     assert statuses in ([400], [200, 400], [200, 200, 400]), statuses
     accepted = [r.header("X-Request-Id") for r in first + rest if r.status == 200]
-    assert accepted == ids[:len(accepted)]
+    assert accepted == ids[: len(accepted)]
     assert [seen_header(s, "X-Request-Id") for s in clean_upstream.seen] == accepted
     assert all(s.body == BODY and s.raw_path == "/v1/chat/completions" for s in clean_upstream.seen)
 
@@ -248,7 +273,7 @@ def test_upstream_sees_exactly_the_requests_the_gateway_accepted(gw: GatewayProc
 def test_malformed_chunk_after_good_chunks_is_answered_once(gw: GatewayProcess, clean_upstream: Upstream) -> None:
     for bad in (b"zz\r\nabc\r\n0\r\n\r\n", b"3\r\nabcXX0\r\n\r\n", b"0\r\nX: y\n" + SMUGGLED):
         with RawConnection(port_of(gw)) as conn:
-            conn.send(HEAD + b"Transfer-Encoding: chunked\r\n\r\n5\r\n{\"mod\r\n")
+            conn.send(HEAD + b'Transfer-Encoding: chunked\r\n\r\n5\r\n{"mod\r\n')
             time.sleep(0.1)  # the handler is now reading the body
             conn.send(bad + SMUGGLED)
             started = time.monotonic()
@@ -261,8 +286,10 @@ def test_malformed_chunk_after_good_chunks_is_answered_once(gw: GatewayProcess, 
 
 def test_upgrade_does_not_tunnel_the_bytes_behind_it(gw: GatewayProcess, clean_upstream: Upstream) -> None:
     """GHSA-mfx4-hv73-q22v: after an Upgrade request, what follows is still parsed and decided."""
-    upgrade = (b"GET /v1/models HTTP/1.1\r\nHost: gateway\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
-               b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n" + AUTH + b"\r\n")
+    upgrade = (
+        b"GET /v1/models HTTP/1.1\r\nHost: gateway\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n" + AUTH + b"\r\n"
+    )
     unauthorised = b"GET /smuggled HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n"
     responses, _ = exchange(port_of(gw), upgrade + unauthorised, timeout=HEADER_TIMEOUT_S + 3)
     assert [r.status for r in responses] == [200, 401]
@@ -281,23 +308,39 @@ def assert_contract_error_401(response: RawResponse) -> None:
 # --- case 12: Connection-named headers cannot strip the gateway's own ---------------------------------
 
 
-def test_connection_header_cannot_strip_headers_the_gateway_adds(gw: GatewayProcess,
-                                                                 clean_upstream: Upstream) -> None:
-    named = ("close, X-Forwarded-For, X-Forwarded-Proto, X-Request-Id, X-Gateway-Subject, X-Gateway-Org, "
-             "X-Gateway-Tier, Authorization, Host, X-Caller-Private")
-    data = request("POST", "/v1/chat/completions",
-                   [("Authorization", f"Bearer {TOKEN}"), ("Connection", named), ("X-Caller-Private", "drop me"),
-                    ("X-Forwarded-For", "6.6.6.6"), ("X-Request-Id", "conn-close-1"), ("X-Kept", "kept"), JSON],
-                   BODY)
+def test_connection_header_cannot_strip_headers_the_gateway_adds(gw: GatewayProcess, clean_upstream: Upstream) -> None:
+    named = (
+        "close, X-Forwarded-For, X-Forwarded-Proto, X-Request-Id, X-Gateway-Subject, X-Gateway-Org, "
+        "X-Gateway-Tier, Authorization, Host, X-Caller-Private"
+    )
+    data = request(
+        "POST",
+        "/v1/chat/completions",
+        [
+            ("Authorization", f"Bearer {TOKEN}"),
+            ("Connection", named),
+            ("X-Caller-Private", "drop me"),
+            ("X-Forwarded-For", "6.6.6.6"),
+            ("X-Request-Id", "conn-close-1"),
+            ("X-Kept", "kept"),
+            JSON,
+        ],
+        BODY,
+    )
     responses, closed = exchange(port_of(gw), data)
     assert [r.status for r in responses] == [200] and closed
     headers = clean_upstream.seen[0].headers
     names = [k.lower() for k, _ in headers]
     values = {k.lower(): v for k, v in headers}
-    for own, expected in (("x-forwarded-for", "127.0.0.1"), ("x-forwarded-proto", "http"),
-                          ("x-request-id", "conn-close-1"), ("x-gateway-subject", "hardening"),
-                          ("x-gateway-org", "acme"), ("x-gateway-tier", "bulk"),
-                          ("authorization", f"Bearer {UPSTREAM_KEY}")):
+    for own, expected in (
+        ("x-forwarded-for", "127.0.0.1"),
+        ("x-forwarded-proto", "http"),
+        ("x-request-id", "conn-close-1"),
+        ("x-gateway-subject", "hardening"),
+        ("x-gateway-org", "acme"),
+        ("x-gateway-tier", "bulk"),
+        ("authorization", f"Bearer {UPSTREAM_KEY}"),
+    ):
         assert names.count(own) == 1, (own, headers)
         assert values[own] == expected, (own, values[own])
     assert "x-caller-private" not in names and "connection" not in names
@@ -308,14 +351,17 @@ def test_connection_header_cannot_strip_headers_the_gateway_adds(gw: GatewayProc
 # --- case 14: Host and absolute-form targets change nothing -------------------------------------------
 
 
-def test_absolute_form_target_is_proxied_to_the_configured_upstream_only(gw: GatewayProcess,
-                                                                         clean_upstream: Upstream) -> None:
+def test_absolute_form_target_is_proxied_to_the_configured_upstream_only(
+    gw: GatewayProcess, clean_upstream: Upstream
+) -> None:
     admin_port = gw.config["admin"]["port"]
-    for target, path in ((b"http://evil.example/v1/models?x=1", "/v1/models?x=1"),
-                         (b"HTTP://evil.example:8443/v1/models", "/v1/models"),
-                         (b"https://user:pass@evil.example/v1/models", "/v1/models"),
-                         (b"http://evil.example", "/"),
-                         (f"http://127.0.0.1:{admin_port}/metrics".encode(), "/metrics")):
+    for target, path in (
+        (b"http://evil.example/v1/models?x=1", "/v1/models?x=1"),
+        (b"HTTP://evil.example:8443/v1/models", "/v1/models"),
+        (b"https://user:pass@evil.example/v1/models", "/v1/models"),
+        (b"http://evil.example", "/"),
+        (f"http://127.0.0.1:{admin_port}/metrics".encode(), "/metrics"),
+    ):
         clean_upstream.reset()
         body = b"" if path.startswith("/v1/models") else MODEL_BODY
         head = (b"POST " if body else b"GET ") + target + b" HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n"
@@ -331,17 +377,30 @@ def test_absolute_form_target_is_proxied_to_the_configured_upstream_only(gw: Gat
 
 def test_absolute_form_model_path_is_decided_on_its_path(gw: GatewayProcess, clean_upstream: Upstream) -> None:
     for model, status in ((SECRET, 403), (OPEN, 200)):
-        data = (b"POST http://evil.example/v1/models/" + model.encode() + b"/infer HTTP/1.1\r\nHost: gateway\r\n"
-                + AUTH + b"Connection: close\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+        data = (
+            b"POST http://evil.example/v1/models/"
+            + model.encode()
+            + b"/infer HTTP/1.1\r\nHost: gateway\r\n"
+            + AUTH
+            + b"Connection: close\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+        )
         responses, _ = exchange(port_of(gw), data)
         assert [r.status for r in responses] == [status]
     assert seen_paths(clean_upstream) == [f"/v1/models/{OPEN}/infer"]
 
 
-@pytest.mark.parametrize("target", [b"*", b"evil.example:443", b"ftp://evil.example/v1/models", b"/v1/models#frag",
-                                    b"/v1/models/%00", "/v1/mod\u00e9ls".encode()])
-def test_other_request_target_forms_are_refused(gw: GatewayProcess, clean_upstream: Upstream,
-                                                target: bytes) -> None:
+@pytest.mark.parametrize(
+    "target",
+    [
+        b"*",
+        b"evil.example:443",
+        b"ftp://evil.example/v1/models",
+        b"/v1/models#frag",
+        b"/v1/models/%00",
+        "/v1/mod\u00e9ls".encode(),
+    ],
+)
+def test_other_request_target_forms_are_refused(gw: GatewayProcess, clean_upstream: Upstream, target: bytes) -> None:
     method = b"CONNECT" if target == b"evil.example:443" else b"OPTIONS" if target == b"*" else b"GET"
     data = method + b" " + target + b" HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n" + AUTH + b"\r\n"
     responses, _ = exchange(port_of(gw), data)
@@ -355,14 +414,21 @@ def test_other_request_target_forms_are_refused(gw: GatewayProcess, clean_upstre
 
 def test_hostile_host_headers_change_nothing(gw: GatewayProcess, clean_upstream: Upstream) -> None:
     admin_port = gw.config["admin"]["port"]
-    for host in ("x/#@evil.example", "evil.example", f"127.0.0.1:{admin_port}", "localhost:9901", "[::1]",
-                 "evil.example/v1/models/secret-model/infer"):
+    for host in (
+        "x/#@evil.example",
+        "evil.example",
+        f"127.0.0.1:{admin_port}",
+        "localhost:9901",
+        "[::1]",
+        "evil.example/v1/models/secret-model/infer",
+    ):
         clean_upstream.reset()
         for path, status in (("/metrics", 200), ("/admin/v1/policy", 200), (f"/v1/models/{SECRET}/infer", 403)):
             method, body = ("GET", b"") if path.endswith("/infer") else ("POST", MODEL_BODY)
             framing = [JSON] if body else []
-            data = request(method, path, [("Authorization", f"Bearer {TOKEN}"), ("Connection", "close"), *framing],
-                           body, host=host)
+            data = request(
+                method, path, [("Authorization", f"Bearer {TOKEN}"), ("Connection", "close"), *framing], body, host=host
+            )
             responses, _ = exchange(port_of(gw), data)
             assert [r.status for r in responses] == [status], (host, path, responses[0].body[:200])
             # Proxied like any other path, never answered by the admin listener.
@@ -376,27 +442,50 @@ def test_hostile_host_headers_change_nothing(gw: GatewayProcess, clean_upstream:
 
 # Each of these could reach the secret model on a server that normalises paths; each must be refused.
 AMBIGUOUS_PATHS = [
-    "//v1/models/secret-model/infer", "/v1//models/secret-model/infer", "/v1/models//secret-model/infer",
-    "/v1/models/secret-model//infer", "/v1/models/secret-model/infer/", "/v1/models/secret-model/infer//",
-    "/v1/models/open-model/../secret-model/infer", "/v1/models/open-model/infer/../../secret-model/infer",
-    "/v1/models/./secret-model/infer", "/v1/models/open-model/%2e%2e/secret-model/infer",
-    "/v1/models/open-model/%2E%2E/secret-model/infer", "/v1/models/open-model/.%2e/secret-model/infer",
-    "/v1/models/%2e/secret-model/infer", "/v1/models/secret-model%2Finfer", "/v1/models/secret-model%2finfer",
-    "/v1%2Fmodels%2Fsecret-model%2Finfer", "/v1/models/secret-model%5Cinfer", "/v1/models/%73ecret-model/infer",
-    "/v1/models/secret%2Dmodel/infer", "/v1/models/secret-model%252Finfer", "/v1/models/%2573ecret-model/infer",
-    "/V1/models/secret-model/infer", "/v1/MODELS/secret-model/infer", "/v1/models/secret-model/INFER",
-    "/v1/models/secret-model;v=1/infer", "/v1/models/secret-model/infer;jsessionid=1",
-    "/v1;x/models/secret-model/infer", "/v1/models/secret-model%3B/infer%3B", "/v1/models/secret-model%00/infer",
-    "/v1/models/secret-model/infer%00", "/v1/models/secret-model/infer%00.json", "/v1/models/%FF/infer",
+    "//v1/models/secret-model/infer",
+    "/v1//models/secret-model/infer",
+    "/v1/models//secret-model/infer",
+    "/v1/models/secret-model//infer",
+    "/v1/models/secret-model/infer/",
+    "/v1/models/secret-model/infer//",
+    "/v1/models/open-model/../secret-model/infer",
+    "/v1/models/open-model/infer/../../secret-model/infer",
+    "/v1/models/./secret-model/infer",
+    "/v1/models/open-model/%2e%2e/secret-model/infer",
+    "/v1/models/open-model/%2E%2E/secret-model/infer",
+    "/v1/models/open-model/.%2e/secret-model/infer",
+    "/v1/models/%2e/secret-model/infer",
+    "/v1/models/secret-model%2Finfer",
+    "/v1/models/secret-model%2finfer",
+    "/v1%2Fmodels%2Fsecret-model%2Finfer",
+    "/v1/models/secret-model%5Cinfer",
+    "/v1/models/%73ecret-model/infer",
+    "/v1/models/secret%2Dmodel/infer",
+    "/v1/models/secret-model%252Finfer",
+    "/v1/models/%2573ecret-model/infer",
+    "/V1/models/secret-model/infer",
+    "/v1/MODELS/secret-model/infer",
+    "/v1/models/secret-model/INFER",
+    "/v1/models/secret-model;v=1/infer",
+    "/v1/models/secret-model/infer;jsessionid=1",
+    "/v1;x/models/secret-model/infer",
+    "/v1/models/secret-model%3B/infer%3B",
+    "/v1/models/secret-model%00/infer",
+    "/v1/models/secret-model/infer%00",
+    "/v1/models/secret-model/infer%00.json",
+    "/v1/models/%FF/infer",
     # Percent-encoding anywhere in a model path: decoded by one server, taken literally by another.
-    "/v1/models/secret-model%20/infer", "/v1/models/secret-model%C3%A9/infer", "/v1/models/a%2Bb/infer",
+    "/v1/models/secret-model%20/infer",
+    "/v1/models/secret-model%C3%A9/infer",
+    "/v1/models/a%2Bb/infer",
 ]
 
 
 @pytest.mark.parametrize("path", AMBIGUOUS_PATHS)
 def test_path_tricks_are_refused_never_guessed(gw: GatewayProcess, clean_upstream: Upstream, path: str) -> None:
-    data = request("POST", path + "?stream=false", [("Authorization", f"Bearer {TOKEN}"), ("Connection", "close")],
-                   b"{}")
+    data = request(
+        "POST", path + "?stream=false", [("Authorization", f"Bearer {TOKEN}"), ("Connection", "close")], b"{}"
+    )
     responses, _ = exchange(port_of(gw), data)
     assert len(responses) == 1
     assert_contract_error(responses[0], 400, "invalid_request")
@@ -404,13 +493,18 @@ def test_path_tricks_are_refused_never_guessed(gw: GatewayProcess, clean_upstrea
 
 
 def test_canonical_model_paths_are_decided_and_served_as_named(gw: GatewayProcess, clean_upstream: Upstream) -> None:
-    cases = [(f"/v1/models/{SECRET}/infer", 403, "not_released"),
-             (f"/v1/models/{SECRET}/infer?model={OPEN}", 403, "not_released"),  # the query names nothing
-             ("/v1/models/SECRET-MODEL/infer", 400, "ambiguous_request"),  # another spelling of a registered name
-             (f"/v1/models/{OPEN}/infer", 200, ""),
-             (f"/v1/models/{OPEN}/infer?x=%2F..%2F", 200, ""),
-             ("/v1/models", 200, ""), ("/v1/models/", 200, ""), (f"/v1/files/{SECRET}%2Finfer", 200, ""),
-             (f"/v1/other/{SECRET}/infer", 200, ""), (f"/v1/other/{SECRET}/infer", 400, "model_required")]
+    cases = [
+        (f"/v1/models/{SECRET}/infer", 403, "not_released"),
+        (f"/v1/models/{SECRET}/infer?model={OPEN}", 403, "not_released"),  # the query names nothing
+        ("/v1/models/SECRET-MODEL/infer", 400, "ambiguous_request"),  # another spelling of a registered name
+        (f"/v1/models/{OPEN}/infer", 200, ""),
+        (f"/v1/models/{OPEN}/infer?x=%2F..%2F", 200, ""),
+        ("/v1/models", 200, ""),
+        ("/v1/models/", 200, ""),
+        (f"/v1/files/{SECRET}%2Finfer", 200, ""),
+        (f"/v1/other/{SECRET}/infer", 200, ""),
+        (f"/v1/other/{SECRET}/infer", 400, "model_required"),
+    ]
     for index, (path, status, code) in enumerate(cases):
         # Paths that name no model are sent with a body that does (the last case without: refused).
         body = b"{}" if ("/infer" in path and "/other/" not in path) or index == len(cases) - 1 else MODEL_BODY
@@ -420,22 +514,32 @@ def test_canonical_model_paths_are_decided_and_served_as_named(gw: GatewayProces
         if code:
             assert_contract_error(responses[0], status, code)
     # Forwarded exactly as sent: nothing is rewritten on the way.
-    assert seen_paths(clean_upstream) == [f"/v1/models/{OPEN}/infer", f"/v1/models/{OPEN}/infer?x=%2F..%2F",
-                                          "/v1/models", "/v1/models/", f"/v1/files/{SECRET}%2Finfer",
-                                          f"/v1/other/{SECRET}/infer"]
+    assert seen_paths(clean_upstream) == [
+        f"/v1/models/{OPEN}/infer",
+        f"/v1/models/{OPEN}/infer?x=%2F..%2F",
+        "/v1/models",
+        "/v1/models/",
+        f"/v1/files/{SECRET}%2Finfer",
+        f"/v1/other/{SECRET}/infer",
+    ]
 
 
 def test_path_and_body_naming_different_models_is_refused(gw: GatewayProcess, clean_upstream: Upstream) -> None:
     for body, status in ((json.dumps({"model": SECRET}).encode(), 400), (json.dumps({"model": OPEN}).encode(), 200)):
-        data = request("POST", f"/v1/models/{OPEN}/infer",
-                       [("Authorization", f"Bearer {TOKEN}"), ("Connection", "close"), JSON], body)
+        data = request(
+            "POST",
+            f"/v1/models/{OPEN}/infer",
+            [("Authorization", f"Bearer {TOKEN}"), ("Connection", "close"), JSON],
+            body,
+        )
         responses, _ = exchange(port_of(gw), data)
         assert [r.status for r in responses] == [status]
     assert len(clean_upstream.seen) == 1
 
 
-def _post(gw: GatewayProcess, body: bytes, *, content_type: str | None = "application/json",
-          token: str = TOKEN) -> RawResponse:
+def _post(
+    gw: GatewayProcess, body: bytes, *, content_type: str | None = "application/json", token: str = TOKEN
+) -> RawResponse:
     headers = [("Authorization", f"Bearer {token}"), ("Connection", "close")]
     if content_type is not None:
         headers.append(("Content-Type", content_type))
@@ -445,9 +549,17 @@ def _post(gw: GatewayProcess, body: bytes, *, content_type: str | None = "applic
 
 
 # Read two ways by different parsers: 400 ambiguous_request (docs/contract.md §4a).
-AMBIGUOUS = {"duplicate_key", "duplicate_key_reversed", "duplicate_escaped_key", "duplicate_fully_escaped_key",
-             "trailing_second_document", "other_case_key", "escaped_other_case_key",
-             "only_other_case_key", "top_level_list"}
+AMBIGUOUS = {
+    "duplicate_key",
+    "duplicate_key_reversed",
+    "duplicate_escaped_key",
+    "duplicate_fully_escaped_key",
+    "trailing_second_document",
+    "other_case_key",
+    "escaped_other_case_key",
+    "only_other_case_key",
+    "top_level_list",
+}
 JSON_TRICKS: dict[str, bytes] = {
     "other_case_key": b'{"model": "open-model", "MODEL": "secret-model"}',
     "escaped_other_case_key": b'{"model": "open-model", "MOD\\u0045L": "secret-model"}',
@@ -472,29 +584,33 @@ JSON_TRICKS: dict[str, bytes] = {
     "invalid_utf8_in_model": b'{"model": "secret\xff-model"}',
     "lone_surrogate_model": b'{"model": "\\ud800"}',
     "deep_nesting_then_duplicate": b'{"a": ' + b"[" * 1000 + b"]" * 1000 + b', "model": "open-model", '
-                                   b'"model": "secret-model"}',
+    b'"model": "secret-model"}',
     "too_deep": b'{"a": ' + b"[" * 1500 + b"]" * 1500 + b', "model": "open-model"}',
 }
 
 
 @pytest.mark.parametrize("case", list(JSON_TRICKS))
 def test_json_body_tricks_are_refused(gw: GatewayProcess, clean_upstream: Upstream, case: str) -> None:
-    assert_contract_error(_post(gw, JSON_TRICKS[case]), 400,
-                          "ambiguous_request" if case in AMBIGUOUS else "invalid_request")
+    assert_contract_error(
+        _post(gw, JSON_TRICKS[case]), 400, "ambiguous_request" if case in AMBIGUOUS else "invalid_request"
+    )
     assert clean_upstream.seen == []
 
 
 def test_model_only_in_a_nested_object_names_no_model(gw: GatewayProcess, clean_upstream: Upstream) -> None:
-    for body in (b'{"input": {"model": "secret-model"}}',
-                 b'{"messages": [{"role": "user", "content": "\\"model\\": \\"secret-model\\""}]}'):
+    for body in (
+        b'{"input": {"model": "secret-model"}}',
+        b'{"messages": [{"role": "user", "content": "\\"model\\": \\"secret-model\\""}]}',
+    ):
         # A request that names no model is refused (row 3a), after rows 1-3: a denied country still hears so.
         assert_contract_error(_post(gw, body), 400, "model_required")
         assert_contract_error(_post(gw, body, token=IR_TOKEN), 451, "country_denied")
     assert clean_upstream.seen == []
 
 
-def test_multipart_bodies_name_their_model_and_other_media_types_are_refused(gw: GatewayProcess,
-                                                                             clean_upstream: Upstream) -> None:
+def test_multipart_bodies_name_their_model_and_other_media_types_are_refused(
+    gw: GatewayProcess, clean_upstream: Upstream
+) -> None:
     boundary = "----FormBoundaryXyZ09"  # mixed case, as browsers make them
     multipart = "multipart/form-data; boundary=" + boundary
 
@@ -506,27 +622,40 @@ def test_multipart_bodies_name_their_model_and_other_media_types_are_refused(gw:
         return out + f"--{boundary}--\r\n".encode()
 
     audio = ('name="file"; filename="a.wav"', b"RIFF....WAVEfmt ")
-    assert_contract_error(_post(gw, form(('name="model"', SECRET.encode()), audio), content_type=multipart),
-                          403, "not_released")
+    assert_contract_error(
+        _post(gw, form(('name="model"', SECRET.encode()), audio), content_type=multipart), 403, "not_released"
+    )
     assert _post(gw, form(('name="model"', OPEN.encode()), audio), content_type=multipart).status == 200
-    for refused, code in ((form(('name="model"', OPEN.encode()), ('name="model"', SECRET.encode())),
-                           "ambiguous_request"),
-                          (form(('name="Model"', SECRET.encode())), "ambiguous_request"),
-                          (form(('name="model"; filename="m.txt"', SECRET.encode())), "invalid_request"),
-                          (form(("name*=utf-8''model", SECRET.encode())), "invalid_request"),
-                          (form(('name="x"; name="model"', SECRET.encode())), "invalid_request"),
-                          (form(('name="model"', SECRET.encode()))[:-4], "invalid_request")):  # no closing delimiter
+    for refused, code in (
+        (form(('name="model"', OPEN.encode()), ('name="model"', SECRET.encode())), "ambiguous_request"),
+        (form(('name="Model"', SECRET.encode())), "ambiguous_request"),
+        (form(('name="model"; filename="m.txt"', SECRET.encode())), "invalid_request"),
+        (form(("name*=utf-8''model", SECRET.encode())), "invalid_request"),
+        (form(('name="x"; name="model"', SECRET.encode())), "invalid_request"),
+        (form(('name="model"', SECRET.encode()))[:-4], "invalid_request"),
+    ):  # no closing delimiter
         assert_contract_error(_post(gw, refused, content_type=multipart), 400, code)
     # A URL-encoded form is not a media type the model is read from (docs/contract.md §4a): refused on a path
     # that needs a model, whatever it holds, as is a body with no media type or another one.
-    for body, content_type in ((b"model=secret-model&x=1", "application/x-www-form-urlencoded"),
-                               (b"x=1&model=open-model", "application/x-www-form-urlencoded"),
-                               (b'{"model": "secret-model"}', None), (b'{"model": "secret-model"}', "text/plain"),
-                               (b'{"model": "open-model"}', "text/json")):
+    for body, content_type in (
+        (b"model=secret-model&x=1", "application/x-www-form-urlencoded"),
+        (b"x=1&model=open-model", "application/x-www-form-urlencoded"),
+        (b'{"model": "secret-model"}', None),
+        (b'{"model": "secret-model"}', "text/plain"),
+        (b'{"model": "open-model"}', "text/json"),
+    ):
         assert_contract_error(_post(gw, body, content_type=content_type), 415, "unsupported_media_type")
-    two_types = request("POST", "/v1/chat/completions",
-                        [("Authorization", f"Bearer {TOKEN}"), ("Content-Type", "application/x-www-form-urlencoded"),
-                         ("Content-Type", "application/json"), ("Connection", "close")], b'{"model": "secret-model"}')
+    two_types = request(
+        "POST",
+        "/v1/chat/completions",
+        [
+            ("Authorization", f"Bearer {TOKEN}"),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+            ("Content-Type", "application/json"),
+            ("Connection", "close"),
+        ],
+        b'{"model": "secret-model"}',
+    )
     responses, _ = exchange(port_of(gw), two_types)
     assert_contract_error(responses[0], 400, "invalid_request")  # the HTTP parser refuses a second one
     assert len(clean_upstream.seen) == 1
@@ -543,7 +672,7 @@ def test_chunked_body_over_the_limit_is_413_while_streaming(gw: GatewayProcess, 
             sent = 0
             try:
                 for i in range(0, len(body), 8192):
-                    conn.send(body[i:i + 8192])
+                    conn.send(body[i : i + 8192])
                     sent += 1
             except OSError:
                 pass  # the gateway may stop reading once it has answered
@@ -560,7 +689,7 @@ def test_thousands_of_one_byte_chunks_arrive_whole(gw: GatewayProcess, clean_ups
     data = HEAD + b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + chunked(body, 1)
     with RawConnection(port_of(gw)) as conn:
         for i in range(0, len(data), 997):  # in odd-sized pieces, so chunks straddle segments
-            conn.send(data[i:i + 997])
+            conn.send(data[i : i + 997])
         response = conn.read_response()
     assert response.status == 200
     assert [seen.body for seen in clean_upstream.seen] == [body]
@@ -573,8 +702,10 @@ def test_pipelined_requests_are_all_answered_in_order(gw: GatewayProcess, clean_
 def _pipeline(gw: GatewayProcess, upstream: Upstream, count: int) -> None:
     ids = [f"pipe-{i:05d}" for i in range(count)]
     with RawConnection(port_of(gw), timeout=120) as conn:
-        data = b"".join(request("GET", f"/v1/models?i={i}", [("Authorization", f"Bearer {TOKEN}"),
-                                                             ("X-Request-Id", rid)]) for i, rid in enumerate(ids))
+        data = b"".join(
+            request("GET", f"/v1/models?i={i}", [("Authorization", f"Bearer {TOKEN}"), ("X-Request-Id", rid)])
+            for i, rid in enumerate(ids)
+        )
         conn.send(data)
         responses = conn.read_responses(count, timeout=120)
     assert [r.status for r in responses] == [200] * count
@@ -584,14 +715,15 @@ def _pipeline(gw: GatewayProcess, upstream: Upstream, count: int) -> None:
 
 
 def test_headers_dribbled_a_byte_at_a_time_are_still_served(gw: GatewayProcess, clean_upstream: Upstream) -> None:
-    data = request("POST", f"/v1/models/{OPEN}/infer", [("Authorization", f"Bearer {TOKEN}"),
-                                                        ("Connection", "close"), JSON], b"{}")
+    data = request(
+        "POST", f"/v1/models/{OPEN}/infer", [("Authorization", f"Bearer {TOKEN}"), ("Connection", "close"), JSON], b"{}"
+    )
     head_end = data.index(b"\r\n\r\n") + 4
     pause = (HEADER_TIMEOUT_S * 0.6) / head_end  # the whole head within 60% of the timeout
     started = time.monotonic()
     with RawConnection(port_of(gw)) as conn:
         for i in range(head_end):
-            conn.send(data[i:i + 1])
+            conn.send(data[i : i + 1])
             time.sleep(pause)
         conn.send(data[head_end:])
         response = conn.read_response()
@@ -602,7 +734,7 @@ def test_headers_dribbled_a_byte_at_a_time_are_still_served(gw: GatewayProcess, 
 
 def test_a_body_that_stalls_is_cut_after_the_read_timeout(gw: GatewayProcess, clean_upstream: Upstream) -> None:
     with RawConnection(port_of(gw)) as conn:
-        conn.send(HEAD + b"Content-Length: 100\r\n\r\n{\"model\":")
+        conn.send(HEAD + b'Content-Length: 100\r\n\r\n{"model":')
         started = time.monotonic()
         response = conn.read_response(timeout=HEADER_TIMEOUT_S + 3)
         assert_contract_error(response, 408, "request_timeout")
@@ -613,13 +745,13 @@ def test_a_body_that_stalls_is_cut_after_the_read_timeout(gw: GatewayProcess, cl
 # --- case 17: slowloris ------------------------------------------------------------------------------------
 
 
-async def test_slowloris_sockets_are_cut_while_others_are_served(gw: GatewayProcess,
-                                                                 clean_upstream: Upstream) -> None:
+async def test_slowloris_sockets_are_cut_while_others_are_served(gw: GatewayProcess, clean_upstream: Upstream) -> None:
     await _slowloris(gw, sockets=300, byte_every_s=0.5, timeout_s=HEADER_TIMEOUT_S)
 
 
-async def _slowloris(gw: GatewayProcess, *, sockets: int, byte_every_s: float, timeout_s: float,
-                     token: str = TOKEN) -> None:
+async def _slowloris(
+    gw: GatewayProcess, *, sockets: int, byte_every_s: float, timeout_s: float, token: str = TOKEN
+) -> None:
     port = port_of(gw)
     started = asyncio.get_running_loop().time()
     conns = await asyncio.gather(*(AsyncRawConnection.open(port) for _ in range(sockets)))

@@ -61,17 +61,36 @@ KEY_IR = new_api_key()
 KEY_DOOMED = new_api_key()
 
 
-def api_key_record(key: str, subject: str, *, country: str = "US", tier: str = "partner",
-                   org: str = "acme", expires_at: str | None = None) -> dict[str, Any]:
-    return {"hash": hash_api_key(key), "subject": subject, "org": org, "org_name": "Acme Corp",
-            "country": country, "tier": tier, "expires_at": expires_at,
-            "created_at": "2026-01-01T00:00:00Z", "created_by": "test"}
+def api_key_record(
+    key: str,
+    subject: str,
+    *,
+    country: str = "US",
+    tier: str = "partner",
+    org: str = "acme",
+    expires_at: str | None = None,
+) -> dict[str, Any]:
+    return {
+        "hash": hash_api_key(key),
+        "subject": subject,
+        "org": org,
+        "org_name": "Acme Corp",
+        "country": country,
+        "tier": tier,
+        "expires_at": expires_at,
+        "created_at": "2026-01-01T00:00:00Z",
+        "created_by": "test",
+    }
 
 
 def identity_policy(*, with_doomed_key: bool = True) -> dict[str, Any]:
     document = copy.deepcopy(BASE_POLICY)
-    document["models"][PARTNERS_ONLY] = {"stage": "partners", "timeline": [], "allowed_countries": None,
-                                         "export_suspended": False}
+    document["models"][PARTNERS_ONLY] = {
+        "stage": "partners",
+        "timeline": [],
+        "allowed_countries": None,
+        "export_suspended": False,
+    }
     document["api_keys"] = {
         "key-good": api_key_record(KEY_GOOD, "svc-good"),
         "key-expired": api_key_record(KEY_EXPIRED, "svc-expired", expires_at="2020-01-01T00:00:00Z"),
@@ -108,9 +127,15 @@ class Servers:
 def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
     directory = tmp_path_factory.mktemp("attacker")
     attacker = make_rsa_key("attacker")
-    return Keys(rsa=make_rsa_key("rsa-file"), ec=make_ec_key("ec-file"), ed=make_ed25519_key("ed-file"),
-                jwks=make_rsa_key("jwks-1"), rotating=make_rsa_key("rot-1"), attacker=attacker,
-                attacker_pem=attacker.write_pem(directory))
+    return Keys(
+        rsa=make_rsa_key("rsa-file"),
+        ec=make_ec_key("ec-file"),
+        ed=make_ed25519_key("ed-file"),
+        jwks=make_rsa_key("jwks-1"),
+        rotating=make_rsa_key("rot-1"),
+        attacker=attacker,
+        attacker_pem=attacker.write_pem(directory),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -135,25 +160,44 @@ def module_redis() -> Iterator[str]:
 
 # The default tiers, with room for the hundreds of refused tokens these tests send from one address.
 TIERS: dict[str, Any] = {
-    "public": {"requests_per_minute": 60, "burst": 10, "tokens_per_minute": 100_000, "stages": ["general"],
-               "blocked_per_minute": 100_000},
-    "partner": {"requests_per_minute": 600, "burst": 60, "tokens_per_minute": 2_000_000,
-                "stages": ["partners", "general"], "blocked_per_minute": 100_000},
+    "public": {
+        "requests_per_minute": 60,
+        "burst": 10,
+        "tokens_per_minute": 100_000,
+        "stages": ["general"],
+        "blocked_per_minute": 100_000,
+    },
+    "partner": {
+        "requests_per_minute": 600,
+        "burst": 60,
+        "tokens_per_minute": 2_000_000,
+        "stages": ["partners", "general"],
+        "blocked_per_minute": 100_000,
+    },
     "internal": {"requests_per_minute": 6000, "burst": 600, "stages": ["internal", "partners", "general"]},
 }
 
 
 @pytest.fixture(scope="module")
-def asym(module_redis: str, upstream: Upstream, keys: Keys, servers: Servers,
-         tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+def asym(
+    module_redis: str, upstream: Upstream, keys: Keys, servers: Servers, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayProcess]:
     directory = tmp_path_factory.mktemp("pem")
     files = [str(key.write_pem(directory)) for key in (keys.rsa, keys.ec, keys.ed)]
     config = gateway_config(
         upstream.url,
-        auth={"algorithms": ["RS256", "ES256", "EdDSA"], "hs256_secret_env": None, "public_key_files": files,
-              "jwks_url": servers.asym_jwks.url, "jwks_cooldown_s": 3600, "jwks_refresh_s": 3600,
-              "leeway_s": LEEWAY_S},
-        upstream={"api_key_env": "TEST_UPSTREAM_API_KEY"}, tiers=TIERS)
+        auth={
+            "algorithms": ["RS256", "ES256", "EdDSA"],
+            "hs256_secret_env": None,
+            "public_key_files": files,
+            "jwks_url": servers.asym_jwks.url,
+            "jwks_cooldown_s": 3600,
+            "jwks_refresh_s": 3600,
+            "leeway_s": LEEWAY_S,
+        },
+        upstream={"api_key_env": "TEST_UPSTREAM_API_KEY"},
+        tiers=TIERS,
+    )
     gateway = GatewayProcess(config, redis_url=module_redis, env={"TEST_UPSTREAM_API_KEY": UPSTREAM_SECRET})
     yield gateway.start()
     gateway.stop()
@@ -163,8 +207,16 @@ def asym(module_redis: str, upstream: Upstream, keys: Keys, servers: Servers,
 def rotating(module_redis: str, upstream: Upstream, servers: Servers) -> Iterator[GatewayProcess]:
     config = gateway_config(
         upstream.url,
-        auth={"algorithms": ["RS256"], "hs256_secret_env": None, "jwks_url": servers.rotating_jwks.url,
-              "jwks_cooldown_s": 0.3, "jwks_refresh_s": 3600, "leeway_s": LEEWAY_S}, tiers=TIERS)
+        auth={
+            "algorithms": ["RS256"],
+            "hs256_secret_env": None,
+            "jwks_url": servers.rotating_jwks.url,
+            "jwks_cooldown_s": 0.3,
+            "jwks_refresh_s": 3600,
+            "leeway_s": LEEWAY_S,
+        },
+        tiers=TIERS,
+    )
     gateway = GatewayProcess(config, redis_url=module_redis)
     yield gateway.start()
     gateway.stop()
@@ -203,9 +255,15 @@ def token_for(key: SigningKey, **overrides: Any) -> str:
     return key.mint(fresh_claims(**overrides))
 
 
-async def call(client: aiohttp.ClientSession, gateway: GatewayProcess, token: str | None = None, *,
-               authorization: str | None = None, model: str | None = "gpt-mock",
-               headers: list[tuple[str, str]] | None = None) -> Reply:
+async def call(
+    client: aiohttp.ClientSession,
+    gateway: GatewayProcess,
+    token: str | None = None,
+    *,
+    authorization: str | None = None,
+    model: str | None = "gpt-mock",
+    headers: list[tuple[str, str]] | None = None,
+) -> Reply:
     request_id = f"rid-{uuid.uuid4().hex}"
     sent: list[tuple[str, str]] = [("X-Request-Id", request_id), *(headers or [])]
     if authorization is not None:
@@ -216,8 +274,7 @@ async def call(client: aiohttp.ClientSession, gateway: GatewayProcess, token: st
     if model is None:
         response_cm = client.get(gateway.url + "/v1/models", headers=sent)
     else:
-        response_cm = client.post(gateway.url + "/v1/chat/completions", json={**CHAT, "model": model},
-                                  headers=sent)
+        response_cm = client.post(gateway.url + "/v1/chat/completions", json={**CHAT, "model": model}, headers=sent)
     async with response_cm as response:
         raw = await response.read()
         elapsed = time.monotonic() - started
@@ -229,8 +286,11 @@ async def call(client: aiohttp.ClientSession, gateway: GatewayProcess, token: st
 
 
 def seen_for(upstream: Upstream, reply: Reply) -> list[Seen]:
-    return [seen for seen in upstream.seen
-            if any(k.lower() == "x-request-id" and v == reply.request_id for k, v in seen.headers)]
+    return [
+        seen
+        for seen in upstream.seen
+        if any(k.lower() == "x-request-id" and v == reply.request_id for k, v in seen.headers)
+    ]
 
 
 def header_values(seen: Seen, name: str) -> list[str]:
@@ -260,8 +320,9 @@ def assert_proxied(reply: Reply, upstream: Upstream) -> Seen:
     return seen[0]
 
 
-async def wait_for_status(client: aiohttp.ClientSession, gateway: GatewayProcess, status: int, *,
-                          within_s: float, **kwargs: Any) -> float:
+async def wait_for_status(
+    client: aiohttp.ClientSession, gateway: GatewayProcess, status: int, *, within_s: float, **kwargs: Any
+) -> float:
     started = time.monotonic()
     while True:
         reply = await call(client, gateway, **kwargs)
@@ -275,17 +336,25 @@ async def wait_for_status(client: aiohttp.ClientSession, gateway: GatewayProcess
 def self_signed_der(key: SigningKey) -> bytes:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "idp.example")])
     now = datetime.datetime.now(datetime.UTC)
-    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public)
-                   .serial_number(x509.random_serial_number()).not_valid_before(now)
-                   .not_valid_after(now + datetime.timedelta(days=1)).sign(key.private, hashes.SHA256()))
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key.private, hashes.SHA256())
+    )
     return certificate.public_bytes(serialization.Encoding.DER)
 
 
 # --- case 1: alg none ---------------------------------------------------------------------------------
 
 
-async def test_alg_none_and_empty_signatures_are_401(asym: GatewayProcess, keys: Keys,
-                                                     clean_upstream: Upstream) -> None:
+async def test_alg_none_and_empty_signatures_are_401(
+    asym: GatewayProcess, keys: Keys, clean_upstream: Upstream
+) -> None:
     payload = fresh_claims()
     genuine = keys.rsa.mint(payload)
     head, body, _signature = genuine.split(".")
@@ -310,14 +379,21 @@ async def test_alg_none_and_empty_signatures_are_401(asym: GatewayProcess, keys:
 # --- case 2: key confusion --------------------------------------------------------------------------
 
 
-async def test_hs256_signed_with_a_public_key_is_401(asym: GatewayProcess, keys: Keys,
-                                                     clean_upstream: Upstream) -> None:
+async def test_hs256_signed_with_a_public_key_is_401(
+    asym: GatewayProcess, keys: Keys, clean_upstream: Upstream
+) -> None:
     payload = fresh_claims()
     forged: list[str] = []
     for key in (keys.rsa, keys.jwks, keys.ec):
         pem = key.public_pem()
-        materials = [pem, pem.strip(), key.public_ssh(), key.public_ssh().strip(),
-                     json.dumps(key.jwk()).encode(), json.dumps(key.jwk(), separators=(",", ":")).encode()]
+        materials = [
+            pem,
+            pem.strip(),
+            key.public_ssh(),
+            key.public_ssh().strip(),
+            json.dumps(key.jwk()).encode(),
+            json.dumps(key.jwk(), separators=(",", ":")).encode(),
+        ]
         for material in materials:
             for header in ({"alg": "HS256", "typ": "JWT", "kid": key.kid}, {"alg": "HS256", "typ": "JWT"}):
                 forged.append(forge_hs256(material, header, payload))
@@ -330,14 +406,24 @@ async def test_hs256_signed_with_a_public_key_is_401(asym: GatewayProcess, keys:
 # --- case 3: hostile kid ------------------------------------------------------------------------------
 
 
-async def test_hostile_kids_are_401_and_never_looked_up(asym: GatewayProcess, keys: Keys, servers: Servers,
-                                                        clean_upstream: Upstream) -> None:
+async def test_hostile_kids_are_401_and_never_looked_up(
+    asym: GatewayProcess, keys: Keys, servers: Servers, clean_upstream: Upstream
+) -> None:
     attacker_path = keys.attacker_pem
     kids = [
-        str(attacker_path), str(attacker_path.with_suffix("")), f"../../../..{attacker_path}",
-        "../../../../etc/passwd", "/dev/zero", "/proc/self/environ", "rsa-file.pem", "rsa-file\x00",
-        "file:///etc/passwd", "http://127.0.0.1:1/keys",
-        "x' OR '1'='1", "1; DROP TABLE keys; --", "' UNION SELECT key FROM keys --",
+        str(attacker_path),
+        str(attacker_path.with_suffix("")),
+        f"../../../..{attacker_path}",
+        "../../../../etc/passwd",
+        "/dev/zero",
+        "/proc/self/environ",
+        "rsa-file.pem",
+        "rsa-file\x00",
+        "file:///etc/passwd",
+        "http://127.0.0.1:1/keys",
+        "x' OR '1'='1",
+        "1; DROP TABLE keys; --",
+        "' UNION SELECT key FROM keys --",
         "A" * 5000,
     ]
     fetches_before = servers.asym_jwks.hits
@@ -360,11 +446,11 @@ async def test_hostile_kids_are_401_and_never_looked_up(asym: GatewayProcess, ke
 
 
 async def test_flood_of_random_kids_refetches_jwks_at_most_once_per_cooldown(
-        asym: GatewayProcess, keys: Keys, servers: Servers, clean_upstream: Upstream) -> None:
+    asym: GatewayProcess, keys: Keys, servers: Servers, clean_upstream: Upstream
+) -> None:
     fetches_before = servers.asym_jwks.hits
     payload = fresh_claims()
-    tokens = [sign_raw(keys.attacker, {"alg": "RS256", "kid": secrets.token_hex(16)}, payload)
-              for _ in range(200)]
+    tokens = [sign_raw(keys.attacker, {"alg": "RS256", "kid": secrets.token_hex(16)}, payload) for _ in range(200)]
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=50)) as client:
         replies = await asyncio.gather(*(call(client, asym, token) for token in tokens))
         for reply in replies:
@@ -381,7 +467,8 @@ async def test_flood_of_random_kids_refetches_jwks_at_most_once_per_cooldown(
 
 
 async def test_jku_x5u_x5c_jwk_headers_are_ignored_and_never_fetched(
-        asym: GatewayProcess, keys: Keys, servers: Servers, clean_upstream: Upstream) -> None:
+    asym: GatewayProcess, keys: Keys, servers: Servers, clean_upstream: Upstream
+) -> None:
     url = servers.counter.url
     attacker_jwk = keys.attacker.jwk()
     certificate = base64.b64encode(self_signed_der(keys.attacker)).decode()
@@ -402,10 +489,16 @@ async def test_jku_x5u_x5c_jwk_headers_are_ignored_and_never_fetched(
             token = sign_raw(keys.attacker, {"typ": "JWT", **header}, fresh_claims())
             assert_unauthenticated(await call(client, asym, token), clean_upstream)
         # A token of a configured key is judged on that key alone, whatever else its header names.
-        genuine_header = {"alg": "RS256", "typ": "JWT", "kid": "rsa-file", "jku": url, "x5u": url,
-                          "jwk": attacker_jwk, "x5c": [certificate]}
-        assert_proxied(await call(client, asym, sign_raw(keys.rsa, genuine_header, fresh_claims())),
-                       clean_upstream)
+        genuine_header = {
+            "alg": "RS256",
+            "typ": "JWT",
+            "kid": "rsa-file",
+            "jku": url,
+            "x5u": url,
+            "jwk": attacker_jwk,
+            "x5c": [certificate],
+        }
+        assert_proxied(await call(client, asym, sign_raw(keys.rsa, genuine_header, fresh_claims())), clean_upstream)
         await asyncio.sleep(0.5)
     assert servers.counter.connections == 0
 
@@ -431,8 +524,9 @@ async def test_unknown_critical_header_is_401(asym: GatewayProcess, keys: Keys, 
 # --- case 6: times ------------------------------------------------------------------------------------
 
 
-async def test_missing_exp_expired_and_future_tokens_are_401(asym: GatewayProcess, keys: Keys,
-                                                             clean_upstream: Upstream) -> None:
+async def test_missing_exp_expired_and_future_tokens_are_401(
+    asym: GatewayProcess, keys: Keys, clean_upstream: Upstream
+) -> None:
     now = int(time.time())
     rejected = [
         fresh_claims(exp=DROP),
@@ -449,16 +543,20 @@ async def test_missing_exp_expired_and_future_tokens_are_401(asym: GatewayProces
             assert_unauthenticated(await call(client, asym, sign_payload(keys.rsa, payload)), clean_upstream)
         assert clean_upstream.seen == []
         # Inside the leeway (and with exp in the future) tokens pass: the 401s were the times'.
-        for payload in (fresh_claims(iat=now - 600, exp=now - 1), fresh_claims(nbf=now + 1, iat=now + 1),
-                        fresh_claims()):
+        for payload in (
+            fresh_claims(iat=now - 600, exp=now - 1),
+            fresh_claims(nbf=now + 1, iat=now + 1),
+            fresh_claims(),
+        ):
             assert_proxied(await call(client, asym, sign_payload(keys.rsa, payload)), clean_upstream)
 
 
 # --- case 7: audience and issuer -----------------------------------------------------------------------
 
 
-async def test_other_audience_and_lookalike_issuers_are_401(asym: GatewayProcess, keys: Keys,
-                                                            clean_upstream: Upstream) -> None:
+async def test_other_audience_and_lookalike_issuers_are_401(
+    asym: GatewayProcess, keys: Keys, clean_upstream: Upstream
+) -> None:
     rejected = [
         fresh_claims(aud="other-gateway"),
         fresh_claims(aud=["other-gateway"]),
@@ -485,8 +583,9 @@ async def test_other_audience_and_lookalike_issuers_are_401(asym: GatewayProcess
 # --- case 8: JWKS rotation, outage, slowness --------------------------------------------------------------
 
 
-async def ask_for_refetch(client: aiohttp.ClientSession, gateway: GatewayProcess, jwks: JwksServer,
-                         token: str, upstream: Upstream) -> None:
+async def ask_for_refetch(
+    client: aiohttp.ClientSession, gateway: GatewayProcess, jwks: JwksServer, token: str, upstream: Upstream
+) -> None:
     """Send ``token`` (its kid unknown to the gateway) until the JWKS endpoint sees a fetch; each is a
     prompt 401 (the fetch is never on the request's path). Retries cover a cooldown still running."""
     fetches_before = jwks.hits
@@ -500,7 +599,8 @@ async def ask_for_refetch(client: aiohttp.ClientSession, gateway: GatewayProcess
 
 
 async def test_jwks_rotation_new_kid_passes_after_the_background_refetch(
-        rotating: GatewayProcess, rotating_jwks: JwksServer, keys: Keys, clean_upstream: Upstream) -> None:
+    rotating: GatewayProcess, rotating_jwks: JwksServer, keys: Keys, clean_upstream: Upstream
+) -> None:
     new_key = make_rsa_key(f"rot-{uuid.uuid4().hex[:8]}")
     token = token_for(new_key)
     async with aiohttp.ClientSession() as client:
@@ -522,7 +622,8 @@ async def test_jwks_rotation_new_kid_passes_after_the_background_refetch(
 
 
 async def test_jwks_endpoint_down_last_good_keys_still_serve(
-        rotating: GatewayProcess, rotating_jwks: JwksServer, keys: Keys, clean_upstream: Upstream) -> None:
+    rotating: GatewayProcess, rotating_jwks: JwksServer, keys: Keys, clean_upstream: Upstream
+) -> None:
     async with aiohttp.ClientSession() as client:
         assert_proxied(await call(client, rotating, token_for(keys.rotating)), clean_upstream)
         rotating_jwks.status = 503
@@ -537,7 +638,8 @@ async def test_jwks_endpoint_down_last_good_keys_still_serve(
 
 
 async def test_jwks_endpoint_slow_does_not_delay_requests(
-        rotating: GatewayProcess, rotating_jwks: JwksServer, keys: Keys, clean_upstream: Upstream) -> None:
+    rotating: GatewayProcess, rotating_jwks: JwksServer, keys: Keys, clean_upstream: Upstream
+) -> None:
     async with aiohttp.ClientSession() as client:
         assert_proxied(await call(client, rotating, token_for(keys.rotating)), clean_upstream)
         rotating_jwks.delay_s = 4.0
@@ -558,8 +660,11 @@ def raw_request(gateway: GatewayProcess, authorization: bytes) -> tuple[int, byt
     """Send an Authorization header holding arbitrary bytes on a raw socket: (status, head, body)."""
     port = gateway.config["listen"]["port"]
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: gateway\r\nAuthorization: " + authorization
-                     + b"\r\nConnection: close\r\n\r\n")
+        sock.sendall(
+            b"GET /v1/models HTTP/1.1\r\nHost: gateway\r\nAuthorization: "
+            + authorization
+            + b"\r\nConnection: close\r\n\r\n"
+        )
         data = b""
         while chunk := sock.recv(65536):
             data += chunk
@@ -569,8 +674,9 @@ def raw_request(gateway: GatewayProcess, authorization: bytes) -> tuple[int, byt
     return int(status_line.split()[1]), head, body
 
 
-async def test_malformed_authorization_is_400_or_401_never_500(asym: GatewayProcess, keys: Keys,
-                                                               clean_upstream: Upstream) -> None:
+async def test_malformed_authorization_is_400_or_401_never_500(
+    asym: GatewayProcess, keys: Keys, clean_upstream: Upstream
+) -> None:
     payload = fresh_claims()
     genuine = keys.rsa.mint(payload)
     head, body, signature = genuine.split(".")
@@ -615,8 +721,12 @@ async def test_malformed_authorization_is_400_or_401_never_500(asym: GatewayProc
             if reply.status == 401:
                 assert_unauthenticated(reply, clean_upstream)
             assert seen_for(clean_upstream, reply) == []
-        for raw in (b"Bearer \xff\xfe\x80abc.def.ghi", b"Bearer " + genuine.encode() + b"\xc3\x28",
-                    b"Bearer \xc0\xaf\xc0\xae.\xed\xa0\x80.x", "Bearer é.ü.ß".encode()):
+        for raw in (
+            b"Bearer \xff\xfe\x80abc.def.ghi",
+            b"Bearer " + genuine.encode() + b"\xc3\x28",
+            b"Bearer \xc0\xaf\xc0\xae.\xed\xa0\x80.x",
+            "Bearer é.ü.ß".encode(),
+        ):
             status, head, body = await asyncio.to_thread(raw_request, asym, raw)
             assert status == 401, (raw, status, body)
             assert b'\r\nWWW-Authenticate: Bearer error="invalid_token"' in head
@@ -627,7 +737,8 @@ async def test_malformed_authorization_is_400_or_401_never_500(asym: GatewayProc
 
 
 async def test_authorization_header_over_8_kib_is_refused_with_the_contract_body(
-        asym: GatewayProcess, keys: Keys, clean_upstream: Upstream) -> None:
+    asym: GatewayProcess, keys: Keys, clean_upstream: Upstream
+) -> None:
     oversized = "Bearer " + "a" * 5000 + "." + "b" * 5000 + "." + "c" * 100
     async with aiohttp.ClientSession() as client:
         reply = await call(client, asym, authorization=oversized)
@@ -636,8 +747,10 @@ async def test_authorization_header_over_8_kib_is_refused_with_the_contract_body
         # Every response the gateway makes itself: OpenAI-style body, request id, reason (docs/contract.md §4);
         # and none of the caller's credential is echoed back.
         assert isinstance(reply.body, dict), reply.body
-        expected = {400: ("invalid_request_error", "invalid_request"),
-                    401: ("authentication_error", "unauthenticated")}[reply.status]
+        expected = {
+            400: ("invalid_request_error", "invalid_request"),
+            401: ("authentication_error", "unauthenticated"),
+        }[reply.status]
         assert (reply.body["error"]["type"], reply.body["error"]["code"]) == expected
         assert reply.headers["X-Gateway-Reason"] == expected[1]
         assert "X-Request-Id" in reply.headers
@@ -649,17 +762,24 @@ async def test_authorization_header_over_8_kib_is_refused_with_the_contract_body
 # --- case 10: caller-supplied identity headers -------------------------------------------------------------
 
 
-SPOOFED = [("X-Gateway-Subject", "root"), ("X-Gateway-Org", "acme"), ("X-Gateway-Tier", "internal"),
-           ("X-Gateway-Country", "US"), ("X-Gateway-Reason", "none"), ("X-Country", "US"),
-           ("X-Tier", "partner"), ("X-Gateway-Subject", "second-root")]
+SPOOFED = [
+    ("X-Gateway-Subject", "root"),
+    ("X-Gateway-Org", "acme"),
+    ("X-Gateway-Tier", "internal"),
+    ("X-Gateway-Country", "US"),
+    ("X-Gateway-Reason", "none"),
+    ("X-Country", "US"),
+    ("X-Tier", "partner"),
+    ("X-Gateway-Subject", "second-root"),
+]
 
 
-async def test_caller_identity_headers_change_nothing(asym: GatewayProcess, keys: Keys,
-                                                      clean_upstream: Upstream) -> None:
+async def test_caller_identity_headers_change_nothing(
+    asym: GatewayProcess, keys: Keys, clean_upstream: Upstream
+) -> None:
     async with aiohttp.ClientSession() as client:
         subject = f"user-{uuid.uuid4().hex[:8]}"
-        reply = await call(client, asym, token_for(keys.rsa, sub=subject, tier="public", org="org-1"),
-                           headers=SPOOFED)
+        reply = await call(client, asym, token_for(keys.rsa, sub=subject, tier="public", org="org-1"), headers=SPOOFED)
         seen = assert_proxied(reply, clean_upstream)
         assert header_values(seen, "X-Gateway-Subject") == [subject]
         assert header_values(seen, "X-Gateway-Org") == ["org-1"]
@@ -668,12 +788,14 @@ async def test_caller_identity_headers_change_nothing(asym: GatewayProcess, keys
         assert gateway_headers == ["x-gateway-org", "x-gateway-subject", "x-gateway-tier"]
 
         # A tier header cannot unlock a partners-only model for a public-tier token...
-        reply = await call(client, asym, token_for(keys.rsa, tier="public", org="acme"), model=PARTNERS_ONLY,
-                           headers=SPOOFED)
+        reply = await call(
+            client, asym, token_for(keys.rsa, tier="public", org="acme"), model=PARTNERS_ONLY, headers=SPOOFED
+        )
         assert reply.status == 403 and reply.body["error"]["code"] == "not_released"
         # ...nor an org header make a non-partner a partner...
-        reply = await call(client, asym, token_for(keys.rsa, tier="partner", org="org-1"), model=PARTNERS_ONLY,
-                           headers=SPOOFED)
+        reply = await call(
+            client, asym, token_for(keys.rsa, tier="partner", org="org-1"), model=PARTNERS_ONLY, headers=SPOOFED
+        )
         assert reply.status == 403 and reply.body["error"]["code"] == "partner_required"
         # ...nor a country header lift an embargo on the token's country.
         reply = await call(client, asym, token_for(keys.rsa, country="IR"), headers=SPOOFED)
@@ -690,7 +812,8 @@ async def test_caller_identity_headers_change_nothing(asym: GatewayProcess, keys
 
 @pytest.mark.parametrize("which", ["rsa", "ec", "ed", "jwks"])
 async def test_rs256_es256_eddsa_tokens_pass_and_credentials_stay_at_the_gateway(
-        which: str, asym: GatewayProcess, keys: Keys, clean_upstream: Upstream) -> None:
+    which: str, asym: GatewayProcess, keys: Keys, clean_upstream: Upstream
+) -> None:
     key: SigningKey = getattr(keys, which)
     subject = f"{which}-{uuid.uuid4().hex[:8]}"
     token = token_for(key, sub=subject, tier="partner", org="acme")
@@ -724,14 +847,16 @@ async def test_expired_and_unknown_api_keys_are_401(asym: GatewayProcess, clean_
     async with aiohttp.ClientSession() as client:
         assert_unauthenticated(await call(client, asym, KEY_EXPIRED), clean_upstream)
         assert_unauthenticated(await call(client, asym, new_api_key()), clean_upstream)
-        assert_unauthenticated(await call(client, asym, KEY_GOOD[:-1] + ("A" if KEY_GOOD[-1] != "A" else "B")),
-                               clean_upstream)
+        assert_unauthenticated(
+            await call(client, asym, KEY_GOOD[:-1] + ("A" if KEY_GOOD[-1] != "A" else "B")), clean_upstream
+        )
         assert_unauthenticated(await call(client, asym, hash_api_key(KEY_GOOD)), clean_upstream)  # the hash
         assert clean_upstream.seen == []
 
 
 async def test_api_key_removed_from_redis_is_401_on_every_process_within_a_second(
-        asym: GatewayProcess, rotating: GatewayProcess, module_redis: str, clean_upstream: Upstream) -> None:
+    asym: GatewayProcess, rotating: GatewayProcess, module_redis: str, clean_upstream: Upstream
+) -> None:
     async with aiohttp.ClientSession() as client:
         for gateway in (asym, rotating):
             assert_proxied(await call(client, gateway, KEY_DOOMED, model=None), clean_upstream)
@@ -739,7 +864,8 @@ async def test_api_key_removed_from_redis_is_401_on_every_process_within_a_secon
         try:
             waits = await asyncio.gather(
                 wait_for_status(client, asym, 401, within_s=3.0, token=KEY_DOOMED, model=None),
-                wait_for_status(client, rotating, 401, within_s=3.0, token=KEY_DOOMED, model=None))
+                wait_for_status(client, rotating, 401, within_s=3.0, token=KEY_DOOMED, model=None),
+            )
             assert max(waits) < 1.0, waits
             for gateway in (asym, rotating):
                 assert_unauthenticated(await call(client, gateway, KEY_DOOMED, model=None), clean_upstream)

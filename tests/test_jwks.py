@@ -51,22 +51,25 @@ async def server(rsa_key) -> AsyncIterator[JwksServer]:
 # --- KeyRing.from_settings ----------------------------------------------------------------
 
 
-def test_pem_files_load_with_kid_from_file_name_and_one_algorithm_each(tmp_path: Path, rsa_key, ec_key,
-                                                                       ed_key) -> None:
+def test_pem_files_load_with_kid_from_file_name_and_one_algorithm_each(tmp_path: Path, rsa_key, ec_key, ed_key) -> None:
     files = [rsa_key.write_pem(tmp_path), ec_key.write_pem(tmp_path), ed_key.write_pem(tmp_path)]
     ring = KeyRing.from_settings(Auth(algorithms=ASYMMETRIC, public_key_files=files), environ={})
     assert {kid: ring.get(kid).algorithm for kid in ("rsa-1", "ec-1", "ed-1")} == {
-        "rsa-1": "RS256", "ec-1": "ES256", "ed-1": "EdDSA"}
+        "rsa-1": "RS256",
+        "ec-1": "ES256",
+        "ed-1": "EdDSA",
+    }
     assert ring.get("rsa-1.pem") is None
     assert len(ring) == 3
 
 
 def test_rsa_file_takes_the_first_rsa_algorithm_allowed(tmp_path: Path, rsa_key) -> None:
     path = rsa_key.write_pem(tmp_path)
-    assert KeyRing.from_settings(Auth(algorithms=["PS256"], public_key_files=[path])).get("rsa-1").algorithm \
-        == "PS256"
-    assert KeyRing.from_settings(Auth(algorithms=["PS256", "RS384"], public_key_files=[path])) \
-        .get("rsa-1").algorithm == "RS384"
+    assert KeyRing.from_settings(Auth(algorithms=["PS256"], public_key_files=[path])).get("rsa-1").algorithm == "PS256"
+    assert (
+        KeyRing.from_settings(Auth(algorithms=["PS256", "RS384"], public_key_files=[path])).get("rsa-1").algorithm
+        == "RS384"
+    )
 
 
 def test_key_type_without_an_allowed_algorithm_is_a_config_error(tmp_path: Path, ec_key) -> None:
@@ -85,9 +88,11 @@ def test_private_key_file_and_unreadable_file_are_refused(tmp_path: Path, rsa_ke
     from cryptography.hazmat.primitives import serialization
 
     private = tmp_path / "leaked.pem"
-    private.write_bytes(rsa_key.private.private_bytes(serialization.Encoding.PEM,
-                                                      serialization.PrivateFormat.PKCS8,
-                                                      serialization.NoEncryption()))
+    private.write_bytes(
+        rsa_key.private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
     with pytest.raises(ConfigError, match=r"^auth\.public_key_files: .*private keys are refused"):
         KeyRing.from_settings(Auth(algorithms=["RS256"], public_key_files=[private]))
     with pytest.raises(ConfigError, match=r"^auth\.public_key_files: .*missing\.pem: cannot read"):
@@ -108,20 +113,25 @@ def test_hs256_mixed_with_an_asymmetric_algorithm_is_a_config_error() -> None:
 
 def test_hs256_secret_comes_from_the_named_environment_variable() -> None:
     secret = make_hs256_secret()
-    ring = KeyRing.from_settings(Auth(algorithms=["HS256"], hs256_secret_env="JWT_SECRET"),
-                                 {"JWT_SECRET": secret})
+    ring = KeyRing.from_settings(Auth(algorithms=["HS256"], hs256_secret_env="JWT_SECRET"), {"JWT_SECRET": secret})
     key = ring.single("HS256")
     assert key is not None and key.key == secret.encode() and key.kid is None
     assert secret not in repr(key)
 
 
-@pytest.mark.parametrize(("auth", "environ", "message"), [
-    (Auth(algorithms=["HS256"], hs256_secret_env="JWT_SECRET"), {}, r"^auth\.hs256_secret_env: .* not set"),
-    (Auth(algorithms=["HS256"], hs256_secret_env="JWT_SECRET"), {"JWT_SECRET": "short"}, "at least 32 bytes"),
-    (Auth(algorithms=["HS256"]), {}, r"^auth\.hs256_secret_env: required"),
-    (Auth(algorithms=["RS256"], hs256_secret_env="JWT_SECRET"), {"JWT_SECRET": "x" * 40},
-     r"^auth\.hs256_secret_env: set, but HS256 is not in auth\.algorithms"),
-])
+@pytest.mark.parametrize(
+    ("auth", "environ", "message"),
+    [
+        (Auth(algorithms=["HS256"], hs256_secret_env="JWT_SECRET"), {}, r"^auth\.hs256_secret_env: .* not set"),
+        (Auth(algorithms=["HS256"], hs256_secret_env="JWT_SECRET"), {"JWT_SECRET": "short"}, "at least 32 bytes"),
+        (Auth(algorithms=["HS256"]), {}, r"^auth\.hs256_secret_env: required"),
+        (
+            Auth(algorithms=["RS256"], hs256_secret_env="JWT_SECRET"),
+            {"JWT_SECRET": "x" * 40},
+            r"^auth\.hs256_secret_env: set, but HS256 is not in auth\.algorithms",
+        ),
+    ],
+)
 def test_hs256_secret_problems_name_the_key(auth: Auth, environ: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         KeyRing.from_settings(auth, environ)
@@ -175,23 +185,25 @@ def test_replace_jwks_never_takes_a_symmetric_key() -> None:
 
 
 def test_parse_jwks_skips_everything_it_cannot_bind_safely(rsa_key, ec_key, ed_key) -> None:
-    document = {"keys": [
-        rsa_key.jwk(),
-        ec_key.jwk(alg=None),                                    # no alg: derived from the curve
-        ed_key.jwk(),
-        {"kty": "oct", "kid": "hmac", "k": "c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0", "alg": "HS256"},
-        {"kty": "oct", "kid": "hmac-no-alg", "k": "c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0"},
-        {"kty": "XYZ", "kid": "odd"},
-        make_rsa_key("enc").jwk(use="enc"),
-        make_rsa_key("ps").jwk(alg="PS512"),                     # alg not allowed
-        make_rsa_key("lies").jwk(alg="ES256"),                   # alg of another key type
-        make_ec_key("p384", "ES384").jwk(alg="ES256"),           # curve does not fit the alg
-        make_rsa_key("x" * 300).jwk(),                           # kid too long
-        make_rsa_key("weak", bits=1024).jwk(),
-        {"kty": "RSA", "kid": "broken", "n": "!!", "e": "AQAB"},
-        "not a jwk",
-        rsa_key.jwk(kid="rsa-1"),                                # duplicate kid: the first stays
-    ]}
+    document = {
+        "keys": [
+            rsa_key.jwk(),
+            ec_key.jwk(alg=None),  # no alg: derived from the curve
+            ed_key.jwk(),
+            {"kty": "oct", "kid": "hmac", "k": "c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0", "alg": "HS256"},
+            {"kty": "oct", "kid": "hmac-no-alg", "k": "c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0"},
+            {"kty": "XYZ", "kid": "odd"},
+            make_rsa_key("enc").jwk(use="enc"),
+            make_rsa_key("ps").jwk(alg="PS512"),  # alg not allowed
+            make_rsa_key("lies").jwk(alg="ES256"),  # alg of another key type
+            make_ec_key("p384", "ES384").jwk(alg="ES256"),  # curve does not fit the alg
+            make_rsa_key("x" * 300).jwk(),  # kid too long
+            make_rsa_key("weak", bits=1024).jwk(),
+            {"kty": "RSA", "kid": "broken", "n": "!!", "e": "AQAB"},
+            "not a jwk",
+            rsa_key.jwk(kid="rsa-1"),  # duplicate kid: the first stays
+        ]
+    }
     keys = parse_jwks(document, ASYMMETRIC)
     assert [(k.kid, k.algorithm) for k in keys] == [("rsa-1", "RS256"), ("ec-1", "ES256"), ("ed-1", "EdDSA")]
 
@@ -213,8 +225,9 @@ def test_parse_jwks_rejects_what_is_not_a_jwk_set(document: object) -> None:
 # --- JwksFetcher ----------------------------------------------------------------------------
 
 
-def _fetcher(server: JwksServer, ring: KeyRing, session: aiohttp.ClientSession, clock: FakeClock,
-             **kwargs: float) -> JwksFetcher:
+def _fetcher(
+    server: JwksServer, ring: KeyRing, session: aiohttp.ClientSession, clock: FakeClock, **kwargs: float
+) -> JwksFetcher:
     options = {"refresh_s": 300.0, "cooldown_s": 30.0, "timeout_s": 2.0} | kwargs
     return JwksFetcher(server.url, ring, session, clock=clock, **options)
 
@@ -279,8 +292,9 @@ async def test_periodic_refresh_runs_without_any_request(server: JwksServer, ses
 
 
 @pytest.mark.parametrize("failure", ["status", "garbage", "empty", "too_large", "stopped"])
-async def test_failed_fetch_keeps_the_last_good_keys(server: JwksServer, session, failure: str,
-                                                     caplog: pytest.LogCaptureFixture) -> None:
+async def test_failed_fetch_keeps_the_last_good_keys(
+    server: JwksServer, session, failure: str, caplog: pytest.LogCaptureFixture
+) -> None:
     clock = FakeClock()
     ring = KeyRing(algorithms=ASYMMETRIC)
     fetcher = _fetcher(server, ring, session, clock, max_bytes=4096)
@@ -324,8 +338,9 @@ async def test_slow_endpoint_times_out_and_keys_stay(server: JwksServer, session
         await fetcher.close()
 
 
-async def test_last_good_keys_serve_only_for_a_bounded_time(server: JwksServer, session,
-                                                            caplog: pytest.LogCaptureFixture) -> None:
+async def test_last_good_keys_serve_only_for_a_bounded_time(
+    server: JwksServer, session, caplog: pytest.LogCaptureFixture
+) -> None:
     clock = FakeClock()
     ring = KeyRing(algorithms=ASYMMETRIC)
     fetcher = _fetcher(server, ring, session, clock, max_stale_s=600)
@@ -362,5 +377,10 @@ async def test_redirects_are_not_followed(rsa_key, session) -> None:
 
 def test_jwks_url_must_be_http() -> None:
     with pytest.raises(ConfigError, match=r"^auth\.jwks_url"):
-        JwksFetcher("file:///etc/passwd", KeyRing(algorithms=["RS256"]), None,  # type: ignore[arg-type]
-                    refresh_s=300, cooldown_s=30)
+        JwksFetcher(
+            "file:///etc/passwd",
+            KeyRing(algorithms=["RS256"]),
+            None,  # type: ignore[arg-type]
+            refresh_s=300,
+            cooldown_s=30,
+        )

@@ -40,22 +40,32 @@ async def test_access_log_and_no_secrets_in_a_debug_log(redis_url: str, upstream
     answered: list[tuple[str, int, str | None]] = []  # (request id, status, subject)
     try:
         async with aiohttp.ClientSession() as client:
-            async with client.post(gateway.admin_url + "/admin/v1/api-keys", headers=admin,
-                                   json={"subject": "svc-1", "org": "acme", "country": "US",
-                                         "tier": "partner"}) as r:
+            async with client.post(
+                gateway.admin_url + "/admin/v1/api-keys",
+                headers=admin,
+                json={"subject": "svc-1", "org": "acme", "country": "US", "tier": "partner"},
+            ) as r:
                 assert r.status in (200, 201), await r.text()
                 api_key = (await r.json())["key"]
             async with client.get(gateway.admin_url + "/admin/v1/policy", headers=admin) as r:
                 assert r.status == 200
-            async with client.get(gateway.admin_url + "/admin/v1/policy",
-                                  headers={"Authorization": f"Bearer {wrong_admin}"}) as r:
+            async with client.get(
+                gateway.admin_url + "/admin/v1/policy", headers={"Authorization": f"Bearer {wrong_admin}"}
+            ) as r:
                 assert r.status == 401
-            public = [(token, "alice", 200), (forged, None, 401), (fake_key, None, 401),
-                      (ADMIN_TOKEN, None, 401), (api_key, "svc-1", 200)]
+            public = [
+                (token, "alice", 200),
+                (forged, None, 401),
+                (fake_key, None, 401),
+                (ADMIN_TOKEN, None, 401),
+                (api_key, "svc-1", 200),
+            ]
             for credential, subject, status in public:
-                async with client.post(gateway.url + "/v1/chat/completions?api_key=query-secret-123",
-                                       json={"model": "gpt-mock"},
-                                       headers={"Authorization": f"Bearer {credential}"}) as r:
+                async with client.post(
+                    gateway.url + "/v1/chat/completions?api_key=query-secret-123",
+                    json={"model": "gpt-mock"},
+                    headers={"Authorization": f"Bearer {credential}"},
+                ) as r:
                     assert r.status == status, await r.text()
                     await r.read()
                     answered.append((r.headers["X-Request-Id"], status, subject))
@@ -64,8 +74,17 @@ async def test_access_log_and_no_secrets_in_a_debug_log(redis_url: str, upstream
         gateway.stop()
     text = gateway.log_path.read_text()
     entries = log_lines(gateway)
-    for secret in (token, token.rsplit(".", 1)[1], forged, fake_key, api_key, ADMIN_TOKEN, wrong_admin,
-                   HS_SECRET, "query-secret-123"):
+    for secret in (
+        token,
+        token.rsplit(".", 1)[1],
+        forged,
+        fake_key,
+        api_key,
+        ADMIN_TOKEN,
+        wrong_admin,
+        HS_SECRET,
+        "query-secret-123",
+    ):
         assert secret not in text, f"a secret reached the log: {secret[:12]}..."
 
     access = [entry for entry in entries if entry["logger"] == "gateway.access"]
@@ -86,8 +105,10 @@ async def test_level_error_writes_no_info_and_no_access_lines(redis_url: str, up
     config = gateway_config(upstream.url, logging={"level": "error", "format": "json", "access_log": False})
     gateway = GatewayProcess(config, redis_url=redis_url).start()
     try:
-        async with aiohttp.ClientSession() as client, client.get(
-                gateway.url + "/v1/models", headers={"Authorization": f"Bearer {hs_token()}"}) as r:
+        async with (
+            aiohttp.ClientSession() as client,
+            client.get(gateway.url + "/v1/models", headers={"Authorization": f"Bearer {hs_token()}"}) as r,
+        ):
             assert r.status == 200
     finally:
         gateway.stop()
@@ -120,11 +141,14 @@ async def test_request_id_on_every_line_logged_while_handling_a_request() -> Non
     assert "request_id" not in lines[2]
 
 
-@pytest.mark.parametrize("leak", [
-    "Authorization: Bearer sk-abcdef0123456789",
-    "token eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl in a message",
-    "key=gk_AbCdEf0123456789xyz",
-])
+@pytest.mark.parametrize(
+    "leak",
+    [
+        "Authorization: Bearer sk-abcdef0123456789",
+        "token eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl in a message",
+        "key=gk_AbCdEf0123456789xyz",
+    ],
+)
 def test_credential_shapes_are_masked_as_a_second_line_of_defence(leak: str) -> None:
     masked = redact(leak)
     assert "[redacted]" in masked

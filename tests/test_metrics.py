@@ -37,24 +37,40 @@ CONTRACT_METRICS: dict[str, set[str]] = {
 }
 
 METRICS_POLICY: dict[str, Any] = {
-    "lists": {**BASE_POLICY["lists"],
-              "deny-entities": {"evil-corp": {"reason": "test", "source": "test"},
-                                "evil-org": {"reason": "test", "source": "test"}}},
+    "lists": {
+        **BASE_POLICY["lists"],
+        "deny-entities": {
+            "evil-corp": {"reason": "test", "source": "test"},
+            "evil-org": {"reason": "test", "source": "test"},
+        },
+    },
     "models": {
         **BASE_POLICY["models"],
-        "secret-model": {"stage": "internal", "timeline": [], "allowed_countries": None,
-                         "export_suspended": False},
+        "secret-model": {"stage": "internal", "timeline": [], "allowed_countries": None, "export_suspended": False},
     },
 }
 
 TIERS = {
     # Refused answers (401s under the default tier among them) are limited apart: not what is measured here.
-    "public": {"requests_per_minute": 1, "burst": 1, "tokens_per_minute": None, "stages": ["general"],
-               "blocked_per_minute": 1000},
-    "partner": {"requests_per_minute": 6000, "burst": 600, "tokens_per_minute": None,
-                "stages": ["partners", "general"]},
-    "internal": {"requests_per_minute": 6000, "burst": 600, "tokens_per_minute": None,
-                 "stages": ["internal", "partners", "general"]},
+    "public": {
+        "requests_per_minute": 1,
+        "burst": 1,
+        "tokens_per_minute": None,
+        "stages": ["general"],
+        "blocked_per_minute": 1000,
+    },
+    "partner": {
+        "requests_per_minute": 6000,
+        "burst": 600,
+        "tokens_per_minute": None,
+        "stages": ["partners", "general"],
+    },
+    "internal": {
+        "requests_per_minute": 6000,
+        "burst": 600,
+        "tokens_per_minute": None,
+        "stages": ["internal", "partners", "general"],
+    },
 }
 
 
@@ -92,20 +108,32 @@ def metrics_redis() -> Iterator[RedisServer]:
         yield server
 
 
-async def test_every_metric_and_label_after_known_traffic(metrics_redis: RedisServer,
-                                                          upstream: Upstream) -> None:
+async def test_every_metric_and_label_after_known_traffic(metrics_redis: RedisServer, upstream: Upstream) -> None:
     version = seed_policy(metrics_redis.url, METRICS_POLICY)
     dead = f"http://127.0.0.1:{free_port()}"
-    config = gateway_config(upstream.url, tiers=TIERS, limits={"max_body_bytes": 1024},
-                            policy={"unknown_model": "allow"}, upstream={"routes": {"dead-*": dead}})
+    config = gateway_config(
+        upstream.url,
+        tiers=TIERS,
+        limits={"max_body_bytes": 1024},
+        policy={"unknown_model": "allow"},
+        upstream={"routes": {"dead-*": dead}},
+    )
     gateway = GatewayProcess(config, redis_url=metrics_redis.url).start()
     try:
         before = await scrape(gateway.admin_url)
         # Children are prepared when the snapshot loads: a zero series exists before any traffic.
-        assert value(before, "gateway_requests_total", decision="block", code="export_suspended",
-                     model="secret-model", tier="partner") == 0
-        assert value(before, "gateway_requests_total", decision="allow", code="", model="gpt-mock",
-                     tier="public") == 0
+        assert (
+            value(
+                before,
+                "gateway_requests_total",
+                decision="block",
+                code="export_suspended",
+                model="secret-model",
+                tier="partner",
+            )
+            == 0
+        )
+        assert value(before, "gateway_requests_total", decision="allow", code="", model="gpt-mock", tier="public") == 0
         await _known_traffic(gateway)
         samples = await scrape(gateway.admin_url)
     finally:
@@ -176,13 +204,15 @@ async def _known_traffic(gateway: GatewayProcess) -> None:
     async with aiohttp.ClientSession() as client:
         for method, body, headers, status in expected:
             kwargs: dict[str, Any] = {"data": body} if isinstance(body, bytes) else {"json": body}
-            async with client.request(method, gateway.url + "/v1/chat/completions", headers=headers,
-                                      **kwargs) as response:
+            async with client.request(
+                method, gateway.url + "/v1/chat/completions", headers=headers, **kwargs
+            ) as response:
                 assert response.status == status, (body, status, await response.text())
 
 
-async def test_new_registry_models_get_children_and_version_follows(metrics_redis: RedisServer,
-                                                                    upstream: Upstream) -> None:
+async def test_new_registry_models_get_children_and_version_follows(
+    metrics_redis: RedisServer, upstream: Upstream
+) -> None:
     first = seed_policy(metrics_redis.url, METRICS_POLICY)
     gateway = GatewayProcess(gateway_config(upstream.url), redis_url=metrics_redis.url).start()
     try:
@@ -197,14 +227,17 @@ async def test_new_registry_models_get_children_and_version_follows(metrics_redi
                 break
             await asyncio.sleep(0.05)
         assert value(samples, "gateway_policy_version") == second
-        assert value(samples, "gateway_requests_total", decision="allow", code="", model="fresh-model",
-                     tier="partner") == 0
+        assert (
+            value(samples, "gateway_requests_total", decision="allow", code="", model="fresh-model", tier="partner")
+            == 0
+        )
     finally:
         gateway.stop()
 
 
-async def test_redis_errors_and_local_rate_limit_counted_while_redis_is_away(fresh_redis: RedisServer,
-                                                                             upstream: Upstream) -> None:
+async def test_redis_errors_and_local_rate_limit_counted_while_redis_is_away(
+    fresh_redis: RedisServer, upstream: Upstream
+) -> None:
     seed_policy(fresh_redis.url)
     config = gateway_config(upstream.url, policy={"max_staleness_s": 30})
     gateway = GatewayProcess(config, redis_url=fresh_redis.url).start()
@@ -215,8 +248,9 @@ async def test_redis_errors_and_local_rate_limit_counted_while_redis_is_away(fre
         await asyncio.sleep(0.5)
         async with aiohttp.ClientSession() as client:
             for _ in range(3):  # served from the last snapshot, limited locally
-                async with client.post(gateway.url + "/v1/chat/completions", json={"model": "gpt-mock"},
-                                       headers=auth()) as response:
+                async with client.post(
+                    gateway.url + "/v1/chat/completions", json={"model": "gpt-mock"}, headers=auth()
+                ) as response:
                     assert response.status == 200
         after = await scrape(gateway.admin_url)
     finally:
@@ -230,8 +264,9 @@ async def test_workers_are_summed_in_one_scrape(metrics_redis: RedisServer, upst
     version = seed_policy(metrics_redis.url, METRICS_POLICY)
     client_redis = redis_sync.Redis.from_url(metrics_redis.url)
     client_redis.delete("gw:audit")
-    gateway = GatewayProcess(gateway_config(upstream.url, audit={"flush_ms": 20}),
-                             redis_url=metrics_redis.url, workers=2).start()
+    gateway = GatewayProcess(
+        gateway_config(upstream.url, audit={"flush_ms": 20}), redis_url=metrics_redis.url, workers=2
+    ).start()
     requests = 40
     try:
         await _wait_for_workers(gateway, 2)
@@ -248,8 +283,7 @@ async def test_workers_are_summed_in_one_scrape(metrics_redis: RedisServer, upst
         client_redis.close()
     assert len(producers) == 2, "both workers must have served requests"
     assert total(samples, "gateway_requests_total") == requests
-    assert value(samples, "gateway_requests_total", decision="allow", code="", model="",
-                 tier="partner") == requests
+    assert value(samples, "gateway_requests_total", decision="allow", code="", model="", tier="partner") == requests
     assert value(samples, "gateway_overhead_seconds_count") == requests
     assert value(samples, "gateway_policy_version") == version
     assert value(samples, "gateway_in_flight_requests") == 0
@@ -269,8 +303,14 @@ async def _wait_for_workers(gateway: GatewayProcess, count: int) -> set[int]:
     raise AssertionError(f"only {len(pids)} of {count} workers answered")
 
 
-PROCESS_SERIES = ("process_resident_memory_bytes", "process_virtual_memory_bytes", "process_cpu_seconds_total",
-                  "process_open_fds", "process_max_fds", "process_start_time_seconds")
+PROCESS_SERIES = (
+    "process_resident_memory_bytes",
+    "process_virtual_memory_bytes",
+    "process_cpu_seconds_total",
+    "process_open_fds",
+    "process_max_fds",
+    "process_start_time_seconds",
+)
 
 
 def _proc_rss_and_fds(pid: int) -> tuple[float, int]:
@@ -283,14 +323,14 @@ def _proc_rss_and_fds(pid: int) -> tuple[float, int]:
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-async def test_process_metrics_cover_every_worker(metrics_redis: RedisServer, upstream: Upstream,
-                                                  workers: int) -> None:
+async def test_process_metrics_cover_every_worker(metrics_redis: RedisServer, upstream: Upstream, workers: int) -> None:
     import time
 
     seed_policy(metrics_redis.url, METRICS_POLICY)
     started = time.time()
-    gateway = GatewayProcess(gateway_config(upstream.url, tiers=TIERS), redis_url=metrics_redis.url,
-                             workers=workers).start()
+    gateway = GatewayProcess(
+        gateway_config(upstream.url, tiers=TIERS), redis_url=metrics_redis.url, workers=workers
+    ).start()
     headers = auth(hs_token(f"process-metrics-{workers}-{time.monotonic_ns()}"))  # a rate bucket of its own
     try:
         pids = await _wait_for_workers(gateway, workers)

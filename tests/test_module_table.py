@@ -20,7 +20,9 @@ def test_the_module_table_matches_the_package() -> None:
     modules = {str(path.relative_to(package)) for path in package.rglob("*.py") if path.name != "__init__.py"}
     entries = table_entries()
     listed_modules = {entry for entry in entries if entry.endswith(".py")}
-    assert listed_modules == modules, {"not in the table": sorted(modules - listed_modules),
-                                       "in the table, not in the package": sorted(listed_modules - modules)}
+    assert listed_modules == modules, {
+        "not in the table": sorted(modules - listed_modules),
+        "in the table, not in the package": sorted(listed_modules - modules),
+    }
     for folder in entries - listed_modules:  # data folders such as lua/
         assert (package / folder).is_dir(), folder

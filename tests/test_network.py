@@ -19,31 +19,53 @@ TRUSTED = TrustedProxies(["10.0.0.0/8", "2001:db8:ffff::/48"])
 
 def client_ip(peer: str | None, xff: list[str], trusted: TrustedProxies) -> str:
     return client_chain(peer, xff, trusted)[0]
+
+
 PROXY = "10.0.0.2"
 CLIENT = "203.0.113.5"
 
 
-@pytest.mark.parametrize(("raw", "expected"), [
-    ("1.2.3.4", "1.2.3.4"),
-    ("  1.2.3.4\t", "1.2.3.4"),
-    ("1.2.3.4:5678", "1.2.3.4"),
-    ("[2001:db8::1]:443", "2001:db8::1"),
-    ("[2001:db8::1]", "2001:db8::1"),
-    ("2001:DB8:0:0::1", "2001:db8::1"),
-    ("fe80::1%eth0", "fe80::1"),
-    ("[fe80::1%25eth0]:80", "fe80::1"),
-    ("::ffff:1.2.3.4", "1.2.3.4"),
-    ("[::ffff:10.0.0.1]:80", "10.0.0.1"),
-])
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("1.2.3.4", "1.2.3.4"),
+        ("  1.2.3.4\t", "1.2.3.4"),
+        ("1.2.3.4:5678", "1.2.3.4"),
+        ("[2001:db8::1]:443", "2001:db8::1"),
+        ("[2001:db8::1]", "2001:db8::1"),
+        ("2001:DB8:0:0::1", "2001:db8::1"),
+        ("fe80::1%eth0", "fe80::1"),
+        ("[fe80::1%25eth0]:80", "fe80::1"),
+        ("::ffff:1.2.3.4", "1.2.3.4"),
+        ("[::ffff:10.0.0.1]:80", "10.0.0.1"),
+    ],
+)
 def test_addresses_are_normalised(raw: str, expected: str) -> None:
     assert normalise_ip(raw) == expected
 
 
-@pytest.mark.parametrize("raw", [
-    "", "unknown", "_hidden", "1.2.3", "01.2.3.4", "1.2.3.4:", "1.2.3.4:http", "1.2.3.4:١٢٣",
-    "1.2.3.4:1234567", "[2001:db8::1", "[2001:db8::1]x", "[2001:db8::1]:", "1.2.3.4 5.6.7.8",
-    "<script>", "1.2.3.4/24", "999.1.1.1", "localhost",
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "",
+        "unknown",
+        "_hidden",
+        "1.2.3",
+        "01.2.3.4",
+        "1.2.3.4:",
+        "1.2.3.4:http",
+        "1.2.3.4:١٢٣",
+        "1.2.3.4:1234567",
+        "[2001:db8::1",
+        "[2001:db8::1]x",
+        "[2001:db8::1]:",
+        "1.2.3.4 5.6.7.8",
+        "<script>",
+        "1.2.3.4/24",
+        "999.1.1.1",
+        "localhost",
+    ],
+)
 def test_garbage_is_not_an_address(raw: str) -> None:
     assert normalise_ip(raw) is None
 
@@ -85,12 +107,15 @@ def test_spoofed_leftmost_entries_change_nothing(spoofed: str) -> None:
     assert client_ip(PROXY, [f"{spoofed}, {CLIENT}, 10.0.0.1"], TRUSTED) == CLIENT
 
 
-@pytest.mark.parametrize("headers", [
-    ["6.6.6.6", f"{CLIENT}, 10.0.0.1"],
-    [f"6.6.6.6, {CLIENT}", "10.0.0.1"],
-    ["6.6.6.6", CLIENT, "10.0.0.1"],
-    ["6.6.6.6", CLIENT, ""],
-])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        ["6.6.6.6", f"{CLIENT}, 10.0.0.1"],
+        [f"6.6.6.6, {CLIENT}", "10.0.0.1"],
+        ["6.6.6.6", CLIENT, "10.0.0.1"],
+        ["6.6.6.6", CLIENT, ""],
+    ],
+)
 def test_several_xff_headers_are_one_list_in_order(headers: list[str]) -> None:
     assert client_ip(PROXY, headers, TRUSTED) == CLIENT
 
@@ -100,21 +125,24 @@ def test_all_hops_trusted_gives_the_leftmost_trusted() -> None:
     assert client_ip(PROXY, [], TRUSTED) == PROXY
 
 
-@pytest.mark.parametrize("xff", [
-    f"{CLIENT}, garbage, 10.0.0.1",
-    f"{CLIENT}, garbage",
-    "<script>alert(1)</script>",
-    f"{CLIENT}, 1.2.3.4:http",
-    f"{CLIENT}, unknown, 10.0.0.1, 10.0.0.3",
-    "198.51.100.007",  # octal to inet_aton, decimal to others
-    "3325256711",  # 198.51.100.7 to inet_aton
-    "0xc6.0x33.0x64.7",
-    "198.51.100.7:8080",  # a port: not an address
-    "[2001:db8::5]:443",
-    "[2001:db8::5]",
-    "fe80::1%eth0",
-    "::ffff:",
-])
+@pytest.mark.parametrize(
+    "xff",
+    [
+        f"{CLIENT}, garbage, 10.0.0.1",
+        f"{CLIENT}, garbage",
+        "<script>alert(1)</script>",
+        f"{CLIENT}, 1.2.3.4:http",
+        f"{CLIENT}, unknown, 10.0.0.1, 10.0.0.3",
+        "198.51.100.007",  # octal to inet_aton, decimal to others
+        "3325256711",  # 198.51.100.7 to inet_aton
+        "0xc6.0x33.0x64.7",
+        "198.51.100.7:8080",  # a port: not an address
+        "[2001:db8::5]:443",
+        "[2001:db8::5]",
+        "fe80::1%eth0",
+        "::ffff:",
+    ],
+)
 def test_an_unreadable_hop_that_must_be_read_is_refused(xff: str) -> None:
     """Finding 9: never a fallback to the last readable hop or the proxy's own address."""
     with pytest.raises(UnreadableHop):
@@ -125,7 +153,9 @@ def test_an_unreadable_hop_that_must_be_read_is_refused(xff: str) -> None:
 
 def test_garbage_left_of_the_first_untrusted_hop_is_never_read() -> None:
     assert client_chain(PROXY, [f"garbage, 198.51.100.007, {CLIENT}, 10.0.0.1"], TRUSTED) == (
-        CLIENT, f"{CLIENT}, 10.0.0.1, {PROXY}")
+        CLIENT,
+        f"{CLIENT}, 10.0.0.1, {PROXY}",
+    )
     # An untrusted peer's header is never read at all.
     assert client_chain("198.51.100.7", ["garbage"], TRUSTED) == ("198.51.100.7", "198.51.100.7")
 
@@ -165,8 +195,10 @@ _entry = st.one_of(
 )
 
 
-@given(peer=st.sampled_from([PROXY, "198.51.100.7", "::ffff:10.0.0.3", None]),
-       headers=st.lists(st.lists(_entry, max_size=5).map(", ".join), max_size=3))
+@given(
+    peer=st.sampled_from([PROXY, "198.51.100.7", "::ffff:10.0.0.3", None]),
+    headers=st.lists(st.lists(_entry, max_size=5).map(", ".join), max_size=3),
+)
 def test_result_is_always_an_address_never_garbage(peer: str | None, headers: list[str]) -> None:
     try:
         result = client_ip(peer, headers, TRUSTED)

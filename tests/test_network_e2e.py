@@ -57,17 +57,25 @@ def network_policy() -> dict[str, Any]:
         "192.0.2.96/27": range_entry("IR"),
         "2001:db8:66::/48": range_entry("IR"),
     }
-    document["models"][US_ONLY] = {"stage": "general", "timeline": [], "allowed_countries": ["US"],
-                                   "export_suspended": False}
+    document["models"][US_ONLY] = {
+        "stage": "general",
+        "timeline": [],
+        "allowed_countries": ["US"],
+        "export_suspended": False,
+    }
     return document
 
 
 def write_city_mmdb(path: Path) -> Path:
     records = {
-        "192.0.2.0/26": {"country": {"iso_code": "UA", "names": {"en": "Ukraine"}},
-                         "subdivisions": [{"iso_code": "43", "names": {"en": "Crimea"}}]},
-        "192.0.2.64/26": {"country": {"iso_code": "UA", "names": {"en": "Ukraine"}},
-                          "subdivisions": [{"iso_code": "30", "names": {"en": "Kyiv"}}]},
+        "192.0.2.0/26": {
+            "country": {"iso_code": "UA", "names": {"en": "Ukraine"}},
+            "subdivisions": [{"iso_code": "43", "names": {"en": "Crimea"}}],
+        },
+        "192.0.2.64/26": {
+            "country": {"iso_code": "UA", "names": {"en": "Ukraine"}},
+            "subdivisions": [{"iso_code": "30", "names": {"en": "Kyiv"}}],
+        },
         "192.0.2.128/26": {"country": {"iso_code": "RU", "names": {"en": "Russia"}}},
     }
     writer = MMDBWriter(ip_version=6, database_type="GeoIP2-City", ipv4_compatible=True)
@@ -105,14 +113,16 @@ def plain(module_redis: str, upstream: Upstream) -> Iterator[GatewayProcess]:
 
 @pytest.fixture(scope="module")
 def trusted(module_redis: str, upstream: Upstream, mmdb: Path) -> Iterator[GatewayProcess]:
-    yield from _gateway(module_redis, upstream, trusted_proxies=["127.0.0.1/32"], geoip_db=str(mmdb),
-                        require_ip_country=False)
+    yield from _gateway(
+        module_redis, upstream, trusted_proxies=["127.0.0.1/32"], geoip_db=str(mmdb), require_ip_country=False
+    )
 
 
 @pytest.fixture(scope="module")
 def strict(module_redis: str, upstream: Upstream, mmdb: Path) -> Iterator[GatewayProcess]:
-    yield from _gateway(module_redis, upstream, trusted_proxies=["127.0.0.1/32"], geoip_db=str(mmdb),
-                        require_ip_country=True)
+    yield from _gateway(
+        module_redis, upstream, trusted_proxies=["127.0.0.1/32"], geoip_db=str(mmdb), require_ip_country=True
+    )
 
 
 # --- requests --------------------------------------------------------------------------------------
@@ -134,16 +144,26 @@ class Reply:
         return self.body["error"]["message"] if self.code else ""
 
 
-async def call(client: aiohttp.ClientSession, gateway: GatewayProcess, *xff: str, country: str | None = "US",
-               model: str = "gpt-mock") -> Reply:
+async def call(
+    client: aiohttp.ClientSession,
+    gateway: GatewayProcess,
+    *xff: str,
+    country: str | None = "US",
+    model: str = "gpt-mock",
+) -> Reply:
     """POST a chat completion as a fresh subject with ``country`` claimed, one X-Forwarded-For per ``xff``."""
     request_id = f"rid-{uuid.uuid4().hex}"
     token = hs_token(f"user-{uuid.uuid4().hex[:12]}", country=country)
-    headers = [("Authorization", f"Bearer {token}"), ("X-Request-Id", request_id),
-               *(("X-Forwarded-For", value) for value in xff)]
-    async with client.post(gateway.url + "/v1/chat/completions",
-                           json={"model": model, "messages": [{"role": "user", "content": "hi"}]},
-                           headers=headers) as response:
+    headers = [
+        ("Authorization", f"Bearer {token}"),
+        ("X-Request-Id", request_id),
+        *(("X-Forwarded-For", value) for value in xff),
+    ]
+    async with client.post(
+        gateway.url + "/v1/chat/completions",
+        json={"model": model, "messages": [{"role": "user", "content": "hi"}]},
+        headers=headers,
+    ) as response:
         raw = await response.read()
         try:
             body = orjson.loads(raw) if raw else None
@@ -153,8 +173,11 @@ async def call(client: aiohttp.ClientSession, gateway: GatewayProcess, *xff: str
 
 
 def seen_for(upstream: Upstream, reply: Reply) -> list[Seen]:
-    return [seen for seen in upstream.seen
-            if any(k.lower() == "x-request-id" and v == reply.request_id for k, v in seen.headers)]
+    return [
+        seen
+        for seen in upstream.seen
+        if any(k.lower() == "x-request-id" and v == reply.request_id for k, v in seen.headers)
+    ]
 
 
 def forwarded_for(upstream: Upstream, reply: Reply) -> list[str]:
@@ -176,8 +199,9 @@ def assert_blocked(reply: Reply, upstream: Upstream, status: int, code: str, pla
 # --- X-Forwarded-For -----------------------------------------------------------------------------------
 
 
-async def test_xff_from_an_untrusted_peer_is_ignored(plain: GatewayProcess, trusted: GatewayProcess,
-                                                     clean_upstream: Upstream) -> None:
+async def test_xff_from_an_untrusted_peer_is_ignored(
+    plain: GatewayProcess, trusted: GatewayProcess, clean_upstream: Upstream
+) -> None:
     async with aiohttp.ClientSession() as client:
         # The same request is blocked where 127.0.0.1 is a trusted proxy, so the header does name IR...
         assert_blocked(await call(client, trusted, IR_ADDRESS), clean_upstream, 451, "country_denied", "IR")
@@ -191,8 +215,7 @@ async def test_xff_from_an_untrusted_peer_is_ignored(plain: GatewayProcess, trus
         assert [v for k, v in seen.headers if k.lower() == "x-forwarded-proto"] == ["http"]
 
 
-async def test_xff_from_a_trusted_peer_decides_the_country(trusted: GatewayProcess,
-                                                           clean_upstream: Upstream) -> None:
+async def test_xff_from_a_trusted_peer_decides_the_country(trusted: GatewayProcess, clean_upstream: Upstream) -> None:
     async with aiohttp.ClientSession() as client:
         assert_blocked(await call(client, trusted, IR_ADDRESS), clean_upstream, 451, "country_denied", "IR")
         assert_blocked(await call(client, trusted, IR_V6_ADDRESS), clean_upstream, 451, "country_denied", "IR")
@@ -202,45 +225,81 @@ async def test_xff_from_a_trusted_peer_decides_the_country(trusted: GatewayProce
         assert forwarded_for(clean_upstream, reply) == ["127.0.0.1"]
 
 
-async def test_spoofed_leftmost_xff_uses_the_rightmost_untrusted_hop(trusted: GatewayProcess,
-                                                                     clean_upstream: Upstream) -> None:
+async def test_spoofed_leftmost_xff_uses_the_rightmost_untrusted_hop(
+    trusted: GatewayProcess, clean_upstream: Upstream
+) -> None:
     async with aiohttp.ClientSession() as client:
         reply = await call(client, trusted, f"{IR_ADDRESS}, {US_ADDRESS}")
         assert reply.status == 200, reply.body
         # The caller's own say (left of the first untrusted hop) is not sent on: an upstream that reads the
         # left-most entry reads the address that was decided on.
         assert forwarded_for(clean_upstream, reply) == [f"{US_ADDRESS}, 127.0.0.1"]
-        assert_blocked(await call(client, trusted, f"{US_ADDRESS}, {IR_ADDRESS}"), clean_upstream,
-                       451, "country_denied", "IR")
+        assert_blocked(
+            await call(client, trusted, f"{US_ADDRESS}, {IR_ADDRESS}"), clean_upstream, 451, "country_denied", "IR"
+        )
         # Trusted hops in the chain are skipped on the way to the first untrusted one.
-        assert_blocked(await call(client, trusted, f"{US_ADDRESS}, {IR_ADDRESS}, 127.0.0.1, 127.0.0.1"),
-                       clean_upstream, 451, "country_denied", "IR")
+        assert_blocked(
+            await call(client, trusted, f"{US_ADDRESS}, {IR_ADDRESS}, 127.0.0.1, 127.0.0.1"),
+            clean_upstream,
+            451,
+            "country_denied",
+            "IR",
+        )
         reply = await call(client, trusted, f"{IR_ADDRESS}, {US_ADDRESS}, 127.0.0.1")
         assert reply.status == 200, reply.body
 
 
-async def test_several_xff_headers_are_one_list(plain: GatewayProcess, trusted: GatewayProcess,
-                                                clean_upstream: Upstream) -> None:
+async def test_several_xff_headers_are_one_list(
+    plain: GatewayProcess, trusted: GatewayProcess, clean_upstream: Upstream
+) -> None:
     async with aiohttp.ClientSession() as client:
         reply = await call(client, trusted, IR_ADDRESS, US_ADDRESS)
         assert reply.status == 200, reply.body
         assert forwarded_for(clean_upstream, reply) == [f"{US_ADDRESS}, 127.0.0.1"]
-        assert_blocked(await call(client, trusted, US_ADDRESS, IR_ADDRESS), clean_upstream,
-                       451, "country_denied", "IR")
-        assert_blocked(await call(client, trusted, US_ADDRESS, f"{US_ADDRESS}, {IR_ADDRESS}", ""),
-                       clean_upstream, 451, "country_denied", "IR")
+        assert_blocked(await call(client, trusted, US_ADDRESS, IR_ADDRESS), clean_upstream, 451, "country_denied", "IR")
+        assert_blocked(
+            await call(client, trusted, US_ADDRESS, f"{US_ADDRESS}, {IR_ADDRESS}", ""),
+            clean_upstream,
+            451,
+            "country_denied",
+            "IR",
+        )
         reply = await call(client, plain, US_ADDRESS, IR_ADDRESS)
         assert forwarded_for(clean_upstream, reply) == ["127.0.0.1"]
 
 
-GARBAGE = ["not-an-ip", "unknown", "_hidden", "999.999.999.999", "198.51.100.7:99999", "[2001:db8::1",
-           "2001:db8::1]", "1.2.3.4/24", "198.51.100.7 203.0.113.9", "0x7f.0.0.1", ",,,", " , ", "",
-           "a" * 4000, "%00", "fe80::1%", "-1", "1.2.3", "::ffff:", "[]", "\t", "198.51.100.7;203.0.113.9",
-           "for=198.51.100.7", "<script>", "1" * 60]
+GARBAGE = [
+    "not-an-ip",
+    "unknown",
+    "_hidden",
+    "999.999.999.999",
+    "198.51.100.7:99999",
+    "[2001:db8::1",
+    "2001:db8::1]",
+    "1.2.3.4/24",
+    "198.51.100.7 203.0.113.9",
+    "0x7f.0.0.1",
+    ",,,",
+    " , ",
+    "",
+    "a" * 4000,
+    "%00",
+    "fe80::1%",
+    "-1",
+    "1.2.3",
+    "::ffff:",
+    "[]",
+    "\t",
+    "198.51.100.7;203.0.113.9",
+    "for=198.51.100.7",
+    "<script>",
+    "1" * 60,
+]
 
 
-async def test_garbage_xff_entries_never_fail_the_gateway(trusted: GatewayProcess, strict: GatewayProcess,
-                                                          clean_upstream: Upstream) -> None:
+async def test_garbage_xff_entries_never_fail_the_gateway(
+    trusted: GatewayProcess, strict: GatewayProcess, clean_upstream: Upstream
+) -> None:
     async with aiohttp.ClientSession() as client:
         for garbage in GARBAGE:
             for xff in ([garbage], [f"{IR_ADDRESS}, {garbage}"], [garbage, garbage]):
@@ -250,10 +309,12 @@ async def test_garbage_xff_entries_never_fail_the_gateway(trusted: GatewayProces
                 else:  # only empty list elements, which the list syntax allows: as if absent
                     assert reply.status in (200, 451), (xff, reply.status, reply.body)
             # Garbage left of the right-most hop does not hide that hop.
-            assert_blocked(await call(client, trusted, f"{garbage}, {IR_ADDRESS}"), clean_upstream,
-                           451, "country_denied", "IR")
-            assert_blocked(await call(client, trusted, garbage, IR_ADDRESS), clean_upstream,
-                           451, "country_denied", "IR")
+            assert_blocked(
+                await call(client, trusted, f"{garbage}, {IR_ADDRESS}"), clean_upstream, 451, "country_denied", "IR"
+            )
+            assert_blocked(
+                await call(client, trusted, garbage, IR_ADDRESS), clean_upstream, 451, "country_denied", "IR"
+            )
         # Other canonical spellings of the IR address are that address...
         for spelling in (f"::ffff:{IR_ADDRESS}", f" {IR_ADDRESS} ", "2001:DB8:66::1"):
             assert_blocked(await call(client, trusted, spelling), clean_upstream, 451, "country_denied", "IR")
@@ -265,8 +326,9 @@ async def test_garbage_xff_entries_never_fail_the_gateway(trusted: GatewayProces
         assert_blocked(reply, clean_upstream, 451, "export_restricted")
 
 
-async def test_an_unreadable_rightmost_hop_is_refused_never_the_proxys_address(trusted: GatewayProcess,
-                                                                               clean_upstream: Upstream) -> None:
+async def test_an_unreadable_rightmost_hop_is_refused_never_the_proxys_address(
+    trusted: GatewayProcess, clean_upstream: Upstream
+) -> None:
     """Finding 9: behind a trusted proxy, an unreadable right-most hop used to fall back to the proxy's own
     (loopback, countryless) address and escape the IP-country rules; ``us-only`` was served to an IR caller."""
     async with aiohttp.ClientSession() as client:
@@ -282,11 +344,13 @@ async def test_an_unreadable_rightmost_hop_is_refused_never_the_proxys_address(t
 
 
 async def test_geoip_subdivision_is_denied_but_not_the_rest_of_the_country(
-        trusted: GatewayProcess, clean_upstream: Upstream) -> None:
+    trusted: GatewayProcess, clean_upstream: Upstream
+) -> None:
     async with aiohttp.ClientSession() as client:
         assert_blocked(await call(client, trusted, UA43_ADDRESS), clean_upstream, 451, "country_denied", "UA-43")
-        assert_blocked(await call(client, trusted, UA43_ADDRESS, country="UA"), clean_upstream,
-                       451, "country_denied", "UA-43")
+        assert_blocked(
+            await call(client, trusted, UA43_ADDRESS, country="UA"), clean_upstream, 451, "country_denied", "UA-43"
+        )
         reply = await call(client, trusted, UA30_ADDRESS)
         assert reply.status == 200, reply.body
         reply = await call(client, trusted, UA30_ADDRESS, country="UA")
@@ -309,7 +373,8 @@ async def test_ip_ranges_override_the_geoip_database(trusted: GatewayProcess, cl
 
 
 async def test_require_ip_country_fails_country_bound_models_for_unplaced_addresses(
-        trusted: GatewayProcess, strict: GatewayProcess, clean_upstream: Upstream) -> None:
+    trusted: GatewayProcess, strict: GatewayProcess, clean_upstream: Upstream
+) -> None:
     async with aiohttp.ClientSession() as client:
         for xff in ([NOWHERE_ADDRESS], []):  # an address the database lacks; loopback
             assert_blocked(await call(client, strict, *xff, model=US_ONLY), clean_upstream, 451, "export_restricted")
@@ -325,29 +390,48 @@ async def test_require_ip_country_fails_country_bound_models_for_unplaced_addres
 
 
 async def test_claim_and_ip_country_each_count_and_the_stricter_wins(
-        trusted: GatewayProcess, clean_upstream: Upstream) -> None:
+    trusted: GatewayProcess, clean_upstream: Upstream
+) -> None:
     async with aiohttp.ClientSession() as client:
         # Claim US, address in a denied country.
-        assert_blocked(await call(client, trusted, RU_ADDRESS, country="US"), clean_upstream,
-                       451, "country_denied", "RU")
-        assert_blocked(await call(client, trusted, IR_ADDRESS, country="US", model=US_ONLY), clean_upstream,
-                       451, "country_denied", "IR")
+        assert_blocked(
+            await call(client, trusted, RU_ADDRESS, country="US"), clean_upstream, 451, "country_denied", "RU"
+        )
+        assert_blocked(
+            await call(client, trusted, IR_ADDRESS, country="US", model=US_ONLY),
+            clean_upstream,
+            451,
+            "country_denied",
+            "IR",
+        )
         # Claim in a denied country, address US.
-        assert_blocked(await call(client, trusted, US_ADDRESS, country="IR"), clean_upstream,
-                       451, "country_denied", "IR")
+        assert_blocked(
+            await call(client, trusted, US_ADDRESS, country="IR"), clean_upstream, 451, "country_denied", "IR"
+        )
         # Claim US, address outside a US-only model's countries (but not denied).
-        assert_blocked(await call(client, trusted, UA30_ADDRESS, country="US", model=US_ONLY), clean_upstream,
-                       451, "export_restricted", "UA-30")
+        assert_blocked(
+            await call(client, trusted, UA30_ADDRESS, country="US", model=US_ONLY),
+            clean_upstream,
+            451,
+            "export_restricted",
+            "UA-30",
+        )
         # Claim outside, address US.
-        assert_blocked(await call(client, trusted, US_ADDRESS, country="DE", model=US_ONLY), clean_upstream,
-                       451, "export_restricted", "DE")
+        assert_blocked(
+            await call(client, trusted, US_ADDRESS, country="DE", model=US_ONLY),
+            clean_upstream,
+            451,
+            "export_restricted",
+            "DE",
+        )
         # Both US.
         reply = await call(client, trusted, US_ADDRESS, country="US", model=US_ONLY)
         assert reply.status == 200, reply.body
 
 
 async def test_policy_change_to_ip_ranges_applies_without_restart(
-        trusted: GatewayProcess, module_redis: str, clean_upstream: Upstream) -> None:
+    trusted: GatewayProcess, module_redis: str, clean_upstream: Upstream
+) -> None:
     document = network_policy()
     document["lists"]["ip-ranges"]["192.0.2.192/26"] = range_entry("IR")
     async with aiohttp.ClientSession() as client:

@@ -91,8 +91,7 @@ async def session() -> Any:
 def cli(gateway: GatewayProcess, *args: str, token: str = ADMIN_TOKEN) -> subprocess.CompletedProcess[str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("GATEWAY_ADMIN")}
     env.update({"GATEWAY_ADMIN_URL": gateway.admin_url, "GATEWAY_ADMIN_TOKEN": token})
-    return subprocess.run([*COMMAND, *args], env=env, capture_output=True, text=True, timeout=60, cwd=ROOT,
-                          check=False)
+    return subprocess.run([*COMMAND, *args], env=env, capture_output=True, text=True, timeout=60, cwd=ROOT, check=False)
 
 
 def cli_ok(gateway: GatewayProcess, *args: str) -> subprocess.CompletedProcess[str]:
@@ -108,19 +107,26 @@ def cli_fails(gateway: GatewayProcess, *args: str) -> str:
     return result.stderr
 
 
-async def call(session: aiohttp.ClientSession, gateway: GatewayProcess, method: str, path: str,
-               body: Any = None, *, token: str | None = ADMIN_TOKEN) -> tuple[int, Any]:
+async def call(
+    session: aiohttp.ClientSession,
+    gateway: GatewayProcess,
+    method: str,
+    path: str,
+    body: Any = None,
+    *,
+    token: str | None = ADMIN_TOKEN,
+) -> tuple[int, Any]:
     headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
     data = None if body is None else orjson.dumps(body)
     if data is not None:
         headers["Content-Type"] = "application/json"
-    async with session.request(method, URL(gateway.admin_url + path, encoded=True), data=data,
-                               headers=headers) as response:
+    async with session.request(
+        method, URL(gateway.admin_url + path, encoded=True), data=data, headers=headers
+    ) as response:
         return response.status, orjson.loads(await response.read())
 
 
-async def ok(session: aiohttp.ClientSession, gateway: GatewayProcess, method: str, path: str,
-             body: Any = None) -> Any:
+async def ok(session: aiohttp.ClientSession, gateway: GatewayProcess, method: str, path: str, body: Any = None) -> Any:
     status, answer = await call(session, gateway, method, path, body)
     assert status == 200, answer
     return answer
@@ -136,10 +142,14 @@ def assert_error(status: int, answer: Any, expected: int, code: str, field: str 
     return str(error["message"])
 
 
-async def chat(session: aiohttp.ClientSession, gateway: GatewayProcess, token: str,
-               model: str = "gpt-mock") -> tuple[int, str]:
-    async with session.post(gateway.url + "/v1/chat/completions", json={"model": model, "messages": []},
-                            headers={"Authorization": f"Bearer {token}"}) as response:
+async def chat(
+    session: aiohttp.ClientSession, gateway: GatewayProcess, token: str, model: str = "gpt-mock"
+) -> tuple[int, str]:
+    async with session.post(
+        gateway.url + "/v1/chat/completions",
+        json={"model": model, "messages": []},
+        headers={"Authorization": f"Bearer {token}"},
+    ) as response:
         await response.read()
         return response.status, response.headers.get("X-Gateway-Reason", "")
 
@@ -156,7 +166,8 @@ async def policy(session: aiohttp.ClientSession, gateway: GatewayProcess) -> Any
 
 
 async def test_suspend_then_lift_through_the_cli_keeps_allowed_countries(
-        gw: GatewayProcess, own_upstream: Upstream, session: aiohttp.ClientSession) -> None:
+    gw: GatewayProcess, own_upstream: Upstream, session: aiohttp.ClientSession
+) -> None:
     own_upstream.reset()
     cn, us = hs_token("cn-caller", country="CN"), hs_token("us-caller", country="US")
     assert await chat(session, gw, cn, "frontier-x") == (451, "export_restricted")
@@ -198,22 +209,26 @@ async def test_models_put_says_it_replaces_whole(gw: GatewayProcess, session: ai
     assert (await ok(session, gw, "GET", "/admin/v1/models/frontier-x"))["model"]["allowed_countries"] is None
 
 
-@pytest.mark.parametrize(("path", "body", "field"), [
-    ("/admin/v1/models/frontier-x", {"stage": "beta"}, "stage"),
-    ("/admin/v1/models/frontier-x", {"stage": None}, "stage"),  # null removes a required field
-    ("/admin/v1/models/frontier-x", {"allowed_countries": ["XX"]}, "allowed_countries[0]"),
-    ("/admin/v1/models/frontier-x", {"export_suspended": "yes"}, "export_suspended"),
-    ("/admin/v1/models/frontier-x", {"colour": "red"}, "colour"),
-    ("/admin/v1/models/frontier-x", {}, "body"),
-    ("/admin/v1/models/frontier-x", [1], "body"),
-    ("/admin/v1/lists/deny-countries/IR", {"reason": ""}, "reason"),
-    ("/admin/v1/lists/deny-countries/IR", {"reason": None}, "reason"),
-    ("/admin/v1/lists/deny-countries/IR", {"expires_at": PAST}, "expires_at"),
-    ("/admin/v1/lists/deny-countries/IR", {"added_by": "someone"}, "added_by"),
-    ("/admin/v1/lists/deny-countries/IR", {"country": "US"}, "country"),
-])
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/admin/v1/models/frontier-x", {"stage": "beta"}, "stage"),
+        ("/admin/v1/models/frontier-x", {"stage": None}, "stage"),  # null removes a required field
+        ("/admin/v1/models/frontier-x", {"allowed_countries": ["XX"]}, "allowed_countries[0]"),
+        ("/admin/v1/models/frontier-x", {"export_suspended": "yes"}, "export_suspended"),
+        ("/admin/v1/models/frontier-x", {"colour": "red"}, "colour"),
+        ("/admin/v1/models/frontier-x", {}, "body"),
+        ("/admin/v1/models/frontier-x", [1], "body"),
+        ("/admin/v1/lists/deny-countries/IR", {"reason": ""}, "reason"),
+        ("/admin/v1/lists/deny-countries/IR", {"reason": None}, "reason"),
+        ("/admin/v1/lists/deny-countries/IR", {"expires_at": PAST}, "expires_at"),
+        ("/admin/v1/lists/deny-countries/IR", {"added_by": "someone"}, "added_by"),
+        ("/admin/v1/lists/deny-countries/IR", {"country": "US"}, "country"),
+    ],
+)
 async def test_patch_bad_input_is_400_naming_the_field_and_changes_nothing(
-        gw: GatewayProcess, session: aiohttp.ClientSession, path: str, body: Any, field: str) -> None:
+    gw: GatewayProcess, session: aiohttp.ClientSession, path: str, body: Any, field: str
+) -> None:
     before = await policy(session, gw)
     status, answer = await call(session, gw, "PATCH", path, body)
     assert_error(status, answer, 400, "invalid_request", field)
@@ -229,14 +244,24 @@ async def test_patch_of_something_absent_is_404(gw: GatewayProcess, session: aio
     assert await policy(session, gw) == before
 
 
-async def test_lists_patch_keeps_the_fields_it_does_not_name(gw: GatewayProcess,
-                                                             session: aiohttp.ClientSession) -> None:
-    await ok(session, gw, "PUT", "/admin/v1/lists/ip-ranges/198.51.100.0%2F24",
-             {"reason": "office", "source": "it", "country": "GB", "expires_at": FUTURE})
+async def test_lists_patch_keeps_the_fields_it_does_not_name(
+    gw: GatewayProcess, session: aiohttp.ClientSession
+) -> None:
+    await ok(
+        session,
+        gw,
+        "PUT",
+        "/admin/v1/lists/ip-ranges/198.51.100.0%2F24",
+        {"reason": "office", "source": "it", "country": "GB", "expires_at": FUTURE},
+    )
     cli_ok(gw, "lists", "patch", "ip-ranges", "198.51.100.0/24", "--reason", "office NAT")
     entry = (await ok(session, gw, "GET", "/admin/v1/lists/ip-ranges"))["entries"]["198.51.100.0/24"]
-    assert (entry["reason"], entry["source"], entry["country"], entry["expires_at"]) == \
-        ("office NAT", "it", "GB", FUTURE)
+    assert (entry["reason"], entry["source"], entry["country"], entry["expires_at"]) == (
+        "office NAT",
+        "it",
+        "GB",
+        FUTURE,
+    )
     cli_ok(gw, "lists", "patch", "ip-ranges", "198.51.100.0/24", "--no-expiry")
     entry = (await ok(session, gw, "GET", "/admin/v1/lists/ip-ranges"))["entries"]["198.51.100.0/24"]
     assert entry["expires_at"] is None and entry["country"] == "GB"
@@ -246,25 +271,38 @@ async def test_concurrent_patches_lose_no_update(gw: GatewayProcess, session: ai
     """Each patch is merged with the value it replaces (WATCH on the version): run together, all land."""
     for round_ in range(5):
         countries = ["US", "DE"] if round_ % 2 else ["US", "FR"]
-        patches = [{"export_suspended": bool(round_ % 2)}, {"allowed_countries": countries},
-                   {"stage": "partners" if round_ % 2 else "general"},
-                   {"timeline": [{"at": f"209{round_}-01-01T00:00:00Z", "stage": "general"}]}]
-        answers = await asyncio.gather(*(call(session, gw, "PATCH", "/admin/v1/models/frontier-x", patch)
-                                         for patch in patches))
+        patches = [
+            {"export_suspended": bool(round_ % 2)},
+            {"allowed_countries": countries},
+            {"stage": "partners" if round_ % 2 else "general"},
+            {"timeline": [{"at": f"209{round_}-01-01T00:00:00Z", "stage": "general"}]},
+        ]
+        answers = await asyncio.gather(
+            *(call(session, gw, "PATCH", "/admin/v1/models/frontier-x", patch) for patch in patches)
+        )
         assert all(status == 200 for status, _ in answers), answers
         model = (await ok(session, gw, "GET", "/admin/v1/models/frontier-x"))["model"]
-        assert model == {"stage": "partners" if round_ % 2 else "general", "export_suspended": bool(round_ % 2),
-                         "allowed_countries": sorted(countries),
-                         "timeline": [{"at": f"209{round_}-01-01T00:00:00Z", "stage": "general"}]}
+        assert model == {
+            "stage": "partners" if round_ % 2 else "general",
+            "export_suspended": bool(round_ % 2),
+            "allowed_countries": sorted(countries),
+            "timeline": [{"at": f"209{round_}-01-01T00:00:00Z", "stage": "general"}],
+        }
 
 
 # --- 12: revocations stick ------------------------------------------------------------------
 
 
 async def test_documented_rollback_does_not_revive_a_revoked_key(
-        gw: GatewayProcess, session: aiohttp.ClientSession, tmp_path: Path) -> None:
-    issued = await ok(session, gw, "POST", "/admin/v1/api-keys",
-                      {"subject": "svc-rollback", "org": "acme", "country": "US", "tier": "partner"})
+    gw: GatewayProcess, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    issued = await ok(
+        session,
+        gw,
+        "POST",
+        "/admin/v1/api-keys",
+        {"subject": "svc-rollback", "org": "acme", "country": "US", "tier": "partner"},
+    )
     key_id, key = issued["id"], issued["key"]
     assert await chat(session, gw, key) == (200, "")
     before = tmp_path / "before.yaml"
@@ -284,8 +322,13 @@ async def test_documented_rollback_does_not_revive_a_revoked_key(
     version = exported["version"]
     stderr = cli_fails(gw, "policy", "import", str(before), "--sections", "api_keys")
     assert "409 key_revoked" in stderr and key_id in stderr
-    status, answer = await call(session, gw, "PUT", "/admin/v1/policy?sections=lists,models,api_keys,screening",
-                                yaml.safe_load(before.read_text()))
+    status, answer = await call(
+        session,
+        gw,
+        "PUT",
+        "/admin/v1/policy?sections=lists,models,api_keys,screening",
+        yaml.safe_load(before.read_text()),
+    )
     assert_error(status, answer, 409, "key_revoked")
     assert answer["error"]["type"] == "invalid_request_error"
     # Under another id, the same hash is the same key: refused too.
@@ -304,9 +347,15 @@ async def test_documented_rollback_does_not_revive_a_revoked_key(
 
 
 async def test_revocations_travel_with_an_export_into_an_empty_redis(
-        gw: GatewayProcess, own_upstream: Upstream, session: aiohttp.ClientSession, tmp_path: Path) -> None:
-    issued = await ok(session, gw, "POST", "/admin/v1/api-keys",
-                      {"subject": "svc-old", "org": "acme", "country": "US", "tier": "partner"})
+    gw: GatewayProcess, own_upstream: Upstream, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    issued = await ok(
+        session,
+        gw,
+        "POST",
+        "/admin/v1/api-keys",
+        {"subject": "svc-old", "org": "acme", "country": "US", "tier": "partner"},
+    )
     old_export = await policy(session, gw)
     await ok(session, gw, "DELETE", f"/admin/v1/api-keys/{issued['id']}")
     after = tmp_path / "after.yaml"
@@ -318,8 +367,7 @@ async def test_revocations_travel_with_an_export_into_an_empty_redis(
             assert issued["id"] in (await policy(session, restored))["revoked_api_keys"]
             # The older export, which still holds the key, cannot bring it back.
             old_export.pop("version")
-            status, answer = await call(session, restored, "PUT",
-                                        "/admin/v1/policy?sections=api_keys", old_export)
+            status, answer = await call(session, restored, "PUT", "/admin/v1/policy?sections=api_keys", old_export)
             assert_error(status, answer, 409, "key_revoked")
             assert (await chat(session, restored, issued["key"]))[0] == 401
         finally:
@@ -330,17 +378,26 @@ async def test_revocations_travel_with_an_export_into_an_empty_redis(
 
 
 async def test_expired_write_does_not_replace_an_active_deny_entry(
-        gw: GatewayProcess, session: aiohttp.ClientSession) -> None:
+    gw: GatewayProcess, session: aiohttp.ClientSession
+) -> None:
     ir = hs_token("ir-caller", country="IR")
     assert await chat(session, gw, ir) == (451, "country_denied")
     before = await policy(session, gw)
     for method, path, body, field in [
         ("PUT", "/admin/v1/lists/deny-countries/IR", {"reason": "r", "expires_at": PAST}, "expires_at"),
         ("PATCH", "/admin/v1/lists/deny-countries/IR", {"expires_at": PAST}, "expires_at"),
-        ("PUT", "/admin/v1/lists/deny-countries", {"entries": {"IR": {"reason": "r", "expires_at": PAST}}},
-         "entries.IR.expires_at"),
-        ("POST", "/admin/v1/api-keys", {"subject": "s", "org": "o", "country": "US", "tier": "partner",
-                                        "expires_at": PAST}, "expires_at"),
+        (
+            "PUT",
+            "/admin/v1/lists/deny-countries",
+            {"entries": {"IR": {"reason": "r", "expires_at": PAST}}},
+            "entries.IR.expires_at",
+        ),
+        (
+            "POST",
+            "/admin/v1/api-keys",
+            {"subject": "s", "org": "o", "country": "US", "tier": "partner", "expires_at": PAST},
+            "expires_at",
+        ),
     ]:
         status, answer = await call(session, gw, method, path, body)
         message = assert_error(status, answer, 400, "invalid_request", field)
@@ -359,8 +416,12 @@ async def test_risky_writes_succeed_with_warnings(gw: GatewayProcess, session: a
         ("PUT", "/admin/v1/lists/ip-ranges/2001:db8::%2F16", {"reason": "v6", "country": "US"}, "wider than /32"),
         ("PUT", "/admin/v1/lists/deny-entities/acme", {"reason": "r"}, "current partner"),
         ("PATCH", "/admin/v1/models/frontier-x", {"allowed_countries": []}, "allowed_countries is empty"),
-        ("PUT", "/admin/v1/models/frontier-x", {"stage": "general", "allowed_countries": []},
-         "allowed_countries is empty"),
+        (
+            "PUT",
+            "/admin/v1/models/frontier-x",
+            {"stage": "general", "allowed_countries": []},
+            "allowed_countries is empty",
+        ),
     ]
     for method, path, body, needle in cases:
         answer = await ok(session, gw, method, path, body)
@@ -380,8 +441,9 @@ async def test_risky_writes_succeed_with_warnings(gw: GatewayProcess, session: a
     assert any("wider than /8" in warning for warning in answer["warnings"])
 
 
-async def test_an_import_drops_expired_entries_with_a_warning(gw: GatewayProcess,
-                                                              session: aiohttp.ClientSession) -> None:
+async def test_an_import_drops_expired_entries_with_a_warning(
+    gw: GatewayProcess, session: aiohttp.ClientSession
+) -> None:
     document = {"lists": {"partners": {"acme": {"reason": "p"}, "old": {"reason": "gone", "expires_at": PAST}}}}
     answer = await ok(session, gw, "PUT", "/admin/v1/policy", document)
     assert answer["warnings"] == [f"lists.partners.old: expired at {PAST}; not imported"]
@@ -392,7 +454,8 @@ async def test_an_import_drops_expired_entries_with_a_warning(gw: GatewayProcess
 
 
 async def test_partial_restore_after_flushall_is_refused_and_serves_nothing(
-        gw: GatewayProcess, own_upstream: Upstream, session: aiohttp.ClientSession, tmp_path: Path) -> None:
+    gw: GatewayProcess, own_upstream: Upstream, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
     ir, us = hs_token("ir-caller", country="IR"), hs_token("us-caller", country="US")
     whole = tmp_path / "whole.yaml"
     cli_ok(gw, "policy", "export", str(whole))
@@ -412,13 +475,16 @@ async def test_partial_restore_after_flushall_is_refused_and_serves_nothing(
     assert "409 policy_incomplete" in stderr
     for part in ("lists.deny-countries", "lists.partners", "api_keys", "screening"):
         assert part in stderr
-    for body in ({}, {"models": POLICY["models"]}, {k: v for k, v in POLICY.items() if k != "screening"},
-                 {**POLICY, "lists": {k: v for k, v in POLICY["lists"].items() if k != "ip-ranges"}}):
+    for body in (
+        {},
+        {"models": POLICY["models"]},
+        {k: v for k, v in POLICY.items() if k != "screening"},
+        {**POLICY, "lists": {k: v for k, v in POLICY["lists"].items() if k != "ip-ranges"}},
+    ):
         status, answer = await call(session, gw, "PUT", "/admin/v1/policy", body)
         assert_error(status, answer, 409, "policy_incomplete")
     # ?sections= cannot make a restore partial: into an empty Redis the whole document is written.
-    status, answer = await call(session, gw, "PUT", "/admin/v1/policy?sections=models",
-                                {"models": POLICY["models"]})
+    status, answer = await call(session, gw, "PUT", "/admin/v1/policy?sections=models", {"models": POLICY["models"]})
     assert_error(status, answer, 409, "policy_incomplete")
     own_upstream.reset()
     for _ in range(5):
@@ -443,8 +509,9 @@ async def test_partial_restore_after_flushall_is_refused_and_serves_nothing(
     assert await chat(session, gw, ir) == (451, "country_denied")
     assert await chat(session, gw, us) == (200, "")
     restored = await policy(session, gw)
-    assert {k: v for k, v in restored.items() if k != "version"} == \
-        {k: v for k, v in exported.items() if k != "version"}
+    assert {k: v for k, v in restored.items() if k != "version"} == {
+        k: v for k, v in exported.items() if k != "version"
+    }
 
 
 def test_export_holds_every_section(gw: GatewayProcess, tmp_path: Path) -> None:
@@ -475,8 +542,9 @@ def test_bootstrap_with_a_partial_file_fails_clearly(own_upstream: Upstream, tmp
 
 def test_bootstrap_with_the_example_policy_is_ready(own_upstream: Upstream) -> None:
     with RedisServer() as redis:
-        process = GatewayProcess(gateway_config(own_upstream.url), redis_url=redis.url,
-                                 bootstrap=ROOT / "config" / "policy.example.yaml")
+        process = GatewayProcess(
+            gateway_config(own_upstream.url), redis_url=redis.url, bootstrap=ROOT / "config" / "policy.example.yaml"
+        )
         try:
             process.start(timeout=20)
         finally:
@@ -497,8 +565,9 @@ async def test_admin_refusals_name_the_thing(gw: GatewayProcess, session: aiohtt
     assert "401 unauthenticated" in stderr and "GATEWAY_ADMIN_TOKEN" in stderr
     # expires_at: the accepted form, with an example.
     for bad in ("2027-01-31", "next week", "2027-01-31T00:00:00"):
-        status, answer = await call(session, gw, "PUT", "/admin/v1/lists/partners/acme",
-                                    {"reason": "r", "expires_at": bad})
+        status, answer = await call(
+            session, gw, "PUT", "/admin/v1/lists/partners/acme", {"reason": "r", "expires_at": bad}
+        )
         message = assert_error(status, answer, 400, "invalid_request", "expires_at")
         assert "ISO-8601" in message and "2027-01-31T00:00:00Z" in message
     # An empty key is named as the key, with the form to use.
@@ -512,8 +581,9 @@ async def test_admin_refusals_name_the_thing(gw: GatewayProcess, session: aiohtt
 def test_openapi_describes_patch_and_sections(gw: GatewayProcess) -> None:
     import urllib.request
 
-    request = urllib.request.Request(gw.admin_url + "/admin/v1/openapi.json",
-                                     headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    request = urllib.request.Request(
+        gw.admin_url + "/admin/v1/openapi.json", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    )
     with urllib.request.urlopen(request, timeout=5) as response:
         document = json.loads(response.read())
     paths = document["paths"]
@@ -526,9 +596,15 @@ def test_openapi_describes_patch_and_sections(gw: GatewayProcess) -> None:
 
 
 async def test_diff_and_dry_run_show_the_change_and_change_nothing(
-        gw: GatewayProcess, session: aiohttp.ClientSession, tmp_path: Path) -> None:
-    issued = await ok(session, gw, "POST", "/admin/v1/api-keys",
-                      {"subject": "svc-diff", "org": "acme", "country": "US", "tier": "partner"})
+    gw: GatewayProcess, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    issued = await ok(
+        session,
+        gw,
+        "POST",
+        "/admin/v1/api-keys",
+        {"subject": "svc-diff", "org": "acme", "country": "US", "tier": "partner"},
+    )
     document = await policy(session, gw)
     document["lists"]["deny-countries"]["CU"] = {"reason": "embargo"}
     document["lists"]["deny-countries"]["IR"]["reason"] = "reworded"
@@ -551,8 +627,7 @@ async def test_diff_and_dry_run_show_the_change_and_change_nothing(
     result = cli_ok(gw, "policy", "import", str(path), "--dry-run")
     assert "dry run" in result.stdout and "nothing was changed" in result.stdout
     assert "lists.deny-countries" in result.stdout and "CU" in result.stdout
-    assert json.loads(cli_ok(gw, "policy", "import", str(path), "--dry-run", "--json").stdout)["sections"] \
-        == sections
+    assert json.loads(cli_ok(gw, "policy", "import", str(path), "--dry-run", "--json").stdout)["sections"] == sections
     assert await policy(session, gw) == before
     # It refuses what the import would refuse.
     await ok(session, gw, "DELETE", f"/admin/v1/api-keys/{issued['id']}")
@@ -563,31 +638,37 @@ async def test_diff_and_dry_run_show_the_change_and_change_nothing(
 # --- the pure parts, table-tested -----------------------------------------------------------
 
 
-@pytest.mark.parametrize(("target", "patch", "merged"), [
-    ({"a": 1, "b": 2}, {"a": 3}, {"a": 3, "b": 2}),
-    ({"a": 1, "b": 2}, {"b": None}, {"a": 1}),
-    ({"a": [1, 2]}, {"a": [3]}, {"a": [3]}),  # arrays replace whole
-    ({"a": {"x": 1, "y": 2}}, {"a": {"y": None, "z": 3}}, {"a": {"x": 1, "z": 3}}),
-    (None, {"a": 1, "b": None}, {"a": 1}),
-    ({"a": 1}, {"a": {"b": 2}}, {"a": {"b": 2}}),
-])
+@pytest.mark.parametrize(
+    ("target", "patch", "merged"),
+    [
+        ({"a": 1, "b": 2}, {"a": 3}, {"a": 3, "b": 2}),
+        ({"a": 1, "b": 2}, {"b": None}, {"a": 1}),
+        ({"a": [1, 2]}, {"a": [3]}, {"a": [3]}),  # arrays replace whole
+        ({"a": {"x": 1, "y": 2}}, {"a": {"y": None, "z": 3}}, {"a": {"x": 1, "z": 3}}),
+        (None, {"a": 1, "b": None}, {"a": 1}),
+        ({"a": 1}, {"a": {"b": 2}}, {"a": {"b": 2}}),
+    ],
+)
 def test_merge_patch_follows_rfc_7396(target: Any, patch: Any, merged: Any) -> None:
     assert merge_patch(target, patch) == merged
 
 
-@pytest.mark.parametrize(("list_name", "key", "expected"), [
-    ("deny-countries", "US", "home country"),
-    ("deny-countries", "US-CA", "home country"),
-    ("deny-countries", "CU", None),
-    ("ip-ranges", "0.0.0.0/0", "wider than /8"),
-    ("ip-ranges", "10.0.0.0/7", "wider than /8"),
-    ("ip-ranges", "10.0.0.0/8", None),
-    ("ip-ranges", "::/0", "wider than /32"),
-    ("ip-ranges", "2001:db8::/32", None),
-    ("deny-entities", "acme", "current partner"),
-    ("deny-entities", "mallory", None),
-    ("partners", "acme", None),
-])
+@pytest.mark.parametrize(
+    ("list_name", "key", "expected"),
+    [
+        ("deny-countries", "US", "home country"),
+        ("deny-countries", "US-CA", "home country"),
+        ("deny-countries", "CU", None),
+        ("ip-ranges", "0.0.0.0/0", "wider than /8"),
+        ("ip-ranges", "10.0.0.0/7", "wider than /8"),
+        ("ip-ranges", "10.0.0.0/8", None),
+        ("ip-ranges", "::/0", "wider than /32"),
+        ("ip-ranges", "2001:db8::/32", None),
+        ("deny-entities", "acme", "current partner"),
+        ("deny-entities", "mallory", None),
+        ("partners", "acme", None),
+    ],
+)
 def test_entry_warnings(list_name: str, key: str, expected: str | None) -> None:
     warnings = entry_warnings(list_name, key, home_countries=frozenset({"US"}), partners={"acme"})
     if expected is None:
@@ -604,15 +685,15 @@ def test_model_warnings(allowed: list[str] | None, warns: bool) -> None:
 def test_document_warnings_use_the_documents_own_partners() -> None:
     document = {"lists": {"deny-entities": {"acme": {}}, "partners": {}}}
     assert document_warnings(document, home_countries={"US"}, partners={"acme"}) == []
-    assert document_warnings({"lists": {"deny-entities": {"acme": {}}}}, home_countries={"US"},
-                             partners={"acme"})
+    assert document_warnings({"lists": {"deny-entities": {"acme": {}}}}, home_countries={"US"}, partners={"acme"})
 
 
 def test_drop_expired_and_future_expiry() -> None:
     now = 1_800_000_000.0
-    document = {"lists": {"partners": {"a": {"expires_at": None}, "b": {"expires_at": PAST},
-                                       "c": {"expires_at": FUTURE}}},
-                "api_keys": {"k": {"expires_at": PAST}}}
+    document = {
+        "lists": {"partners": {"a": {"expires_at": None}, "b": {"expires_at": PAST}, "c": {"expires_at": FUTURE}}},
+        "api_keys": {"k": {"expires_at": PAST}},
+    }
     kept, warnings = drop_expired(document, now)
     assert set(kept["lists"]["partners"]) == {"a", "c"}
     assert kept["api_keys"] == document["api_keys"]  # an expired key is refused when used, and says so
@@ -620,23 +701,32 @@ def test_drop_expired_and_future_expiry() -> None:
     with pytest.raises(PolicyValidationError) as raised:
         validate_entry("partners", "a", {"reason": "r", "expires_at": PAST}, actor="t", now_iso=PAST, now=now)
     assert raised.value.field == "expires_at"
-    stored = validate_entry("partners", "a", {"reason": "r", "expires_at": FUTURE}, actor="t", now_iso=PAST,
-                            now=now)
+    stored = validate_entry("partners", "a", {"reason": "r", "expires_at": FUTURE}, actor="t", now_iso=PAST, now=now)
     assert stored["expires_at"] == FUTURE
 
 
 def test_missing_parts_names_each() -> None:
-    assert missing_parts({}) == ["lists.deny-countries", "lists.deny-entities", "lists.partners",
-                                 "lists.ip-ranges", "models", "api_keys", "screening"]
+    assert missing_parts({}) == [
+        "lists.deny-countries",
+        "lists.deny-entities",
+        "lists.partners",
+        "lists.ip-ranges",
+        "models",
+        "api_keys",
+        "screening",
+    ]
     assert missing_parts(POLICY) == []
 
 
 def test_policy_diff_ignores_history_and_compares_content() -> None:
     entry = {"reason": "r", "source": "", "expires_at": None, "added_by": "a", "added_at": PAST}
     current = {"lists": {"partners": {"a": entry, "b": entry}}, "models": {}}
-    incoming = {"lists": {"partners": {"a": {**entry, "added_by": "someone else"},
-                                       "b": {**entry, "reason": "new"}, "c": entry}},
-                "screening": {"entries": [{"name": "x"}]}}
+    incoming = {
+        "lists": {
+            "partners": {"a": {**entry, "added_by": "someone else"}, "b": {**entry, "reason": "new"}, "c": entry}
+        },
+        "screening": {"entries": [{"name": "x"}]},
+    }
     assert policy_diff(current, incoming) == {
         "lists.partners": {"added": ["c"], "removed": [], "changed": ["b"]},
         "screening": {"before": 0, "after": 1, "changed": True},

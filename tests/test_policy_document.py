@@ -66,8 +66,13 @@ def test_instants_need_a_time_zone(raw: object) -> None:
 def test_entry_is_normalised_and_stamped_with_actor_and_time() -> None:
     body = {"reason": "  embargo ", "expires_at": "2027-01-01T01:00:00+01:00"}
     stored = validate_entry("deny-countries", "CU", body, actor=ACTOR, now_iso=NOW_ISO)
-    assert stored == {"reason": "embargo", "source": "", "added_by": ACTOR, "added_at": NOW_ISO,
-                      "expires_at": "2027-01-01T00:00:00Z"}
+    assert stored == {
+        "reason": "embargo",
+        "source": "",
+        "added_by": ACTOR,
+        "added_at": NOW_ISO,
+        "expires_at": "2027-01-01T00:00:00Z",
+    }
 
 
 def test_entry_written_singly_ignores_claimed_history() -> None:
@@ -85,8 +90,9 @@ def test_entry_imported_keeps_its_history() -> None:
 
 
 def test_ip_range_entry_needs_and_normalises_a_country() -> None:
-    stored = validate_entry("ip-ranges", "203.0.113.0/24", {"reason": "office", "country": "ua-43"},
-                            actor=ACTOR, now_iso=NOW_ISO)
+    stored = validate_entry(
+        "ip-ranges", "203.0.113.0/24", {"reason": "office", "country": "ua-43"}, actor=ACTOR, now_iso=NOW_ISO
+    )
     assert stored["country"] == "UA-43"
 
 
@@ -154,8 +160,9 @@ def test_whole_list_refuses_two_spellings_of_one_key() -> None:
 
 
 def test_whole_list_normalises_keys() -> None:
-    out = validate_list("ip-ranges", {"198.51.100.9/24": {"reason": "r", "country": "de"}},
-                        actor=ACTOR, now_iso=NOW_ISO)
+    out = validate_list(
+        "ip-ranges", {"198.51.100.9/24": {"reason": "r", "country": "de"}}, actor=ACTOR, now_iso=NOW_ISO
+    )
     assert list(out) == ["198.51.100.0/24"] and out["198.51.100.0/24"]["country"] == "DE"
 
 
@@ -165,15 +172,19 @@ def test_whole_list_normalises_keys() -> None:
 def test_model_is_normalised_with_a_sorted_timeline() -> None:
     body = {
         "stage": "internal",
-        "timeline": [{"at": "2027-02-01T00:00:00Z", "stage": "general"},
-                     {"at": "2027-01-01T01:00:00+01:00", "stage": "partners"}],
+        "timeline": [
+            {"at": "2027-02-01T00:00:00Z", "stage": "general"},
+            {"at": "2027-01-01T01:00:00+01:00", "stage": "partners"},
+        ],
         "allowed_countries": ["us", "GB", "UA-43", "US"],
         "export_suspended": False,
     }
     assert validate_model("frontier-x", body) == {
         "stage": "internal",
-        "timeline": [{"at": "2027-01-01T00:00:00Z", "stage": "partners"},
-                     {"at": "2027-02-01T00:00:00Z", "stage": "general"}],
+        "timeline": [
+            {"at": "2027-01-01T00:00:00Z", "stage": "partners"},
+            {"at": "2027-02-01T00:00:00Z", "stage": "general"},
+        ],
         "allowed_countries": ["GB", "UA-43", "US"],
         "export_suspended": False,
     }
@@ -181,7 +192,11 @@ def test_model_is_normalised_with_a_sorted_timeline() -> None:
 
 def test_model_defaults() -> None:
     assert validate_model("m", {"stage": "general"}) == {
-        "stage": "general", "timeline": [], "allowed_countries": None, "export_suspended": False}
+        "stage": "general",
+        "timeline": [],
+        "allowed_countries": None,
+        "export_suspended": False,
+    }
 
 
 @pytest.mark.parametrize(
@@ -192,19 +207,44 @@ def test_model_defaults() -> None:
         ({"stage": "general", "owner": "x"}, "owner", "unknown field"),
         ({"stage": "general", "timeline": {"at": "x"}}, "timeline", "list"),
         ({"stage": "general", "timeline": ["2027-01-01T00:00:00Z"]}, "timeline[0]", "object"),
-        ({"stage": "general", "timeline": [{"at": "2027-01-01T00:00:00Z", "stage": "general"},
-                                           {"at": "2027-13-01T00:00:00Z", "stage": "general"}]},
-         "timeline[1].at", "ISO-8601"),
-        ({"stage": "general", "timeline": [{"at": "2027-01-01T00:00:00", "stage": "general"}]},
-         "timeline[0].at", "time zone"),
+        (
+            {
+                "stage": "general",
+                "timeline": [
+                    {"at": "2027-01-01T00:00:00Z", "stage": "general"},
+                    {"at": "2027-13-01T00:00:00Z", "stage": "general"},
+                ],
+            },
+            "timeline[1].at",
+            "ISO-8601",
+        ),
+        (
+            {"stage": "general", "timeline": [{"at": "2027-01-01T00:00:00", "stage": "general"}]},
+            "timeline[0].at",
+            "time zone",
+        ),
         ({"stage": "general", "timeline": [{"at": "2027-01-01T00:00:00Z"}]}, "timeline[0].stage", "required"),
-        ({"stage": "general", "timeline": [{"at": "2027-01-01T00:00:00Z", "stage": "ga"}]},
-         "timeline[0].stage", "not a stage"),
-        ({"stage": "general", "timeline": [{"at": "2027-01-01T00:00:00Z", "stage": "general", "why": "x"}]},
-         "timeline[0].why", "unknown field"),
-        ({"stage": "general", "timeline": [{"at": "2027-01-01T00:00:00Z", "stage": "partners"},
-                                           {"at": "2027-01-01T01:00:00+01:00", "stage": "general"}]},
-         "timeline[1].at", "repeats"),
+        (
+            {"stage": "general", "timeline": [{"at": "2027-01-01T00:00:00Z", "stage": "ga"}]},
+            "timeline[0].stage",
+            "not a stage",
+        ),
+        (
+            {"stage": "general", "timeline": [{"at": "2027-01-01T00:00:00Z", "stage": "general", "why": "x"}]},
+            "timeline[0].why",
+            "unknown field",
+        ),
+        (
+            {
+                "stage": "general",
+                "timeline": [
+                    {"at": "2027-01-01T00:00:00Z", "stage": "partners"},
+                    {"at": "2027-01-01T01:00:00+01:00", "stage": "general"},
+                ],
+            },
+            "timeline[1].at",
+            "repeats",
+        ),
         ({"stage": "general", "allowed_countries": "US"}, "allowed_countries", "list"),
         ({"stage": "general", "allowed_countries": ["US", "UK"]}, "allowed_countries[1]", "ISO 3166"),
         ({"stage": "general", "export_suspended": "false"}, "export_suspended", "true or false"),
@@ -236,8 +276,13 @@ def test_good_model_names_pass(name: str) -> None:
 def test_api_key_request_is_normalised() -> None:
     body = {"subject": "svc-batch", "org": "acme", "country": "ua-43", "tier": "partner"}
     assert validate_api_key_request(body, TIERS) == {
-        "subject": "svc-batch", "org": "acme", "org_name": None, "country": "UA-43", "tier": "partner",
-        "expires_at": None}
+        "subject": "svc-batch",
+        "org": "acme",
+        "org_name": None,
+        "country": "UA-43",
+        "tier": "partner",
+        "expires_at": None,
+    }
 
 
 @pytest.mark.parametrize(
@@ -250,8 +295,7 @@ def test_api_key_request_is_normalised() -> None:
         ({"subject": "s", "org": "acme", "country": "US", "tier": "gold"}, "tier"),
         ({"subject": "s", "org": "acme", "country": "Atlantis", "tier": "public"}, "country"),
         ({"subject": "s", "org": "acme", "country": "US", "tier": "public", "scopes": ["*"]}, "scopes"),
-        ({"subject": "s", "org": "acme", "country": "US", "tier": "public", "expires_at": "soon"},
-         "expires_at"),
+        ({"subject": "s", "org": "acme", "country": "US", "tier": "public", "expires_at": "soon"}, "expires_at"),
         ({"subject": "s", "org": "acme", "org_name": 5, "country": "US", "tier": "public"}, "org_name"),
     ],
 )
@@ -265,9 +309,17 @@ def test_api_key_request_errors_name_the_field(body: dict[str, Any], field: str)
 
 
 def api_key_record(key_hash: str, **extra: Any) -> dict[str, Any]:
-    record = {"hash": key_hash, "subject": "svc", "org": "acme", "org_name": "Acme Inc", "country": "US",
-              "tier": "partner", "expires_at": None, "created_at": "2026-02-01T00:00:00Z",
-              "created_by": "ops-bob"}
+    record = {
+        "hash": key_hash,
+        "subject": "svc",
+        "org": "acme",
+        "org_name": "Acme Inc",
+        "country": "US",
+        "tier": "partner",
+        "expires_at": None,
+        "created_at": "2026-02-01T00:00:00Z",
+        "created_by": "ops-bob",
+    }
     record.update(extra)
     return record
 
@@ -275,19 +327,26 @@ def api_key_record(key_hash: str, **extra: Any) -> dict[str, Any]:
 FULL_DOC: dict[str, Any] = {
     "version": 99,
     "lists": {
-        "deny-countries": {"cu": {"reason": "embargo", "source": "31 CFR part 515"},
-                           "UA-43": {"reason": "Crimea", "added_by": "ops-bob",
-                                     "added_at": "2025-01-01T00:00:00Z"}},
+        "deny-countries": {
+            "cu": {"reason": "embargo", "source": "31 CFR part 515"},
+            "UA-43": {"reason": "Crimea", "added_by": "ops-bob", "added_at": "2025-01-01T00:00:00Z"},
+        },
         "deny-entities": {"bad-org": {"reason": "entity list", "expires_at": "2027-01-01T00:00:00Z"}},
         "partners": {"acme": {"reason": "agreement"}},
-        "ip-ranges": {"203.0.113.0/24": {"reason": "office", "country": "us"},
-                      "198.51.100.0/24": {"reason": "old", "country": "DE",
-                                          "expires_at": "2026-01-01T00:00:00Z"}},
+        "ip-ranges": {
+            "203.0.113.0/24": {"reason": "office", "country": "us"},
+            "198.51.100.0/24": {"reason": "old", "country": "DE", "expires_at": "2026-01-01T00:00:00Z"},
+        },
     },
-    "models": {"frontier-x": {"stage": "partners", "timeline": [{"at": "2027-01-01T00:00:00Z",
-                                                                 "stage": "general"}],
-                              "allowed_countries": ["US", "GB"], "export_suspended": False},
-               "gpt-mock": {"stage": "general"}},
+    "models": {
+        "frontier-x": {
+            "stage": "partners",
+            "timeline": [{"at": "2027-01-01T00:00:00Z", "stage": "general"}],
+            "allowed_countries": ["US", "GB"],
+            "export_suspended": False,
+        },
+        "gpt-mock": {"stage": "general"},
+    },
     "api_keys": {"k1": api_key_record("h1"), "k2": api_key_record("h2", org_name=None, expires_at=None)},
 }
 
@@ -305,12 +364,13 @@ def test_document_is_normalised_and_keeps_history() -> None:
 
 
 def test_document_sections_are_optional() -> None:
-    out = validate_policy_document({"version": 3, "models": {"m": {"stage": "general"}}},
-                                   actor=ACTOR, now_iso=NOW_ISO, tiers=TIERS)
-    assert out == {"models": {"m": {"stage": "general", "timeline": [], "allowed_countries": None,
-                                    "export_suspended": False}}}
-    only_one_list = validate_policy_document({"lists": {"partners": {}}}, actor=ACTOR, now_iso=NOW_ISO,
-                                             tiers=TIERS)
+    out = validate_policy_document(
+        {"version": 3, "models": {"m": {"stage": "general"}}}, actor=ACTOR, now_iso=NOW_ISO, tiers=TIERS
+    )
+    assert out == {
+        "models": {"m": {"stage": "general", "timeline": [], "allowed_countries": None, "export_suspended": False}}
+    }
+    only_one_list = validate_policy_document({"lists": {"partners": {}}}, actor=ACTOR, now_iso=NOW_ISO, tiers=TIERS)
     assert only_one_list == {"lists": {"partners": {}}}
 
 
@@ -335,16 +395,18 @@ def test_api_key_record_without_creation_is_stamped() -> None:
         ({"lists": {"allow-countries": {}}}, "lists.allow-countries"),
         ({"lists": {"deny-countries": {"XX": {"reason": "r"}}}}, "lists.deny-countries.XX"),
         ({"lists": {"deny-countries": {"CU": {}}}}, "lists.deny-countries.CU.reason"),
-        ({"lists": {"deny-countries": {"CU": {"reason": "r", "added_at": "yesterday"}}}},
-         "lists.deny-countries.CU.added_at"),
-        ({"lists": {"ip-ranges": {"203.0.113.0/24": {"reason": "r"}}}},
-         "lists.ip-ranges.203.0.113.0/24.country"),
-        ({"models": {"m": {"stage": "general", "timeline": [{"at": "2027-01-01T00:00:00Z", "stage": "x"}]}}},
-         "models.m.timeline[0].stage"),
+        (
+            {"lists": {"deny-countries": {"CU": {"reason": "r", "added_at": "yesterday"}}}},
+            "lists.deny-countries.CU.added_at",
+        ),
+        ({"lists": {"ip-ranges": {"203.0.113.0/24": {"reason": "r"}}}}, "lists.ip-ranges.203.0.113.0/24.country"),
+        (
+            {"models": {"m": {"stage": "general", "timeline": [{"at": "2027-01-01T00:00:00Z", "stage": "x"}]}}},
+            "models.m.timeline[0].stage",
+        ),
         ({"models": {"bad name": {"stage": "general"}}}, "models.bad name"),
         ({"api_keys": {"k1": api_key_record("h1", tier="gold")}}, "api_keys.k1.tier"),
-        ({"api_keys": {"k1": {k: v for k, v in api_key_record("h1").items() if k != "hash"}}},
-         "api_keys.k1.hash"),
+        ({"api_keys": {"k1": {k: v for k, v in api_key_record("h1").items() if k != "hash"}}}, "api_keys.k1.hash"),
         ({"api_keys": {"k1": api_key_record("h1"), "k2": api_key_record("h1")}}, "api_keys.k2.hash"),
         ({"api_keys": {"k1": api_key_record("h1", key="gk_secret")}}, "api_keys.k1.key"),
         ({"screening": ["x"]}, "screening"),
@@ -363,8 +425,14 @@ LOADED_AT = parse_instant("2026-06-01T00:00:00Z", "t")[1]
 
 
 def built(doc: dict[str, Any], *, version: int = 5) -> Any:
-    return build_snapshot(version=version, generation="gen-a", loaded_at=LOADED_AT, lists=doc["lists"],
-                          models=doc["models"], api_keys=doc["api_keys"])
+    return build_snapshot(
+        version=version,
+        generation="gen-a",
+        loaded_at=LOADED_AT,
+        lists=doc["lists"],
+        models=doc["models"],
+        api_keys=doc["api_keys"],
+    )
 
 
 def test_snapshot_round_trips_to_the_document() -> None:
@@ -376,8 +444,7 @@ def test_snapshot_round_trips_to_the_document() -> None:
 def test_get_then_put_changes_nothing() -> None:
     stored = validate_policy_document(copy.deepcopy(FULL_DOC), actor=ACTOR, now_iso=NOW_ISO, tiers=TIERS)
     fetched = policy_document(built(stored))
-    again = validate_policy_document(fetched, actor="someone-else", now_iso="2030-01-01T00:00:00Z",
-                                     tiers=TIERS)
+    again = validate_policy_document(fetched, actor="someone-else", now_iso="2030-01-01T00:00:00Z", tiers=TIERS)
     assert again == stored
 
 
@@ -417,8 +484,12 @@ def test_snapshot_is_read_only() -> None:
 def test_missing_lists_build_empty() -> None:
     snap = build_snapshot(version=1, generation="g", loaded_at=0.0, lists={}, models={}, api_keys={})
     assert all(len(snap.lists[name]) == 0 for name in LIST_NAMES)
-    assert policy_document(snap) == {"version": 1, "lists": {name: {} for name in LIST_NAMES}, "models": {},
-                                     "api_keys": {}}
+    assert policy_document(snap) == {
+        "version": 1,
+        "lists": {name: {} for name in LIST_NAMES},
+        "models": {},
+        "api_keys": {},
+    }
 
 
 def test_unreadable_stored_values_name_the_field() -> None:
@@ -458,8 +529,12 @@ def test_example_policy_validates() -> None:
     for list_name, entries in out["lists"].items():
         for key, stored in entries.items():
             assert stored["reason"] and stored["source"], f"{list_name}.{key} needs a reason and a source"
-    assert out["models"]["gpt-mock"] == {"stage": "general", "timeline": [], "allowed_countries": None,
-                                         "export_suspended": False}
+    assert out["models"]["gpt-mock"] == {
+        "stage": "general",
+        "timeline": [],
+        "allowed_countries": None,
+        "export_suspended": False,
+    }
     assert out["models"]["vision-7"]["export_suspended"] is True
     assert [step["stage"] for step in out["models"]["frontier-x-preview"]["timeline"]] == ["general"]
     # Norway survives YAML 1.1, which would read a bare NO as false.
@@ -469,15 +544,22 @@ def test_example_policy_validates() -> None:
 
 def test_example_policy_decides_as_documented() -> None:
     out = validate_policy_document(load_example(), actor=ACTOR, now_iso=NOW_ISO, tiers=TIERS)
-    snap = build_snapshot(version=1, generation="g", loaded_at=LOADED_AT, lists=out["lists"],
-                          models=out["models"], api_keys={})
+    snap = build_snapshot(
+        version=1, generation="g", loaded_at=LOADED_AT, lists=out["lists"], models=out["models"], api_keys={}
+    )
     tier_stages = {"public": frozenset({"general"}), "partner": frozenset({"partners", "general"})}
     rules = Rules(home_countries=frozenset({"US"}), unknown_model="deny", tier_stages=tier_stages)
 
     def code(country: str | None, model: str, **fields: Any) -> str:
-        who = Caller(subject=fields.get("subject", "u1"), org=fields.get("org", "some-org"), org_name=None,
-                     tier=fields.get("tier", "public"), claimed_country=country, ip="192.0.2.1",
-                     ip_country=None)
+        who = Caller(
+            subject=fields.get("subject", "u1"),
+            org=fields.get("org", "some-org"),
+            org_name=None,
+            tier=fields.get("tier", "public"),
+            claimed_country=country,
+            ip="192.0.2.1",
+            ip_country=None,
+        )
         return decide(snap, who, model, LOADED_AT, rules).code
 
     assert code("US", "gpt-mock") == ""

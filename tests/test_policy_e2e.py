@@ -26,18 +26,22 @@ def policy_with(**models: dict[str, Any]) -> dict[str, Any]:
     return document
 
 
-async def status_of(client: aiohttp.ClientSession, gateway: GatewayProcess, token: str,
-                    body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
-    async with client.post(gateway.url + "/v1/chat/completions", json=body or CHAT,
-                           headers=auth(token)) as response:
+async def status_of(
+    client: aiohttp.ClientSession, gateway: GatewayProcess, token: str, body: dict[str, Any] | None = None
+) -> tuple[int, dict[str, Any]]:
+    async with client.post(gateway.url + "/v1/chat/completions", json=body or CHAT, headers=auth(token)) as response:
         data = await response.read()
         return response.status, orjson.loads(data) if data else {}
 
 
 @pytest.fixture
 def two_gateways(redis_url: str, upstream: Upstream) -> Iterator[tuple[GatewayProcess, GatewayProcess]]:
-    seed_policy(redis_url, policy_with(**{"frontier": {"stage": "general", "timeline": [],
-                                                       "allowed_countries": None, "export_suspended": False}}))
+    seed_policy(
+        redis_url,
+        policy_with(
+            **{"frontier": {"stage": "general", "timeline": [], "allowed_countries": None, "export_suspended": False}}
+        ),
+    )
     first = GatewayProcess(gateway_config(upstream.url), redis_url=redis_url).start()
     second = GatewayProcess(gateway_config(upstream.url), redis_url=redis_url).start()
     yield first, second
@@ -45,8 +49,14 @@ def two_gateways(redis_url: str, upstream: Upstream) -> Iterator[tuple[GatewayPr
     second.stop()
 
 
-async def _wait_status(client: aiohttp.ClientSession, gateway: GatewayProcess, token: str, status: int,
-                       body: dict[str, Any] | None = None, within: float = 3.0) -> float:
+async def _wait_status(
+    client: aiohttp.ClientSession,
+    gateway: GatewayProcess,
+    token: str,
+    status: int,
+    body: dict[str, Any] | None = None,
+    within: float = 3.0,
+) -> float:
     started = time.monotonic()
     while time.monotonic() - started < within:
         got, _ = await status_of(client, gateway, token, body)
@@ -57,17 +67,22 @@ async def _wait_status(client: aiohttp.ClientSession, gateway: GatewayProcess, t
 
 
 async def test_list_change_enforced_on_every_process_within_a_second(
-        two_gateways: tuple[GatewayProcess, GatewayProcess], redis_url: str) -> None:
+    two_gateways: tuple[GatewayProcess, GatewayProcess], redis_url: str
+) -> None:
     first, second = two_gateways
     token = hs_token("bob", country="DE")
     async with aiohttp.ClientSession() as client:
         assert (await status_of(client, first, token))[0] == 200
         assert (await status_of(client, second, token))[0] == 200
-        entry = {"reason": "test", "source": "test", "added_by": "test", "added_at": "2026-01-01T00:00:00Z",
-                 "expires_at": None}
+        entry = {
+            "reason": "test",
+            "source": "test",
+            "added_by": "test",
+            "added_at": "2026-01-01T00:00:00Z",
+            "expires_at": None,
+        }
         await write_entry(redis_url, list_key("deny-countries"), "DE", entry)
-        waits = await asyncio.gather(_wait_status(client, first, token, 451),
-                                     _wait_status(client, second, token, 451))
+        waits = await asyncio.gather(_wait_status(client, first, token, 451), _wait_status(client, second, token, 451))
         assert max(waits) < 1.0
         _, body = await status_of(client, second, token)
         assert body["error"]["code"] == "country_denied"
@@ -75,7 +90,8 @@ async def test_list_change_enforced_on_every_process_within_a_second(
 
 
 async def test_export_suspension_and_lifting_take_effect_without_restart(
-        two_gateways: tuple[GatewayProcess, GatewayProcess], redis_url: str) -> None:
+    two_gateways: tuple[GatewayProcess, GatewayProcess], redis_url: str
+) -> None:
     first, _ = two_gateways
     abroad = hs_token("carol", country="FR")
     home = hs_token("dave", country="US")
@@ -97,8 +113,9 @@ async def test_redis_away_serves_last_snapshot_then_fails_closed_then_recovers(u
     # The server saves its data on shutdown, so coming back it still holds the policy.
     with RedisServer(extra_args=["--save", "3600 1"]) as redis:
         seed_policy(redis.url)
-        gateway = GatewayProcess(gateway_config(upstream.url, policy={"max_staleness_s": 2}),
-                                 redis_url=redis.url).start()
+        gateway = GatewayProcess(
+            gateway_config(upstream.url, policy={"max_staleness_s": 2}), redis_url=redis.url
+        ).start()
         try:
             token = hs_token("erin")
             async with aiohttp.ClientSession() as client:
@@ -121,8 +138,9 @@ async def test_redis_away_serves_last_snapshot_then_fails_closed_then_recovers(u
             gateway.stop()
 
 
-async def test_redis_restarted_empty_fails_closed_until_policy_restored(fresh_redis: RedisServer,
-                                                                        upstream: Upstream) -> None:
+async def test_redis_restarted_empty_fails_closed_until_policy_restored(
+    fresh_redis: RedisServer, upstream: Upstream
+) -> None:
     for _ in range(5):  # several changes, so the restored generation's version is lower
         seed_policy(fresh_redis.url)
     gateway = GatewayProcess(gateway_config(upstream.url), redis_url=fresh_redis.url).start()
@@ -141,16 +159,16 @@ async def test_redis_restarted_empty_fails_closed_until_policy_restored(fresh_re
             version = seed_policy(fresh_redis.url)
             assert version == 1
             await _wait_status(client, gateway, token, 200, within=3)
-            async with client.post(gateway.url + "/v1/chat/completions", json=CHAT,
-                                   headers=auth(hs_token("frank", country="IR"))) as response:
+            async with client.post(
+                gateway.url + "/v1/chat/completions", json=CHAT, headers=auth(hs_token("frank", country="IR"))
+            ) as response:
                 assert response.status == 451
                 assert response.headers["X-Gateway-Policy-Version"] == "1"
     finally:
         gateway.stop()
 
 
-async def test_no_policy_ever_loaded_is_503_with_version_zero(fresh_redis: RedisServer,
-                                                              upstream: Upstream) -> None:
+async def test_no_policy_ever_loaded_is_503_with_version_zero(fresh_redis: RedisServer, upstream: Upstream) -> None:
     gateway = GatewayProcess(gateway_config(upstream.url), redis_url=fresh_redis.url).start(wait_ready=False)
     try:
         async with aiohttp.ClientSession() as client:
@@ -172,8 +190,9 @@ async def test_451_carries_blocked_by_link(redis_url: str, upstream: Upstream) -
     gateway = GatewayProcess(config, redis_url=redis_url).start()
     try:
         async with aiohttp.ClientSession() as client:
-            async with client.post(gateway.url + "/v1/chat/completions", json=CHAT,
-                                   headers=auth(hs_token(country="IR"))) as response:
+            async with client.post(
+                gateway.url + "/v1/chat/completions", json=CHAT, headers=auth(hs_token(country="IR"))
+            ) as response:
                 assert response.status == 451
                 assert response.headers["Link"] == '<https://example.com/why>; rel="blocked-by"'
                 body = await response.json()
@@ -184,12 +203,14 @@ async def test_451_carries_blocked_by_link(redis_url: str, upstream: Upstream) -
 
 async def test_openai_block_style_for_country_blocks(redis_url: str, upstream: Upstream) -> None:
     seed_policy(redis_url)
-    gateway = GatewayProcess(gateway_config(upstream.url, policy={"block_style": "openai"}),
-                             redis_url=redis_url).start()
+    gateway = GatewayProcess(
+        gateway_config(upstream.url, policy={"block_style": "openai"}), redis_url=redis_url
+    ).start()
     try:
         async with aiohttp.ClientSession() as client:
-            async with client.post(gateway.url + "/v1/chat/completions", json=CHAT,
-                                   headers=auth(hs_token(country="IR"))) as response:
+            async with client.post(
+                gateway.url + "/v1/chat/completions", json=CHAT, headers=auth(hs_token(country="IR"))
+            ) as response:
                 assert response.status == 403
                 assert response.headers["X-Gateway-Reason"] == "country_denied"
                 body = await response.json()

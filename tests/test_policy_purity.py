@@ -23,8 +23,7 @@ def test_the_package_holds_the_five_modules() -> None:
 @pytest.mark.parametrize("module", POLICY_MODULES)
 def test_policy_module_imports_neither_aiohttp_nor_redis(module: str) -> None:
     # A fresh interpreter: in this one the test session has long imported both.
-    probe = (f"import sys, {module}; "
-             "print(','.join(sorted(m for m in ('aiohttp', 'redis') if m in sys.modules)))")
+    probe = f"import sys, {module}; print(','.join(sorted(m for m in ('aiohttp', 'redis') if m in sys.modules)))"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
     assert result.stdout.strip() == "", f"{module} pulls in {result.stdout.strip()}"
 

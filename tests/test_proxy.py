@@ -32,21 +32,20 @@ def module_redis() -> Iterator[RedisServer]:
 
 @pytest.fixture(scope="module")
 def gateway(module_redis: RedisServer, upstream: Upstream) -> Iterator[GatewayProcess]:
-    config = gateway_config(upstream.url, limits={"max_body_bytes": 4096},
-                            upstream={"read_timeout_s": 1})
+    config = gateway_config(upstream.url, limits={"max_body_bytes": 4096}, upstream={"read_timeout_s": 1})
     process = GatewayProcess(config, redis_url=module_redis.url).start()
     yield process
     process.stop()
 
 
-async def test_method_path_query_and_body_pass_unchanged(gateway: GatewayProcess,
-                                                         clean_upstream: Upstream) -> None:
+async def test_method_path_query_and_body_pass_unchanged(gateway: GatewayProcess, clean_upstream: Upstream) -> None:
     body = b'{"model": "gpt-mock", "x": "\xc3\xa9 \\u0000 raw"}'
     async with aiohttp.ClientSession() as client:
         for method in ("POST", "PUT", "PATCH", "DELETE"):
             url = URL(gateway.url + "/v1/some/path%20x?a=1&b=%2F&a=2", encoded=True)
-            async with client.request(method, url,
-                                      data=body, headers={**auth(), "Content-Type": "application/json"}) as r:
+            async with client.request(
+                method, url, data=body, headers={**auth(), "Content-Type": "application/json"}
+            ) as r:
                 assert r.status == 200, await r.text()
         async with client.get(gateway.url + "/v1/models?limit=5", headers=auth()) as r:
             assert r.status == 200
@@ -60,12 +59,19 @@ async def test_method_path_query_and_body_pass_unchanged(gateway: GatewayProcess
 
 
 async def test_hop_by_hop_headers_dropped_both_ways(gateway: GatewayProcess, clean_upstream: Upstream) -> None:
-    headers = {**auth(), "Connection": "keep-alive, X-Caller-Hop, X-Forwarded-For", "X-Caller-Hop": "secret",
-               "Keep-Alive": "timeout=5", "TE": "trailers", "Proxy-Authorization": "Basic abc",
-               "X-Gateway-Subject": "mallory", "X-Gateway-Tier": "internal", "X-Kept": "yes",
-               "X-Forwarded-For": "6.6.6.6"}
-    async with aiohttp.ClientSession() as client, client.get(gateway.url + "/v1/models",
-                                                                 headers=headers) as r:
+    headers = {
+        **auth(),
+        "Connection": "keep-alive, X-Caller-Hop, X-Forwarded-For",
+        "X-Caller-Hop": "secret",
+        "Keep-Alive": "timeout=5",
+        "TE": "trailers",
+        "Proxy-Authorization": "Basic abc",
+        "X-Gateway-Subject": "mallory",
+        "X-Gateway-Tier": "internal",
+        "X-Kept": "yes",
+        "X-Forwarded-For": "6.6.6.6",
+    }
+    async with aiohttp.ClientSession() as client, client.get(gateway.url + "/v1/models", headers=headers) as r:
         assert r.status == 200
         assert r.headers.get("X-Upstream") == "yes"
         for dropped in ("X-Secret-Hop", "Keep-Alive", "Proxy-Authenticate"):
@@ -85,8 +91,9 @@ async def test_hop_by_hop_headers_dropped_both_ways(gateway: GatewayProcess, cle
     assert seen["x-forwarded-proto"] == "http"
 
 
-async def test_request_id_kept_when_valid_and_replaced_when_not(gateway: GatewayProcess,
-                                                                clean_upstream: Upstream) -> None:
+async def test_request_id_kept_when_valid_and_replaced_when_not(
+    gateway: GatewayProcess, clean_upstream: Upstream
+) -> None:
     async with aiohttp.ClientSession() as client:
         async with client.get(gateway.url + "/v1/models", headers={**auth(), "X-Request-Id": "abc.DEF-1_2"}) as r:
             assert r.headers["X-Request-Id"] == "abc.DEF-1_2"
@@ -99,10 +106,13 @@ async def test_request_id_kept_when_valid_and_replaced_when_not(gateway: Gateway
     assert second["x-request-id"] == generated
 
 
-async def test_sse_first_event_arrives_before_upstream_finishes(gateway: GatewayProcess,
-                                                                 clean_upstream: Upstream) -> None:
-    async with aiohttp.ClientSession() as client, client.post(gateway.url + "/v1/stream", headers=auth(),
-                                                                  json={"model": "gpt-mock"}) as r:
+async def test_sse_first_event_arrives_before_upstream_finishes(
+    gateway: GatewayProcess, clean_upstream: Upstream
+) -> None:
+    async with (
+        aiohttp.ClientSession() as client,
+        client.post(gateway.url + "/v1/stream", headers=auth(), json={"model": "gpt-mock"}) as r,
+    ):
         assert r.status == 200
         assert r.headers["Content-Type"].startswith("text/event-stream")
         first = await asyncio.wait_for(r.content.readuntil(b"\n\n"), 5)
@@ -124,8 +134,10 @@ async def test_caller_disconnect_cancels_upstream(gateway: GatewayProcess, clean
 
 
 async def test_chunked_response_relayed(gateway: GatewayProcess, clean_upstream: Upstream) -> None:
-    async with aiohttp.ClientSession() as client, client.post(gateway.url + "/chunked", headers=auth(),
-                                                              json=MODEL) as r:
+    async with (
+        aiohttp.ClientSession() as client,
+        client.post(gateway.url + "/chunked", headers=auth(), json=MODEL) as r,
+    ):
         assert r.status == 200
         assert await r.read() == b"part0;part1;part2;part3;part4;"
 
@@ -141,13 +153,12 @@ async def _expect_error(response: aiohttp.ClientResponse, status: int, code: str
     assert int(response.headers["X-Gateway-Policy-Version"]) >= 1
 
 
-async def test_body_over_limit_is_413_declared_or_streamed(gateway: GatewayProcess,
-                                                           clean_upstream: Upstream) -> None:
+async def test_body_over_limit_is_413_declared_or_streamed(gateway: GatewayProcess, clean_upstream: Upstream) -> None:
     big = b"x" * 5000
 
     async def chunks():  # no Content-Length: counted while streaming
         for i in range(0, len(big), 500):
-            yield big[i:i + 500]
+            yield big[i : i + 500]
 
     async with aiohttp.ClientSession() as client:
         async with client.post(gateway.url + "/v1/chat/completions", data=big, headers=auth()) as r:
@@ -161,23 +172,27 @@ async def test_upstream_unreachable_is_502(module_redis: RedisServer) -> None:
     config = gateway_config(f"http://127.0.0.1:{free_port()}")
     process = GatewayProcess(config, redis_url=module_redis.url).start()
     try:
-        async with aiohttp.ClientSession() as client, client.get(process.url + "/v1/models",
-                                                                     headers=auth()) as r:
+        async with aiohttp.ClientSession() as client, client.get(process.url + "/v1/models", headers=auth()) as r:
             await _expect_error(r, 502, "upstream_unreachable", "upstream_error")
     finally:
         process.stop()
 
 
 async def test_upstream_silent_is_504_before_start(gateway: GatewayProcess, clean_upstream: Upstream) -> None:
-    async with aiohttp.ClientSession() as client, client.post(gateway.url + "/stall?s=4", headers=auth(),
-                                                              json=MODEL) as r:
+    async with (
+        aiohttp.ClientSession() as client,
+        client.post(gateway.url + "/stall?s=4", headers=auth(), json=MODEL) as r,
+    ):
         await _expect_error(r, 504, "upstream_timeout", "upstream_error")
 
 
-async def test_upstream_silent_mid_stream_ends_with_sse_error_event(gateway: GatewayProcess,
-                                                                    clean_upstream: Upstream) -> None:
-    async with aiohttp.ClientSession() as client, client.post(gateway.url + "/stall-mid-stream?s=4", json=MODEL,
-                                                                 headers=auth()) as r:
+async def test_upstream_silent_mid_stream_ends_with_sse_error_event(
+    gateway: GatewayProcess, clean_upstream: Upstream
+) -> None:
+    async with (
+        aiohttp.ClientSession() as client,
+        client.post(gateway.url + "/stall-mid-stream?s=4", json=MODEL, headers=auth()) as r,
+    ):
         assert r.status == 200
         text = (await asyncio.wait_for(r.read(), 10)).decode()
     assert text.startswith('data: {"n": 1}\n\n')
@@ -210,8 +225,7 @@ async def test_slow_header_sender_is_cut(module_redis: RedisServer, upstream: Up
         assert loop.time() - started < 3.5
         writer.close()
         # Meanwhile a normal caller is served.
-        async with aiohttp.ClientSession() as client, client.get(process.url + "/v1/models",
-                                                                     headers=auth()) as r:
+        async with aiohttp.ClientSession() as client, client.get(process.url + "/v1/models", headers=auth()) as r:
             assert r.status == 200
     finally:
         process.stop()
@@ -223,14 +237,18 @@ def test_bad_config_exits_2_naming_the_key(tmp_path: pytest.TempPathFactory) -> 
         "listen.port": {"upstream": {"url": "http://127.0.0.1:1"}, "listen": {"port": -1}},
         "upstream.url": {"upstream": {}},
         "upstream.read_timeout_s": {"upstream": {"url": "http://x", "read_timeout_s": "soon"}},
-        "tiers.public.stages": {"upstream": {"url": "http://x"},
-                                "tiers": {"public": {"stages": ["beta"]}}},
+        "tiers.public.stages": {"upstream": {"url": "http://x"}, "tiers": {"public": {"stages": ["beta"]}}},
     }
     for key, config in cases.items():
         path = tmp_path / "bad.yaml"  # type: ignore[operator]
         path.write_text(yaml.safe_dump(config))
-        result = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(path)], cwd=ROOT,
-                                capture_output=True, text=True, timeout=30)
+        result = subprocess.run(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(path)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert result.returncode == 2, (key, result.stderr)
         assert key in result.stderr, (key, result.stderr)
         assert "Traceback" not in result.stderr
@@ -240,14 +258,21 @@ def test_environment_override_names_the_key(tmp_path: pytest.TempPathFactory) ->
     path = tmp_path / "ok.yaml"  # type: ignore[operator]
     path.write_text(yaml.safe_dump({"upstream": {"url": "http://127.0.0.1:1"}}))
     env = {"GATEWAY_LISTEN__PORT": "not-a-port", "PATH": "/usr/bin:/bin"}
-    result = subprocess.run([sys.executable, "-m", "gateway", "check-config", "--config", str(path)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=30, env=env)
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config", "--config", str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
     assert result.returncode == 2
     assert "listen.port" in result.stderr
 
 
-async def test_sigterm_finishes_in_flight_requests_and_stops_accepting(module_redis: RedisServer,
-                                                                       upstream: Upstream) -> None:
+async def test_sigterm_finishes_in_flight_requests_and_stops_accepting(
+    module_redis: RedisServer, upstream: Upstream
+) -> None:
     # A request in flight when SIGTERM arrives is answered; new connections are refused; the process
     # exits 0. A request longer than limits.shutdown_grace_s is cut at that bound.
     import signal
@@ -293,8 +318,7 @@ async def test_two_workers_serve_from_both_processes(module_redis: RedisServer, 
                 async with client.get(process.admin_url + "/healthz") as r:
                     pids.add((await r.json())["pid"])
                 # A subject of its own each time: this test is about workers, not rate limits.
-                async with client.get(process.url + "/v1/models",
-                                      headers=auth(hs_token(f"w{len(statuses)}"))) as r:
+                async with client.get(process.url + "/v1/models", headers=auth(hs_token(f"w{len(statuses)}"))) as r:
                     statuses.append(r.status)
             if len(pids) >= 2 and len(statuses) >= 20:
                 break

@@ -148,7 +148,7 @@ def test_memory_is_bounded_and_recent_callers_kept() -> None:
 def test_keys_share_a_slot_and_are_bounded() -> None:
     request_key, token_key = rate_keys("x" * 10_000 + "{}|\n\0", "gpt|4")
     assert len(request_key) < 64
-    tag = request_key[request_key.index("{"):request_key.index("}") + 1]
+    tag = request_key[request_key.index("{") : request_key.index("}") + 1]
     assert token_key.startswith(f"gw:rl:{tag}")
     assert request_key.endswith(":r") and token_key.endswith(":w")
     # A separator inside a subject cannot make two callers share a key.
@@ -156,9 +156,18 @@ def test_keys_share_a_slot_and_are_bounded() -> None:
 
 
 def _result(**overrides: object) -> RateResult:
-    fields: dict[str, object] = dict(allowed=True, code="", limit=60, remaining=9, reset_s=1.2,
-                                     retry_after_s=0, token_limit=100_000, tokens_remaining=99_000,
-                                     token_reset_s=42.5, fallback=False)
+    fields: dict[str, object] = dict(
+        allowed=True,
+        code="",
+        limit=60,
+        remaining=9,
+        reset_s=1.2,
+        retry_after_s=0,
+        token_limit=100_000,
+        tokens_remaining=99_000,
+        token_reset_s=42.5,
+        fallback=False,
+    )
     fields.update(overrides)
     return RateResult(**fields)  # type: ignore[arg-type]
 
@@ -177,8 +186,16 @@ def test_headers_allowed() -> None:
 
 
 def test_headers_blocked_without_token_limit() -> None:
-    result = _result(allowed=False, code="rate_limited", remaining=0, reset_s=7.5, retry_after_s=8,
-                     token_limit=None, tokens_remaining=None, token_reset_s=None)
+    result = _result(
+        allowed=False,
+        code="rate_limited",
+        remaining=0,
+        reset_s=7.5,
+        retry_after_s=8,
+        token_limit=None,
+        tokens_remaining=None,
+        token_reset_s=None,
+    )
     headers = result.headers("partner")
     names = [name for name, _ in headers]
     assert len(names) == len(set(names))
@@ -194,9 +211,20 @@ def test_tier_name_is_escaped_in_structured_fields() -> None:
     assert values["RateLimit-Policy"] == '"we\\"ird\\\\";q=60;w=60'
 
 
-@pytest.mark.parametrize(("seconds", "text"), [
-    (0, "0s"), (0.02, "20ms"), (0.5, "500ms"), (1, "1s"), (1.25, "1.3s"), (12, "12s"),
-    (59.99, "60s"), (60, "1m0s"), (360, "6m0s"), (3725, "1h2m5s"),
-])
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0, "0s"),
+        (0.02, "20ms"),
+        (0.5, "500ms"),
+        (1, "1s"),
+        (1.25, "1.3s"),
+        (12, "12s"),
+        (59.99, "60s"),
+        (60, "1m0s"),
+        (360, "6m0s"),
+        (3725, "1h2m5s"),
+    ],
+)
 def test_duration_format(seconds: float, text: str) -> None:
     assert _format_duration(seconds) == text

@@ -42,15 +42,17 @@ def gateway_pair(redis_url: str, upstream: Upstream) -> Iterator[tuple[GatewayPr
     second.stop()
 
 
-async def post(client: aiohttp.ClientSession, gateway: GatewayProcess, token: str,
-               path: str = "/v1/chat/completions") -> aiohttp.ClientResponse:
+async def post(
+    client: aiohttp.ClientSession, gateway: GatewayProcess, token: str, path: str = "/v1/chat/completions"
+) -> aiohttp.ClientResponse:
     async with client.post(gateway.url + path, json=CHAT, headers=auth(token)) as response:
         await response.read()
         return response
 
 
 async def test_exactly_the_limit_passes_across_two_processes(
-        gateway_pair: tuple[GatewayProcess, GatewayProcess]) -> None:
+    gateway_pair: tuple[GatewayProcess, GatewayProcess],
+) -> None:
     first, second = gateway_pair
     token = hs_token("burst-user", tier="tight")
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=100)) as client:
@@ -70,7 +72,8 @@ async def test_exactly_the_limit_passes_across_two_processes(
 
 
 async def test_retry_after_is_honest_and_burst_matches_config(
-        gateway_pair: tuple[GatewayProcess, GatewayProcess]) -> None:
+    gateway_pair: tuple[GatewayProcess, GatewayProcess],
+) -> None:
     first, second = gateway_pair
     token = hs_token("steady-user", tier="steady")
     async with aiohttp.ClientSession() as client:
@@ -86,8 +89,9 @@ async def test_retry_after_is_honest_and_burst_matches_config(
 
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/stream"])
-async def test_token_budget_charged_from_usage(gateway_pair: tuple[GatewayProcess, GatewayProcess],
-                                               clean_upstream: Upstream, path: str) -> None:
+async def test_token_budget_charged_from_usage(
+    gateway_pair: tuple[GatewayProcess, GatewayProcess], clean_upstream: Upstream, path: str
+) -> None:
     first, second = gateway_pair
     clean_upstream.release.set()  # streams run to the end at once
     clean_upstream.usage_tokens = 60
@@ -118,9 +122,9 @@ async def test_redis_faults_fall_back_to_local_limits(fault: str, upstream: Upst
         seed_policy(redis.url)
         proxy = FaultProxy(redis.port).start()
         # Policy staleness is long here: this test is about quotas, not the policy.
-        gateway = GatewayProcess(config(upstream, policy={"max_staleness_s": 60},
-                                        redis={"timeout_s": 0.1}),
-                                 redis_url=proxy.url).start()
+        gateway = GatewayProcess(
+            config(upstream, policy={"max_staleness_s": 60}, redis={"timeout_s": 0.1}), redis_url=proxy.url
+        ).start()
         try:
             async with aiohttp.ClientSession() as client:
                 assert (await post(client, gateway, hs_token("warm", tier="tight"))).status == 200

@@ -29,15 +29,15 @@ class ScriptClient:
     """The ScriptBackend contract over redis.asyncio: EVALSHA, reload on NOSCRIPT, bounded time."""
 
     def __init__(self, url: str, timeout_s: float = 0.5) -> None:
-        self.redis = aioredis.Redis.from_url(url, retry=Retry(NoBackoff(), 1),
-                                             socket_connect_timeout=timeout_s)
+        self.redis = aioredis.Redis.from_url(url, retry=Retry(NoBackoff(), 1), socket_connect_timeout=timeout_s)
         self.timeout_s = timeout_s
         self.calls = 0
         self._sources = {path.stem: lua_source(path.stem) for path in LUA_DIR.glob("*.lua")}
         self._shas: dict[str, str] = {}
 
-    async def run_script(self, name: str, keys: Sequence[str], args: Sequence[str | int | float], *,
-                         timeout_s: float | None = None) -> Any:
+    async def run_script(
+        self, name: str, keys: Sequence[str], args: Sequence[str | int | float], *, timeout_s: float | None = None
+    ) -> Any:
         self.calls += 1
         try:
             async with asyncio.timeout(self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)):
@@ -115,8 +115,38 @@ async def test_scripts_match_the_local_limiter(client: ScriptClient, tier: str) 
     # One algorithm, two implementations: the same calls give the same answers.
     limiter, clock = scripted(client)
     local = limiter.local
-    pattern = [0.0, 0.0, 0.3, 0.0, 1.7, 0.0, 0.0, 0.01, 9.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 31.0,
-               0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.4, 30.0]
+    pattern = [
+        0.0,
+        0.0,
+        0.3,
+        0.0,
+        1.7,
+        0.0,
+        0.0,
+        0.01,
+        9.0,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        31.0,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        0.4,
+        30.0,
+    ]
     seen: set[str] = set()
     for step, gap in enumerate(pattern):
         clock.advance(gap)
@@ -126,9 +156,13 @@ async def test_scripts_match_the_local_limiter(client: ScriptClient, tier: str) 
         remote = await limiter.check("carol", "m", tier)
         here = local.check("carol-local", "m", TIERS[tier])
         seen.add(remote.code)
-        assert (remote.allowed, remote.code, remote.remaining, remote.retry_after_s,
-                remote.tokens_remaining) == (here.allowed, here.code, here.remaining,
-                                             here.retry_after_s, here.tokens_remaining)
+        assert (remote.allowed, remote.code, remote.remaining, remote.retry_after_s, remote.tokens_remaining) == (
+            here.allowed,
+            here.code,
+            here.remaining,
+            here.retry_after_s,
+            here.tokens_remaining,
+        )
         assert remote.reset_s == pytest.approx(here.reset_s, abs=1e-3)
         assert remote.token_reset_s == pytest.approx(here.token_reset_s, abs=1e-3)
     assert len(seen) > 1  # the pattern reaches a block, not only passes
@@ -152,7 +186,11 @@ async def test_running_token_sum_matches_the_buckets_over_minutes(client: Script
         remote = await limiter.check("hot", "m", "tokens")
         here = local.check("hot-local", "m", TIERS["tokens"])
         assert (remote.allowed, remote.code, remote.tokens_remaining, remote.retry_after_s) == (
-            here.allowed, here.code, here.tokens_remaining, here.retry_after_s)
+            here.allowed,
+            here.code,
+            here.tokens_remaining,
+            here.retry_after_s,
+        )
         assert remote.token_reset_s == pytest.approx(here.token_reset_s, abs=1e-3)
         fields = {k.decode(): int(v) for k, v in (await client.redis.hgetall(window_key)).items()}
         seconds = {int(k): v for k, v in fields.items() if k.isdigit()}
@@ -175,8 +213,7 @@ async def test_concurrent_checks_from_two_processes(redis_url: str) -> None:
     try:
         limiters = [RateLimiter(first, TIERS), RateLimiter(second, TIERS)]
         burst, extra = TIERS["tiny"].burst, 25
-        results = await asyncio.gather(*(limiters[i % 2].check("eve", "m", "tiny")
-                                         for i in range(burst + extra)))
+        results = await asyncio.gather(*(limiters[i % 2].check("eve", "m", "tiny") for i in range(burst + extra)))
         assert not any(r.fallback for r in results)
         assert sum(r.allowed for r in results) == burst
         assert {r.code for r in results if not r.allowed} == {"rate_limited"}
@@ -334,7 +371,8 @@ async def test_paused_redis_is_bounded_by_the_timeout(fresh_redis: RedisServer) 
         fresh_redis.pause()
         # Concurrent requests during a blackhole: each answered locally, none hangs.
         results = await asyncio.wait_for(
-            asyncio.gather(*(limiter.check("lee", "m", "steady") for _ in range(10))), timeout=5)
+            asyncio.gather(*(limiter.check("lee", "m", "steady") for _ in range(10))), timeout=5
+        )
         assert all(r.fallback for r in results) and len(fallbacks) == 10
         assert sum(r.allowed for r in results) == 5
         fresh_redis.resume()

@@ -52,13 +52,21 @@ async def backend(proxied: tuple[RedisServer, FaultProxy]) -> AsyncIterator[Scri
 def limiter_on(backend: ScriptClient) -> tuple[RateLimiter, FakeClock, list[int]]:
     clock = FakeClock(T0)
     fallbacks: list[int] = []
-    limiter = RateLimiter(backend, TIERS, clock=clock, script_now=clock, timeout_s=0.1, backoff_s=1.0,
-                          on_fallback=lambda: fallbacks.append(1))
+    limiter = RateLimiter(
+        backend,
+        TIERS,
+        clock=clock,
+        script_now=clock,
+        timeout_s=0.1,
+        backoff_s=1.0,
+        on_fallback=lambda: fallbacks.append(1),
+    )
     return limiter, clock, fallbacks
 
 
 async def test_requests_admitted_locally_are_charged_in_the_next_check(
-        proxied: tuple[RedisServer, FaultProxy], backend: ScriptClient) -> None:
+    proxied: tuple[RedisServer, FaultProxy], backend: ScriptClient
+) -> None:
     _, proxy = proxied
     limiter, clock, fallbacks = limiter_on(backend)
     proxy.set("refuse")
@@ -76,7 +84,8 @@ async def test_requests_admitted_locally_are_charged_in_the_next_check(
 
 
 async def test_tokens_charged_locally_are_charged_to_redis(
-        proxied: tuple[RedisServer, FaultProxy], backend: ScriptClient) -> None:
+    proxied: tuple[RedisServer, FaultProxy], backend: ScriptClient
+) -> None:
     _, proxy = proxied
     limiter, clock, _ = limiter_on(backend)
     proxy.set("refuse")
@@ -93,7 +102,8 @@ async def test_tokens_charged_locally_are_charged_to_redis(
 
 
 async def test_callers_who_do_not_come_back_are_written_back_in_the_background(
-        proxied: tuple[RedisServer, FaultProxy], backend: ScriptClient) -> None:
+    proxied: tuple[RedisServer, FaultProxy], backend: ScriptClient
+) -> None:
     server, proxy = proxied
     limiter, clock, _ = limiter_on(backend)
     proxy.set("refuse")
@@ -123,7 +133,8 @@ async def test_callers_who_do_not_come_back_are_written_back_in_the_background(
 
 
 async def test_one_failure_skips_redis_briefly_and_repeated_ones_back_off(
-        proxied: tuple[RedisServer, FaultProxy], backend: ScriptClient) -> None:
+    proxied: tuple[RedisServer, FaultProxy], backend: ScriptClient
+) -> None:
     """A single late reply used to send a whole second of traffic to the local limiter."""
     _, proxy = proxied
     limiter, clock, _ = limiter_on(backend)
@@ -149,7 +160,8 @@ async def test_one_failure_skips_redis_briefly_and_repeated_ones_back_off(
 
 
 async def test_a_call_given_less_than_the_connection_deadline_fails_alone(
-        proxied: tuple[RedisServer, FaultProxy]) -> None:
+    proxied: tuple[RedisServer, FaultProxy],
+) -> None:
     _, proxy = proxied
     store = Store.from_url(proxy.url, timeout_s=0.1, lean_wire=True)
     limiter = RateLimiter(store, TIERS, timeout_s=0.1)
@@ -161,15 +173,19 @@ async def test_a_call_given_less_than_the_connection_deadline_fails_alone(
         assert not first.fallback and 0 < budget.left_s < 0.06
         # What is left is too short for a second round trip: that call fails; the connection stays.
         with pytest.raises(StoreUnavailable):
-            await store.run_script("ratelimit", rate_keys("hal", "n"), ("10000000", "5", "0", ""),
-                                   timeout_s=budget.left_s)
+            await store.run_script(
+                "ratelimit", rate_keys("hal", "n"), ("10000000", "5", "0", ""), timeout_s=budget.left_s
+            )
         assert store.wire is not None and store.wire._protocol is not None
         assert not store.wire._protocol.closed
         proxy.set("pass")
         # The late reply is read and dropped in order: the next calls get their own replies.
-        replies = await asyncio.gather(*(store.run_script("ratelimit", rate_keys("hal", f"k{i}"),
-                                                          ("10000000", str(i + 1), "0", ""))
-                                         for i in range(5)))
+        replies = await asyncio.gather(
+            *(
+                store.run_script("ratelimit", rate_keys("hal", f"k{i}"), ("10000000", str(i + 1), "0", ""))
+                for i in range(5)
+            )
+        )
         assert [reply[2] for reply in replies] == [0, 1, 2, 3, 4]  # remaining = burst - 1
     finally:
         await limiter.close()
@@ -188,8 +204,10 @@ async def test_a_busy_gateway_on_a_healthy_redis_sees_no_script_failure(redis_ur
     store = Store.from_url(redis_url, timeout_s=0.1, lean_wire=True)
     errors: list[str] = []
     store.on_error = errors.append
-    tiers = {"tight": Tier(requests_per_minute=30, burst=5, tokens_per_minute=None),
-             "tokens": Tier(requests_per_minute=600_000, burst=1000, tokens_per_minute=50_000)}
+    tiers = {
+        "tight": Tier(requests_per_minute=30, burst=5, tokens_per_minute=None),
+        "tokens": Tier(requests_per_minute=600_000, burst=1000, tokens_per_minute=50_000),
+    }
     fallbacks: list[int] = []
     limiter = RateLimiter(store, tiers, timeout_s=0.1, on_fallback=lambda: fallbacks.append(1))
     stop = asyncio.Event()

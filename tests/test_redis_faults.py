@@ -54,8 +54,9 @@ class Answer:
     at: float
 
 
-async def post(client: aiohttp.ClientSession, gw: GatewayProcess, token: str, *,
-               request_id: str | None = None) -> Answer:
+async def post(
+    client: aiohttp.ClientSession, gw: GatewayProcess, token: str, *, request_id: str | None = None
+) -> Answer:
     started = time.monotonic()
     headers = {"Authorization": f"Bearer {token}"}
     if request_id:
@@ -77,8 +78,12 @@ def metric(gw: GatewayProcess, name: str) -> float:
 
 
 def config(upstream: Upstream, *, staleness: float, timeout: float = 0.1, poll: float = 0.1) -> dict[str, Any]:
-    return gateway_config(upstream.url, tiers=TIERS, redis={"timeout_s": timeout},
-                          policy={"max_staleness_s": staleness, "poll_interval_s": poll})
+    return gateway_config(
+        upstream.url,
+        tiers=TIERS,
+        redis={"timeout_s": timeout},
+        policy={"max_staleness_s": staleness, "poll_interval_s": poll},
+    )
 
 
 @pytest.fixture
@@ -92,8 +97,7 @@ def redis_and_proxy() -> Iterator[tuple[RedisServer, FaultProxy]]:
             proxy.stop()
 
 
-async def until(client: aiohttp.ClientSession, gw: GatewayProcess, token: str, status: int,
-                within: float) -> Answer:
+async def until(client: aiohttp.ClientSession, gw: GatewayProcess, token: str, status: int, within: float) -> Answer:
     deadline = time.monotonic() + within
     while True:
         answer = await post(client, gw, token)
@@ -107,7 +111,8 @@ async def until(client: aiohttp.ClientSession, gw: GatewayProcess, token: str, s
 
 
 async def test_refused_redis_decides_from_the_snapshot_until_stale_then_503(
-        redis_and_proxy: tuple[RedisServer, FaultProxy], upstream: Upstream) -> None:
+    redis_and_proxy: tuple[RedisServer, FaultProxy], upstream: Upstream
+) -> None:
     _, proxy = redis_and_proxy
     staleness = 2.0
     gw = GatewayProcess(config(upstream, staleness=staleness), redis_url=proxy.url).start()
@@ -144,7 +149,8 @@ async def test_refused_redis_decides_from_the_snapshot_until_stale_then_503(
 
 
 async def test_a_gateway_that_never_reached_redis_admits_no_one(
-        redis_and_proxy: tuple[RedisServer, FaultProxy], upstream: Upstream) -> None:
+    redis_and_proxy: tuple[RedisServer, FaultProxy], upstream: Upstream
+) -> None:
     _, proxy = redis_and_proxy
     proxy.set("refuse")
     gw = GatewayProcess(config(upstream, staleness=30), redis_url=proxy.url).start(wait_ready=False)
@@ -166,7 +172,8 @@ async def test_a_gateway_that_never_reached_redis_admits_no_one(
 
 
 async def test_blackholed_redis_bounds_every_request_and_builds_no_queue(
-        redis_and_proxy: tuple[RedisServer, FaultProxy], upstream: Upstream) -> None:
+    redis_and_proxy: tuple[RedisServer, FaultProxy], upstream: Upstream
+) -> None:
     _, proxy = redis_and_proxy
     timeout = 0.2
     gw = GatewayProcess(config(upstream, staleness=30, timeout=timeout), redis_url=proxy.url).start()
@@ -197,7 +204,8 @@ async def test_blackholed_redis_bounds_every_request_and_builds_no_queue(
 
 
 async def test_slow_jittery_redis_is_cut_at_the_deadline_and_the_fallback_counted(
-        redis_and_proxy: tuple[RedisServer, FaultProxy], upstream: Upstream) -> None:
+    redis_and_proxy: tuple[RedisServer, FaultProxy], upstream: Upstream
+) -> None:
     _, proxy = redis_and_proxy
     timeout = 0.1
     gw = GatewayProcess(config(upstream, staleness=30, timeout=timeout), redis_url=proxy.url).start()
@@ -282,9 +290,14 @@ async def test_client_pause_keeps_latency_bounded_and_decisions_right(upstream: 
 async def _abort_soon(port: int, token: str, after_s: float) -> None:
     body = orjson.dumps(CHAT)
     _reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer " + token.encode()
-                 + b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode()
-                 + b"\r\n\r\n" + body)
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer "
+        + token.encode()
+        + b"\r\nContent-Type: application/json\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
+    )
     await writer.drain()
     await asyncio.sleep(after_s)
     sock = writer.get_extra_info("socket")
@@ -297,7 +310,8 @@ def _remaining(answers: list[Answer]) -> list[int]:
 
 
 async def test_cancellation_storm_leaves_replies_matched_to_their_requests(
-        redis_and_proxy: tuple[RedisServer, FaultProxy], upstream: Upstream) -> None:
+    redis_and_proxy: tuple[RedisServer, FaultProxy], upstream: Upstream
+) -> None:
     _, proxy = redis_and_proxy
     # Slow enough that every rate-limit call is still in flight when its caller leaves; well inside the deadline.
     gw = GatewayProcess(config(upstream, staleness=30, timeout=0.5), redis_url=proxy.url).start()
@@ -307,8 +321,9 @@ async def test_cancellation_storm_leaves_replies_matched_to_their_requests(
             assert (await post(client, gw, ALLOWED)).status == 200
             proxy.set("delay", delay_s=0.06, jitter_s=0.03)
             storm_tokens = [hs_token(f"storm-{i}", country="US", tier="partner") for i in range(20)]
-            await asyncio.gather(*(_abort_soon(port, storm_tokens[i % 20], random.uniform(0.0, 0.05))
-                                   for i in range(300)))
+            await asyncio.gather(
+                *(_abort_soon(port, storm_tokens[i % 20], random.uniform(0.0, 0.05)) for i in range(300))
+            )
             # Past any limiter back-off the storm may have caused; its late replies may still be arriving.
             await asyncio.sleep(1.2)
             fallback_before = metric(gw, "gateway_ratelimit_fallback_total")
@@ -356,8 +371,13 @@ def _write_unannounced(url: str, country: str, *, add: bool) -> int:
         pipe = client.pipeline(transaction=True)
         pipe.incr("{gw}:version")
         if add:
-            entry = {"reason": "lost announcement", "source": "test", "added_by": "test",
-                     "added_at": "2026-01-01T00:00:00Z", "expires_at": None}
+            entry = {
+                "reason": "lost announcement",
+                "source": "test",
+                "added_by": "test",
+                "added_at": "2026-01-01T00:00:00Z",
+                "expires_at": None,
+            }
             pipe.hset("{gw}:list:deny-countries", country, orjson.dumps(entry))
         else:
             pipe.hdel("{gw}:list:deny-countries", country)
@@ -400,15 +420,18 @@ def test_admin_reads_while_redis_resets_connections_are_never_500(upstream: Upst
     with RedisServer() as redis:
         seed_policy(redis.url)
         proxy = FaultProxy(redis.port).start()
-        gateway = GatewayProcess(gateway_config(upstream.url, policy={"max_staleness_s": 30, "poll_interval_s": 0.1}),
-                                 redis_url=proxy.url).start()
+        gateway = GatewayProcess(
+            gateway_config(upstream.url, policy={"max_staleness_s": 30, "poll_interval_s": 0.1}), redis_url=proxy.url
+        ).start()
         statuses: collections.Counter[int] = collections.Counter()
         try:
             for i in range(30):
                 proxy.set("reset" if i % 2 == 0 else "pass")
                 for _ in range(4):
-                    request = urllib.request.Request(gateway.admin_url + "/admin/v1/lists/deny-countries",
-                                                     headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+                    request = urllib.request.Request(
+                        gateway.admin_url + "/admin/v1/lists/deny-countries",
+                        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+                    )
                     try:
                         with urllib.request.urlopen(request, timeout=5) as response:
                             statuses[response.status] += 1

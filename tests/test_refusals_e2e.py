@@ -20,15 +20,20 @@ from .support.upstream import Upstream
 
 BLOCKED_PER_MINUTE = 5
 TIERS: dict[str, Any] = {
-    "public": {"requests_per_minute": 600, "burst": 100, "stages": ["general"],
-               "blocked_per_minute": BLOCKED_PER_MINUTE},
+    "public": {
+        "requests_per_minute": 600,
+        "burst": 100,
+        "stages": ["general"],
+        "blocked_per_minute": BLOCKED_PER_MINUTE,
+    },
     "partner": {"requests_per_minute": 600, "burst": 100, "stages": ["partners", "general"]},
 }
 POLICY: dict[str, Any] = {
     "lists": BASE_POLICY["lists"],
-    "models": {**BASE_POLICY["models"],
-               "frontier-x": {"stage": "general", "timeline": [], "allowed_countries": ["US"],
-                              "export_suspended": False}},
+    "models": {
+        **BASE_POLICY["models"],
+        "frontier-x": {"stage": "general", "timeline": [], "allowed_countries": ["US"], "export_suspended": False},
+    },
 }
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 
@@ -45,16 +50,19 @@ def _unique(prefix: str) -> str:
     return f"{prefix}-{time.time_ns()}"
 
 
-async def _chat(client: aiohttp.ClientSession, gateway: GatewayProcess, model: str, *, token: str | None,
-                ip: str = "198.51.100.1") -> tuple[int, Any, dict[str, Any]]:
+async def _chat(
+    client: aiohttp.ClientSession, gateway: GatewayProcess, model: str, *, token: str | None, ip: str = "198.51.100.1"
+) -> tuple[int, Any, dict[str, Any]]:
     headers = {"X-Forwarded-For": ip, **({"Authorization": f"Bearer {token}"} if token else {})}
-    async with client.post(gateway.url + "/v1/chat/completions", json={"model": model, **CHAT},
-                           headers=headers) as response:
+    async with client.post(
+        gateway.url + "/v1/chat/completions", json={"model": model, **CHAT}, headers=headers
+    ) as response:
         return response.status, response.headers, orjson.loads(await response.read())
 
 
-async def test_refused_answers_past_blocked_per_minute_are_429(gateway: GatewayProcess,
-                                                               clean_upstream: Upstream) -> None:
+async def test_refused_answers_past_blocked_per_minute_are_429(
+    gateway: GatewayProcess, clean_upstream: Upstream
+) -> None:
     token = hs_token(_unique("cn"), country="CN", tier="public")
     async with aiohttp.ClientSession() as client:
         for _ in range(BLOCKED_PER_MINUTE):
@@ -78,15 +86,17 @@ async def test_refused_answers_past_blocked_per_minute_are_429(gateway: GatewayP
 async def test_every_refusal_kind_counts(gateway: GatewayProcess, clean_upstream: Upstream) -> None:
     token = hs_token(_unique("mixed"), country="CN", tier="public")
     async with aiohttp.ClientSession() as client:
-        statuses = [(await _chat(client, gateway, model, token=token))[0]
-                    for model in ("frontier-x", "no-such-model", "frontier-x", "no-such-model", "frontier-x",
-                                  "no-such-model")]
+        statuses = [
+            (await _chat(client, gateway, model, token=token))[0]
+            for model in ("frontier-x", "no-such-model", "frontier-x", "no-such-model", "frontier-x", "no-such-model")
+        ]
     assert statuses == [451, 403, 451, 403, 451, 429]
     assert clean_upstream.seen == []
 
 
-async def test_unauthenticated_refusals_are_limited_per_client_address(gateway: GatewayProcess,
-                                                                       clean_upstream: Upstream) -> None:
+async def test_unauthenticated_refusals_are_limited_per_client_address(
+    gateway: GatewayProcess, clean_upstream: Upstream
+) -> None:
     # No verified caller: the client address is the key, with the strictest tier's limit.
     address = f"203.0.113.{time.time_ns() % 200 + 1}"
     async with aiohttp.ClientSession() as client:
@@ -141,14 +151,20 @@ async def _audit_record(gateway: GatewayProcess, request_id: str) -> dict[str, A
     raise AssertionError(f"no audit record for {request_id}")
 
 
-async def test_a_long_model_name_is_echoed_and_audited_in_at_most_256_bytes(gateway: GatewayProcess,
-                                                                            clean_upstream: Upstream) -> None:
+async def test_a_long_model_name_is_echoed_and_audited_in_at_most_256_bytes(
+    gateway: GatewayProcess, clean_upstream: Upstream
+) -> None:
     name = "m" * 300
     request_id = _unique("long-model")
     token = hs_token(_unique("long"), country="US", tier="partner")
-    async with aiohttp.ClientSession() as client, client.post(
-            gateway.url + "/v1/chat/completions", json={"model": name, **CHAT},
-            headers={**auth(token), "X-Request-Id": request_id}) as response:
+    async with (
+        aiohttp.ClientSession() as client,
+        client.post(
+            gateway.url + "/v1/chat/completions",
+            json={"model": name, **CHAT},
+            headers={**auth(token), "X-Request-Id": request_id},
+        ) as response,
+    ):
         raw = await response.read()
         assert response.status in (400, 403), raw  # refused: too long (400), or not registered (403)
     assert "m" * 257 not in raw.decode()
@@ -157,8 +173,9 @@ async def test_a_long_model_name_is_echoed_and_audited_in_at_most_256_bytes(gate
     assert clean_upstream.seen == []
 
 
-async def test_audit_records_do_not_grow_with_a_callers_claims(gateway: GatewayProcess,
-                                                               clean_upstream: Upstream) -> None:
+async def test_audit_records_do_not_grow_with_a_callers_claims(
+    gateway: GatewayProcess, clean_upstream: Upstream
+) -> None:
     # A token's claims reach the audit record; a 5,000-character org must not be stored 5,000 times.
     big = "o" * 5000
     token = hs_token(_unique("big-org"), org=big, country="US", tier="partner")

@@ -74,13 +74,28 @@ def go_decoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tests/upstreams/godecoder built with the local Go toolchain (standard library only, no network)."""
     go = shutil.which("go")
     if go is None:
-        pytest.fail("The differential test needs Go's encoding/json as one of its decoders: the 'go' command is "
-                    "not on PATH (install it, e.g. apt-get install golang-go).", pytrace=False)
+        pytest.fail(
+            "The differential test needs Go's encoding/json as one of its decoders: the 'go' command is "
+            "not on PATH (install it, e.g. apt-get install golang-go).",
+            pytrace=False,
+        )
     out = tmp_path_factory.mktemp("godecoder")
-    env = {**os.environ, "GOFLAGS": "-mod=mod", "GOCACHE": str(out / "cache"), "GOPATH": str(out / "gopath"),
-           "GOPROXY": "off", "CGO_ENABLED": "0"}
-    built = subprocess.run([go, "build", "-o", str(out / "godecoder"), "."], cwd=GO_SOURCE, env=env,
-                           capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "GOFLAGS": "-mod=mod",
+        "GOCACHE": str(out / "cache"),
+        "GOPATH": str(out / "gopath"),
+        "GOPROXY": "off",
+        "CGO_ENABLED": "0",
+    }
+    built = subprocess.run(
+        [go, "build", "-o", str(out / "godecoder"), "."],
+        cwd=GO_SOURCE,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if built.returncode != 0:
         pytest.fail(f"go build of {GO_SOURCE} failed:\n{built.stderr}", pytrace=False)
     return out / "godecoder"
@@ -210,12 +225,15 @@ def python_decoders() -> Iterator[PythonDecoders]:
 @pytest.fixture(scope="module")
 def setting(go_upstream: str) -> Iterator[tuple[GatewayProcess, str]]:
     document = copy.deepcopy(BASE_POLICY)
-    document["models"][RESTRICTED] = {"stage": "general", "timeline": [], "allowed_countries": ["US"],
-                                      "export_suspended": False}
+    document["models"][RESTRICTED] = {
+        "stage": "general",
+        "timeline": [],
+        "allowed_countries": ["US"],
+        "export_suspended": False,
+    }
     with RedisServer() as redis:
         seed_policy(redis.url, document)
-        config = gateway_config(go_upstream, tiers=TIERS, audit={"flush_ms": 5},
-                                limits={"max_body_bytes": MAX_BODY})
+        config = gateway_config(go_upstream, tiers=TIERS, audit={"flush_ms": 5}, limits={"max_body_bytes": MAX_BODY})
         gateway = GatewayProcess(config, redis_url=redis.url)
         gateway.start()
         try:
@@ -244,18 +262,42 @@ def audited_model(redis_url: str, request_id: str) -> str | None:
 
 # Weighted towards requests the gateway serves, where the property has something to compare.
 MODELS = [OPEN, OPEN, OPEN, OPEN, RESTRICTED, "GPT-MOCK", OPEN + " ", " " + RESTRICTED, ""]
-MODEL_KEYS = ["model"] * 10 + ["MODEL", "Model", "moDel", "modeL", "mod\\u0065l", "MOD\\u0045L", "\\u006dodel",
-              "\\u006D\\u006F\\u0064\\u0065\\u006C", "model ", " model", "mo\\u0064el"]
+MODEL_KEYS = ["model"] * 10 + [
+    "MODEL",
+    "Model",
+    "moDel",
+    "modeL",
+    "mod\\u0065l",
+    "MOD\\u0045L",
+    "\\u006dodel",
+    "\\u006D\\u006F\\u0064\\u0065\\u006C",
+    "model ",
+    " model",
+    "mo\\u0064el",
+]
 OTHER_KEYS = ["messages", "x", "stream", "input"]
 WHITESPACE = ["", " ", "\n", "\t", "\r\n  "]
 BOUNDARY = "xYz-b0undary"
-CODERS = {"gzip": gzip.compress, "deflate": zlib.compress, "deflate-raw": lambda b: zlib.compress(b, wbits=-15),
-          "br": brotli.compress}
-SPOOFED_HEADERS = [("X_Gateway_Subject", "admin"), ("X_Gateway_Tier", "internal"), ("X-Gateway-Org", "evil"),
-                   ("x_gateway_org", "evil"), ("Forwarded", "for=6.6.6.6"), ("X-Real-IP", "6.6.6.6"),
-                   ("X_Forwarded_For", "6.6.6.6"), ("X-Forwarded-Host", "evil.example"),
-                   ("X-Original-URL", "/admin"), ("X_Rewrite_URL", "/admin"), ("Content_Type", "text/plain"),
-                   ("Content_Encoding", "gzip")]
+CODERS = {
+    "gzip": gzip.compress,
+    "deflate": zlib.compress,
+    "deflate-raw": lambda b: zlib.compress(b, wbits=-15),
+    "br": brotli.compress,
+}
+SPOOFED_HEADERS = [
+    ("X_Gateway_Subject", "admin"),
+    ("X_Gateway_Tier", "internal"),
+    ("X-Gateway-Org", "evil"),
+    ("x_gateway_org", "evil"),
+    ("Forwarded", "for=6.6.6.6"),
+    ("X-Real-IP", "6.6.6.6"),
+    ("X_Forwarded_For", "6.6.6.6"),
+    ("X-Forwarded-Host", "evil.example"),
+    ("X-Original-URL", "/admin"),
+    ("X_Rewrite_URL", "/admin"),
+    ("Content_Type", "text/plain"),
+    ("Content_Encoding", "gzip"),
+]
 
 
 @st.composite
@@ -274,14 +316,23 @@ def json_texts(draw: st.DrawFn, plain: bool = False) -> str:
         return "7" if kind == "number" else "null"
 
     pairs = []
-    keys = ["model", *draw(st.lists(st.sampled_from(OTHER_KEYS), max_size=3, unique=True))] if plain else [
-        draw(st.sampled_from(MODEL_KEYS + OTHER_KEYS * 2)) for _ in range(draw(st.sampled_from([1, 1, 2, 2, 3, 4, 0])))]
+    keys = (
+        ["model", *draw(st.lists(st.sampled_from(OTHER_KEYS), max_size=3, unique=True))]
+        if plain
+        else [
+            draw(st.sampled_from(MODEL_KEYS + OTHER_KEYS * 2))
+            for _ in range(draw(st.sampled_from([1, 1, 2, 2, 3, 4, 0])))
+        ]
+    )
     for key in draw(st.permutations(keys)):
         ws = [draw(st.sampled_from(WHITESPACE)) for _ in range(3)]
         pairs.append(f'{ws[0]}"{key}"{ws[1]}:{ws[2]}{value()}')
     document = "{" + ",".join(pairs) + draw(st.sampled_from(WHITESPACE)) + "}"
-    shape = "object" if plain else draw(st.sampled_from(["object"] * 16 + ["list", "two_documents", "not_json",
-                                                                          "leading_space"]))
+    shape = (
+        "object"
+        if plain
+        else draw(st.sampled_from(["object"] * 16 + ["list", "two_documents", "not_json", "leading_space"]))
+    )
     if shape == "list":
         return "[" + document + "]"
     if shape == "two_documents":
@@ -296,27 +347,54 @@ def json_texts(draw: st.DrawFn, plain: bool = False) -> str:
 @st.composite
 def multipart_bodies(draw: st.DrawFn, plain: bool = False) -> bytes:
     if plain:
-        names = draw(st.permutations(["model", *draw(st.lists(st.sampled_from(["x", "file", "prompt"]),
-                                                               max_size=2, unique=True))]))
-        return (("".join(f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'
-                         f"{draw(st.sampled_from([OPEN, OPEN, RESTRICTED])) if name == 'model' else 'v'}\r\n"
-                         for name in names)) + f"--{BOUNDARY}--\r\n").encode()
+        names = draw(
+            st.permutations(
+                ["model", *draw(st.lists(st.sampled_from(["x", "file", "prompt"]), max_size=2, unique=True))]
+            )
+        )
+        return (
+            (
+                "".join(
+                    f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'
+                    f"{draw(st.sampled_from([OPEN, OPEN, RESTRICTED])) if name == 'model' else 'v'}\r\n"
+                    for name in names
+                )
+            )
+            + f"--{BOUNDARY}--\r\n"
+        ).encode()
     newline = draw(st.sampled_from(["\r\n"] * 9 + ["\n"]))
     parts = []
     for _ in range(draw(st.sampled_from([0, 1, 1, 1, 2, 2, 3]))):
         name = draw(st.sampled_from(["model"] * 6 + ["x"] * 3 + ["Model", "MODEL", "_charset_", "model "]))
-        disposition = draw(st.sampled_from([f'form-data; name="{name}"'] * 6 + [f"form-data; name={name.strip()}",
-                                            f'form-data; name="{name}"; filename="m.txt"',
-                                            f"form-data; name*=utf-8''{name.strip()}", f'form-data; NAME="{name}"']))
-        extra = draw(st.sampled_from([""] * 6 + ["Content-Type: text/plain" + newline,
-                                      "Content-Type: text/plain; charset=utf-16" + newline,
-                                      "Content-Transfer-Encoding: base64" + newline]))
+        disposition = draw(
+            st.sampled_from(
+                [f'form-data; name="{name}"'] * 6
+                + [
+                    f"form-data; name={name.strip()}",
+                    f'form-data; name="{name}"; filename="m.txt"',
+                    f"form-data; name*=utf-8''{name.strip()}",
+                    f'form-data; NAME="{name}"',
+                ]
+            )
+        )
+        extra = draw(
+            st.sampled_from(
+                [""] * 6
+                + [
+                    "Content-Type: text/plain" + newline,
+                    "Content-Type: text/plain; charset=utf-16" + newline,
+                    "Content-Transfer-Encoding: base64" + newline,
+                ]
+            )
+        )
         content = draw(st.sampled_from(MODELS))
         if "base64" in extra and draw(st.booleans()):
             content = base64.b64encode(content.encode()).decode()
         padding = draw(st.sampled_from([""] * 8 + [" ", "\t"]))
-        parts.append(f"--{BOUNDARY}{padding}{newline}Content-Disposition: {disposition}{newline}{extra}{newline}"
-                     f"{content}{newline}")
+        parts.append(
+            f"--{BOUNDARY}{padding}{newline}Content-Disposition: {disposition}{newline}{extra}{newline}"
+            f"{content}{newline}"
+        )
     return ("".join(parts) + f"--{BOUNDARY}--{newline}").encode("utf-8")
 
 
@@ -339,30 +417,60 @@ def variants(draw: st.DrawFn) -> Variant:
         text = draw(json_texts(plain))
         encoding = "utf-8" if plain else draw(st.sampled_from(["utf-8"] * 16 + ["utf-8-sig", "utf-16", "utf-16-le"]))
         body = text.encode(encoding)
-        matching = ["application/json", "application/json; charset=utf-8", "Application/JSON",
-                    'application/json;charset="UTF-8"', "application/vnd.api+json", " application/json "]
+        matching = [
+            "application/json",
+            "application/json; charset=utf-8",
+            "Application/JSON",
+            'application/json;charset="UTF-8"',
+            "application/vnd.api+json",
+            " application/json ",
+        ]
     elif kind == "multipart":
         body = draw(multipart_bodies(plain))
-        matching = [f"multipart/form-data; boundary={BOUNDARY}", f'multipart/form-data; boundary="{BOUNDARY}"',
-                    f"Multipart/Form-Data; BOUNDARY={BOUNDARY}"]
+        matching = [
+            f"multipart/form-data; boundary={BOUNDARY}",
+            f'multipart/form-data; boundary="{BOUNDARY}"',
+            f"Multipart/Form-Data; BOUNDARY={BOUNDARY}",
+        ]
     else:
-        body = ("x=1&model=" + draw(st.sampled_from(MODELS)) + draw(st.sampled_from(["", "&model=gpt-mock",
-                                                                                     ";model=frontier-x"]))).encode()
+        body = (
+            "x=1&model="
+            + draw(st.sampled_from(MODELS))
+            + draw(st.sampled_from(["", "&model=gpt-mock", ";model=frontier-x"]))
+        ).encode()
         matching = ["application/x-www-form-urlencoded"]
-    others = [None, "text/plain", "application/x-www-form-urlencoded", "application/json; charset=utf-16",
-              "text/json", "application/json, text/plain", f"multipart/form-data; boundary={BOUNDARY}; boundary=zz",
-              "application/octet-stream", f"multipart/form-data; boundary={BOUNDARY}", "application/json"]
+    others = [
+        None,
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "application/json; charset=utf-16",
+        "text/json",
+        "application/json, text/plain",
+        f"multipart/form-data; boundary={BOUNDARY}; boundary=zz",
+        "application/octet-stream",
+        f"multipart/form-data; boundary={BOUNDARY}",
+        "application/json",
+    ]
     labelled_as_is = plain or draw(st.sampled_from([True, True, True, False]))
     content_type = draw(st.sampled_from(matching)) if labelled_as_is else draw(st.sampled_from(others))
     headers = [("Content-Type", content_type)] if content_type is not None else []
     # Content codings: none, one, or stacked; declared as applied, or not.
-    layers = [draw(st.sampled_from(list(CODERS)))
-              for _ in range(draw(st.sampled_from([0, 1] if plain else [0] * 5 + [1] * 4 + [2])))]
+    layers = [
+        draw(st.sampled_from(list(CODERS)))
+        for _ in range(draw(st.sampled_from([0, 1] if plain else [0] * 5 + [1] * 4 + [2])))
+    ]
     for layer in layers:
         body = CODERS[layer](body)
     applied = [layer.replace("deflate-raw", "deflate") for layer in layers]
-    declared = "as_applied" if plain else draw(st.sampled_from(["as_applied"] * 10 + ["outer_only", "x-gzip", "upper",
-                                     "two_headers", "with_identity", "none"]))
+    declared = (
+        "as_applied"
+        if plain
+        else draw(
+            st.sampled_from(
+                ["as_applied"] * 10 + ["outer_only", "x-gzip", "upper", "two_headers", "with_identity", "none"]
+            )
+        )
+    )
     if declared == "as_applied" and applied:
         headers.append(("Content-Encoding", ", ".join(reversed(applied))))
     elif declared == "outer_only" and applied:
@@ -387,9 +495,12 @@ GATEWAY_REFUSALS = {400, 403, 405, 408, 413, 415, 451}
 def check(setting: tuple[GatewayProcess, str], decoders: PythonDecoders, variant: Variant) -> None:
     gateway, redis_url = setting
     request_id = "diff-" + os.urandom(8).hex()
-    data = request("POST", "/v1/chat/completions",
-                   [("Authorization", f"Bearer {TOKEN}"), ("X-Request-Id", request_id), *variant.headers],
-                   variant.body)
+    data = request(
+        "POST",
+        "/v1/chat/completions",
+        [("Authorization", f"Bearer {TOKEN}"), ("X-Request-Id", request_id), *variant.headers],
+        variant.body,
+    )
     with RawConnection(int(gateway.config["listen"]["port"])) as conn:
         conn.send(data)
         response: RawResponse = conn.read_response()
@@ -404,9 +515,11 @@ def check(setting: tuple[GatewayProcess, str], decoders: PythonDecoders, variant
     event(f"served, decided {decided!r}")
     arrived = response.json()
     go_json = (arrived["json"]["model"] or None) if arrived["json"]["ok"] else ERROR
-    readings = {"go encoding/json": go_json,
-                "python json by media type": decoders.read("a", arrived),
-                "aiohttp reader + json.loads": decoders.read("b", arrived)}
+    readings = {
+        "go encoding/json": go_json,
+        "python json by media type": decoders.read("a", arrived),
+        "aiohttp reader + json.loads": decoders.read("b", arrived),
+    }
     if arrived["form"]["ok"]:
         models = arrived["form"]["models"] or []
         readings["go mime/multipart"] = (models[0] or None) if len(models) == 1 else (None if not models else ERROR)
@@ -420,8 +533,7 @@ def check(setting: tuple[GatewayProcess, str], decoders: PythonDecoders, variant
     assert folded.get("x-gateway-subject") == ["cn-differential"], folded
     assert folded.get("x-gateway-tier") == ["bulk"] and folded.get("x-gateway-org") == ["acme"], folded
     assert folded.get("x-forwarded-for") == ["127.0.0.1"], folded
-    for name in ("forwarded", "x-real-ip", "x-forwarded-host", "x-original-url", "x-rewrite-url",
-                 "content-encoding"):
+    for name in ("forwarded", "x-real-ip", "x-forwarded-host", "x-original-url", "x-rewrite-url", "content-encoding"):
         assert name not in folded, (name, folded)
 
 
@@ -430,35 +542,46 @@ EXAMPLES = int(os.environ.get("GATEWAY_DIFFERENTIAL_EXAMPLES", "300"))
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 @given(variant=variants())
-def test_the_upstreams_read_the_model_the_gateway_decided(setting: tuple[GatewayProcess, str],
-                                                          python_decoders: PythonDecoders, variant: Variant) -> None:
+def test_the_upstreams_read_the_model_the_gateway_decided(
+    setting: tuple[GatewayProcess, str], python_decoders: PythonDecoders, variant: Variant
+) -> None:
     check(setting, python_decoders, variant)
 
 
 @pytest.mark.soak
 @pytest.mark.timeout(3600)
-@settings(max_examples=int(os.environ.get("GATEWAY_DIFFERENTIAL_SOAK_EXAMPLES", "20000")), deadline=None,
-          suppress_health_check=list(HealthCheck))
+@settings(
+    max_examples=int(os.environ.get("GATEWAY_DIFFERENTIAL_SOAK_EXAMPLES", "20000")),
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+)
 @given(variant=variants())
-def test_the_upstreams_read_the_model_the_gateway_decided_soak(setting: tuple[GatewayProcess, str],
-                                                               python_decoders: PythonDecoders,
-                                                               variant: Variant) -> None:
+def test_the_upstreams_read_the_model_the_gateway_decided_soak(
+    setting: tuple[GatewayProcess, str], python_decoders: PythonDecoders, variant: Variant
+) -> None:
     check(setting, python_decoders, variant)
 
 
-def test_the_decoders_do_read_the_model_where_the_gateway_did_not_look(setting: tuple[GatewayProcess, str],
-                                                                       python_decoders: PythonDecoders,
-                                                                       go_upstream: str) -> None:
+def test_the_decoders_do_read_the_model_where_the_gateway_did_not_look(
+    setting: tuple[GatewayProcess, str], python_decoders: PythonDecoders, go_upstream: str
+) -> None:
     """The decoders are live: sent straight to them, the bypasses of the review read frontier-x."""
-    direct = {"headers": {"Content-Type": ["application/x-www-form-urlencoded"]}, "method": "POST",
-              "target": "/v1/chat/completions", "host": "x",
-              "body": base64.b64encode(b'{"model": "frontier-x", "messages": []}').decode()}
+    direct = {
+        "headers": {"Content-Type": ["application/x-www-form-urlencoded"]},
+        "method": "POST",
+        "target": "/v1/chat/completions",
+        "host": "x",
+        "body": base64.b64encode(b'{"model": "frontier-x", "messages": []}').decode(),
+    }
     assert python_decoders.read("b", direct) == RESTRICTED  # JSON under a form type (finding 1)
     assert python_decoders.read("a", direct) is None
     direct["headers"] = {"Content-Type": ["application/json"], "Content-Encoding": ["gzip"]}
     direct["body"] = base64.b64encode(gzip.compress(b'{"model": "frontier-x"}')).decode()
     assert python_decoders.read("b", direct) == RESTRICTED  # a body still compressed (finding 2)
     with RawConnection(int(go_upstream.rsplit(":", 1)[1])) as conn:
-        conn.send(request("POST", "/", [("Content-Type", "application/json")],
-                          b'{"model": "gpt-mock", "MODEL": "frontier-x"}'))
+        conn.send(
+            request(
+                "POST", "/", [("Content-Type", "application/json")], b'{"model": "gpt-mock", "MODEL": "frontier-x"}'
+            )
+        )
         assert conn.read_response().json()["json"]["model"] == RESTRICTED  # case-insensitive keys (finding 3)

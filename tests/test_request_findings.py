@@ -38,10 +38,13 @@ GAP_TIMEOUT_S = 1.5
 
 def findings_policy() -> dict[str, Any]:
     document = copy.deepcopy(BASE_POLICY)
-    document["models"][RESTRICTED] = {"stage": "general", "timeline": [], "allowed_countries": ["US"],
-                                      "export_suspended": False}
-    document["lists"]["ip-ranges"] = {"198.51.100.0/24": {"reason": "test range", "source": "test",
-                                                          "country": "CN"}}
+    document["models"][RESTRICTED] = {
+        "stage": "general",
+        "timeline": [],
+        "allowed_countries": ["US"],
+        "export_suspended": False,
+    }
+    document["lists"]["ip-ranges"] = {"198.51.100.0/24": {"reason": "test range", "source": "test", "country": "CN"}}
     return document
 
 
@@ -49,9 +52,15 @@ def findings_policy() -> dict[str, Any]:
 def gw(upstream: Upstream) -> Iterator[GatewayProcess]:
     with RedisServer() as redis:
         seed_policy(redis.url, findings_policy())
-        config = gateway_config(upstream.url, network={"trusted_proxies": ["127.0.0.1/32"]},
-                                limits={"max_body_bytes": MAX_BODY, "body_read_timeout_s": BODY_TIMEOUT_S,
-                                        "header_read_timeout_s": GAP_TIMEOUT_S})
+        config = gateway_config(
+            upstream.url,
+            network={"trusted_proxies": ["127.0.0.1/32"]},
+            limits={
+                "max_body_bytes": MAX_BODY,
+                "body_read_timeout_s": BODY_TIMEOUT_S,
+                "header_read_timeout_s": GAP_TIMEOUT_S,
+            },
+        )
         gateway = GatewayProcess(config, redis_url=redis.url)
         gateway.start()
         try:
@@ -60,10 +69,18 @@ def gw(upstream: Upstream) -> Iterator[GatewayProcess]:
             gateway.stop()
 
 
-def send(gw: GatewayProcess, body: bytes = b"", headers: list[tuple[str, str]] | None = None, *,
-         method: str = "POST", path: str = CHAT, token: str = CN) -> RawResponse:
-    data = request(method, path, [("Authorization", f"Bearer {token}"), ("Connection", "close"), *(headers or [])],
-                   body)
+def send(
+    gw: GatewayProcess,
+    body: bytes = b"",
+    headers: list[tuple[str, str]] | None = None,
+    *,
+    method: str = "POST",
+    path: str = CHAT,
+    token: str = CN,
+) -> RawResponse:
+    data = request(
+        method, path, [("Authorization", f"Bearer {token}"), ("Connection", "close"), *(headers or [])], body
+    )
     responses, _ = exchange(int(gw.config["listen"]["port"]), data)
     assert len(responses) == 1, responses
     return responses[0]
@@ -118,16 +135,27 @@ def test_the_setting_blocks_cn_and_serves_us(gw: GatewayProcess, clean_upstream:
 # --- 1: a JSON body under another media type ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", None, "text/plain",
-                                          "application/x-www-form-urlencoded; charset=utf-8", "text/json",
-                                          "application/octet-stream"])
-def test_1_a_json_body_labelled_otherwise_is_415(gw: GatewayProcess, clean_upstream: Upstream,
-                                                 content_type: str | None) -> None:
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/x-www-form-urlencoded",
+        None,
+        "text/plain",
+        "application/x-www-form-urlencoded; charset=utf-8",
+        "text/json",
+        "application/octet-stream",
+    ],
+)
+def test_1_a_json_body_labelled_otherwise_is_415(
+    gw: GatewayProcess, clean_upstream: Upstream, content_type: str | None
+) -> None:
     """``curl -d`` labels JSON as a form: it used to be read as a form, name no model, and be served."""
     headers = [("Content-Type", content_type)] if content_type else []
-    for body in (chat(RESTRICTED),
-                 # A decoy form field inside a JSON string made the audit record gpt-mock.
-                 b'{"model": "frontier-x", "messages": [{"role": "user", "content": "&model=gpt-mock&"}]}'):
+    for body in (
+        chat(RESTRICTED),
+        # A decoy form field inside a JSON string made the audit record gpt-mock.
+        b'{"model": "frontier-x", "messages": [{"role": "user", "content": "&model=gpt-mock&"}]}',
+    ):
         refused(send(gw, body, headers), 415, "unsupported_media_type")
     never_served_restricted(clean_upstream)
     assert clean_upstream.seen == []
@@ -139,17 +167,29 @@ def test_1_a_json_body_labelled_otherwise_is_415(gw: GatewayProcess, clean_upstr
 def test_2_a_body_compressed_twice_under_one_coding_is_415(gw: GatewayProcess, clean_upstream: Upstream) -> None:
     for coding, compress in (("gzip", gzip.compress), ("deflate", zlib.compress), ("br", brotli.compress)):
         for inner in (gzip.compress, zlib.compress):
-            refused(send(gw, compress(inner(chat(RESTRICTED))), [JSON, ("Content-Encoding", coding)]),
-                    415, "unsupported_media_type")
+            refused(
+                send(gw, compress(inner(chat(RESTRICTED))), [JSON, ("Content-Encoding", coding)]),
+                415,
+                "unsupported_media_type",
+            )
     never_served_restricted(clean_upstream)
     assert clean_upstream.seen == []
 
 
-@pytest.mark.parametrize(("coding", "compress"), [
-    ("gzip", gzip.compress), ("GZip", gzip.compress), ("deflate", zlib.compress),
-    ("deflate", lambda b: zlib.compress(b, wbits=-15)), ("br", brotli.compress), ("identity", lambda b: b)])
-def test_2_a_single_coding_is_decided_decoded_and_forwarded_decoded(gw: GatewayProcess, clean_upstream: Upstream,
-                                                                    coding: str, compress: Any) -> None:
+@pytest.mark.parametrize(
+    ("coding", "compress"),
+    [
+        ("gzip", gzip.compress),
+        ("GZip", gzip.compress),
+        ("deflate", zlib.compress),
+        ("deflate", lambda b: zlib.compress(b, wbits=-15)),
+        ("br", brotli.compress),
+        ("identity", lambda b: b),
+    ],
+)
+def test_2_a_single_coding_is_decided_decoded_and_forwarded_decoded(
+    gw: GatewayProcess, clean_upstream: Upstream, coding: str, compress: Any
+) -> None:
     response = send(gw, compress(chat(RESTRICTED)), [JSON, ("Content-Encoding", coding)])
     assert (response.status, response.json()["error"]["code"]) == (451, "export_restricted")
     assert send(gw, compress(chat(OPEN)), [JSON, ("Content-Encoding", coding)]).status == 200
@@ -170,9 +210,22 @@ def test_2_a_compression_bomb_is_413(gw: GatewayProcess, clean_upstream: Upstrea
     assert clean_upstream.seen == []
 
 
-@pytest.mark.parametrize("codings", [["x-gzip"], ["gzip, identity"], ["gzip, gzip"], ["gzip", "gzip"],
-                                     ["gzip", "identity"], ["zstd"], ["compress"], ["identity, gzip"], [""],
-                                     ["gzip;q=1"], ["x-deflate"]])
+@pytest.mark.parametrize(
+    "codings",
+    [
+        ["x-gzip"],
+        ["gzip, identity"],
+        ["gzip, gzip"],
+        ["gzip", "gzip"],
+        ["gzip", "identity"],
+        ["zstd"],
+        ["compress"],
+        ["identity, gzip"],
+        [""],
+        ["gzip;q=1"],
+        ["x-deflate"],
+    ],
+)
 def test_4_other_or_stacked_codings_are_415(gw: GatewayProcess, clean_upstream: Upstream, codings: list[str]) -> None:
     """These were forwarded undecoded, with no model decision, for the upstream to decode."""
     body = gzip.compress(chat(RESTRICTED)) if codings != [""] else chat(RESTRICTED)
@@ -186,12 +239,21 @@ def test_4_other_or_stacked_codings_are_415(gw: GatewayProcess, clean_upstream: 
 # --- 3: the model key in another letter case -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("body", [
-    b'{"model": "gpt-mock", "MODEL": "frontier-x"}', b'{"model": "gpt-mock", "Model": "frontier-x"}',
-    b'{"model": "gpt-mock", "moDel": "frontier-x"}', b'{"MODEL": "frontier-x", "model": "gpt-mock"}',
-    b'{"model": "gpt-mock", "MOD\\u0045L": "frontier-x"}', b'{"model": "gpt-mock", "mod\\u0065l": "frontier-x"}',
-    b'{"Model": "frontier-x"}', b'{"model": "gpt-mock", "model": "frontier-x"}',
-    b'[{"model": "frontier-x"}]', b'{"model": "gpt-mock"} {"model": "frontier-x"}'])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model": "gpt-mock", "MODEL": "frontier-x"}',
+        b'{"model": "gpt-mock", "Model": "frontier-x"}',
+        b'{"model": "gpt-mock", "moDel": "frontier-x"}',
+        b'{"MODEL": "frontier-x", "model": "gpt-mock"}',
+        b'{"model": "gpt-mock", "MOD\\u0045L": "frontier-x"}',
+        b'{"model": "gpt-mock", "mod\\u0065l": "frontier-x"}',
+        b'{"Model": "frontier-x"}',
+        b'{"model": "gpt-mock", "model": "frontier-x"}',
+        b'[{"model": "frontier-x"}]',
+        b'{"model": "gpt-mock"} {"model": "frontier-x"}',
+    ],
+)
 def test_3_a_model_key_read_two_ways_is_ambiguous(gw: GatewayProcess, clean_upstream: Upstream, body: bytes) -> None:
     """Case-insensitive decoders (Go's encoding/json) read MODEL as model: decided gpt-mock, served frontier-x."""
     refused(send(gw, body, [JSON]), 400, "ambiguous_request")
@@ -201,25 +263,43 @@ def test_3_a_model_key_read_two_ways_is_ambiguous(gw: GatewayProcess, clean_upst
 def test_3_multipart_with_two_model_fields_is_ambiguous(gw: GatewayProcess, clean_upstream: Upstream) -> None:
     boundary = "b0undary"
     for names in (("model", "model"), ("model", "Model"), ("MODEL",)):
-        body = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
-                        + (OPEN if i == 0 else RESTRICTED).encode() + b"\r\n" for i, name in enumerate(names))
+        body = b"".join(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
+            + (OPEN if i == 0 else RESTRICTED).encode()
+            + b"\r\n"
+            for i, name in enumerate(names)
+        )
         body += f"--{boundary}--\r\n".encode()
-        refused(send(gw, body, [("Content-Type", f"multipart/form-data; boundary={boundary}")]),
-                400, "ambiguous_request")
+        refused(
+            send(gw, body, [("Content-Type", f"multipart/form-data; boundary={boundary}")]), 400, "ambiguous_request"
+        )
     assert clean_upstream.seen == []
 
 
 # --- 6: headers the gateway sets or vouches for ------------------------------------------------------------
 
 
-def test_6_caller_spellings_of_vouched_headers_never_reach_the_upstream(gw: GatewayProcess,
-                                                                        clean_upstream: Upstream) -> None:
-    spoofed = [("X_Gateway_Subject", "admin"), ("X_Gateway_Tier", "internal"), ("x-gateway-org", "evil"),
-               ("X-GATEWAY-TIER", "internal"), ("X_GATEWAY_ORG", "evil"), ("Forwarded", "for=6.6.6.6"),
-               ("X-Real-IP", "6.6.6.6"), ("X_Real_IP", "6.6.6.6"), ("X-Forwarded-Host", "evil.example"),
-               ("X_Forwarded_For", "6.6.6.6"), ("X-Forwarded-Proto", "https"), ("X-Original-URL", "/admin"),
-               ("X-Rewrite-URL", "/admin"), ("X_Original_URL", "/admin"), ("Content_Type", "text/plain"),
-               ("X-Kept", "kept")]
+def test_6_caller_spellings_of_vouched_headers_never_reach_the_upstream(
+    gw: GatewayProcess, clean_upstream: Upstream
+) -> None:
+    spoofed = [
+        ("X_Gateway_Subject", "admin"),
+        ("X_Gateway_Tier", "internal"),
+        ("x-gateway-org", "evil"),
+        ("X-GATEWAY-TIER", "internal"),
+        ("X_GATEWAY_ORG", "evil"),
+        ("Forwarded", "for=6.6.6.6"),
+        ("X-Real-IP", "6.6.6.6"),
+        ("X_Real_IP", "6.6.6.6"),
+        ("X-Forwarded-Host", "evil.example"),
+        ("X_Forwarded_For", "6.6.6.6"),
+        ("X-Forwarded-Proto", "https"),
+        ("X-Original-URL", "/admin"),
+        ("X-Rewrite-URL", "/admin"),
+        ("X_Original_URL", "/admin"),
+        ("Content_Type", "text/plain"),
+        ("X-Kept", "kept"),
+    ]
     assert send(gw, chat(OPEN), [JSON, *spoofed]).status == 200
     [seen] = clean_upstream.seen
     for name, value in spoofed:
@@ -243,7 +323,7 @@ def test_6_caller_spellings_of_vouched_headers_never_reach_the_upstream(gw: Gate
 def test_8_a_trickled_body_is_cut_at_the_total_deadline(gw: GatewayProcess, clean_upstream: Upstream) -> None:
     """A byte every 0.25 s never trips the gap timer (1.5 s); the whole body gets 2 s, then 408."""
     body = chat(RESTRICTED)
-    head = request("POST", CHAT, [("Authorization", f"Bearer {US}"), JSON], body)[:-len(body)]
+    head = request("POST", CHAT, [("Authorization", f"Bearer {US}"), JSON], body)[: -len(body)]
     with RawConnection(int(gw.config["listen"]["port"])) as conn:
         conn.send(head)
         started = time.monotonic()
@@ -251,7 +331,7 @@ def test_8_a_trickled_body_is_cut_at_the_total_deadline(gw: GatewayProcess, clea
         response: RawResponse | None = None
         while sent < len(body) and time.monotonic() - started < BODY_TIMEOUT_S + 3:
             try:
-                conn.send(body[sent:sent + 1])
+                conn.send(body[sent : sent + 1])
             except OSError:
                 break  # closed after its answer
             sent += 1
@@ -297,8 +377,9 @@ def test_10_trace_and_connect_are_405(gw: GatewayProcess, clean_upstream: Upstre
 # --- model names --------------------------------------------------------------------------------------------
 
 
-def test_model_names_over_256_bytes_or_with_controls_are_400_and_never_echoed(gw: GatewayProcess,
-                                                                              clean_upstream: Upstream) -> None:
+def test_model_names_over_256_bytes_or_with_controls_are_400_and_never_echoed(
+    gw: GatewayProcess, clean_upstream: Upstream
+) -> None:
     long_name = RESTRICTED + "-" + "x" * 5000
     for model in (long_name, "é" * 129, RESTRICTED + "\n", RESTRICTED + "\x00", "gpt-mock\x1b[31m", "a\u0085b"):
         response = send(gw, chat(model), [JSON])
@@ -317,7 +398,8 @@ def test_model_names_over_256_bytes_or_with_controls_are_400_and_never_echoed(gw
 
 
 def test_another_spelling_of_a_registered_model_is_refused_even_when_unknown_models_pass(
-        upstream: Upstream, clean_upstream: Upstream) -> None:
+    upstream: Upstream, clean_upstream: Upstream
+) -> None:
     """With ``unknown_model: allow``, ``FRONTIER-X`` was an unregistered model and passed, though a model
     server that folds case or white space serves ``frontier-x`` for it."""
     with RedisServer() as redis:

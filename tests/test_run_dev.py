@@ -44,10 +44,22 @@ def occupied() -> Iterator[int]:
 
 @pytest.mark.parametrize("variable", ["GATEWAY_LISTEN__PORT", "GATEWAY_ADMIN__PORT", "MOCK_PORT"])
 def test_a_taken_port_fails_naming_the_port_and_the_variable(tmp_path: Path, occupied: int, variable: str) -> None:
-    ports = {"GATEWAY_LISTEN__PORT": free_port(), "GATEWAY_ADMIN__PORT": free_port(), "MOCK_PORT": free_port(),
-             variable: occupied}
-    result = subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=_env(tmp_path, **ports), stdin=subprocess.DEVNULL,
-                            capture_output=True, text=True, timeout=60, check=False)
+    ports = {
+        "GATEWAY_LISTEN__PORT": free_port(),
+        "GATEWAY_ADMIN__PORT": free_port(),
+        "MOCK_PORT": free_port(),
+        variable: occupied,
+    }
+    result = subprocess.run(
+        ["bash", str(SCRIPT)],
+        cwd=ROOT,
+        env=_env(tmp_path, **ports),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode != 0
     assert f"port {occupied}" in result.stderr and "already in use" in result.stderr, result.stderr
     assert f"{variable}=" in result.stderr
@@ -87,8 +99,16 @@ def test_overridden_ports_are_used_printed_and_served(tmp_path: Path) -> None:
     public, admin, mock = free_port(), free_port(), free_port()
     env = _env(tmp_path, GATEWAY_LISTEN__PORT=public, GATEWAY_ADMIN__PORT=admin, MOCK_PORT=mock)
     with open(tmp_path / "stderr.log", "w") as stderr:
-        proc = subprocess.Popen(["bash", str(SCRIPT)], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True)
+        proc = subprocess.Popen(
+            ["bash", str(SCRIPT)],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            start_new_session=True,
+        )
     try:
         lines = _lines(proc.stdout)
         try:
@@ -102,10 +122,11 @@ def test_overridden_ports_are_used_printed_and_served(tmp_path: Path) -> None:
         curl = next(line for line in seen if line.startswith("curl -sS http"))
         token = re.search(r"Bearer ([\w.-]+)", curl).group(1)  # type: ignore[union-attr]
         assert f"http://127.0.0.1:{public}/v1/chat/completions" in curl
-        request = urllib.request.Request(f"http://127.0.0.1:{public}/v1/chat/completions",
-                                         data=b'{"model": "gpt-mock", "messages": []}',
-                                         headers={"Authorization": f"Bearer {token}",
-                                                  "Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{public}/v1/chat/completions",
+            data=b'{"model": "gpt-mock", "messages": []}',
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(request, timeout=10) as response:
             assert response.status == 200
             assert json.loads(response.read())["model"] == "gpt-mock"  # the mock, on its port, answered

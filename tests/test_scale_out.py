@@ -56,13 +56,15 @@ def three_gateways(redis_url: str, upstream: Upstream) -> Iterator[list[GatewayP
             gateway.stop()
 
 
-async def test_change_through_one_admin_listener_is_enforced_by_all_three(
-        three_gateways: list[GatewayProcess]) -> None:
+async def test_change_through_one_admin_listener_is_enforced_by_all_three(three_gateways: list[GatewayProcess]) -> None:
     token = hs_token("scale-out-de", country="DE")
     async with aiohttp.ClientSession() as client:
         assert [await post_chat(client, g, token) for g in three_gateways] == [200, 200, 200]
-        async with client.put(three_gateways[0].admin_url + "/admin/v1/lists/deny-countries/DE",
-                              json={"reason": "scale-out test"}, headers=ADMIN) as response:
+        async with client.put(
+            three_gateways[0].admin_url + "/admin/v1/lists/deny-countries/DE",
+            json={"reason": "scale-out test"},
+            headers=ADMIN,
+        ) as response:
             assert response.status == 200, await response.text()
             version = (await response.json())["version"]
         waits = await asyncio.gather(*(first_status(client, g, token, 451, within=3) for g in three_gateways))
@@ -71,8 +73,9 @@ async def test_change_through_one_admin_listener_is_enforced_by_all_three(
             async with client.post(gateway.url + "/v1/chat/completions", json=CHAT, headers=auth(token)) as r:
                 assert r.headers["X-Gateway-Policy-Version"] == str(version)
         # And back, through another process's admin listener.
-        async with client.delete(three_gateways[2].admin_url + "/admin/v1/lists/deny-countries/DE",
-                                 headers=ADMIN) as response:
+        async with client.delete(
+            three_gateways[2].admin_url + "/admin/v1/lists/deny-countries/DE", headers=ADMIN
+        ) as response:
             assert response.status == 200, await response.text()
         waits = await asyncio.gather(*(first_status(client, g, token, 200, within=3) for g in three_gateways))
         assert max(waits) < 1.0, waits
@@ -82,8 +85,9 @@ async def test_shared_limit_holds_across_three_processes(three_gateways: list[Ga
     token = hs_token("scale-out-burst", tier="tight")
     burst, extra = 5, 16
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=100)) as client:
-        statuses = await asyncio.gather(*(post_chat(client, three_gateways[i % 3], token)
-                                          for i in range(burst + extra)))
+        statuses = await asyncio.gather(
+            *(post_chat(client, three_gateways[i % 3], token) for i in range(burst + extra))
+        )
     assert statuses.count(200) == burst and statuses.count(429) == extra, statuses
 
 
@@ -108,13 +112,19 @@ def tls_redis(tls_files: TlsFiles) -> Iterator[TlsRedisServer]:
 
 
 def redis_settings(url: str, **tls: Path) -> Any:
-    return parse_settings({"upstream": {"url": "http://127.0.0.1:1"},
-                           "redis": {"url": url, **{k: str(v) for k, v in tls.items()}}}, environ={}).redis
+    return parse_settings(
+        {"upstream": {"url": "http://127.0.0.1:1"}, "redis": {"url": url, **{k: str(v) for k, v in tls.items()}}},
+        environ={},
+    ).redis
 
 
 async def test_rediss_url_with_ca_and_client_certificate(tls_redis: TlsRedisServer, tls_files: TlsFiles) -> None:
-    good = redis_settings(tls_redis.tls_url, tls_ca_file=tls_files.ca, tls_cert_file=tls_files.client_cert,
-                          tls_key_file=tls_files.client_key)
+    good = redis_settings(
+        tls_redis.tls_url,
+        tls_ca_file=tls_files.ca,
+        tls_cert_file=tls_files.client_cert,
+        tls_key_file=tls_files.client_key,
+    )
     seed_policy(tls_redis.url)  # over the plain port, as an operator's restore would
     store = Store.from_url(good.url, timeout_s=2, tls=good.tls_options())
     try:
@@ -123,9 +133,15 @@ async def test_rediss_url_with_ca_and_client_certificate(tls_redis: TlsRedisServ
     finally:
         await store.close()
     # The server requires a client certificate, and the client trusts only the configured CA.
-    for settings in (redis_settings(tls_redis.tls_url, tls_ca_file=tls_files.ca),
-                     redis_settings(tls_redis.tls_url, tls_ca_file=tls_files.other_ca,
-                                    tls_cert_file=tls_files.client_cert, tls_key_file=tls_files.client_key)):
+    for settings in (
+        redis_settings(tls_redis.tls_url, tls_ca_file=tls_files.ca),
+        redis_settings(
+            tls_redis.tls_url,
+            tls_ca_file=tls_files.other_ca,
+            tls_cert_file=tls_files.client_cert,
+            tls_key_file=tls_files.client_key,
+        ),
+    ):
         store = Store.from_url(settings.url, timeout_s=2, tls=settings.tls_options())
         try:
             with pytest.raises(StoreUnavailable):
@@ -163,12 +179,16 @@ async def test_unix_socket_url() -> None:
             await store.close()
 
 
-async def test_gateway_serves_over_rediss(tls_redis: TlsRedisServer, tls_files: TlsFiles,
-                                          upstream: Upstream) -> None:
+async def test_gateway_serves_over_rediss(tls_redis: TlsRedisServer, tls_files: TlsFiles, upstream: Upstream) -> None:
     seed_policy(tls_redis.url)
-    config = gateway_config(upstream.url, redis={"tls_ca_file": str(tls_files.ca),
-                                                 "tls_cert_file": str(tls_files.client_cert),
-                                                 "tls_key_file": str(tls_files.client_key)})
+    config = gateway_config(
+        upstream.url,
+        redis={
+            "tls_ca_file": str(tls_files.ca),
+            "tls_cert_file": str(tls_files.client_cert),
+            "tls_key_file": str(tls_files.client_key),
+        },
+    )
     gateway = GatewayProcess(config, redis_url=tls_redis.tls_url).start()
     try:
         async with aiohttp.ClientSession() as client:

@@ -117,14 +117,18 @@ def test_content_type_picks_the_format(csv_data: bytes, json_data: bytes) -> Non
 
 
 def test_multi_valued_csv_fields_split_on_semicolons() -> None:
-    data = _csv_bytes([{
-        "name": "Harbourlight Example Trading LLC",
-        "source": "Entity List (EL) - Bureau of Industry and Security",
-        "programs": "PROGRAM-A; PROGRAM-B;",
-        "alt_names": "Harbourlight Example; ; Harbourlight Trading Example",
-        "addresses": "1 Sample Street, Exampletown, DE; 2 Other Street, Otherplace, Austria",
-        "nationalities": "at",
-    }])
+    data = _csv_bytes(
+        [
+            {
+                "name": "Harbourlight Example Trading LLC",
+                "source": "Entity List (EL) - Bureau of Industry and Security",
+                "programs": "PROGRAM-A; PROGRAM-B;",
+                "alt_names": "Harbourlight Example; ; Harbourlight Trading Example",
+                "addresses": "1 Sample Street, Exampletown, DE; 2 Other Street, Otherplace, Austria",
+                "nationalities": "at",
+            }
+        ]
+    )
     [entry] = parse_csl(data)
     assert entry["programs"] == ["PROGRAM-A", "PROGRAM-B"]
     assert entry["alt_names"] == ["Harbourlight Example", "Harbourlight Trading Example"]
@@ -132,9 +136,13 @@ def test_multi_valued_csv_fields_split_on_semicolons() -> None:
 
 
 def test_json_form_with_scalars_and_missing_fields() -> None:
-    data = json.dumps({"results": [
-        {"name": "Example Number Entry", "entity_number": 12345, "alt_names": None, "addresses": None},
-    ]}).encode()
+    data = json.dumps(
+        {
+            "results": [
+                {"name": "Example Number Entry", "entity_number": 12345, "alt_names": None, "addresses": None},
+            ]
+        }
+    ).encode()
     [entry] = parse_csl(data)
     assert entry["entity_number"] == "12345"
     assert entry["alt_names"] == [] and entry["countries"] == [] and entry["source"] == ""
@@ -173,14 +181,20 @@ BAD_FILES: list[tuple[str, bytes, str]] = [
     ("header only", _header().encode() + b"\n", "no entries"),
     ("no name column", b"_id,source\nx,y\n", "no 'name' column"),
     ("duplicate column", b"name,source,name\na,b,c\n", "'name' appears twice"),
-    ("row without name", f"{_header()}\n{_row(_id='a', name='Ok')}\n{_row(_id='b', source='S')}\n".encode(),
-     r"row 2 \(line 3\): the 'name' field is empty"),
+    (
+        "row without name",
+        f"{_header()}\n{_row(_id='a', name='Ok')}\n{_row(_id='b', source='S')}\n".encode(),
+        r"row 2 \(line 3\): the 'name' field is empty",
+    ),
     ("too many fields", f"{_header()}\n{_row(name='Ok')},extra\n".encode(), "row 1 .*30 fields.* 29"),
     ("too few fields", b"name,source\nOnly a name\n", "row 1 .*1 fields.* 2"),
     ("bad quoting", b'name,source\n"unterminated,S\n', "malformed CSV"),
     ("not utf-8", b"name,source\nSoci\xe9t\xe9,S\n", "not UTF-8"),
-    ("duplicate _id", f"{_header()}\n{_row(_id='x', name='A')}\n{_row(_id='x', name='B')}\n".encode(),
-     r"row 2 .*duplicate _id 'x' \(first in row 1"),
+    (
+        "duplicate _id",
+        f"{_header()}\n{_row(_id='x', name='A')}\n{_row(_id='x', name='B')}\n".encode(),
+        r"row 2 .*duplicate _id 'x' \(first in row 1",
+    ),
     ("broken JSON", b'{"results": [', "not valid JSON"),
     ("JSON without results", b'{"total": 0}', "expected"),
     ("JSON results not a list", b'{"results": {"name": "x"}}', "expected"),
@@ -192,10 +206,16 @@ BAD_FILES: list[tuple[str, bytes, str]] = [
     ("JSON bad alt_names", b'{"results": [{"name": "A", "alt_names": {"x": 1}}]}', "'alt_names' must be a list"),
     ("JSON bad address", b'{"results": [{"name": "A", "addresses": [3]}]}', "'addresses' must hold"),
     ("overlong name", json.dumps({"results": [{"name": "N" * 1001}]}).encode(), "'name' is over 1000"),
-    ("overlong field", json.dumps({"results": [{"name": "A", "remarks": "r" * (MAX_FIELD_CHARS + 1)}]}).encode(),
-     "field 'remarks' is longer than"),
-    ("too many alt names", json.dumps({"results": [{"name": "A", "alt_names": [f"n{i}" for i in range(1001)]}]})
-     .encode(), "'alt_names' has more than 1000 values"),
+    (
+        "overlong field",
+        json.dumps({"results": [{"name": "A", "remarks": "r" * (MAX_FIELD_CHARS + 1)}]}).encode(),
+        "field 'remarks' is longer than",
+    ),
+    (
+        "too many alt names",
+        json.dumps({"results": [{"name": "A", "alt_names": [f"n{i}" for i in range(1001)]}]}).encode(),
+        "'alt_names' has more than 1000 values",
+    ),
 ]
 
 
@@ -219,25 +239,28 @@ def test_entry_count_is_bounded() -> None:
 # -------------------------------------------------------------- normalising
 
 
-@pytest.mark.parametrize(("raw", "expected"), [
-    ("Société Générale d'Armement Fictif", "societe generale d armement fictif"),
-    ("ACME Trading Co., Ltd.", "acme trading"),
-    ("Quillfeather Trading L.L.C.", "quillfeather trading"),
-    ("OOO Vostok-Fiktiv", "vostok fiktiv"),
-    ("Øresund Pseudo Optics A/S", "oresund pseudo optics"),
-    ("Hans-Jürgen Erfundener", "hans jurgen erfundener"),
-    ("Große Straße GmbH", "grosse strasse"),
-    ("The Acme & Sons Company", "acme sons"),
-    ("Public Joint Stock Company Tidewater", "tidewater"),
-    ("Lumen Invented Holdings S.A.", "lumen invented holdings"),
-    ("J.P. Fictional", "jp fictional"),
-    ("  Many \t spaces\n here ", "many spaces here"),
-    ("Восток Фиктив", "восток фиктив"),
-    ("FICTIVNIKOV, Dmitri", "fictivnikov dmitri"),
-    ("Corp", ""),
-    ("Co., Ltd.", ""),
-    ("", ""),
-])
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("Société Générale d'Armement Fictif", "societe generale d armement fictif"),
+        ("ACME Trading Co., Ltd.", "acme trading"),
+        ("Quillfeather Trading L.L.C.", "quillfeather trading"),
+        ("OOO Vostok-Fiktiv", "vostok fiktiv"),
+        ("Øresund Pseudo Optics A/S", "oresund pseudo optics"),
+        ("Hans-Jürgen Erfundener", "hans jurgen erfundener"),
+        ("Große Straße GmbH", "grosse strasse"),
+        ("The Acme & Sons Company", "acme sons"),
+        ("Public Joint Stock Company Tidewater", "tidewater"),
+        ("Lumen Invented Holdings S.A.", "lumen invented holdings"),
+        ("J.P. Fictional", "jp fictional"),
+        ("  Many \t spaces\n here ", "many spaces here"),
+        ("Восток Фиктив", "восток фиктив"),
+        ("FICTIVNIKOV, Dmitri", "fictivnikov dmitri"),
+        ("Corp", ""),
+        ("Co., Ltd.", ""),
+        ("", ""),
+    ],
+)
 def test_normalize(raw: str, expected: str) -> None:
     assert normalize(raw) == expected
 
@@ -245,19 +268,22 @@ def test_normalize(raw: str, expected: str) -> None:
 # ---------------------------------------------------------------- matching
 
 
-@pytest.mark.parametrize(("query", "entry_id", "matched_name"), [
-    ("Société Générale d'Armement Fictif", "fict-0001", "Société Générale d'Armement Fictif"),
-    ("Societe Generale d Armement Fictif", "fict-0001", "Société Générale d'Armement Fictif"),
-    ("SOCIETE GENERALE D'ARMEMENT FICTIF S.A.", "fict-0001", "Société Générale d'Armement Fictif"),
-    ("Fictivnikov Dmitri Olegovich", "fict-0002", "Dmitri Olegovich Fictivnikov"),
-    ("Quillfeather Trading Ltd", "fict-0003", "Quillfeather Trading LLC"),
-    ("Quillfeather Trading L.L.C.", "fict-0003", "Quillfeather Trading LLC"),
-    ("Hongdeng Precision Machinery Co", "fict-0004", "Hongdeng Precision Machinery"),
-    ("Восток Фиктив", "fict-0007", "Восток Фиктив"),
-    ("Oresund Pseudo Optics", "fict-0019", "Øresund Pseudo Optics A/S"),
-    ("Stella Ficta", "fict-0005", "STELLA FICTA"),
-    ("Marquez Jose Antonio Ficticio", "fict-0006", "José Antonio Ficticio Márquez"),
-])
+@pytest.mark.parametrize(
+    ("query", "entry_id", "matched_name"),
+    [
+        ("Société Générale d'Armement Fictif", "fict-0001", "Société Générale d'Armement Fictif"),
+        ("Societe Generale d Armement Fictif", "fict-0001", "Société Générale d'Armement Fictif"),
+        ("SOCIETE GENERALE D'ARMEMENT FICTIF S.A.", "fict-0001", "Société Générale d'Armement Fictif"),
+        ("Fictivnikov Dmitri Olegovich", "fict-0002", "Dmitri Olegovich Fictivnikov"),
+        ("Quillfeather Trading Ltd", "fict-0003", "Quillfeather Trading LLC"),
+        ("Quillfeather Trading L.L.C.", "fict-0003", "Quillfeather Trading LLC"),
+        ("Hongdeng Precision Machinery Co", "fict-0004", "Hongdeng Precision Machinery"),
+        ("Восток Фиктив", "fict-0007", "Восток Фиктив"),
+        ("Oresund Pseudo Optics", "fict-0019", "Øresund Pseudo Optics A/S"),
+        ("Stella Ficta", "fict-0005", "STELLA FICTA"),
+        ("Marquez Jose Antonio Ficticio", "fict-0006", "José Antonio Ficticio Márquez"),
+    ],
+)
 def test_exact_accented_reordered_suffix_and_alt_name_matches_block(
     index: ScreeningIndex, query: str, entry_id: str, matched_name: str
 ) -> None:
@@ -280,14 +306,17 @@ def test_suffix_variants_of_one_name() -> None:
         assert hit is not None and hit.blocked and hit.entry_id == "x1", query
 
 
-@pytest.mark.parametrize(("query", "entry_id"), [
-    ("Quilfeather Trading", "fict-0003"),
-    ("Quill Feather Trading", "fict-0003"),
-    ("Dmitri Fiktivnikov", "fict-0002"),
-    ("Elena Pseudonov", "fict-0025"),
-    ("Kestrelmor Dual Use Components", "fict-0014"),
-    ("Cobalt Marigold Semiconductors", "fict-0023"),
-])
+@pytest.mark.parametrize(
+    ("query", "entry_id"),
+    [
+        ("Quilfeather Trading", "fict-0003"),
+        ("Quill Feather Trading", "fict-0003"),
+        ("Dmitri Fiktivnikov", "fict-0002"),
+        ("Elena Pseudonov", "fict-0025"),
+        ("Kestrelmor Dual Use Components", "fict-0014"),
+        ("Cobalt Marigold Semiconductors", "fict-0023"),
+    ],
+)
 def test_spelling_variants_block_below_a_perfect_score(index: ScreeningIndex, query: str, entry_id: str) -> None:
     hit = index.match(query)
     assert hit is not None and hit.entry_id == entry_id and hit.blocked
@@ -296,32 +325,50 @@ def test_spelling_variants_block_below_a_perfect_score(index: ScreeningIndex, qu
 
 @pytest.fixture(scope="module")
 def trap_index() -> ScreeningIndex:
-    return ScreeningIndex([
-        {"id": "corp", "name": "Corp", "source": "Example list"},
-        {"id": "coltd", "name": "Co., Ltd.", "alt_names": ["LLC"], "source": "Example list"},
-        {"id": "global", "name": "Global Trading Corp", "source": "Example list"},
-        {"id": "intl", "name": "International Bank of Examples", "source": "Example list"},
-        {"id": "alhoba", "name": "Al Hoba Exchange", "source": "Example list"},
-    ])
+    return ScreeningIndex(
+        [
+            {"id": "corp", "name": "Corp", "source": "Example list"},
+            {"id": "coltd", "name": "Co., Ltd.", "alt_names": ["LLC"], "source": "Example list"},
+            {"id": "global", "name": "Global Trading Corp", "source": "Example list"},
+            {"id": "intl", "name": "International Bank of Examples", "source": "Example list"},
+            {"id": "alhoba", "name": "Al Hoba Exchange", "source": "Example list"},
+        ]
+    )
 
 
-@pytest.mark.parametrize(("listed", "query"), [
-    ("Y Trading", "X Trading"),
-    ("International Ro", "International Ka"),
-    ("Blue Ocean Shipping", "Red Ocean Shipping"),
-    ("Polmar Technology", "Technology Polin"),
-    ("K Smith", "J Smith"),
-])
+@pytest.mark.parametrize(
+    ("listed", "query"),
+    [
+        ("Y Trading", "X Trading"),
+        ("International Ro", "International Ka"),
+        ("Blue Ocean Shipping", "Red Ocean Shipping"),
+        ("Polmar Technology", "Technology Polin"),
+        ("K Smith", "J Smith"),
+    ],
+)
 def test_names_that_differ_in_a_whole_word_do_not_match(listed: str, query: str) -> None:
     index = ScreeningIndex([{"id": "e1", "name": listed, "source": "Example list"}])
     assert index.match(query) is None
     assert index.match(listed) is not None
 
 
-@pytest.mark.parametrize("query", [
-    "Acme Corp", "Corp", "CORP.", "Acme Co., Ltd.", "Trading", "Global", "Trading Corp",
-    "International", "Bank", "Al", "Al Bank", "Exchange",
-])
+@pytest.mark.parametrize(
+    "query",
+    [
+        "Acme Corp",
+        "Corp",
+        "CORP.",
+        "Acme Co., Ltd.",
+        "Trading",
+        "Global",
+        "Trading Corp",
+        "International",
+        "Bank",
+        "Al",
+        "Al Bank",
+        "Exchange",
+    ],
+)
 def test_a_lone_common_token_does_not_match(trap_index: ScreeningIndex, query: str) -> None:
     assert trap_index.match(query) is None
     # Not even as a weak candidate for the names that are nothing but legal forms.
@@ -339,10 +386,13 @@ def test_queries_under_two_characters_never_match(index: ScreeningIndex, query: 
     assert index.search(query, min_score=0.0) == []
 
 
-@pytest.mark.parametrize(("query", "entry_id", "matched_name"), [
-    ("Cobalt Marigold", "fict-0023", "Cobalt Marigold Semi"),  # one word of three missing
-    ("Jelena Pseudonova", "fict-0025", "Elena Pseudonova"),  # another transliteration
-])
+@pytest.mark.parametrize(
+    ("query", "entry_id", "matched_name"),
+    [
+        ("Cobalt Marigold", "fict-0023", "Cobalt Marigold Semi"),  # one word of three missing
+        ("Jelena Pseudonova", "fict-0025", "Elena Pseudonova"),  # another transliteration
+    ],
+)
 def test_review_band_is_reported_without_blocking(
     index: ScreeningIndex, query: str, entry_id: str, matched_name: str
 ) -> None:
@@ -353,10 +403,21 @@ def test_review_band_is_reported_without_blocking(
     assert hit.blocked is False
 
 
-@pytest.mark.parametrize("query", [
-    "Microsoft Corporation", "Acme Widgets Inc", "Jane Doe", "Bank of Example", "Fictional",
-    "Red Lantern Bakery", "Ali Hassan", "Stella Artois Ltd", "Global Trading", "Northbrook Electronics",
-])
+@pytest.mark.parametrize(
+    "query",
+    [
+        "Microsoft Corporation",
+        "Acme Widgets Inc",
+        "Jane Doe",
+        "Bank of Example",
+        "Fictional",
+        "Red Lantern Bakery",
+        "Ali Hassan",
+        "Stella Artois Ltd",
+        "Global Trading",
+        "Northbrook Electronics",
+    ],
+)
 def test_unrelated_names_do_not_match(index: ScreeningIndex, query: str) -> None:
     assert index.match(query) is None
 
@@ -414,12 +475,15 @@ def test_thresholds_are_configurable(entries: list[dict[str, Any]]) -> None:
     assert hit is not None and hit.blocked
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"review_threshold": 0.95, "block_threshold": 0.9},
-    {"review_threshold": 0.0},
-    {"block_threshold": 1.2},
-    {"cache_size": -1},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"review_threshold": 0.95, "block_threshold": 0.9},
+        {"review_threshold": 0.0},
+        {"block_threshold": 1.2},
+        {"cache_size": -1},
+    ],
+)
 def test_bad_settings_are_refused(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         ScreeningIndex([], **kwargs)
@@ -455,8 +519,36 @@ def test_empty_index_matches_nothing() -> None:
 
 # ---------------------------------------------------- scale and the prefilter
 
-_SYLLABLES = ("ka", "ro", "mi", "tan", "vel", "or", "shi", "ba", "nek", "lu", "dra", "pol", "zen", "vi",
-              "ash", "mar", "tek", "ul", "gor", "in", "sa", "fa", "rid", "ho", "qu", "xe", "jo", "em")
+_SYLLABLES = (
+    "ka",
+    "ro",
+    "mi",
+    "tan",
+    "vel",
+    "or",
+    "shi",
+    "ba",
+    "nek",
+    "lu",
+    "dra",
+    "pol",
+    "zen",
+    "vi",
+    "ash",
+    "mar",
+    "tek",
+    "ul",
+    "gor",
+    "in",
+    "sa",
+    "fa",
+    "rid",
+    "ho",
+    "qu",
+    "xe",
+    "jo",
+    "em",
+)
 _COMMON = ("Trading", "International", "Group", "Industrial", "Al", "Bank", "Shipping", "Technology")
 _SUFFIXES = ("LLC", "Ltd", "Co., Ltd.", "GmbH", "Corp", "", "")
 
@@ -474,8 +566,12 @@ def _synthetic_entries(count: int, seed: int) -> tuple[list[dict[str, Any]], Cal
         return f"{' '.join(parts)} {rng.choice(_SUFFIXES)}".strip()
 
     entries = [
-        {"id": f"s{i}", "name": name(), "alt_names": [name() for _ in range(rng.choice((1, 1, 2)))],
-         "source": "Synthetic"}
+        {
+            "id": f"s{i}",
+            "name": name(),
+            "alt_names": [name() for _ in range(rng.choice((1, 1, 2)))],
+            "source": "Synthetic",
+        }
         for i in range(count)
     ]
     return entries, name
@@ -483,15 +579,18 @@ def _synthetic_entries(count: int, seed: int) -> tuple[list[dict[str, Any]], Cal
 
 def _typo(text: str, rng: random.Random) -> str:
     position = rng.randrange(1, len(text))
-    return text[:position] + text[position + 1:]
+    return text[:position] + text[position + 1 :]
 
 
 def test_prefilter_finds_what_a_full_scan_finds() -> None:
     entries, fresh_name = _synthetic_entries(2_000, seed=3)
     index = ScreeningIndex(entries, cache_size=0)
-    names = [(position, _prepare(position, text, normalize(text)))
-             for position, entry in enumerate(entries)
-             for text in (entry["name"], *entry["alt_names"]) if normalize(text)]
+    names = [
+        (position, _prepare(position, text, normalize(text)))
+        for position, entry in enumerate(entries)
+        for text in (entry["name"], *entry["alt_names"])
+        if normalize(text)
+    ]
     rng = random.Random(4)
     queries = [_typo(rng.choice(entries)["name"], rng) for _ in range(150)]
     queries += [fresh_name() for _ in range(150)]
@@ -529,8 +628,9 @@ def test_match_time_at_20k_entries(record_property: Callable[[str, object], None
     record_property("screening_build_s", round(build_s, 3))
     record_property("screening_match_mean_ms", round(mean_ms, 2))
     record_property("screening_match_p99_ms", round(p99_ms, 2))
-    print(f"\nscreening at 20k entries: build {build_s:.2f} s, uncached match mean {mean_ms:.2f} ms, "
-          f"p99 {p99_ms:.2f} ms")
+    print(
+        f"\nscreening at 20k entries: build {build_s:.2f} s, uncached match mean {mean_ms:.2f} ms, p99 {p99_ms:.2f} ms"
+    )
     # Correctness at this size: a listed name is still found exactly.
     hit = index.match(entries[12_345]["name"])
     assert hit is not None and hit.score == 1.0

@@ -35,9 +35,10 @@ from .support.topology import SentinelTopology
 from .support.upstream import Upstream
 
 # A generous tier: this test is about failover, not quotas.
-TIERS: dict[str, Any] = {"partner": {"requests_per_minute": 600000, "burst": 100000,
-                                     "stages": ["partners", "general"]},
-                         "public": {"requests_per_minute": 60, "burst": 10, "stages": ["general"]}}
+TIERS: dict[str, Any] = {
+    "partner": {"requests_per_minute": 600000, "burst": 100000, "stages": ["partners", "general"]},
+    "public": {"requests_per_minute": 60, "burst": 10, "stages": ["general"]},
+}
 
 
 @dataclass
@@ -73,12 +74,19 @@ async def ask(client: aiohttp.ClientSession, gateway: GatewayProcess, caller: st
         seen = None
         if response.headers.get("X-Upstream") == "yes":
             seen = orjson.loads(body)["headers"].get("X-Gateway-Subject")
-        return Answer(time.monotonic(), caller, response.status, response.headers.get("X-Gateway-Reason", ""),
-                      response.headers.get("X-Upstream") == "yes", seen)
+        return Answer(
+            time.monotonic(),
+            caller,
+            response.status,
+            response.headers.get("X-Gateway-Reason", ""),
+            response.headers.get("X-Upstream") == "yes",
+            seen,
+        )
 
 
-async def traffic(client: aiohttp.ClientSession, gateway: GatewayProcess, stop: asyncio.Event,
-                  answers: list[Answer]) -> None:
+async def traffic(
+    client: aiohttp.ClientSession, gateway: GatewayProcess, stop: asyncio.Event, answers: list[Answer]
+) -> None:
     """An allowed and a denied caller, back to back, until ``stop``."""
     callers = {"allowed": hs_token("sentinel-ok", country="US"), "denied": hs_token("sentinel-ir", country="IR")}
     while not stop.is_set():
@@ -90,8 +98,9 @@ async def traffic(client: aiohttp.ClientSession, gateway: GatewayProcess, stop: 
         await asyncio.sleep(0.005)
 
 
-async def first_status(client: aiohttp.ClientSession, gateway: GatewayProcess, token: str, status: int,
-                       within: float) -> float:
+async def first_status(
+    client: aiohttp.ClientSession, gateway: GatewayProcess, token: str, status: int, within: float
+) -> float:
     started = time.monotonic()
     while time.monotonic() - started < within:
         async with client.post(gateway.url + "/v1/chat/completions", json=CHAT, headers=auth(token)) as response:
@@ -102,8 +111,9 @@ async def first_status(client: aiohttp.ClientSession, gateway: GatewayProcess, t
     raise AssertionError(f"{gateway.url} did not answer {status} within {within}s")
 
 
-async def fail_over_and_change(client: aiohttp.ClientSession, sentinel: SentinelTopology,
-                               gateways: tuple[GatewayProcess, GatewayProcess]) -> Failover:
+async def fail_over_and_change(
+    client: aiohttp.ClientSession, sentinel: SentinelTopology, gateways: tuple[GatewayProcess, GatewayProcess]
+) -> Failover:
     """Kill the primary mid-traffic, then change a list and lift it again through the Sentinel URL."""
     await asyncio.sleep(0.5)
     old_port = sentinel.primary_port()
@@ -116,8 +126,7 @@ async def fail_over_and_change(client: aiohttp.ClientSession, sentinel: Sentinel
     written_at = time.monotonic()
     german = hs_token("sentinel-de", country="DE")
     waits = await asyncio.gather(*(first_status(client, g, german, 451, within=3) for g in gateways))
-    async with client.post(gateways[1].url + "/v1/chat/completions", json=CHAT,
-                           headers=auth(german)) as response:
+    async with client.post(gateways[1].url + "/v1/chat/completions", json=CHAT, headers=auth(german)) as response:
         assert response.headers["X-Gateway-Policy-Version"] == str(version)
     # Once resubscribed, announcements arrive over the new primary's channel again.
     await asyncio.sleep(0.6)
@@ -128,19 +137,22 @@ async def fail_over_and_change(client: aiohttp.ClientSession, sentinel: Sentinel
 
 
 async def test_gateway_follows_a_sentinel_failover_and_never_admits_undecided(
-        sentinel: SentinelTopology, upstream: Upstream) -> None:
+    sentinel: SentinelTopology, upstream: Upstream
+) -> None:
     seed_policy(sentinel.url)
     sentinel.wait_replicated()  # the policy must survive the primary's death
     # "fast": a quick poll and a staleness bound shorter than the failover, so it fails closed
     # (503) in the window and must recover by itself. "pubsub": a poll too slow to matter and a
     # long bound (it serves its last snapshot throughout), so changes enforced within a second
     # after the failover prove that its subscription moved to the new primary.
-    fast = GatewayProcess(gateway_config(upstream.url, tiers=TIERS,
-                                         policy={"max_staleness_s": 1, "poll_interval_s": 0.1}),
-                          redis_url=sentinel.url).start()
-    pubsub = GatewayProcess(gateway_config(upstream.url, tiers=TIERS,
-                                           policy={"max_staleness_s": 30, "poll_interval_s": 10}),
-                            redis_url=sentinel.url).start()
+    fast = GatewayProcess(
+        gateway_config(upstream.url, tiers=TIERS, policy={"max_staleness_s": 1, "poll_interval_s": 0.1}),
+        redis_url=sentinel.url,
+    ).start()
+    pubsub = GatewayProcess(
+        gateway_config(upstream.url, tiers=TIERS, policy={"max_staleness_s": 30, "poll_interval_s": 10}),
+        redis_url=sentinel.url,
+    ).start()
     try:
         answers: list[Answer] = []
         stop = asyncio.Event()
@@ -152,10 +164,12 @@ async def test_gateway_follows_a_sentinel_failover_and_never_admits_undecided(
                 stop.set()
                 await asyncio.gather(*runners, return_exceptions=True)
         in_window = Counter(a.status for a in answers if run.killed_at <= a.at <= run.written_at)
-        print(f"\nfailover: primary {run.old_port} killed, {run.new_port} promoted after "
-              f"{run.promoted_at - run.killed_at:.2f}s; change enforced {max(run.enforce_s) * 1000:.0f} ms "
-              f"after the write, lifted {max(run.lift_s) * 1000:.0f} ms after; {len(answers)} answers, "
-              f"in the window {dict(in_window)}")
+        print(
+            f"\nfailover: primary {run.old_port} killed, {run.new_port} promoted after "
+            f"{run.promoted_at - run.killed_at:.2f}s; change enforced {max(run.enforce_s) * 1000:.0f} ms "
+            f"after the write, lifted {max(run.lift_s) * 1000:.0f} ms after; {len(answers)} answers, "
+            f"in the window {dict(in_window)}"
+        )
         assert run.new_port != run.old_port
         assert max(run.enforce_s) < 1.0, run
         assert max(run.lift_s) < 1.0, run
@@ -194,8 +208,12 @@ async def test_write_during_a_failover_lands_once_on_the_new_primary(sentinel: S
         old_port = sentinel.primary_port()
         sentinel.server_on(old_port).stop(kill=True)
         started = time.monotonic()
-        version, change = await store.write([HashSet(list_key("deny-entities"), "mid-failover", ENTRY)],
-                                            actor="test", now_iso="2026-01-01T00:00:00Z", target="t")
+        version, change = await store.write(
+            [HashSet(list_key("deny-entities"), "mid-failover", ENTRY)],
+            actor="test",
+            now_iso="2026-01-01T00:00:00Z",
+            target="t",
+        )
         took = time.monotonic() - started
         assert sentinel.primary_port() != old_port
         assert version == before + 1 == change.version  # applied exactly once
@@ -228,8 +246,12 @@ async def test_a_write_whose_outcome_is_unknown_is_read_back(redis_url: str, los
     try:
         before, _ = await store.read_version()
         assert before is not None
-        version, change = await store.write([HashSet(list_key("deny-entities"), "once", ENTRY)], actor="test",
-                                            now_iso="2026-01-01T00:00:00Z", target="t")
+        version, change = await store.write(
+            [HashSet(list_key("deny-entities"), "once", ENTRY)],
+            actor="test",
+            now_iso="2026-01-01T00:00:00Z",
+            target="t",
+        )
         assert version == before + 1 == change.version
         assert (await store.read_version())[0] == version
         assert calls == (1 if lost == "reply" else 2)

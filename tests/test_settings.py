@@ -25,19 +25,22 @@ def test_only_upstream_url_is_required() -> None:
         parse_settings({}, environ={})
 
 
-@pytest.mark.parametrize(("config", "key"), [
-    ({"listen": {"prot": 1}}, "listen.prot: unknown key"),
-    ({"bogus": {}}, "bogus: unknown key"),
-    ({"listen": {"port": 70000}}, "listen.port"),
-    ({"auth": {"algorithms": ["none"]}}, "auth.algorithms"),
-    ({"network": {"trusted_proxies": ["10.0.0.0/33"]}}, "network.trusted_proxies"),
-    ({"network": {"home_countries": ["usa"]}}, "network.home_countries"),
-    ({"policy": {"unknown_model": "maybe"}}, "policy.unknown_model"),
-    ({"policy": {"model_path_pattern": "/v1/(.*)"}}, "policy.model_path_pattern"),
-    ({"redis": {"url": "http://x"}}, "redis.url"),
-    ({"auth": {"default_tier": "gold"}}, "auth.default_tier"),
-    ({"screening": {"block_threshold": 0.8, "review_threshold": 0.9}}, "screening"),
-])
+@pytest.mark.parametrize(
+    ("config", "key"),
+    [
+        ({"listen": {"prot": 1}}, "listen.prot: unknown key"),
+        ({"bogus": {}}, "bogus: unknown key"),
+        ({"listen": {"port": 70000}}, "listen.port"),
+        ({"auth": {"algorithms": ["none"]}}, "auth.algorithms"),
+        ({"network": {"trusted_proxies": ["10.0.0.0/33"]}}, "network.trusted_proxies"),
+        ({"network": {"home_countries": ["usa"]}}, "network.home_countries"),
+        ({"policy": {"unknown_model": "maybe"}}, "policy.unknown_model"),
+        ({"policy": {"model_path_pattern": "/v1/(.*)"}}, "policy.model_path_pattern"),
+        ({"redis": {"url": "http://x"}}, "redis.url"),
+        ({"auth": {"default_tier": "gold"}}, "auth.default_tier"),
+        ({"screening": {"block_threshold": 0.8, "review_threshold": 0.9}}, "screening"),
+    ],
+)
 def test_bad_values_name_the_key(config: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_settings({"upstream": {"url": "http://up"}, **config}, environ={})
@@ -45,9 +48,13 @@ def test_bad_values_name_the_key(config: dict[str, Any], key: str) -> None:
 
 
 def test_environment_overrides_any_key() -> None:
-    environ = {"GATEWAY_UPSTREAM__URL": "http://from-env:9000", "GATEWAY_LISTEN__PORT": "9999",
-               "GATEWAY_TIERS__PUBLIC__BURST": "3", "GATEWAY_NETWORK__TRUSTED_PROXIES": "[10.0.0.0/8]",
-               "GATEWAY_ADMIN_TOKEN": "not-an-override"}
+    environ = {
+        "GATEWAY_UPSTREAM__URL": "http://from-env:9000",
+        "GATEWAY_LISTEN__PORT": "9999",
+        "GATEWAY_TIERS__PUBLIC__BURST": "3",
+        "GATEWAY_NETWORK__TRUSTED_PROXIES": "[10.0.0.0/8]",
+        "GATEWAY_ADMIN_TOKEN": "not-an-override",
+    }
     settings = parse_settings({"upstream": {"url": "http://file"}}, environ=environ)
     assert settings.upstream.url == "http://from-env:9000"
     assert settings.listen.port == 9999
@@ -121,8 +128,13 @@ def test_serve_refuses_unreadable_key_and_token_files(tmp_path: Path) -> None:
     for key, section in cases.items():
         path = tmp_path / "config.yaml"
         path.write_text(yaml.safe_dump({"upstream": {"url": "http://127.0.0.1:1"}, **section}))
-        result = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(path)], cwd=ROOT,
-                                capture_output=True, text=True, timeout=30)
+        result = subprocess.run(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(path)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert result.returncode == 2, (key, result.stderr)
         assert key in result.stderr, (key, result.stderr)
         assert "Traceback" not in result.stderr
@@ -133,15 +145,24 @@ def test_modelless_paths_and_blocked_per_minute() -> None:
     assert settings.policy.modelless_paths == ["/v1/models"]
     # Unset, a tier's refusal limit is its request rate.
     assert {name: tier.blocked_limit for name, tier in settings.tiers.items()} == {
-        name: tier.requests_per_minute for name, tier in settings.tiers.items()}
+        name: tier.requests_per_minute for name, tier in settings.tiers.items()
+    }
     tiers = {"public": {"requests_per_minute": 60, "blocked_per_minute": 5}}
-    custom = parse_settings({"upstream": {"url": "http://127.0.0.1:8000"}, "tiers": tiers,
-                             "policy": {"modelless_paths": ["/v1/models", "/health"]}}, environ={})
+    custom = parse_settings(
+        {
+            "upstream": {"url": "http://127.0.0.1:8000"},
+            "tiers": tiers,
+            "policy": {"modelless_paths": ["/v1/models", "/health"]},
+        },
+        environ={},
+    )
     assert custom.tiers["public"].blocked_limit == 5 and custom.policy.modelless_paths == ["/v1/models", "/health"]
     for bad in (["v1/models"], ["/v1/models/"], ["/v1/models?x=1"], [" /v1/models"]):
         with pytest.raises(ConfigError, match="modelless_paths"):
-            parse_settings({"upstream": {"url": "http://127.0.0.1:8000"}, "policy": {"modelless_paths": bad}},
-                           environ={})
+            parse_settings(
+                {"upstream": {"url": "http://127.0.0.1:8000"}, "policy": {"modelless_paths": bad}}, environ={}
+            )
     with pytest.raises(ConfigError, match="blocked_per_minute"):
-        parse_settings({"upstream": {"url": "http://127.0.0.1:8000"},
-                        "tiers": {"public": {"blocked_per_minute": 0}}}, environ={})
+        parse_settings(
+            {"upstream": {"url": "http://127.0.0.1:8000"}, "tiers": {"public": {"blocked_per_minute": 0}}}, environ={}
+        )

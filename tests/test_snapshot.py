@@ -14,14 +14,20 @@ MODELS = {"m": {"stage": "general", "timeline": [], "allowed_countries": None, "
 
 
 def entry(**extra: object) -> bytes:
-    return orjson.dumps({"reason": "r", "source": "s", "added_by": "a", "added_at": "2026-01-01T00:00:00Z",
-                         "expires_at": None, **extra})
+    return orjson.dumps(
+        {"reason": "r", "source": "s", "added_by": "a", "added_at": "2026-01-01T00:00:00Z", "expires_at": None, **extra}
+    )
 
 
 def snapshot(deny_entities: dict[str, bytes], deny_countries: dict[str, bytes] | None = None):  # type: ignore[no-untyped-def]
-    return build_snapshot(version=3, generation="g", loaded_at=0.0, models=MODELS, api_keys={},
-                          lists={"deny-entities": deny_entities, "deny-countries": deny_countries or {},
-                                 "partners": {}, "ip-ranges": {}})
+    return build_snapshot(
+        version=3,
+        generation="g",
+        loaded_at=0.0,
+        models=MODELS,
+        api_keys={},
+        lists={"deny-entities": deny_entities, "deny-countries": deny_countries or {}, "partners": {}, "ip-ranges": {}},
+    )
 
 
 def caller(subject: str, country: str = "US") -> Caller:
@@ -29,8 +35,7 @@ def caller(subject: str, country: str = "US") -> Caller:
 
 
 def test_raw_deny_entries_apply_like_parsed_ones() -> None:
-    snap = snapshot({"mallory": entry(), "later": entry(expires_at="2030-01-01T00:00:00Z")},
-                    {"IR": entry()})
+    snap = snapshot({"mallory": entry(), "later": entry(expires_at="2030-01-01T00:00:00Z")}, {"IR": entry()})
     assert decide(snap, caller("mallory"), "m", 1.0e9, RULES).code == "entity_denied"
     assert decide(snap, caller("alice"), "m", 1.0e9, RULES).allowed
     assert decide(snap, caller("alice", "IR"), "m", 1.0e9, RULES).code == "country_denied"

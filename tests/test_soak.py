@@ -68,20 +68,26 @@ def metric(gateway: GatewayProcess, name: str) -> float:
 # --- 16 and 17 at full size -----------------------------------------------------------------------------
 
 
-def test_ten_thousand_pipelined_requests_answered_in_order(gw: GatewayProcess,  # noqa: F811
-                                                          clean_upstream: Upstream) -> None:
+def test_ten_thousand_pipelined_requests_answered_in_order(
+    gw: GatewayProcess,  # noqa: F811
+    clean_upstream: Upstream,
+) -> None:
     _pipeline(gw, clean_upstream, 10_000)
 
 
 async def test_a_thousand_slowloris_sockets_at_the_default_timeout(upstream: Upstream) -> None:
     with RedisServer() as redis:
         seed_policy(redis.url)
-        config = gateway_config(upstream.url, limits={"header_read_timeout_s": 10},
-                                tiers={"public": {"requests_per_minute": 6000, "burst": 600}})
+        config = gateway_config(
+            upstream.url,
+            limits={"header_read_timeout_s": 10},
+            tiers={"public": {"requests_per_minute": 6000, "burst": 600}},
+        )
         gateway = GatewayProcess(config, redis_url=redis.url).start()
         try:
-            await _slowloris(gateway, sockets=1000, byte_every_s=3.0, timeout_s=10.0,
-                             token=hs_token("slowloris-soak", tier="public"))
+            await _slowloris(
+                gateway, sockets=1000, byte_every_s=3.0, timeout_s=10.0, token=hs_token("slowloris-soak", tier="public")
+            )
         finally:
             gateway.stop()
 
@@ -103,8 +109,12 @@ class QuickUpstream:
             while True:
                 await read_request(reader)
                 self.requests += 1
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
-                             + str(len(body)).encode() + b"\r\n\r\n" + body)
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                    + str(len(body)).encode()
+                    + b"\r\n\r\n"
+                    + body
+                )
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
@@ -122,29 +132,32 @@ class QuickUpstream:
 
 async def test_exactly_the_limit_passes_across_two_processes_at_scale() -> None:
     limit, extra = 300, 150
-    tiers = {"public": {"requests_per_minute": 60, "burst": 10},
-             "tight": {"requests_per_minute": 1, "burst": limit, "stages": ["general"]}}
+    tiers = {
+        "public": {"requests_per_minute": 60, "burst": 10},
+        "tight": {"requests_per_minute": 1, "burst": limit, "stages": ["general"]},
+    }
     quick = QuickUpstream().start()
     with RedisServer() as redis:
         seed_policy(redis.url)
         config = {"tiers": tiers, "upstream": {"read_timeout_s": 30, "connect_timeout_s": 10}}
-        first = GatewayProcess(gateway_config(f"http://127.0.0.1:{quick.port}", **config),
-                               redis_url=redis.url).start()
-        second = GatewayProcess(gateway_config(f"http://127.0.0.1:{quick.port}", **config),
-                                redis_url=redis.url).start()
+        first = GatewayProcess(gateway_config(f"http://127.0.0.1:{quick.port}", **config), redis_url=redis.url).start()
+        second = GatewayProcess(gateway_config(f"http://127.0.0.1:{quick.port}", **config), redis_url=redis.url).start()
         try:
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=400)) as client:
+
                 async def one(gateway: GatewayProcess, token: str) -> int:
-                    async with client.post(gateway.url + "/v1/chat/completions", json=CHAT,
-                                           headers={"Authorization": f"Bearer {token}"}) as response:
+                    async with client.post(
+                        gateway.url + "/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {token}"}
+                    ) as response:
                         await response.read()
                         return response.status
 
                 for _round in range(3):
                     subjects = [f"burst-{uuid.uuid4().hex[:8]}" for _ in range(3)]
                     tokens = {s: hs_token(s, tier="tight") for s in subjects}
-                    calls = [(s, one((first, second)[i % 2], tokens[s]))
-                             for s in subjects for i in range(limit + extra)]
+                    calls = [
+                        (s, one((first, second)[i % 2], tokens[s])) for s in subjects for i in range(limit + extra)
+                    ]
                     random.shuffle(calls)
                     before = quick.requests
                     statuses = await asyncio.gather(*(c for _, c in calls))
@@ -177,12 +190,17 @@ async def test_a_million_callers_leave_redis_memory_bounded() -> None:
         try:
             batch = 5000
             for start in range(0, callers, batch):
-                results = await asyncio.gather(*(limiter.check(f"caller-{i}", "gpt-mock", "public")
-                                                 for i in range(start, min(callers, start + batch))))
+                results = await asyncio.gather(
+                    *(
+                        limiter.check(f"caller-{i}", "gpt-mock", "public")
+                        for i in range(start, min(callers, start + batch))
+                    )
+                )
                 assert all(r.allowed and not r.fallback for r in results)
                 if start % 100_000 == 0:  # some callers also spend tokens: the token keys get a TTL too
-                    await asyncio.gather(*(limiter.charge(f"caller-{i}", "gpt-mock", "public", 10)
-                                           for i in range(start, start + 1000)))
+                    await asyncio.gather(
+                        *(limiter.charge(f"caller-{i}", "gpt-mock", "public", 10) for i in range(start, start + 1000))
+                    )
                     keys = int(client.dbsize())
                     per_key.append((int(client.info("memory")["used_memory"]) - baseline) / max(keys, 1))
             # Every key expires by itself.
@@ -221,18 +239,26 @@ async def test_many_distinct_callers_leave_metrics_cardinality_unchanged(upstrea
         seed_policy(redis.url)
         gateway = GatewayProcess(gateway_config(upstream.url), redis_url=redis.url).start()
         try:
+
             def series() -> set[str]:
-                return {line.rsplit(" ", 1)[0] for line in metrics_text(gateway).splitlines()
-                        if line and not line.startswith("#")}
+                return {
+                    line.rsplit(" ", 1)[0]
+                    for line in metrics_text(gateway).splitlines()
+                    if line and not line.startswith("#")
+                }
 
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=100)) as client:
+
                 async def one(i: int) -> int:
-                    token = hs_token(f"distinct-{i}-{uuid.uuid4().hex[:6]}", country=random.choice(["US", "IR"]),
-                                     org=f"org-{i}")
+                    token = hs_token(
+                        f"distinct-{i}-{uuid.uuid4().hex[:6]}", country=random.choice(["US", "IR"]), org=f"org-{i}"
+                    )
                     body = {**CHAT, "model": random.choice(["gpt-mock", f"unknown-{i}"])}
-                    async with client.post(gateway.url + "/v1/chat/completions", json=body,
-                                           headers={"Authorization": f"Bearer {token}",
-                                                    "X-Forwarded-For": f"198.51.100.{i % 250}"}) as r:
+                    async with client.post(
+                        gateway.url + "/v1/chat/completions",
+                        json=body,
+                        headers={"Authorization": f"Bearer {token}", "X-Forwarded-For": f"198.51.100.{i % 250}"},
+                    ) as r:
                         await r.read()
                         return r.status
 
@@ -265,7 +291,7 @@ class FloodingUpstream:
         key = id(writer)
         self.sent[key] = 0
         event = b"data: " + b"x" * 1018 + b"\n\n"
-        chunk = (f"{len(event) * 16:x}\r\n".encode() + event * 16 + b"\r\n")
+        chunk = f"{len(event) * 16:x}\r\n".encode() + event * 16 + b"\r\n"
         try:
             await reader.readuntil(b"\r\n\r\n")
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
@@ -302,8 +328,9 @@ async def test_long_sse_streams_with_slow_readers_keep_memory_bounded() -> None:
     flood = FloodingUpstream().start()
     with RedisServer() as redis:
         seed_policy(redis.url)
-        gateway = GatewayProcess(gateway_config(f"http://127.0.0.1:{flood.port}",
-                                                upstream={"read_timeout_s": 60}), redis_url=redis.url).start()
+        gateway = GatewayProcess(
+            gateway_config(f"http://127.0.0.1:{flood.port}", upstream={"read_timeout_s": 60}), redis_url=redis.url
+        ).start()
         pid = gateway.proc.pid if gateway.proc else 0
         try:
             rss_start = rss_kib(pid)
@@ -313,8 +340,9 @@ async def test_long_sse_streams_with_slow_readers_keep_memory_bounded() -> None:
 
             async def slow_reader() -> int:
                 conn = await AsyncRawConnection.open(int(gateway.config["listen"]["port"]))
-                await conn.send(b"GET /v1/stream HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer " + token.encode()
-                                + b"\r\n\r\n")
+                await conn.send(
+                    b"GET /v1/stream HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer " + token.encode() + b"\r\n\r\n"
+                )
                 received = 0
                 deadline = asyncio.get_running_loop().time() + SOAK_SSE_SECONDS
                 while asyncio.get_running_loop().time() < deadline:
@@ -348,23 +376,37 @@ async def test_long_sse_streams_with_slow_readers_keep_memory_bounded() -> None:
 # --- 29: mixed traffic with faults, for SOAK_SECONDS --------------------------------------------------------
 
 
-EXPECTED = {"allowed": {200}, "denied": {451}, "unauthenticated": {401}, "unknown_model": {403},
-            "limited": {200, 429}, "stream": {200}, "malformed": {400}, "too_large": {413}}
+EXPECTED = {
+    "allowed": {200},
+    "denied": {451},
+    "unauthenticated": {401},
+    "unknown_model": {403},
+    "limited": {200, 429},
+    "stream": {200},
+    "malformed": {400},
+    "too_large": {413},
+}
 
 
 async def test_mixed_traffic_with_faults_leaks_nothing(upstream: Upstream) -> None:  # noqa: C901 - complexity 22, the most in its module: to be split
     upstream.release.set()  # streams run to their end
-    tiers = {"public": {"requests_per_minute": 60, "burst": 10},
-             "partner": {"requests_per_minute": 6_000_000, "burst": 1_000_000, "stages": ["partners", "general"]},
-             "tight": {"requests_per_minute": 30, "burst": 5, "stages": ["general"]}}
+    tiers = {
+        "public": {"requests_per_minute": 60, "burst": 10},
+        "partner": {"requests_per_minute": 6_000_000, "burst": 1_000_000, "stages": ["partners", "general"]},
+        "tight": {"requests_per_minute": 30, "burst": 5, "stages": ["general"]},
+    }
     with RedisServer() as redis:
         seed_policy(redis.url, BASE_POLICY)
         # In a process of its own: a proxy thread here is starved by the load generator past
         # redis.timeout_s now and then, which the gateway rightly counts as Redis missing its deadline.
         proxy = FaultProxy(redis.port).start_process()
-        config = gateway_config(upstream.url, tiers=tiers, redis={"timeout_s": 0.1},
-                                policy={"max_staleness_s": 30, "poll_interval_s": 0.25},
-                                limits={"max_body_bytes": 65536, "header_read_timeout_s": 5})
+        config = gateway_config(
+            upstream.url,
+            tiers=tiers,
+            redis={"timeout_s": 0.1},
+            policy={"max_staleness_s": 30, "poll_interval_s": 0.25},
+            limits={"max_body_bytes": 65536, "header_read_timeout_s": 5},
+        )
         gateway = GatewayProcess(config, redis_url=proxy.url).start()
         pid = gateway.proc.pid if gateway.proc else 0
         port = int(gateway.config["listen"]["port"])
@@ -372,12 +414,17 @@ async def test_mixed_traffic_with_faults_leaks_nothing(upstream: Upstream) -> No
         unexpected: list[tuple[str, int]] = []
         samples: list[tuple[float, int, int]] = []
         stop = asyncio.Event()
-        tokens = {"allowed": hs_token("soak-ok"), "denied": hs_token("soak-ir", country="IR"),
-                  "limited": hs_token("soak-tight", tier="tight")}
+        tokens = {
+            "allowed": hs_token("soak-ok"),
+            "denied": hs_token("soak-ir", country="IR"),
+            "limited": hs_token("soak-tight", tier="tight"),
+        }
         try:
             # A request unanswered for 30 s is a hang, reported as such (never a decision).
-            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64),
-                                             timeout=aiohttp.ClientTimeout(total=30)) as client:
+            async with aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=64), timeout=aiohttp.ClientTimeout(total=30)
+            ) as client:
+
                 async def request(kind: str) -> int:
                     headers = {"Authorization": f"Bearer {tokens.get(kind, tokens['allowed'])}"}
                     body: Any = CHAT
@@ -398,12 +445,15 @@ async def test_mixed_traffic_with_faults_leaks_nothing(upstream: Upstream) -> No
                     conn = await AsyncRawConnection.open(port)
                     try:
                         if kind == "malformed":
-                            await conn.send(b"POST /v1/x HTTP/1.1\r\nHost: g\r\nContent-Length: 1\r\n"
-                                            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+                            await conn.send(
+                                b"POST /v1/x HTTP/1.1\r\nHost: g\r\nContent-Length: 1\r\n"
+                                b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+                            )
                             return (await conn.read_response(10)).status
-                        await conn.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: g\r\nContent-Length: 9"
-                                        b"\r\nAuthorization: Bearer " + tokens["allowed"].encode()
-                                        + b"\r\n\r\n{\"model\"")
+                        await conn.send(
+                            b"POST /v1/chat/completions HTTP/1.1\r\nHost: g\r\nContent-Length: 9"
+                            b"\r\nAuthorization: Bearer " + tokens["allowed"].encode() + b'\r\n\r\n{"model"'
+                        )
                         await asyncio.sleep(random.uniform(0, 0.05))
                         return -1  # the caller leaves mid-request
                     finally:
@@ -430,8 +480,15 @@ async def test_mixed_traffic_with_faults_leaks_nothing(upstream: Upstream) -> No
 
                 async def faults() -> None:
                     while not stop.is_set():
-                        for mode, seconds in (("pass", 10), ("delay", 5), ("pass", 5), ("blackhole", 3),
-                                              ("pass", 5), ("refuse", 2), ("reset", 0.5)):
+                        for mode, seconds in (
+                            ("pass", 10),
+                            ("delay", 5),
+                            ("pass", 5),
+                            ("blackhole", 3),
+                            ("pass", 5),
+                            ("refuse", 2),
+                            ("reset", 0.5),
+                        ):
                             proxy.set(mode, delay_s=0.275, jitter_s=0.225)
                             try:
                                 await asyncio.wait_for(stop.wait(), seconds)
@@ -459,10 +516,12 @@ async def test_mixed_traffic_with_faults_leaks_nothing(upstream: Upstream) -> No
             await asyncio.sleep(2)
             final = (fd_count(pid), rss_kib(pid))
             hung = sum(1 for _, what in unexpected if "TimeoutError" in str(what))
-            print(f"\nsoak {SOAK_SECONDS:.0f}s: {dict((k, dict(v)) for k, v in outcomes.items())}; "
-                  f"unanswered after 30 s: {hung}; other unexpected: {len(unexpected) - hung}; "
-                  f"fds {samples[0][1]}->{final[0]}, rss {samples[0][2]}->{final[1]} KiB; "
-                  f"in flight at the end: {metric(gateway, 'gateway_in_flight_requests')}")
+            print(
+                f"\nsoak {SOAK_SECONDS:.0f}s: {dict((k, dict(v)) for k, v in outcomes.items())}; "
+                f"unanswered after 30 s: {hung}; other unexpected: {len(unexpected) - hung}; "
+                f"fds {samples[0][1]}->{final[0]}, rss {samples[0][2]}->{final[1]} KiB; "
+                f"in flight at the end: {metric(gateway, 'gateway_in_flight_requests')}"
+            )
             assert not unexpected, unexpected[:20]
             assert sum(sum(c.values()) for c in outcomes.values()) > SOAK_SECONDS * 20, outcomes
             warm = [s for s in samples if s[0] >= min(60.0, SOAK_SECONDS / 5)]
@@ -476,4 +535,3 @@ async def test_mixed_traffic_with_faults_leaks_nothing(upstream: Upstream) -> No
         finally:
             gateway.stop()
             proxy.stop()
-

@@ -31,7 +31,7 @@ def readme_keys() -> set[str]:
     the key before it, its last ``:part`` replaced.
     """
     section = README.read_text(encoding="utf-8").split("### Redis key schema", 1)[1]
-    table = section[section.index("\n| key |"):]
+    table = section[section.index("\n| key |") :]
     rows = table.strip().split("\n\n", 1)[0].splitlines()
     found: set[str] = set()
     for row in rows:
@@ -59,8 +59,11 @@ def test_readme_names_every_key_and_only_those() -> None:
 
 
 def test_every_builder_is_placed() -> None:
-    builders = {name for name, value in vars(keys).items()
-                if callable(value) and getattr(value, "__module__", None) == keys.__name__}
+    builders = {
+        name
+        for name, value in vars(keys).items()
+        if callable(value) and getattr(value, "__module__", None) == keys.__name__
+    }
     prefixes = {name for name in vars(keys) if name.endswith("PREFIX")}
     assert builders == set(BUILT) | {"floor_field"}
     assert prefixes == set(PREFIXED) | (NOT_KEYS - {"floor_field"})

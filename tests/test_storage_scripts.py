@@ -11,14 +11,17 @@ from gateway.storage.scripts import RedisPyTransport, WireTransport
 from gateway.storage.store import Store
 
 
-@pytest.mark.parametrize(("url", "lean_wire", "transport"), [
-    ("redis://127.0.0.1:6379/0", True, WireTransport),
-    ("rediss://127.0.0.1:6380/0", True, WireTransport),
-    ("unix:///tmp/redis.sock", True, WireTransport),
-    ("redis://127.0.0.1:6379/0", False, RedisPyTransport),
-    ("redis+sentinel://127.0.0.1:26379/mymaster", True, RedisPyTransport),
-    ("redis+cluster://127.0.0.1:7000,127.0.0.1:7001", True, RedisPyTransport),
-])
+@pytest.mark.parametrize(
+    ("url", "lean_wire", "transport"),
+    [
+        ("redis://127.0.0.1:6379/0", True, WireTransport),
+        ("rediss://127.0.0.1:6380/0", True, WireTransport),
+        ("unix:///tmp/redis.sock", True, WireTransport),
+        ("redis://127.0.0.1:6379/0", False, RedisPyTransport),
+        ("redis+sentinel://127.0.0.1:26379/mymaster", True, RedisPyTransport),
+        ("redis+cluster://127.0.0.1:7000,127.0.0.1:7001", True, RedisPyTransport),
+    ],
+)
 async def test_the_store_chooses_the_transport_from_the_url(url: str, lean_wire: bool, transport: type) -> None:
     """The lean wire speaks to one server; Sentinel and Cluster need redis-py's discovery and routing."""
     store = Store.from_url(url, timeout_s=0.1, lean_wire=lean_wire)

@@ -116,8 +116,7 @@ async def test_password_and_database_from_the_url() -> None:
             await other.close()
 
 
-async def test_a_connect_whose_only_caller_gave_up_is_not_handed_out_after_it_drops(
-        redis_server: RedisServer) -> None:
+async def test_a_connect_whose_only_caller_gave_up_is_not_handed_out_after_it_drops(redis_server: RedisServer) -> None:
     proxy = FaultProxy(redis_server.port).start()
     wire = RespConnection(proxy.url, deadline_s=0.5)
     try:

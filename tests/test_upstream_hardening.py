@@ -37,8 +37,14 @@ Action = bytes | Callable[[asyncio.StreamWriter], Awaitable[bool]]  # an async a
 
 
 def ok(body: bytes = b"ok", *headers: bytes) -> bytes:
-    return (b"HTTP/1.1 200 OK\r\n" + b"".join(h + b"\r\n" for h in headers)
-            + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    return (
+        b"HTTP/1.1 200 OK\r\n"
+        + b"".join(h + b"\r\n" for h in headers)
+        + b"Content-Length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
+    )
 
 
 def with_header(line: bytes) -> bytes:
@@ -62,8 +68,10 @@ async def _short_body(writer: asyncio.StreamWriter) -> bool:
 
 
 async def _sse_cut(writer: asyncio.StreamWriter) -> bool:
-    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
-                 b"10\r\ndata: {\"n\": 1}\n\n\r\n")
+    writer.write(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b'10\r\ndata: {"n": 1}\n\n\r\n'
+    )
     await writer.drain()
     await asyncio.sleep(0.05)
     return False  # cut without the last chunk
@@ -99,7 +107,7 @@ RESPONSES: dict[str, Action] = {
     "/short-body": _short_body,
     "/sse-cut": _sse_cut,
     "/conflicting-lengths": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 40\r\n\r\nok"
-                            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nsmugg",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nsmugg",
     "/cl-and-te": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
     "/negative-length": b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\nok",
     "/extra-after": ok(b"ok") + ok(b"smuggled"),
@@ -113,16 +121,18 @@ RESPONSES: dict[str, Action] = {
     "/half-head": _half_head,
     "/garbage": b"HELLO THERE\r\n\r\n",
     "/header-overflow": with_header(b"X-Big: " + b"a" * 100_000),
-    "/too-many-headers": b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(1000))
-                         + b"Content-Length: 2\r\n\r\nok",
+    "/too-many-headers": b"HTTP/1.1 200 OK\r\n"
+    + b"".join(b"X-H%d: v\r\n" % i for i in range(1000))
+    + b"Content-Length: 2\r\n\r\nok",
     "/status-line-overflow": b"HTTP/1.1 200 " + b"O" * 100_000 + b"\r\nContent-Length: 2\r\n\r\nok",
     # redirects and compression
     "/redirect": b"HTTP/1.1 302 Found\r\nLocation: /elsewhere\r\nContent-Length: 0\r\n\r\n",
     "/redirect-303": b"HTTP/1.1 303 See Other\r\nLocation: /elsewhere\r\nContent-Length: 0\r\n\r\n",
     "/gzip": ok(BOMB, b"Content-Type: application/json", b"Content-Encoding: gzip"),
-    "/gzip-chunked": (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
-                      b"Transfer-Encoding: chunked\r\n\r\n" + f"{len(BOMB):x}".encode() + b"\r\n" + BOMB
-                      + b"\r\n0\r\n\r\n"),
+    "/gzip-chunked": (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" + f"{len(BOMB):x}".encode() + b"\r\n" + BOMB + b"\r\n0\r\n\r\n"
+    ),
 }
 
 
@@ -166,8 +176,9 @@ class HostileUpstream:
             writer.close()
 
     def start(self) -> HostileUpstream:
-        self._loop, _server, self._thread = serve_in_thread(self._serve, self.port, name="hostile-upstream",
-                                                            limit=1 << 20)
+        self._loop, _server, self._thread = serve_in_thread(
+            self._serve, self.port, name="hostile-upstream", limit=1 << 20
+        )
         return self
 
     def stop(self) -> None:
@@ -198,10 +209,12 @@ def module_redis() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module", params=list(PARSERS))
-def gw(request: pytest.FixtureRequest, module_redis: str, hostile: HostileUpstream,
-       decoy: HostileUpstream) -> Iterator[GatewayProcess]:
+def gw(
+    request: pytest.FixtureRequest, module_redis: str, hostile: HostileUpstream, decoy: HostileUpstream
+) -> Iterator[GatewayProcess]:
     hostile.responses["/redirect-absolute"] = (
-        f"HTTP/1.1 307 Temporary Redirect\r\nLocation: {decoy.url}/stolen\r\nContent-Length: 0\r\n\r\n").encode()
+        f"HTTP/1.1 307 Temporary Redirect\r\nLocation: {decoy.url}/stolen\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
     config = gateway_config(hostile.url, upstream={"read_timeout_s": 2, "connect_timeout_s": 1})
     gateway = GatewayProcess(config, redis_url=module_redis, env=PARSERS[request.param])
     yield gateway.start()
@@ -216,11 +229,26 @@ def clean(hostile: HostileUpstream, decoy: HostileUpstream) -> HostileUpstream:
     return hostile
 
 
-def call(gw: GatewayProcess, path: str, *, token: str = PARTNER, method: str = "POST",
-         headers: list[tuple[str, str]] | None = None) -> tuple[list[RawResponse], bool, bytes]:
+def call(
+    gw: GatewayProcess,
+    path: str,
+    *,
+    token: str = PARTNER,
+    method: str = "POST",
+    headers: list[tuple[str, str]] | None = None,
+) -> tuple[list[RawResponse], bool, bytes]:
     """One request with ``Connection: close``: the whole responses, whether the gateway closed, the raw bytes."""
-    data = request(method, path, [("Authorization", f"Bearer {token}"), ("Content-Type", "application/json"),
-                                  ("Connection", "close"), *(headers or [])], CHAT if method == "POST" else b"")
+    data = request(
+        method,
+        path,
+        [
+            ("Authorization", f"Bearer {token}"),
+            ("Content-Type", "application/json"),
+            ("Connection", "close"),
+            *(headers or []),
+        ],
+        CHAT if method == "POST" else b"",
+    )
     with RawConnection(int(gw.config["listen"]["port"])) as conn:
         conn.send(data)
         deadline = time.monotonic() + 8
@@ -261,13 +289,23 @@ def assert_clean_head(raw: bytes) -> None:
     assert not any((b < 0x20 and b not in (0x09, 0x0A, 0x0D)) or b == 0x7F for b in head), head
 
 
-CONTROL_PATHS = ["/cr-in-value", "/nul-in-value", "/soh-in-value", "/esc-in-value", "/del-in-value",
-                 "/vt-in-value", "/ctl-in-name", "/ctl-in-reason", "/space-in-name"]
+CONTROL_PATHS = [
+    "/cr-in-value",
+    "/nul-in-value",
+    "/soh-in-value",
+    "/esc-in-value",
+    "/del-in-value",
+    "/vt-in-value",
+    "/ctl-in-name",
+    "/ctl-in-reason",
+    "/space-in-name",
+]
 
 
 @pytest.mark.parametrize("path", CONTROL_PATHS)
-def test_control_characters_in_the_response_head_are_never_relayed(gw: GatewayProcess, clean: HostileUpstream,
-                                                                   path: str) -> None:
+def test_control_characters_in_the_response_head_are_never_relayed(
+    gw: GatewayProcess, clean: HostileUpstream, path: str
+) -> None:
     responses, _, raw = call(gw, path)
     assert_502(responses, raw)
     assert_clean_head(raw)
@@ -276,8 +314,9 @@ def test_control_characters_in_the_response_head_are_never_relayed(gw: GatewayPr
 
 
 @pytest.mark.parametrize("path", ["/bare-lf", "/obs-fold"])
-def test_lenient_line_endings_are_relayed_only_as_clean_lines(gw: GatewayProcess, clean: HostileUpstream,
-                                                              path: str) -> None:
+def test_lenient_line_endings_are_relayed_only_as_clean_lines(
+    gw: GatewayProcess, clean: HostileUpstream, path: str
+) -> None:
     responses, _, raw = call(gw, path)
     assert_clean_head(raw)
     assert [r.status for r in responses] in ([200], [502])
@@ -287,11 +326,27 @@ def test_lenient_line_endings_are_relayed_only_as_clean_lines(gw: GatewayProcess
     assert clean.counts[path] == 1
 
 
-@pytest.mark.parametrize("path", ["/bad-first-chunk", "/conflicting-lengths", "/cl-and-te", "/negative-length",
-                                  "/status-101", "/status-999", "/status-http2", "/nothing", "/half-head",
-                                  "/garbage", "/header-overflow", "/too-many-headers", "/status-line-overflow"])
-def test_unusable_responses_are_502_with_the_contract_body(gw: GatewayProcess, clean: HostileUpstream,
-                                                           path: str) -> None:
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/bad-first-chunk",
+        "/conflicting-lengths",
+        "/cl-and-te",
+        "/negative-length",
+        "/status-101",
+        "/status-999",
+        "/status-http2",
+        "/nothing",
+        "/half-head",
+        "/garbage",
+        "/header-overflow",
+        "/too-many-headers",
+        "/status-line-overflow",
+    ],
+)
+def test_unusable_responses_are_502_with_the_contract_body(
+    gw: GatewayProcess, clean: HostileUpstream, path: str
+) -> None:
     responses, _, raw = call(gw, path)
     assert_502(responses, raw)
     assert_clean_head(raw)
@@ -307,8 +362,9 @@ def test_interim_responses_are_consumed_and_the_final_one_relayed(gw: GatewayPro
 
 
 @pytest.mark.parametrize("path", ["/chunk-then-garbage", "/short-body"])
-def test_a_response_broken_after_it_started_is_cut_not_completed(gw: GatewayProcess, clean: HostileUpstream,
-                                                                 path: str) -> None:
+def test_a_response_broken_after_it_started_is_cut_not_completed(
+    gw: GatewayProcess, clean: HostileUpstream, path: str
+) -> None:
     """The status line is out: the only honest signal left is an incomplete message and a closed connection."""
     responses, closed, raw = call(gw, path)
     assert closed
@@ -335,12 +391,13 @@ def test_a_stream_broken_mid_way_ends_with_an_sse_error_event(gw: GatewayProcess
     assert error["error"]["code"] == "upstream_unreachable"
 
 
-@pytest.mark.parametrize(("path", "status", "location"), [("/redirect", 302, "/elsewhere"),
-                                                          ("/redirect-303", 303, "/elsewhere"),
-                                                          ("/redirect-absolute", 307, None)])
-def test_redirects_are_relayed_as_is_and_never_followed(gw: GatewayProcess, clean: HostileUpstream,
-                                                        decoy: HostileUpstream, path: str, status: int,
-                                                        location: str | None) -> None:
+@pytest.mark.parametrize(
+    ("path", "status", "location"),
+    [("/redirect", 302, "/elsewhere"), ("/redirect-303", 303, "/elsewhere"), ("/redirect-absolute", 307, None)],
+)
+def test_redirects_are_relayed_as_is_and_never_followed(
+    gw: GatewayProcess, clean: HostileUpstream, decoy: HostileUpstream, path: str, status: int, location: str | None
+) -> None:
     responses, _, _ = call(gw, path)
     assert [r.status for r in responses] == [status]
     assert responses[0].header("Location") == (location or f"{decoy.url}/stolen")
@@ -359,8 +416,7 @@ def _rss_kib(gw: GatewayProcess) -> int:
 
 
 @pytest.mark.parametrize("path", ["/gzip", "/gzip-chunked"])
-def test_gzip_bomb_is_relayed_compressed_byte_for_byte(gw: GatewayProcess, clean: HostileUpstream,
-                                                       path: str) -> None:
+def test_gzip_bomb_is_relayed_compressed_byte_for_byte(gw: GatewayProcess, clean: HostileUpstream, path: str) -> None:
     before = _rss_kib(gw)
     for token in (PARTNER, INTERNAL):  # with and without a token budget (usage capture on or off)
         responses, _, _ = call(gw, path, token=token, headers=[("Accept-Encoding", "gzip")])
@@ -372,8 +428,7 @@ def test_gzip_bomb_is_relayed_compressed_byte_for_byte(gw: GatewayProcess, clean
     assert clean.counts[path] == 2
 
 
-def test_token_budgets_ask_the_upstream_for_an_uncompressed_answer(gw: GatewayProcess,
-                                                                   clean: HostileUpstream) -> None:
+def test_token_budgets_ask_the_upstream_for_an_uncompressed_answer(gw: GatewayProcess, clean: HostileUpstream) -> None:
     """Usage is read from the response as it passes; a compressed one would hide it from the budget."""
     for token, expected in ((PARTNER, b"accept-encoding: identity"), (INTERNAL, b"accept-encoding: gzip, br")):
         clean.reset()
@@ -383,8 +438,7 @@ def test_token_budgets_ask_the_upstream_for_an_uncompressed_answer(gw: GatewayPr
         assert expected in head, head
 
 
-def test_leftover_bytes_after_a_response_never_reach_another_caller(gw: GatewayProcess,
-                                                                    clean: HostileUpstream) -> None:
+def test_leftover_bytes_after_a_response_never_reach_another_caller(gw: GatewayProcess, clean: HostileUpstream) -> None:
     bodies = []
     for path in ("/extra-after", "/normal", "/normal", "/conflicting-lengths", "/normal", "/normal"):
         responses, _, _ = call(gw, path)

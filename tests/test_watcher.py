@@ -90,8 +90,9 @@ async def test_a_change_to_one_list_rebuilds_only_that_list(watched: tuple[Store
     assert third.lists["deny-countries"] is second.lists["deny-countries"]
 
 
-async def test_a_writer_that_keeps_no_revisions_forces_full_reads(watched: tuple[Store, PolicyWatcher],
-                                                                   redis_url: str) -> None:
+async def test_a_writer_that_keeps_no_revisions_forces_full_reads(
+    watched: tuple[Store, PolicyWatcher], redis_url: str
+) -> None:
     # A writer that does not keep the part revisions (an older gateway during a rolling upgrade, an
     # operator's raw command) bumps the version alone: every part must be read, never trusted stale.
     store, watcher = watched
@@ -139,14 +140,19 @@ async def test_a_new_policy_generation_is_read_whole(watched: tuple[Store, Polic
     assert second.models is not first.models
 
 
-async def test_every_write_path_records_the_parts_it_changed(watched: tuple[Store, PolicyWatcher],
-                                                              redis_url: str) -> None:
+async def test_every_write_path_records_the_parts_it_changed(
+    watched: tuple[Store, PolicyWatcher], redis_url: str
+) -> None:
     store, _watcher = watched
     raw = aioredis.Redis.from_url(redis_url)
     try:
         before = {k.decode(): int(v) for k, v in (await raw.hgetall(REVS_KEY)).items()}
-        version = await write(store, HashSet(MODELS_KEY, "gpt-new", {"stage": "general"}),
-                              HashSet(APIKEYS_KEY, "k" * 64, {"subject": "s", "tier": "public"}), target="models")
+        version = await write(
+            store,
+            HashSet(MODELS_KEY, "gpt-new", {"stage": "general"}),
+            HashSet(APIKEYS_KEY, "k" * 64, {"subject": "s", "tier": "public"}),
+            target="models",
+        )
         after = {k.decode(): int(v) for k, v in (await raw.hgetall(REVS_KEY)).items()}
     finally:
         await raw.aclose()
@@ -199,13 +205,18 @@ async def fresh_document(store: Store) -> dict[str, Any]:
     """The policy as a reader with nothing in hand builds it: every part read whole."""
     data = await store.load_policy()
     assert data is not None and not data.deltas and not data.unchanged
-    snapshot = build_snapshot(version=data.version, generation=data.generation, loaded_at=0.0, lists=data.lists,
-                              models=data.models, api_keys=data.api_keys)
+    snapshot = build_snapshot(
+        version=data.version,
+        generation=data.generation,
+        loaded_at=0.0,
+        lists=data.lists,
+        models=data.models,
+        api_keys=data.api_keys,
+    )
     return policy_document(snapshot)
 
 
-async def test_a_change_to_a_large_list_reads_only_the_changed_entries(
-        watched: tuple[Store, PolicyWatcher]) -> None:
+async def test_a_change_to_a_large_list_reads_only_the_changed_entries(watched: tuple[Store, PolicyWatcher]) -> None:
     store, watcher = watched
     first = current(watcher)
     parsed = first.lists["deny-entities"]["entity-7"]  # consulted once, so parsed
@@ -232,7 +243,8 @@ async def test_a_change_to_a_large_list_reads_only_the_changed_entries(
 
 
 async def test_a_writer_that_keeps_revisions_but_no_entry_records_forces_a_whole_read(
-        watched: tuple[Store, PolicyWatcher], redis_url: str) -> None:
+    watched: tuple[Store, PolicyWatcher], redis_url: str
+) -> None:
     # An older gateway during a rolling upgrade keeps the part revisions but not the entry records:
     # the list it changed must be read whole, and the next write starts the records afresh.
     store, watcher = watched
@@ -268,8 +280,9 @@ async def test_a_writer_that_keeps_revisions_but_no_entry_records_forces_a_whole
         await raw.aclose()
 
 
-async def test_change_records_lost_by_hand_force_a_whole_read(watched: tuple[Store, PolicyWatcher],
-                                                              redis_url: str) -> None:
+async def test_change_records_lost_by_hand_force_a_whole_read(
+    watched: tuple[Store, PolicyWatcher], redis_url: str
+) -> None:
     # The revisions say the list changed; its records do not show that change (the key was deleted by
     # hand, or evicted): reading the records alone would miss the entry.
     store, watcher = watched
@@ -298,7 +311,8 @@ async def test_change_records_lost_by_hand_force_a_whole_read(watched: tuple[Sto
 
 
 async def test_a_reader_older_than_the_trimmed_records_reads_the_list_whole(
-        watched: tuple[Store, PolicyWatcher], monkeypatch: pytest.MonkeyPatch) -> None:
+    watched: tuple[Store, PolicyWatcher], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr("gateway.storage.policy_store.TOUCHED_CAP", 5)
     store, watcher = watched
     old = held_revisions(watcher)
@@ -317,7 +331,8 @@ async def test_a_reader_older_than_the_trimmed_records_reads_the_list_whole(
 
 
 async def test_entry_by_entry_reloads_agree_with_whole_reads_over_random_writes(
-        watched: tuple[Store, PolicyWatcher], redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    watched: tuple[Store, PolicyWatcher], redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Any mix of single-entry writes, deletes, whole-list replaces, writes to other parts, writers that
     # keep nothing, and trimmed records: after every step the incrementally kept snapshot is the
     # policy a fresh reader reads whole.
@@ -353,8 +368,14 @@ async def test_entry_by_entry_reloads_agree_with_whole_reads_over_random_writes(
                     await pipe.execute()
             else:
                 other = rng.choice(LIST_NAMES)
-                ops = [HashSet(list_key(other), f"{key}-s{i}" if other != "ip-ranges" else f"192.0.{i}.0/24",
-                               value | ({"country": "FR"} if other == "ip-ranges" else {})) for i in range(3)]
+                ops = [
+                    HashSet(
+                        list_key(other),
+                        f"{key}-s{i}" if other != "ip-ranges" else f"192.0.{i}.0/24",
+                        value | ({"country": "FR"} if other == "ip-ranges" else {}),
+                    )
+                    for i in range(3)
+                ]
                 await write(store, *ops, HashDelete(list_key(name), key, must_exist=False), target=name)
             await watcher.refresh()
             expected = await fresh_document(store)
@@ -374,8 +395,9 @@ async def test_close_returns_however_a_cancel_meets_the_poll_timer(redis_url: st
 
     store = Store.from_url(redis_url, timeout_s=2)
     await import_policy(store, big_policy(), actor="test", tiers=TIERS)
-    settings = Settings.model_validate({"upstream": {"url": "http://127.0.0.1:9"},
-                                        "policy": {"poll_interval_s": 0.001}})
+    settings = Settings.model_validate(
+        {"upstream": {"url": "http://127.0.0.1:9"}, "policy": {"poll_interval_s": 0.001}}
+    )
     try:
         for attempt in range(60):
             watcher = PolicyWatcher(store, settings)

@@ -111,10 +111,10 @@ class AdminApi:
 
     # the write path
 
-    async def _write(self, request: web.Request, ops: OpsPlan, target: str, *,
-                     import_whole: bool = False) -> int:
-        version, _change = await self.store.write(ops, actor=request[ACTOR_KEY], now_iso=now_iso(),
-                                                  target=target, import_whole=import_whole)
+    async def _write(self, request: web.Request, ops: OpsPlan, target: str, *, import_whole: bool = False) -> int:
+        version, _change = await self.store.write(
+            ops, actor=request[ACTOR_KEY], now_iso=now_iso(), target=target, import_whole=import_whole
+        )
         await self._catch_up(version)
         return version
 
@@ -149,8 +149,9 @@ class AdminApi:
 
     def _entry_warnings(self, name: str, keys: Collection[str]) -> list[str]:
         home, partners = self._home_countries(), self._partners()
-        return [warning for key in keys
-                for warning in entry_warnings(name, key, home_countries=home, partners=partners)]
+        return [
+            warning for key in keys for warning in entry_warnings(name, key, home_countries=home, partners=partners)
+        ]
 
     # policy
 
@@ -160,32 +161,31 @@ class AdminApi:
             raise policy_missing(read=True)
         data, screening = found
         # Every section, an empty one as empty, so an export restores a Redis that holds nothing.
-        return json_response({
-            "version": data.version,
-            "lists": {name: sorted_by_key(data.lists[name]) for name in LIST_NAMES},
-            "models": sorted_by_key(data.models),
-            "api_keys": sorted_by_key(data.api_keys),
-            "screening": {"entries": screening},
-            "revoked_api_keys": sorted_by_key(data.revoked),
-        })
+        return json_response(
+            {
+                "version": data.version,
+                "lists": {name: sorted_by_key(data.lists[name]) for name in LIST_NAMES},
+                "models": sorted_by_key(data.models),
+                "api_keys": sorted_by_key(data.api_keys),
+                "screening": {"entries": screening},
+                "revoked_api_keys": sorted_by_key(data.revoked),
+            }
+        )
 
-    async def _import_document(self, request: web.Request
-                               ) -> tuple[dict[str, Any], frozenset[str] | None, list[str]]:
+    async def _import_document(self, request: web.Request) -> tuple[dict[str, Any], frozenset[str] | None, list[str]]:
         """A policy import's body, validated and normalised, its ``?sections=`` and its warnings."""
         sections = import_sections(request.query.get("sections"))
         body = await read_json(request)
         version = body.get("version") if isinstance(body, dict) else None
         if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
             raise invalid("version", "must be a whole number (it is ignored on PUT)")
-        validated = validate_policy_document(body, actor=request[ACTOR_KEY], now_iso=now_iso(),
-                                             tiers=self.tiers)
+        validated = validate_policy_document(body, actor=request[ACTOR_KEY], now_iso=now_iso(), tiers=self.tiers)
         if sections is not None:
             for name in sections:
                 if name not in validated:
                     raise invalid("sections", f"names {name}, which the document does not carry")
         validated, warnings = drop_expired(validated, time.time())
-        warnings += document_warnings(validated, home_countries=self._home_countries(),
-                                      partners=self._partners())
+        warnings += document_warnings(validated, home_countries=self._home_countries(), partners=self._partners())
         if "screening" in validated:
             entries = await screening_section(validated["screening"])
             validated["screening"] = {"entries": entries}
@@ -197,8 +197,10 @@ class AdminApi:
         plan = import_plan(validated, sections, skipped)
         # Into a Redis with no policy this is the restore that starts a new generation.
         version = await self._write(request, plan, "policy", import_whole=True)
-        warnings += [f"{name}: not imported; the live {name} are kept (name the section with "
-                     f"?sections= to replace it)" for name in skipped]
+        warnings += [
+            f"{name}: not imported; the live {name} are kept (name the section with ?sections= to replace it)"
+            for name in skipped
+        ]
         return _written(version, warnings)
 
     async def diff_policy(self, request: web.Request) -> web.Response:
@@ -218,8 +220,13 @@ class AdminApi:
             version = None
         else:
             data, screening = found
-            current = {"lists": data.lists, "models": data.models, "api_keys": data.api_keys,
-                       "screening": {"entries": screening}, "revoked_api_keys": data.revoked}
+            current = {
+                "lists": data.lists,
+                "models": data.models,
+                "api_keys": data.api_keys,
+                "screening": {"entries": screening},
+                "revoked_api_keys": data.revoked,
+            }
             named = sections if sections is not None else frozenset(IMPORT_SECTIONS) - {"api_keys"}
             chosen = {k: v for k, v in validated.items() if k in named or k == "revoked_api_keys"}
             version = data.version
@@ -229,8 +236,11 @@ class AdminApi:
             hit = key_id if key_id in revoked else by_hash.get(record.get("hash"))
             if hit is not None:
                 raise key_revoked(KeyRevoked(hit, revoked[hit]))
-        answer: dict[str, Any] = {"version": version, "restore": found is None,
-                                  "sections": policy_diff(current, chosen)}
+        answer: dict[str, Any] = {
+            "version": version,
+            "restore": found is None,
+            "sections": policy_diff(current, chosen),
+        }
         if warnings:
             answer["warnings"] = warnings
         return json_response(answer)
@@ -261,8 +271,11 @@ class AdminApi:
 
         def update(stored: dict[str, Any] | None) -> dict[str, Any]:
             if stored is None:
-                raise GatewayError(404, "not_found", f"No entry {key!r} in {name} to patch; create it "
-                                   f"with PUT /admin/v1/lists/{name}/{{key}}.")
+                raise GatewayError(
+                    404,
+                    "not_found",
+                    f"No entry {key!r} in {name} to patch; create it with PUT /admin/v1/lists/{name}/{{key}}.",
+                )
             merged = merge_patch({k: v for k, v in stored.items() if k not in ("added_by", "added_at")}, patch)
             # Validated whole, as PUT would be; added_by/added_at record this change.
             return validate_entry(name, key, merged, actor=actor, now_iso=stamp, now=now)
@@ -284,8 +297,7 @@ class AdminApi:
         allow_empty = body.get("allow_empty", False)
         if not isinstance(allow_empty, bool):
             raise invalid("allow_empty", "must be true or false")
-        entries = validate_list(name, body["entries"], actor=request[ACTOR_KEY], now_iso=now_iso(),
-                                now=time.time())
+        entries = validate_list(name, body["entries"], actor=request[ACTOR_KEY], now_iso=now_iso(), now=time.time())
         if not entries and not allow_empty:
             raise invalid("entries", 'is empty; emptying a list needs "allow_empty": true')
         version = await self._write(request, [HashReplace(list_key(name), entries)], f"lists/{name}")
@@ -320,8 +332,11 @@ class AdminApi:
 
         def update(stored: dict[str, Any] | None) -> dict[str, Any]:
             if stored is None:
-                raise GatewayError(404, "not_found", f"No model {name[:80]!r} in the registry to patch; "
-                                   "add it with PUT /admin/v1/models/{model}.")
+                raise GatewayError(
+                    404,
+                    "not_found",
+                    f"No model {name[:80]!r} in the registry to patch; add it with PUT /admin/v1/models/{{model}}.",
+                )
             merged_model.clear()
             merged_model.update(validate_model(name, merge_patch(stored, patch)))
             return merged_model
@@ -345,8 +360,7 @@ class AdminApi:
         key_id = "key_" + secrets.token_hex(8)
         key = new_api_key()
         # Only the hash is stored; the key itself exists in this one response.
-        record = {"hash": hash_api_key(key), **attributes, "created_at": now_iso(),
-                  "created_by": request[ACTOR_KEY]}
+        record = {"hash": hash_api_key(key), **attributes, "created_at": now_iso(), "created_by": request[ACTOR_KEY]}
         version = await self._write(request, [HashSet(APIKEYS_KEY, key_id, record)], f"api-keys/{key_id}")
         return json_response({"version": version, "id": key_id, "key": key})
 
@@ -395,14 +409,19 @@ class AdminApi:
         index, version = await self._screening_index()
         hits = index.search(name, limit=limit, min_score=min_score) if index is not None else []
         cfg = self.context.screening
-        return json_response({"version": version, "name": name, "block_threshold": cfg.block_threshold,
-                              "review_threshold": cfg.review_threshold,
-                              "matches": [hit.to_dict() for hit in hits]})
+        return json_response(
+            {
+                "version": version,
+                "name": name,
+                "block_threshold": cfg.block_threshold,
+                "review_threshold": cfg.review_threshold,
+                "matches": [hit.to_dict() for hit in hits],
+            }
+        )
 
     async def _screening_index(self) -> tuple[ScreeningIndex | None, int]:
         snapshot = self.policy.snapshot
-        if snapshot is not None and (snapshot.screening is None or isinstance(snapshot.screening,
-                                                                              ScreeningIndex)):
+        if snapshot is not None and (snapshot.screening is None or isinstance(snapshot.screening, ScreeningIndex)):
             # The index the public listener screens with, so a search shows what a request would meet.
             return snapshot.screening, snapshot.version
         found = await self.store.load_document()
@@ -412,8 +431,13 @@ class AdminApi:
         cfg = self.context.screening
         if not entries:
             return None, data.version
-        index = await asyncio.to_thread(ScreeningIndex, entries, block_threshold=cfg.block_threshold,
-                                        review_threshold=cfg.review_threshold, cache_size=0)
+        index = await asyncio.to_thread(
+            ScreeningIndex,
+            entries,
+            block_threshold=cfg.block_threshold,
+            review_threshold=cfg.review_threshold,
+            cache_size=0,
+        )
         return index, data.version
 
     # history
@@ -426,7 +450,6 @@ class AdminApi:
 
     async def openapi(self, _request: web.Request) -> web.Response:
         return web.Response(body=self._openapi, content_type="application/json")
-
 
 
 def _written(version: int, warnings: Sequence[str], **fields: Any) -> web.Response:
@@ -442,8 +465,9 @@ def register_admin_routes(app: web.Application, context: AdminContext) -> None:
     kept under :data:`ADMIN_CONTEXT_KEY`."""
     app[ADMIN_CONTEXT_KEY] = context
     api = AdminApi(context)
-    app.middlewares.extend([error_middleware(lambda: context.policy.version),
-                            token_middleware(context.admin, context.environ)])
+    app.middlewares.extend(
+        [error_middleware(lambda: context.policy.version), token_middleware(context.admin, context.environ)]
+    )
     routes = app.router
     routes.add_get(f"{PREFIX}/openapi.json", api.openapi)
     routes.add_get(f"{PREFIX}/policy", api.get_policy)

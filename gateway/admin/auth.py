@@ -45,8 +45,10 @@ def parse_tokens_file(path: Path) -> list[tuple[str, bytes]]:
             continue
         name, sep, digest = (part.strip() for part in line.partition(":"))
         if not sep or not _TOKEN_NAME.fullmatch(name) or not _HEX_DIGEST.fullmatch(digest):
-            raise ConfigError(f"admin.tokens_file: {path} line {number}: expected 'name: <sha256 hex "
-                              "of the token>' with a name of letters, digits, '.', '_', '@' or '-'")
+            raise ConfigError(
+                f"admin.tokens_file: {path} line {number}: expected 'name: <sha256 hex "
+                "of the token>' with a name of letters, digits, '.', '_', '@' or '-'"
+            )
         tokens.append((name, bytes.fromhex(digest)))
     return tokens
 
@@ -129,12 +131,14 @@ def token_middleware(settings: Admin, environ: Mapping[str, str]) -> Middleware:
             where = f"the variable {settings.token_env}"
             if settings.tokens_file is not None:
                 where += " or a token listed in admin.tokens_file"
-            told = ("The admin token is not accepted" if _bearer(header) is not None
-                    else "No admin token was sent")
-            raise GatewayError(401, "unauthenticated",
-                               f"{told}: send 'Authorization: Bearer <admin token>' with the token the "
-                               f"gateway was started with ({where}; the CLI reads GATEWAY_ADMIN_TOKEN). "
-                               "User tokens and API keys are not accepted here.")
+            told = "The admin token is not accepted" if _bearer(header) is not None else "No admin token was sent"
+            raise GatewayError(
+                401,
+                "unauthenticated",
+                f"{told}: send 'Authorization: Bearer <admin token>' with the token the "
+                f"gateway was started with ({where}; the CLI reads GATEWAY_ADMIN_TOKEN). "
+                "User tokens and API keys are not accepted here.",
+            )
         request[ACTOR_KEY] = actor
         return await handler(request)
 

@@ -50,8 +50,14 @@ def _lists_get(args: argparse.Namespace) -> None:
             headers.insert(1, "COUNTRY")
         rows = []
         for key, entry in entries.items():
-            row = [key, entry.get("reason"), entry.get("source"), entry.get("expires_at"),
-                   entry.get("added_by"), entry.get("added_at")]
+            row = [
+                key,
+                entry.get("reason"),
+                entry.get("source"),
+                entry.get("expires_at"),
+                entry.get("added_by"),
+                entry.get("added_at"),
+            ]
             if ip_ranges:
                 row.insert(1, entry.get("country"))
             rows.append(row)
@@ -114,8 +120,13 @@ def _lists_replace(args: argparse.Namespace) -> None:
 def _model_row(name: str, model: Mapping[str, Any]) -> list[Any]:
     timeline = [f"{step.get('at')}->{step.get('stage')}" for step in model.get("timeline") or []]
     allowed = model.get("allowed_countries")
-    return [name, model.get("stage"), timeline, "any" if allowed is None else (allowed or "none"),
-            model.get("export_suspended")]
+    return [
+        name,
+        model.get("stage"),
+        timeline,
+        "any" if allowed is None else (allowed or "none"),
+        model.get("export_suspended"),
+    ]
 
 
 _MODEL_HEADERS = ["NAME", "STAGE", "TIMELINE", "ALLOWED COUNTRIES", "EXPORT SUSPENDED"]
@@ -142,8 +153,10 @@ def _timeline(text: str) -> Any:
     try:
         return json.loads(text)
     except ValueError as exc:
-        raise CliError(f"--timeline: not valid JSON ({exc}); expected e.g. "
-                       '\'[{"at": "2026-03-01T00:00:00Z", "stage": "general"}]\'') from None
+        raise CliError(
+            f"--timeline: not valid JSON ({exc}); expected e.g. "
+            '\'[{"at": "2026-03-01T00:00:00Z", "stage": "general"}]\''
+        ) from None
 
 
 def _countries(text: str) -> list[str]:
@@ -158,13 +171,21 @@ def _models_put(args: argparse.Namespace) -> None:
         body["allowed_countries"] = _countries(args.allowed_countries)
     data = admin_client(args).call("PUT", f"/admin/v1/models/{segment(args.name)}", body=body)
     emit(args, data, written(f"model {args.name} replaced whole"))
-    left_out = [name for name, given in (("--timeline", args.timeline), ("--allowed-countries",
-                                                                         args.allowed_countries)) if given is None]
-    print(f"gateway: note: `models put` replaces {args.name} whole; "
-          + (f"{' and '.join(left_out)} not given, so they took their defaults "
-             "(no timeline; any country). " if left_out else "")
-          + "To change single fields use `gateway models patch` (or `models suspend` / `models lift`).",
-          file=sys.stderr)
+    left_out = [
+        name
+        for name, given in (("--timeline", args.timeline), ("--allowed-countries", args.allowed_countries))
+        if given is None
+    ]
+    print(
+        f"gateway: note: `models put` replaces {args.name} whole; "
+        + (
+            f"{' and '.join(left_out)} not given, so they took their defaults (no timeline; any country). "
+            if left_out
+            else ""
+        )
+        + "To change single fields use `gateway models patch` (or `models suspend` / `models lift`).",
+        file=sys.stderr,
+    )
 
 
 def _models_patch(args: argparse.Namespace) -> None:
@@ -182,8 +203,10 @@ def _models_patch(args: argparse.Namespace) -> None:
     if args.export_suspended is not None:
         body["export_suspended"] = args.export_suspended
     if not body:
-        raise CliError("nothing to change: give --stage, --timeline, --allowed-countries, --any-country "
-                       "or --export-suspended/--no-export-suspended")
+        raise CliError(
+            "nothing to change: give --stage, --timeline, --allowed-countries, --any-country "
+            "or --export-suspended/--no-export-suspended"
+        )
     _patch_model(args, body, f"model {args.name} changed ({', '.join(body)})")
 
 
@@ -193,13 +216,19 @@ def _patch_model(args: argparse.Namespace, body: dict[str, Any], done: str) -> N
 
 
 def _models_suspend(args: argparse.Namespace) -> None:
-    _patch_model(args, {"export_suspended": True},
-                 f"model {args.name}: export suspended (its stage and allowed countries unchanged)")
+    _patch_model(
+        args,
+        {"export_suspended": True},
+        f"model {args.name}: export suspended (its stage and allowed countries unchanged)",
+    )
 
 
 def _models_lift(args: argparse.Namespace) -> None:
-    _patch_model(args, {"export_suspended": False},
-                 f"model {args.name}: export suspension lifted (its stage and allowed countries unchanged)")
+    _patch_model(
+        args,
+        {"export_suspended": False},
+        f"model {args.name}: export suspension lifted (its stage and allowed countries unchanged)",
+    )
 
 
 def _models_delete(args: argparse.Namespace) -> None:
@@ -217,8 +246,14 @@ def _keys_create(args: argparse.Namespace) -> None:
     if args.expires_at is not None:
         body["expires_at"] = args.expires_at
     data = admin_client(args).call("POST", "/admin/v1/api-keys", body=body)
-    emit(args, data, lambda d: f"id:  {d['id']}\nkey: {d['key']}\nThe key is shown only this once; "
-                                f"store it now. Policy version {d.get('version')}.")
+    emit(
+        args,
+        data,
+        lambda d: (
+            f"id:  {d['id']}\nkey: {d['key']}\nThe key is shown only this once; "
+            f"store it now. Policy version {d.get('version')}."
+        ),
+    )
 
 
 def _keys_revoke(args: argparse.Namespace) -> None:
@@ -231,10 +266,21 @@ def _keys_list(args: argparse.Namespace) -> None:
 
     def text(data: Any) -> str:
         keys = data.get("api_keys", {})
-        rows = [[key_id, k.get("subject"), k.get("org"), k.get("org_name"), k.get("country"), k.get("tier"),
-                 k.get("expires_at"), k.get("created_at"), k.get("created_by")] for key_id, k in keys.items()]
-        headers = ["ID", "SUBJECT", "ORG", "ORG NAME", "COUNTRY", "TIER", "EXPIRES AT", "CREATED AT",
-                   "CREATED BY"]
+        rows = [
+            [
+                key_id,
+                k.get("subject"),
+                k.get("org"),
+                k.get("org_name"),
+                k.get("country"),
+                k.get("tier"),
+                k.get("expires_at"),
+                k.get("created_at"),
+                k.get("created_by"),
+            ]
+            for key_id, k in keys.items()
+        ]
+        headers = ["ID", "SUBJECT", "ORG", "ORG NAME", "COUNTRY", "TIER", "EXPIRES AT", "CREATED AT", "CREATED BY"]
         title = f"{len(keys)} keys, policy version {data.get('version')}"
         return title + ("\n" + table(headers, rows) if rows else "")
 
@@ -245,13 +291,23 @@ def _keys_list(args: argparse.Namespace) -> None:
 
 
 def _decide(args: argparse.Namespace) -> None:
-    body = {"subject": args.subject, "org": args.org, "org_name": args.org_name, "country": args.country,
-            "tier": args.tier, "ip": args.ip, "model": args.model}
+    body = {
+        "subject": args.subject,
+        "org": args.org,
+        "org_name": args.org_name,
+        "country": args.country,
+        "tier": args.tier,
+        "ip": args.ip,
+        "model": args.model,
+    }
     data = admin_client(args).call("POST", "/admin/v1/decide", body={k: v for k, v in body.items() if v is not None})
 
     def text(d: Any) -> str:
-        lines = [f"{d.get('decision')} {d.get('status')} {d.get('code') or ''}".rstrip(), d.get("message", ""),
-                 f"policy version {d.get('policy_version')}; IP country {d.get('ip_country') or 'unknown'}"]
+        lines = [
+            f"{d.get('decision')} {d.get('status')} {d.get('code') or ''}".rstrip(),
+            d.get("message", ""),
+            f"policy version {d.get('policy_version')}; IP country {d.get('ip_country') or 'unknown'}",
+        ]
         if d.get("screening"):
             hit = d["screening"]
             lines.append(f"screening: {hit.get('matched_name')} ({hit.get('source')}), score {hit.get('score')}")
@@ -279,9 +335,17 @@ def _screening_search(args: argparse.Namespace) -> None:
         matches = d.get("matches", [])
         if not matches:
             return f"no match for {args.name!r} (policy version {d.get('version')})"
-        rows = [[m.get("score"), "block" if m.get("blocked") else "review" if m.get("score", 0) >=
-                 d.get("review_threshold", 1) else "-", m.get("name"), m.get("matched_name"), m.get("source"),
-                 m.get("entry_id")] for m in matches]
+        rows = [
+            [
+                m.get("score"),
+                "block" if m.get("blocked") else "review" if m.get("score", 0) >= d.get("review_threshold", 1) else "-",
+                m.get("name"),
+                m.get("matched_name"),
+                m.get("source"),
+                m.get("entry_id"),
+            ]
+            for m in matches
+        ]
         return table(["SCORE", "ACTION", "NAME", "MATCHED NAME", "SOURCE", "ID"], rows)
 
     emit(args, data, text)
@@ -289,14 +353,36 @@ def _screening_search(args: argparse.Namespace) -> None:
 
 # --- audit and change history ----------------------------------------------------------------
 
-_AUDIT_HEADERS = ["TIME", "DECISION", "STATUS", "CODE", "SUBJECT", "ORG", "COUNTRY", "IP", "MODEL",
-                  "VERSION", "REQUEST ID"]
+_AUDIT_HEADERS = [
+    "TIME",
+    "DECISION",
+    "STATUS",
+    "CODE",
+    "SUBJECT",
+    "ORG",
+    "COUNTRY",
+    "IP",
+    "MODEL",
+    "VERSION",
+    "REQUEST ID",
+]
 
 
 def _audit_row(r: Mapping[str, Any]) -> list[Any]:
     country = "/".join(str(c) for c in (r.get("claimed_country"), r.get("ip_country")) if c)
-    return [r.get("time"), r.get("decision"), r.get("status"), r.get("code"), r.get("subject"), r.get("org"),
-            country, r.get("client_ip"), r.get("model"), r.get("policy_version"), r.get("request_id")]
+    return [
+        r.get("time"),
+        r.get("decision"),
+        r.get("status"),
+        r.get("code"),
+        r.get("subject"),
+        r.get("org"),
+        country,
+        r.get("client_ip"),
+        r.get("model"),
+        r.get("policy_version"),
+        r.get("request_id"),
+    ]
 
 
 def _audit_key(record: Mapping[str, Any]) -> str:
@@ -321,7 +407,7 @@ def _audit_tail(args: argparse.Namespace) -> None:
     # only those written later are printed; of the old ones it prints the last --limit, as without it.
     window = _FOLLOW_WINDOW if args.follow else args.limit
     records = list(reversed(client.call("GET", "/admin/v1/audit", query={"limit": window})["records"]))
-    _print_audit(args, records[-args.limit:], header=True)
+    _print_audit(args, records[-args.limit :], header=True)
     if not args.follow:
         return
     seen: deque[str] = deque((_audit_key(r) for r in records), maxlen=100_000)
@@ -366,8 +452,7 @@ def _changes(args: argparse.Namespace) -> None:
         changes = d.get("changes", [])
         if not changes:
             return "no changes recorded"
-        rows = [[c.get("time"), c.get("actor"), c.get("version"), c.get("target"), _change_summary(c)]
-                for c in changes]
+        rows = [[c.get("time"), c.get("actor"), c.get("version"), c.get("target"), _change_summary(c)] for c in changes]
         return table(["TIME", "ACTOR", "VERSION", "TARGET", "CHANGE"], rows)
 
     emit(args, data, text)
@@ -392,11 +477,13 @@ def _policy_export(args: argparse.Namespace) -> None:
         text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
     else:
         stamp = now_iso()
-        header = (f"# Export-control policy, version {data.get('version')}, exported {stamp} from "
-                  f"{args.admin_url}.\n# Every section is here (empty ones too), so the file restores an "
-                  "empty Redis: gateway policy import FILE.\n# Into a Redis that holds a policy the import "
-                  "replaces lists, models and screening whole and leaves api_keys\n# as they are (name them "
-                  "with --sections to replace them); revoked keys stay revoked.\n")
+        header = (
+            f"# Export-control policy, version {data.get('version')}, exported {stamp} from "
+            f"{args.admin_url}.\n# Every section is here (empty ones too), so the file restores an "
+            "empty Redis: gateway policy import FILE.\n# Into a Redis that holds a policy the import "
+            "replaces lists, models and screening whole and leaves api_keys\n# as they are (name them "
+            "with --sections to replace them); revoked keys stay revoked.\n"
+        )
         document = {key: value for key, value in data.items() if key != "version"}
         text = header + yaml.safe_dump(document, sort_keys=False, allow_unicode=True, width=100)
     if args.file == "-":
@@ -425,13 +512,20 @@ def _policy_import(args: argparse.Namespace) -> None:
 
 def _diff_text(data: Mapping[str, Any]) -> str:
     sections = data.get("sections") or {}
-    where = ("an empty Redis (a restore)" if data.get("restore")
-             else f"policy version {data.get('version')}")
+    where = "an empty Redis (a restore)" if data.get("restore") else f"policy version {data.get('version')}"
     rows = []
     for name, change in sections.items():
         if name == "screening":
-            rows.append([name, "", "", f"{change.get('before')} -> {change.get('after')} entries"
-                         if change.get("changed") else "unchanged"])
+            rows.append(
+                [
+                    name,
+                    "",
+                    "",
+                    f"{change.get('before')} -> {change.get('after')} entries"
+                    if change.get("changed")
+                    else "unchanged",
+                ]
+            )
             continue
         rows.append([name, change.get("added"), change.get("removed"), change.get("changed")])
     title = f"dry run: what the import would change against {where}; nothing was changed"
@@ -446,8 +540,11 @@ def _diff_text(data: Mapping[str, Any]) -> str:
 def _common() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    common.add_argument("--admin-url", default=os.environ.get(URL_ENV) or DEFAULT_ADMIN_URL,
-                        help=f"admin listener URL (default ${URL_ENV} or {DEFAULT_ADMIN_URL})")
+    common.add_argument(
+        "--admin-url",
+        default=os.environ.get(URL_ENV) or DEFAULT_ADMIN_URL,
+        help=f"admin listener URL (default ${URL_ENV} or {DEFAULT_ADMIN_URL})",
+    )
     common.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for an answer")
     return common
 
@@ -476,8 +573,9 @@ def _run(handler: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Na
     return run
 
 
-def _leaf(sub: Any, name: str, handler: Callable[[argparse.Namespace], None], help_text: str,
-          common: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def _leaf(
+    sub: Any, name: str, handler: Callable[[argparse.Namespace], None], help_text: str, common: argparse.ArgumentParser
+) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = sub.add_parser(name, help=help_text, parents=[common])
     parser.set_defaults(func=_run(handler))
     return parser
@@ -499,8 +597,7 @@ def _add_lists(subparsers: Any, common: argparse.ArgumentParser) -> None:
     put.add_argument("--source")
     put.add_argument("--expires-at", help="ISO-8601 instant with a time zone, e.g. 2027-01-31T00:00:00Z")
     put.add_argument("--country", help="ip-ranges only: the range's country")
-    patch = _leaf(sub, "patch", _lists_patch, "change only the named fields of one entry (merge patch)",
-                  common)
+    patch = _leaf(sub, "patch", _lists_patch, "change only the named fields of one entry (merge patch)", common)
     patch.add_argument("list", choices=LIST_NAMES)
     patch.add_argument("key", help="country code, subject/org, or CIDR for ip-ranges")
     patch.add_argument("--reason")
@@ -522,9 +619,14 @@ def _add_models(subparsers: Any, common: argparse.ArgumentParser) -> None:
     _leaf(sub, "list", _models_list, "show every model", common)
     get = _leaf(sub, "get", _models_get, "show one model", common)
     get.add_argument("name")
-    put = _leaf(sub, "put", _models_put, "add a model, or REPLACE one whole: flags not given take their "
-                "defaults (any country, no timeline, not suspended); to change one field use patch",
-                common)
+    put = _leaf(
+        sub,
+        "put",
+        _models_put,
+        "add a model, or REPLACE one whole: flags not given take their "
+        "defaults (any country, no timeline, not suspended); to change one field use patch",
+        common,
+    )
     put.add_argument("name")
     put.add_argument("--stage", required=True, choices=STAGES)
     put.add_argument("--timeline", help='JSON list, e.g. \'[{"at": "2026-03-01T00:00:00Z", "stage": "general"}]\'')
@@ -533,17 +635,33 @@ def _add_models(subparsers: Any, common: argparse.ArgumentParser) -> None:
     patch = _leaf(sub, "patch", _models_patch, "change only the named fields of a model (merge patch)", common)
     patch.add_argument("name")
     patch.add_argument("--stage", choices=STAGES)
-    patch.add_argument("--timeline", help='JSON list replacing the timeline, e.g. '
-                       '\'[{"at": "2026-03-01T00:00:00Z", "stage": "general"}]\'')
+    patch.add_argument(
+        "--timeline",
+        help='JSON list replacing the timeline, e.g. \'[{"at": "2026-03-01T00:00:00Z", "stage": "general"}]\'',
+    )
     patch.add_argument("--allowed-countries", help="comma-separated country codes replacing the set")
     patch.add_argument("--any-country", action="store_true", help="remove the country restriction")
-    patch.add_argument("--export-suspended", action=argparse.BooleanOptionalAction, default=None,
-                       help="suspend (or, with --no-export-suspended, lift) the model's export")
-    suspend = _leaf(sub, "suspend", _models_suspend,
-                    "suspend a model's export now; its stage and allowed countries stay as they are", common)
+    patch.add_argument(
+        "--export-suspended",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="suspend (or, with --no-export-suspended, lift) the model's export",
+    )
+    suspend = _leaf(
+        sub,
+        "suspend",
+        _models_suspend,
+        "suspend a model's export now; its stage and allowed countries stay as they are",
+        common,
+    )
     suspend.add_argument("name")
-    lift = _leaf(sub, "lift", _models_lift,
-                 "lift a model's export suspension; its stage and allowed countries stay as they are", common)
+    lift = _leaf(
+        sub,
+        "lift",
+        _models_lift,
+        "lift a model's export suspension; its stage and allowed countries stay as they are",
+        common,
+    )
     lift.add_argument("name")
     delete = _leaf(sub, "delete", _models_delete, "remove a model", common)
     delete.add_argument("name")
@@ -598,14 +716,25 @@ def _add_policy(subparsers: Any, common: argparse.ArgumentParser) -> None:
     sub = _group(subparsers, "policy", "export and import the whole policy (YAML)")
     export = _leaf(sub, "export", _policy_export, "write the whole policy as YAML", common)
     export.add_argument("file", help="output file, or '-' for stdout")
-    imp = _leaf(sub, "import", _policy_import, "replace each section the file holds (also the restore); "
-                "api_keys only when --sections names them", common)
+    imp = _leaf(
+        sub,
+        "import",
+        _policy_import,
+        "replace each section the file holds (also the restore); api_keys only when --sections names them",
+        common,
+    )
     imp.add_argument("file", help="YAML or JSON policy document ('-' for stdin)")
-    imp.add_argument("--sections", help="comma-separated sections to replace, from lists, models, api_keys, "
-                     "screening (default: every one the file holds but api_keys; a restore into an empty "
-                     "Redis writes them all)")
-    imp.add_argument("--dry-run", action="store_true",
-                     help="print what the import would add, remove and change per section; change nothing")
+    imp.add_argument(
+        "--sections",
+        help="comma-separated sections to replace, from lists, models, api_keys, "
+        "screening (default: every one the file holds but api_keys; a restore into an empty "
+        "Redis writes them all)",
+    )
+    imp.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print what the import would add, remove and change per section; change nothing",
+    )
 
 
 def add_operator_commands(subparsers: Any) -> None:

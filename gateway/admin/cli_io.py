@@ -39,8 +39,16 @@ class AdminClient:
         self.token = token
         self.timeout = timeout
 
-    def call(self, method: str, path: str, *, body: Any = None, data: bytes | None = None,
-             content_type: str = "application/json", query: Mapping[str, Any] | None = None) -> Any:
+    def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        data: bytes | None = None,
+        content_type: str = "application/json",
+        query: Mapping[str, Any] | None = None,
+    ) -> Any:
         url = self.base_url + path
         if query:
             url += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
@@ -71,8 +79,10 @@ class AdminClient:
             why = f"no answer within {self.timeout:g} s"
         else:
             why = str(reason)
-        return (f"cannot reach the admin API at {self.base_url}: {why}. Is `gateway serve` running, and "
-                f"does {URL_ENV} point at its admin listener?")
+        return (
+            f"cannot reach the admin API at {self.base_url}: {why}. Is `gateway serve` running, and "
+            f"does {URL_ENV} point at its admin listener?"
+        )
 
 
 def _http_error_message(method: str, path: str, exc: urllib.error.HTTPError) -> str:
@@ -89,8 +99,9 @@ def admin_client(args: argparse.Namespace) -> AdminClient:
     except ConfigError as exc:
         raise CliError(str(exc)) from None
     if not token:
-        raise CliError(f"{TOKEN_ENV} is not set: export the admin token (or {TOKEN_ENV}_FILE naming a "
-                       "file that holds it)")
+        raise CliError(
+            f"{TOKEN_ENV} is not set: export the admin token (or {TOKEN_ENV}_FILE naming a file that holds it)"
+        )
     return AdminClient(args.admin_url, token, timeout=args.timeout)
 
 
@@ -114,7 +125,7 @@ def _cell(value: Any) -> str:
     else:
         text = str(value)
     text = " ".join(text.split())
-    return text if len(text) <= _CELL_LIMIT else text[:_CELL_LIMIT - 3] + "..."
+    return text if len(text) <= _CELL_LIMIT else text[: _CELL_LIMIT - 3] + "..."
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
@@ -183,8 +194,10 @@ def _plain(value: Any, where: str) -> Any:
         for key, item in value.items():
             if isinstance(key, bool) or key is None:
                 # YAML 1.1 reads NO, YES, ON, OFF as booleans: Norway must be quoted.
-                raise CliError(f"{where}: the key {key!r} is not text (YAML read it as "
-                               f"{type(key).__name__}); quote it, e.g. 'NO': ...")
+                raise CliError(
+                    f"{where}: the key {key!r} is not text (YAML read it as "
+                    f"{type(key).__name__}); quote it, e.g. 'NO': ..."
+                )
             out[str(key)] = _plain(item, where)
         return out
     return value

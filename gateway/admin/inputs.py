@@ -45,8 +45,10 @@ def json_object(body: Any, allowed: Sequence[str], where: str = "body") -> Mappi
     for name in body:
         if name not in allowed:
             shown = name if len(name) <= 60 else name[:60] + "..."  # the message echoes it back
-            raise invalid(shown if where == "body" else f"{where}.{shown}",
-                          f"unknown field; expected one of {', '.join(sorted(allowed))}")
+            raise invalid(
+                shown if where == "body" else f"{where}.{shown}",
+                f"unknown field; expected one of {', '.join(sorted(allowed))}",
+            )
     return body
 
 
@@ -83,13 +85,20 @@ def sorted_by_key(mapping: Mapping[str, Any]) -> dict[str, Any]:
 def entry_key(request: web.Request, name: str) -> str:
     raw = request.match_info["key"]
     if not raw:
-        raise invalid("key", f"is empty: name the entry in the path, e.g. /admin/v1/lists/{name}/"
-                      f"{_EXAMPLE_KEYS[name]} (percent-encode a CIDR's / as %2F)")
+        raise invalid(
+            "key",
+            f"is empty: name the entry in the path, e.g. /admin/v1/lists/{name}/"
+            f"{_EXAMPLE_KEYS[name]} (percent-encode a CIDR's / as %2F)",
+        )
     return normalize_key(name, raw)
 
 
-_EXAMPLE_KEYS = {"deny-countries": "CU", "deny-entities": "example-org", "partners": "example-org",
-                 "ip-ranges": "203.0.113.0%2F24"}
+_EXAMPLE_KEYS = {
+    "deny-countries": "CU",
+    "deny-entities": "example-org",
+    "partners": "example-org",
+    "ip-ranges": "203.0.113.0%2F24",
+}
 
 
 def no_meta(body: Any) -> None:
@@ -108,18 +117,19 @@ def import_sections(raw: str | None) -> frozenset[str] | None:
         raise invalid("sections", f"names no section; expected some of {', '.join(IMPORT_SECTIONS)}")
     for name in names:
         if name not in IMPORT_SECTIONS:
-            raise invalid("sections", f"{name[:40]!r} is not a section; expected some of "
-                          f"{', '.join(IMPORT_SECTIONS)}")
+            raise invalid("sections", f"{name[:40]!r} is not a section; expected some of {', '.join(IMPORT_SECTIONS)}")
     return frozenset(names)
 
 
-def import_plan(document: Mapping[str, Any], sections: frozenset[str] | None,
-                 skipped: list[str] | None = None) -> OpsPlan:
+def import_plan(
+    document: Mapping[str, Any], sections: frozenset[str] | None, skipped: list[str] | None = None
+) -> OpsPlan:
     """The operations of an import, chosen in the write's transaction: into a Redis that holds a policy,
     the sections named (by default every one the document carries but ``api_keys``); into one that
     holds none, the whole document (a restore, which the store checks is complete). Revocations the
     document carries are always kept. ``skipped`` receives the sections the document carries but the
     write leaves alone."""
+
     def plan(has_policy: bool) -> list[Any]:
         chosen = dict(document)
         if has_policy:
@@ -159,15 +169,20 @@ async def screening_section(section: Mapping[str, Any]) -> list[dict[str, Any]]:
         raise invalid("screening", str(exc)) from None
 
 
-
 def decide_request(body: Any, tiers: Sequence[str]) -> tuple[Identity, str, str | None]:
     """The caller (as a verified credential would describe it), address and model a
     ``POST /admin/v1/decide`` body names; its countries are the admission step's (admission.py), as
     for a public request."""
     fields = decide_fields(json_object(body, DECIDE_FIELDS), tiers)
-    identity = Identity(subject=fields["subject"], org=fields["org"], org_name=fields["org_name"],
-                        tier=fields["tier"], country=fields["claimed_country"], credential="jwt",
-                        expires_at=None)
+    identity = Identity(
+        subject=fields["subject"],
+        org=fields["org"],
+        org_name=fields["org_name"],
+        tier=fields["tier"],
+        country=fields["claimed_country"],
+        credential="jwt",
+        expires_at=None,
+    )
     return identity, fields["ip"], fields["model"]
 
 
@@ -191,7 +206,12 @@ def decide_fields(body: Mapping[str, Any], tiers: Sequence[str]) -> dict[str, An
             country = validate_region(country)
         except ValueError as exc:
             raise invalid("country", str(exc)) from None
-    return {"subject": subject, "org": optional_text(body.get("org"), "org"),
-            "org_name": optional_text(body.get("org_name"), "org_name", 1000),
-            "claimed_country": country, "tier": tier, "ip": address,
-            "model": optional_text(body.get("model"), "model")}
+    return {
+        "subject": subject,
+        "org": optional_text(body.get("org"), "org"),
+        "org_name": optional_text(body.get("org_name"), "org_name", 1000),
+        "claimed_country": country,
+        "tier": tier,
+        "ip": address,
+        "model": optional_text(body.get("model"), "model"),
+    }

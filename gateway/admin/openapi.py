@@ -28,20 +28,31 @@ def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
 
 _TEXT: dict[str, Any] = {"type": "string", "maxLength": MAX_REASON_CHARS}
 _IDENT: dict[str, Any] = {"type": "string", "minLength": 1, "maxLength": MAX_KEY_CHARS}
-_INSTANT: dict[str, Any] = {"type": "string", "format": "date-time",
-                            "description": "ISO-8601 with a time zone, e.g. 2027-01-31T00:00:00Z"}
-_FUTURE: dict[str, Any] = {**_INSTANT, "description": "ISO-8601 with a time zone, e.g. 2027-01-31T00:00:00Z; on a "
-                           "write it must lie in the future (400 naming expires_at otherwise)"}
-_REGION: dict[str, Any] = {"type": "string", "minLength": 2, "maxLength": 6,
-                           "description": "ISO 3166-1 alpha-2 country or ISO 3166-2 subdivision code, e.g. US or "
-                                          "UA-43"}
+_INSTANT: dict[str, Any] = {
+    "type": "string",
+    "format": "date-time",
+    "description": "ISO-8601 with a time zone, e.g. 2027-01-31T00:00:00Z",
+}
+_FUTURE: dict[str, Any] = {
+    **_INSTANT,
+    "description": "ISO-8601 with a time zone, e.g. 2027-01-31T00:00:00Z; on a "
+    "write it must lie in the future (400 naming expires_at otherwise)",
+}
+_REGION: dict[str, Any] = {
+    "type": "string",
+    "minLength": 2,
+    "maxLength": 6,
+    "description": "ISO 3166-1 alpha-2 country or ISO 3166-2 subdivision code, e.g. US or UA-43",
+}
 
 
 def _stored(properties: dict[str, Any]) -> dict[str, Any]:
     return {
-        "type": "object", "additionalProperties": False, "required": ["reason"],
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["reason"],
         "description": "A list entry as the policy holds it. PUT /admin/v1/policy keeps added_by and "
-                       "added_at as given; a whole-list replace stamps them anew.",
+        "added_at as given; a whole-list replace stamps them anew.",
         "properties": properties,
     }
 
@@ -54,58 +65,90 @@ def _schemas(tiers: Sequence[str]) -> dict[str, Any]:
         "country": {**_REGION, "description": "ip-ranges only (required there): " + _REGION["description"]},
     }
     # An empty added_by/added_at counts as absent: the import stamps the entry like a new one.
-    stored_props = {**entry_props,
-                    "added_by": _nullable({"type": "string", "maxLength": MAX_KEY_CHARS}),
-                    "added_at": _nullable({"anyOf": [_INSTANT, {"type": "string", "maxLength": 0}]})}
+    stored_props = {
+        **entry_props,
+        "added_by": _nullable({"type": "string", "maxLength": MAX_KEY_CHARS}),
+        "added_at": _nullable({"anyOf": [_INSTANT, {"type": "string", "maxLength": 0}]}),
+    }
     key_props = {
-        "subject": _IDENT, "org": _IDENT,
+        "subject": _IDENT,
+        "org": _IDENT,
         "org_name": _nullable({"type": "string", "minLength": 1, "maxLength": MAX_REASON_CHARS}),
-        "country": _REGION, "tier": {"type": "string", "enum": list(tiers)},
+        "country": _REGION,
+        "tier": {"type": "string", "enum": list(tiers)},
         "expires_at": _nullable(_FUTURE),
     }
     object_of = {"type": "object", "additionalProperties": True}
     return {
         "Error": {
-            "type": "object", "required": ["error"],
-            "properties": {"error": {
-                "type": "object", "required": ["message", "type", "code", "request_id"],
-                "properties": {name: {"type": "string"} for name in ("message", "type", "code", "request_id")},
-            }},
+            "type": "object",
+            "required": ["error"],
+            "properties": {
+                "error": {
+                    "type": "object",
+                    "required": ["message", "type", "code", "request_id"],
+                    "properties": {name: {"type": "string"} for name in ("message", "type", "code", "request_id")},
+                }
+            },
         },
         "Entry": {
-            "type": "object", "additionalProperties": False, "required": ["reason"],
-            "description": "A list entry as a single-entry write takes it; added_by/added_at are set by "
-                           "the gateway.",
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["reason"],
+            "description": "A list entry as a single-entry write takes it; added_by/added_at are set by the gateway.",
             "properties": entry_props,
         },
         "EntryPatch": {
-            "type": "object", "additionalProperties": False, "minProperties": 1,
+            "type": "object",
+            "additionalProperties": False,
+            "minProperties": 1,
             "description": "JSON merge patch (RFC 7396) of an entry: only the fields named change, null "
-                           "removes an optional one; the merged entry is validated whole.",
+            "removes an optional one; the merged entry is validated whole.",
             # null removes a field: an optional one (source, expires_at; country outside ip-ranges).
             "properties": {**entry_props, "country": _nullable(entry_props["country"])},
         },
         "StoredEntry": _stored(stored_props),
-        "List": {"type": "object", "additionalProperties": _ref("StoredEntry"),
-                 "description": "key -> entry; only ip-ranges entries carry (and need) a country"},
-        "CountryFreeList": {"type": "object", "description": "key -> entry of deny-countries, "
-                            "deny-entities or partners (no country)",
-                            "additionalProperties": {**_stored(stored_props), "properties": {
-                                k: v for k, v in stored_props.items() if k != "country"}}},
-        "IpRangeList": {"type": "object", "description": "CIDR -> entry with its country",
-                        "additionalProperties": {**_stored(stored_props), "required": ["reason", "country"]}},
+        "List": {
+            "type": "object",
+            "additionalProperties": _ref("StoredEntry"),
+            "description": "key -> entry; only ip-ranges entries carry (and need) a country",
+        },
+        "CountryFreeList": {
+            "type": "object",
+            "description": "key -> entry of deny-countries, deny-entities or partners (no country)",
+            "additionalProperties": {
+                **_stored(stored_props),
+                "properties": {k: v for k, v in stored_props.items() if k != "country"},
+            },
+        },
+        "IpRangeList": {
+            "type": "object",
+            "description": "CIDR -> entry with its country",
+            "additionalProperties": {**_stored(stored_props), "required": ["reason", "country"]},
+        },
         "ListReplace": {
-            "type": "object", "additionalProperties": False, "required": ["entries"],
-            "properties": {"entries": _ref("List"),
-                           "allow_empty": {"type": "boolean", "default": False,
-                                           "description": "required to replace a list with nothing"}},
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["entries"],
+            "properties": {
+                "entries": _ref("List"),
+                "allow_empty": {
+                    "type": "boolean",
+                    "default": False,
+                    "description": "required to replace a list with nothing",
+                },
+            },
         },
         "TimelineStep": {
-            "type": "object", "additionalProperties": False, "required": ["at", "stage"],
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["at", "stage"],
             "properties": {"at": _INSTANT, "stage": {"type": "string", "enum": list(STAGES)}},
         },
         "Model": {
-            "type": "object", "additionalProperties": False, "required": ["stage"],
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["stage"],
             "properties": {
                 "stage": {"type": "string", "enum": list(STAGES)},
                 "timeline": _nullable({"type": "array", "items": _ref("TimelineStep")}),
@@ -114,10 +157,12 @@ def _schemas(tiers: Sequence[str]) -> dict[str, Any]:
             },
         },
         "ModelPatch": {
-            "type": "object", "additionalProperties": False, "minProperties": 1,
+            "type": "object",
+            "additionalProperties": False,
+            "minProperties": 1,
             "description": "JSON merge patch (RFC 7396) of a model: only the fields named change (so "
-                           "suspending export leaves allowed_countries as they are); allowed_countries "
-                           "null removes the country restriction; the merged model is validated whole.",
+            "suspending export leaves allowed_countries as they are); allowed_countries "
+            "null removes the country restriction; the merged model is validated whole.",
             "properties": {
                 "stage": {"type": "string", "enum": list(STAGES)},
                 "timeline": _nullable({"type": "array", "items": _ref("TimelineStep")}),
@@ -126,39 +171,62 @@ def _schemas(tiers: Sequence[str]) -> dict[str, Any]:
             },
         },
         "Revocation": {
-            "type": "object", "additionalProperties": False, "required": ["hash", "revoked_at", "revoked_by"],
-            "properties": {"hash": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_CHARS},
-                           "subject": _nullable(_IDENT), "org": _nullable(_IDENT),
-                           "revoked_at": _INSTANT, "revoked_by": _IDENT},
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["hash", "revoked_at", "revoked_by"],
+            "properties": {
+                "hash": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_CHARS},
+                "subject": _nullable(_IDENT),
+                "org": _nullable(_IDENT),
+                "revoked_at": _INSTANT,
+                "revoked_by": _IDENT,
+            },
         },
         "ApiKeyRequest": {
-            "type": "object", "additionalProperties": False,
-            "required": ["subject", "org", "country", "tier"], "properties": key_props,
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["subject", "org", "country", "tier"],
+            "properties": key_props,
         },
         "ApiKeyRecord": {
-            "type": "object", "additionalProperties": False,
+            "type": "object",
+            "additionalProperties": False,
             "required": ["hash", "subject", "org", "country", "tier"],
-            "properties": {**key_props, "hash": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_CHARS,
-                                                 "description": "sha256 hex of the key; never the key"},
-                           "created_at": _nullable(_INSTANT), "created_by": _nullable(_IDENT)},
+            "properties": {
+                **key_props,
+                "hash": {
+                    "type": "string",
+                    "minLength": 1,
+                    "maxLength": MAX_KEY_CHARS,
+                    "description": "sha256 hex of the key; never the key",
+                },
+                "created_at": _nullable(_INSTANT),
+                "created_by": _nullable(_IDENT),
+            },
         },
         "Screening": {
-            "type": "object", "additionalProperties": False,
+            "type": "object",
+            "additionalProperties": False,
             "properties": {"entries": {"type": "array", "items": object_of}},
         },
         "Policy": {
-            "type": "object", "additionalProperties": False,
+            "type": "object",
+            "additionalProperties": False,
             "description": "Each section present is replaced whole (within lists, each list present); "
-                           "version is ignored on PUT. Into a Redis that holds a policy, api_keys are "
-                           "replaced only when ?sections= names them; into one that holds none, every "
-                           "section (each list, models, api_keys, screening) is required (409 "
-                           "policy_incomplete). revoked_api_keys are kept revocations: added to those "
-                           "held, never removed.",
+            "version is ignored on PUT. Into a Redis that holds a policy, api_keys are "
+            "replaced only when ?sections= names them; into one that holds none, every "
+            "section (each list, models, api_keys, screening) is required (409 "
+            "policy_incomplete). revoked_api_keys are kept revocations: added to those "
+            "held, never removed.",
             "properties": {
                 "version": _nullable({"type": "integer", "description": "ignored on PUT"}),
-                "lists": {"type": "object", "additionalProperties": False,
-                          "properties": {name: _ref("IpRangeList" if name == "ip-ranges" else "CountryFreeList")
-                                         for name in LIST_NAMES}},
+                "lists": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        name: _ref("IpRangeList" if name == "ip-ranges" else "CountryFreeList") for name in LIST_NAMES
+                    },
+                },
                 "models": {"type": "object", "additionalProperties": _ref("Model")},
                 "api_keys": {"type": "object", "additionalProperties": _ref("ApiKeyRecord")},
                 "screening": _ref("Screening"),
@@ -166,31 +234,45 @@ def _schemas(tiers: Sequence[str]) -> dict[str, Any]:
             },
         },
         "DecideRequest": {
-            "type": "object", "additionalProperties": False, "required": ["subject", "tier", "ip"],
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["subject", "tier", "ip"],
             "properties": {
-                "subject": _IDENT, "org": _nullable(_IDENT),
+                "subject": _IDENT,
+                "org": _nullable(_IDENT),
                 "org_name": _nullable({"type": "string", "minLength": 1, "maxLength": MAX_REASON_CHARS}),
-                "country": _nullable(_REGION), "tier": {"type": "string", "enum": list(tiers)},
+                "country": _nullable(_REGION),
+                "tier": {"type": "string", "enum": list(tiers)},
                 "ip": {"type": "string", "description": "IPv4 or IPv6 address", "maxLength": 64},
                 "model": _nullable({"type": "string", "minLength": 1, "maxLength": MAX_KEY_CHARS}),
             },
         },
         "Decision": {
-            "type": "object", "required": ["decision", "status", "code", "message", "policy_version"],
+            "type": "object",
+            "required": ["decision", "status", "code", "message", "policy_version"],
             "properties": {
                 "decision": {"type": "string", "enum": ["allow", "block"]},
-                "status": {"type": "integer"}, "code": {"type": "string"}, "message": {"type": "string"},
-                "policy_version": {"type": "integer"}, "ip_country": _nullable({"type": "string"}),
+                "status": {"type": "integer"},
+                "code": {"type": "string"},
+                "message": {"type": "string"},
+                "policy_version": {"type": "integer"},
+                "ip_country": _nullable({"type": "string"}),
                 "screening": object_of,
             },
         },
         "Written": {
-            "type": "object", "required": ["version"],
-            "properties": {"version": {"type": "integer", "description": "the policy version now current"},
-                           "warnings": {"type": "array", "items": {"type": "string"},
-                                        "description": "risks of a valid write (a home country denied, "
-                                                       "an ip-ranges entry wider than /8 or /32, "
-                                                       "allowed_countries emptied, a partner denied)"}},
+            "type": "object",
+            "required": ["version"],
+            "properties": {
+                "version": {"type": "integer", "description": "the policy version now current"},
+                "warnings": {
+                    "type": "array",
+                    "items": {"type": "string"},
+                    "description": "risks of a valid write (a home country denied, "
+                    "an ip-ranges entry wider than /8 or /32, "
+                    "allowed_countries emptied, a partner denied)",
+                },
+            },
             "additionalProperties": True,
         },
     }
@@ -209,15 +291,20 @@ _ERRORS = {
     "401": "no or wrong admin token",
     "404": "no such list, entry, model or key",
     "409": "Redis holds no policy (code policy_missing); an incomplete restore (policy_incomplete); "
-           "a revoked key written back (key_revoked)",
+    "a revoked key written back (key_revoked)",
     "413": "body too large",
     "503": "Redis unavailable (code redis_unavailable)",
 }
 
 
-def _op(summary: str, ok: dict[str, Any], *, body: dict[str, Any] | None = None,
-        params: list[dict[str, Any]] | None = None, errors: Sequence[str] = ("400", "401", "503")
-        ) -> dict[str, Any]:
+def _op(
+    summary: str,
+    ok: dict[str, Any],
+    *,
+    body: dict[str, Any] | None = None,
+    params: list[dict[str, Any]] | None = None,
+    errors: Sequence[str] = ("400", "401", "503"),
+) -> dict[str, Any]:
     operation: dict[str, Any] = {"summary": summary, "responses": {"200": ok}}
     for status in errors:
         operation["responses"][status] = {"description": _ERRORS[status], "content": _json(_ref("Error"))}
@@ -232,16 +319,25 @@ def _path(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]
     return {"name": name, "in": "path", "required": True, "schema": schema, "description": description}
 
 
-_LIMIT = {"name": "limit", "in": "query", "required": False,
-          "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}}
+_LIMIT = {
+    "name": "limit",
+    "in": "query",
+    "required": False,
+    "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+}
 _LIST = _path("list", {"type": "string", "enum": list(LIST_NAMES)}, "the list")
 _KEY = _path("key", _IDENT, "the entry key, percent-encoded (a CIDR's '/' as %2F)")
-_MODEL = _path("model", {"type": "string", "minLength": 1, "maxLength": MAX_MODEL_NAME_CHARS},
-               "the model name, percent-encoded")
-_SECTIONS = {"name": "sections", "in": "query", "required": False,
-             "description": "comma-separated sections to replace, from lists, models, api_keys, screening; "
-                            "default: every one the document carries except api_keys",
-             "schema": {"type": "string"}}
+_MODEL = _path(
+    "model", {"type": "string", "minLength": 1, "maxLength": MAX_MODEL_NAME_CHARS}, "the model name, percent-encoded"
+)
+_SECTIONS = {
+    "name": "sections",
+    "in": "query",
+    "required": False,
+    "description": "comma-separated sections to replace, from lists, models, api_keys, screening; "
+    "default: every one the document carries except api_keys",
+    "schema": {"type": "string"},
+}
 _WRITTEN = _ok("written; the answer names the new policy version", _ref("Written"))
 
 
@@ -249,106 +345,197 @@ def _paths() -> dict[str, Any]:
     any_object = {"type": "object", "additionalProperties": True}
     entries = {"type": "object", "additionalProperties": _ref("StoredEntry")}
     return {
-        "/admin/v1/openapi.json": {"get": _op("This document", _ok("OpenAPI 3.0", any_object),
-                                              errors=("401",))},
+        "/admin/v1/openapi.json": {"get": _op("This document", _ok("OpenAPI 3.0", any_object), errors=("401",))},
         "/admin/v1/policy": {
             "get": _op("The whole policy", _ok("the policy", _ref("Policy")), errors=("401", "409", "503")),
-            "put": _op("Replace each section present atomically; into an empty Redis, the restore",
-                       _WRITTEN, body=_json(_ref("Policy")), params=[_SECTIONS],
-                       errors=("400", "401", "409", "413", "503")),
+            "put": _op(
+                "Replace each section present atomically; into an empty Redis, the restore",
+                _WRITTEN,
+                body=_json(_ref("Policy")),
+                params=[_SECTIONS],
+                errors=("400", "401", "409", "413", "503"),
+            ),
         },
         "/admin/v1/policy/diff": {
-            "post": _op("What PUT /admin/v1/policy with this body would change (added, removed, changed keys "
-                        "per section); changes nothing",
-                        _ok("the change", {"type": "object", "required": ["sections"], "properties": {
-                            "version": _nullable({"type": "integer"}), "restore": {"type": "boolean"},
+            "post": _op(
+                "What PUT /admin/v1/policy with this body would change (added, removed, changed keys "
+                "per section); changes nothing",
+                _ok(
+                    "the change",
+                    {
+                        "type": "object",
+                        "required": ["sections"],
+                        "properties": {
+                            "version": _nullable({"type": "integer"}),
+                            "restore": {"type": "boolean"},
                             "sections": any_object,
-                            "warnings": {"type": "array", "items": {"type": "string"}}}}),
-                        body=_json(_ref("Policy")), params=[_SECTIONS],
-                        errors=("400", "401", "409", "413", "503")),
+                            "warnings": {"type": "array", "items": {"type": "string"}},
+                        },
+                    },
+                ),
+                body=_json(_ref("Policy")),
+                params=[_SECTIONS],
+                errors=("400", "401", "409", "413", "503"),
+            ),
         },
         "/admin/v1/lists/{list}": {
-            "get": _op("One list", _ok("the list", {"type": "object", "properties": {
-                "version": {"type": "integer"}, "list": {"type": "string"}, "entries": entries}}),
-                params=[_LIST], errors=("401", "404", "409", "503")),
-            "put": _op("Replace a list atomically", _WRITTEN, body=_json(_ref("ListReplace")),
-                       params=[_LIST], errors=("400", "401", "404", "409", "413", "503")),
+            "get": _op(
+                "One list",
+                _ok(
+                    "the list",
+                    {
+                        "type": "object",
+                        "properties": {"version": {"type": "integer"}, "list": {"type": "string"}, "entries": entries},
+                    },
+                ),
+                params=[_LIST],
+                errors=("401", "404", "409", "503"),
+            ),
+            "put": _op(
+                "Replace a list atomically",
+                _WRITTEN,
+                body=_json(_ref("ListReplace")),
+                params=[_LIST],
+                errors=("400", "401", "404", "409", "413", "503"),
+            ),
         },
         "/admin/v1/lists/{list}/{key}": {
-            "put": _op("Add or change one entry", _WRITTEN, body=_json(_ref("Entry")), params=[_LIST, _KEY],
-                       errors=("400", "401", "404", "409", "413", "503")),
-            "patch": _op("Change only the fields named (JSON merge patch); 404 if the entry is absent",
-                         _WRITTEN, body={"application/merge-patch+json": {"schema": _ref("EntryPatch")},
-                                         **_json(_ref("EntryPatch"))},
-                         params=[_LIST, _KEY], errors=("400", "401", "404", "409", "413", "503")),
-            "delete": _op("Remove one entry", _WRITTEN, params=[_LIST, _KEY],
-                          errors=("400", "401", "404", "409", "503")),
+            "put": _op(
+                "Add or change one entry",
+                _WRITTEN,
+                body=_json(_ref("Entry")),
+                params=[_LIST, _KEY],
+                errors=("400", "401", "404", "409", "413", "503"),
+            ),
+            "patch": _op(
+                "Change only the fields named (JSON merge patch); 404 if the entry is absent",
+                _WRITTEN,
+                body={"application/merge-patch+json": {"schema": _ref("EntryPatch")}, **_json(_ref("EntryPatch"))},
+                params=[_LIST, _KEY],
+                errors=("400", "401", "404", "409", "413", "503"),
+            ),
+            "delete": _op(
+                "Remove one entry", _WRITTEN, params=[_LIST, _KEY], errors=("400", "401", "404", "409", "503")
+            ),
         },
         "/admin/v1/models": {
             "get": _op("The model registry", _ok("the models", any_object), errors=("401", "409", "503")),
         },
         "/admin/v1/models/{model}": {
-            "get": _op("One model", _ok("the model", any_object), params=[_MODEL],
-                       errors=("400", "401", "404", "409", "503")),
-            "put": _op("Add a model or replace it whole (fields left out take their defaults)", _WRITTEN,
-                       body=_json(_ref("Model")), params=[_MODEL],
-                       errors=("400", "401", "404", "409", "413", "503")),
-            "patch": _op("Change only the fields named (JSON merge patch); 404 if the model is absent",
-                         _WRITTEN, body={"application/merge-patch+json": {"schema": _ref("ModelPatch")},
-                                         **_json(_ref("ModelPatch"))},
-                         params=[_MODEL], errors=("400", "401", "404", "409", "413", "503")),
-            "delete": _op("Remove a model", _WRITTEN, params=[_MODEL],
-                          errors=("400", "401", "404", "409", "503")),
+            "get": _op(
+                "One model", _ok("the model", any_object), params=[_MODEL], errors=("400", "401", "404", "409", "503")
+            ),
+            "put": _op(
+                "Add a model or replace it whole (fields left out take their defaults)",
+                _WRITTEN,
+                body=_json(_ref("Model")),
+                params=[_MODEL],
+                errors=("400", "401", "404", "409", "413", "503"),
+            ),
+            "patch": _op(
+                "Change only the fields named (JSON merge patch); 404 if the model is absent",
+                _WRITTEN,
+                body={"application/merge-patch+json": {"schema": _ref("ModelPatch")}, **_json(_ref("ModelPatch"))},
+                params=[_MODEL],
+                errors=("400", "401", "404", "409", "413", "503"),
+            ),
+            "delete": _op("Remove a model", _WRITTEN, params=[_MODEL], errors=("400", "401", "404", "409", "503")),
         },
         "/admin/v1/api-keys": {
-            "get": _op("Issued keys (hashes, never keys)", _ok("the keys", any_object),
-                       errors=("401", "409", "503")),
-            "post": _op("Issue a key; the key is in this answer only",
-                        _ok("issued", {"type": "object", "required": ["version", "id", "key"], "properties": {
-                            "version": {"type": "integer"}, "id": {"type": "string"},
-                            "key": {"type": "string", "pattern": "^gk_"}}}),
-                        body=_json(_ref("ApiKeyRequest")), errors=("400", "401", "409", "413", "503")),
+            "get": _op("Issued keys (hashes, never keys)", _ok("the keys", any_object), errors=("401", "409", "503")),
+            "post": _op(
+                "Issue a key; the key is in this answer only",
+                _ok(
+                    "issued",
+                    {
+                        "type": "object",
+                        "required": ["version", "id", "key"],
+                        "properties": {
+                            "version": {"type": "integer"},
+                            "id": {"type": "string"},
+                            "key": {"type": "string", "pattern": "^gk_"},
+                        },
+                    },
+                ),
+                body=_json(_ref("ApiKeyRequest")),
+                errors=("400", "401", "409", "413", "503"),
+            ),
         },
         "/admin/v1/api-keys/{id}": {
-            "delete": _op("Revoke a key; the revocation is kept, so no write can make it active again",
-                          _WRITTEN, params=[_path("id", _IDENT, "the key id")],
-                          errors=("401", "404", "409", "503")),
+            "delete": _op(
+                "Revoke a key; the revocation is kept, so no write can make it active again",
+                _WRITTEN,
+                params=[_path("id", _IDENT, "the key id")],
+                errors=("401", "404", "409", "503"),
+            ),
         },
         "/admin/v1/decide": {
-            "post": _op("The decision the gateway would make now (consumes no rate limit)",
-                        _ok("the decision", _ref("Decision")), body=_json(_ref("DecideRequest")),
-                        errors=("400", "401", "413")),
+            "post": _op(
+                "The decision the gateway would make now (consumes no rate limit)",
+                _ok("the decision", _ref("Decision")),
+                body=_json(_ref("DecideRequest")),
+                errors=("400", "401", "413"),
+            ),
         },
         "/admin/v1/screening/import": {
-            "post": _op("Replace the screening list with a Consolidated Screening List export", _WRITTEN,
-                        body={"text/csv": {"schema": {"type": "string"}},
-                              "application/json": {"schema": {
-                                  "type": "object", "properties": {"results": {"type": "array",
-                                                                               "items": any_object}}}}},
-                        errors=("400", "401", "409", "413", "503")),
+            "post": _op(
+                "Replace the screening list with a Consolidated Screening List export",
+                _WRITTEN,
+                body={
+                    "text/csv": {"schema": {"type": "string"}},
+                    "application/json": {
+                        "schema": {"type": "object", "properties": {"results": {"type": "array", "items": any_object}}}
+                    },
+                },
+                errors=("400", "401", "409", "413", "503"),
+            ),
         },
         "/admin/v1/screening/search": {
-            "get": _op("Scored matches of a name against the screening list",
-                       _ok("matches", {"type": "object", "properties": {
-                           "version": {"type": "integer"}, "matches": {"type": "array", "items": any_object}}}),
-                       params=[
-                           {"name": "name", "in": "query", "required": True,
-                            "schema": {"type": "string", "minLength": 1, "maxLength": 500}},
-                           {**_LIMIT, "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 10}},
-                           {"name": "min_score", "in": "query", "required": False,
-                            "schema": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.5}},
-                       ], errors=("400", "401", "409", "503")),
+            "get": _op(
+                "Scored matches of a name against the screening list",
+                _ok(
+                    "matches",
+                    {
+                        "type": "object",
+                        "properties": {
+                            "version": {"type": "integer"},
+                            "matches": {"type": "array", "items": any_object},
+                        },
+                    },
+                ),
+                params=[
+                    {
+                        "name": "name",
+                        "in": "query",
+                        "required": True,
+                        "schema": {"type": "string", "minLength": 1, "maxLength": 500},
+                    },
+                    {**_LIMIT, "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 10}},
+                    {
+                        "name": "min_score",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.5},
+                    },
+                ],
+                errors=("400", "401", "409", "503"),
+            ),
         },
         "/admin/v1/audit": {
-            "get": _op("Audit records, newest first", _ok("records", {"type": "object", "properties": {
-                "records": {"type": "array", "items": any_object}}}), params=[_LIMIT],
-                errors=("400", "401", "503")),
+            "get": _op(
+                "Audit records, newest first",
+                _ok("records", {"type": "object", "properties": {"records": {"type": "array", "items": any_object}}}),
+                params=[_LIMIT],
+                errors=("400", "401", "503"),
+            ),
         },
         "/admin/v1/changes": {
-            "get": _op("Change history (actor, time, target, before, after, version), newest first",
-                       _ok("changes", {"type": "object", "properties": {
-                           "changes": {"type": "array", "items": any_object}}}), params=[_LIMIT],
-                       errors=("400", "401", "503")),
+            "get": _op(
+                "Change history (actor, time, target, before, after, version), newest first",
+                _ok("changes", {"type": "object", "properties": {"changes": {"type": "array", "items": any_object}}}),
+                params=[_LIMIT],
+                errors=("400", "401", "503"),
+            ),
         },
     }
 
@@ -357,10 +544,13 @@ def openapi_document(*, tiers: Sequence[str]) -> dict[str, Any]:
     """The document for this gateway; ``tiers`` (from the config) are the valid ``tier`` values."""
     return {
         "openapi": "3.0.3",
-        "info": {"title": "Export-control gateway admin API", "version": "1",
-                 "description": "Operator API on the admin listener. Every path needs "
-                                "'Authorization: Bearer <admin token>'. Errors have the body "
-                                '{"error": {"message", "type", "code", "request_id"}}.'},
+        "info": {
+            "title": "Export-control gateway admin API",
+            "version": "1",
+            "description": "Operator API on the admin listener. Every path needs "
+            "'Authorization: Bearer <admin token>'. Errors have the body "
+            '{"error": {"message", "type", "code", "request_id"}}.',
+        },
         "servers": [{"url": "/"}],
         "security": [{"adminToken": []}],
         "paths": _paths(),

@@ -129,11 +129,15 @@ def _block(snapshot: Snapshot, code: str, message: str, *, screening: dict[str, 
 
 def _stale(snapshot: Snapshot | None) -> Decision:
     if snapshot is None:
-        message = ("The gateway has no confirmed export-control policy, so it admits no requests "
-                   "until one is loaded (policy_stale).")
+        message = (
+            "The gateway has no confirmed export-control policy, so it admits no requests "
+            "until one is loaded (policy_stale)."
+        )
         return Decision(False, 503, POLICY_STALE, message, 0)
-    message = (f"The gateway cannot confirm that export-control policy version {snapshot.version} is "
-               "current, so it admits no requests until it can (policy_stale).")
+    message = (
+        f"The gateway cannot confirm that export-control policy version {snapshot.version} is "
+        "current, so it admits no requests until it can (policy_stale)."
+    )
     return Decision(False, 503, POLICY_STALE, message, snapshot.version)
 
 
@@ -165,8 +169,10 @@ def _country_denied(
     for code in _denied_codes_in_order(caller):
         entry = deny.get(code)
         if entry is not None and entry.active(now):
-            message = (f"Access{_to_model(model)} from {_place(code)} is not permitted: {code} is on the "
-                       f"denied countries and regions list (country_denied).")
+            message = (
+                f"Access{_to_model(model)} from {_place(code)} is not permitted: {code} is on the "
+                f"denied countries and regions list (country_denied)."
+            )
             return _block(snapshot, COUNTRY_DENIED, message, screening=screening)
     return None  # unreachable: the first loop found a denied code
 
@@ -178,15 +184,19 @@ def _entity_denied(
     if deny:
         entry = deny.get(caller.subject)
         if entry is not None and entry.active(now):
-            message = (f"Access{_to_model(model)} is not permitted: the caller '{clip(caller.subject)}' is on "
-                       "the denied entities list (entity_denied).")
+            message = (
+                f"Access{_to_model(model)} is not permitted: the caller '{clip(caller.subject)}' is on "
+                "the denied entities list (entity_denied)."
+            )
             return _block(snapshot, ENTITY_DENIED, message, screening=None), None
         org = caller.org
         if org:
             entry = deny.get(org)
             if entry is not None and entry.active(now):
-                message = (f"Access{_to_model(model)} is not permitted: the organisation '{clip(org)}' is on "
-                           "the denied entities list (entity_denied).")
+                message = (
+                    f"Access{_to_model(model)} is not permitted: the organisation '{clip(org)}' is on "
+                    "the denied entities list (entity_denied)."
+                )
                 return _block(snapshot, ENTITY_DENIED, message, screening=None), None
     screening = snapshot.screening
     if screening is None or not (caller.org_name or caller.org):
@@ -197,8 +207,10 @@ def _entity_denied(
     if found["blocked"]:
         # The rule only: naming the listed entry or the score would let a denied party tune its name
         # until it scores below the threshold. The audit record keeps both.
-        message = (f"Access{_to_model(model)} is not permitted: the caller's organisation matches the "
-                   "denied-party screening list (entity_denied).")
+        message = (
+            f"Access{_to_model(model)} is not permitted: the caller's organisation matches the "
+            "denied-party screening list (entity_denied)."
+        )
         return _block(snapshot, ENTITY_DENIED, message, screening=found), found
     # A review-band hit does not block; it rides along for the audit record.
     return None, found
@@ -238,7 +250,7 @@ def path_model(method: str, path: str | None, rules: Rules) -> str | None:
         return None
     for base in rules.modelless_paths:
         if len(path) > len(base) + 1 and path.startswith(base) and path[len(base)] == "/":
-            name = path[len(base) + 1:]
+            name = path[len(base) + 1 :]
             return name if "/" not in name else None
     return None
 
@@ -249,25 +261,35 @@ def _canonical_name(name: str) -> bool:
 
 
 def _request_model(
-    snapshot: Snapshot, model: str | None, method: str, path: str, rules: Rules,
+    snapshot: Snapshot,
+    model: str | None,
+    method: str,
+    path: str,
+    rules: Rules,
     screening: dict[str, Any] | None,
 ) -> tuple[str | None, Decision | None]:
     """Row 3a: the model a proxied request is decided on, or the refusal; (None, None) for a modelless path."""
     named = path_model(method, path, rules)
     if named is not None:
         if not _canonical_name(named):
-            message = ("The request path could name a model in more than one way (encoded characters, a dot "
-                       "segment, a backslash or ';' parameters); send the canonical path (ambiguous_request).")
+            message = (
+                "The request path could name a model in more than one way (encoded characters, a dot "
+                "segment, a backslash or ';' parameters); send the canonical path (ambiguous_request)."
+            )
             return None, _block(snapshot, AMBIGUOUS_REQUEST, message, screening=screening)
         if model is not None and model != named:
-            message = (f"The request path names model '{clip(named)}' and the request names '{clip(model)}' "
-                       "(ambiguous_request).")
+            message = (
+                f"The request path names model '{clip(named)}' and the request names '{clip(model)}' "
+                "(ambiguous_request)."
+            )
             return None, _block(snapshot, AMBIGUOUS_REQUEST, message, screening=screening)
         return named, None
     if model is not None or (method in _MODELLESS_METHODS and path in rules.modelless_paths):
         return model, None
-    message = ("The request names no model. Name the model in the JSON body's 'model' field; only GET and HEAD "
-               "to " + ", ".join(sorted(rules.modelless_paths)) + " need none (model_required).")
+    message = (
+        "The request names no model. Name the model in the JSON body's 'model' field; only GET and HEAD "
+        "to " + ", ".join(sorted(rules.modelless_paths)) + " need none (model_required)."
+    )
     return None, _block(snapshot, MODEL_REQUIRED, message, screening=screening)
 
 
@@ -308,13 +330,17 @@ def decide(  # noqa: C901 - complexity 17, the most in its module: to be split
     entry = snapshot.models.get(model)
     if entry is None:
         if fold_model_name(model) in snapshot.folded_models:
-            message = (f"Model '{clip(model)}' is not registered, but a model that differs from it only in letter "
-                       "case, character width or surrounding spaces is, and a model server may read one as the "
-                       "other; send the registered name exactly (ambiguous_request).")
+            message = (
+                f"Model '{clip(model)}' is not registered, but a model that differs from it only in letter "
+                "case, character width or surrounding spaces is, and a model server may read one as the "
+                "other; send the registered name exactly (ambiguous_request)."
+            )
             return _block(snapshot, AMBIGUOUS_REQUEST, message, screening=screening)
         if rules.unknown_model != "allow":
-            message = (f"Model '{clip(model)}' is not in the gateway's model registry, and unregistered models "
-                       "are not served (model_unknown).")
+            message = (
+                f"Model '{clip(model)}' is not in the gateway's model registry, and unregistered models "
+                "are not served (model_unknown)."
+            )
             return _block(snapshot, MODEL_UNKNOWN, message, screening=screening)
         # With nothing registered there is no suspension, country set or stage to apply.
         return snapshot.allow if screening is None else _allow(snapshot, screening)
@@ -332,16 +358,20 @@ def decide(  # noqa: C901 - complexity 17, the most in its module: to be split
     stage = entry.current_stage(now)
     stages = rules.tier_stages.get(caller.tier)
     if stages is None or stage not in stages:
-        message = (f"Model '{clip(model)}' is not released to the '{clip(caller.tier)}' tier: its current stage is "
-                   f"'{stage}' (not_released).")
+        message = (
+            f"Model '{clip(model)}' is not released to the '{clip(caller.tier)}' tier: its current stage is "
+            f"'{stage}' (not_released)."
+        )
         return _block(snapshot, NOT_RELEASED, message, screening=screening)
     if stage == "partners" and "internal" not in stages:
         org = caller.org
         partner = snapshot.lists[PARTNERS].get(org) if org else None
         if partner is None or not partner.active(now):
             who = f"the organisation '{clip(org)}' is" if org else "the caller has no organisation, so it is"
-            message = (f"Model '{clip(model)}' is released to approved partners only, and {who} not on the "
-                       "partners list (partner_required).")
+            message = (
+                f"Model '{clip(model)}' is released to approved partners only, and {who} not on the "
+                "partners list (partner_required)."
+            )
             return _block(snapshot, PARTNER_REQUIRED, message, screening=screening)
     return snapshot.allow if screening is None else _allow(snapshot, screening)
 
@@ -356,18 +386,25 @@ def _suspended_message(model: str, outside: tuple[str, str], home: frozenset[str
     model = clip(model)
     homes = ", ".join(sorted(home)) or "no country"
     if code:
-        return (f"Access to model '{model}' from {_place(code)} is not permitted: the model's export is "
-                f"suspended and {code} is outside the home countries ({homes}) (export_suspended).")
-    return (f"Access to model '{model}' is not permitted: the model's export is suspended outside the home "
-            f"countries ({homes}) and the caller's country is unknown ({unknown}) (export_suspended).")
+        return (
+            f"Access to model '{model}' from {_place(code)} is not permitted: the model's export is "
+            f"suspended and {code} is outside the home countries ({homes}) (export_suspended)."
+        )
+    return (
+        f"Access to model '{model}' is not permitted: the model's export is suspended outside the home "
+        f"countries ({homes}) and the caller's country is unknown ({unknown}) (export_suspended)."
+    )
 
 
 def _restricted_message(model: str, outside: tuple[str, str]) -> str:
     code, unknown = outside
     model = clip(model)
     if code:
-        return (f"Access to model '{model}' from {_place(code)} is not permitted: {code} is outside the "
-                "model's allowed countries (export_restricted).")
-    return (f"Access to model '{model}' is not permitted: the model is limited to its allowed countries and "
-            f"the caller's country is unknown ({unknown}) (export_restricted).")
-
+        return (
+            f"Access to model '{model}' from {_place(code)} is not permitted: {code} is outside the "
+            "model's allowed countries (export_restricted)."
+        )
+    return (
+        f"Access to model '{model}' is not permitted: the model is limited to its allowed countries and "
+        f"the caller's country is unknown ({unknown}) (export_restricted)."
+    )

@@ -52,8 +52,15 @@ def _mapping(value: object, where: str, what: str = "an object") -> Mapping[str,
 
 
 def _type_name(value: object) -> str:
-    names = {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string",
-             list: "array", dict: "object"}
+    names = {
+        type(None): "null",
+        bool: "boolean",
+        int: "number",
+        float: "number",
+        str: "string",
+        list: "array",
+        dict: "object",
+    }
     return names.get(type(value), type(value).__name__)
 
 
@@ -139,8 +146,7 @@ def format_instant(ts: float) -> str:
     return _format_utc(datetime.fromtimestamp(ts, UTC))
 
 
-_INSTANT_FORM = ("an ISO-8601 date-time with a time zone, e.g. 2027-01-31T00:00:00Z "
-                 "or 2027-01-31T09:00:00+01:00")
+_INSTANT_FORM = "an ISO-8601 date-time with a time zone, e.g. 2027-01-31T00:00:00Z or 2027-01-31T09:00:00+01:00"
 
 
 def parse_instant(value: object, where: str) -> tuple[str, float]:
@@ -152,8 +158,9 @@ def parse_instant(value: object, where: str) -> tuple[str, float]:
     except ValueError:
         raise PolicyValidationError(where, f"{_shown(value)} is not {_INSTANT_FORM}") from None
     if moment.tzinfo is None or moment.utcoffset() is None:
-        raise PolicyValidationError(where, f"{_shown(value)} has no time zone; the accepted form is "
-                                    f"{_INSTANT_FORM} (add Z for UTC)")
+        raise PolicyValidationError(
+            where, f"{_shown(value)} has no time zone; the accepted form is {_INSTANT_FORM} (add Z for UTC)"
+        )
     try:
         return _format_utc(moment), moment.timestamp()
     except (OverflowError, ValueError):
@@ -174,8 +181,11 @@ def _future_expiry(value: object, where: str, now: float | None) -> str | None:
     """
     text, moment = optional_instant(value, where)
     if now is not None and moment is not None and moment <= now:
-        raise PolicyValidationError(where, f"{text} is not in the future (now is {format_instant(now)}); "
-                                    "give a later instant, or leave expires_at out for no expiry")
+        raise PolicyValidationError(
+            where,
+            f"{text} is not in the future (now is {format_instant(now)}); "
+            "give a later instant, or leave expires_at out for no expiry",
+        )
     return text
 
 
@@ -244,9 +254,7 @@ def validate_entry(
     ip_list = list_name == IP_RANGES
     allowed = _IP_ENTRY_FIELDS if ip_list else _ENTRY_FIELDS
     if not ip_list and "country" in data:
-        raise PolicyValidationError(
-            _join(where, "country"), f"only ip-ranges entries carry a country, not {list_name}"
-        )
+        raise PolicyValidationError(_join(where, "country"), f"only ip-ranges entries carry a country, not {list_name}")
     _no_unknown(data, allowed, where)
     stored: dict[str, Any] = {
         "reason": _text(data.get("reason"), _join(where, "reason"), required=True),
@@ -287,8 +295,9 @@ def validate_list(
         key = normalize_key(list_name, raw_key, where=path)
         if key in out:
             raise PolicyValidationError(path, f"duplicates the key {key!r} once normalised")
-        out[key] = validate_entry(list_name, key, body, actor=actor, now_iso=now_iso,
-                                  keep_meta=keep_meta, where=path, now=now)
+        out[key] = validate_entry(
+            list_name, key, body, actor=actor, now_iso=now_iso, keep_meta=keep_meta, where=path, now=now
+        )
     return out
 
 
@@ -310,9 +319,7 @@ def validate_model(name: object, body: object, *, where: str = "") -> dict[str, 
     if allowed is not None:
         path = _join(where, "allowed_countries")
         if not isinstance(allowed, list):
-            raise PolicyValidationError(
-                path, f"must be a list of country codes or null, got {_type_name(allowed)}"
-            )
+            raise PolicyValidationError(path, f"must be a list of country codes or null, got {_type_name(allowed)}")
         countries = sorted({region_code(code, f"{path}[{i}]") for i, code in enumerate(allowed)})
     suspended = data.get("export_suspended", False)
     return {
@@ -352,16 +359,18 @@ _KEY_REQUEST_FIELDS = frozenset({"subject", "org", "org_name", "country", "tier"
 _KEY_RECORD_FIELDS = _KEY_REQUEST_FIELDS | {"hash", "created_at", "created_by"}
 
 
-def _key_attributes(data: Mapping[str, Any], tiers: Collection[str], where: str,
-                    now: float | None = None) -> dict[str, Any]:
+def _key_attributes(
+    data: Mapping[str, Any], tiers: Collection[str], where: str, now: float | None = None
+) -> dict[str, Any]:
     for name in ("subject", "org", "country", "tier"):
         if data.get(name) is None:
             raise PolicyValidationError(_join(where, name), "is required")
     tier = data["tier"]
     if not isinstance(tier, str) or tier not in tiers:
         shown = _shown(tier) if isinstance(tier, str) else _type_name(tier)
-        raise PolicyValidationError(_join(where, "tier"), f"{shown} is not a tier; expected one of "
-                                    f"{', '.join(sorted(tiers))}")
+        raise PolicyValidationError(
+            _join(where, "tier"), f"{shown} is not a tier; expected one of {', '.join(sorted(tiers))}"
+        )
     org_name = data.get("org_name")
     return {
         "subject": _identifier(data["subject"], _join(where, "subject")),
@@ -398,12 +407,8 @@ def validate_api_key_record(
     record: dict[str, Any] = {"hash": _identifier(data["hash"], _join(where, "hash"), spaces=False)}
     record.update(_key_attributes(data, tiers, where))
     created_at, created_by = data.get("created_at"), data.get("created_by")
-    record["created_at"] = (
-        now_iso if created_at is None else parse_instant(created_at, _join(where, "created_at"))[0]
-    )
-    record["created_by"] = (
-        actor if created_by is None else _identifier(created_by, _join(where, "created_by"))
-    )
+    record["created_at"] = now_iso if created_at is None else parse_instant(created_at, _join(where, "created_at"))[0]
+    record["created_by"] = actor if created_by is None else _identifier(created_by, _join(where, "created_by"))
     return record
 
 
@@ -433,8 +438,9 @@ def validate_revocation(key_id: object, body: object, *, where: str) -> dict[str
 def missing_parts(document: Mapping[str, Any]) -> list[str]:
     """The parts of :data:`WHOLE_POLICY_PARTS` a (validated) document leaves out."""
     lists = document.get("lists") or {}
-    present = {f"lists.{name}" for name in lists} | {name for name in ("models", "api_keys", "screening")
-                                                       if name in document}
+    present = {f"lists.{name}" for name in lists} | {
+        name for name in ("models", "api_keys", "screening") if name in document
+    }
     return [part for part in WHOLE_POLICY_PARTS if part not in present]
 
 
@@ -462,22 +468,19 @@ def validate_policy_document(
                 raise PolicyValidationError(
                     f"lists.{list_name}", f"unknown list; expected one of {', '.join(LIST_NAMES)}"
                 )
-            out["lists"][list_name] = validate_list(list_name, entries, actor=actor, now_iso=now_iso,
-                                                    keep_meta=True, where=f"lists.{list_name}")
+            out["lists"][list_name] = validate_list(
+                list_name, entries, actor=actor, now_iso=now_iso, keep_meta=True, where=f"lists.{list_name}"
+            )
     if "models" in data:
         models = _mapping(data["models"], "models", "an object of model name: model")
-        out["models"] = {
-            name: validate_model(name, body, where=f"models.{name}") for name, body in models.items()
-        }
+        out["models"] = {name: validate_model(name, body, where=f"models.{name}") for name, body in models.items()}
     if "api_keys" in data:
         keys = _mapping(data["api_keys"], "api_keys", "an object of key id: key")
         out["api_keys"] = {}
         hashes: dict[str, str] = {}
         for key_id, body in keys.items():
             path = f"api_keys.{key_id}"
-            record = validate_api_key_record(
-                key_id, body, tiers=tiers, actor=actor, now_iso=now_iso, where=path
-            )
+            record = validate_api_key_record(key_id, body, tiers=tiers, actor=actor, now_iso=now_iso, where=path)
             if record["hash"] in hashes:
                 other = hashes[record["hash"]]
                 raise PolicyValidationError(f"{path}.hash", f"is also the hash of key {other!r}")
@@ -488,8 +491,10 @@ def validate_policy_document(
         out["screening"] = dict(screening)
     if "revoked_api_keys" in data:
         revoked = _mapping(data["revoked_api_keys"], "revoked_api_keys", "an object of key id: revocation")
-        out["revoked_api_keys"] = {key_id: validate_revocation(key_id, body, where=f"revoked_api_keys.{key_id}")
-                                   for key_id, body in revoked.items()}
+        out["revoked_api_keys"] = {
+            key_id: validate_revocation(key_id, body, where=f"revoked_api_keys.{key_id}")
+            for key_id, body in revoked.items()
+        }
         for key_id in out.get("api_keys", {}):
             if key_id in out["revoked_api_keys"]:
                 raise PolicyValidationError(f"api_keys.{key_id}", "is also listed in revoked_api_keys")
@@ -561,8 +566,7 @@ def _keyed_diff(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str
     return {
         "added": sorted(set(after) - set(before)),
         "removed": sorted(set(before) - set(after)),
-        "changed": sorted(key for key in set(before) & set(after)
-                          if _content(before[key]) != _content(after[key])),
+        "changed": sorted(key for key in set(before) & set(after) if _content(before[key]) != _content(after[key])),
     }
 
 
@@ -583,29 +587,37 @@ def policy_diff(current: Mapping[str, Any], incoming: Mapping[str, Any]) -> dict
         out["screening"] = {"before": len(before), "after": len(after), "changed": before != after}
     if incoming.get("revoked_api_keys"):
         held = current.get("revoked_api_keys") or {}
-        out["revoked_api_keys"] = {"added": sorted(set(incoming["revoked_api_keys"]) - set(held)),
-                                   "removed": [], "changed": []}
+        out["revoked_api_keys"] = {
+            "added": sorted(set(incoming["revoked_api_keys"]) - set(held)),
+            "removed": [],
+            "changed": [],
+        }
     return out
 
 
 # --------------------------------------------------------------------------- risky-but-valid writes
 
 
-def entry_warnings(list_name: str, key: str, *, home_countries: Collection[str],
-                   partners: Collection[str]) -> list[str]:
+def entry_warnings(
+    list_name: str, key: str, *, home_countries: Collection[str], partners: Collection[str]
+) -> list[str]:
     """Why a valid list entry may still be a mistake: a home country denied, an ip-ranges entry wider
     than /8 (IPv4) or /32 (IPv6), a denied entity that is a current partner. Empty when none."""
     if list_name == DENY_COUNTRIES:
         country = key.split("-", 1)[0]
         if key in home_countries or country in home_countries:
-            return [f"deny-countries {key}: denies a home country (network.home_countries: "
-                    f"{', '.join(sorted(home_countries))}); callers there are refused every model"]
+            return [
+                f"deny-countries {key}: denies a home country (network.home_countries: "
+                f"{', '.join(sorted(home_countries))}); callers there are refused every model"
+            ]
     elif list_name == IP_RANGES:
         network = ipaddress.ip_network(key, strict=False)
         widest = 8 if network.version == 4 else 32
         if network.prefixlen < widest:
-            return [f"ip-ranges {key}: wider than /{widest}; it places {network.num_addresses:,} "
-                    "addresses in one country over the GeoIP database"]
+            return [
+                f"ip-ranges {key}: wider than /{widest}; it places {network.num_addresses:,} "
+                "addresses in one country over the GeoIP database"
+            ]
     elif list_name == DENY_ENTITIES and key in partners:
         return [f"deny-entities {key}: is also a current partner; the deny entry wins"]
     return []
@@ -614,13 +626,15 @@ def entry_warnings(list_name: str, key: str, *, home_countries: Collection[str],
 def model_warnings(name: str, model: Mapping[str, Any]) -> list[str]:
     """Why a valid model may still be a mistake: an empty ``allowed_countries`` serves nobody."""
     if model.get("allowed_countries") == []:
-        return [f"models {name}: allowed_countries is empty; no caller in any country may use it "
-                "(null means any country)"]
+        return [
+            f"models {name}: allowed_countries is empty; no caller in any country may use it (null means any country)"
+        ]
     return []
 
 
-def document_warnings(document: Mapping[str, Any], *, home_countries: Collection[str],
-                      partners: Collection[str]) -> list[str]:
+def document_warnings(
+    document: Mapping[str, Any], *, home_countries: Collection[str], partners: Collection[str]
+) -> list[str]:
     """:func:`entry_warnings` and :func:`model_warnings` over a validated policy document; the
     partners are the document's own when it carries them, else ``partners``."""
     lists = document.get("lists") or {}
@@ -632,4 +646,3 @@ def document_warnings(document: Mapping[str, Any], *, home_countries: Collection
     for name, model in (document.get("models") or {}).items():
         warnings += model_warnings(name, model)
     return warnings
-

@@ -114,8 +114,16 @@ def entry_from_dict(list_name: str, key: str, d: Mapping[str, Any]) -> Entry:
     country = None
     if list_name == IP_RANGES:
         country = region_code(d.get("country"), f"lists.{list_name}.{key}.country")
-    return Entry(key, str(d.get("reason") or ""), str(d.get("source") or ""), str(d.get("added_by") or ""),
-                 str(d.get("added_at") or ""), expires_at, expires_ts, country)
+    return Entry(
+        key,
+        str(d.get("reason") or ""),
+        str(d.get("source") or ""),
+        str(d.get("added_by") or ""),
+        str(d.get("added_at") or ""),
+        expires_at,
+        expires_ts,
+        country,
+    )
 
 
 def entry_to_dict(e: Entry) -> dict[str, Any]:
@@ -250,12 +258,16 @@ def build_snapshot(
             key = api_key_from_dict(key_id, d)
             built[key.key_hash] = key
         keys = MappingProxyType(built)
-    active_ranges = [entry for entry in typed_lists[IP_RANGES].values()
-                     if entry.country is not None and entry.active(loaded_at)]
+    active_ranges = [
+        entry for entry in typed_lists[IP_RANGES].values() if entry.country is not None and entry.active(loaded_at)
+    ]
     ip_ranges = {entry.key: entry.country for entry in active_ranges if entry.country is not None}
     expiries = [entry.expires_ts for entry in active_ranges if entry.expires_ts is not None]
-    typed_models = (reuse.models if reuse is not None and "models" in unchanged else
-                    MappingProxyType({name: model_from_dict(name, d) for name, d in models.items()}))
+    typed_models = (
+        reuse.models
+        if reuse is not None and "models" in unchanged
+        else MappingProxyType({name: model_from_dict(name, d) for name, d in models.items()})
+    )
     return Snapshot(
         version=version,
         generation=generation,
@@ -274,12 +286,8 @@ def policy_document(snapshot: Snapshot) -> dict[str, Any]:
     return {
         "version": snapshot.version,
         "lists": {
-            name: {key: entry_to_dict(e) for key, e in sorted(snapshot.lists[name].items())}
-            for name in LIST_NAMES
+            name: {key: entry_to_dict(e) for key, e in sorted(snapshot.lists[name].items())} for name in LIST_NAMES
         },
         "models": {name: model_to_dict(m) for name, m in sorted(snapshot.models.items())},
-        "api_keys": {
-            k.id: api_key_to_dict(k) for k in sorted(snapshot.api_keys.values(), key=lambda k: k.id)
-        },
+        "api_keys": {k.id: api_key_to_dict(k) for k in sorted(snapshot.api_keys.values(), key=lambda k: k.id)},
     }
-

@@ -20,8 +20,9 @@ from .scripts import Scripts
 class AuditStream(Scripts):
     """Appends to and reads of ``gw:audit``; the append runs ``audit.lua`` over redis-py with its own deadline."""
 
-    async def append_audit(self, producer: str, records: Sequence[tuple[int, bytes]], *, maxlen: int,
-                           timeout_s: float | None = None) -> int:
+    async def append_audit(
+        self, producer: str, records: Sequence[tuple[int, bytes]], *, maxlen: int, timeout_s: float | None = None
+    ) -> int:
         """Append ``(sequence, record JSON)`` pairs in ascending order; returns how many were new."""
         if not records:
             return 0

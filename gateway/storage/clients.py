@@ -56,13 +56,20 @@ def build_client(url: str, *, password: str | None, tls: Mapping[str, Any] | Non
             sentinel_kwargs["password"] = query["sentinel_password"][0]
         # SentinelConnectionPool asks the Sentinels for the primary on every new connection,
         # so a connection lost in a failover is re-made to the promoted replica.
-        sentinel = Sentinel(_hosts(parsed.netloc), sentinel_kwargs=sentinel_kwargs,
-                            password=password, **tls_kwargs)
-        return sentinel.master_for(parsed.path.strip("/") or "mymaster", socket_timeout=None,
-                                   socket_connect_timeout=2.0, retry_on_timeout=False)
+        sentinel = Sentinel(_hosts(parsed.netloc), sentinel_kwargs=sentinel_kwargs, password=password, **tls_kwargs)
+        return sentinel.master_for(
+            parsed.path.strip("/") or "mymaster",
+            socket_timeout=None,
+            socket_connect_timeout=2.0,
+            retry_on_timeout=False,
+        )
     if scheme in ("redis+cluster", "rediss+cluster"):
-        return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in _hosts(parsed.netloc)],
-                            password=password, socket_connect_timeout=2.0, **tls_kwargs)
+        return RedisCluster(
+            startup_nodes=[ClusterNode(h, p) for h, p in _hosts(parsed.netloc)],
+            password=password,
+            socket_connect_timeout=2.0,
+            **tls_kwargs,
+        )
     kwargs: dict[str, Any] = {"socket_connect_timeout": 2.0, "health_check_interval": 0}
     if password:
         kwargs["password"] = password
@@ -74,8 +81,9 @@ def build_client(url: str, *, password: str | None, tls: Mapping[str, Any] | Non
 class RedisAccess:
     """One redis-py client, the store's deadlines, and the failure accounting every part of the store shares."""
 
-    def __init__(self, client: Any, *, timeout_s: float, load_timeout_s: float | None = None,
-                 policy_timeout_s: float = 2.0) -> None:
+    def __init__(
+        self, client: Any, *, timeout_s: float, load_timeout_s: float | None = None, policy_timeout_s: float = 2.0
+    ) -> None:
         self.client = client
         self.timeout_s = timeout_s  # the hot path's: a request's whole wait on Redis
         # Policy polls are off the hot path: a Redis slower than timeout_s still confirms the policy,
@@ -114,8 +122,7 @@ class RedisAccess:
         now = asyncio.get_running_loop().time()
         self._unlogged_failures += 1
         if now - self._last_failure_log >= 1.0:
-            log.warning("%s (%d hot-path Redis failures since the last such line)",
-                        message, self._unlogged_failures)
+            log.warning("%s (%d hot-path Redis failures since the last such line)", message, self._unlogged_failures)
             self._unlogged_failures = 0
             self._last_failure_log = now
 

@@ -36,6 +36,7 @@ class KeyRevoked(Exception):
         self.key_id = key_id
         self.revoked = dict(revoked)
 
+
 # --- write operations -------------------------------------------------------------------------
 
 

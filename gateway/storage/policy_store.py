@@ -121,7 +121,8 @@ class PolicyStore(RedisAccess):
     async def read_version(self) -> tuple[int | None, str | None]:
         """(version, generation); version None means Redis holds no policy."""
         version, generation = await self._bounded(
-            "poll", self.client.mget([VERSION_KEY, GENERATION_KEY]), self.policy_timeout_s)
+            "poll", self.client.mget([VERSION_KEY, GENERATION_KEY]), self.policy_timeout_s
+        )
         if version is None:
             return None, None
         return int(version), (generation or b"").decode()
@@ -158,17 +159,19 @@ class PolicyStore(RedisAccess):
                 return list(await pipe.execute())
 
             version, generation, screening_rev, raw_revs, *rest = await self._bounded(
-                "load", load(), self.load_timeout_s)
+                "load", load(), self.load_timeout_s
+            )
             if version is None:
                 return None
-            touched = dict(zip(recorded, rest[:len(recorded)], strict=True))
-            hashes = rest[len(recorded):len(recorded) + len(parts)]
-            values = rest[len(recorded) + len(parts):]
+            touched = dict(zip(recorded, rest[: len(recorded)], strict=True))
+            hashes = rest[len(recorded) : len(recorded) + len(parts)]
+            values = rest[len(recorded) + len(parts) :]
             version_n, generation_s = int(version), (generation or b"").decode()
             revs = _revisions(raw_revs, version_n)
             need_full, need_fields = _read_plan(known, generation_s, version_n, revs, touched)
-            if need_full <= full and all(name in full or keys <= fields.get(name, set())
-                                         for name, keys in need_fields.items()):
+            if need_full <= full and all(
+                name in full or keys <= fields.get(name, set()) for name, keys in need_fields.items()
+            ):
                 break
             if attempt < MAX_INCREMENTAL_TRIES - 1:
                 full |= need_full
@@ -179,16 +182,26 @@ class PolicyStore(RedisAccess):
         raw = dict(zip(parts, hashes, strict=True))
         # Deny lists stay as Redis returned them (bytes keys, JSON values): the snapshot decodes and
         # parses an entry when a decision first consults it.
-        lists: dict[str, Any] = {name: (raw[name] if name in LAZY_LISTS else _decode_hash(raw[name]))
-                                 for name in LIST_NAMES if name in raw}
-        deltas = {name: _decode_entries(name, keys, found)
-                  for (name, keys), found in zip(entries.items(), values, strict=True) if name in need_fields}
+        lists: dict[str, Any] = {
+            name: (raw[name] if name in LAZY_LISTS else _decode_hash(raw[name])) for name in LIST_NAMES if name in raw
+        }
+        deltas = {
+            name: _decode_entries(name, keys, found)
+            for (name, keys), found in zip(entries.items(), values, strict=True)
+            if name in need_fields
+        }
         read = frozenset(parts) | frozenset(deltas)
-        return PolicyData(version=version_n, generation=generation_s, lists=lists,
-                          models=_decode_hash(raw.get(MODELS_PART, {})),
-                          api_keys=_decode_hash(raw.get(APIKEYS_PART, {})),
-                          screening_rev=int(screening_rev or 0), revs=revs,
-                          unchanged=frozenset(POLICY_PARTS) - read, deltas=deltas)
+        return PolicyData(
+            version=version_n,
+            generation=generation_s,
+            lists=lists,
+            models=_decode_hash(raw.get(MODELS_PART, {})),
+            api_keys=_decode_hash(raw.get(APIKEYS_PART, {})),
+            screening_rev=int(screening_rev or 0),
+            revs=revs,
+            unchanged=frozenset(POLICY_PARTS) - read,
+            deltas=deltas,
+        )
 
     async def load_screening(self) -> list[dict[str, Any]]:
         raw = await self._bounded("load", self.client.get(SCREENING_KEY), self.load_timeout_s)
@@ -196,8 +209,9 @@ class PolicyStore(RedisAccess):
 
     # --- policy writes --------------------------------------------------------------------
 
-    async def write(self, ops: OpsPlan, *, actor: str, now_iso: str, target: str,
-                    import_whole: bool = False) -> tuple[int, Change]:
+    async def write(
+        self, ops: OpsPlan, *, actor: str, now_iso: str, target: str, import_whole: bool = False
+    ) -> tuple[int, Change]:
         """Apply ``ops`` and bump the version in one transaction; publish the new version.
 
         Without ``import_whole`` a Redis with no policy refuses the write (PolicyMissing); with it,
@@ -222,9 +236,19 @@ class PolicyStore(RedisAccess):
                     if version is not None:
                         break
                     pending = False  # it did not land (or was lost): apply it again
-                await self._bounded("write", self._write_once(
-                    ops, actor=actor, now_iso=now_iso, target=target, import_whole=import_whole,
-                    write_id=write_id, changes=changes), self.load_timeout_s)
+                await self._bounded(
+                    "write",
+                    self._write_once(
+                        ops,
+                        actor=actor,
+                        now_iso=now_iso,
+                        target=target,
+                        import_whole=import_whole,
+                        write_id=write_id,
+                        changes=changes,
+                    ),
+                    self.load_timeout_s,
+                )
                 pending = True  # acknowledged; confirmed by the read-back at the top of the loop
             except WatchError:
                 conflicts += 1
@@ -246,8 +270,17 @@ class PolicyStore(RedisAccess):
         raw = await self._bounded("write", self.client.get(WRITE_MARK_PREFIX + write_id), self.load_timeout_s)
         return None if raw is None else int(raw)
 
-    async def _write_once(self, plan: OpsPlan, *, actor: str, now_iso: str, target: str,  # noqa: C901 - complexity 16, the most in its module: to be split
-                          import_whole: bool, write_id: str, changes: list[Change]) -> None:
+    async def _write_once(  # noqa: C901 - complexity 16, the most in its module: to be split
+        self,
+        plan: OpsPlan,
+        *,
+        actor: str,
+        now_iso: str,
+        target: str,
+        import_whole: bool,
+        write_id: str,
+        changes: list[Change],
+    ) -> None:
         async with self.client.pipeline(transaction=True) as pipe:
             await pipe.watch(VERSION_KEY)
             current = await pipe.get(VERSION_KEY)
@@ -303,13 +336,14 @@ class PolicyStore(RedisAccess):
             if screening_changed:
                 pipe.set(SCREENING_REV_KEY, new_version)
             touched = {part for part in map(_part_of, ops) if part is not None}
-            pipe.hset(REVS_KEY, mapping={part: new_version for part in (touched if trusted else POLICY_PARTS)}
-                      | {floor_field(name): floor for name, floor in floors.items()}
-                      | {REVS_AT: new_version, DELTA_AT: new_version})
-            change = Change(actor=actor, time=now_iso, target=target, before=before, after=after,
-                            version=new_version)
-            pipe.xadd(CHANGES_KEY, {"c": orjson.dumps(_change_dict(change))},
-                      maxlen=CHANGES_MAXLEN, approximate=True)
+            pipe.hset(
+                REVS_KEY,
+                mapping={part: new_version for part in (touched if trusted else POLICY_PARTS)}
+                | {floor_field(name): floor for name, floor in floors.items()}
+                | {REVS_AT: new_version, DELTA_AT: new_version},
+            )
+            change = Change(actor=actor, time=now_iso, target=target, before=before, after=after, version=new_version)
+            pipe.xadd(CHANGES_KEY, {"c": orjson.dumps(_change_dict(change))}, maxlen=CHANGES_MAXLEN, approximate=True)
             pipe.set(WRITE_MARK_PREFIX + write_id, new_version, ex=WRITE_MARK_TTL_S)
             changes.append(change)
             await pipe.execute()
@@ -347,8 +381,7 @@ class PolicyStore(RedisAccess):
             log.warning("policy version %s written but not announced", version)
 
     async def read_changes(self, limit: int) -> list[dict[str, Any]]:
-        raw = await self._bounded("changes", self.client.xrevrange(CHANGES_KEY, count=limit),
-                                  self.load_timeout_s)
+        raw = await self._bounded("changes", self.client.xrevrange(CHANGES_KEY, count=limit), self.load_timeout_s)
         return [orjson.loads(fields[b"c"]) for _id, fields in raw]
 
     async def policy_exists(self) -> bool:
@@ -364,6 +397,7 @@ class PolicyStore(RedisAccess):
         read, which leaves the large screening list to its own revision check) the
         screening entries belong to the same transaction, so an export is one version.
         """
+
         async def load() -> list[Any]:
             pipe = self.client.pipeline(transaction=True)
             _queue_policy_reads(pipe)
@@ -372,13 +406,20 @@ class PolicyStore(RedisAccess):
             return list(await pipe.execute())
 
         version, generation, screening_rev, *hashes, revoked, screening = await self._bounded(
-            "admin", load(), self.load_timeout_s)
+            "admin", load(), self.load_timeout_s
+        )
         if version is None:
             return None
         lists = {name: _decode_hash(raw) for name, raw in zip(LIST_NAMES, hashes[:4], strict=True)}
-        data = PolicyData(version=int(version), generation=(generation or b"").decode(), lists=lists,
-                          models=_decode_hash(hashes[4]), api_keys=_decode_hash(hashes[5]),
-                          screening_rev=int(screening_rev or 0), revoked=_decode_hash(revoked))
+        data = PolicyData(
+            version=int(version),
+            generation=(generation or b"").decode(),
+            lists=lists,
+            models=_decode_hash(hashes[4]),
+            api_keys=_decode_hash(hashes[5]),
+            screening_rev=int(screening_rev or 0),
+            revoked=_decode_hash(revoked),
+        )
         return data, list(orjson.loads(screening)) if screening else []
 
     async def read_hash(self, key: str) -> tuple[int, dict[str, dict[str, Any]]] | None:
@@ -386,6 +427,7 @@ class PolicyStore(RedisAccess):
 
         None when Redis holds no policy.
         """
+
         async def load() -> list[Any]:
             pipe = self.client.pipeline(transaction=True)
             pipe.get(VERSION_KEY)
@@ -426,8 +468,9 @@ def _part_of(op: Op) -> str | None:
     return PART_OF_KEY.get(getattr(op, "key", ""))
 
 
-async def _touched_trims(pipe: Any, ops: Sequence[Op], revs: Mapping[str, int],
-                         new_version: int) -> dict[str, tuple[int, int]]:
+async def _touched_trims(
+    pipe: Any, ops: Sequence[Op], revs: Mapping[str, int], new_version: int
+) -> dict[str, tuple[int, int]]:
     """Lists whose change records need a new floor, with the last rank to trim (oldest first; -1:
     none) and that floor: records that would pass ``TOUCHED_CAP`` are trimmed to the highest
     version trimmed; records that are gone though the list changed since its floor (deleted by
@@ -459,8 +502,13 @@ def _revisions(raw: Mapping[bytes, bytes], version: int) -> dict[str, int]:
     return revs
 
 
-def _read_plan(known: KnownRevisions | None, generation: str, version: int, revs: Mapping[str, int],
-               touched: Mapping[str, list[bytes]]) -> tuple[set[str], dict[str, set[bytes]]]:
+def _read_plan(
+    known: KnownRevisions | None,
+    generation: str,
+    version: int,
+    revs: Mapping[str, int],
+    touched: Mapping[str, list[bytes]],
+) -> tuple[set[str], dict[str, set[bytes]]]:
     """What a reader holding ``known`` must read to be at ``version``: parts to read whole, and for
     lists whose change records (``touched``: entry keys scored above the reader's revision) cover
     the span, the entry keys to read."""
@@ -469,8 +517,7 @@ def _read_plan(known: KnownRevisions | None, generation: str, version: int, revs
     held_version = known.revs.get(REVS_AT)
     # Entry by entry only forwards, from a copy no older than a list's floor, with records kept by
     # every write since (a writer that keeps none leaves ``delta_at`` behind).
-    records_usable = (revs.get(DELTA_AT) == version and held_version is not None
-                      and held_version < version)
+    records_usable = revs.get(DELTA_AT) == version and held_version is not None and held_version < version
     full: set[str] = set()
     entries: dict[str, set[bytes]] = {}
     for part in POLICY_PARTS:
@@ -480,8 +527,15 @@ def _read_plan(known: KnownRevisions | None, generation: str, version: int, revs
         floor = revs.get(floor_field(part))
         records = touched.get(part, [])
         # A list that changed has records (the writes keep them); none means they were lost.
-        if (records_usable and records and held is not None and held < now
-                and floor is not None and floor <= held_version):  # type: ignore[operator]
+        if (
+            records_usable
+            and records
+            and held is not None
+            and held < now
+            and floor is not None
+            and held_version is not None  # implied by records_usable; said again for the type checker
+            and floor <= held_version
+        ):
             entries[part] = set(records)
         else:
             full.add(part)
@@ -492,8 +546,10 @@ def _decode_entries(name: str, keys: Sequence[bytes], values: Sequence[bytes | N
     """HMGET results as a list's entries (None: deleted), decoded as :meth:`Store.load_policy` decodes lists."""
     if name in LAZY_LISTS:
         return dict(zip(keys, values, strict=True))
-    return {key.decode(): (orjson.loads(value) if value is not None else None)
-            for key, value in zip(keys, values, strict=True)}
+    return {
+        key.decode(): (orjson.loads(value) if value is not None else None)
+        for key, value in zip(keys, values, strict=True)
+    }
 
 
 def _queue_policy_reads(pipe: Any) -> None:
@@ -519,9 +575,15 @@ def _strip_prefix(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def _change_dict(change: Change) -> dict[str, Any]:
-    return {"actor": change.actor, "time": change.time, "target": change.target,
-            "before": change.before, "after": change.after, "version": change.version,
-            **change.extra}
+    return {
+        "actor": change.actor,
+        "time": change.time,
+        "target": change.target,
+        "before": change.before,
+        "after": change.after,
+        "version": change.version,
+        **change.extra,
+    }
 
 
 def _missing_parts(ops: Sequence[Op]) -> list[str]:
@@ -555,8 +617,13 @@ async def _resolve(pipe: Any, ops: Sequence[Op]) -> list[PlainOp]:
             if raw is None:
                 raise NotFound(op.key_id)
             record = orjson.loads(raw)
-            revocation = {"hash": record.get("hash"), "subject": record.get("subject"),
-                          "org": record.get("org"), "revoked_at": op.revoked_at, "revoked_by": op.revoked_by}
+            revocation = {
+                "hash": record.get("hash"),
+                "subject": record.get("subject"),
+                "org": record.get("org"),
+                "revoked_at": op.revoked_at,
+                "revoked_by": op.revoked_by,
+            }
             out += [HashDelete(APIKEYS_KEY, op.key_id), HashSet(REVOKED_KEY, op.key_id, revocation)]
         elif isinstance(op, RevocationsMerge):
             held = await held_revocations()
@@ -571,8 +638,9 @@ async def _resolve(pipe: Any, ops: Sequence[Op]) -> list[PlainOp]:
         else:
             out.append(op)
     writes = [(op.field, op.value) for op in out if isinstance(op, HashSet) and op.key == APIKEYS_KEY]
-    writes += [item for op in out if isinstance(op, HashReplace) and op.key == APIKEYS_KEY
-               for item in op.values.items()]
+    writes += [
+        item for op in out if isinstance(op, HashReplace) and op.key == APIKEYS_KEY for item in op.values.items()
+    ]
     if writes:
         held = await held_revocations()
         by_hash = {record.get("hash"): key_id for key_id, record in held.items() if record.get("hash")}

@@ -128,8 +128,7 @@ class RedisPyTransport:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _execute(self, batch: list[tuple[str, Sequence[str], Sequence[Any],
-                                               asyncio.Future[Any]]]) -> None:
+    async def _execute(self, batch: list[tuple[str, Sequence[str], Sequence[Any], asyncio.Future[Any]]]) -> None:
         try:
             results = await self._pipeline_scripts(batch)
         except Exception as exc:  # every waiter must learn the outcome
@@ -152,8 +151,7 @@ class RedisPyTransport:
             else:
                 future.set_result(result)
 
-    async def _pipeline_scripts(self, batch: Sequence[tuple[str, Sequence[str], Sequence[Any], Any]]
-                                ) -> list[Any]:
+    async def _pipeline_scripts(self, batch: Sequence[tuple[str, Sequence[str], Sequence[Any], Any]]) -> list[Any]:
         owner = self.owner
         for attempt in range(2):
             pipe = owner.client.pipeline(transaction=False)
@@ -179,17 +177,24 @@ class RedisPyTransport:
 class Scripts(RedisAccess):
     """The store's script calls; the transport is chosen here, once, from whether a lean wire was given."""
 
-    def __init__(self, client: Any, *, timeout_s: float, load_timeout_s: float | None = None,
-                 policy_timeout_s: float = 2.0, wire: RespConnection | None = None) -> None:
-        super().__init__(client, timeout_s=timeout_s, load_timeout_s=load_timeout_s,
-                         policy_timeout_s=policy_timeout_s)
+    def __init__(
+        self,
+        client: Any,
+        *,
+        timeout_s: float,
+        load_timeout_s: float | None = None,
+        policy_timeout_s: float = 2.0,
+        wire: RespConnection | None = None,
+    ) -> None:
+        super().__init__(client, timeout_s=timeout_s, load_timeout_s=load_timeout_s, policy_timeout_s=policy_timeout_s)
         self._scripts: dict[str, tuple[str, str]] = {}
         # The lean connection, when the script calls use it (standalone Redis only).
         self.wire = wire
         self._transport: ScriptTransport = WireTransport(wire, self) if wire is not None else RedisPyTransport(self)
 
-    async def run_script(self, name: str, keys: Sequence[str], args: Sequence[Any], *,
-                         timeout_s: float | None = None) -> Any:
+    async def run_script(
+        self, name: str, keys: Sequence[str], args: Sequence[Any], *, timeout_s: float | None = None
+    ) -> Any:
         """EVALSHA of ``gateway/lua/<name>.lua``; calls made in the same loop tick share one write.
 
         ``timeout_s``: what is left of the calling request's wait on Redis, when less than

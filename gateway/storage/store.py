@@ -25,9 +25,17 @@ class Store(PolicyStore, AuditStream):
     """
 
     @classmethod
-    def from_url(cls, url: str, *, timeout_s: float, password: str | None = None,
-                 tls: Mapping[str, Any] | None = None, policy_timeout_s: float = 2.0,
-                 lean_wire: bool = False, ssl_context: Callable[[], ssl.SSLContext] | None = None) -> Store:
+    def from_url(
+        cls,
+        url: str,
+        *,
+        timeout_s: float,
+        password: str | None = None,
+        tls: Mapping[str, Any] | None = None,
+        policy_timeout_s: float = 2.0,
+        lean_wire: bool = False,
+        ssl_context: Callable[[], ssl.SSLContext] | None = None,
+    ) -> Store:
         """A store on ``redis://``, ``rediss://``, ``unix://``, Sentinel or Cluster URLs (see README).
 
         ``lean_wire``: send the hot path's script calls over a lean RESP connection the store owns
@@ -38,5 +46,9 @@ class Store(PolicyStore, AuditStream):
         if lean_wire and url.startswith(WIRE_SCHEMES):
             context = ssl_context() if ssl_context is not None and url.startswith("rediss://") else None
             wire = RespConnection(url, deadline_s=timeout_s, password=password, ssl_context=context)
-        return cls(build_client(url, password=password, tls=tls), timeout_s=timeout_s,
-                   policy_timeout_s=policy_timeout_s, wire=wire)
+        return cls(
+            build_client(url, password=password, tls=tls),
+            timeout_s=timeout_s,
+            policy_timeout_s=policy_timeout_s,
+            wire=wire,
+        )

@@ -177,8 +177,9 @@ class RespConnection:
     no timer of their own.
     """
 
-    def __init__(self, url: str, *, deadline_s: float, password: str | None = None,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, url: str, *, deadline_s: float, password: str | None = None, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
         parsed = urlparse(url)
         self.unix_path = unquote(parsed.path) if parsed.scheme == "unix" else None
         self.host = parsed.hostname or "127.0.0.1"
@@ -200,14 +201,17 @@ class RespConnection:
         async with asyncio.timeout(self.connect_timeout_s):
             if self.unix_path:
                 _transport, protocol = await loop.create_unix_connection(
-                    lambda: _Protocol(self.deadline_s), self.unix_path)
+                    lambda: _Protocol(self.deadline_s), self.unix_path
+                )
             else:
                 _transport, protocol = await loop.create_connection(
-                    lambda: _Protocol(self.deadline_s), self.host, self.port, ssl=self.ssl)
+                    lambda: _Protocol(self.deadline_s), self.host, self.port, ssl=self.ssl
+                )
             handshake: list[bytes] = []
             if self.password:
-                handshake.append(pack("AUTH", self.username, self.password) if self.username
-                                 else pack("AUTH", self.password))
+                handshake.append(
+                    pack("AUTH", self.username, self.password) if self.username else pack("AUTH", self.password)
+                )
             if self.db:
                 handshake.append(pack("SELECT", self.db))
             for command in handshake:

@@ -102,7 +102,11 @@ class FaultProxy:
         root = Path(__file__).resolve().parent.parent.parent
         self._process = subprocess.Popen(
             [sys.executable, "-m", "tests.support.faultproxy", str(self.target_port), str(self.port)],
-            cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            cwd=root,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert self._process.stdout is not None and self._process.stdout.readline().strip() == "ready"
         self._control = self._process
         return self
@@ -142,7 +146,6 @@ def _reset(writer: asyncio.StreamWriter) -> None:
     except OSError:
         pass
     writer.transport.abort()
-
 
 
 def _serve(target_port: int, port: int) -> None:

@@ -32,8 +32,7 @@ BASE_POLICY: dict[str, Any] = {
         "ip-ranges": {},
     },
     "models": {
-        "gpt-mock": {"stage": "general", "timeline": [], "allowed_countries": None,
-                     "export_suspended": False},
+        "gpt-mock": {"stage": "general", "timeline": [], "allowed_countries": None, "export_suspended": False},
     },
 }
 
@@ -64,8 +63,15 @@ def gateway_config(upstream_url: str, **sections: Any) -> dict[str, Any]:
 class GatewayProcess:
     """``python -m gateway serve`` as a child process with a config file of the test's own."""
 
-    def __init__(self, config: dict[str, Any], *, redis_url: str | None, workers: int = 1,
-                 env: dict[str, str] | None = None, bootstrap: Path | None = None) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        *,
+        redis_url: str | None,
+        workers: int = 1,
+        env: dict[str, str] | None = None,
+        bootstrap: Path | None = None,
+    ) -> None:
         self.config = config
         if redis_url is not None:
             self.config.setdefault("redis", {})["url"] = redis_url
@@ -74,8 +80,7 @@ class GatewayProcess:
         self.config.setdefault("audit", {}).setdefault("spool_dir", str(self.dir / "spool"))
         self.config_path = self.dir / "config.yaml"
         self.config_path.write_text(yaml.safe_dump(self.config))
-        self.env = {**os.environ, "TEST_HS256_SECRET": HS_SECRET, "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN,
-                    **(env or {})}
+        self.env = {**os.environ, "TEST_HS256_SECRET": HS_SECRET, "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN, **(env or {})}
         self.bootstrap = bootstrap
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.dir / "gateway.log"
@@ -89,13 +94,22 @@ class GatewayProcess:
         return f"http://127.0.0.1:{self.config['admin']['port']}"
 
     def start(self, *, wait_ready: bool = True, timeout: float = 20) -> GatewayProcess:
-        args = [sys.executable, "-m", "gateway", "serve", "--config", str(self.config_path),
-                "--workers", str(self.workers)]
+        args = [
+            sys.executable,
+            "-m",
+            "gateway",
+            "serve",
+            "--config",
+            str(self.config_path),
+            "--workers",
+            str(self.workers),
+        ]
         if self.bootstrap is not None:
             args += ["--bootstrap-policy", str(self.bootstrap)]
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(args, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            args, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         self.wait_http(self.admin_url + "/healthz", timeout)
         if wait_ready:
             self.wait_http(self.admin_url + "/readyz", timeout)
@@ -143,8 +157,7 @@ class GatewayProcess:
 
 
 @contextmanager
-def running_gateway(config: dict[str, Any], *, wait_ready: bool = True,
-                    **kwargs: Any) -> Iterator[GatewayProcess]:
+def running_gateway(config: dict[str, Any], *, wait_ready: bool = True, **kwargs: Any) -> Iterator[GatewayProcess]:
     gateway = GatewayProcess(config, **kwargs)
     try:
         yield gateway.start(wait_ready=wait_ready)
@@ -153,8 +166,9 @@ def running_gateway(config: dict[str, Any], *, wait_ready: bool = True,
 
 
 @contextmanager
-def seeded_gateway(config: dict[str, Any], document: dict[str, Any] | None = None,
-                   **kwargs: Any) -> Iterator[GatewayProcess]:
+def seeded_gateway(
+    config: dict[str, Any], document: dict[str, Any] | None = None, **kwargs: Any
+) -> Iterator[GatewayProcess]:
     """A gateway on a redis-server of its own, seeded with ``document`` (BASE_POLICY by default)."""
     from gateway.redis_server import RedisServer
 
@@ -172,8 +186,9 @@ def seed_policy(redis_url: str, document: dict[str, Any] | None = None) -> int:
     async def run() -> int:
         store = Store.from_url(redis_url, timeout_s=2)
         try:
-            return await import_policy(store, document or BASE_POLICY, actor="test",
-                                       tiers=("public", "partner", "internal"))
+            return await import_policy(
+                store, document or BASE_POLICY, actor="test", tiers=("public", "partner", "internal")
+            )
         finally:
             await store.close()
 
@@ -189,8 +204,13 @@ SCALE_TIERS: dict[str, Any] = {
 }
 
 # A valid stored list entry, for writes made straight through the store.
-ENTRY: dict[str, Any] = {"reason": "test", "source": "test", "added_by": "test",
-                         "added_at": "2026-01-01T00:00:00Z", "expires_at": None}
+ENTRY: dict[str, Any] = {
+    "reason": "test",
+    "source": "test",
+    "added_by": "test",
+    "added_at": "2026-01-01T00:00:00Z",
+    "expires_at": None,
+}
 
 
 async def write_entry(redis_url: str, key: str, field: str, value: dict[str, Any] | None = None) -> int:

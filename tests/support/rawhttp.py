@@ -104,7 +104,7 @@ def _parse(data: bytes, *, eof: bool, head_only: bool) -> tuple[RawResponse, int
             if eof:
                 raise ProtocolViolation(f"body cut short: {len(data) - start} of {length} bytes")
             raise Incomplete
-        return RawResponse(status, reason, headers, data[start:start + length], head, version), start + length
+        return RawResponse(status, reason, headers, data[start : start + length], head, version), start + length
     if not eof:
         raise Incomplete  # delimited by the close
     return RawResponse(status, reason, headers, data[start:], head, version), len(data)
@@ -126,16 +126,16 @@ def _dechunk(data: bytes, pos: int, *, eof: bool) -> tuple[bytes, int]:
             trailer_end = data.find(b"\r\n\r\n", line_end)
             if trailer_end == line_end:
                 return bytes(body), line_end + 4
-            if data[chunk_start:chunk_start + 2] == CRLF:
+            if data[chunk_start : chunk_start + 2] == CRLF:
                 return bytes(body), chunk_start + 2
             if trailer_end < 0:
                 break
             return bytes(body), trailer_end + 4
         if len(data) < chunk_start + size + 2:
             break
-        if data[chunk_start + size:chunk_start + size + 2] != CRLF:
+        if data[chunk_start + size : chunk_start + size + 2] != CRLF:
             raise ProtocolViolation("chunk not followed by CRLF")
-        body += data[chunk_start:chunk_start + size]
+        body += data[chunk_start : chunk_start + size]
         pos = chunk_start + size + 2
     if eof:
         raise ProtocolViolation("chunked body cut short")
@@ -219,8 +219,9 @@ class RawConnection:
             pass
 
 
-def exchange(port: int, data: bytes, *, timeout: float = 10.0, head_only: bool = False
-             ) -> tuple[list[RawResponse], bool]:
+def exchange(
+    port: int, data: bytes, *, timeout: float = 10.0, head_only: bool = False
+) -> tuple[list[RawResponse], bool]:
     """Send ``data`` on a new connection; every response until the server closes, and whether it did.
 
     The write side stays open, so only the server can end the exchange (or ``timeout``).
@@ -243,8 +244,15 @@ def exchange(port: int, data: bytes, *, timeout: float = 10.0, head_only: bool =
         return responses, conn.eof
 
 
-def request(method: str, target: str, headers: list[tuple[str, str]] | None = None, body: bytes = b"", *,
-            host: str | None = "gateway", content_length: bool = True) -> bytes:
+def request(
+    method: str,
+    target: str,
+    headers: list[tuple[str, str]] | None = None,
+    body: bytes = b"",
+    *,
+    host: str | None = "gateway",
+    content_length: bool = True,
+) -> bytes:
     """A well-formed request as bytes (the corpus builds malformed ones by hand)."""
     lines = [f"{method} {target} HTTP/1.1".encode()]
     if host is not None:
@@ -260,7 +268,7 @@ def chunked(body: bytes, size: int) -> bytes:
     """``body`` in chunked transfer coding, ``size`` bytes a chunk."""
     out = bytearray()
     for i in range(0, len(body), size):
-        piece = body[i:i + size]
+        piece = body[i : i + size]
         out += f"{len(piece):x}".encode() + CRLF + piece + CRLF
     return bytes(out + b"0\r\n\r\n")
 

@@ -15,8 +15,9 @@ from aiohttp import web
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
-def serve_in_thread(handler: Handler, port: int, *, name: str,
-                    **server_kwargs: Any) -> tuple[asyncio.AbstractEventLoop, asyncio.AbstractServer, threading.Thread]:
+def serve_in_thread(
+    handler: Handler, port: int, *, name: str, **server_kwargs: Any
+) -> tuple[asyncio.AbstractEventLoop, asyncio.AbstractServer, threading.Thread]:
     """Start ``asyncio.start_server(handler)`` on 127.0.0.1:``port`` in a daemon thread; return once it listens."""
     ready = threading.Event()
     started: dict[str, Any] = {}
@@ -24,8 +25,7 @@ def serve_in_thread(handler: Handler, port: int, *, name: str,
     def run() -> None:
         loop = asyncio.new_event_loop()
         started["loop"] = loop
-        started["server"] = loop.run_until_complete(
-            asyncio.start_server(handler, "127.0.0.1", port, **server_kwargs))
+        started["server"] = loop.run_until_complete(asyncio.start_server(handler, "127.0.0.1", port, **server_kwargs))
         ready.set()
         loop.run_forever()
         # Stopped: end what is still running and close the loop, so that no task, socket or loop is left

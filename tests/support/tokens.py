@@ -39,8 +39,7 @@ class SigningKey:
         return self.private if isinstance(self.private, bytes) else self.private.public_key()
 
     def public_pem(self) -> bytes:
-        return self.public.public_bytes(serialization.Encoding.PEM,
-                                        serialization.PublicFormat.SubjectPublicKeyInfo)
+        return self.public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
     def public_ssh(self) -> bytes:
         return self.public.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
@@ -48,8 +47,7 @@ class SigningKey:
     def jwk(self, *, alg: str | object | None = DROP, **extra: Any) -> dict[str, Any]:
         """The public JWK; ``alg`` defaults to the key's own, None leaves it out."""
         algorithm = {rsa.RSAPublicKey: RSAAlgorithm, ec.EllipticCurvePublicKey: ECAlgorithm}
-        to_jwk = next((a.to_jwk for cls, a in algorithm.items() if isinstance(self.public, cls)),
-                      OKPAlgorithm.to_jwk)
+        to_jwk = next((a.to_jwk for cls, a in algorithm.items() if isinstance(self.public, cls)), OKPAlgorithm.to_jwk)
         data: dict[str, Any] = to_jwk(self.public, as_dict=True)  # type: ignore[operator]
         data["use"] = "sig"
         if self.kid is not None:
@@ -91,8 +89,7 @@ def make_hs256_key(secret: str | None = None, kid: str | None = None) -> Signing
     return SigningKey(kid, "HS256", (secret or make_hs256_secret()).encode())
 
 
-def mint(key: SigningKey | Any, alg: str, claims: Mapping[str, Any],
-         headers: Mapping[str, Any] | None = None) -> str:
+def mint(key: SigningKey | Any, alg: str, claims: Mapping[str, Any], headers: Mapping[str, Any] | None = None) -> str:
     """A token signed the ordinary way; the key's kid goes in the header unless ``headers`` sets one."""
     header: dict[str, Any] = {}
     private = key
@@ -105,8 +102,7 @@ def mint(key: SigningKey | Any, alg: str, claims: Mapping[str, Any],
     return jwt.encode(dict(claims), private, algorithm=alg, headers=header)
 
 
-def sign_payload(key: SigningKey, payload: bytes | Mapping[str, Any],
-                 headers: Mapping[str, Any] | None = None) -> str:
+def sign_payload(key: SigningKey, payload: bytes | Mapping[str, Any], headers: Mapping[str, Any] | None = None) -> str:
     """A correctly signed token around any payload bytes (PyJWT's encoder refuses some claim values)."""
     if isinstance(payload, Mapping):
         payload = json.dumps(payload).encode()
@@ -117,8 +113,15 @@ def sign_payload(key: SigningKey, payload: bytes | Mapping[str, Any],
 def claims(now: float, **overrides: Any) -> dict[str, Any]:
     """Valid claims for ``now``; an override of DROP removes that claim."""
     base: dict[str, Any] = {
-        "iss": ISSUER, "aud": AUDIENCE, "sub": "user-1", "org": "org-1", "org_name": "Example Corp",
-        "country": "US", "tier": "public", "iat": int(now), "exp": int(now) + 600,
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "sub": "user-1",
+        "org": "org-1",
+        "org_name": "Example Corp",
+        "country": "US",
+        "tier": "public",
+        "iat": int(now),
+        "exp": int(now) + 600,
     }
     base.update(overrides)
     return {name: value for name, value in base.items() if value is not DROP}
@@ -132,8 +135,7 @@ def b64url(data: bytes | str | Mapping[str, Any]) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def forge(header: Mapping[str, Any] | bytes, payload: Mapping[str, Any] | bytes,
-          signature: bytes = b"") -> str:
+def forge(header: Mapping[str, Any] | bytes, payload: Mapping[str, Any] | bytes, signature: bytes = b"") -> str:
     """A token assembled by hand, with any header and signature an attacker likes."""
     return f"{b64url(header)}.{b64url(payload)}.{b64url(signature)}"
 
@@ -158,12 +160,29 @@ def jwks_document(keys: Iterable[SigningKey | Mapping[str, Any]]) -> dict[str, A
     return {"keys": [dict(k) if isinstance(k, Mapping) else k.jwk() for k in keys]}
 
 
-def hs_token(subject: str = "alice", *, org: str | None = "acme", country: str | None = "US",
-             tier: str | None = "partner", org_name: str | None = None, ttl: int = 3600,
-             **extra: Any) -> str:
+def hs_token(
+    subject: str = "alice",
+    *,
+    org: str | None = "acme",
+    country: str | None = "US",
+    tier: str | None = "partner",
+    org_name: str | None = None,
+    ttl: int = 3600,
+    **extra: Any,
+) -> str:
     now = int(time.time())
-    claims: dict[str, Any] = {"sub": subject, "iss": ISSUER, "aud": AUDIENCE, "iat": now, "exp": now + ttl,
-                              "org": org, "country": country, "tier": tier, "org_name": org_name, **extra}
+    claims: dict[str, Any] = {
+        "sub": subject,
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "iat": now,
+        "exp": now + ttl,
+        "org": org,
+        "country": country,
+        "tier": tier,
+        "org_name": org_name,
+        **extra,
+    }
     return jwt.encode({k: v for k, v in claims.items() if v is not None}, HS_SECRET, algorithm="HS256")
 
 

@@ -56,18 +56,22 @@ class SentinelServer(RedisServer):
     def __init__(self, *, primary_port: int, quorum: int, down_after_ms: int, failover_timeout_ms: int) -> None:
         super().__init__()
         self.conf = Path(self._dir) / "sentinel.conf"
-        self.conf.write_text("\n".join([
-            f"port {self.port}",
-            "bind 127.0.0.1",
-            "protected-mode no",
-            f"dir {self._dir}",
-            f"logfile {os.path.join(self._dir, 'redis.log')}",
-            f"sentinel monitor {SERVICE} 127.0.0.1 {primary_port} {quorum}",
-            f"sentinel down-after-milliseconds {SERVICE} {down_after_ms}",
-            f"sentinel failover-timeout {SERVICE} {failover_timeout_ms}",
-            f"sentinel parallel-syncs {SERVICE} 1",
-            "",
-        ]))
+        self.conf.write_text(
+            "\n".join(
+                [
+                    f"port {self.port}",
+                    "bind 127.0.0.1",
+                    "protected-mode no",
+                    f"dir {self._dir}",
+                    f"logfile {os.path.join(self._dir, 'redis.log')}",
+                    f"sentinel monitor {SERVICE} 127.0.0.1 {primary_port} {quorum}",
+                    f"sentinel down-after-milliseconds {SERVICE} {down_after_ms}",
+                    f"sentinel failover-timeout {SERVICE} {failover_timeout_ms}",
+                    f"sentinel parallel-syncs {SERVICE} 1",
+                    "",
+                ]
+            )
+        )
 
     def _args(self) -> list[str]:
         return [self.binary, str(self.conf), "--sentinel"]
@@ -99,8 +103,15 @@ class SentinelTopology(_Topology):
     def __init__(self, *, down_after_ms: int = 1000, failover_timeout_ms: int = 2000) -> None:
         self.primary = RedisServer()
         self.replica = RedisServer(extra_args=["--replicaof", "127.0.0.1", str(self.primary.port)])
-        self.sentinels = [SentinelServer(primary_port=self.primary.port, quorum=2, down_after_ms=down_after_ms,
-                                         failover_timeout_ms=failover_timeout_ms) for _ in range(3)]
+        self.sentinels = [
+            SentinelServer(
+                primary_port=self.primary.port,
+                quorum=2,
+                down_after_ms=down_after_ms,
+                failover_timeout_ms=failover_timeout_ms,
+            )
+            for _ in range(3)
+        ]
 
     @property
     def url(self) -> str:
@@ -127,6 +138,7 @@ class SentinelTopology(_Topology):
         A failover needs all of that: a Sentinel that has not discovered the replica or
         its peers yet could neither reach a quorum nor pick a new primary.
         """
+
         def replica_synced() -> bool:
             with _client(self.replica.port) as client:
                 return bool(client.info("replication").get("master_link_status") == "up")
@@ -145,6 +157,7 @@ class SentinelTopology(_Topology):
 
     def wait_failover(self, old_port: int, timeout_s: float = 20.0) -> int:
         """Wait until the Sentinels name a primary other than ``old_port`` and it accepts writes."""
+
         def promoted() -> bool:
             port = self.primary_port()
             if port == old_port:
@@ -170,7 +183,6 @@ class SentinelTopology(_Topology):
             server.cleanup()
 
 
-
 class ClusterTopology(_Topology):
     """A Redis Cluster of ``size`` primaries (no replicas), slots split evenly, on loopback."""
 
@@ -181,11 +193,21 @@ class ClusterTopology(_Topology):
             raise RedisServerError("a test Cluster needs redis-server 7 (cluster-port, CLUSTER ADDSLOTSRANGE)")
         # An explicit bus port: the default (port + 10000) overflows for free ports above 55535.
         self.bus_ports = [free_port() for _ in range(size)]
-        self.nodes = [RedisServer(extra_args=["--cluster-enabled", "yes",
-                                              "--cluster-config-file", "nodes.conf",
-                                              "--cluster-port", str(bus_port),
-                                              "--cluster-node-timeout", str(node_timeout_ms)])
-                      for bus_port in self.bus_ports]
+        self.nodes = [
+            RedisServer(
+                extra_args=[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-port",
+                    str(bus_port),
+                    "--cluster-node-timeout",
+                    str(node_timeout_ms),
+                ]
+            )
+            for bus_port in self.bus_ports
+        ]
 
     @property
     def url(self) -> str:
@@ -251,7 +273,6 @@ class ClusterTopology(_Topology):
             node.cleanup()
 
 
-
 @dataclass(frozen=True)
 class TlsFiles:
     ca: Path
@@ -279,27 +300,43 @@ def make_tls_files(directory: Path) -> TlsFiles:
         return path
 
     def pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                 serialization.NoEncryption())
+        return key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
 
     def authority(common: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
         key = ec.generate_private_key(ec.SECP256R1())
-        cert = (x509.CertificateBuilder().subject_name(name(common)).issuer_name(name(common))
-                .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(minutes=5))
-                .not_valid_after(now + datetime.timedelta(days=1))
-                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                .sign(key, hashes.SHA256()))
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name(common))
+            .issuer_name(name(common))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256())
+        )
         return cert, key
 
-    def leaf(common: str, usage: x509.ObjectIdentifier, ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey,
-             san: list[x509.GeneralName] | None = None) -> tuple[bytes, bytes]:
+    def leaf(
+        common: str,
+        usage: x509.ObjectIdentifier,
+        ca: x509.Certificate,
+        ca_key: ec.EllipticCurvePrivateKey,
+        san: list[x509.GeneralName] | None = None,
+    ) -> tuple[bytes, bytes]:
         key = ec.generate_private_key(ec.SECP256R1())
-        builder = (x509.CertificateBuilder().subject_name(name(common)).issuer_name(ca.subject)
-                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                   .not_valid_before(now - datetime.timedelta(minutes=5))
-                   .not_valid_after(now + datetime.timedelta(days=1))
-                   .add_extension(x509.ExtendedKeyUsage([usage]), critical=False))
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name(common))
+            .issuer_name(ca.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        )
         if san:
             builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
         cert = builder.sign(ca_key, hashes.SHA256())
@@ -307,15 +344,22 @@ def make_tls_files(directory: Path) -> TlsFiles:
 
     ca, ca_key = authority("gateway test CA")
     other, _ = authority("some other CA")
-    server_cert, server_key = leaf("redis", ExtendedKeyUsageOID.SERVER_AUTH, ca, ca_key,
-                                   [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    server_cert, server_key = leaf(
+        "redis",
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        ca,
+        ca_key,
+        [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+    )
     client_cert, client_key = leaf("gateway", ExtendedKeyUsageOID.CLIENT_AUTH, ca, ca_key)
-    return TlsFiles(ca=write(directory / "ca.pem", ca.public_bytes(serialization.Encoding.PEM)),
-                    server_cert=write(directory / "server.pem", server_cert),
-                    server_key=write(directory / "server.key", server_key),
-                    client_cert=write(directory / "client.pem", client_cert),
-                    client_key=write(directory / "client.key", client_key),
-                    other_ca=write(directory / "other-ca.pem", other.public_bytes(serialization.Encoding.PEM)))
+    return TlsFiles(
+        ca=write(directory / "ca.pem", ca.public_bytes(serialization.Encoding.PEM)),
+        server_cert=write(directory / "server.pem", server_cert),
+        server_key=write(directory / "server.key", server_key),
+        client_cert=write(directory / "client.pem", client_cert),
+        client_key=write(directory / "client.key", client_key),
+        other_ca=write(directory / "other-ca.pem", other.public_bytes(serialization.Encoding.PEM)),
+    )
 
 
 class TlsRedisServer(RedisServer):
@@ -326,9 +370,20 @@ class TlsRedisServer(RedisServer):
 
     def __init__(self, tls: TlsFiles) -> None:
         self.tls_port = free_port()
-        super().__init__(extra_args=["--tls-port", str(self.tls_port),
-                                     "--tls-cert-file", str(tls.server_cert), "--tls-key-file", str(tls.server_key),
-                                     "--tls-ca-cert-file", str(tls.ca), "--tls-auth-clients", "yes"])
+        super().__init__(
+            extra_args=[
+                "--tls-port",
+                str(self.tls_port),
+                "--tls-cert-file",
+                str(tls.server_cert),
+                "--tls-key-file",
+                str(tls.server_key),
+                "--tls-ca-cert-file",
+                str(tls.ca),
+                "--tls-auth-clients",
+                "yes",
+            ]
+        )
 
     @property
     def tls_url(self) -> str:

@@ -51,12 +51,24 @@ class Upstream:
 
     async def echo(self, request: web.Request) -> web.Response:
         body = await self._record(request)
-        headers = {"X-Upstream": "yes", "Connection": "X-Secret-Hop", "X-Secret-Hop": "leak",
-                   "Keep-Alive": "timeout=5", "Proxy-Authenticate": "Basic"}
-        document = {"method": request.method, "path": request.raw_path, "body": body.decode("latin-1"),
-                    "headers": {str(k): v for k, v in request.headers.items()},
-                    "usage": {"prompt_tokens": 1, "completion_tokens": self.usage_tokens - 1,
-                              "total_tokens": self.usage_tokens}}
+        headers = {
+            "X-Upstream": "yes",
+            "Connection": "X-Secret-Hop",
+            "X-Secret-Hop": "leak",
+            "Keep-Alive": "timeout=5",
+            "Proxy-Authenticate": "Basic",
+        }
+        document = {
+            "method": request.method,
+            "path": request.raw_path,
+            "body": body.decode("latin-1"),
+            "headers": {str(k): v for k, v in request.headers.items()},
+            "usage": {
+                "prompt_tokens": 1,
+                "completion_tokens": self.usage_tokens - 1,
+                "total_tokens": self.usage_tokens,
+            },
+        }
         if request.path.endswith("/models"):  # an OpenAI-style model list, with the echo alongside
             document.update({"object": "list", "data": [{"id": m, "object": "model"} for m in self.model_ids]})
         return web.Response(body=orjson.dumps(document), content_type="application/json", headers=headers)
@@ -76,8 +88,13 @@ class Upstream:
                 if loop.time() > 1e12:  # pragma: no cover
                     break
             await response.write(b'data: {"n": 2}\n\n')
-            usage = {"usage": {"prompt_tokens": 1, "completion_tokens": self.usage_tokens - 1,
-                               "total_tokens": self.usage_tokens}}
+            usage = {
+                "usage": {
+                    "prompt_tokens": 1,
+                    "completion_tokens": self.usage_tokens - 1,
+                    "total_tokens": self.usage_tokens,
+                }
+            }
             await response.write(b"data: " + orjson.dumps(usage) + b"\n\ndata: [DONE]\n\n")
             await response.write_eof()
         except (ConnectionResetError, asyncio.CancelledError):

@@ -13,8 +13,13 @@ def _failure(within: float, message: Callable[[], Any] | None) -> AssertionError
     return AssertionError(f"condition not met within {within} s" + (f": {message()}" if message else ""))
 
 
-async def wait_until(condition: Callable[[], Any], within: float = 5.0, *, message: Callable[[], Any] | None = None,
-                     interval: float = 0.01) -> float:
+async def wait_until(
+    condition: Callable[[], Any],
+    within: float = 5.0,
+    *,
+    message: Callable[[], Any] | None = None,
+    interval: float = 0.01,
+) -> float:
     """Seconds until ``condition()`` (a plain or async callable) first held; fails after ``within``
     seconds, with ``message()`` (e.g. a gateway's log) in the failure."""
     started = time.monotonic()
@@ -29,8 +34,13 @@ async def wait_until(condition: Callable[[], Any], within: float = 5.0, *, messa
         await asyncio.sleep(interval)
 
 
-def wait_until_blocking(condition: Callable[[], Any], within: float = 5.0, *,
-                        message: Callable[[], Any] | None = None, interval: float = 0.02) -> float:
+def wait_until_blocking(
+    condition: Callable[[], Any],
+    within: float = 5.0,
+    *,
+    message: Callable[[], Any] | None = None,
+    interval: float = 0.02,
+) -> float:
     """``wait_until`` for synchronous test code: blocks the thread between polls."""
     started = time.monotonic()
     while True:
