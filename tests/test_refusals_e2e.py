@@ -198,7 +198,11 @@ async def test_audit_records_do_not_grow_with_a_callers_claims(
     finally:
         await redis.aclose()
     print(f"audit stream grew {grown / count:.0f} bytes a record")
-    assert grown < count * 1500, grown  # unbounded, each record alone held the 5,000-byte org
+    # Each record as stored: unbounded, each one alone held the 5,000-byte org.
+    assert all(sum(len(key) + len(value) for key, value in fields.items()) < 1500 for _, fields in entries)
+    # And the stream as Redis holds it (unbounded: about 6,300 bytes a record). Redis allocates stream nodes
+    # in blocks, so a 20-record sample varies with where earlier tests left the last node: a loose bound.
+    assert grown < count * 3000, grown
     for _id, fields in entries:
         record = orjson.loads(fields[b"r"])
         assert all(len(value) <= 256 for value in record.values() if isinstance(value, str))
