@@ -112,8 +112,12 @@ class RedisServer:
         try:
             if self.socket_path:
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                sock.settimeout(0.5)
-                sock.connect(self.socket_path)
+                try:
+                    sock.settimeout(0.5)
+                    sock.connect(self.socket_path)
+                except OSError:
+                    sock.close()  # the server is not up yet: this attempt's socket is done with
+                    raise
             else:
                 sock = socket.create_connection(("127.0.0.1", self.port), timeout=0.5)
             with sock:

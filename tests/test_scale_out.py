@@ -165,9 +165,6 @@ def test_tls_settings_are_checked_at_start(tls_files: TlsFiles, tmp_path: Path) 
     assert redis_settings("redis://127.0.0.1:6379/0").tls_options() == {}
 
 
-# A unix socket of the store's is left for the garbage collector here (ResourceWarning, reported as unraisable);
-# not yet traced to its owner (the store's unix-socket connection is the suspect). Ignored for this test only.
-@pytest.mark.filterwarnings("ignore:Exception ignored in. <socket.socket:pytest.PytestUnraisableExceptionWarning")
 async def test_unix_socket_url() -> None:
     with RedisServer(unix_socket=True) as server:
         assert server.url.startswith("unix://")
