@@ -20,7 +20,7 @@ from yarl import URL
 
 from .errors import GatewayError
 from .policy.decide import Rules
-from .proxy import Forwarder, ProxyOutcome, response_headers, response_problem
+from .proxy import Forwarder, ProxyOutcome, response_headers, response_problem, unanswered
 
 MAX_LIST_BYTES = 4 * 1024 * 1024
 # Upstream response fields that describe the body as the upstream sent it, not the filtered one.
@@ -96,12 +96,8 @@ async def forward_model_list(
         upstream = await forwarder.session.get(
             url, headers=headers, allow_redirects=False, timeout=forwarder.timeout, auto_decompress=False
         )
-    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-        outcome.error_kind = "timeout"
-        raise GatewayError(504, "upstream_timeout", "The model server did not answer in time.") from exc
-    except aiohttp.ClientError as exc:
-        outcome.error_kind = "connect" if isinstance(exc, aiohttp.ClientConnectorError) else "protocol"
-        raise GatewayError(502, "upstream_unreachable", "The model server could not be reached.") from exc
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        raise unanswered(exc, outcome) from exc
     try:
         outcome.upstream_status = upstream.status
         if response_problem(upstream.status, upstream.reason, upstream.headers) is not None:

@@ -274,6 +274,15 @@ class ProxyOutcome:
     error_kind: str | None = None
 
 
+def unanswered(exc: TimeoutError | aiohttp.ClientError, outcome: ProxyOutcome) -> GatewayError:
+    """The error for a request to the model server that got no response: 504 when it timed out, else 502."""
+    if isinstance(exc, TimeoutError):  # aiohttp's ServerTimeoutError is one too
+        outcome.error_kind = "timeout"
+        return GatewayError(504, "upstream_timeout", "The model server did not answer in time.")
+    outcome.error_kind = "connect" if isinstance(exc, aiohttp.ClientConnectorError) else "protocol"
+    return GatewayError(502, "upstream_unreachable", "The model server could not be reached.")
+
+
 def _sse_error_event(code: str, message: str, request_id: str) -> bytes:
     body = error_body(504 if code == "upstream_timeout" else 502, code, message, request_id)
     return b"event: error\ndata: " + body + b"\n\n"
@@ -399,12 +408,8 @@ class Forwarder:
                 timeout=self.timeout,
                 auto_decompress=False,
             )
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            outcome.error_kind = "timeout"
-            raise GatewayError(504, "upstream_timeout", "The model server did not answer in time.") from exc
-        except aiohttp.ClientError as exc:
-            outcome.error_kind = "connect" if isinstance(exc, aiohttp.ClientConnectorError) else "protocol"
-            raise GatewayError(502, "upstream_unreachable", "The model server could not be reached.") from exc
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise unanswered(exc, outcome) from exc
         unwatch = _fail_body_when_connection_lost(upstream)
         try:
             return await self._relay(

@@ -22,7 +22,6 @@ As ``frontier-x`` is restricted to the US, the upstream never reads ``frontier-x
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import copy
 import gzip
@@ -31,7 +30,6 @@ import os
 import shutil
 import socket
 import subprocess
-import threading
 import time
 import zlib
 from collections.abc import Iterator
@@ -51,6 +49,7 @@ from gateway.redis_server import RedisServer, free_port
 
 from .support.gateway_process import BASE_POLICY, ROOT, GatewayProcess, gateway_config, seed_policy
 from .support.rawhttp import RawConnection, RawResponse, request
+from .support.servers import AppThread
 from .support.tokens import hs_token
 
 GO_SOURCE = ROOT / "tests" / "upstreams" / "godecoder"
@@ -164,36 +163,23 @@ async def ignoring_media_type(request: web.Request) -> web.Response:
 @dataclass
 class PythonDecoders:
     port: int = field(default_factory=free_port)
-    _loop: asyncio.AbstractEventLoop | None = None
-    _thread: threading.Thread | None = None
+    _server: AppThread | None = None
+
+    @staticmethod
+    def _app() -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/a/{tail:.*}", by_media_type)
+        app.router.add_route("*", "/b/{tail:.*}", ignoring_media_type)
+        return app
 
     def start(self) -> PythonDecoders:
-        ready = threading.Event()
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            app = web.Application(client_max_size=64 * 1024 * 1024)
-            app.router.add_route("*", "/a/{tail:.*}", by_media_type)
-            app.router.add_route("*", "/b/{tail:.*}", ignoring_media_type)
-            runner = web.AppRunner(app, access_log=None)
-            loop.run_until_complete(runner.setup())
-            loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
-            ready.set()
-            loop.run_forever()
-            loop.run_until_complete(runner.cleanup())
-            loop.close()
-
-        self._thread = threading.Thread(target=run, daemon=True, name="python-decoders")
-        self._thread.start()
-        ready.wait(10)
+        self._server = AppThread(self._app, self.port, name="python-decoders")
+        self._server.start()
         return self
 
     def stop(self) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None:
-            self._thread.join(10)
+        if self._server is not None:
+            self._server.stop()
 
     def read(self, which: str, arrived: dict[str, Any]) -> str | None:
         """Replay the request exactly as the upstream received it to decoder ``which``."""

@@ -1,5 +1,6 @@
-"""Loopback servers for tests: raw asyncio TCP servers on threads of their own, a JWKS server, a connection
-counter, and a background event loop to keep such servers serving beside blocking test code."""
+"""Loopback servers for tests: raw asyncio TCP servers and aiohttp applications on threads of their own, a
+JWKS server, a connection counter, and a background event loop to keep such servers serving beside blocking
+test code."""
 
 from __future__ import annotations
 
@@ -52,6 +53,39 @@ async def read_request(reader: asyncio.StreamReader) -> bytes:
         if line.lower().startswith(b"content-length:"):
             await reader.readexactly(int(line.split(b":")[1]))
     return head
+
+
+class AppThread:
+    """An aiohttp application served on a loopback port by a thread and an event loop of its own."""
+
+    def __init__(self, make_app: Callable[[], web.Application], port: int, *, name: str, **runner_kwargs: Any) -> None:
+        self.make_app, self.port, self.name, self.runner_kwargs = make_app, port, name, runner_kwargs
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        ready = threading.Event()
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self.loop = loop
+            runner = web.AppRunner(self.make_app(), access_log=None, **self.runner_kwargs)
+            loop.run_until_complete(runner.setup())
+            loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
+            ready.set()
+            loop.run_forever()
+            loop.run_until_complete(runner.cleanup())
+            loop.close()
+
+        self._thread = threading.Thread(target=run, daemon=True, name=self.name)
+        self._thread.start()
+        ready.wait(10)
+
+    def stop(self) -> None:
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        if self._thread is not None:
+            self._thread.join(10)
 
 
 class JwksServer:

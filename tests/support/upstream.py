@@ -11,6 +11,8 @@ from aiohttp import web
 
 from gateway.redis_server import free_port
 
+from .servers import AppThread
+
 
 @dataclass
 class Seen:
@@ -31,9 +33,7 @@ class Upstream:
     usage_tokens: int = 42
     # What GET .../models lists (the gateway answers a caller only the ones it may use).
     model_ids: list[str] = field(default_factory=lambda: ["gpt-mock"])
-    _loop: asyncio.AbstractEventLoop | None = None
-    _thread: threading.Thread | None = None
-    _runner: web.AppRunner | None = None
+    _server: AppThread | None = None
 
     @property
     def url(self) -> str:
@@ -136,26 +136,10 @@ class Upstream:
         return app
 
     def start(self) -> Upstream:
-        ready = threading.Event()
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            self._runner = web.AppRunner(self._app(), access_log=None, handler_cancellation=True)
-            loop.run_until_complete(self._runner.setup())
-            loop.run_until_complete(web.TCPSite(self._runner, "127.0.0.1", self.port).start())
-            ready.set()
-            loop.run_forever()
-            loop.run_until_complete(self._runner.cleanup())
-            loop.close()
-
-        self._thread = threading.Thread(target=run, daemon=True, name="test-upstream")
-        self._thread.start()
-        ready.wait(10)
+        self._server = AppThread(self._app, self.port, name="test-upstream", handler_cancellation=True)
+        self._server.start()
         return self
 
     def stop(self) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None:
-            self._thread.join(10)
+        if self._server is not None:
+            self._server.stop()
