@@ -16,8 +16,8 @@ from gateway.settings import Stage
 POLICY_MODULES = sorted(m.name for m in pkgutil.iter_modules(gateway.policy.__path__, "gateway.policy."))
 
 
-def test_the_package_holds_the_five_modules() -> None:
-    assert POLICY_MODULES == [f"gateway.policy.{name}" for name in ("decide", "model", "names", "validate", "wire")]
+def test_the_package_holds_the_six_modules() -> None:
+    assert POLICY_MODULES == [f"gateway.policy.{name}" for name in ("decide", "effect", "model", "names", "validate", "wire")]
 
 
 @pytest.mark.parametrize("module", POLICY_MODULES)

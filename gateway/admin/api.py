@@ -113,7 +113,12 @@ class AdminApi:
 
     async def _write(self, request: web.Request, ops: OpsPlan, target: str, *, import_whole: bool = False) -> int:
         version, _change = await self.store.write(
-            ops, actor=request[ACTOR_KEY], now_iso=now_iso(), target=target, import_whole=import_whole
+            ops,
+            actor=request[ACTOR_KEY],
+            now_iso=now_iso(),
+            target=target,
+            import_whole=import_whole,
+            unknown_model=self.context.rules.unknown_model,  # whether a model leaving the registry loosens
         )
         await self._catch_up(version)
         return version

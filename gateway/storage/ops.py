@@ -113,6 +113,8 @@ class Change:
     before: Any = None
     after: Any = None
     version: int = 0
+    # "loosen" or "tighten" (gateway.policy.effect); None only for a record built outside a write.
+    effect: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 

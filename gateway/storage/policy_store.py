@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 from redis.exceptions import RedisError, WatchError
 
+from ..policy.effect import classify_change
 from ..policy.names import LAZY_LISTS, LIST_NAMES
 from .clients import RedisAccess, StoreUnavailable
 from .keys import (
@@ -210,7 +211,14 @@ class PolicyStore(RedisAccess):
     # --- policy writes --------------------------------------------------------------------
 
     async def write(
-        self, ops: OpsPlan, *, actor: str, now_iso: str, target: str, import_whole: bool = False
+        self,
+        ops: OpsPlan,
+        *,
+        actor: str,
+        now_iso: str,
+        target: str,
+        import_whole: bool = False,
+        unknown_model: str = "deny",
     ) -> tuple[int, Change]:
         """Apply ``ops`` and bump the version in one transaction; publish the new version.
 
@@ -219,6 +227,9 @@ class PolicyStore(RedisAccess):
         names what it leaves out), so a half-restored policy never serves. A write that would put
         a revoked API key back is refused (KeyRevoked). ``HashUpdate`` and ``KeyRevoke`` read what
         they change under the same WATCH as the version, so they act on the value they replace.
+        The change record says whether the write loosens or tightens, judged on the values it
+        replaced; ``unknown_model`` (the config's ``policy.unknown_model``) decides that for a model
+        entering or leaving the registry, and an import (``import_whole``) always loosens.
         Concurrent writers retry on WATCH conflicts, so none is lost. A write counts only
         once it is read back from the primary (the transaction leaves a marker key): a
         reply lost with its connection, or a write lost in a Sentinel or Cluster failover
@@ -244,6 +255,7 @@ class PolicyStore(RedisAccess):
                         now_iso=now_iso,
                         target=target,
                         import_whole=import_whole,
+                        unknown_model=unknown_model,
                         write_id=write_id,
                         changes=changes,
                     ),
@@ -278,6 +290,7 @@ class PolicyStore(RedisAccess):
         now_iso: str,
         target: str,
         import_whole: bool,
+        unknown_model: str,
         write_id: str,
         changes: list[Change],
     ) -> None:
@@ -342,7 +355,10 @@ class PolicyStore(RedisAccess):
                 | {floor_field(name): floor for name, floor in floors.items()}
                 | {REVS_AT: new_version, DELTA_AT: new_version},
             )
-            change = Change(actor=actor, time=now_iso, target=target, before=before, after=after, version=new_version)
+            effect = classify_change(before, after, unknown_model=unknown_model, policy_import=import_whole)
+            change = Change(
+                actor=actor, time=now_iso, target=target, before=before, after=after, version=new_version, effect=effect
+            )
             pipe.xadd(CHANGES_KEY, {"c": orjson.dumps(_change_dict(change))}, maxlen=CHANGES_MAXLEN, approximate=True)
             pipe.set(WRITE_MARK_PREFIX + write_id, new_version, ex=WRITE_MARK_TTL_S)
             changes.append(change)
@@ -582,6 +598,7 @@ def _change_dict(change: Change) -> dict[str, Any]:
         "before": change.before,
         "after": change.after,
         "version": change.version,
+        "effect": change.effect,
         **change.extra,
     }
 
