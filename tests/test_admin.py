@@ -585,6 +585,24 @@ async def test_change_history_names_the_actor_from_the_tokens_file(
     assert "KP" not in entry
 
 
+async def test_change_history_says_whether_each_write_loosens_or_tightens(admin: AdminClient) -> None:
+    # docs/contract.md §7: every change-history record carries its effect, judged on what it replaced.
+    writes = [
+        ("PUT", "/admin/v1/lists/deny-countries/KP", {"reason": "embargo"}, "tighten"),
+        ("DELETE", "/admin/v1/lists/deny-countries/KP", None, "loosen"),
+        ("PATCH", "/admin/v1/models/gpt-partners", {"export_suspended": True}, "tighten"),
+        ("PATCH", "/admin/v1/models/gpt-partners", {"export_suspended": False}, "loosen"),
+        ("PUT", "/admin/v1/lists/partners/effect-lab", {"reason": "evaluation"}, "loosen"),
+        ("DELETE", "/admin/v1/lists/partners/effect-lab", None, "tighten"),
+    ]
+    for method, path, body, effect in writes:
+        written = await admin.ok(method, path, body)
+        (change,) = (await admin.ok("GET", "/admin/v1/changes?limit=1"))["changes"]
+        assert change["version"] == written["version"], change
+        assert change["effect"] == effect, (method, path, change)
+        assert {"actor", "time", "target", "before", "after"} <= change.keys()
+
+
 async def test_audit_records_newest_first(
     admin: AdminClient, session: aiohttp.ClientSession, gw: GatewayProcess
 ) -> None:

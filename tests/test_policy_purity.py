@@ -17,7 +17,9 @@ POLICY_MODULES = sorted(m.name for m in pkgutil.iter_modules(gateway.policy.__pa
 
 
 def test_the_package_holds_the_six_modules() -> None:
-    assert POLICY_MODULES == [f"gateway.policy.{name}" for name in ("decide", "effect", "model", "names", "validate", "wire")]
+    assert POLICY_MODULES == [
+        f"gateway.policy.{name}" for name in ("decide", "effect", "model", "names", "validate", "wire")
+    ]
 
 
 @pytest.mark.parametrize("module", POLICY_MODULES)
