@@ -531,7 +531,7 @@ def _paths() -> dict[str, Any]:
         },
         "/admin/v1/changes": {
             "get": _op(
-                "Change history (actor, time, target, before, after, version), newest first",
+                "Change history (actor, time, target, before, after, version, effect), newest first",
                 _ok("changes", {"type": "object", "properties": {"changes": {"type": "array", "items": any_object}}}),
                 params=[_LIMIT],
                 errors=("400", "401", "503"),
