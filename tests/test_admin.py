@@ -601,6 +601,12 @@ async def test_change_history_says_whether_each_write_loosens_or_tightens(admin:
         assert change["version"] == written["version"], change
         assert change["effect"] == effect, (method, path, change)
         assert {"actor", "time", "target", "before", "after"} <= change.keys()
+    key = {"subject": "svc-effect", "org": "acme", "country": "DE", "tier": "public"}
+    issued = await admin.ok("POST", "/admin/v1/api-keys", key)
+    revoked = await admin.ok("DELETE", f"/admin/v1/api-keys/{issued['id']}")
+    newest, older = (await admin.ok("GET", "/admin/v1/changes?limit=2"))["changes"]
+    assert (older["version"], older["effect"]) == (issued["version"], "loosen")
+    assert (newest["version"], newest["effect"]) == (revoked["version"], "tighten")
 
 
 async def test_audit_records_newest_first(
