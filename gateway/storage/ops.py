@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..policy.effect import Effect
 from .keys import APIKEYS_KEY, MODELS_KEY, list_key
 
 
@@ -114,7 +115,7 @@ class Change:
     after: Any = None
     version: int = 0
     # "loosen" or "tighten" (gateway.policy.effect); None only for a record built outside a write.
-    effect: str | None = None
+    effect: Effect | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
