@@ -367,9 +367,11 @@ def test_changes_table(gateway: GatewayProcess) -> None:
     ok(gateway, "lists", "delete", "deny-entities", "changes-probe")
     table = ok(gateway, "changes", "--limit", "2")
     header, newest, older = table.splitlines()
-    assert header.split() == ["TIME", "ACTOR", "VERSION", "TARGET", "CHANGE"]
+    assert header.split() == ["TIME", "ACTOR", "VERSION", "EFFECT", "TARGET", "CHANGE"]
     assert "lists/deny-entities/changes-probe" in newest and "removed" in newest and "admin" in newest
     assert "added" in older
+    # Removing a deny entry can turn a block into an allow; adding one cannot.
+    assert newest.split()[3] == "loosen" and older.split()[3] == "tighten"
     data = json.loads(ok(gateway, "changes", "--limit", "1", "--json"))
     assert data["changes"][0]["actor"] == "admin"
 

@@ -452,8 +452,11 @@ def _changes(args: argparse.Namespace) -> None:
         changes = d.get("changes", [])
         if not changes:
             return "no changes recorded"
-        rows = [[c.get("time"), c.get("actor"), c.get("version"), c.get("target"), _change_summary(c)] for c in changes]
-        return table(["TIME", "ACTOR", "VERSION", "TARGET", "CHANGE"], rows)
+        rows = [
+            [c.get("time"), c.get("actor"), c.get("version"), c.get("effect"), c.get("target"), _change_summary(c)]
+            for c in changes
+        ]
+        return table(["TIME", "ACTOR", "VERSION", "EFFECT", "TARGET", "CHANGE"], rows)
 
     emit(args, data, text)
 
