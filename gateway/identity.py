@@ -57,6 +57,8 @@ class Identity:
     country: str | None
     credential: CredentialKind
     expires_at: float | None
+    # The API key's id for an API-key caller (None for a JWT): what a key revocation is matched on.
+    key_id: str | None = None
 
     def to_caller(self, ip: str, ip_country: str | None, ip_subdivision: str | None) -> Caller:
         return Caller(
@@ -166,6 +168,7 @@ class Authenticator:
             country=record.country,
             credential="api_key",
             expires_at=expires_at,
+            key_id=getattr(record, "id", None),
         )
 
     # JWTs
@@ -271,6 +274,7 @@ class Authenticator:
         country: Any,
         credential: CredentialKind,
         expires_at: float | None,
+        key_id: str | None = None,
     ) -> Identity:
         if tier is None:
             tier = self._auth.default_tier
@@ -284,6 +288,7 @@ class Authenticator:
             country=normalise_country(country),
             credential=credential,
             expires_at=expires_at,
+            key_id=key_id,
         )
 
 

@@ -256,6 +256,7 @@ class PublicPath:
             "request_id": exchange.request_id,
             "subject": _bounded(identity.subject) if identity else None,
             "org": _bounded(identity.org) if identity else None,
+            "org_name": _bounded(identity.org_name) if identity else None,
             "tier": _bounded(identity.tier) if identity else None,
             "claimed_country": _bounded(identity.country) if identity else None,
             "client_ip": exchange.ip or None,
@@ -268,6 +269,8 @@ class PublicPath:
             "upstream_status": exchange.outcome.upstream_status or None,
             "duration_ms": round(duration * 1000, 3),
         }
+        if identity is not None and identity.key_id is not None:
+            record["key_id"] = identity.key_id
         if screening:
             record["screening"] = {
                 name: _bounded(value) if isinstance(value, str) else value for name, value in screening.items()

@@ -463,6 +463,16 @@ async def test_api_key_issue_use_and_revoke_on_every_process(
             return await public_status(session, process, key) == (200, "")
 
         await wait_until(works, 1.0)
+
+    async def audited() -> bool:
+        records = (await admin.ok("GET", "/admin/v1/audit?limit=50"))["records"]
+        return any(r.get("key_id") == key_id for r in records)
+
+    # The audit record names the key and the org's name, so the caller can be decided again later.
+    await wait_until(audited, 3.0)
+    records = (await admin.ok("GET", "/admin/v1/audit?limit=50"))["records"]
+    record = next(r for r in records if r.get("key_id") == key_id)
+    assert (record["subject"], record["org_name"], record["decision"]) == ("svc-batch", "Acme Corp", "allow")
     revoked = await admin.ok("DELETE", f"/admin/v1/api-keys/{key_id}")
     assert revoked["version"] > issued["version"]
     for process in gateways:

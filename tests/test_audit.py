@@ -31,6 +31,7 @@ FIELDS = {
     "request_id",
     "subject",
     "org",
+    "org_name",
     "tier",
     "claimed_country",
     "client_ip",
