@@ -117,8 +117,9 @@ class InFlightRegistry:
         self.admission = admission
         self.clock = clock
         self.live: set[InFlight] = set()
-        self._decided_on: Snapshot | None = None
-        self.last_redecide_s = 0.0
+        # What the requests now in flight were decided on: the policy enforced when the registry starts.
+        self._decided_on: Snapshot | None = admission.policy.snapshot
+        self.decided_total = 0  # requests decided again, over the process's life
 
     def add(self, entry: InFlight) -> None:
         self.live.add(entry)
@@ -145,7 +146,9 @@ class InFlightRegistry:
         """Decide each request in flight under ``snapshot``, end the refused ones and return them."""
         now = self.clock()
         ended: list[InFlight] = []
-        for entry in tuple(self.live):
+        live = tuple(self.live)
+        self.decided_total += len(live)
+        for entry in live:
             try:
                 decision = self.decide(entry, snapshot, now)
             except Exception:  # one bad entry must not stop the others, nor the watcher
