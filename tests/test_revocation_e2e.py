@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from .support.waiting import wait_until
 
 GENERAL = {"stage": "general", "timeline": [], "allowed_countries": None, "export_suspended": False}
 # One model per test: the tests share a gateway and may run in any order.
-MODELS = ("frontier-sse", "frontier-chunked", "frontier-waiting", "frontier-entity", "frontier-key")
+MODELS = ("frontier-sse", "frontier-chunked", "frontier-waiting", "frontier-entity", "frontier-key", "frontier-unread")
 POLICY: dict[str, Any] = copy.deepcopy(BASE_POLICY)
 POLICY["models"].update({name: GENERAL for name in MODELS})
 ENDED_WITHIN_S = 1.0
@@ -304,14 +305,7 @@ async def test_a_request_revoked_before_its_response_began_is_refused(
             return response.status, orjson.loads(await response.read()), time.monotonic()
 
     asking = asyncio.create_task(ask())
-    await wait_until(
-        lambda: any(
-            (name.lower(), value) == ("x-request-id", "revoke-waiting")
-            for seen in upstream.seen
-            for name, value in seen.headers
-        ),
-        5.0,
-    )
+    await wait_until(lambda: "revoke-waiting" in {seen_id(seen) for seen in upstream.seen}, 5.0)
     sent = await write_and_time(
         lambda: admin.call("PATCH", "/admin/v1/models/frontier-waiting", {"export_suspended": True})
     )
@@ -327,3 +321,42 @@ async def test_a_request_revoked_before_its_response_began_is_refused(
         451,
     )
     assert record["upstream_status"] is None
+
+
+async def test_a_revoked_stream_whose_caller_stopped_reading_is_cut(
+    gateway: GatewayProcess, upstream: Upstream, session: aiohttp.ClientSession
+) -> None:
+    """A caller that reads nothing fills the buffers, so the last event cannot be written: the connection is
+    cut instead, still within the second, and the request still ends as revoked."""
+    admin = Admin(session, gateway)
+    body = orjson.dumps({"model": "frontier-unread", "stream": True, "messages": []})
+    head = (
+        f"POST /v1/slow-stream?every=0.001&pad=16384&events=100000 HTTP/1.1\r\nHost: gw\r\n"
+        f"Authorization: Bearer {hs_token('jill', country='FR')}\r\nX-Request-Id: revoke-unread\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    sock = socket.create_connection(("127.0.0.1", gateway.config["listen"]["port"]))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        sock.sendall(head + body)
+        # Never read: the gateway's writes to this caller back up once the buffers are full.
+        await wait_until(lambda: "revoke-unread" in {seen_id(seen) for seen in upstream.seen}, 5.0)
+        await asyncio.sleep(0.5)
+        sent = await write_and_time(
+            lambda: admin.call("PATCH", "/admin/v1/models/frontier-unread", {"export_suspended": True})
+        )
+        record = await admin.audit_record("revoke-unread")
+        assert time.monotonic() - sent < ENDED_WITHIN_S + 0.5  # ended within the second (plus the audit flush)
+        assert (record["revoked"], record["decision"], record["code"], record["status"]) == (
+            True,
+            "block",
+            "export_suspended",
+            200,
+        )
+        await wait_until(lambda: "revoke-unread" in upstream.cut_off, 2.0)
+    finally:
+        sock.close()
+
+
+def seen_id(seen: Any) -> str:
+    return next((value for name, value in seen.headers if name.lower() == "x-request-id"), "")

@@ -106,17 +106,22 @@ class Upstream:
 
     async def slow_stream(self, request: web.Request) -> web.StreamResponse:
         """After ``wait`` seconds (default 0), an event every ``every`` seconds (default 0.1) for ``events``
-        events (default 100): SSE, or under ``/v1/slow-chunked`` a chunked plain-text body."""
+        events (default 100), each padded with ``pad`` bytes (default 0): SSE, or under ``/v1/slow-chunked``
+        a chunked plain-text body."""
         await self._record(request)
         sse = not request.path.endswith("chunked")
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream" if sse else "text/plain"})
         response.enable_chunked_encoding()
         every = float(request.query.get("every", "0.1"))
+        size = int(request.query.get("pad", "0"))
+        pad = f', "pad": "{"x" * size}"' if size else ""
         try:
             await asyncio.sleep(float(request.query.get("wait", "0")))
             await response.prepare(request)
             for n in range(int(request.query.get("events", "100"))):
-                await response.write(f'data: {{"n": {n}}}\n\n'.encode() if sse else f"part{n};".encode())
+                await response.write(
+                    f'data: {{"n": {n}{pad}}}\n\n'.encode() if sse else f"part{n}{'x' * size};".encode()
+                )
                 await asyncio.sleep(every)
             await response.write_eof()
         except (ConnectionResetError, asyncio.CancelledError):
