@@ -76,6 +76,18 @@ CODES: tuple[tuple[str, str, str, bool], ...] = (
     ("error", "upstream_timeout", ANY_MODEL, True),
 )
 
+# The codes a request in flight can be ended with when a new policy version refuses it.
+REVOKED_CODES = (
+    "unauthenticated",
+    "entity_denied",
+    "country_denied",
+    "model_unknown",
+    "export_suspended",
+    "export_restricted",
+    "not_released",
+    "partner_required",
+)
+
 RequestKey = tuple[str, str, str, str]
 
 
@@ -214,6 +226,12 @@ class Metrics:
         self.audit_dropped = Counter(
             "gateway_audit_dropped", "Audit records lost (queue full: Redis and spool both failing)", registry=r
         )
+        self.revoked_requests = Counter(
+            "gateway_revoked_requests",
+            "Requests in flight ended because a new policy version refuses them, by code",
+            ["code"],
+            registry=r,
+        )
         # Memory, CPU and open files: read at each scrape in one process; with workers, each worker's
         # readings are refreshed with the policy gauges (a scrape reaches one worker, not all of them).
         self._process: WorkerProcessMetrics | None = None
@@ -226,6 +244,7 @@ class Metrics:
         self._redis_errors = {op: self.redis_errors.labels(op) for op in REDIS_OPS}
         for kind in UPSTREAM_ERROR_KINDS:
             self.upstream_errors.labels(kind)
+        self._revoked = {code: self.revoked_requests.labels(code) for code in REVOKED_CODES}
         self.policy_version.set(0)
         self.policy_age.set(float("inf"))
         for name in LIST_NAMES:
@@ -261,6 +280,12 @@ class Metrics:
             self.overhead.observe(max(duration_s - upstream_s, 0.0))
         else:
             self.overhead.observe(duration_s)
+
+    def request_revoked(self, code: str) -> None:
+        child = self._revoked.get(code)
+        if child is None:
+            child = self._revoked[code] = self.revoked_requests.labels(code)
+        child.inc()
 
     def redis_error(self, op: str) -> None:
         child = self._redis_errors.get(op)

@@ -28,6 +28,7 @@ from yarl import URL
 from .errors import GatewayError, bad_request, error_body
 
 if TYPE_CHECKING:
+    from .policy.model import Decision
     from .request_model import CanonicalRequest
 
 log = logging.getLogger("gateway.proxy")
@@ -266,12 +267,26 @@ class SseUsageScanner:
 
 @dataclass(slots=True)
 class ProxyOutcome:
-    """What the relay saw, for metrics, audit and token charging."""
+    """What the relay saw, for metrics, audit and token charging.
+
+    ``body`` is the upstream response body while it is relayed (what a revocation interrupts, see
+    inflight.py); ``revoked`` the decision that ended the request, when a new policy version did.
+    """
 
     upstream_status: int = 0
     upstream_seconds: float = 0.0
     tokens: int | None = None
     error_kind: str | None = None
+    body: aiohttp.StreamReader | None = None
+    revoked: Decision | None = None
+
+
+class StreamRevoked(Exception):
+    """Raised into a response body being relayed: a new policy version refuses its request."""
+
+    def __init__(self, decision: Decision) -> None:
+        super().__init__(decision.code)
+        self.decision = decision
 
 
 def unanswered(exc: TimeoutError | aiohttp.ClientError, outcome: ProxyOutcome) -> GatewayError:
@@ -283,8 +298,10 @@ def unanswered(exc: TimeoutError | aiohttp.ClientError, outcome: ProxyOutcome) -
     return GatewayError(502, "upstream_unreachable", "The model server could not be reached.")
 
 
-def _sse_error_event(code: str, message: str, request_id: str) -> bytes:
-    body = error_body(504 if code == "upstream_timeout" else 502, code, message, request_id)
+def _sse_error_event(code: str, message: str, request_id: str, status: int | None = None) -> bytes:
+    if status is None:
+        status = 504 if code == "upstream_timeout" else 502
+    body = error_body(status, code, message, request_id)
     return b"event: error\ndata: " + body + b"\n\n"
 
 
@@ -319,6 +336,23 @@ def _fail_body_when_connection_lost(upstream: aiohttp.ClientResponse) -> Callabl
         closed.add_done_callback(_retrieve)
     closed.add_done_callback(on_closed)
     return lambda: closed.remove_done_callback(on_closed)
+
+
+def _ended_by(
+    exc: TimeoutError | aiohttp.ClientPayloadError | StreamRevoked,
+    upstream: aiohttp.ClientResponse,
+    outcome: ProxyOutcome,
+) -> tuple[int, str, str]:
+    """Status, code and message for a response body that stopped before its end, noted in ``outcome``."""
+    if isinstance(exc, StreamRevoked):
+        upstream.close()  # the model server sees the request end, and the connection is never reused
+        decision = outcome.revoked = exc.decision
+        return decision.status, decision.code, decision.message
+    if isinstance(exc, TimeoutError):  # aiohttp's ServerTimeoutError is one too
+        outcome.error_kind = "timeout"
+        return 504, "upstream_timeout", "The model server stopped sending mid-response."
+    outcome.error_kind = "protocol"
+    return 502, "upstream_unreachable", "The model server broke off the response."
 
 
 # Connections whose close future has a retriever: asking for the future creates it, and a connection
@@ -410,6 +444,15 @@ class Forwarder:
             )
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise unanswered(exc, outcome) from exc
+        except asyncio.CancelledError:
+            # Revoked before the response began (inflight.py cancels the task here, and only here): the
+            # request is refused as admission would refuse it now. aiohttp closed the upstream connection.
+            revoked = outcome.revoked
+            task = asyncio.current_task()
+            if revoked is None or task is None or task.uncancel() > 0:
+                raise
+            raise GatewayError(revoked.status, revoked.code, revoked.message) from None
+        outcome.body = upstream.content
         unwatch = _fail_body_when_connection_lost(upstream)
         try:
             return await self._relay(
@@ -426,7 +469,7 @@ class Forwarder:
             upstream.release()
             outcome.upstream_seconds = self.clock() - started
 
-    async def _relay(  # noqa: C901 - complexity 16, the most in its module: to be split
+    async def _relay(
         self,
         request: BaseRequest,
         upstream: aiohttp.ClientResponse,
@@ -478,17 +521,9 @@ class Forwarder:
                     pending = chunk
                 else:
                     await response.write(chunk)
-        except (TimeoutError, aiohttp.ServerTimeoutError):
-            outcome.error_kind = "timeout"
-            await self._abort_stream(
-                response, is_sse, "upstream_timeout", "The model server stopped sending mid-response.", request_id
-            )
-            return response
-        except aiohttp.ClientPayloadError:
-            outcome.error_kind = "protocol"
-            await self._abort_stream(
-                response, is_sse, "upstream_unreachable", "The model server broke off the response.", request_id
-            )
+        except (TimeoutError, aiohttp.ClientPayloadError, StreamRevoked) as exc:
+            status, code, message = _ended_by(exc, upstream, outcome)
+            await self._abort_stream(response, is_sse, code, message, request_id, status)
             return response
         if is_json and held_size <= USAGE_CAPTURE_LIMIT and held:
             try:
@@ -505,11 +540,11 @@ class Forwarder:
 
     @staticmethod
     async def _abort_stream(
-        response: web.StreamResponse, is_sse: bool, code: str, message: str, request_id: str
+        response: web.StreamResponse, is_sse: bool, code: str, message: str, request_id: str, status: int | None = None
     ) -> None:
         if is_sse:
             try:
-                await response.write(_sse_error_event(code, message, request_id))
+                await response.write(_sse_error_event(code, message, request_id, status))
                 await response.write_eof()
             except (ConnectionError, RuntimeError):
                 pass

@@ -21,6 +21,7 @@ from aiohttp.web_request import BaseRequest
 from .admission import rate_refused
 from .errors import GatewayError, Presentation, decision_label
 from .identity import Identity
+from .inflight import InFlight
 from .logs import bind_request, log_access, request_id_for
 from .model_list import forward_model_list, lists_models
 from .policy.model import Decision
@@ -94,6 +95,7 @@ class PublicPath:
         self.limiter = runtime.limiter
         self.forwarder = runtime.forwarder
         self.audit = runtime.audit
+        self.inflight = runtime.inflight
         self.upstream_auth = runtime.upstream_auth
         self.policy_version = runtime.policy_version
         self.presentation = Presentation(block_style=s.policy.block_style, blocked_by_url=s.policy.blocked_by_url)
@@ -209,14 +211,30 @@ class PublicPath:
             )
         tiers = self.settings.tiers
         needs_usage = tiers[identity.tier].tokens_per_minute is not None
-        return await forwarder.forward(
-            request,
-            view,
-            request_id=exchange.request_id,
-            extra_response_headers=rate_headers,
-            on_usage=charge if needs_usage else None,
+        # In flight until forwarded: a new policy version that refuses it ends it (inflight.py).
+        live = InFlight(
+            identity,
+            authorization=request.headers.get("Authorization") if identity.key_id is not None else None,
+            transport=request.transport,
+            ip=view.client_ip,
+            model=model,
+            method=method,
+            path=path,
             outcome=exchange.outcome,
         )
+        inflight = self.inflight
+        inflight.add(live)
+        try:
+            return await forwarder.forward(
+                request,
+                view,
+                request_id=exchange.request_id,
+                extra_response_headers=rate_headers,
+                on_usage=charge if needs_usage else None,
+                outcome=exchange.outcome,
+            )
+        finally:
+            inflight.discard(live)
 
     def _finish(self, exchange: Exchange) -> None:
         duration = time.perf_counter() - exchange.started
@@ -226,7 +244,17 @@ class PublicPath:
         upstream_answered = outcome.upstream_status != 0
         if outcome.error_kind is not None:
             self.metrics.upstream_errors.labels(outcome.error_kind).inc()
-        decision = "allow" if exchange.code == "" and upstream_answered else decision_label(exchange.status)
+        if outcome.revoked is not None:
+            # Ended by a new policy version: blocked with its code; the status is what the caller got.
+            exchange.code = outcome.revoked.code
+            if exchange.status == CLIENT_CLOSED and upstream_answered:
+                exchange.status = outcome.upstream_status
+            decision = "block"
+            self.metrics.request_revoked(exchange.code)
+        elif exchange.code == "" and upstream_answered:
+            decision = "allow"
+        else:
+            decision = decision_label(exchange.status)
         snapshot = self.watcher.snapshot
         identity = exchange.identity
         tier = identity.tier if identity else ""
@@ -271,6 +299,8 @@ class PublicPath:
         }
         if identity is not None and identity.key_id is not None:
             record["key_id"] = identity.key_id
+        if exchange.outcome.revoked is not None:
+            record["revoked"] = True
         if screening:
             record["screening"] = {
                 name: _bounded(value) if isinstance(value, str) else value for name, value in screening.items()

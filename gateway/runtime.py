@@ -20,6 +20,7 @@ from .admission import Admission
 from .audit import AuditLog
 from .geo import GeoResolver
 from .identity import Authenticator
+from .inflight import InFlightRegistry
 from .jwks import JwksFetcher, KeyRing
 from .metrics import Metrics
 from .network import TrustedProxies
@@ -54,6 +55,7 @@ class Runtime:
     watcher: PolicyWatcher
     audit: AuditLog
     admission: Admission
+    inflight: InFlightRegistry  # requests being forwarded, decided again on each new policy version
 
     def policy_version(self) -> int:
         """The policy version this process enforces; 0 before it has loaded a policy."""
@@ -158,6 +160,8 @@ async def create_runtime(
         admission = Admission(
             policy=watcher, authenticator=authenticator, geo=geo, rules=rules, clock=clock, limiter=limiter
         )
+        inflight = InFlightRegistry(admission, clock=clock)
+        watcher.on_change.append(inflight.policy_changed)
         yield Runtime(
             settings=s,
             clock=clock,
@@ -177,4 +181,5 @@ async def create_runtime(
             watcher=watcher,
             audit=audit,
             admission=admission,
+            inflight=inflight,
         )

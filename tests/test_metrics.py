@@ -34,6 +34,7 @@ CONTRACT_METRICS: dict[str, set[str]] = {
     "gateway_ratelimit_fallback_total": set(),
     "gateway_audit_spooled_total": set(),
     "gateway_audit_dropped_total": set(),
+    "gateway_revoked_requests_total": {"code"},
 }
 
 METRICS_POLICY: dict[str, Any] = {

@@ -30,6 +30,8 @@ class Upstream:
     seen: list[Seen] = field(default_factory=list)
     release: threading.Event = field(default_factory=threading.Event)
     disconnected: threading.Event = field(default_factory=threading.Event)
+    # X-Request-Id of every slow stream whose caller (the gateway) went away before its end.
+    cut_off: set[str] = field(default_factory=set)
     usage_tokens: int = 42
     # What GET .../models lists (the gateway answers a caller only the ones it may use).
     model_ids: list[str] = field(default_factory=lambda: ["gpt-mock"])
@@ -102,6 +104,31 @@ class Upstream:
             raise
         return response
 
+    async def slow_stream(self, request: web.Request) -> web.StreamResponse:
+        """After ``wait`` seconds (default 0), an event every ``every`` seconds (default 0.1) for ``events``
+        events (default 100), each padded with ``pad`` bytes (default 0): SSE, or under ``/v1/slow-chunked``
+        a chunked plain-text body."""
+        await self._record(request)
+        sse = not request.path.endswith("chunked")
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream" if sse else "text/plain"})
+        response.enable_chunked_encoding()
+        every = float(request.query.get("every", "0.1"))
+        size = int(request.query.get("pad", "0"))
+        pad = f', "pad": "{"x" * size}"' if size else ""
+        try:
+            await asyncio.sleep(float(request.query.get("wait", "0")))
+            await response.prepare(request)
+            for n in range(int(request.query.get("events", "100"))):
+                await response.write(
+                    f'data: {{"n": {n}{pad}}}\n\n'.encode() if sse else f"part{n}{'x' * size};".encode()
+                )
+                await asyncio.sleep(every)
+            await response.write_eof()
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.cut_off.add(request.headers.get("X-Request-Id", ""))
+            raise
+        return response
+
     async def stall(self, request: web.Request) -> web.Response:
         await self._record(request)
         await asyncio.sleep(float(request.query.get("s", "30")))
@@ -132,6 +159,8 @@ class Upstream:
         app.router.add_route("*", "/stall", self.stall)
         app.router.add_route("*", "/stall-mid-stream", self.stall_mid_stream)
         app.router.add_route("*", "/chunked", self.chunked)
+        app.router.add_route("*", "/v1/slow-stream", self.slow_stream)
+        app.router.add_route("*", "/v1/slow-chunked", self.slow_stream)
         app.router.add_route("*", "/{tail:.*}", self.echo)
         return app
 
