@@ -198,3 +198,22 @@ async def test_shadow_entries_and_model_shadows_survive_export_then_import(
     status, request_id = await chat(session, gateway, hs_token("hans", country="DE"))
     assert status == 200
     assert (await audit_of(admin, request_id))["shadow"]["code"] == "country_denied"
+
+
+async def test_a_shadow_that_would_allow_what_is_blocked_is_recorded_as_allow(
+    gateway: GatewayProcess, session: aiohttp.ClientSession
+) -> None:
+    admin = AdminClient(session, gateway.admin_url)
+    await admin.ok("PATCH", "/admin/v1/models/gpt-mock", {"export_suspended": True})
+    await admin.ok("PATCH", "/admin/v1/models/gpt-mock", {"export_suspended": False, "enforce": False})
+    before = await shadow_counts(session, gateway)
+    status, request_id = await chat(session, gateway, hs_token("pierre", country="FR"))
+    assert status == 451  # the live suspension holds
+    record = await audit_of(admin, request_id)
+    assert record["code"] == "export_suspended" and record["shadow"] == {"decision": "allow", "code": ""}
+    assert (await shadow_counts(session, gateway))[""] - before.get("", 0) == 1
+    # Discarded: the same request is decided alike again, and nothing is recorded.
+    await admin.ok("PATCH", "/admin/v1/models/gpt-mock", {"shadow": None})
+    assert "shadow" not in (await admin.ok("GET", "/admin/v1/models/gpt-mock"))["model"]
+    status, request_id = await chat(session, gateway, hs_token("pierre", country="FR"))
+    assert status == 451 and "shadow" not in await audit_of(admin, request_id)
