@@ -90,6 +90,21 @@ REVOKED_CODES = (
 
 RequestKey = tuple[str, str, str, str]
 
+# What gateway_shadow_decisions_total{code} can be labelled with: the codes of rows 2-8 a shadow
+# decision can carry, and "" when the shadow policy allows what the live one blocks.
+SHADOW_CODES = (
+    "",
+    "entity_denied",
+    "country_denied",
+    "model_required",
+    "ambiguous_request",
+    "model_unknown",
+    "export_suspended",
+    "export_restricted",
+    "not_released",
+    "partner_required",
+)
+
 
 def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
@@ -232,6 +247,13 @@ class Metrics:
             ["code"],
             registry=r,
         )
+        self.shadow_decisions = Counter(
+            "gateway_shadow_decisions",
+            "Requests the shadow policy (shadow entries enforced) decides otherwise, by its code (empty: allow)",
+            ["code"],
+            registry=r,
+        )
+        self._shadow_codes = {code: self.shadow_decisions.labels(code) for code in SHADOW_CODES}
         # Memory, CPU and open files: read at each scrape in one process; with workers, each worker's
         # readings are refreshed with the policy gauges (a scrape reaches one worker, not all of them).
         self._process: WorkerProcessMetrics | None = None
@@ -285,6 +307,13 @@ class Metrics:
         child = self._revoked.get(code)
         if child is None:
             child = self._revoked[code] = self.revoked_requests.labels(code)
+        child.inc()
+
+    def shadow_decision(self, code: str) -> None:
+        """One request the shadow policy decides otherwise; ``code`` is the shadow decision's ("" allow)."""
+        child = self._shadow_codes.get(code)
+        if child is None:  # a code not foreseen; still one of the decision's own, so bounded
+            child = self._shadow_codes[code] = self.shadow_decisions.labels(code)
         child.inc()
 
     def redis_error(self, op: str) -> None:

@@ -24,7 +24,8 @@ from .identity import Identity
 from .inflight import InFlight
 from .logs import bind_request, log_access, request_id_for
 from .model_list import forward_model_list, lists_models
-from .policy.model import Decision
+from .policy.decide import differs
+from .policy.model import Caller, Decision, Snapshot
 from .proxy import ProxyOutcome
 from .ratelimit import RateResult
 from .runtime import Runtime
@@ -74,6 +75,7 @@ class Exchange:
     ip_country: str | None = None
     model: str | None = None
     decision: Decision | None = None
+    shadow: Decision | None = None  # the decision under the shadow policy, when it differs
     status: int = 0
     code: str = ""
     outcome: ProxyOutcome = field(default_factory=ProxyOutcome)
@@ -185,6 +187,8 @@ class PublicPath:
         exchange.model = model
         decision = admission.decide(snapshot, caller, model, method=method, path=path)
         exchange.decision = decision
+        if snapshot.shadow is not None:  # shadow entries held: decide alongside, never enforced
+            self._decide_shadow(snapshot, exchange, caller, model, method, path)
         if not decision.allowed:
             raise GatewayError(decision.status, decision.code, decision.message)
         budget = limiter.budget()  # one wait on Redis for the check and the charge together
@@ -235,6 +239,20 @@ class PublicPath:
             )
         finally:
             inflight.discard(live)
+
+    def _decide_shadow(
+        self, snapshot: Snapshot, exchange: Exchange, caller: Caller, model: str | None, method: str, path: str
+    ) -> None:
+        """Rows 2-8 under the shadow policy; a different outcome is kept for the audit record and counted."""
+        shadow = snapshot.shadow
+        assert shadow is not None and exchange.decision is not None and exchange.identity is not None
+        admission = self.admission
+        if shadow.ip_ranges is not snapshot.ip_ranges:  # shadow ip-ranges entries may place the caller elsewhere
+            caller = admission.caller(exchange.identity, exchange.ip, shadow)
+        decision = admission.decide(shadow, caller, model, method=method, path=path)
+        if differs(exchange.decision, decision):
+            exchange.shadow = decision
+            self.metrics.shadow_decision(decision.code)
 
     def _finish(self, exchange: Exchange) -> None:
         duration = time.perf_counter() - exchange.started
@@ -301,6 +319,9 @@ class PublicPath:
             record["key_id"] = identity.key_id
         if exchange.outcome.revoked is not None:
             record["revoked"] = True
+        shadow = exchange.shadow
+        if shadow is not None:
+            record["shadow"] = {"decision": "allow" if shadow.allowed else "block", "code": shadow.code}
         if screening:
             record["screening"] = {
                 name: _bounded(value) if isinstance(value, str) else value for name, value in screening.items()

@@ -610,3 +610,29 @@ def test_serve_names_a_port_another_process_holds(tmp_path: Path, section: str, 
     assert f"{section}.port: cannot listen on 127.0.0.1:{taken}" in result.stderr
     assert f"GATEWAY_{section.upper()}__PORT" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_shadow_entries_and_model_shadows_are_written_shown_decided_and_promoted(gateway: GatewayProcess) -> None:
+    out = ok(gateway, "lists", "put", "deny-countries", "DE", "--reason", "proposed", "--shadow")
+    assert "DE written as a shadow entry (not enforced)" in out
+    title, header, *rows = ok(gateway, "lists", "get", "deny-countries").splitlines()
+    assert "1 shadow, not enforced" in title and header.split()[-1] == "ENFORCED"
+    assert next(row for row in rows if row.startswith("DE")).endswith("no (shadow)")
+    assert next(row for row in rows if row.startswith("IR")).endswith("yes")
+    decided = ok(gateway, "decide", "--subject", "u1", "--country", "DE", "--tier", "partner", "--ip", "127.0.0.1",
+                 "--model", "gpt-mock")  # fmt: skip
+    assert decided.splitlines()[0] == "allow 200"
+    assert "shadow (not enforced): block 451 country_denied" in decided
+    ok(gateway, "lists", "promote", "deny-countries", "DE")
+    assert "enforce" not in admin_get(gateway, "/admin/v1/lists/deny-countries")["entries"]["DE"]
+    ok(gateway, "lists", "delete", "deny-countries", "DE")
+
+    ok(gateway, "models", "suspend", "gpt-mock", "--shadow")
+    rows = ok(gateway, "models", "get", "gpt-mock").splitlines()
+    assert any(row.startswith("gpt-mock (shadow, not enforced)") and "yes" in row for row in rows)
+    model = admin_get(gateway, "/admin/v1/models/gpt-mock")["model"]
+    assert model["export_suspended"] is False and model["shadow"]["export_suspended"] is True
+    ok(gateway, "models", "promote", "gpt-mock")
+    model = admin_get(gateway, "/admin/v1/models/gpt-mock")["model"]
+    assert model["export_suspended"] is True and "shadow" not in model
+    ok(gateway, "models", "lift", "gpt-mock")

@@ -33,6 +33,11 @@ def model(
     return {"stage": stage, "timeline": timeline or [], "allowed_countries": allowed, "export_suspended": suspended}
 
 
+def shadowed(live: dict[str, Any], shadow: dict[str, Any]) -> dict[str, Any]:
+    """A stored model with a shadow: the live fields, and the model as the shadow write makes it."""
+    return live | {"shadow": shadow}
+
+
 def one(record: str, before: Any, after: Any, unknown_model: str = "deny") -> str:
     return classify_change({record: before}, {record: after}, unknown_model=unknown_model)
 
@@ -134,6 +139,42 @@ CASES: list[tuple[str, str, Any, Any, str]] = [
     ("api keys replaced whole", "apikeys", {}, {}, "loosen"),
     ("screening replaced", "screening", {"bytes": 10}, {"count": 1}, "loosen"),
     ("something unknown", "future#x", None, {}, "loosen"),
+    # Shadow entries ("enforce": false) and a model's shadow count as absent: only what is enforced counts.
+    *[(f"{r} shadow added", r, None, entry(enforce=False), "tighten") for r in DENY],
+    *[(f"{r} shadow written over a live entry", r, entry(), entry(enforce=False), "loosen") for r in DENY],
+    *[(f"{r} shadow promoted", r, entry(enforce=False), entry(), "tighten") for r in DENY],
+    *[(f"{r} shadow deleted", r, entry(enforce=False), None, "tighten") for r in DENY],
+    ("partner shadow added", PARTNER, None, entry(enforce=False), "tighten"),
+    ("partner shadow promoted", PARTNER, entry(enforce=False), entry(), "loosen"),
+    ("partner made shadow", PARTNER, entry(), entry(enforce=False), "tighten"),
+    ("ip-range shadow added", IP, None, entry(country="IR", enforce=False), "tighten"),
+    ("ip-range shadow promoted", IP, entry(country="IR", enforce=False), entry(country="IR"), "loosen"),
+    (
+        "model shadow lifting a suspension",
+        MODEL,
+        model(suspended=True),
+        shadowed(model(suspended=True), model()),
+        "tighten",
+    ),
+    (
+        "model shadow widening countries",
+        MODEL,
+        model(allowed=["US"]),
+        shadowed(model(allowed=["US"]), model()),
+        "tighten",
+    ),
+    ("model shadow suspending", MODEL, model(), shadowed(model(), model(suspended=True)), "tighten"),
+    ("model shadow discarded", MODEL, shadowed(model(), model("general")), model(), "tighten"),
+    ("model shadow lift promoted", MODEL, shadowed(model(suspended=True), model()), model(), "loosen"),
+    (
+        "model shadow suspension promoted",
+        MODEL,
+        shadowed(model(), model(suspended=True)),
+        model(suspended=True),
+        "tighten",
+    ),
+    ("model shadow release promoted", MODEL, shadowed(model("internal"), model("general")), model("general"), "loosen"),
+    ("live change beside a shadow", MODEL, shadowed(model(), model()), shadowed(model("general"), model()), "loosen"),
 ]
 
 

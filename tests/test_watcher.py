@@ -60,7 +60,7 @@ async def write(store: Store, *ops: Op, target: str = "test") -> int:
     return version
 
 
-async def put(store: Store, name: str, key: str, **extra: str) -> int:
+async def put(store: Store, name: str, key: str, **extra: Any) -> int:
     return await write(store, HashSet(list_key(name), key, ENTRY | extra), target=name)
 
 
@@ -203,9 +203,18 @@ def held_revisions(watcher: PolicyWatcher) -> KnownRevisions:
 
 async def fresh_document(store: Store) -> dict[str, Any]:
     """The policy as a reader with nothing in hand builds it: every part read whole."""
+    return policy_document(await fresh_snapshot(store))
+
+
+def enforced_keys(snapshot: Snapshot) -> dict[str, list[str]]:
+    """Each list's keys as the snapshot enforces them (shadow entries left out)."""
+    return {name: sorted(snapshot.lists[name]) for name in LIST_NAMES}
+
+
+async def fresh_snapshot(store: Store) -> Snapshot:
     data = await store.load_policy()
     assert data is not None and not data.deltas and not data.unchanged
-    snapshot = build_snapshot(
+    return build_snapshot(
         version=data.version,
         generation=data.generation,
         loaded_at=0.0,
@@ -213,7 +222,6 @@ async def fresh_document(store: Store) -> dict[str, Any]:
         models=data.models,
         api_keys=data.api_keys,
     )
-    return policy_document(snapshot)
 
 
 async def test_a_change_to_a_large_list_reads_only_the_changed_entries(watched: tuple[Store, PolicyWatcher]) -> None:
@@ -343,6 +351,7 @@ async def test_entry_by_entry_reloads_agree_with_whole_reads_over_random_writes(
     lagging = PolicyWatcher(store, watcher.settings)  # refreshes only now and then: larger spans
     await lagging.refresh()
     kinds: list[str] = []
+    shadows_seen = 0
     try:
         for step in range(120):
             name = rng.choice(LIST_NAMES)
@@ -353,7 +362,10 @@ async def test_entry_by_entry_reloads_agree_with_whole_reads_over_random_writes(
             kind = rng.choices(["set", "delete", "replace", "models", "raw", "several"], [8, 4, 1, 1, 1, 2])[0]
             kinds.append(kind)
             if kind == "set":
-                await put(store, name, key, **({"country": "DE"} if name == "ip-ranges" else {}))
+                # A third of the writes are shadow entries, so a later write to the same key promotes
+                # one, demotes a live one or replaces one shadow with another.
+                shadow = {"enforce": False} if rng.random() < 0.33 else {}
+                await put(store, name, key, **({"country": "DE"} if name == "ip-ranges" else {}), **shadow)
             elif kind == "delete":
                 await write(store, HashDelete(list_key(name), key, must_exist=False), target=name)
             elif kind == "replace":
@@ -378,14 +390,21 @@ async def test_entry_by_entry_reloads_agree_with_whole_reads_over_random_writes(
                 ]
                 await write(store, *ops, HashDelete(list_key(name), key, must_exist=False), target=name)
             await watcher.refresh()
-            expected = await fresh_document(store)
+            fresh = await fresh_snapshot(store)
+            expected, enforced = policy_document(fresh), enforced_keys(fresh)
+            # The whole policy (shadow entries included) and what is enforced agree with a whole read.
             assert policy_document(current(watcher)) == expected, (step, kinds[-3:])
+            assert enforced_keys(current(watcher)) == enforced, (step, kinds[-3:])
+            assert (current(watcher).shadow is None) == (fresh.shadow is None), step
+            shadows_seen += fresh.shadow is not None
             if rng.random() < 0.2:
                 await lagging.refresh()
                 assert policy_document(current(lagging)) == expected, (step, "lagging")
+                assert enforced_keys(current(lagging)) == enforced, (step, "lagging")
     finally:
         await raw.aclose()
     assert {"set", "delete", "replace", "raw", "several"} <= set(kinds)
+    assert shadows_seen, "no step held a shadow entry"
 
 
 async def test_close_returns_however_a_cancel_meets_the_poll_timer(redis_url: str) -> None:
@@ -407,3 +426,30 @@ async def test_close_returns_however_a_cancel_meets_the_poll_timer(redis_url: st
             assert watcher._tasks == []
     finally:
         await store.close()
+
+
+async def test_shadow_entries_added_promoted_and_removed_reload_entry_by_entry(
+    watched: tuple[Store, PolicyWatcher],
+) -> None:
+    store, watcher = watched
+    first = current(watcher)
+    assert first.shadow is None
+    await put(store, "deny-entities", "entity-shadow", enforce=False)
+    await watcher.refresh()
+    added = current(watcher)
+    assert "entity-shadow" not in added.lists["deny-entities"] and len(added.lists["deny-entities"]) == 500
+    assert added.shadow is not None and "entity-shadow" in added.shadow.lists["deny-entities"]
+    assert added.shadow.lists["partners"] is added.lists["partners"]  # lists without shadows are shared
+    await put(store, "deny-entities", "entity-shadow")  # promoted
+    await watcher.refresh()
+    promoted = current(watcher)
+    assert "entity-shadow" in promoted.lists["deny-entities"] and promoted.shadow is None
+    await put(store, "deny-entities", "entity-7", enforce=False)  # a live entry made a shadow
+    await watcher.refresh()
+    demoted = current(watcher)
+    assert "entity-7" not in demoted.lists["deny-entities"]
+    assert demoted.shadow is not None and "entity-7" in demoted.shadow.lists["deny-entities"]
+    await drop(store, "deny-entities", "entity-7")
+    await watcher.refresh()
+    assert current(watcher).shadow is None and "entity-7" not in current(watcher).lists["deny-entities"]
+    assert policy_document(current(watcher)) == await fresh_document(store)

@@ -39,6 +39,7 @@ from ..errors import (
     policy_missing,
 )
 from ..identity import hash_api_key, new_api_key
+from ..policy.decide import differs
 from ..policy.names import LIST_NAMES, PARTNERS, now_iso
 from ..policy.validate import (
     document_warnings,
@@ -47,12 +48,12 @@ from ..policy.validate import (
     merge_patch,
     missing_parts,
     model_warnings,
+    model_write,
     patch_body,
     policy_diff,
     validate_api_key_request,
     validate_entry,
     validate_list,
-    validate_model,
     validate_model_name,
     validate_policy_document,
 )
@@ -322,32 +323,39 @@ class AdminApi:
         return json_response({"version": version, "name": name, "model": models[name]})
 
     async def put_model(self, request: web.Request) -> web.Response:
-        """Replace a model whole: a field left out takes its default (PATCH changes only what it names)."""
-        name = validate_model_name(request.match_info["model"])
-        model = validate_model(name, await read_json(request))
-        version = await self._write(request, [HashSet(MODELS_KEY, name, model)], f"models/{name}")
-        return _written(version, model_warnings(name, model), name=name)
+        """Replace a model whole: a field left out takes its default (PATCH changes only what it names).
+        With ``"enforce": false`` only the model's shadow is written; the live model stays."""
+        return await self._write_model(request, patch=False)
 
     async def patch_model(self, request: web.Request) -> web.Response:
         """Merge patch of a model, applied to the stored value inside the write's transaction: suspending
-        a model's export leaves its ``allowed_countries`` as they are."""
+        a model's export leaves its ``allowed_countries`` as they are. ``"enforce": false`` patches the
+        shadow; ``"enforce": true`` promotes it (model_write has the rules)."""
+        return await self._write_model(request, patch=True)
+
+    async def _write_model(self, request: web.Request, *, patch: bool) -> web.Response:
         name = validate_model_name(request.match_info["model"])
-        patch = patch_body(await read_json(request))
-        merged_model: dict[str, Any] = {}
+        body = await read_json(request)
+        if patch:
+            body = patch_body(body)
+        written: dict[str, Any] = {}
 
         def update(stored: dict[str, Any] | None) -> dict[str, Any]:
-            if stored is None:
+            if stored is None and patch:
                 raise GatewayError(
                     404,
                     "not_found",
                     f"No model {name[:80]!r} in the registry to patch; add it with PUT /admin/v1/models/{{model}}.",
                 )
-            merged_model.clear()
-            merged_model.update(validate_model(name, merge_patch(stored, patch)))
-            return merged_model
+            written.clear()
+            written.update(model_write(name, stored, body, patch=patch))
+            return written
 
+        if not patch and not (isinstance(body, dict) and body.get("enforce") is False):
+            # A plain PUT does not depend on the stored model: checked before the write starts.
+            update(None)
         version = await self._write(request, [HashUpdate(MODELS_KEY, name, update)], f"models/{name}")
-        return _written(version, model_warnings(name, merged_model), name=name)
+        return _written(version, model_warnings(name, written), name=name)
 
     async def delete_model(self, request: web.Request) -> web.Response:
         name = validate_model_name(request.match_info["model"])
@@ -390,6 +398,14 @@ class AdminApi:
         if answer.get("screening") is None:
             answer.pop("screening", None)
         answer["ip_country"] = caller.ip_subdivision or caller.ip_country
+        shadow = snapshot.shadow if snapshot is not None else None
+        if shadow is not None and not policy.stale():
+            # What the shadow entries would decide, when it differs from what is enforced.
+            shadow_decision = admission.decide(shadow, admission.caller(identity, ip, shadow), model)
+            if differs(decision, shadow_decision):
+                answer["shadow"] = {
+                    name: shadow_decision.to_dict()[name] for name in ("decision", "status", "code", "message")
+                }
         return json_response(answer)
 
     # screening

@@ -44,7 +44,7 @@ def _lists_get(args: argparse.Namespace) -> None:
 
     def text(data: Any) -> str:
         entries = data.get("entries", {})
-        headers = ["KEY", "REASON", "SOURCE", "EXPIRES AT", "ADDED BY", "ADDED AT"]
+        headers = ["KEY", "REASON", "SOURCE", "EXPIRES AT", "ADDED BY", "ADDED AT", "ENFORCED"]
         ip_ranges = data.get("list") == "ip-ranges"
         if ip_ranges:
             headers.insert(1, "COUNTRY")
@@ -57,11 +57,15 @@ def _lists_get(args: argparse.Namespace) -> None:
                 entry.get("expires_at"),
                 entry.get("added_by"),
                 entry.get("added_at"),
+                "no (shadow)" if entry.get("enforce") is False else "yes",
             ]
             if ip_ranges:
                 row.insert(1, entry.get("country"))
             rows.append(row)
+        shadows = sum(1 for entry in entries.values() if entry.get("enforce") is False)
         title = f"{data.get('list')}: {len(entries)} entries, policy version {data.get('version')}"
+        if shadows:
+            title += f" ({shadows} shadow, not enforced)"
         return title + ("\n" + table(headers, rows) if rows else "")
 
     emit(args, data, text)
@@ -75,8 +79,11 @@ def _lists_put(args: argparse.Namespace) -> None:
         body["expires_at"] = args.expires_at
     if args.country is not None:
         body["country"] = args.country
+    if args.shadow:
+        body["enforce"] = False
     data = admin_client(args).call("PUT", f"/admin/v1/lists/{segment(args.list)}/{segment(args.key)}", body=body)
-    emit(args, data, written(f"{args.list} {data.get('key', args.key)} written"))
+    done = "written as a shadow entry (not enforced)" if args.shadow else "written"
+    emit(args, data, written(f"{args.list} {data.get('key', args.key)} {done}"))
 
 
 def _lists_patch(args: argparse.Namespace) -> None:
@@ -89,8 +96,12 @@ def _lists_patch(args: argparse.Namespace) -> None:
         if args.expires_at is not None:
             raise CliError("--expires-at and --no-expiry contradict each other")
         body["expires_at"] = None  # a merge patch's null removes the field
+    if args.enforce is not None:
+        body["enforce"] = args.enforce
     if not body:
-        raise CliError("nothing to change: give --reason, --source, --expires-at, --no-expiry or --country")
+        raise CliError(
+            "nothing to change: give --reason, --source, --expires-at, --no-expiry, --country or --enforce/--shadow"
+        )
     data = admin_client(args).call("PATCH", f"/admin/v1/lists/{segment(args.list)}/{segment(args.key)}", body=body)
     emit(args, data, written(f"{args.list} {data.get('key', args.key)} changed ({', '.join(body)})"))
 
@@ -117,6 +128,15 @@ def _lists_replace(args: argparse.Namespace) -> None:
 # --- models ----------------------------------------------------------------------------------
 
 
+def _model_rows(name: str, model: Mapping[str, Any]) -> list[list[Any]]:
+    """The model's row, and a second one for its shadow (not enforced) when it has one."""
+    rows = [_model_row(name, model)]
+    shadow = model.get("shadow")
+    if isinstance(shadow, Mapping):
+        rows.append(_model_row(f"{name} (shadow, not enforced)", shadow))
+    return rows
+
+
 def _model_row(name: str, model: Mapping[str, Any]) -> list[Any]:
     timeline = [f"{step.get('at')}->{step.get('stage')}" for step in model.get("timeline") or []]
     allowed = model.get("allowed_countries")
@@ -138,7 +158,7 @@ def _models_list(args: argparse.Namespace) -> None:
     def text(data: Any) -> str:
         models = data.get("models", {})
         title = f"{len(models)} models, policy version {data.get('version')}"
-        rows = [_model_row(name, model) for name, model in models.items()]
+        rows = [row for name, model in models.items() for row in _model_rows(name, model)]
         return title + ("\n" + table(_MODEL_HEADERS, rows) if rows else "")
 
     emit(args, data, text)
@@ -146,7 +166,7 @@ def _models_list(args: argparse.Namespace) -> None:
 
 def _models_get(args: argparse.Namespace) -> None:
     data = admin_client(args).call("GET", f"/admin/v1/models/{segment(args.name)}")
-    emit(args, data, lambda d: table(_MODEL_HEADERS, [_model_row(d["name"], d["model"])]))
+    emit(args, data, lambda d: table(_MODEL_HEADERS, _model_rows(d["name"], d["model"])))
 
 
 def _timeline(text: str) -> Any:
@@ -169,7 +189,12 @@ def _models_put(args: argparse.Namespace) -> None:
         body["timeline"] = _timeline(args.timeline)
     if args.allowed_countries is not None:
         body["allowed_countries"] = _countries(args.allowed_countries)
+    if args.shadow:
+        body["enforce"] = False
     data = admin_client(args).call("PUT", f"/admin/v1/models/{segment(args.name)}", body=body)
+    if args.shadow:
+        emit(args, data, written(f"model {args.name}: shadow written (not enforced; the live model unchanged)"))
+        return
     emit(args, data, written(f"model {args.name} replaced whole"))
     left_out = [
         name
@@ -207,7 +232,22 @@ def _models_patch(args: argparse.Namespace) -> None:
             "nothing to change: give --stage, --timeline, --allowed-countries, --any-country "
             "or --export-suspended/--no-export-suspended"
         )
-    _patch_model(args, body, f"model {args.name} changed ({', '.join(body)})")
+    fields = ", ".join(body)
+    done = f"model {args.name} changed ({fields})"
+    if args.shadow:
+        body["enforce"] = False
+        done = f"model {args.name}: shadow changed ({fields}); not enforced, the live model unchanged"
+    _patch_model(args, body, done)
+
+
+def _models_promote(args: argparse.Namespace) -> None:
+    _patch_model(args, {"enforce": True}, f"model {args.name}: shadow promoted; it is the live model now")
+
+
+def _lists_promote(args: argparse.Namespace) -> None:
+    path = f"/admin/v1/lists/{segment(args.list)}/{segment(args.key)}"
+    data = admin_client(args).call("PATCH", path, body={"enforce": True})
+    emit(args, data, written(f"{args.list} {data.get('key', args.key)} promoted: enforced now"))
 
 
 def _patch_model(args: argparse.Namespace, body: dict[str, Any], done: str) -> None:
@@ -216,6 +256,9 @@ def _patch_model(args: argparse.Namespace, body: dict[str, Any], done: str) -> N
 
 
 def _models_suspend(args: argparse.Namespace) -> None:
+    if args.shadow:
+        _patch_model(args, {"export_suspended": True, "enforce": False}, f"model {args.name}: shadow suspension")
+        return
     _patch_model(
         args,
         {"export_suspended": True},
@@ -224,6 +267,9 @@ def _models_suspend(args: argparse.Namespace) -> None:
 
 
 def _models_lift(args: argparse.Namespace) -> None:
+    if args.shadow:
+        _patch_model(args, {"export_suspended": False, "enforce": False}, f"model {args.name}: shadow lift")
+        return
     _patch_model(
         args,
         {"export_suspended": False},
@@ -311,6 +357,10 @@ def _decide(args: argparse.Namespace) -> None:
         if d.get("screening"):
             hit = d["screening"]
             lines.append(f"screening: {hit.get('matched_name')} ({hit.get('source')}), score {hit.get('score')}")
+        shadow = d.get("shadow")
+        if shadow:
+            outcome = f"{shadow.get('decision')} {shadow.get('status')} {shadow.get('code') or ''}".rstrip()
+            lines.append(f"shadow (not enforced): {outcome}")
         return "\n".join(lines)
 
     emit(args, data, text)
@@ -589,6 +639,9 @@ def _group(subparsers: Any, name: str, help_text: str) -> Any:
     return parser.add_subparsers(dest=f"{name}_command", required=True, metavar="COMMAND")
 
 
+_SHADOW_HELP = "write a shadow entry: stored, not enforced; decided alongside and recorded where it differs"
+
+
 def _add_lists(subparsers: Any, common: argparse.ArgumentParser) -> None:
     sub = _group(subparsers, "lists", "show and change the live lists")
     get = _leaf(sub, "get", _lists_get, "show a list", common)
@@ -600,6 +653,7 @@ def _add_lists(subparsers: Any, common: argparse.ArgumentParser) -> None:
     put.add_argument("--source")
     put.add_argument("--expires-at", help="ISO-8601 instant with a time zone, e.g. 2027-01-31T00:00:00Z")
     put.add_argument("--country", help="ip-ranges only: the range's country")
+    put.add_argument("--shadow", action="store_true", help=_SHADOW_HELP)
     patch = _leaf(sub, "patch", _lists_patch, "change only the named fields of one entry (merge patch)", common)
     patch.add_argument("list", choices=LIST_NAMES)
     patch.add_argument("key", help="country code, subject/org, or CIDR for ip-ranges")
@@ -608,6 +662,15 @@ def _add_lists(subparsers: Any, common: argparse.ArgumentParser) -> None:
     patch.add_argument("--expires-at", help="ISO-8601 instant with a time zone, e.g. 2027-01-31T00:00:00Z")
     patch.add_argument("--no-expiry", action="store_true", help="remove the entry's expires_at")
     patch.add_argument("--country", help="ip-ranges only: the range's country")
+    patch.add_argument(
+        "--enforce",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="--enforce makes a shadow entry live; --no-enforce makes the entry a shadow (not enforced)",
+    )
+    promote = _leaf(sub, "promote", _lists_promote, "make a shadow entry live (PATCH enforce: true)", common)
+    promote.add_argument("list", choices=LIST_NAMES)
+    promote.add_argument("key")
     delete = _leaf(sub, "delete", _lists_delete, "remove one entry", common)
     delete.add_argument("list", choices=LIST_NAMES)
     delete.add_argument("key")
@@ -635,6 +698,7 @@ def _add_models(subparsers: Any, common: argparse.ArgumentParser) -> None:
     put.add_argument("--timeline", help='JSON list, e.g. \'[{"at": "2026-03-01T00:00:00Z", "stage": "general"}]\'')
     put.add_argument("--allowed-countries", help="comma-separated country codes; omit for any country")
     put.add_argument("--export-suspended", action=argparse.BooleanOptionalAction, default=False)
+    put.add_argument("--shadow", action="store_true", help=_SHADOW_HELP + "; the live model stays")
     patch = _leaf(sub, "patch", _models_patch, "change only the named fields of a model (merge patch)", common)
     patch.add_argument("name")
     patch.add_argument("--stage", choices=STAGES)
@@ -650,6 +714,11 @@ def _add_models(subparsers: Any, common: argparse.ArgumentParser) -> None:
         default=None,
         help="suspend (or, with --no-export-suspended, lift) the model's export",
     )
+    patch.add_argument("--shadow", action="store_true", help="change the model's shadow, not the live model")
+    promote = _leaf(
+        sub, "promote", _models_promote, "make a model's shadow the live model (PATCH enforce: true)", common
+    )
+    promote.add_argument("name")
     suspend = _leaf(
         sub,
         "suspend",
@@ -658,6 +727,7 @@ def _add_models(subparsers: Any, common: argparse.ArgumentParser) -> None:
         common,
     )
     suspend.add_argument("name")
+    suspend.add_argument("--shadow", action="store_true", help="suspend in the shadow only (not enforced)")
     lift = _leaf(
         sub,
         "lift",
@@ -666,6 +736,7 @@ def _add_models(subparsers: Any, common: argparse.ArgumentParser) -> None:
         common,
     )
     lift.add_argument("name")
+    lift.add_argument("--shadow", action="store_true", help="lift in the shadow only (not enforced)")
     delete = _leaf(sub, "delete", _models_delete, "remove a model", common)
     delete.add_argument("name")
 

@@ -57,12 +57,39 @@ def _stored(properties: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+_ENFORCE_ENTRY = (
+    "false: a shadow entry, stored and versioned but not enforced; each request is also decided as if "
+    "it were, and a different outcome is recorded (audit field shadow, gateway_shadow_decisions_total). "
+    "true (the default, not stored) makes it live"
+)
+_ENFORCE_MODEL = (
+    "false: write only the model's shadow (the model as it would be), decided alongside and not "
+    "enforced; the live model stays as it is, and a model not in the registry is refused (400 naming "
+    "enforce). In a PATCH, false merges into the shadow and true promotes the shadow, with the "
+    "patch's other fields merged, to live and drops it. A PUT without it drops any shadow"
+)
+
+
+def _model_props(*, patch: bool) -> dict[str, Any]:
+    if patch:
+        suspended = _nullable({"type": "boolean", "description": "null: not suspended"})
+    else:
+        suspended = {"type": "boolean", "default": False}
+    return {
+        "stage": {"type": "string", "enum": list(STAGES)},
+        "timeline": _nullable({"type": "array", "items": _ref("TimelineStep")}),
+        "allowed_countries": _nullable({"type": "array", "items": _REGION}),
+        "export_suspended": suspended,
+    }
+
+
 def _schemas(tiers: Sequence[str]) -> dict[str, Any]:
     entry_props = {
         "reason": {"type": "string", "minLength": 1, "maxLength": MAX_REASON_CHARS},
         "source": _nullable(_TEXT),
         "expires_at": _nullable(_FUTURE),
         "country": {**_REGION, "description": "ip-ranges only (required there): " + _REGION["description"]},
+        "enforce": {"type": "boolean", "default": True, "description": _ENFORCE_ENTRY},
     }
     # An empty added_by/added_at counts as absent: the import stamps the entry like a new one.
     stored_props = {
@@ -150,11 +177,23 @@ def _schemas(tiers: Sequence[str]) -> dict[str, Any]:
             "additionalProperties": False,
             "required": ["stage"],
             "properties": {
-                "stage": {"type": "string", "enum": list(STAGES)},
-                "timeline": _nullable({"type": "array", "items": _ref("TimelineStep")}),
-                "allowed_countries": _nullable({"type": "array", "items": _REGION}),
-                "export_suspended": {"type": "boolean", "default": False},
+                **_model_props(patch=False),
+                "enforce": {"type": "boolean", "default": True, "description": _ENFORCE_MODEL},
             },
+        },
+        "ModelState": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["stage"],
+            "properties": _model_props(patch=False),
+        },
+        "StoredModel": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["stage"],
+            "description": "A registry entry as stored and exported; shadow: the model as its shadow write "
+            "makes it (decided alongside, not enforced)",
+            "properties": {**_model_props(patch=False), "shadow": _nullable(_ref("ModelState"))},
         },
         "ModelPatch": {
             "type": "object",
@@ -164,10 +203,9 @@ def _schemas(tiers: Sequence[str]) -> dict[str, Any]:
             "suspending export leaves allowed_countries as they are); allowed_countries "
             "null removes the country restriction; the merged model is validated whole.",
             "properties": {
-                "stage": {"type": "string", "enum": list(STAGES)},
-                "timeline": _nullable({"type": "array", "items": _ref("TimelineStep")}),
-                "allowed_countries": _nullable({"type": "array", "items": _REGION}),
-                "export_suspended": _nullable({"type": "boolean", "description": "null: not suspended"}),
+                **_model_props(patch=True),
+                "enforce": {"type": "boolean", "description": _ENFORCE_MODEL},
+                "shadow": {"type": "null", "description": "null discards the model's shadow"},
             },
         },
         "Revocation": {
@@ -227,7 +265,7 @@ def _schemas(tiers: Sequence[str]) -> dict[str, Any]:
                         name: _ref("IpRangeList" if name == "ip-ranges" else "CountryFreeList") for name in LIST_NAMES
                     },
                 },
-                "models": {"type": "object", "additionalProperties": _ref("Model")},
+                "models": {"type": "object", "additionalProperties": _ref("StoredModel")},
                 "api_keys": {"type": "object", "additionalProperties": _ref("ApiKeyRecord")},
                 "screening": _ref("Screening"),
                 "revoked_api_keys": {"type": "object", "additionalProperties": _ref("Revocation")},
@@ -258,6 +296,18 @@ def _schemas(tiers: Sequence[str]) -> dict[str, Any]:
                 "policy_version": {"type": "integer"},
                 "ip_country": _nullable({"type": "string"}),
                 "screening": object_of,
+                "shadow": {
+                    "type": "object",
+                    "description": "present when the policy holds shadow entries or model shadows and "
+                    "they would decide otherwise: that decision",
+                    "required": ["decision", "status", "code", "message"],
+                    "properties": {
+                        "decision": {"type": "string", "enum": ["allow", "block"]},
+                        "status": {"type": "integer"},
+                        "code": {"type": "string"},
+                        "message": {"type": "string"},
+                    },
+                },
             },
         },
         "Written": {

@@ -408,3 +408,9 @@ def _restricted_message(model: str, outside: tuple[str, str]) -> str:
         f"Access to model '{model}' is not permitted: the model is limited to its allowed countries and "
         f"the caller's country is unknown ({unknown}) (export_restricted)."
     )
+
+
+def differs(live: Decision, shadow: Decision) -> bool:
+    """Whether the decision under the shadow policy (shadow entries and model shadows enforced) is
+    another outcome than the live one: allowed where the live one blocks or the reverse, or another code."""
+    return live.allowed is not shadow.allowed or live.code != shadow.code

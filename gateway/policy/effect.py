@@ -6,6 +6,11 @@ thing the write touched (``list:<name>#<key>``, ``models#<name>``, ``apikeys#<id
 ``revoked#<id>``, a whole ``list:<name>``, ``models`` or ``apikeys``, ``screening``) to its value
 before and after (None: absent). A write that changes several things loosens if any part does.
 
+Shadow entries (``"enforce": false``) and a model's ``shadow`` are not enforced, so they count as
+absent: writing a shadow over a live deny entry loosens, promoting a shadow deny entry tightens,
+promoting a shadow partner loosens, and a write to a model's shadow alone tightens (it changes nothing
+enforced).
+
 Pure: no I/O and no clock, so it is table-tested (tests/test_policy_effect.py) and can later judge a
 proposed write before it is applied.
 """
@@ -64,9 +69,12 @@ def part_effect(record: str, before: Any, after: Any, *, unknown_model: str) -> 
         # A whole list, section or the screening list replaced: anything in it may have gone.
         return LOOSEN
     if name.startswith(LIST_RECORD_PREFIX):
+        before, after = _enforced_entry(before), _enforced_entry(after)
+        if before is None and after is None:
+            return TIGHTEN  # shadow entries only, before and after: nothing enforced changed
         return _entry_effect(name.removeprefix(LIST_RECORD_PREFIX), before, after)
     if name == MODELS_RECORD:
-        return _model_effect(before, after, unknown_model=unknown_model)
+        return _model_effect(_live_model(before), _live_model(after), unknown_model=unknown_model)
     if name == APIKEYS_RECORD:
         # Issuing (or rewriting) a key lets a new credential in; removing one (a revocation) does not.
         return LOOSEN if after is not None else TIGHTEN
@@ -76,6 +84,18 @@ def part_effect(record: str, before: Any, after: Any, *, unknown_model: str) -> 
     # Something this module does not know: called loosening, so no safeguard on loosening writes
     # is skipped for it.
     return LOOSEN
+
+
+def _enforced_entry(entry: Any) -> Any:
+    """A stored entry as the enforced policy sees it: a shadow entry (``"enforce": false``) is absent."""
+    return None if isinstance(entry, Mapping) and entry.get("enforce") is False else entry
+
+
+def _live_model(model: Any) -> Any:
+    """A stored model as the enforced policy sees it: without its ``shadow``."""
+    if isinstance(model, Mapping) and "shadow" in model:
+        return {name: value for name, value in model.items() if name != "shadow"}
+    return model
 
 
 def _entry_effect(list_name: str, before: Mapping[str, Any] | None, after: Mapping[str, Any] | None) -> Effect:

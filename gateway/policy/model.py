@@ -58,6 +58,9 @@ class Entry(NamedTuple):
     expires_at: str | None = None
     expires_ts: float | None = None
     country: str | None = None
+    # False for a shadow entry (``"enforce": false``): stored and versioned, decided alongside the
+    # live policy, never enforced.
+    enforce: bool = True
 
     def active(self, now: float) -> bool:
         """True until ``expires_at``; from that instant on the entry no longer applies."""
@@ -74,6 +77,8 @@ class Model:
     timeline: tuple[tuple[float, str, str], ...] = ()
     allowed_countries: frozenset[str] | None = None
     export_suspended: bool = False
+    # The model as a shadow write would make it (decided alongside, never enforced); None: no shadow.
+    shadow: Model | None = None
 
     def current_stage(self, now: float) -> str:
         """The stage of the last timeline entry whose ``at`` has passed, else ``stage``."""
@@ -148,6 +153,9 @@ class Snapshot:
     screening: ScreeningLike | None = None
     ip_ranges: Mapping[str, str] = field(default_factory=dict)
     ip_ranges_expire_at: float = math.inf
+    # The policy as it would be with every shadow entry and model shadow enforced, when the policy
+    # holds any (None otherwise, so deciding alongside costs the hot path one attribute check).
+    shadow: Snapshot | None = field(default=None, repr=False, compare=False)
     # The allowed decision for this version, built once so the allowed path
     # allocates nothing per request.
     allow: Decision = field(init=False, repr=False, compare=False)

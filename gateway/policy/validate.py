@@ -224,7 +224,7 @@ def validate_model_name(name: object, *, where: str = "model") -> str:
 
 # --------------------------------------------------------------------------- validation of operator input
 
-_ENTRY_FIELDS = frozenset({"reason", "source", "expires_at", "added_by", "added_at"})
+_ENTRY_FIELDS = frozenset({"reason", "source", "expires_at", "added_by", "added_at", "enforce"})
 _IP_ENTRY_FIELDS = _ENTRY_FIELDS | {"country"}
 
 
@@ -273,6 +273,10 @@ def validate_entry(
         if data.get("country") is None:
             raise PolicyValidationError(_join(where, "country"), "is required for ip-ranges entries")
         stored["country"] = region_code(data["country"], _join(where, "country"))
+    # A shadow entry: stored and versioned, decided alongside, not enforced. The default (true) is
+    # not stored, so an enforced entry reads as it always has.
+    if "enforce" in data and not _bool(data["enforce"], _join(where, "enforce")):
+        stored["enforce"] = False
     return stored
 
 
@@ -303,13 +307,65 @@ def validate_list(
 
 _MODEL_FIELDS = frozenset({"stage", "timeline", "allowed_countries", "export_suspended"})
 _TIMELINE_FIELDS = frozenset({"at", "stage"})
+_SHADOW_SET_BY = 'is kept by the gateway: write a shadow with "enforce": false (PATCH {"shadow": null} discards one)'
 
 
-def validate_model(name: object, body: object, *, where: str = "") -> dict[str, Any]:
-    """Check a registry entry; the timeline comes back sorted by time, countries sorted and upper case."""
+def model_write(name: str, stored: Mapping[str, Any] | None, body: object, *, patch: bool) -> dict[str, Any]:
+    """The registry entry after an operator's ``PUT`` (``patch`` false) or ``PATCH`` (RFC 7396) of
+    ``body`` on ``stored`` (None: not in the registry; a PATCH of such a model is the caller's 404).
+
+    ``"enforce": false`` writes the model's shadow only (PATCH merges into the shadow, or into the live
+    model when it has none) and leaves the live fields as they are; a model not in the registry has no
+    live state to keep, so its shadow write is refused naming ``enforce``. ``PATCH`` with
+    ``"enforce": true`` promotes the shadow (with the patch's other fields merged) to live and drops
+    it; a PATCH without ``enforce`` changes the live fields and keeps the shadow; ``"shadow": null``
+    in a PATCH discards the shadow. A plain PUT replaces the model and drops any shadow.
+    """
+    data = _mapping(body, "body")
+    enforce = _bool(data["enforce"], "enforce") if "enforce" in data else None
+    fields = {key: value for key, value in data.items() if key != "enforce"}
+    discard = patch and "shadow" in fields and fields["shadow"] is None
+    if "shadow" in fields and (not discard or enforce is not None):
+        raise PolicyValidationError("shadow", _SHADOW_SET_BY)
+    fields.pop("shadow", None)
+    live = {key: value for key, value in (stored or {}).items() if key != "shadow"}
+    held = stored.get("shadow") if stored is not None else None
+    if enforce is False:
+        if stored is None:
+            raise PolicyValidationError(
+                "enforce",
+                f"model {_shown(name)} is not in the registry: a shadow is kept beside a live model; "
+                'add the model first (without "enforce"), then write its shadow',
+            )
+        shadow = validate_model(name, merge_patch(held or live, fields) if patch else fields)
+        return {**live, "shadow": shadow}
+    if not patch:
+        return validate_model(name, fields)
+    if enforce is True and held is not None:
+        return validate_model(name, merge_patch(held, fields))  # promoted: the shadow is live now
+    out = validate_model(name, merge_patch(live, fields))
+    if held is not None and not discard:
+        out["shadow"] = held
+    return out
+
+
+def validate_model(name: object, body: object, *, where: str = "", stored: bool = False) -> dict[str, Any]:
+    """Check a registry entry; the timeline comes back sorted by time, countries sorted and upper case.
+
+    ``stored``: the model as the registry keeps it (a policy import), which may carry its ``shadow``
+    (the model as a shadow write would make it, checked like a model). An operator's write sets a
+    shadow through ``enforce`` instead (:func:`model_write`).
+    """
     validate_model_name(name, where=where or "model")
     data = _mapping(body, where)
-    _no_unknown(data, _MODEL_FIELDS, where)
+    _no_unknown(data, _MODEL_FIELDS | {"shadow"} if stored else _MODEL_FIELDS, where)
+    out = _model_fields(data, where)
+    if stored and data.get("shadow") is not None:
+        out["shadow"] = validate_model(name, data["shadow"], where=_join(where, "shadow"))
+    return out
+
+
+def _model_fields(data: Mapping[str, Any], where: str) -> dict[str, Any]:
     if "stage" not in data:
         raise PolicyValidationError(_join(where, "stage"), f"is required; one of {', '.join(STAGES)}")
     stage = stage_name(data["stage"], _join(where, "stage"))
@@ -473,7 +529,9 @@ def validate_policy_document(
             )
     if "models" in data:
         models = _mapping(data["models"], "models", "an object of model name: model")
-        out["models"] = {name: validate_model(name, body, where=f"models.{name}") for name, body in models.items()}
+        out["models"] = {
+            name: validate_model(name, body, where=f"models.{name}", stored=True) for name, body in models.items()
+        }
     if "api_keys" in data:
         keys = _mapping(data["api_keys"], "api_keys", "an object of key id: key")
         out["api_keys"] = {}
@@ -624,12 +682,16 @@ def entry_warnings(
 
 
 def model_warnings(name: str, model: Mapping[str, Any]) -> list[str]:
-    """Why a valid model may still be a mistake: an empty ``allowed_countries`` serves nobody."""
-    if model.get("allowed_countries") == []:
-        return [
-            f"models {name}: allowed_countries is empty; no caller in any country may use it (null means any country)"
-        ]
-    return []
+    """Why a valid model may still be a mistake: an empty ``allowed_countries`` serves nobody (in the
+    live model, or in its shadow once promoted)."""
+    warnings = []
+    for label, state in ((name, model), (f"{name} (shadow)", model.get("shadow"))):
+        if isinstance(state, Mapping) and state.get("allowed_countries") == []:
+            warnings.append(
+                f"models {label}: allowed_countries is empty; no caller in any country may use it "
+                "(null means any country)"
+            )
+    return warnings
 
 
 def document_warnings(

@@ -25,6 +25,26 @@ from gateway.policy.validate import (
     stage_name,
 )
 
+# How a shadow entry reads in the stored JSON (the store writes compact JSON with orjson). Inside a
+# JSON string the quotes would be escaped, so no reason or source text can look like it. A stored
+# entry spelled otherwise is read as enforced, which for a deny list errs on the closed side.
+_SHADOW_MARK = b'"enforce":false'
+
+
+def _shadow_keys(raw: Mapping[Any, Any]) -> frozenset[Any]:
+    """The keys of ``raw``'s shadow entries. Stored bytes are searched joined first, in one pass
+    that costs about as much as copying them, and one by one only when that finds one."""
+    values = raw.values()
+    if isinstance(next(iter(values), None), bytes | bytearray) and _SHADOW_MARK not in b"\n".join(values):
+        return frozenset()
+    return frozenset(key for key, value in raw.items() if _is_shadow(value))
+
+
+def _is_shadow(value: Any) -> bool:
+    if isinstance(value, bytes | bytearray):
+        return _SHADOW_MARK in value
+    return isinstance(value, Mapping) and value.get("enforce") is False
+
 
 class LazyEntries(Mapping[str, "Entry"]):
     """A deny list kept as stored JSON until a decision first consults an entry.
@@ -32,58 +52,103 @@ class LazyEntries(Mapping[str, "Entry"]):
     Deny lists can hold hundreds of thousands of entries, of which a decision looks
     up one or two; parsing them all on every reload would cost most of a reload.
     A stored entry that cannot be read still denies (fail closed).
+
+    Shadow entries (``"enforce": false``) are found by one byte search per stored value when the
+    list is built whole, then kept up to date entry by entry. A view with ``hide`` (the enforced
+    list) leaves them out; the view without (the shadow snapshot's) holds them. Both views share
+    the stored values and the entries parsed so far.
     """
 
-    __slots__ = ("_encoded", "_list", "_parsed", "_raw")
+    __slots__ = ("_encoded", "_hide", "_list", "_parsed", "_raw", "_shadow")
 
-    def __init__(self, list_name: str, raw: Mapping[str, bytes | Mapping[str, Any]] | Mapping[bytes, bytes]) -> None:
+    def __init__(
+        self,
+        list_name: str,
+        raw: Mapping[str, bytes | Mapping[str, Any]] | Mapping[bytes, bytes],
+        *,
+        shadow: frozenset[Any] | None = None,
+        hide: bool = False,
+    ) -> None:
         self._list = list_name
         self._raw: Mapping[Any, Any] = raw
         # Keys may stay as Redis returned them (bytes): decoding 100,000 keys is a fifth of a reload,
         # while encoding the one or two a decision looks up costs nothing.
         self._encoded = isinstance(next(iter(raw), ""), bytes)
         self._parsed: dict[str, Entry] = {}
+        if shadow is None:
+            shadow = _shadow_keys(raw)
+        self._shadow: frozenset[Any] = shadow  # raw keys of the shadow entries
+        self._hide = hide and bool(shadow)
+
+    @property
+    def shadow_count(self) -> int:
+        """How many of the stored entries are shadow entries (hidden or not)."""
+        return len(self._shadow)
+
+    def enforced(self) -> LazyEntries:
+        """The view a decision enforces: without the shadow entries (this list itself when it has none)."""
+        if self._hide or not self._shadow:
+            return self
+        view = LazyEntries(self._list, self._raw, shadow=self._shadow, hide=True)
+        view._parsed = self._parsed
+        return view
 
     def _raw_key(self, key: str) -> Any:
         return key.encode("utf-8", "surrogatepass") if self._encoded else key
 
     def __getitem__(self, key: str) -> Entry:
         entry = self._parsed.get(key)
-        if entry is None:
-            entry = self._parsed[key] = self._parse(key, self._raw[self._raw_key(key)])
+        if entry is None or self._hide:
+            raw_key = self._raw_key(key)
+            if self._hide and raw_key in self._shadow:
+                raise KeyError(key)
+            if entry is None:
+                entry = self._parsed[key] = self._parse(key, self._raw[raw_key])
         return entry
 
     def get(self, key: str, default: Any = None) -> Any:
-        entry = self._parsed.get(key)
-        if entry is not None:
-            return entry
-        return self[key] if self._raw_key(key) in self._raw else default
+        if not self._hide:
+            entry = self._parsed.get(key)
+            if entry is not None:
+                return entry
+        return self[key] if key in self else default
 
     def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and self._raw_key(key) in self._raw
+        if not isinstance(key, str):
+            return False
+        raw_key = self._raw_key(key)
+        return raw_key in self._raw and not (self._hide and raw_key in self._shadow)
 
     def __len__(self) -> int:
-        return len(self._raw)
+        return len(self._raw) - (len(self._shadow) if self._hide else 0)
 
     def __iter__(self) -> Iterator[str]:
+        keys: Iterator[Any] = iter(self._raw)
+        if self._hide:
+            shadow = self._shadow
+            keys = (key for key in keys if key not in shadow)
         if self._encoded:
-            return (key.decode("utf-8", "surrogatepass") for key in self._raw)
-        return iter(self._raw)
+            return (key.decode("utf-8", "surrogatepass") for key in keys)
+        return keys
 
     def patched(self, changes: Mapping[Any, Any]) -> LazyEntries:
-        """A copy with ``changes`` applied (entry key -> stored value, None to delete); entries
-        already parsed and not changed stay parsed."""
+        """A copy with ``changes`` applied (entry key -> stored value, None to delete), shadow entries
+        included (not hidden); entries already parsed and not changed stay parsed."""
         raw = dict(self._raw)
         parsed = dict(self._parsed)
+        shadow = set(self._shadow)
         for key, value in changes.items():
             text = key.decode("utf-8", "surrogatepass") if isinstance(key, bytes) else key
             raw_key = self._raw_key(text) if raw else key
             parsed.pop(text, None)
+            shadow.discard(raw_key)
             if value is None:
                 raw.pop(raw_key, None)
             else:
                 raw[raw_key] = value
-        patched = LazyEntries(self._list, raw)
+                if _is_shadow(value):
+                    shadow.add(raw_key)
+        patched = LazyEntries(self._list, raw, shadow=frozenset(shadow))
         patched._parsed = parsed
         return patched
 
@@ -123,6 +188,8 @@ def entry_from_dict(list_name: str, key: str, d: Mapping[str, Any]) -> Entry:
         expires_at,
         expires_ts,
         country,
+        # Only an explicit false makes a shadow entry: a damaged flag is enforced.
+        d.get("enforce", True) is not False,
     )
 
 
@@ -136,6 +203,8 @@ def entry_to_dict(e: Entry) -> dict[str, Any]:
     }
     if e.country is not None:
         d["country"] = e.country
+    if not e.enforce:
+        d["enforce"] = False
     return d
 
 
@@ -150,6 +219,7 @@ def model_from_dict(name: str, d: Mapping[str, Any]) -> Model:
         steps.append((at_ts, at_iso, stage_name(step.get("stage"), f"{where}.timeline[{i}].stage")))
     steps.sort()
     allowed = d.get("allowed_countries")
+    shadow = d.get("shadow")
     return Model(
         name=name,
         stage=stage,
@@ -157,16 +227,25 @@ def model_from_dict(name: str, d: Mapping[str, Any]) -> Model:
         allowed_countries=None if allowed is None else frozenset(str(code).upper() for code in allowed),
         # Anything but an explicit false suspends: a damaged flag fails closed.
         export_suspended=d.get("export_suspended", False) is not False,
+        shadow=model_from_dict(name, _without_shadow(shadow)) if isinstance(shadow, Mapping) else None,
     )
 
 
+def _without_shadow(d: Mapping[str, Any]) -> Mapping[str, Any]:
+    # A shadow holds no shadow of its own.
+    return {key: value for key, value in d.items() if key != "shadow"} if "shadow" in d else d
+
+
 def model_to_dict(m: Model) -> dict[str, Any]:
-    return {
+    d: dict[str, Any] = {
         "stage": m.stage,
         "timeline": [{"at": at_iso, "stage": stage} for _ts, at_iso, stage in m.timeline],
         "allowed_countries": None if m.allowed_countries is None else sorted(m.allowed_countries),
         "export_suspended": m.export_suspended,
     }
+    if m.shadow is not None:
+        d["shadow"] = model_to_dict(m.shadow)
+    return d
 
 
 def api_key_from_dict(key_id: str, d: Mapping[str, Any]) -> ApiKey:
@@ -223,33 +302,28 @@ def build_snapshot(
     Parts named in ``unchanged`` (list names, ``"models"``, ``"apikeys"``) are taken from ``reuse``
     as they are, already parsed: a change to one list does not rebuild the others. Lists in
     ``deltas`` are ``reuse``'s with those entries changed (entry key -> stored value, None: deleted).
+
+    The snapshot enforces no shadow entry (``"enforce": false``) and no model's shadow. When the
+    policy holds any, ``Snapshot.shadow`` is the policy as it would be with them enforced (shadow
+    entries in, models in their shadow state), built from the same parsed parts.
     """
     deltas = deltas or {}
     if (unchanged or deltas) and reuse is None:
         raise ValueError("unchanged parts need a snapshot to reuse")
     for list_name in (*lists, *deltas):
         check_list(list_name)
-
-    def typed_list(name: str) -> Mapping[str, Entry]:
-        # Built here rather than per entry: entry_from_dict trusts list_name from LIST_NAMES.
-        if reuse is not None and name in unchanged:
-            return reuse.lists[name]
-        if reuse is not None and name in deltas:
-            base = reuse.lists[name]
-            if isinstance(base, LazyEntries):
-                return base.patched(deltas[name])
-            patched = dict(base)
-            for key, d in deltas[name].items():
-                if d is None:
-                    patched.pop(key, None)
-                else:
-                    patched[key] = entry_from_dict(name, key, d)
-            return MappingProxyType(patched)
-        if name in LAZY_LISTS:
-            return LazyEntries(name, lists.get(name, {}))
-        return MappingProxyType({key: entry_from_dict(name, key, d) for key, d in lists.get(name, {}).items()})
-
-    typed_lists: dict[str, Mapping[str, Entry]] = {name: typed_list(name) for name in LIST_NAMES}
+    # The lists with their shadow entries are the shadow snapshot's, or the snapshot's own when
+    # it had none.
+    whole = None if reuse is None else (reuse.shadow or reuse)
+    all_lists: dict[str, Mapping[str, Entry]] = {}
+    typed_lists: dict[str, Mapping[str, Entry]] = {}
+    for name in LIST_NAMES:
+        if reuse is not None and whole is not None and name in unchanged:
+            all_lists[name], typed_lists[name] = whole.lists[name], reuse.lists[name]
+        else:
+            base = whole.lists[name] if whole is not None and name in deltas else None
+            all_lists[name] = _typed_list(name, lists.get(name, {}), base, deltas.get(name))
+            typed_lists[name] = _enforced_list(all_lists[name])
     if reuse is not None and "apikeys" in unchanged:
         keys: Mapping[str, ApiKey] = reuse.api_keys
     else:
@@ -258,16 +332,31 @@ def build_snapshot(
             key = api_key_from_dict(key_id, d)
             built[key.key_hash] = key
         keys = MappingProxyType(built)
-    active_ranges = [
-        entry for entry in typed_lists[IP_RANGES].values() if entry.country is not None and entry.active(loaded_at)
-    ]
-    ip_ranges = {entry.key: entry.country for entry in active_ranges if entry.country is not None}
-    expiries = [entry.expires_ts for entry in active_ranges if entry.expires_ts is not None]
     typed_models = (
         reuse.models
         if reuse is not None and "models" in unchanged
         else MappingProxyType({name: model_from_dict(name, d) for name, d in models.items()})
     )
+    ip_ranges, ip_expire_at = _ip_ranges(typed_lists[IP_RANGES], loaded_at)
+    shadow = None
+    shadow_lists = any(typed_lists[name] is not all_lists[name] for name in LIST_NAMES)
+    if shadow_lists or any(model.shadow is not None for model in typed_models.values()):
+        shadow_ip_ranges, shadow_expire_at = ip_ranges, ip_expire_at
+        if typed_lists[IP_RANGES] is not all_lists[IP_RANGES]:
+            shadow_ip_ranges, shadow_expire_at = _ip_ranges(all_lists[IP_RANGES], loaded_at)
+        shadow = Snapshot(
+            version=version,
+            generation=generation,
+            loaded_at=loaded_at,
+            lists=MappingProxyType(all_lists),
+            models=MappingProxyType({name: model.shadow or model for name, model in typed_models.items()}),
+            api_keys=keys,
+            screening=screening,
+            ip_ranges=shadow_ip_ranges,
+            ip_ranges_expire_at=shadow_expire_at,
+        )
+        # The watcher rebuilds when the first expiry of either passes.
+        ip_expire_at = min(ip_expire_at, shadow_expire_at)
     return Snapshot(
         version=version,
         generation=generation,
@@ -276,18 +365,60 @@ def build_snapshot(
         models=typed_models,
         api_keys=keys,
         screening=screening,
-        ip_ranges=MappingProxyType(ip_ranges),
-        ip_ranges_expire_at=min(expiries, default=math.inf),
+        ip_ranges=ip_ranges,
+        ip_ranges_expire_at=ip_expire_at,
+        shadow=shadow,
     )
 
 
+def _typed_list(
+    name: str,
+    stored: Mapping[str, Any],
+    base: Mapping[str, Entry] | None,
+    delta: Mapping[Any, Any] | None,
+) -> Mapping[str, Entry]:
+    """A list with its shadow entries: ``base`` (a snapshot's, shadow entries included) with ``delta``
+    applied, or else built from ``stored``."""
+    # Built here rather than per entry: entry_from_dict trusts name from LIST_NAMES.
+    if base is not None and delta is not None:
+        if isinstance(base, LazyEntries):
+            return base.patched(delta)
+        patched = dict(base)
+        for key, d in delta.items():
+            if d is None:
+                patched.pop(key, None)
+            else:
+                patched[key] = entry_from_dict(name, key, d)
+        return MappingProxyType(patched)
+    if name in LAZY_LISTS:
+        return LazyEntries(name, stored)
+    return MappingProxyType({key: entry_from_dict(name, key, d) for key, d in stored.items()})
+
+
+def _enforced_list(entries: Mapping[str, Entry]) -> Mapping[str, Entry]:
+    """``entries`` without its shadow entries (``entries`` itself when it holds none)."""
+    if isinstance(entries, LazyEntries):
+        return entries.enforced()
+    if all(entry.enforce for entry in entries.values()):
+        return entries
+    return MappingProxyType({key: entry for key, entry in entries.items() if entry.enforce})
+
+
+def _ip_ranges(entries: Mapping[str, Entry], now: float) -> tuple[Mapping[str, str], float]:
+    """The ip-ranges CIDR -> country map active at ``now``, and when the first of them expires."""
+    active = [entry for entry in entries.values() if entry.country is not None and entry.active(now)]
+    ranges = {entry.key: entry.country for entry in active if entry.country is not None}
+    expiries = [entry.expires_ts for entry in active if entry.expires_ts is not None]
+    return MappingProxyType(ranges), min(expiries, default=math.inf)
+
+
 def policy_document(snapshot: Snapshot) -> dict[str, Any]:
-    """The §7 ``GET /admin/v1/policy`` shape, without ``screening`` (the screening module adds it)."""
+    """The §7 ``GET /admin/v1/policy`` shape, without ``screening`` (the screening module adds it);
+    shadow entries and model shadows included, as stored."""
+    whole = snapshot.shadow or snapshot
     return {
         "version": snapshot.version,
-        "lists": {
-            name: {key: entry_to_dict(e) for key, e in sorted(snapshot.lists[name].items())} for name in LIST_NAMES
-        },
+        "lists": {name: {key: entry_to_dict(e) for key, e in sorted(whole.lists[name].items())} for name in LIST_NAMES},
         "models": {name: model_to_dict(m) for name, m in sorted(snapshot.models.items())},
         "api_keys": {k.id: api_key_to_dict(k) for k in sorted(snapshot.api_keys.values(), key=lambda k: k.id)},
     }
