@@ -1,0 +1,369 @@
+"""Impact preview: the callers of the last hours decided again under the policy as a write would make it.
+
+:class:`ImpactPreview` reads the stored policy and applies a write's operations to it without writing
+(:func:`gateway.storage.apply.apply_ops`), reads the audit trail of a window of hours in bounded pages,
+groups its records into distinct callers (what a decision reads: subject, organisation, tier, claimed
+country, client address, model, API key), and decides each of them under the policy before and after,
+with the public path's own admission steps. The answer lists the callers the write would block and
+those it would let through.
+
+The CPU work (parsing records, building snapshots, deciding) runs in a worker thread so the event loop
+keeps serving; it checks a deadline as it goes and answers what it has with ``"complete": false`` when
+time, records or callers run out. Nothing in Redis changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import orjson
+
+from .admission import Admission
+from .identity import Identity
+from .policy.decide import Rules
+from .policy.model import ApiKey, ScreeningHitLike, ScreeningLike, Snapshot
+from .policy.wire import build_snapshot
+from .screening import ScreeningIndex
+from .settings import ScreeningSettings
+from .storage.apply import AppliedPolicy, apply_ops
+from .storage.keys import POLICY_PARTS
+from .storage.ops import OpsPlan, PolicyMissing
+from .storage.policy_store import PolicyData
+from .storage.store import Store
+
+UNAUTHENTICATED = "unauthenticated"
+# How many callers are decided between two looks at the deadline.
+DEADLINE_EVERY = 256
+
+
+@dataclass(frozen=True)
+class ImpactLimits:
+    """Bounds of one preview: the longest window, records read, callers decided, time, callers listed."""
+
+    hours: float = 24
+    max_records: int = 1_000_000
+    max_callers: int = 100_000
+    timeout_s: float = 10
+    listed: int = 1000
+
+
+class CallerKey(NamedTuple):
+    """One distinct caller: what the decision reads of an audit record (``ip_country`` is derived
+    again from ``client_ip`` under each policy, so an ``ip-ranges`` change moves it)."""
+
+    subject: str
+    org: str | None
+    org_name: str | None
+    tier: str
+    claimed_country: str | None
+    client_ip: str
+    model: str
+    key_id: str | None
+
+
+def caller_key(record: Mapping[str, Any]) -> CallerKey | None:
+    """The caller an audit record describes; None for a record no decision can be made again for
+    (no subject: refused before a credential was verified; no model: a model-less request)."""
+    subject, model, tier = record.get("subject"), record.get("model"), record.get("tier")
+    if not isinstance(subject, str) or not subject or not isinstance(model, str) or not model:
+        return None
+    return CallerKey(
+        subject,
+        _text(record.get("org")),
+        _text(record.get("org_name")),
+        tier if isinstance(tier, str) else "",
+        _text(record.get("claimed_country")),
+        _text(record.get("client_ip")) or "",
+        model,
+        _text(record.get("key_id")),
+    )
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def count_callers(records: Iterable[Mapping[str, Any]], counts: dict[CallerKey, int], max_callers: int) -> bool:
+    """Add ``records`` to the requests per caller in ``counts``; False when a caller beyond
+    ``max_callers`` was left out (those already counted keep counting)."""
+    whole = True
+    for record in records:
+        key = caller_key(record)
+        if key is None:
+            continue
+        held = counts.get(key)
+        if held is not None:
+            counts[key] = held + 1
+        elif len(counts) < max_callers:
+            counts[key] = 1
+        else:
+            whole = False
+    return whole
+
+
+class _Screener:
+    """A screening index as a preview's thread uses it: the index's uncached lookup (its own cache
+    belongs to the event loop's thread), remembered per name for this preview only."""
+
+    __slots__ = ("_index", "_seen")
+
+    def __init__(self, index: ScreeningIndex) -> None:
+        self._index = index
+        self._seen: dict[str, ScreeningHitLike | None] = {}
+
+    def match(self, name: str) -> ScreeningHitLike | None:
+        if name in self._seen:
+            return self._seen[name]
+        hit = self._seen[name] = self._index.lookup(name)
+        return hit
+
+
+class _Side:
+    """One policy (before or after) and its API keys by id."""
+
+    __slots__ = ("keys", "snapshot")
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+        self.keys: dict[str, ApiKey] = {key.id: key for key in snapshot.api_keys.values()}
+
+
+@dataclass
+class _Work:
+    """What the worker thread found; read back on the loop."""
+
+    records: int = 0
+    decided: int = 0
+    limited_by: list[str] = dataclasses.field(default_factory=list)
+    would_block: dict[tuple[str, str | None, str, str, str], int] = dataclasses.field(default_factory=dict)
+    would_allow: dict[tuple[str, str | None, str, str, str], int] = dataclasses.field(default_factory=dict)
+    callers: int = 0
+
+
+class ImpactPreview:
+    """Previews a write's effect on the callers of the last hours; one per process, shared by requests."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        admission: Admission,
+        rules: Rules,
+        screening: ScreeningSettings,
+        limits: ImpactLimits | None = None,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.admission = admission
+        self.rules = rules
+        self.screening = screening
+        self.limits = limits or ImpactLimits()
+        self.clock = clock
+        self.monotonic = monotonic
+
+    async def preview(self, ops: OpsPlan, hours: float) -> dict[str, Any]:
+        """Decide again every caller of the last ``hours`` (at most ``limits.hours``) under the stored
+        policy and under it with ``ops`` applied; the answer is the contract's impact object.
+
+        Raises what the write would raise for ``ops`` (:class:`~gateway.storage.ops.NotFound`,
+        :class:`~gateway.storage.ops.KeyRevoked`, a validation error of a merge patch),
+        :class:`~gateway.storage.ops.PolicyMissing` when Redis holds no policy, and
+        :class:`~gateway.storage.clients.StoreUnavailable` when Redis cannot be read.
+        """
+        if not (isinstance(hours, int | float) and math.isfinite(hours) and hours > 0):
+            raise ValueError("hours must be a positive number")
+        hours = min(float(hours), self.limits.hours)
+        started = self.monotonic()
+        deadline = started + self.limits.timeout_s
+        loaded = await self.store.load_document()
+        if loaded is None:
+            raise PolicyMissing()
+        data, screening_entries = loaded
+        applied = apply_ops(data, ops)  # before the records: a write it would refuse is refused at once
+        now = self.clock()
+        pages: list[list[bytes]] = []
+        limited: list[str] = []
+        read = 0
+        async for page in self.store.read_audit_window(int((now - hours * 3600) * 1000), limit=self.limits.max_records):
+            pages.append(page)
+            read += len(page)
+            if self.monotonic() >= deadline:
+                limited.append("timeout")
+                break
+        else:
+            if read >= self.limits.max_records:
+                limited.append("max_records")
+        work = await asyncio.to_thread(self._evaluate, data, screening_entries, applied, pages, now, deadline)
+        limits_hit = limited + [reason for reason in work.limited_by if reason not in limited]
+        listed = self.limits.listed
+        block = _rows(work.would_block)
+        allow = _rows(work.would_allow)
+        return {
+            "hours": hours,
+            "records": work.records,
+            "callers": work.callers,
+            "decided": work.decided,
+            "complete": not limits_hit,
+            "limited_by": limits_hit,
+            "would_block": block[:listed],
+            "would_allow": allow[:listed],
+            "would_block_count": len(block),
+            "would_allow_count": len(allow),
+            "would_block_requests": sum(work.would_block.values()),
+            "would_allow_requests": sum(work.would_allow.values()),
+            "policy_version": data.version,
+            "elapsed_ms": round((self.monotonic() - started) * 1000, 1),
+        }
+
+    # --- the worker thread ----------------------------------------------------------------
+
+    def _evaluate(
+        self,
+        data: PolicyData,
+        screening_entries: list[dict[str, Any]],
+        applied: AppliedPolicy,
+        pages: Sequence[list[bytes]],
+        now: float,
+        deadline: float,
+    ) -> _Work:
+        work = _Work()
+        before = _Side(self._before(data, screening_entries, now))
+        after = _Side(self._after(before.snapshot, applied, now))
+        counts: dict[CallerKey, int] = {}
+        whole = True
+        for page in pages:
+            records = orjson.loads(b"[" + b",".join(page) + b"]")
+            work.records += len(records)
+            whole = count_callers(records, counts, self.limits.max_callers) and whole
+            if self.monotonic() >= deadline:
+                work.limited_by.append("timeout")
+                break
+        if not whole:
+            work.limited_by.append("max_callers")
+        work.callers = len(counts)
+        # The busiest callers first, so a preview cut short by its deadline has decided those.
+        ordered = sorted(counts.items(), key=lambda item: -item[1])
+        for position, (key, requests) in enumerate(ordered):
+            if position % DEADLINE_EVERY == 0 and position and self.monotonic() >= deadline:
+                if "timeout" not in work.limited_by:
+                    work.limited_by.append("timeout")
+                break
+            was = self._code(before, key, now)
+            will = self._code(after, key, now)
+            work.decided += 1
+            if was == will or (was is not None and will is not None):
+                continue
+            row = (key.subject, key.org, key.tier, key.model, will or was or "")
+            target = work.would_block if will is not None else work.would_allow
+            target[row] = target.get(row, 0) + requests
+        return work
+
+    def _code(self, side: _Side, key: CallerKey, now: float) -> str | None:
+        """The code that blocks ``key`` under ``side``'s policy, None when it is allowed."""
+        identity = self._identity(side, key, now)
+        if identity is None:
+            return UNAUTHENTICATED
+        admission = self.admission
+        snapshot = side.snapshot
+        decision = admission.decide(snapshot, admission.caller(identity, key.client_ip, snapshot), key.model, now=now)
+        return None if decision.allowed else decision.code
+
+    @staticmethod
+    def _identity(side: _Side, key: CallerKey, now: float) -> Identity | None:
+        """The caller's identity under ``side``: a token's claims as recorded; an API key's attributes
+        as that policy holds them, None when it holds no such key (or it has expired): row 1 refuses."""
+        if key.key_id is None:
+            return Identity(
+                subject=key.subject,
+                org=key.org,
+                org_name=key.org_name,
+                tier=key.tier,
+                country=key.claimed_country,
+                credential="jwt",
+                expires_at=None,
+            )
+        api_key = side.keys.get(key.key_id)
+        if api_key is None or not api_key.active(now):
+            return None
+        return Identity(
+            subject=api_key.subject,
+            org=api_key.org,
+            org_name=api_key.org_name,
+            tier=api_key.tier,
+            country=api_key.country,
+            credential="api_key",
+            expires_at=api_key.expires_ts,
+            key_id=api_key.id,
+        )
+
+    def _before(self, data: PolicyData, screening_entries: list[dict[str, Any]], now: float) -> Snapshot:
+        """The stored policy as a snapshot: the enforced one when it is that version (already built,
+        with its screening index), else built from what was read."""
+        enforced = self.admission.policy.snapshot
+        if enforced is not None and (enforced.version, enforced.generation) == (data.version, data.generation):
+            screening = enforced.screening
+            return dataclasses.replace(
+                enforced, loaded_at=now, screening=_screener(screening) if screening is not None else None
+            )
+        return build_snapshot(
+            version=data.version,
+            generation=data.generation,
+            loaded_at=now,
+            lists=data.lists,
+            models=data.models,
+            api_keys=data.api_keys,
+            screening=self._index(screening_entries),
+        )
+
+    def _after(self, before: Snapshot, applied: AppliedPolicy, now: float) -> Snapshot:
+        """``before`` with the parts the write changes built again; the rest shared with it."""
+        screening = before.screening if applied.screening is None else self._index(applied.screening)
+        after = build_snapshot(
+            version=applied.version,
+            generation=applied.generation,
+            loaded_at=now,
+            lists={name: entries for name, entries in applied.lists.items() if name in applied.changed},
+            models=applied.models,
+            api_keys=applied.api_keys,
+            screening=screening,
+            reuse=before,
+            unchanged=frozenset(POLICY_PARTS) - applied.changed,
+        )
+        if after.ip_ranges == before.ip_ranges:
+            # The same mapping object: the address index built for it (keyed by identity) serves both.
+            after = dataclasses.replace(after, ip_ranges=before.ip_ranges)
+        return after
+
+    def _index(self, entries: Sequence[Mapping[str, Any]]) -> ScreeningLike | None:
+        if not entries:
+            return None
+        cfg = self.screening
+        return _Screener(
+            ScreeningIndex(
+                entries,
+                block_threshold=cfg.block_threshold,
+                review_threshold=cfg.review_threshold,
+                cache_size=0,
+            )
+        )
+
+
+def _screener(screening: ScreeningLike) -> ScreeningLike:
+    """The enforced index behind a thread-safe face (other implementations are used as they are)."""
+    return _Screener(screening) if isinstance(screening, ScreeningIndex) else screening
+
+
+def _rows(found: Mapping[tuple[str, str | None, str, str, str], int]) -> list[dict[str, Any]]:
+    """Callers as the answer lists them, aggregated over their addresses: most requests first."""
+    ordered = sorted(found.items(), key=lambda item: (-item[1], item[0][0], item[0][3]))
+    return [
+        {"subject": subject, "org": org, "tier": tier, "model": model, "code": code, "requests": requests}
+        for (subject, org, tier, model, code), requests in ordered
+    ]
