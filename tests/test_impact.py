@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 import redis.asyncio as aioredis
@@ -37,8 +38,10 @@ from gateway.storage.ops import (
 from gateway.storage.policy_store import PolicyData
 from gateway.storage.store import Store
 
-from .support.gateway_process import ADMIN_TOKEN, gateway_config
-from .support.tokens import HS_SECRET
+from .support.gateway_process import ADMIN_TOKEN, gateway_config, running_gateway
+from .support.tokens import HS_SECRET, hs_token
+from .support.upstream import Upstream
+from .support.waiting import wait_until
 
 ENV = {"TEST_HS256_SECRET": HS_SECRET, "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN}
 TIERS = ("public", "partner", "internal")
@@ -392,6 +395,52 @@ async def test_redis_away_raises_store_unavailable(runtime: Runtime) -> None:
             await engine(runtime, store=away).preview([], hours=1)
     finally:
         await away.close()
+
+
+async def test_after_real_traffic_from_three_countries(
+    tmp_path: Path, store: Store, redis_url: str, clean_upstream: Upstream
+) -> None:
+    """Requests through a gateway process; its audit records are what the preview decides again."""
+    await import_policy(store, policy(), actor="test", tiers=TIERS)
+    config = gateway_config(
+        clean_upstream.url,
+        tiers=settings_for(tmp_path).model_dump()["tiers"],
+        network={"trusted_proxies": ["127.0.0.1/32"]},
+    )
+    callers = [("us-1", "US", 2), ("de-1", "DE", 1), ("br-1", "BR", 3), ("br-2", "BR", 1), ("ir-1", "IR", 1)]
+    statuses: dict[str, int] = {}
+    with running_gateway(config, redis_url=redis_url) as gateway:
+        async with aiohttp.ClientSession() as client:
+            for subject, country, times in callers:
+                headers = {
+                    "Authorization": f"Bearer {hs_token(subject, country=country)}",
+                    "X-Forwarded-For": f"198.51.100.{len(statuses) + 1}",
+                }
+                for _ in range(times):
+                    body = {"model": "gpt-mock", "messages": [{"role": "user", "content": "hi"}]}
+                    async with client.post(
+                        gateway.url + "/v1/chat/completions", json=body, headers=headers
+                    ) as response:
+                        statuses[subject] = response.status
+            await wait_until(_audit_holds(store, 8), within=10, message=gateway.log)
+    assert statuses == {"us-1": 200, "de-1": 200, "br-1": 200, "br-2": 200, "ir-1": 451}
+    async with create_runtime(settings_for(tmp_path), store=store, environ=ENV) as runtime:
+        denied = await engine(runtime).preview([HashSet(list_key("deny-countries"), "BR", ENTRY)], hours=1)
+        lifted = await engine(runtime).preview([HashDelete(list_key("deny-countries"), "IR")], hours=1)
+    assert rows(denied, "would_block") == [
+        ("br-1", "gpt-mock", "country_denied", 3),
+        ("br-2", "gpt-mock", "country_denied", 1),
+    ]
+    assert denied["would_allow"] == [] and denied["callers"] == 5
+    assert rows(lifted, "would_allow") == [("ir-1", "gpt-mock", "country_denied", 1)]
+    assert lifted["would_block"] == []
+
+
+def _audit_holds(store: Store, count: int) -> Any:
+    async def holds() -> bool:
+        return await store.audit_length() >= count
+
+    return holds
 
 
 # --- scale ------------------------------------------------------------------------------------
