@@ -27,13 +27,13 @@ import orjson
 from .admission import Admission
 from .identity import Identity
 from .policy.decide import Rules
-from .policy.model import ApiKey, ScreeningHitLike, ScreeningLike, Snapshot
+from .policy.model import ApiKey, Caller, ScreeningHitLike, ScreeningLike, Snapshot
 from .policy.wire import build_snapshot
 from .screening import ScreeningIndex
 from .settings import ScreeningSettings
-from .storage.apply import AppliedPolicy, apply_ops
+from .storage.apply import AppliedPolicy, apply_ops, parts_written, plan_ops
 from .storage.keys import POLICY_PARTS
-from .storage.ops import OpsPlan, PolicyMissing
+from .storage.ops import Op, OpsPlan, PolicyMissing
 from .storage.policy_store import PolicyData
 from .storage.store import Store
 
@@ -89,22 +89,54 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def count_callers(records: Iterable[Mapping[str, Any]], counts: dict[CallerKey, int], max_callers: int) -> bool:
-    """Add ``records`` to the requests per caller in ``counts``; False when a caller beyond
-    ``max_callers`` was left out (those already counted keep counting)."""
-    whole = True
-    for record in records:
-        key = caller_key(record)
-        if key is None:
-            continue
-        held = counts.get(key)
-        if held is not None:
-            counts[key] = held + 1
-        elif len(counts) < max_callers:
-            counts[key] = 1
-        else:
-            whole = False
-    return whole
+class CallerCounts:
+    """Requests per distinct caller over audit records, at most ``max_callers`` callers: once that many
+    are held, records of others are left out (``whole`` turns False) and those held keep counting."""
+
+    __slots__ = ("_counts", "max_callers", "whole")
+
+    def __init__(self, max_callers: int) -> None:
+        self.max_callers = max_callers
+        self.whole = True
+        # Keyed by the raw field values, checked once per caller rather than once per record.
+        self._counts: dict[tuple[Any, ...], int] = {}
+
+    def add(self, records: Iterable[Mapping[str, Any]]) -> None:
+        counts = self._counts
+        for record in records:
+            get = record.get
+            subject, model = get("subject"), get("model")
+            if not subject or not model:
+                continue
+            raw = (
+                subject,
+                get("org"),
+                get("org_name"),
+                get("tier"),
+                get("claimed_country"),
+                get("client_ip"),
+                model,
+                get("key_id"),
+            )
+            try:
+                held = counts.get(raw)
+            except TypeError:  # a value no record the gateway writes holds (a list, an object)
+                continue
+            if held is not None:
+                counts[raw] = held + 1
+            elif len(counts) < self.max_callers:
+                counts[raw] = 1
+            else:
+                self.whole = False
+
+    def callers(self) -> dict[CallerKey, int]:
+        found: dict[CallerKey, int] = {}
+        fields = ("subject", "org", "org_name", "tier", "claimed_country", "client_ip", "model", "key_id")
+        for raw, requests in self._counts.items():
+            key = caller_key(dict(zip(fields, raw, strict=True)))
+            if key is not None:
+                found[key] = found.get(key, 0) + requests
+        return found
 
 
 class _Screener:
@@ -182,11 +214,9 @@ class ImpactPreview:
         hours = min(float(hours), self.limits.hours)
         started = self.monotonic()
         deadline = started + self.limits.timeout_s
-        loaded = await self.store.load_document()
-        if loaded is None:
-            raise PolicyMissing()
-        data, screening_entries = loaded
-        applied = apply_ops(data, ops)  # before the records: a write it would refuse is refused at once
+        plan = plan_ops(ops)
+        data, screening_entries, base = await self._read_policy(plan)
+        applied = apply_ops(data, plan)  # before the records: a write it would refuse is refused at once
         now = self.clock()
         pages: list[list[bytes]] = []
         limited: list[str] = []
@@ -200,7 +230,7 @@ class ImpactPreview:
         else:
             if read >= self.limits.max_records:
                 limited.append("max_records")
-        work = await asyncio.to_thread(self._evaluate, data, screening_entries, applied, pages, now, deadline)
+        work = await asyncio.to_thread(self._evaluate, data, screening_entries, base, applied, pages, now, deadline)
         limits_hit = limited + [reason for reason in work.limited_by if reason not in limited]
         listed = self.limits.listed
         block = _rows(work.would_block)
@@ -222,41 +252,56 @@ class ImpactPreview:
             "elapsed_ms": round((self.monotonic() - started) * 1000, 1),
         }
 
+    async def _read_policy(self, plan: Sequence[Op]) -> tuple[PolicyData, list[dict[str, Any]], Snapshot | None]:
+        """The stored policy: only the parts ``plan`` changes when the enforced snapshot is the stored
+        version (it is then the policy before, already built); else all of it and the screening entries."""
+        enforced = self.admission.policy.snapshot
+        if enforced is not None:
+            data = await self.store.load_parts(parts_written(plan))
+            if data is None:
+                raise PolicyMissing()
+            if (data.version, data.generation) == (enforced.version, enforced.generation):
+                return data, [], enforced
+        loaded = await self.store.load_document()
+        if loaded is None:
+            raise PolicyMissing()
+        return loaded[0], loaded[1], None
+
     # --- the worker thread ----------------------------------------------------------------
 
     def _evaluate(
         self,
         data: PolicyData,
         screening_entries: list[dict[str, Any]],
+        base: Snapshot | None,
         applied: AppliedPolicy,
         pages: Sequence[list[bytes]],
         now: float,
         deadline: float,
     ) -> _Work:
         work = _Work()
-        before = _Side(self._before(data, screening_entries, now))
+        before = _Side(self._before(data, screening_entries, base, now))
         after = _Side(self._after(before.snapshot, applied, now))
-        counts: dict[CallerKey, int] = {}
-        whole = True
+        counts = CallerCounts(self.limits.max_callers)
         for page in pages:
             records = orjson.loads(b"[" + b",".join(page) + b"]")
             work.records += len(records)
-            whole = count_callers(records, counts, self.limits.max_callers) and whole
+            counts.add(records)
             if self.monotonic() >= deadline:
                 work.limited_by.append("timeout")
                 break
-        if not whole:
+        if not counts.whole:
             work.limited_by.append("max_callers")
-        work.callers = len(counts)
+        callers = counts.callers()
+        work.callers = len(callers)
         # The busiest callers first, so a preview cut short by its deadline has decided those.
-        ordered = sorted(counts.items(), key=lambda item: -item[1])
+        ordered = sorted(callers.items(), key=lambda item: -item[1])
         for position, (key, requests) in enumerate(ordered):
             if position % DEADLINE_EVERY == 0 and position and self.monotonic() >= deadline:
                 if "timeout" not in work.limited_by:
                     work.limited_by.append("timeout")
                 break
-            was = self._code(before, key, now)
-            will = self._code(after, key, now)
+            was, will = self._codes(before, after, key, now)
             work.decided += 1
             if was == will or (was is not None and will is not None):
                 continue
@@ -265,14 +310,27 @@ class ImpactPreview:
             target[row] = target.get(row, 0) + requests
         return work
 
-    def _code(self, side: _Side, key: CallerKey, now: float) -> str | None:
-        """The code that blocks ``key`` under ``side``'s policy, None when it is allowed."""
-        identity = self._identity(side, key, now)
-        if identity is None:
-            return UNAUTHENTICATED
+    def _codes(self, before: _Side, after: _Side, key: CallerKey, now: float) -> tuple[str | None, str | None]:
+        """The codes that block ``key`` before and after (None: allowed)."""
         admission = self.admission
-        snapshot = side.snapshot
-        decision = admission.decide(snapshot, admission.caller(identity, key.client_ip, snapshot), key.model, now=now)
+        was_identity = self._identity(before, key, now)
+        same_keys = after.snapshot.api_keys is before.snapshot.api_keys
+        will_identity = was_identity if key.key_id is None or same_keys else self._identity(after, key, now)
+        was_caller = will_caller = None
+        if was_identity is not None:
+            was_caller = admission.caller(was_identity, key.client_ip, before.snapshot)
+        if will_identity is not None:
+            if will_identity is was_identity and after.snapshot.ip_ranges is before.snapshot.ip_ranges:
+                will_caller = was_caller  # the same caller at the same address, placed by the same ranges
+            else:
+                will_caller = admission.caller(will_identity, key.client_ip, after.snapshot)
+        return self._code(before, was_caller, key, now), self._code(after, will_caller, key, now)
+
+    def _code(self, side: _Side, caller: Caller | None, key: CallerKey, now: float) -> str | None:
+        """The code that blocks ``caller`` under ``side``'s policy (no caller: row 1), None when allowed."""
+        if caller is None:
+            return UNAUTHENTICATED
+        decision = self.admission.decide(side.snapshot, caller, key.model, now=now)
         return None if decision.allowed else decision.code
 
     @staticmethod
@@ -303,15 +361,14 @@ class ImpactPreview:
             key_id=api_key.id,
         )
 
-    def _before(self, data: PolicyData, screening_entries: list[dict[str, Any]], now: float) -> Snapshot:
-        """The stored policy as a snapshot: the enforced one when it is that version (already built,
-        with its screening index), else built from what was read."""
-        enforced = self.admission.policy.snapshot
-        if enforced is not None and (enforced.version, enforced.generation) == (data.version, data.generation):
-            screening = enforced.screening
-            return dataclasses.replace(
-                enforced, loaded_at=now, screening=_screener(screening) if screening is not None else None
-            )
+    def _before(
+        self, data: PolicyData, screening_entries: list[dict[str, Any]], base: Snapshot | None, now: float
+    ) -> Snapshot:
+        """The stored policy as a snapshot: ``base`` (the enforced one, of that version) when given, with
+        its screening index behind a face this thread may use; else built from what was read."""
+        if base is not None:
+            screening = base.screening
+            return dataclasses.replace(base, screening=_screener(screening) if screening is not None else None)
         return build_snapshot(
             version=data.version,
             generation=data.generation,

@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 
 from gateway.bootstrap import import_policy
 from gateway.identity import hash_api_key
-from gateway.impact import CallerKey, ImpactLimits, ImpactPreview, caller_key, count_callers
+from gateway.impact import CallerCounts, CallerKey, ImpactLimits, ImpactPreview, caller_key
 from gateway.runtime import Runtime, create_runtime
 from gateway.settings import Settings
 from gateway.storage.apply import apply_ops
@@ -263,14 +263,18 @@ def test_caller_key_is_what_the_decision_reads() -> None:
     assert caller_key(other) == key
 
 
-def test_count_callers_stops_adding_at_max_callers() -> None:
-    counts: dict[CallerKey, int] = {}
+def test_caller_counts_stop_adding_at_max_callers() -> None:
     records = [record("a", "US"), record("b", "US"), record("a", "US"), record("c", "US"), record("b", "US")]
-    assert count_callers(records, counts, max_callers=2) is False
-    assert {key.subject: n for key, n in counts.items()} == {"a": 2, "b": 2}
-    counts = {}
-    assert count_callers(records, counts, max_callers=3) is True
-    assert sum(counts.values()) == 5
+    records.append(record(None, None, code="unauthenticated"))  # no caller: neither counted nor a limit reached
+    counts = CallerCounts(max_callers=2)
+    counts.add(records)
+    assert counts.whole is False
+    assert {key.subject: n for key, n in counts.callers().items()} == {"a": 2, "b": 2}
+    counts = CallerCounts(max_callers=3)
+    counts.add(records)
+    counts.add([{**record("a", "US"), "org": ["not", "a", "name"]}])  # a value no gateway writes: skipped
+    assert counts.whole is True
+    assert sum(counts.callers().values()) == 5
 
 
 # --- the stream window ------------------------------------------------------------------------
@@ -363,6 +367,21 @@ async def test_an_ip_range_moving_an_address_country(runtime: Runtime, store: St
     ops = [HashSet(list_key("ip-ranges"), "203.0.113.0/24", {**ENTRY, "country": "IR"})]
     answer = await engine(runtime).preview(ops, hours=1)
     assert rows(answer, "would_block") == [("moved", "gpt-mock", "country_denied", 2)]
+
+
+async def test_a_stored_policy_newer_than_the_enforced_one_is_read_whole(runtime: Runtime, store: Store) -> None:
+    await runtime.watcher.close()  # the process stops following the policy: its snapshot stays behind
+    enforced = runtime.watcher.snapshot
+    assert enforced is not None
+    await store.write([HashSet(list_key("deny-countries"), "DE", ENTRY)], actor="t", now_iso="t", target="t")
+    await append(store, three_countries())
+    answer = await engine(runtime).preview([HashDelete(list_key("deny-countries"), "DE")], hours=1)
+    # Decided before under the stored policy (DE denied), not under the enforced one.
+    assert rows(answer, "would_allow") == [
+        ("de-2", "gpt-mock", "country_denied", 3),
+        ("de-1", "gpt-mock", "country_denied", 2),
+    ]
+    assert answer["policy_version"] == enforced.version + 1
 
 
 async def test_a_refused_write_is_refused_before_reading_the_trail(runtime: Runtime, store: Store) -> None:

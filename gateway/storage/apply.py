@@ -82,9 +82,31 @@ class _Parts:
         return name, self.read[name]
 
 
+def plan_ops(ops: OpsPlan) -> Sequence[Op]:
+    """A write's operations into a Redis that holds a policy (what a plan chooses for that case)."""
+    return ops(True) if callable(ops) else ops
+
+
+def parts_written(ops: Sequence[Op]) -> frozenset[str]:
+    """The policy parts ``ops`` change (as :data:`~gateway.storage.keys.POLICY_PARTS` names them): the
+    ones :func:`apply_ops` needs to have been read."""
+    parts: set[str] = set()
+    for op in ops:
+        if isinstance(op, KeyRevoke | RevocationsMerge):
+            parts.add(APIKEYS_PART)
+        elif not isinstance(op, ScreeningReplace):
+            part = PART_OF_KEY.get(op.key)
+            if part is not None:
+                parts.add(part)
+            elif op.key == REVOKED_KEY:
+                parts.add(APIKEYS_PART)  # the revocations are read with the keys
+    return frozenset(parts)
+
+
 def apply_ops(data: PolicyData, ops: OpsPlan) -> AppliedPolicy:
-    """``ops`` (as a write gets them, read-modify-write ones included) applied to ``data``."""
-    plan: Sequence[Op] = ops(True) if callable(ops) else ops
+    """``ops`` (as a write gets them, read-modify-write ones included) applied to ``data``, which must
+    hold at least the parts they change (:func:`parts_written`)."""
+    plan = plan_ops(ops)
     parts = _Parts(data)
     for op in plan:
         _apply_one(parts, op, replaces_keys=any(isinstance(o, HashReplace) and o.key == APIKEYS_KEY for o in plan))
