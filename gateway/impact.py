@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from .admission import Admission
+from .errors import invalid
 from .identity import Identity
 from .policy.decide import Rules
 from .policy.model import ApiKey, Caller, ScreeningHitLike, ScreeningLike, Snapshot
@@ -204,13 +205,14 @@ class ImpactPreview:
         """Decide again every caller of the last ``hours`` (at most ``limits.hours``) under the stored
         policy and under it with ``ops`` applied; the answer is the contract's impact object.
 
+        A ``hours`` that is not a positive number is a 400 (:class:`~gateway.errors.GatewayError`).
         Raises what the write would raise for ``ops`` (:class:`~gateway.storage.ops.NotFound`,
         :class:`~gateway.storage.ops.KeyRevoked`, a validation error of a merge patch),
         :class:`~gateway.storage.ops.PolicyMissing` when Redis holds no policy, and
         :class:`~gateway.storage.clients.StoreUnavailable` when Redis cannot be read.
         """
         if not (isinstance(hours, int | float) and math.isfinite(hours) and hours > 0):
-            raise ValueError("hours must be a positive number")
+            raise invalid("hours", "must be a positive number of hours")
         hours = min(float(hours), self.limits.hours)
         started = self.monotonic()
         deadline = started + self.limits.timeout_s

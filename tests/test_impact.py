@@ -17,6 +17,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.bootstrap import import_policy
+from gateway.errors import GatewayError
 from gateway.identity import hash_api_key
 from gateway.impact import CallerCounts, CallerKey, ImpactLimits, ImpactPreview, caller_key
 from gateway.runtime import Runtime, create_runtime
@@ -387,8 +388,10 @@ async def test_a_stored_policy_newer_than_the_enforced_one_is_read_whole(runtime
 async def test_a_refused_write_is_refused_before_reading_the_trail(runtime: Runtime, store: Store) -> None:
     with pytest.raises(NotFound):
         await engine(runtime).preview([HashDelete(list_key("partners"), "nobody")], hours=1)
-    with pytest.raises(ValueError, match="hours"):
-        await engine(runtime).preview([], hours=0)
+    for hours in (0, -1, float("nan"), float("inf")):
+        with pytest.raises(GatewayError) as refused:
+            await engine(runtime).preview([], hours=hours)
+        assert (refused.value.status, refused.value.code) == (400, "invalid_request")
 
 
 async def test_limits_answer_what_was_found_as_incomplete(runtime: Runtime, store: Store) -> None:
