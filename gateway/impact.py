@@ -283,7 +283,7 @@ class ImpactPreview:
     ) -> _Work:
         work = _Work()
         before = _Side(self._before(data, screening_entries, base, now))
-        after = _Side(self._after(before.snapshot, applied, now))
+        after = _Side(self._after(before.snapshot, applied))
         counts = CallerCounts(self.limits.max_callers)
         for page in pages:
             records = orjson.loads(b"[" + b",".join(page) + b"]")
@@ -381,13 +381,14 @@ class ImpactPreview:
             screening=self._index(screening_entries),
         )
 
-    def _after(self, before: Snapshot, applied: AppliedPolicy, now: float) -> Snapshot:
+    def _after(self, before: Snapshot, applied: AppliedPolicy) -> Snapshot:
         """``before`` with the parts the write changes built again; the rest shared with it."""
         screening = before.screening if applied.screening is None else self._index(applied.screening)
         after = build_snapshot(
             version=applied.version,
             generation=applied.generation,
-            loaded_at=now,
+            # The instant ``before`` placed its ip-ranges at: a range that expired since is no change.
+            loaded_at=before.loaded_at,
             lists={name: entries for name, entries in applied.lists.items() if name in applied.changed},
             models=applied.models,
             api_keys=applied.api_keys,
