@@ -55,27 +55,31 @@ class AuditStream(Scripts):
         self, since_ms: int, *, limit: int, page: int = AUDIT_PAGE
     ) -> AsyncIterator[list[bytes]]:
         """The records appended since ``since_ms`` (epoch milliseconds, by the stream ids' time),
-        newest first, as stored JSON, in pages of at most ``page``, ``limit`` records in all.
+        newest first, as stored JSON, in pages of at most ``page``, ``limit`` entries in all.
 
-        Each page is one bounded XREVRANGE that resumes below the last id read, so a long window
-        never holds Redis, or this process, for long; records appended meanwhile are not included.
+        Each page is one bounded call (``audit_window.lua``: XREVRANGE answered as the records alone)
+        that resumes below the last id read, so a long window never holds Redis, or this process, for
+        long; records appended meanwhile are not included.
         """
-        high = "+"
+        source, sha = self._script("audit_window")
+        high, low = "+", f"{max(since_ms, 0)}-0"
         left = limit
         while left > 0:
             count = min(page, left)
-            raw = await self._bounded(
-                "audit",
-                self.client.xrevrange(AUDIT_KEY, max=high, min=f"{max(since_ms, 0)}-0", count=count),
-                self.load_timeout_s,
-            )
-            records = [fields[b"r"] for _id, fields in raw if b"r" in fields]
+
+            async def run(args: tuple[str, str, int] = (high, low, count)) -> Any:
+                try:
+                    return await self.client.evalsha(sha, 1, AUDIT_KEY, *args)
+                except NoScriptError:
+                    await self._load_script(source)
+                    return await self.client.evalsha(sha, 1, AUDIT_KEY, *args)
+
+            read, last, *records = await self._bounded("audit", run(), self.load_timeout_s)
             if records:
                 yield records
-            if len(raw) < count:
+            if int(read) < count:
                 return
-            left -= len(raw)
-            last = raw[-1][0]
+            left -= int(read)
             high = "(" + (last.decode() if isinstance(last, bytes) else str(last))
 
     async def audit_length(self) -> int:
