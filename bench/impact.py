@@ -4,12 +4,14 @@ Seeds a redis-server of its own with the large policy (100,000 ``deny-entities``
 and the audit records, starts a gateway runtime in this process on it, and times
 :meth:`gateway.impact.ImpactPreview.preview` for a ``deny-countries`` addition a few times, with a
 task on the event loop that measures the loop's worst stall meanwhile (the loop serves requests in a
-gateway). ``python -m bench.impact`` runs it alone; ``make bench`` includes it.
+gateway), and the CPU the preview costs this process and Redis (the wall time on a shared machine
+grows with others' load, the CPU does not). ``python -m bench.impact`` runs it alone; ``make bench`` includes it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import tempfile
 import time
@@ -50,7 +52,13 @@ def _record(n: int) -> bytes:
     )
 
 
-async def _measure(redis_url: str, runs: int) -> dict[str, Any]:
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _measure(redis_url: str, redis_pid: int, runs: int) -> dict[str, Any]:
     from gateway.bootstrap import import_policy
     from gateway.impact import ImpactLimits, ImpactPreview
     from gateway.runtime import create_runtime
@@ -96,7 +104,7 @@ async def _measure(redis_url: str, runs: int) -> dict[str, Any]:
                     limits=ImpactLimits(timeout_s=60),
                 )
                 ops = [HashSet(list_key("deny-countries"), "BR", ENTRY)]
-                times, stalls, answer = [], [], {}
+                times, cpu, redis_cpu, stalls, answer = [], [], [], [], {}
                 for _ in range(runs):
                     worst = [0.0]
                     done = asyncio.Event()
@@ -110,9 +118,11 @@ async def _measure(redis_url: str, runs: int) -> dict[str, Any]:
                             last = now
 
                     ticker = asyncio.create_task(tick())
-                    started = time.perf_counter()
+                    started, cpu_started, redis_started = time.perf_counter(), time.process_time(), _cpu_s(redis_pid)
                     answer = await engine.preview(ops, hours=1)
                     times.append((time.perf_counter() - started) * 1000)
+                    cpu.append((time.process_time() - cpu_started) * 1000)
+                    redis_cpu.append((_cpu_s(redis_pid) - redis_started) * 1000)
                     done.set()
                     await ticker
                     stalls.append(worst[0] * 1000)
@@ -125,6 +135,9 @@ async def _measure(redis_url: str, runs: int) -> dict[str, Any]:
         "runs": runs,
         "preview_ms_p50": round(statistics.median(times), 1),
         "preview_ms_max": round(max(times), 1),
+        # On a shared machine the wall time grows with others' load; the CPU spent does not.
+        "preview_cpu_ms_p50": round(statistics.median(cpu), 1),
+        "redis_cpu_ms_p50": round(statistics.median(redis_cpu), 1),
         "loop_worst_stall_ms_p50": round(statistics.median(stalls), 1),
         "would_block": answer["would_block_count"],
     }
@@ -133,7 +146,8 @@ async def _measure(redis_url: str, runs: int) -> dict[str, Any]:
 def impact_preview(runs: int = 5) -> dict[str, Any]:
     """The preview's time over ``runs`` runs on a redis-server of its own."""
     with RedisServer() as redis:
-        return asyncio.run(_measure(redis.url, runs))
+        assert redis.process is not None
+        return asyncio.run(_measure(redis.url, redis.process.pid, runs))
 
 
 if __name__ == "__main__":
