@@ -200,6 +200,9 @@ class ImpactPreview:
         self.limits = limits or ImpactLimits()
         self.clock = clock
         self.monotonic = monotonic
+        # One preview's CPU work at a time: each more would take another share of the interpreter from
+        # the event loop. A preview waiting here spends its own time limit.
+        self._working = asyncio.Semaphore(1)
 
     async def preview(self, ops: OpsPlan, hours: float) -> dict[str, Any]:
         """Decide again every caller of the last ``hours`` (at most ``limits.hours``) under the stored
@@ -232,7 +235,8 @@ class ImpactPreview:
         else:
             if read >= self.limits.max_records:
                 limited.append("max_records")
-        work = await asyncio.to_thread(self._evaluate, data, screening_entries, base, applied, pages, now, deadline)
+        async with self._working:
+            work = await asyncio.to_thread(self._evaluate, data, screening_entries, base, applied, pages, now, deadline)
         limits_hit = limited + [reason for reason in work.limited_by if reason not in limited]
         listed = self.limits.listed
         block = _rows(work.would_block)

@@ -33,6 +33,7 @@ from gateway.storage.ops import (
     KeyRevoke,
     KeyRevoked,
     NotFound,
+    PolicyMissing,
     RevocationsMerge,
     ScreeningReplace,
 )
@@ -406,6 +407,48 @@ async def test_limits_answer_what_was_found_as_incomplete(runtime: Runtime, stor
     listed = await engine(runtime, listed=1).preview(ops, hours=1)
     assert (len(listed["would_block"]), listed["would_block_count"]) == (1, 3)
     assert (await engine(runtime, hours=2).preview(ops, hours=48))["hours"] == 2
+
+
+async def test_concurrent_previews_each_answer_whole(runtime: Runtime, store: Store) -> None:
+    await append(store, three_countries())
+    preview = engine(runtime, timeout_s=60)
+    deny, lift = [HashSet(list_key("deny-countries"), "BR", ENTRY)], [HashDelete(list_key("deny-countries"), "IR")]
+    denied, lifted = await asyncio.gather(preview.preview(deny, hours=1), preview.preview(lift, hours=1))
+    assert denied["would_block_count"] == 3 and denied["complete"]
+    assert lifted["would_block_count"] == 0 and lifted["complete"]
+
+
+async def test_no_policy_in_redis_is_policy_missing(runtime: Runtime, store: Store, redis_url: str) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await client.delete("{gw}:version")  # Redis holds no policy (the process still has its snapshot)
+    finally:
+        await client.aclose()
+    with pytest.raises(PolicyMissing):
+        await engine(runtime).preview([], hours=1)
+
+
+async def test_load_parts_reads_only_the_named_parts(runtime: Runtime, store: Store) -> None:
+    await store.write([KeyRevoke(KEY_ID, revoked_by="t", revoked_at="t")], actor="t", now_iso="t", target="t")
+    data = await store.load_parts({"deny-countries", "apikeys"})
+    assert data is not None
+    assert set(data.lists) == {"deny-countries"} and "IR" in data.lists["deny-countries"]
+    assert data.models == {} and data.api_keys == {}  # the only key was revoked
+    assert set(data.revoked) == {KEY_ID}  # the revocations come with the keys
+    version, _generation = await store.read_version()
+    assert data.version == version
+    only_models = await store.load_parts({"models"})
+    assert only_models is not None and set(only_models.models) == {"gpt-mock", "frontier-x"}
+    assert only_models.lists == {} and only_models.revoked == {}
+
+
+def test_screening_lookup_answers_as_match_without_its_cache() -> None:
+    from gateway.screening import ScreeningIndex
+
+    index = ScreeningIndex([{"id": "1", "name": "Example Trading LLC", "source": "t"}])
+    for name in ("Example Trading", "Exampel Tradin Co", "Other Works"):
+        assert index.lookup(name) == index.match(name)
+    assert index.lookup("Example Trading") is not None and index.lookup("Other Works") is None
 
 
 async def test_redis_away_raises_store_unavailable(runtime: Runtime) -> None:
