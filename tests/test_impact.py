@@ -296,6 +296,13 @@ async def test_audit_window_reads_newest_first_in_pages_within_the_window(store:
     assert [orjson.loads(r)["n"] for page in pages for r in page] == [6, 5, 4, 3, 2, 1, 0]  # "old" is outside
     limited = [page async for page in store.read_audit_window(0, limit=4, page=3)]
     assert [orjson.loads(r)["n"] for page in limited for r in page] == [6, 5, 4, 3]
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await client.script_flush()  # Redis restarted or lost its scripts: the read loads it again
+    finally:
+        await client.aclose()
+    again = [page async for page in store.read_audit_window(now_ms - 3_600_000, limit=100)]
+    assert [orjson.loads(r)["n"] for page in again for r in page] == [6, 5, 4, 3, 2, 1, 0]
 
 
 # --- decided again ----------------------------------------------------------------------------
