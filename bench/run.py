@@ -3,7 +3,8 @@
 Starts a redis-server, the mock model server, the bare proxy and the gateway
 (one worker each), drives each with the same wrk load, and prints requests/s,
 p50 and p99 plus the gateway/bare ratios; also the policy-scale figures
-(snapshot reload time and process memory with a large policy). Results are
+(snapshot reload time and process memory with a large policy) and the impact
+preview's time over 100,000 audit records (bench/impact.py). Results are
 written to ``bench/results/<time>.json``.
 """
 
@@ -30,6 +31,8 @@ import jwt
 import yaml
 
 from gateway.redis_server import RedisServer, free_port
+
+from .impact import impact_preview
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "bench-hs256-secret-0123456789abcdef0123456789"
@@ -478,6 +481,7 @@ def main() -> None:
         results["paths"] = measure_paths(targets, args.seconds, args.rounds, results["path_rounds"])
         results["ratios"] = path_ratios(results["path_rounds"])
         results["micro"] = micro_costs()
+        results["impact"] = impact_preview()
         results["streaming"] = time_to_first_byte({k: v for k, v in ports.items() if k != "upstream"})
         results["streaming"].update(stream_memory(config["listen"]["port"], gateway.pid))
         others = [cluster.gateway(upstream, redis.url)[1] for _ in range(2)]
@@ -661,6 +665,7 @@ def print_table(results: dict[str, Any]) -> None:
         ("streaming", "streaming (SSE first byte at c1; 100 MiB to a slow reader)"),
         ("propagation", "list change visible on every process"),
         ("policy", "policy scale (100,000 deny-entities + 10,000 partners)"),
+        ("impact", "impact preview (100,000 audit records, 10,000 callers; p50 of 5 runs)"),
         ("workers", "--workers 2 against one worker (wrk, mock upstream and Redis on the same 2 cores)"),
         ("workers_light_upstream", "--workers 2 against one worker, light upstream (bench/light_upstream.py)"),
     ):

@@ -664,6 +664,11 @@ class ScreeningIndex:
                 self._cache.popitem(last=False)
         return hit
 
+    def lookup(self, name: str) -> ScreeningHit | None:
+        """What :meth:`match` answers, without its cache: safe from any thread (an impact preview's)."""
+        hits = self._hits(normalize(name), min_score=self.review_threshold, limit=1)
+        return hits[0] if hits else None
+
     def search(self, name: str, *, limit: int = 10, min_score: float = 0.5) -> list[ScreeningHit]:
         """Up to ``limit`` entries scoring at least ``min_score``, best first (one hit per entry)."""
         if limit < 1:

@@ -7,7 +7,7 @@ producer (gateway process) instead of one key per record keeps Redis memory flat
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import orjson
@@ -15,6 +15,11 @@ from redis.exceptions import NoScriptError
 
 from .keys import AUDIT_KEY, AUDIT_MARK_PREFIX, AUDIT_MARK_TTL_S
 from .scripts import Scripts
+
+# Records per read of an audit window. One XREVRANGE of 2,000 records holds Redis (and this process's
+# loop, reading the reply) for a few milliseconds; one of 10,000 held it for 25 ms or more, during which
+# no rate-limit call is answered. The whole window takes as long either way.
+AUDIT_PAGE = 2_000
 
 
 class AuditStream(Scripts):
@@ -45,6 +50,37 @@ class AuditStream(Scripts):
         # Off the hot path (an operator's read): the longer deadline, as for policy reads.
         raw = await self._bounded("audit", self.client.xrevrange(AUDIT_KEY, count=limit), self.load_timeout_s)
         return [orjson.loads(fields[b"r"]) for _id, fields in raw]
+
+    async def read_audit_window(
+        self, since_ms: int, *, limit: int, page: int = AUDIT_PAGE
+    ) -> AsyncIterator[list[bytes]]:
+        """The records appended since ``since_ms`` (epoch milliseconds, by the stream ids' time),
+        newest first, as stored JSON, in pages of at most ``page``, ``limit`` entries in all.
+
+        Each page is one bounded call (``audit_window.lua``: XREVRANGE answered as the records alone)
+        that resumes below the last id read, so a long window never holds Redis, or this process, for
+        long; records appended meanwhile are not included.
+        """
+        source, sha = self._script("audit_window")
+        high, low = "+", f"{max(since_ms, 0)}-0"
+        left = limit
+        while left > 0:
+            count = min(page, left)
+
+            async def run(args: tuple[str, str, int] = (high, low, count)) -> Any:
+                try:
+                    return await self.client.evalsha(sha, 1, AUDIT_KEY, *args)
+                except NoScriptError:
+                    await self._load_script(source)
+                    return await self.client.evalsha(sha, 1, AUDIT_KEY, *args)
+
+            read, last, *records = await self._bounded("audit", run(), self.load_timeout_s)
+            if records:
+                yield records
+            if int(read) < count:
+                return
+            left -= int(read)
+            high = "(" + (last.decode() if isinstance(last, bytes) else str(last))
 
     async def audit_length(self) -> int:
         return int(await self._bounded("audit", self.client.xlen(AUDIT_KEY), self.policy_timeout_s))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -437,6 +437,38 @@ class PolicyStore(RedisAccess):
             revoked=_decode_hash(revoked),
         )
         return data, list(orjson.loads(screening)) if screening else []
+
+    async def load_parts(self, parts: Collection[str]) -> PolicyData | None:
+        """Only the named parts (list names, ``models``, ``apikeys``; the revocations with ``apikeys``)
+        and the heads, in one MULTI, decoded; the other parts are left empty. None when Redis holds no
+        policy. For a reader that holds the rest of this version already (an impact preview holds the
+        enforced snapshot) and needs only what a write would change.
+        """
+        named = [part for part in POLICY_PARTS if part in parts]
+        with_revoked = APIKEYS_PART in named
+
+        async def load() -> list[Any]:
+            pipe = self.client.pipeline(transaction=True)
+            _queue_heads(pipe)
+            for part in named:
+                pipe.hgetall(PART_KEYS[part])
+            if with_revoked:
+                pipe.hgetall(REVOKED_KEY)
+            return list(await pipe.execute())
+
+        version, generation, screening_rev, *hashes = await self._bounded("admin", load(), self.load_timeout_s)
+        if version is None:
+            return None
+        decoded = {part: _decode_hash(raw) for part, raw in zip(named, hashes, strict=False)}
+        return PolicyData(
+            version=int(version),
+            generation=(generation or b"").decode(),
+            lists={name: decoded[name] for name in LIST_NAMES if name in decoded},
+            models=decoded.get(MODELS_PART, {}),
+            api_keys=decoded.get(APIKEYS_PART, {}),
+            screening_rev=int(screening_rev or 0),
+            revoked=_decode_hash(hashes[-1]) if with_revoked else {},
+        )
 
     async def read_hash(self, key: str) -> tuple[int, dict[str, dict[str, Any]]] | None:
         """(version, decoded hash) read together, so a whole-list replace is seen whole or not at all.
