@@ -77,6 +77,7 @@ class Exchange:
     code: str = ""
     outcome: ProxyOutcome = field(default_factory=ProxyOutcome)
     rate: RateResult | None = None
+    via: str | None = None  # "authz": decided for a data plane that proxies by itself (authz.py)
 
 
 class PublicPath:
@@ -226,7 +227,9 @@ class PublicPath:
         upstream_answered = outcome.upstream_status != 0
         if outcome.error_kind is not None:
             self.metrics.upstream_errors.labels(outcome.error_kind).inc()
-        decision = "allow" if exchange.code == "" and upstream_answered else decision_label(exchange.status)
+        # A decision service's allow is complete without an upstream: the data plane proxies it.
+        allowed = exchange.code == "" and (upstream_answered or exchange.via is not None)
+        decision = "allow" if allowed else decision_label(exchange.status)
         snapshot = self.watcher.snapshot
         identity = exchange.identity
         tier = identity.tier if identity else ""
@@ -271,6 +274,8 @@ class PublicPath:
         }
         if identity is not None and identity.key_id is not None:
             record["key_id"] = identity.key_id
+        if exchange.via is not None:
+            record["via"] = exchange.via
         if screening:
             record["screening"] = {
                 name: _bounded(value) if isinstance(value, str) else value for name, value in screening.items()
