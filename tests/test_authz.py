@@ -208,7 +208,8 @@ async def test_nginx_refusal_travels_as_403_with_its_status_and_body_in_headers(
         "X-Forwarded-For": "203.0.113.9",
         "X-Request-Id": request_id,
     }
-    async with aiohttp.ClientSession() as session, session.get(authz_url(gateway) + "/authz/nginx", headers=headers) as r:
+    url = authz_url(gateway) + "/authz/nginx"
+    async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as r:
         body = await r.read()
     assert r.status == 403  # all nginx passes on from auth_request
     assert r.headers["X-Gateway-Status"] == "451" and r.headers["X-Gateway-Reason"] == "country_denied"
@@ -277,7 +278,7 @@ def test_authz_is_off_unless_configured_and_its_errors_name_the_key() -> None:
     for section, key in (({"port": "x"}, "authz.port"), ({"model_header": "X Model"}, "authz.model_header")):
         with pytest.raises(ConfigError, match=key):
             parse_settings({"upstream": {"url": "http://m"}, "authz": section}, environ={})
-    with pytest.raises(ConfigError, match="authz.colour: unknown key"):
+    with pytest.raises(ConfigError, match=r"authz\.colour: unknown key"):
         parse_settings({"upstream": {"url": "http://m"}, "authz": {"colour": 1}}, environ={})
 
 
