@@ -355,3 +355,21 @@ async def test_nginx_auth_request_in_front_of_the_model_server(gateway: GatewayP
 async def test_caddy_forward_auth_in_front_of_the_model_server(gateway: GatewayProcess, upstream: Upstream) -> None:
     with running_caddy(upstream_port=upstream.port, authz_port=gateway.config["authz"]["port"]) as port:
         await through_data_plane(gateway, port, upstream)
+
+
+async def test_data_planes_fail_closed_when_the_decision_service_is_away(upstream: Upstream) -> None:
+    """Nothing listens on the authz port: nginx answers 503 with a contract body, Caddy 502; nothing passes."""
+    upstream.reset()
+    nobody = free_port()
+    headers = auth(hs_token(tier="public"))
+    async with aiohttp.ClientSession() as session:
+        with running_nginx(upstream_port=upstream.port, authz_port=nobody) as port:
+            url = f"http://127.0.0.1:{port}/openai/deployments/gpt-mock/chat/completions"
+            async with session.post(url, json=CHAT, headers=headers) as r:
+                assert r.status == 503
+                assert orjson.loads(await r.read())["error"]["type"] == "service_unavailable"
+        with running_caddy(upstream_port=upstream.port, authz_port=nobody) as port:
+            url = f"http://127.0.0.1:{port}/openai/deployments/gpt-mock/chat/completions"
+            async with session.post(url, json=CHAT, headers=headers) as r:
+                assert r.status == 502
+    assert upstream.seen == []
