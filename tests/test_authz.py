@@ -312,10 +312,12 @@ async def through_data_plane(
         allowed = await call("allowed", hs_token("dp-ok", tier="public", country="US"), **{"X-Gateway-Subject": "eve"})
         assert allowed.status == 200, allowed.body
         assert allowed.headers["X-Upstream"] == "yes"  # it reached the model server
+        assert allowed.headers["x-ratelimit-limit-requests"] == "6000" and "RateLimit-Policy" in allowed.headers
         seen = dict((k.lower(), v) for k, v in upstream.seen[-1].headers)
         assert seen.get("x-gateway-subject") == "dp-ok", seen  # the gateway's word, never the caller's
         assert seen["x-gateway-tier"] == "public" and seen["x-request-id"] == ids["allowed"]
         assert upstream.seen[-1].raw_path == path.format("gpt-mock")
+        assert "ratelimit" not in seen and "x-ratelimit-limit-requests" not in seen  # the caller's, not upstream's
 
         refused = {
             "country": (hs_token("dp-ir", tier="public", country="IR"), "gpt-mock", 451, "country_denied"),
