@@ -331,6 +331,10 @@ async def through_data_plane(
             assert response.headers["X-Gateway-Reason"] == code, name
             error = orjson.loads(response.body)["error"]
             assert error["code"] == code and error["request_id"] == ids[name], name
+            assert response.headers["X-Request-Id"] == ids[name], name
+            assert response.headers["X-Gateway-Policy-Version"] != "0", name
+            if status == 401:
+                assert response.headers.getall("WWW-Authenticate") == ['Bearer error="invalid_token"']
         tight = hs_token(_unique("dp-tight"), tier="tight")
         assert (await call("tight-first", tight)).status == 200
         limited = await call("limited", tight)
