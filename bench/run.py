@@ -115,8 +115,7 @@ def ensure_wrk() -> None:
 def gateway_config(directory: Path, upstream: str, redis_url: str) -> tuple[Path, dict[str, Any]]:
     config = {
         "listen": {"host": "127.0.0.1", "port": free_port()},
-        # The bench reads only /readyz and /metrics: the operator API stays closed (no token to set).
-        "admin": {"host": "127.0.0.1", "port": free_port(), "token_env": None},
+        "admin": {"host": "127.0.0.1", "port": free_port()},
         "upstream": {"url": upstream},
         "redis": {"url": redis_url},
         "auth": {"algorithms": ["HS256"], "hs256_secret_env": "BENCH_HS256_SECRET"},
