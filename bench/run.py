@@ -33,6 +33,7 @@ import yaml
 from gateway.redis_server import RedisServer, free_port
 
 from .impact import impact_preview
+from .nginx_authz import start_nginx
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "bench-hs256-secret-0123456789abcdef0123456789"
@@ -133,6 +134,8 @@ def gateway_config(directory: Path, upstream: str, redis_url: str) -> tuple[Path
         },
         "audit": {"spool_dir": str(directory / "spool")},
         "logging": {"level": "warning"},
+        # The decision service, for nginx in front of the model server (bench/nginx_authz.py).
+        "authz": {"host": "127.0.0.1", "port": free_port(), "model_header": "X-Gateway-Model"},
     }
     path = directory / "gateway.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -476,6 +479,13 @@ def main() -> None:
             chat.format(ports["gateway"]),
             wrk_script(work, token("bench-requests"), "post-requests"),
         )
+        # nginx as the data plane: alone, and asking the gateway's decision service (auth_request).
+        nginx_bare, nginx_bare_port = start_nginx(work, upstream_port, 0, authz=False)
+        nginx_authz, nginx_authz_port = start_nginx(work, upstream_port, config["authz"]["port"])
+        stack.callback(_stop, nginx_bare)
+        stack.callback(_stop, nginx_authz)
+        targets["nginx_bare"] = (chat.format(nginx_bare_port), script)
+        targets["nginx_authz"] = (chat.format(nginx_authz_port), script)
         results["rounds"] = args.rounds
         results["path_rounds"] = {}
         results["paths"] = measure_paths(targets, args.seconds, args.rounds, results["path_rounds"])
@@ -516,6 +526,11 @@ def main() -> None:
     out = ROOT / "bench" / "results" / f"{results['time'].replace(':', '')}.json"
     out.write_text(json.dumps(results, indent=2))
     print(f"\nresults written to {out.relative_to(ROOT)}")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    proc.wait(30)
 
 
 def process_tree_cpu_s(pid: int) -> float:
@@ -619,7 +634,20 @@ def path_ratios(rounds: dict[str, list[dict[str, float]]]) -> dict[str, float]:
         pairs = zip(rounds[path], rounds["bare_proxy"], strict=True)
         return round(statistics.median(mine[key] / bare[key] for mine, bare in pairs), 3)
 
+    def versus(path: str, other: str, key: str) -> float:
+        pairs = zip(rounds[path], rounds[other], strict=True)
+        return round(statistics.median(mine[key] / theirs[key] for mine, theirs in pairs), 3)
+
+    nginx: dict[str, float] = {}
+    if "nginx_authz" in rounds:
+        nginx = {
+            "rps_nginx_authz_over_bare": ratio("nginx_authz", "rps_c32"),
+            "p50_c1_nginx_authz_over_bare": ratio("nginx_authz", "p50_ms_c1"),
+            "rps_nginx_authz_over_gateway": versus("nginx_authz", "gateway", "rps_c32"),
+            "p50_c1_nginx_authz_over_gateway": versus("nginx_authz", "gateway", "p50_ms_c1"),
+        }
     return {
+        **nginx,
         "rps_gateway_over_bare": ratio("gateway", "rps_c32"),
         "p50_c1_gateway_over_bare": ratio("gateway", "p50_ms_c1"),
         "p99_c1_gateway_over_bare": ratio("gateway", "p99_ms_c1"),

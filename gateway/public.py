@@ -80,6 +80,7 @@ class Exchange:
     code: str = ""
     outcome: ProxyOutcome = field(default_factory=ProxyOutcome)
     rate: RateResult | None = None
+    via: str | None = None  # "authz": decided for a data plane that proxies by itself (authz.py)
 
 
 class PublicPath:
@@ -269,7 +270,8 @@ class PublicPath:
                 exchange.status = outcome.upstream_status
             decision = "block"
             self.metrics.request_revoked(exchange.code)
-        elif exchange.code == "" and upstream_answered:
+        elif exchange.code == "" and (upstream_answered or exchange.via is not None):
+            # A decision service's allow is complete without an upstream: the data plane proxies it.
             decision = "allow"
         else:
             decision = decision_label(exchange.status)
@@ -322,6 +324,8 @@ class PublicPath:
         shadow = exchange.shadow
         if shadow is not None:
             record["shadow"] = {"decision": "allow" if shadow.allowed else "block", "code": shadow.code}
+        if exchange.via is not None:
+            record["via"] = exchange.via
         if screening:
             record["screening"] = {
                 name: _bounded(value) if isinstance(value, str) else value for name, value in screening.items()

@@ -177,6 +177,10 @@ class RequestReader:
             upstream_auth=upstream_auth,
         )
 
+    async def body(self, request: BaseRequest) -> bytes:
+        """``request``'s body as received (content coding not removed), bounded as a public request's."""
+        return await self._body(request, asyncio.get_running_loop().time() + self.body_read_timeout_s)
+
     async def _body(self, request: BaseRequest, deadline: float) -> bytes:
         limit = self.max_body_bytes
         declared = request.content_length

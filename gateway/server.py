@@ -17,6 +17,7 @@ from pathlib import Path
 from aiohttp import web
 
 from .app import create_admin_app, create_public_server
+from .authz import create_authz_server
 from .listener import JsonErrorAppRunner
 from .logs import setup_logging
 from .redis_server import RedisServer
@@ -56,6 +57,10 @@ async def _serve(runtime: Runtime, *, reuse_port: bool, stop: asyncio.Event) -> 
         keepalive_timeout=limits.header_read_timeout_s,
         policy_version=runtime.policy_version,
     )
+    authz_runner: web.ServerRunner | None = None
+    if settings.authz is not None:
+        authz_runner = web.ServerRunner(create_authz_server(runtime), shutdown_timeout=limits.shutdown_grace_s)
+        await authz_runner.setup()
     await public_runner.setup()
     await admin_runner.setup()
     try:
@@ -63,6 +68,10 @@ async def _serve(runtime: Runtime, *, reuse_port: bool, stop: asyncio.Event) -> 
             public_runner, settings.listen.host, settings.listen.port, "listen", reuse_port=reuse_port, backlog=2048
         )
         await _listen(admin_runner, settings.admin.host, settings.admin.port, "admin", reuse_port=reuse_port)
+        if authz_runner is not None and settings.authz is not None:
+            await _listen(
+                authz_runner, settings.authz.host, settings.authz.port, "authz", reuse_port=reuse_port, backlog=2048
+            )
         log.info(
             "gateway listening",
             extra={
@@ -78,6 +87,8 @@ async def _serve(runtime: Runtime, *, reuse_port: bool, stop: asyncio.Event) -> 
     finally:
         log.info("gateway stopping: draining in-flight requests")
         await public_runner.cleanup()
+        if authz_runner is not None:
+            await authz_runner.cleanup()
         await admin_runner.cleanup()
 
 

@@ -279,6 +279,25 @@ class ScreeningSettings(_Section):
         return self
 
 
+class Authz(_Section):
+    """The decision service for data planes that keep their own proxy (off unless the section is given)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(9902, ge=0, le=65535)
+    # A header the data plane sets to the model it read from the body (an njs or Lua snippet), for data
+    # planes that cannot send the body. Trusted only because the data plane always overwrites it.
+    model_header: str | None = None
+
+    @field_validator("model_header")
+    @classmethod
+    def _header_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", value):
+            raise ValueError(f"{value!r} is not an HTTP header name")
+        if value is not None and value.lower() in ("authorization", "host", "content-type", "content-length"):
+            raise ValueError(f"{value!r} carries something else; name a header of its own, e.g. X-Gateway-Model")
+        return value
+
+
 class Logging(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "text"] = "json"
@@ -298,6 +317,7 @@ class Settings(_Section):
     audit: AuditSettings = Field(default_factory=AuditSettings)
     screening: ScreeningSettings = Field(default_factory=ScreeningSettings)
     logging: Logging = Field(default_factory=Logging)
+    authz: Authz | None = None  # the decision service listener (docs/contract.md §15); off by default
 
     @model_validator(mode="after")
     def _default_tier_exists(self) -> Settings:

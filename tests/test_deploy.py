@@ -339,3 +339,68 @@ def test_prometheus_rule_embeds_the_alerts_file() -> None:
         assert group["name"] and group["rules"]
         for item in group["rules"]:
             assert item["alert"] and item["expr"] and item["labels"]["severity"] in ("warning", "critical")
+
+
+# --- data planes in front of the decision service (deploy/nginx, deploy/caddy, deploy/envoy, deploy/istio) ---
+
+
+def test_nginx_configuration_passes_nginx_t(tmp_path: Path) -> None:
+    from .support.dataplanes import nginx_test, write_nginx
+
+    write_nginx(tmp_path, upstream_port=18000, authz_port=19902, port=18080)
+    result = nginx_test(tmp_path)
+    assert result.returncode == 0, result.stderr
+
+
+def test_caddyfile_passes_caddy_validate(tmp_path: Path) -> None:
+    import subprocess
+
+    from .support.dataplanes import CADDYFILE, binary, caddy_env
+
+    result = subprocess.run(
+        [binary("caddy"), "validate", "--config", str(CADDYFILE), "--adapter", "caddyfile"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=caddy_env(tmp_path),
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def _ext_authz(config: dict[str, Any]) -> dict[str, Any]:
+    chain = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    filters = chain["http_filters"]
+    assert filters[-1]["name"] == "envoy.filters.http.router"  # the router last, after the decision
+    found = [f["typed_config"] for f in filters if f["name"] == "envoy.filters.http.ext_authz"]
+    assert len(found) == 1
+    return dict(found[0])
+
+
+def test_envoy_configuration_asks_the_authz_listener_and_fails_closed() -> None:
+    """Structure only: no Envoy binary or schema validator is available to the tests."""
+    from gateway.authz import ENVOY_PREFIX
+
+    config = documents(DEPLOY / "envoy" / "envoy.yaml")[0]
+    authz = _ext_authz(config)
+    assert authz["failure_mode_allow"] is False
+    assert authz["with_request_body"]["allow_partial_message"] is False
+    service = authz["http_service"]
+    assert service["path_prefix"] == ENVOY_PREFIX
+    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
+    assert service["server_uri"]["cluster"] in clusters
+    sent = {p["exact"] for p in service["authorization_request"]["allowed_headers"]["patterns"]}
+    assert {"authorization", "content-type", "x-forwarded-for"} <= sent
+    upstream = {p["exact"] for p in service["authorization_response"]["allowed_upstream_headers"]["patterns"]}
+    assert upstream == {"x-gateway-subject", "x-gateway-org", "x-gateway-tier", "x-request-id"}
+
+
+def test_istio_example_points_a_custom_policy_at_the_extension_provider() -> None:
+    from gateway.authz import ENVOY_PREFIX
+
+    mesh = yaml.safe_load(documents(DEPLOY / "istio" / "mesh-config.yaml")[0]["data"]["mesh"])
+    provider = mesh["extensionProviders"][0]
+    assert provider["envoyExtAuthzHttp"]["pathPrefix"] == ENVOY_PREFIX
+    assert provider["envoyExtAuthzHttp"]["failOpen"] is False
+    policy = documents(DEPLOY / "istio" / "authorization-policy.yaml")[0]
+    assert policy["kind"] == "AuthorizationPolicy" and policy["spec"]["action"] == "CUSTOM"
+    assert policy["spec"]["provider"]["name"] == provider["name"]
