@@ -65,11 +65,12 @@ class ChangeClosed(Exception):
         self.status = status
 
 
-class ChangeExpired(ChangeClosed):
+class ChangeExpired(Exception):
     """A pending change request past its ``expires_at`` (409 change_expired)."""
 
     def __init__(self, request_id: str) -> None:
-        super().__init__(request_id, "expired")
+        super().__init__(f"{request_id}: expired")
+        self.request_id = request_id
 
 
 class ChangeConflict(Exception):
