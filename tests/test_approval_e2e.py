@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -307,3 +311,54 @@ def test_an_expired_request_cannot_be_approved(upstream: Upstream, tmp_path: Pat
         started = time.monotonic()
         asyncio.run(run())
         assert time.monotonic() - started < 30
+
+
+def run_cli(gateway: GatewayProcess, token: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("GATEWAY_ADMIN")}
+    env.update({"GATEWAY_ADMIN_URL": gateway.admin_url, "GATEWAY_ADMIN_TOKEN": token})
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_cli_proposes_lists_approves_and_rejects(two_gateways: list[GatewayProcess]) -> None:
+    first, second = two_gateways
+    # A loosening write through the CLI: held, exit 0, and it says so.
+    held = run_cli(first, ALICE_TOKEN, "lists", "put", "partners", "cli-lab", "--reason", "pilot")
+    assert held.returncode == 0, held.stderr
+    assert "awaits approval" in held.stdout and "effect loosen" in held.stdout
+    request_id = held.stdout.split("change request ", 1)[1].split()[0]
+    held_json = run_cli(first, ALICE_TOKEN, "lists", "put", "partners", "cli-lab-2", "--reason", "pilot", "--json")
+    assert held_json.returncode == 0, held_json.stderr
+    second_id = json.loads(held_json.stdout)["change_request"]["id"]
+
+    listed = run_cli(second, BOB_TOKEN, "changes", "pending")
+    assert listed.returncode == 0, listed.stderr
+    assert request_id in listed.stdout and second_id in listed.stdout and "PROPOSED BY" in listed.stdout
+    pending = json.loads(run_cli(second, BOB_TOKEN, "changes", "pending", "--json").stdout)
+    assert {request_id, second_id} <= {r["id"] for r in pending["change_requests"]}
+    assert all(r["status"] == "pending" for r in pending["change_requests"])
+
+    # The proposer cannot approve: non-zero exit naming the refusal.
+    own = run_cli(first, ALICE_TOKEN, "changes", "approve", request_id)
+    assert own.returncode == 1 and "approval_self" in own.stderr
+    approved = run_cli(second, BOB_TOKEN, "changes", "approve", request_id)
+    assert approved.returncode == 0, approved.stderr
+    assert "approved by bob" in approved.stdout and "proposed by alice" in approved.stdout
+    rejected = run_cli(second, BOB_TOKEN, "changes", "reject", second_id, "--reason", "not yet", "--json")
+    assert rejected.returncode == 0, rejected.stderr
+    assert json.loads(rejected.stdout)["change_request"]["status"] == "rejected"
+    again = run_cli(second, BOB_TOKEN, "changes", "approve", second_id)
+    assert again.returncode == 1 and "change_closed" in again.stderr
+
+    partners = json.loads(run_cli(first, ALICE_TOKEN, "lists", "get", "partners", "--json").stdout)["entries"]
+    assert "cli-lab" in partners and "cli-lab-2" not in partners
+    # The history command still works, and shows the approval.
+    history = run_cli(first, ALICE_TOKEN, "changes", "--limit", "10")
+    assert history.returncode == 0 and "lists/partners/cli-lab" in history.stdout
+
+    # --preview asks for the impact first; with no previewer wired it stops before writing.
+    preview = run_cli(first, ALICE_TOKEN, "lists", "put", "deny-countries", "KP", "--reason", "x", "--preview")
+    assert preview.returncode == 1 and "impact_unavailable" in preview.stderr
+    countries = json.loads(run_cli(first, ALICE_TOKEN, "lists", "get", "deny-countries", "--json").stdout)
+    assert "KP" not in countries["entries"]
