@@ -283,7 +283,7 @@ async def test_impact_preview_resolves_the_change_and_needs_a_previewer(
     status, body = await call(
         client, first, "POST", "/admin/v1/impact", ALICE, {"change": {"method": "GET", "path": "/admin/v1/policy"}}
     )
-    assert status == 400 and body["error"]["message"].startswith("change:"), body
+    assert status == 400 and body["error"]["message"].startswith("change.method:"), body
     assert await version_of(client, first) == version
 
 

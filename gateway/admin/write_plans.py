@@ -135,15 +135,15 @@ class WritePlanner:
         ``change`` field that is wrong."""
         description = json_object(change, ("method", "path", "body"), "change")
         method, path = description.get("method"), description.get("path")
-        if not isinstance(method, str) or not method:
-            raise invalid("change.method", "is required: PUT, PATCH, POST or DELETE")
+        if method not in ("PUT", "PATCH", "POST", "DELETE"):
+            raise invalid("change.method", "must be PUT, PATCH, POST or DELETE")
         if not isinstance(path, str) or not path.startswith(PREFIX + "/"):
             raise invalid("change.path", f"must be an admin write path starting with {PREFIX}/")
         raw_path, _, raw_query = path.partition("?")
         decoded = unquote(raw_path[len(PREFIX) :])
         for route_method, pattern, planner in self.routes:
             found = pattern.fullmatch(decoded)
-            if found is not None and route_method == method.upper():
+            if found is not None and route_method == method:
                 body = description.get("body")
                 raw = b"" if body is None else body.encode() if isinstance(body, str) else orjson.dumps(body)
                 call = WriteCall(
@@ -156,7 +156,7 @@ class WritePlanner:
                     content_type=None if isinstance(body, str) else "application/json",
                 )
                 return call, planner
-        raise invalid("change", f"{method[:10]} {path[:120]} is not an admin write")
+        raise invalid("change", f"{method} {path[:120]} is not an admin write")
 
     # --- policy -------------------------------------------------------------------------------
 
