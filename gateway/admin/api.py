@@ -1,8 +1,11 @@
 """The operator API on the admin listener (docs/contract.md §7): its handlers and routes, one write path.
 
-Every write runs validate -> one :meth:`Store.write` (data, version bump and
-change record in one transaction) -> publish, then refreshes this process's
-snapshot so the operator's next call already sees the change. Reads of the
+Every write is planned (write_plans.py: validated and turned into operations,
+from method, path, query, body and actor) and committed (change_control.py):
+one :meth:`Store.write` (data, version bump and change record in one
+transaction) -> publish, then this process's snapshot is refreshed so the
+operator's next call already sees the change; or, under the two-person rule,
+held as a change request that another admin approves. Reads of the
 policy go to Redis, the authority; ``decide`` and screening searches use the
 snapshot the public listener enforces.
 
