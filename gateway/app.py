@@ -8,6 +8,7 @@ from aiohttp import web
 from .admin.api import register_admin_routes
 from .admin.context import AdminContext
 from .errors import decision_label
+from .impact import ImpactLimits, ImpactPreview
 from .health import add_health_routes
 from .listener import JsonErrorServer
 from .public import PublicPath
@@ -67,4 +68,18 @@ def admin_context(runtime: Runtime) -> AdminContext:
         screening=s.screening,
         admin=s.admin,
         environ=runtime.environ,
+        # admin.impact.hours is both a preview's default window and the longest it may ask for.
+        impact=ImpactPreview(
+            store=runtime.store,
+            admission=runtime.admission,
+            rules=runtime.rules,
+            screening=s.screening,
+            limits=ImpactLimits(
+                hours=s.admin.impact.hours,
+                max_records=s.admin.impact.max_records,
+                max_callers=s.admin.impact.max_callers,
+                timeout_s=s.admin.impact.timeout_s,
+            ),
+            clock=runtime.clock,
+        ),
     )

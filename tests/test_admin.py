@@ -693,6 +693,11 @@ async def test_openapi_describes_every_route(admin: AdminClient, gw: GatewayProc
         ("patch", "/admin/v1/models/{model}"),
         ("patch", "/admin/v1/lists/{list}/{key}"),
         ("post", "/admin/v1/policy/diff"),
+        ("get", "/admin/v1/change-requests"),
+        ("get", "/admin/v1/change-requests/{id}"),
+        ("post", "/admin/v1/change-requests/{id}/approve"),
+        ("post", "/admin/v1/change-requests/{id}/reject"),
+        ("post", "/admin/v1/impact"),
     }
     assert {(m, p) for p, ops in paths.items() for m in ops} == expected
     schemas = document["components"]["schemas"]

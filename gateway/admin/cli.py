@@ -29,10 +29,12 @@ from .cli_io import (
     CliError,
     admin_client,
     emit,
+    impact_summary,
     read_bytes,
     read_document,
     segment,
     table,
+    write,
     written,
 )
 
@@ -81,7 +83,9 @@ def _lists_put(args: argparse.Namespace) -> None:
         body["country"] = args.country
     if args.shadow:
         body["enforce"] = False
-    data = admin_client(args).call("PUT", f"/admin/v1/lists/{segment(args.list)}/{segment(args.key)}", body=body)
+    data = write(args, "PUT", f"/admin/v1/lists/{segment(args.list)}/{segment(args.key)}", body=body)
+    if data is None:
+        return
     done = "written as a shadow entry (not enforced)" if args.shadow else "written"
     emit(args, data, written(f"{args.list} {data.get('key', args.key)} {done}"))
 
@@ -102,12 +106,16 @@ def _lists_patch(args: argparse.Namespace) -> None:
         raise CliError(
             "nothing to change: give --reason, --source, --expires-at, --no-expiry, --country or --enforce/--shadow"
         )
-    data = admin_client(args).call("PATCH", f"/admin/v1/lists/{segment(args.list)}/{segment(args.key)}", body=body)
+    data = write(args, "PATCH", f"/admin/v1/lists/{segment(args.list)}/{segment(args.key)}", body=body)
+    if data is None:
+        return
     emit(args, data, written(f"{args.list} {data.get('key', args.key)} changed ({', '.join(body)})"))
 
 
 def _lists_delete(args: argparse.Namespace) -> None:
-    data = admin_client(args).call("DELETE", f"/admin/v1/lists/{segment(args.list)}/{segment(args.key)}")
+    data = write(args, "DELETE", f"/admin/v1/lists/{segment(args.list)}/{segment(args.key)}")
+    if data is None:
+        return
     emit(args, data, written(f"{args.list} {data.get('key', args.key)} deleted"))
 
 
@@ -121,7 +129,9 @@ def _lists_replace(args: argparse.Namespace) -> None:
     wrapped = isinstance(document.get("entries"), dict) and set(document) <= {"version", "list", "entries"}
     entries = document["entries"] if wrapped else document
     body = {"entries": entries, "allow_empty": args.allow_empty}
-    data = admin_client(args).call("PUT", f"/admin/v1/lists/{segment(args.list)}", body=body)
+    data = write(args, "PUT", f"/admin/v1/lists/{segment(args.list)}", body=body)
+    if data is None:
+        return
     emit(args, data, written(f"{args.list} replaced with {data.get('count', len(entries))} entries"))
 
 
@@ -191,7 +201,9 @@ def _models_put(args: argparse.Namespace) -> None:
         body["allowed_countries"] = _countries(args.allowed_countries)
     if args.shadow:
         body["enforce"] = False
-    data = admin_client(args).call("PUT", f"/admin/v1/models/{segment(args.name)}", body=body)
+    data = write(args, "PUT", f"/admin/v1/models/{segment(args.name)}", body=body)
+    if data is None:
+        return
     if args.shadow:
         emit(args, data, written(f"model {args.name}: shadow written (not enforced; the live model unchanged)"))
         return
@@ -246,12 +258,16 @@ def _models_promote(args: argparse.Namespace) -> None:
 
 def _lists_promote(args: argparse.Namespace) -> None:
     path = f"/admin/v1/lists/{segment(args.list)}/{segment(args.key)}"
-    data = admin_client(args).call("PATCH", path, body={"enforce": True})
+    data = write(args, "PATCH", path, body={"enforce": True})
+    if data is None:
+        return
     emit(args, data, written(f"{args.list} {data.get('key', args.key)} promoted: enforced now"))
 
 
 def _patch_model(args: argparse.Namespace, body: dict[str, Any], done: str) -> None:
-    data = admin_client(args).call("PATCH", f"/admin/v1/models/{segment(args.name)}", body=body)
+    data = write(args, "PATCH", f"/admin/v1/models/{segment(args.name)}", body=body)
+    if data is None:
+        return
     emit(args, data, written(done))
 
 
@@ -278,7 +294,9 @@ def _models_lift(args: argparse.Namespace) -> None:
 
 
 def _models_delete(args: argparse.Namespace) -> None:
-    data = admin_client(args).call("DELETE", f"/admin/v1/models/{segment(args.name)}")
+    data = write(args, "DELETE", f"/admin/v1/models/{segment(args.name)}")
+    if data is None:
+        return
     emit(args, data, written(f"model {args.name} deleted"))
 
 
@@ -291,7 +309,9 @@ def _keys_create(args: argparse.Namespace) -> None:
         body["org_name"] = args.org_name
     if args.expires_at is not None:
         body["expires_at"] = args.expires_at
-    data = admin_client(args).call("POST", "/admin/v1/api-keys", body=body)
+    data = write(args, "POST", "/admin/v1/api-keys", body=body)
+    if data is None:
+        return
     emit(
         args,
         data,
@@ -303,7 +323,9 @@ def _keys_create(args: argparse.Namespace) -> None:
 
 
 def _keys_revoke(args: argparse.Namespace) -> None:
-    data = admin_client(args).call("DELETE", f"/admin/v1/api-keys/{segment(args.id)}")
+    data = write(args, "DELETE", f"/admin/v1/api-keys/{segment(args.id)}")
+    if data is None:
+        return
     emit(args, data, written(f"key {args.id} revoked"))
 
 
@@ -373,7 +395,9 @@ def _screening_import(args: argparse.Namespace) -> None:
     raw = read_bytes(args.file)
     json_file = args.file.lower().endswith(".json") or raw.lstrip()[:1] in (b"{", b"[")
     content_type = "application/json" if json_file else "text/csv; charset=utf-8"
-    data = admin_client(args).call("POST", "/admin/v1/screening/import", data=raw, content_type=content_type)
+    data = write(args, "POST", "/admin/v1/screening/import", data=raw, content_type=content_type)
+    if data is None:
+        return
     emit(args, data, written(f"screening list replaced with {data.get('entries')} entries"))
 
 
@@ -521,6 +545,59 @@ def _change_summary(change: Mapping[str, Any]) -> str:
     return "; ".join(parts)
 
 
+# --- change requests (the two-person rule) ------------------------------------------------------
+
+
+def _request_row(r: Mapping[str, Any]) -> list[Any]:
+    change = r.get("change") or {}
+    return [
+        r.get("id"),
+        r.get("status"),
+        r.get("effect"),
+        r.get("proposed_by"),
+        r.get("created_at"),
+        r.get("expires_at"),
+        f"{change.get('method')} {change.get('path', '').removeprefix('/admin/v1/')}",
+        impact_summary(r.get("impact")) if r.get("impact") is not None else None,
+    ]
+
+
+_REQUEST_HEADERS = ["ID", "STATUS", "EFFECT", "PROPOSED BY", "CREATED AT", "EXPIRES AT", "CHANGE", "IMPACT"]
+
+
+def _changes_pending(args: argparse.Namespace) -> None:
+    query = {"status": None if args.all else "pending", "limit": args.limit}
+    data = admin_client(args).call("GET", "/admin/v1/change-requests", query=query)
+
+    def text(d: Any) -> str:
+        requests = d.get("change_requests", [])
+        if not requests:
+            return "no change requests" if args.all else "no change requests await approval"
+        return table(_REQUEST_HEADERS, [_request_row(r) for r in requests])
+
+    emit(args, data, text)
+
+
+def _changes_approve(args: argparse.Namespace) -> None:
+    data = admin_client(args).call("POST", f"/admin/v1/change-requests/{segment(args.id)}/approve")
+    request = data.get("change_request", {})
+    emit(
+        args,
+        data,
+        lambda d: (
+            f"change request {args.id} approved by {request.get('approved_by')} and applied "
+            f"(proposed by {request.get('proposed_by')}); policy version {d.get('version')}"
+        ),
+    )
+
+
+def _changes_reject(args: argparse.Namespace) -> None:
+    body = {"reason": args.reason} if args.reason is not None else None
+    data = admin_client(args).call("POST", f"/admin/v1/change-requests/{segment(args.id)}/reject", body=body)
+    request = data.get("change_request", {})
+    emit(args, data, lambda _d: f"change request {args.id} rejected by {request.get('rejected_by')}; nothing changed")
+
+
 # --- policy ----------------------------------------------------------------------------------
 
 
@@ -558,7 +635,9 @@ def _policy_import(args: argparse.Namespace) -> None:
         data = admin_client(args).call("POST", "/admin/v1/policy/diff", body=document, query=query)
         emit(args, data, _diff_text)
         return
-    data = admin_client(args).call("PUT", "/admin/v1/policy", body=document, query=query)
+    data = write(args, "PUT", "/admin/v1/policy", body=document, query=query)
+    if data is None:
+        return
     what = f"sections {args.sections}" if args.sections else "policy"
     emit(args, data, written(f"{what} imported from {args.file}"))
 
@@ -634,6 +713,19 @@ def _leaf(
     return parser
 
 
+def _write_leaf(
+    sub: Any, name: str, handler: Callable[[argparse.Namespace], None], help_text: str, common: argparse.ArgumentParser
+) -> argparse.ArgumentParser:
+    """A write command: it also takes ``--preview`` (print the change's impact before writing it)."""
+    parser = _leaf(sub, name, handler, help_text, common)
+    parser.add_argument(
+        "--preview",
+        action="store_true",
+        help="first print the change's impact on recent callers (POST /admin/v1/impact), then write",
+    )
+    return parser
+
+
 def _group(subparsers: Any, name: str, help_text: str) -> Any:
     parser = subparsers.add_parser(name, help=help_text)
     return parser.add_subparsers(dest=f"{name}_command", required=True, metavar="COMMAND")
@@ -646,7 +738,7 @@ def _add_lists(subparsers: Any, common: argparse.ArgumentParser) -> None:
     sub = _group(subparsers, "lists", "show and change the live lists")
     get = _leaf(sub, "get", _lists_get, "show a list", common)
     get.add_argument("list", choices=LIST_NAMES)
-    put = _leaf(sub, "put", _lists_put, "add or change one entry", common)
+    put = _write_leaf(sub, "put", _lists_put, "add or change one entry", common)
     put.add_argument("list", choices=LIST_NAMES)
     put.add_argument("key", help="country code, subject/org, or CIDR for ip-ranges")
     put.add_argument("--reason", required=True)
@@ -654,7 +746,7 @@ def _add_lists(subparsers: Any, common: argparse.ArgumentParser) -> None:
     put.add_argument("--expires-at", help="ISO-8601 instant with a time zone, e.g. 2027-01-31T00:00:00Z")
     put.add_argument("--country", help="ip-ranges only: the range's country")
     put.add_argument("--shadow", action="store_true", help=_SHADOW_HELP)
-    patch = _leaf(sub, "patch", _lists_patch, "change only the named fields of one entry (merge patch)", common)
+    patch = _write_leaf(sub, "patch", _lists_patch, "change only the named fields of one entry (merge patch)", common)
     patch.add_argument("list", choices=LIST_NAMES)
     patch.add_argument("key", help="country code, subject/org, or CIDR for ip-ranges")
     patch.add_argument("--reason")
@@ -668,13 +760,13 @@ def _add_lists(subparsers: Any, common: argparse.ArgumentParser) -> None:
         default=None,
         help="--enforce makes a shadow entry live; --no-enforce makes the entry a shadow (not enforced)",
     )
-    promote = _leaf(sub, "promote", _lists_promote, "make a shadow entry live (PATCH enforce: true)", common)
+    promote = _write_leaf(sub, "promote", _lists_promote, "make a shadow entry live (PATCH enforce: true)", common)
     promote.add_argument("list", choices=LIST_NAMES)
     promote.add_argument("key")
-    delete = _leaf(sub, "delete", _lists_delete, "remove one entry", common)
+    delete = _write_leaf(sub, "delete", _lists_delete, "remove one entry", common)
     delete.add_argument("list", choices=LIST_NAMES)
     delete.add_argument("key")
-    replace = _leaf(sub, "replace", _lists_replace, "replace a whole list from a YAML/JSON file", common)
+    replace = _write_leaf(sub, "replace", _lists_replace, "replace a whole list from a YAML/JSON file", common)
     replace.add_argument("list", choices=LIST_NAMES)
     replace.add_argument("file", help="YAML or JSON mapping of key: entry ('-' for stdin)")
     replace.add_argument("--allow-empty", action="store_true", help="allow replacing the list with nothing")
@@ -685,7 +777,7 @@ def _add_models(subparsers: Any, common: argparse.ArgumentParser) -> None:
     _leaf(sub, "list", _models_list, "show every model", common)
     get = _leaf(sub, "get", _models_get, "show one model", common)
     get.add_argument("name")
-    put = _leaf(
+    put = _write_leaf(
         sub,
         "put",
         _models_put,
@@ -699,7 +791,7 @@ def _add_models(subparsers: Any, common: argparse.ArgumentParser) -> None:
     put.add_argument("--allowed-countries", help="comma-separated country codes; omit for any country")
     put.add_argument("--export-suspended", action=argparse.BooleanOptionalAction, default=False)
     put.add_argument("--shadow", action="store_true", help=_SHADOW_HELP + "; the live model stays")
-    patch = _leaf(sub, "patch", _models_patch, "change only the named fields of a model (merge patch)", common)
+    patch = _write_leaf(sub, "patch", _models_patch, "change only the named fields of a model (merge patch)", common)
     patch.add_argument("name")
     patch.add_argument("--stage", choices=STAGES)
     patch.add_argument(
@@ -715,11 +807,11 @@ def _add_models(subparsers: Any, common: argparse.ArgumentParser) -> None:
         help="suspend (or, with --no-export-suspended, lift) the model's export",
     )
     patch.add_argument("--shadow", action="store_true", help="change the model's shadow, not the live model")
-    promote = _leaf(
+    promote = _write_leaf(
         sub, "promote", _models_promote, "make a model's shadow the live model (PATCH enforce: true)", common
     )
     promote.add_argument("name")
-    suspend = _leaf(
+    suspend = _write_leaf(
         sub,
         "suspend",
         _models_suspend,
@@ -728,7 +820,7 @@ def _add_models(subparsers: Any, common: argparse.ArgumentParser) -> None:
     )
     suspend.add_argument("name")
     suspend.add_argument("--shadow", action="store_true", help="suspend in the shadow only (not enforced)")
-    lift = _leaf(
+    lift = _write_leaf(
         sub,
         "lift",
         _models_lift,
@@ -737,20 +829,20 @@ def _add_models(subparsers: Any, common: argparse.ArgumentParser) -> None:
     )
     lift.add_argument("name")
     lift.add_argument("--shadow", action="store_true", help="lift in the shadow only (not enforced)")
-    delete = _leaf(sub, "delete", _models_delete, "remove a model", common)
+    delete = _write_leaf(sub, "delete", _models_delete, "remove a model", common)
     delete.add_argument("name")
 
 
 def _add_keys(subparsers: Any, common: argparse.ArgumentParser) -> None:
     sub = _group(subparsers, "keys", "issue, list and revoke API keys")
-    create = _leaf(sub, "create", _keys_create, "issue a key (shown once)", common)
+    create = _write_leaf(sub, "create", _keys_create, "issue a key (shown once)", common)
     create.add_argument("--subject", required=True)
     create.add_argument("--org", required=True)
     create.add_argument("--country", required=True)
     create.add_argument("--tier", required=True)
     create.add_argument("--org-name")
     create.add_argument("--expires-at", help="ISO-8601 instant with a time zone")
-    revoke = _leaf(sub, "revoke", _keys_revoke, "revoke a key by id", common)
+    revoke = _write_leaf(sub, "revoke", _keys_revoke, "revoke a key by id", common)
     revoke.add_argument("id")
     _leaf(sub, "list", _keys_list, "show issued keys", common)
 
@@ -768,7 +860,7 @@ def _add_decide(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 def _add_screening(subparsers: Any, common: argparse.ArgumentParser) -> None:
     sub = _group(subparsers, "screening", "the denied-parties screening list")
-    imp = _leaf(sub, "import", _screening_import, "replace the list with a CSL CSV or JSON export", common)
+    imp = _write_leaf(sub, "import", _screening_import, "replace the list with a CSL CSV or JSON export", common)
     imp.add_argument("file", help="Consolidated Screening List CSV or JSON ('-' for stdin)")
     search = _leaf(sub, "search", _screening_search, "scored matches for a name", common)
     search.add_argument("name")
@@ -782,15 +874,30 @@ def _add_history(subparsers: Any, common: argparse.ArgumentParser) -> None:
     tail.add_argument("--limit", type=_positive, default=20)
     tail.add_argument("--follow", "-f", action="store_true", help="keep printing new records")
     tail.add_argument("--interval", type=float, default=1.0, help="seconds between polls with --follow")
-    changes = _leaf(subparsers, "changes", _changes, "who changed the policy, newest first", common)
+    changes = _leaf(
+        subparsers,
+        "changes",
+        _changes,
+        "who changed the policy, newest first; pending, approve, reject: change requests",
+        common,
+    )
     changes.add_argument("--limit", type=_positive, default=50)
+    requests = changes.add_subparsers(dest="changes_command", required=False, metavar="COMMAND")
+    pending = _leaf(requests, "pending", _changes_pending, "change requests awaiting approval, newest first", common)
+    pending.add_argument("--all", action="store_true", help="every kept request, whatever its status")
+    pending.add_argument("--limit", type=_positive, default=100)
+    approve = _leaf(requests, "approve", _changes_approve, "approve another admin's change request: apply it", common)
+    approve.add_argument("id")
+    reject = _leaf(requests, "reject", _changes_reject, "reject a change request (or withdraw your own)", common)
+    reject.add_argument("id")
+    reject.add_argument("--reason", help="why, kept with the request and in the change history")
 
 
 def _add_policy(subparsers: Any, common: argparse.ArgumentParser) -> None:
     sub = _group(subparsers, "policy", "export and import the whole policy (YAML)")
     export = _leaf(sub, "export", _policy_export, "write the whole policy as YAML", common)
     export.add_argument("file", help="output file, or '-' for stdout")
-    imp = _leaf(
+    imp = _write_leaf(
         sub,
         "import",
         _policy_import,

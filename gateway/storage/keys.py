@@ -22,6 +22,10 @@ key                             type     holds
                                         the entries changed since (``delta_at``: version these describe)
 ``{gw}:changes``                stream   change history (actor, time, before, after, version)
 ``{gw}:write:<id>``             string   version a write produced; read back to confirm it (TTL)
+``{gw}:change-requests``        hash     change request id -> JSON request (who, when, status, what)
+``{gw}:change-ops``             hash     change request id -> JSON plain operations it applies
+``{gw}:change-retire``          zset     change request id -> when it may be pruned (closed_at, or
+                                        expires_at while pending)
 ``gw:audit``                    stream   audit records (``r``: JSON, ``id``: producer:sequence)
 ``{gw:audit}:seq:<producer>``   string   highest audit sequence appended for one process
 ``gw:rl:{<hash>}:r`` / ``:w``   string / hash   rate-limit state, always with a TTL
@@ -51,6 +55,14 @@ AUDIT_MARK_TTL_S = 7 * 86400
 CHANNEL = "gw:policy"
 RATE_PREFIX = "gw:rl:"
 CHANGES_MAXLEN = 100_000
+# Change requests held for a second admin's approval (the two-person rule), beside the policy so one
+# transaction applies a request's operations and closes it.
+CHANGE_REQUESTS_KEY = PREFIX + "change-requests"
+CHANGE_OPS_KEY = PREFIX + "change-ops"
+CHANGE_RETIRE_KEY = PREFIX + "change-retire"
+# Closed (or expired) requests are kept this long, and at most this many requests in all.
+CHANGE_REQUESTS_KEEP_S = 30 * 86400
+CHANGE_REQUESTS_MAX = 10_000
 # Set in each write's transaction and read back before the write counts (docs/hardening.md 23).
 WRITE_MARK_PREFIX = PREFIX + "write:"
 WRITE_MARK_TTL_S = 600

@@ -7,8 +7,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .audit_stream import AuditStream
+from .change_requests import ChangeRequestStore
 from .clients import build_client
-from .policy_store import PolicyStore
 from .wire import RespConnection
 
 # The URL forms a lean RESP connection can serve (it speaks to one server; Sentinel and
@@ -16,7 +16,7 @@ from .wire import RespConnection
 WIRE_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
-class Store(PolicyStore, AuditStream):
+class Store(ChangeRequestStore, AuditStream):
     """Async access to the gateway's Redis; every call is bounded by a deadline.
 
     Its parts share one client, one set of deadlines and one failure count
