@@ -214,6 +214,17 @@ class Metrics:
         self.audit_dropped = Counter(
             "gateway_audit_dropped", "Audit records lost (queue full: Redis and spool both failing)", registry=r
         )
+        self.audit_trimmed = Counter(
+            "gateway_audit_trimmed",
+            "Audit records trimmed from Redis by audit.stream_maxlen unarchived (archiving off)",
+            registry=r,
+        )
+        self.audit_unarchived = Gauge(
+            "gateway_audit_unarchived_records",
+            "Audit records in Redis not yet archived (archiving on); over workers the largest reading",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         # Memory, CPU and open files: read at each scrape in one process; with workers, each worker's
         # readings are refreshed with the policy gauges (a scrape reaches one worker, not all of them).
         self._process: WorkerProcessMetrics | None = None

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from ..archive.commands import add_archive_commands
 from ..policy.names import LIST_NAMES, STAGES, now_iso
 from .cli_io import (
     DEFAULT_ADMIN_URL,
@@ -711,6 +712,7 @@ def _add_history(subparsers: Any, common: argparse.ArgumentParser) -> None:
     tail.add_argument("--limit", type=_positive, default=20)
     tail.add_argument("--follow", "-f", action="store_true", help="keep printing new records")
     tail.add_argument("--interval", type=float, default=1.0, help="seconds between polls with --follow")
+    add_archive_commands(sub)
     changes = _leaf(subparsers, "changes", _changes, "who changed the policy, newest first", common)
     changes.add_argument("--limit", type=_positive, default=50)
 

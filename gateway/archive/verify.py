@@ -1,0 +1,172 @@
+"""``gateway audit verify``: every chain whole, every ``seq`` in place, every manifest matching.
+
+Walks each stream's segments in ``seq`` order and recomputes the chain from the first record
+(see :mod:`gateway.archive.segments`). The first fault found is reported with the segment (path
+under the archive directory), the line in it and the ``seq`` expected there: an edited record
+breaks its hash (or its canonical form), a deleted, inserted or reordered line breaks the
+``seq`` sequence, a truncated or damaged file fails to decompress or ends short of its name,
+a dropped segment leaves a gap in ``seq`` (or, the newest, a manifest that says more).
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .segments import (
+    MANIFEST,
+    STREAMS,
+    ArchiveError,
+    Head,
+    Segment,
+    canonical,
+    link,
+    list_segments,
+    read_lines,
+    read_manifest,
+    record_time,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """The first place a stream's archive is not what it claims."""
+
+    stream: str
+    segment: str | None
+    line: int | None
+    seq: int | None
+    reason: str
+
+    def __str__(self) -> str:
+        where = [self.stream]
+        if self.segment is not None:
+            where.append(f"segment {self.segment}")
+        if self.line is not None:
+            where.append(f"line {self.line}")
+        if self.seq is not None:
+            where.append(f"record seq {self.seq}")
+        return f"{', '.join(where)}: {self.reason}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in ("stream", "segment", "line", "seq", "reason")}
+
+
+class ChainBroken(Exception):
+    def __init__(self, fault: Fault) -> None:
+        super().__init__(str(fault))
+        self.fault = fault
+
+
+@dataclass(slots=True)
+class Chain:
+    """A stream's chain as read so far: the next ``seq`` expected and the previous hash."""
+
+    stream: str
+    root: Path
+    head: Head = field(default_factory=Head)
+    last_body: dict[str, Any] | None = None
+
+    def _fault(self, segment: Segment, line: int | None, reason: str) -> ChainBroken:
+        return ChainBroken(Fault(self.stream, segment.relative(self.root), line, self.head.seq + 1, reason))
+
+    def read(self, segment: Segment) -> None:
+        """Check ``segment`` continues the chain and advance over it; ChainBroken names the first fault."""
+        if segment.first != self.head.seq + 1:
+            gap = "missing records (a segment dropped?)" if segment.first > self.head.seq + 1 else "overlaps"
+            raise self._fault(segment, None, f"segment starts at seq {segment.first}: {gap}")
+        number = 0
+        try:
+            for number, line in enumerate(read_lines(segment.path), start=1):
+                self._record(segment, number, line)
+        except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:
+            raise self._fault(segment, number + 1, f"segment truncated or damaged ({exc})") from exc
+        if self.head.seq != segment.last:
+            raise self._fault(segment, number + 1, f"segment ends at seq {self.head.seq}, its name says {segment.last}")
+        self.head.segments += 1
+        self.head.last_segment = segment.relative(self.root)
+
+    def _record(self, segment: Segment, number: int, line: bytes) -> None:
+        try:
+            body = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            raise self._fault(segment, number, f"not JSON ({exc}): record edited") from exc
+        if not isinstance(body, dict):
+            raise self._fault(segment, number, "not a JSON object: record edited")
+        digest = body.pop("hash", None)
+        if canonical({**body, "hash": digest}) + b"\n" != line:
+            raise self._fault(segment, number, "not in canonical form: record edited")
+        seq = body.get("seq")
+        if seq != self.head.seq + 1:
+            raise self._fault(
+                segment, number, f"seq {seq} where {self.head.seq + 1} was due: a record deleted, inserted or moved"
+            )
+        if link(self.head.hash, body) != digest:
+            raise self._fault(segment, number, "hash does not match the chain: record edited")
+        head = self.head
+        head.seq, head.hash, head.stream_id = seq, digest, str(body.get("stream_id"))
+        when = record_time(body)
+        if head.first_time is None:
+            head.first_time = when
+        head.last_time = when or head.last_time
+
+
+@dataclass(frozen=True, slots=True)
+class StreamSummary:
+    stream: str
+    records: int
+    segments: int
+    first_time: str | None
+    last_time: str | None
+    head_hash: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "stream": self.stream,
+            "records": self.records,
+            "segments": self.segments,
+            "first_time": self.first_time,
+            "last_time": self.last_time,
+            "head_hash": self.head_hash,
+        }
+
+
+def verify_stream(root: Path, stream: str) -> StreamSummary:
+    """Check one stream's whole chain and its manifest; ChainBroken names the first fault."""
+    stream_dir = root / stream
+    chain = Chain(stream, root)
+    segments, strays = list_segments(stream_dir)
+    for stray in sorted(strays):
+        raise ChainBroken(Fault(stream, str(stray.relative_to(root)), None, None, "not a segment (unexpected file)"))
+    for segment in segments:
+        chain.read(segment)
+    head = chain.head
+    try:
+        manifest = read_manifest(stream_dir)
+    except ArchiveError as exc:
+        raise ChainBroken(Fault(stream, f"{stream}/{MANIFEST}", None, None, str(exc))) from exc
+    if manifest is None:
+        if head.seq:
+            raise ChainBroken(Fault(stream, f"{stream}/{MANIFEST}", None, None, "manifest missing"))
+    elif (manifest.seq, manifest.hash) != (head.seq, head.hash):
+        reason = (
+            f"manifest says {manifest.seq} records ending in {manifest.hash[:16]}..., "
+            f"the segments hold {head.seq} ending in {head.hash[:16]}..."
+        )
+        if manifest.seq > head.seq:
+            reason += ": records missing at the end (the newest segment dropped or cut?)"
+        missing = head.seq + 1 if manifest.seq > head.seq else None
+        raise ChainBroken(Fault(stream, f"{stream}/{MANIFEST}", None, missing, reason))
+    return StreamSummary(stream, head.seq, head.segments, head.first_time, head.last_time, head.hash)
+
+
+def verify_archive(root: Path) -> list[StreamSummary]:
+    """Every stream the archive holds; ChainBroken at the first fault. An empty directory verifies."""
+    if not root.is_dir():
+        raise ChainBroken(Fault("-", None, None, None, f"{root}: no such directory"))
+    return [verify_stream(root, stream) for stream in STREAMS if (root / stream).is_dir()]
