@@ -13,8 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import ResponseError
-
+from .clients import StoreUnavailable
 from .keys import ARCHIVE_GROUP
 from .scripts import Scripts
 
@@ -40,8 +39,8 @@ class ArchiveStream(Scripts):
         """Create the group at the stream's start (everything in Redis is still to be archived)."""
         try:
             await self._bounded("archive", self.client.xgroup_create(key, ARCHIVE_GROUP, id="0", mkstream=True))
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
+        except StoreUnavailable as exc:
+            if "BUSYGROUP" not in str(exc):  # the group exists already: nothing to do
                 raise
 
     async def read_archive_batch(
@@ -79,10 +78,9 @@ class ArchiveStream(Scripts):
         """Entries not yet archived: undelivered plus delivered-unacknowledged; the whole stream when
         the archiver has never run (no group)."""
         length = int(await self._bounded("archive", self.client.xlen(key), self.policy_timeout_s))
-        try:
-            groups = await self._bounded("archive", self.client.xinfo_groups(key), self.policy_timeout_s)
-        except ResponseError:
-            return length  # no such key
+        if not await self._bounded("archive", self.client.exists(key), self.policy_timeout_s):
+            return 0
+        groups = await self._bounded("archive", self.client.xinfo_groups(key), self.policy_timeout_s)
         for group in groups:
             if _text(group.get("name")) != ARCHIVE_GROUP:
                 continue
