@@ -30,6 +30,8 @@ from .test_audit import stream_length
 from .test_metrics import scrape, value
 
 MAXLEN = 1000
+ARCHIVE_COMMAND = (sys.executable, "-m", "gateway", "audit", "archive")
+SEGMENTS = ("--segment-records", "300", "--segment-seconds", "0.2")  # small segments: many kill points
 
 
 async def _send(gateways: list[GatewayProcess], prefix: str, count: int, ids: list[str]) -> None:
@@ -58,8 +60,7 @@ def _archiver(config: Path, root: Path) -> subprocess.Popen[bytes]:
     """The archiver as its own process; its log goes to ``archiver.log`` beside the config."""
     with open(config.parent / "archiver.log", "ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "gateway", "audit", "archive", "--config", str(config), "--dir", str(root)]
-            + ["--segment-records", "300", "--segment-seconds", "0.2"],
+            [*ARCHIVE_COMMAND, "--config", str(config), "--dir", str(root), *SEGMENTS],
             cwd=ROOT,
             env=os.environ.copy(),
             stdout=subprocess.DEVNULL,
