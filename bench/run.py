@@ -31,6 +31,8 @@ import yaml
 
 from gateway.redis_server import RedisServer, free_port
 
+from .archive import archive_bench, print_archive
+
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "bench-hs256-secret-0123456789abcdef0123456789"
 BODY = '{"model": "gpt-mock", "messages": [{"role": "user", "content": "Hello"}]}'
@@ -508,7 +510,9 @@ def main() -> None:
             args.rounds,
             {"redis": redis_pid, "upstream": light_upstream.pid},
         )
+    results["archive"] = archive_bench()
     print_table(results)
+    print_archive(results["archive"])
     out = ROOT / "bench" / "results" / f"{results['time'].replace(':', '')}.json"
     out.write_text(json.dumps(results, indent=2))
     print(f"\nresults written to {out.relative_to(ROOT)}")

@@ -14,11 +14,11 @@ import pytest
 
 from gateway.redis_server import RedisServer
 
+from .support.archive import gateway_cli
 from .support.gateway_process import ADMIN_TOKEN, BASE_POLICY, GatewayProcess, gateway_config, seed_policy
 from .support.tokens import auth, hs_token
 from .support.upstream import Upstream
 from .support.waiting import wait_until
-from .support.archive import gateway_cli
 
 CALLERS = [("ivan", "IR"), ("alice", "US"), ("bob", "DE")]
 

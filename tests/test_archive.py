@@ -89,7 +89,7 @@ async def test_segments_are_chained_gzipped_json_lines_named_by_seq(redis_url: s
     assert first["seq"] == 1 and len(first["hash"]) == 64 and first["request_id"] == "req-1"
 
 
-@pytest.mark.parametrize("point", ["tmp", "segment", "manifest", "ack"])
+@pytest.mark.parametrize("point", ["tmp", "segment", "index", "manifest", "ack"])
 async def test_a_sigkill_at_each_step_and_a_restart_archive_each_record_exactly_once(
     redis_url: str, tmp_path: Path, point: str
 ) -> None:
@@ -107,6 +107,8 @@ async def test_a_sigkill_at_each_step_and_a_restart_archive_each_record_exactly_
     assert done.returncode == 0, done.stderr
     _assert_whole(root, 1500)
     assert not list(root.rglob("*.tmp"))
+    segments, _strays = list_segments(root / "audit")
+    assert all(s.index.exists() for s in segments)
 
 
 async def test_the_cli_archives_verifies_queries_and_reports(redis_url: str, tmp_path: Path) -> None:
@@ -259,6 +261,32 @@ def test_verify_names_a_truncated_segment(pristine: Path, tmp_path: Path) -> Non
     second.write_bytes(data[: len(data) // 2])
     fault = _fault(root)
     assert "000000000251-000000000500" in fault and "truncated or damaged" in fault
+
+
+def test_verify_names_an_edited_query_index(pristine: Path, tmp_path: Path) -> None:
+    import duckdb
+
+    root, second = _copy(pristine, tmp_path)
+    index = second.with_name(second.name.replace(".jsonl.gz", ".parquet"))
+    edited = index.with_name("edited.parquet")
+    with duckdb.connect() as db:
+        db.execute(
+            f"COPY (SELECT * REPLACE (CASE WHEN seq = 300 THEN 'XX' ELSE claimed_country END AS claimed_country) "
+            f"FROM read_parquet('{index}')) TO '{edited}' (FORMAT parquet)"
+        )
+    edited.replace(index)
+    fault = _fault(root)
+    assert "000000000251-000000000500.parquet" in fault and "seq 300" in fault
+
+
+def test_a_query_reads_a_segment_without_its_index(pristine: Path, tmp_path: Path) -> None:
+    from gateway.archive.query import Filters, report
+
+    root, second = _copy(pristine, tmp_path)
+    second.with_name(second.name.replace(".jsonl.gz", ".parquet")).unlink()
+    _columns, rows = report(root, Filters(), ["country"])
+    assert sum(row[1] for row in rows) == 1000
+    assert verify_archive(root)[0].records == 1000
 
 
 def test_verify_names_a_segment_cut_at_a_line(pristine: Path, tmp_path: Path) -> None:

@@ -11,12 +11,13 @@ Exactly once across a kill at any point:
 - killed before the segment's rename: the temporary file is deleted at the next start and the
   entries, still pending in the group, are read and written again;
 - killed after the rename, before the manifest: the start finds the newest segment past the
-  manifest, checks it continues the chain, and brings the manifest up to it;
+  manifest, checks it continues the chain, writes its query index if that is missing, and
+  brings the manifest up to it;
 - killed after the manifest, before the acknowledgement: the entries come back as pending, but
   their Redis ids are at or below the chain head's ``stream_id``; they are acknowledged, not
   written again.
 
-``GATEWAY_ARCHIVE_CRASH_AT=<point>:<n>`` (``tmp``, ``segment``, ``manifest`` or ``ack``) makes the
+``GATEWAY_ARCHIVE_CRASH_AT=<point>:<n>`` (``tmp``, ``segment``, ``index``, ``manifest`` or ``ack``) makes the
 process SIGKILL itself the n-th time it reaches that point: the fault-injection hook of the
 crash-safety tests.
 """
@@ -40,6 +41,7 @@ from ..storage.archive_stream import StreamEntry
 from ..storage.keys import AUDIT_KEY, CHANGES_KEY, CHANGES_MAXLEN
 from ..storage.store import Store
 from . import segments as seg
+from .columns import write_index
 from .segments import ArchiveError, Head
 from .verify import Chain, ChainBroken
 
@@ -87,6 +89,7 @@ def recover(root: Path, stream: str) -> Head:
             raise ArchiveError(f"{stream}: the manifest says {base.seq} records, but there is no segment")
         return base
     if last.last == base.seq:
+        _ensure_index(last.path, stream)
         return base
     if last.first != base.seq + 1:
         raise ArchiveError(
@@ -98,9 +101,16 @@ def recover(root: Path, stream: str) -> Head:
         chain.read(last)
     except ChainBroken as exc:
         raise ArchiveError(f"the newest segment does not continue the chain: {exc}") from exc
+    _ensure_index(last.path, stream)
     seg.write_manifest(stream_dir, stream, chain.head)
     log.info("manifest brought up to the newest segment", extra={"stream": stream, "records": chain.head.seq})
     return chain.head
+
+
+def _ensure_index(segment: Path, stream: str) -> None:
+    """A kill between a segment's rename and its index's leaves the index to write."""
+    if not seg.index_path(segment).exists():
+        write_index(segment, stream)
 
 
 class CrashHook:
@@ -281,6 +291,8 @@ class Archiver:
             self._crash_after_temporary(path, b"".join(lines))
         seg.write_durable(path, b"".join(lines), compress=True)
         self.crash("segment")
+        write_index(path, spec.name)
+        self.crash("index")
         new = Head(
             seq=seq,
             hash=digest,

@@ -1,7 +1,8 @@
 """``gateway audit query`` and ``gateway audit report``: questions answered from the archive by DuckDB.
 
-DuckDB reads the gzipped JSON Lines segments directly, in parallel, with the columns declared
-(no schema guessing, fields a record lacks read as NULL). ``--since`` and ``--until`` also choose
+DuckDB reads each segment's Parquet index (gateway/archive/columns.py), or, for a segment
+without one, the gzipped JSON Lines themselves, with the columns declared (no schema guessing,
+fields a record lacks read as NULL). ``--since`` and ``--until`` also choose
 which day directories are read at all, so a question about one month of a five-year archive
 reads one month of files.
 """
@@ -14,45 +15,9 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import duckdb
-
+from .columns import COLUMNS, connect, read_indexed
 from .segments import SUFFIX, day_dirs
 
-AUDIT_COLUMNS: dict[str, str] = {
-    "time": "VARCHAR",
-    "request_id": "VARCHAR",
-    "subject": "VARCHAR",
-    "org": "VARCHAR",
-    "org_name": "VARCHAR",
-    "tier": "VARCHAR",
-    "claimed_country": "VARCHAR",
-    "client_ip": "VARCHAR",
-    "ip_country": "VARCHAR",
-    "model": "VARCHAR",
-    "decision": "VARCHAR",
-    "code": "VARCHAR",
-    "policy_version": "BIGINT",
-    "status": "INTEGER",
-    "upstream_status": "INTEGER",
-    "duration_ms": "DOUBLE",
-    "key_id": "VARCHAR",
-    "seq": "BIGINT",
-    "stream_id": "VARCHAR",
-    "hash": "VARCHAR",
-}
-CHANGES_COLUMNS: dict[str, str] = {
-    "time": "VARCHAR",
-    "actor": "VARCHAR",
-    "target": "VARCHAR",
-    "version": "BIGINT",
-    "effect": "VARCHAR",
-    "before": "JSON",
-    "after": "JSON",
-    "seq": "BIGINT",
-    "stream_id": "VARCHAR",
-    "hash": "VARCHAR",
-}
-COLUMNS = {"audit": AUDIT_COLUMNS, "changes": CHANGES_COLUMNS}
 # --by keys: the report's own names for the columns they group by.
 GROUP_KEYS: dict[str, str] = {
     "country": "claimed_country",
@@ -126,11 +91,11 @@ class Filters:
         return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
 
 
-def segment_files(root: Path, stream: str, since: datetime | None, until: datetime | None) -> list[str]:
+def segment_files(root: Path, stream: str, since: datetime | None, until: datetime | None) -> list[Path]:
     """The segments of the days that can hold records in [since, until)."""
     first = since.date() if since is not None else None
     last = until.date() if until is not None else None
-    files: list[str] = []
+    files: list[Path] = []
     for day_dir in day_dirs(root / stream):
         try:
             day = date(int(day_dir.parent.parent.name), int(day_dir.parent.name), int(day_dir.name))
@@ -142,18 +107,8 @@ def segment_files(root: Path, stream: str, since: datetime | None, until: dateti
             continue
         if last is not None and day > last:
             continue
-        files.extend(str(p) for p in sorted(day_dir.glob(f"*{SUFFIX}")))
+        files.extend(sorted(day_dir.glob(f"*{SUFFIX}")))
     return files
-
-
-def _source(files: Sequence[str], stream: str) -> str:
-    columns = ", ".join(f"'{name}': '{kind}'" for name, kind in COLUMNS[stream].items())
-    listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
-    return f"read_json([{listed}], format='newline_delimited', compression='gzip', columns={{{columns}}})"
-
-
-def _connect() -> duckdb.DuckDBPyConnection:
-    return duckdb.connect(":memory:")
 
 
 def query(
@@ -165,10 +120,10 @@ def query(
     if not files:
         return names, []
     where, params = filters.where(stream)
-    sql = f"SELECT * FROM {_source(files, stream)}{where} ORDER BY seq"
+    sql = f"SELECT * FROM {read_indexed(files, stream)}{where} ORDER BY seq"
     if limit is not None:
         sql += f" LIMIT {int(limit)}"
-    with _connect() as db:
+    with connect() as db:
         result = db.execute(sql, params)
         columns = [d[0] for d in result.description]
         return columns, result.fetchall()
@@ -189,8 +144,8 @@ def report(root: Path, filters: Filters, by: Sequence[str]) -> tuple[list[str], 
     sql = (
         f"SELECT {keys}, count(*) AS requests, count(*) FILTER (WHERE decision = 'allow') AS allowed, "
         f"count(*) FILTER (WHERE decision = 'block') AS blocked "
-        f"FROM {_source(files, 'audit')}{where} GROUP BY ALL ORDER BY requests DESC, {order}"
+        f"FROM {read_indexed(files, 'audit')}{where} GROUP BY ALL ORDER BY requests DESC, {order}"
     )
-    with _connect() as db:
+    with connect() as db:
         result = db.execute(sql, params)
         return [d[0] for d in result.description], result.fetchall()

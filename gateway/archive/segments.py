@@ -34,6 +34,7 @@ GENESIS = "0" * 64
 STREAMS = ("audit", "changes")
 MANIFEST = "manifest.json"
 SUFFIX = ".jsonl.gz"
+INDEX_SUFFIX = ".parquet"  # the segment's columns for queries, beside it (see gateway/archive/columns.py)
 SEGMENT_NAME = re.compile(r"^(\d{12,})-(\d{12,})\.jsonl\.gz$")
 # Added to each record; a stream record that already holds one of these keeps its own fields under
 # ``record`` instead, so nothing the gateway wrote is ever overwritten.
@@ -94,6 +95,14 @@ class Segment:
     def relative(self, root: Path) -> str:
         return str(self.path.relative_to(root))
 
+    @property
+    def index(self) -> Path:
+        return index_path(self.path)
+
+
+def index_path(segment: Path) -> Path:
+    return segment.with_name(segment.name.removesuffix(SUFFIX) + INDEX_SUFFIX)
+
 
 def parse_segment(path: Path) -> Segment | None:
     match = SEGMENT_NAME.match(path.name)
@@ -111,13 +120,18 @@ def list_segments(stream_dir: Path) -> tuple[list[Segment], list[Path]]:
     """Every segment by first seq, and the files in day directories that are not segments."""
     segments: list[Segment] = []
     strays: list[Path] = []
+    indexes: list[Path] = []
     for day in day_dirs(stream_dir):
         for path in day.iterdir():
             segment = parse_segment(path)
-            if segment is None:
-                strays.append(path)
-            else:
+            if segment is not None:
                 segments.append(segment)
+            elif path.name.endswith(INDEX_SUFFIX):
+                indexes.append(path)
+            else:
+                strays.append(path)
+    names = {segment.index for segment in segments}
+    strays += [path for path in indexes if path not in names]  # an index without its segment
     segments.sort(key=lambda s: (s.first, s.last))
     return segments, strays
 
@@ -157,10 +171,26 @@ def _make_dirs(path: Path) -> None:
         fsync_dir(directory.parent)
 
 
+def publish(temporary: Path, path: Path) -> None:
+    """Make a fully written ``temporary`` file durable under its final name."""
+    fd = os.open(temporary, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(temporary, path)
+    fsync_dir(path.parent)
+
+
+def temporary_for(path: Path) -> Path:
+    """A name :func:`remove_temporaries` deletes if the writer dies before the rename."""
+    return path.with_name(f".{path.name}.tmp")
+
+
 def write_durable(path: Path, data: bytes, *, compress: bool = False) -> None:
     """``path`` appears whole or not at all: temporary name, fsync, rename, directory fsync."""
     _make_dirs(path.parent)
-    temporary = path.with_name(f".{path.name}.tmp")
+    temporary = temporary_for(path)
     with open(temporary, "wb") as out:
         if compress:
             with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=COMPRESSLEVEL, mtime=0) as gz:

@@ -5,12 +5,15 @@ Walks each stream's segments in ``seq`` order and recomputes the chain from the 
 under the archive directory), the line in it and the ``seq`` expected there: an edited record
 breaks its hash (or its canonical form), a deleted, inserted or reordered line breaks the
 ``seq`` sequence, a truncated or damaged file fails to decompress or ends short of its name,
-a dropped segment leaves a gap in ``seq`` (or, the newest, a manifest that says more).
+a dropped segment leaves a gap in ``seq`` (or, the newest, a manifest that says more). Each
+segment's Parquet query index must hold exactly the segment's rows.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
+import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,19 +21,22 @@ from typing import Any
 
 import orjson
 
+from .columns import index_mismatch
 from .segments import (
+    INDEX_SUFFIX,
     MANIFEST,
     STREAMS,
     ArchiveError,
     Head,
     Segment,
     canonical,
-    link,
     list_segments,
     read_lines,
     read_manifest,
     record_time,
 )
+
+HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,15 +104,23 @@ class Chain:
             raise self._fault(segment, number, f"not JSON ({exc}): record edited") from exc
         if not isinstance(body, dict):
             raise self._fault(segment, number, "not a JSON object: record edited")
-        digest = body.pop("hash", None)
-        if canonical({**body, "hash": digest}) + b"\n" != line:
+        digest = body.get("hash")
+        if not isinstance(digest, str) or not HEX64.fullmatch(digest) or canonical(body) + b"\n" != line:
             raise self._fault(segment, number, "not in canonical form: record edited")
         seq = body.get("seq")
         if seq != self.head.seq + 1:
             raise self._fault(
                 segment, number, f"seq {seq} where {self.head.seq + 1} was due: a record deleted, inserted or moved"
             )
-        if link(self.head.hash, body) != digest:
+        # The canonical JSON without ``hash`` is the line without that member (keys are sorted, so
+        # the others keep their order): no second serialization.
+        member = b'"hash":"' + digest.encode() + b'"'
+        at = line.index(member)
+        if line[at - 1 : at] == b",":
+            unhashed = line[: at - 1] + line[at + len(member) : -1]
+        else:
+            unhashed = line[:at] + line[at + len(member) + 1 : -1]
+        if hashlib.sha256(self.head.hash.encode() + unhashed).hexdigest() != digest:
             raise self._fault(segment, number, "hash does not match the chain: record edited")
         head = self.head
         head.seq, head.hash, head.stream_id = seq, digest, str(body.get("stream_id"))
@@ -141,10 +155,23 @@ def verify_stream(root: Path, stream: str) -> StreamSummary:
     stream_dir = root / stream
     chain = Chain(stream, root)
     segments, strays = list_segments(stream_dir)
-    for stray in sorted(strays):
+    orphans = sorted(p for p in strays if p.name.endswith(INDEX_SUFFIX))
+    for stray in sorted(p for p in strays if p not in orphans):
         raise ChainBroken(Fault(stream, str(stray.relative_to(root)), None, None, "not a segment (unexpected file)"))
     for segment in segments:
         chain.read(segment)
+        if segment.index.exists():
+            differs = index_mismatch(segment.path, stream)
+            if differs is not None:
+                raise ChainBroken(
+                    Fault(
+                        stream,
+                        str(segment.index.relative_to(root)),
+                        None,
+                        differs or None,
+                        "the query index does not hold exactly its segment's records (edited?)",
+                    )
+                )
     head = chain.head
     try:
         manifest = read_manifest(stream_dir)
@@ -162,6 +189,9 @@ def verify_stream(root: Path, stream: str) -> StreamSummary:
             reason += ": records missing at the end (the newest segment dropped or cut?)"
         missing = head.seq + 1 if manifest.seq > head.seq else None
         raise ChainBroken(Fault(stream, f"{stream}/{MANIFEST}", None, missing, reason))
+    for orphan in orphans:
+        reason = "a query index whose segment is missing (the segment removed?)"
+        raise ChainBroken(Fault(stream, str(orphan.relative_to(root)), None, None, reason))
     return StreamSummary(stream, head.seq, head.segments, head.first_time, head.last_time, head.hash)
 
 
