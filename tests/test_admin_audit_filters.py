@@ -100,6 +100,8 @@ async def test_filters_by_time(gateway: GatewayProcess, sent: dict[str, Any]) ->
     assert later["records"] == []
     _status, earlier = await _audit(gateway, until=before)
     assert earlier["records"] == []
+    status, ancient = await _audit(gateway, until="0119-12-14T07:36:04Z")  # before stream ids begin
+    assert (status, ancient["records"]) == (200, [])
 
 
 @pytest.mark.parametrize(

@@ -141,6 +141,10 @@ async def test_the_cli_archives_verifies_queries_and_reports(redis_url: str, tmp
     lines = query.stdout.splitlines()
     assert lines[0].startswith("time,request_id,")
     assert len(lines) - 1 == 200  # i % 4 == 2 -> IR, and i even -> frontier-x
+    changes = gateway_cli("audit", "query", "--dir", str(root), "--stream", "changes", "--json")
+    assert changes.returncode == 0, changes.stderr
+    [change] = [orjson.loads(line) for line in changes.stdout.splitlines()]
+    assert (change["actor"], change["seq"]) == ("admin", 1)
     bad = gateway_cli("audit", "report", "--dir", str(root), "--by", "colour")
     assert bad.returncode == 2 and "--by" in bad.stderr
 

@@ -42,7 +42,8 @@ class AuditSearch(Scripts):
     ) -> AuditPage:
         """Matching records newest first; ids searched from ``since_ms`` (minus a minute for clocks)
         to ``until_ms`` plus :data:`APPEND_SLACK_MS`."""
-        high = "+" if until_ms is None else str(until_ms + APPEND_SLACK_MS)
+        # Stream ids are milliseconds since 1970: a bound before that is the stream's start.
+        high = "+" if until_ms is None else str(max(until_ms + APPEND_SLACK_MS, 0))
         low = "-" if since_ms is None else str(max(since_ms - 60_000, 0))
         records: list[dict[str, Any]] = []
         scanned = 0
