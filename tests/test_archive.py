@@ -298,3 +298,39 @@ def test_verify_names_a_segment_cut_at_a_line(pristine: Path, tmp_path: Path) ->
     _rewrite(second, _lines(second)[:100])
     fault = _fault(root)
     assert "000000000251-000000000500" in fault and "ends at seq 350, its name says 500" in fault
+
+
+# --- refusals -----------------------------------------------------------------------------------
+
+
+def test_the_archiver_refuses_an_archive_whose_manifest_and_segments_disagree(pristine: Path, tmp_path: Path) -> None:
+    from gateway.archive.archiver import recover
+    from gateway.archive.segments import ArchiveError
+
+    root, _second = _copy(pristine, tmp_path)
+    [last] = root.glob("audit/*/*/*/000000000751-000000001000.jsonl.gz")
+    last.unlink()
+    with pytest.raises(ArchiveError, match="manifest ends at seq 1000"):
+        recover(root, "audit")
+
+
+def test_one_archiver_per_directory_and_a_redis_it_can_reach(redis_url: str, tmp_path: Path) -> None:
+    import fcntl
+    import os
+
+    import yaml
+
+    config = archive_config(tmp_path, redis_url)
+    root = tmp_path / "archive"
+    root.mkdir()
+    fd = os.open(root / ".archiver.lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        second = gateway_cli("audit", "archive", "--config", str(config), "--dir", str(root), "--once")
+    finally:
+        os.close(fd)
+    assert second.returncode == 1 and "another archiver" in second.stderr
+    embedded = tmp_path / "embedded.yaml"
+    embedded.write_text(yaml.safe_dump({"upstream": {"url": "http://127.0.0.1:9"}}))
+    refused = gateway_cli("audit", "archive", "--config", str(embedded), "--dir", str(root), "--once")
+    assert refused.returncode == 2 and "redis.url" in refused.stderr
