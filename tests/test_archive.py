@@ -334,3 +334,26 @@ def test_one_archiver_per_directory_and_a_redis_it_can_reach(redis_url: str, tmp
     embedded.write_text(yaml.safe_dump({"upstream": {"url": "http://127.0.0.1:9"}}))
     refused = gateway_cli("audit", "archive", "--config", str(embedded), "--dir", str(root), "--once")
     assert refused.returncode == 2 and "redis.url" in refused.stderr
+
+
+def test_verify_in_worker_processes_names_the_same_first_fault(
+    pristine: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.archive import verify
+
+    monkeypatch.setattr(verify, "PARALLEL_FROM", 2)
+    assert verify_archive(pristine, workers=2) == verify_archive(pristine, workers=1)
+    root, second = _copy(pristine, tmp_path)
+    lines = _lines(second)
+    # The first record of a segment: its link to the previous segment is checked in order, here.
+    lines[0] = lines[0].replace(b'"user-', b'"usex-', 1)
+    _rewrite(second, lines)
+    [third] = root.glob("audit/*/*/*/000000000501-000000000750.jsonl.gz")
+    _rewrite(third, _lines(third)[:-1])
+    faults = []
+    for workers in (2, 1):
+        with pytest.raises(ChainBroken) as caught:
+            verify_archive(root, workers=workers)
+        faults.append(caught.value.fault)
+    assert faults[0] == faults[1]
+    assert faults[0].line == 1 and faults[0].seq == 251 and "edited" in faults[0].reason

@@ -13,8 +13,13 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import itertools
+import multiprocessing
+import os
 import re
 import zlib
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +42,8 @@ from .segments import (
 )
 
 HEX64 = re.compile(r"[0-9a-f]{64}")
+UNKNOWN = "?"  # the previous hash of a segment checked on its own
+PARALLEL_FROM = 8  # segments in a stream from which they are checked in worker processes
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +83,9 @@ class Chain:
     stream: str
     root: Path
     head: Head = field(default_factory=Head)
-    last_body: dict[str, Any] | None = None
+    # Set when the chain starts mid-archive with the previous hash unknown (a segment checked on
+    # its own): the first record's hash input and hash, for the caller to link.
+    first_link: tuple[bytes, str] | None = None
 
     def _fault(self, segment: Segment, line: int | None, reason: str) -> ChainBroken:
         return ChainBroken(Fault(self.stream, segment.relative(self.root), line, self.head.seq + 1, reason))
@@ -96,6 +105,30 @@ class Chain:
             raise self._fault(segment, number + 1, f"segment ends at seq {self.head.seq}, its name says {segment.last}")
         self.head.segments += 1
         self.head.last_segment = segment.relative(self.root)
+
+    def link(self, segment: Segment, check: SegmentCheck) -> None:
+        """Continue the chain over a segment checked on its own (:func:`check_segment`)."""
+        if segment.first != self.head.seq + 1:
+            gap = "missing records (a segment dropped?)" if segment.first > self.head.seq + 1 else "overlaps"
+            raise self._fault(segment, None, f"segment starts at seq {segment.first}: {gap}")
+        if check.fault is not None:
+            raise ChainBroken(check.fault)
+        assert check.first_link is not None and check.head is not None
+        unhashed, digest = check.first_link
+        if hashlib.sha256(self.head.hash.encode() + unhashed).hexdigest() != digest:
+            raise self._fault(segment, 1, "hash does not match the chain: record edited")
+        if check.index_fault is not None:
+            raise ChainBroken(check.index_fault)
+        head = check.head
+        self.head = Head(
+            seq=head.seq,
+            hash=head.hash,
+            stream_id=head.stream_id,
+            first_time=self.head.first_time or head.first_time,
+            last_time=head.last_time or self.head.last_time,
+            segments=self.head.segments + 1,
+            last_segment=head.last_segment,
+        )
 
     def _record(self, segment: Segment, number: int, line: bytes) -> None:
         try:
@@ -120,7 +153,9 @@ class Chain:
             unhashed = line[: at - 1] + line[at + len(member) : -1]
         else:
             unhashed = line[:at] + line[at + len(member) + 1 : -1]
-        if hashlib.sha256(self.head.hash.encode() + unhashed).hexdigest() != digest:
+        if self.head.hash == UNKNOWN:
+            self.first_link = (unhashed, digest)
+        elif hashlib.sha256(self.head.hash.encode() + unhashed).hexdigest() != digest:
             raise self._fault(segment, number, "hash does not match the chain: record edited")
         head = self.head
         head.seq, head.hash, head.stream_id = seq, digest, str(body.get("stream_id"))
@@ -150,7 +185,33 @@ class StreamSummary:
         }
 
 
-def verify_stream(root: Path, stream: str) -> StreamSummary:
+@dataclass(frozen=True, slots=True)
+class SegmentCheck:
+    """One segment checked on its own: its fault, or its first record's link and its last head."""
+
+    fault: Fault | None
+    first_link: tuple[bytes, str] | None = None
+    head: Head | None = None
+    index_fault: Fault | None = None  # reported after the chain's own faults, which say more
+
+
+def check_segment(root: Path, stream: str, segment: Segment) -> SegmentCheck:
+    """Check a segment without its predecessor: every record but the first's link, and its index."""
+    chain = Chain(stream, root, head=Head(seq=segment.first - 1, hash=UNKNOWN))
+    try:
+        chain.read(segment)
+    except ChainBroken as exc:
+        return SegmentCheck(exc.fault)
+    index_fault = None
+    if segment.index.exists():
+        differs = index_mismatch(segment.path, stream)
+        if differs is not None:
+            reason = "the query index does not hold exactly its segment's records (edited?)"
+            index_fault = Fault(stream, str(segment.index.relative_to(root)), None, differs or None, reason)
+    return SegmentCheck(None, chain.first_link, chain.head, index_fault)
+
+
+def verify_stream(root: Path, stream: str, *, workers: int = 1) -> StreamSummary:
     """Check one stream's whole chain and its manifest; ChainBroken names the first fault."""
     stream_dir = root / stream
     chain = Chain(stream, root)
@@ -158,20 +219,20 @@ def verify_stream(root: Path, stream: str) -> StreamSummary:
     orphans = sorted(p for p in strays if p.name.endswith(INDEX_SUFFIX))
     for stray in sorted(p for p in strays if p not in orphans):
         raise ChainBroken(Fault(stream, str(stray.relative_to(root)), None, None, "not a segment (unexpected file)"))
-    for segment in segments:
-        chain.read(segment)
-        if segment.index.exists():
-            differs = index_mismatch(segment.path, stream)
-            if differs is not None:
-                raise ChainBroken(
-                    Fault(
-                        stream,
-                        str(segment.index.relative_to(root)),
-                        None,
-                        differs or None,
-                        "the query index does not hold exactly its segment's records (edited?)",
-                    )
-                )
+    checks: Iterable[SegmentCheck]
+    pool: ProcessPoolExecutor | None = None
+    if workers > 1 and len(segments) >= PARALLEL_FROM:
+        # spawn, not fork: DuckDB's threads in this process must not be forked mid-flight.
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        checks = pool.map(check_segment, itertools.repeat(root), itertools.repeat(stream), segments)
+    else:
+        checks = (check_segment(root, stream, segment) for segment in segments)
+    try:
+        for segment, check in zip(segments, checks, strict=True):
+            chain.link(segment, check)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     head = chain.head
     try:
         manifest = read_manifest(stream_dir)
@@ -195,8 +256,13 @@ def verify_stream(root: Path, stream: str) -> StreamSummary:
     return StreamSummary(stream, head.seq, head.segments, head.first_time, head.last_time, head.hash)
 
 
-def verify_archive(root: Path) -> list[StreamSummary]:
-    """Every stream the archive holds; ChainBroken at the first fault. An empty directory verifies."""
+def verify_archive(root: Path, *, workers: int | None = None) -> list[StreamSummary]:
+    """Every stream the archive holds; ChainBroken at the first fault. An empty directory verifies.
+
+    ``workers``: processes checking segments side by side (default: one per CPU); the chain's
+    links between segments are checked in order here, so the first fault is the one reported.
+    """
     if not root.is_dir():
         raise ChainBroken(Fault("-", None, None, None, f"{root}: no such directory"))
-    return [verify_stream(root, stream) for stream in STREAMS if (root / stream).is_dir()]
+    count = workers if workers is not None else os.cpu_count() or 1
+    return [verify_stream(root, stream, workers=count) for stream in STREAMS if (root / stream).is_dir()]
