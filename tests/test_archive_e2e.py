@@ -134,3 +134,23 @@ async def test_soak_20000_requests_and_20_archiver_kills_archive_every_request_o
     started = time.monotonic()
     await _run(tmp_path, fresh_redis, upstream, count=10_000, kills=20)
     print(f"20,000 requests archived across 20 kills in {time.monotonic() - started:.1f} s")
+
+
+async def test_with_archiving_off_every_record_the_cap_trims_is_counted(
+    fresh_redis: RedisServer, upstream: Upstream
+) -> None:
+    seed_policy(fresh_redis.url)
+    config = gateway_config(upstream.url, audit={"stream_maxlen": 100, "archive": False, "flush_ms": 20})
+    gateway = GatewayProcess(config, redis_url=fresh_redis.url).start()
+    ids: list[str] = []
+    try:
+        await _send([gateway], "capped", 600, ids)
+
+        async def accounted() -> bool:
+            trimmed = value(await scrape(gateway.admin_url), "gateway_audit_trimmed_total")
+            return trimmed > 0 and trimmed + stream_length(fresh_redis.url) == 600
+
+        await wait_until(accounted, 10)
+        assert value(await scrape(gateway.admin_url), "gateway_audit_unarchived_records") == 0  # not reported
+    finally:
+        gateway.stop()
