@@ -141,6 +141,11 @@ async def test_the_cli_archives_verifies_queries_and_reports(redis_url: str, tmp
     lines = query.stdout.splitlines()
     assert lines[0].startswith("time,request_id,")
     assert len(lines) - 1 == 200  # i % 4 == 2 -> IR, and i even -> frontier-x
+    screened = gateway_cli("audit", "query", "--dir", str(root), "--subject", "user-3", "--json", "--limit", "0")
+    rows = [orjson.loads(line) for line in screened.stdout.splitlines()]
+    assert {r["request_id"] for r in rows} == {f"req-{i}" for i in range(1, 801) if i % 7 == 3}
+    row = next(r for r in rows if r["request_id"] == "req-10")
+    assert orjson.loads(row["screening"]) == {"entry": "Example Trading LLC", "score": 0.87}
     changes = gateway_cli("audit", "query", "--dir", str(root), "--stream", "changes", "--json")
     assert changes.returncode == 0, changes.stderr
     [change] = [orjson.loads(line) for line in changes.stdout.splitlines()]

@@ -33,6 +33,10 @@ AUDIT_COLUMNS: dict[str, str] = {
     "upstream_status": "INTEGER",
     "duration_ms": "DOUBLE",
     "key_id": "VARCHAR",
+    # Present on some records only: a screening match, a shadow decision, a revoked stream.
+    "screening": "JSON",
+    "shadow": "JSON",
+    "revoked": "BOOLEAN",
     "seq": "BIGINT",
     "stream_id": "VARCHAR",
     "hash": "VARCHAR",

@@ -146,7 +146,7 @@ def _query(args: argparse.Namespace) -> int:
         return 2
     if not args.json and not args.csv:
         # The table shows what a person reads; --json and --csv carry every column.
-        keep = [c for c in columns if c not in ("hash", "stream_id", "before", "after")]
+        keep = [c for c in columns if c not in ("hash", "stream_id", "before", "after", "screening", "shadow")]
         rows = [tuple(row[columns.index(c)] for c in keep) for row in rows]
         columns = keep
     _print_rows(args, columns, rows)

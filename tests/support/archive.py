@@ -43,6 +43,8 @@ def audit_record(i: int, **fields: Any) -> dict[str, Any]:
         "upstream_status": None if blocked else 200,
         "duration_ms": 1.5,
     }
+    if i % 10 == 0:
+        record["screening"] = {"entry": "Example Trading LLC", "score": 0.87}
     record.update(fields)
     return record
 
