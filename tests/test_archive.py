@@ -362,3 +362,39 @@ def test_verify_in_worker_processes_names_the_same_first_fault(
         faults.append(caught.value.fault)
     assert faults[0] == faults[1]
     assert faults[0].line == 1 and faults[0].seq == 251 and "edited" in faults[0].reason
+
+
+async def test_the_archiver_rides_out_a_redis_outage(tmp_path: Path) -> None:
+    import asyncio
+
+    from gateway.redis_server import RedisServer
+
+    from .support.waiting import wait_until
+
+    root = tmp_path / "archive"
+    with RedisServer(extra_args=["--appendonly", "yes", "--appendfsync", "always"]) as redis:
+        store = Store.from_url(redis.url, timeout_s=1)
+        archiver = Archiver(store, root, stream_specs(1000), segment_records=200, segment_seconds=0.05, poll_s=0.05)
+        archiver.open()
+        stop = asyncio.Event()
+        task = asyncio.create_task(archiver.run(once=False, stop=stop))
+        try:
+            await fill(store, 500)
+            await wait_until(lambda: archiver.archived == 500, 10)
+            redis.stop()
+            await asyncio.sleep(0.5)  # rounds fail meanwhile; the archiver keeps going
+            assert not task.done()
+            redis.start()
+            await fill(store, 700, start=501)
+            await wait_until(lambda: archiver.archived == 1200, 20)
+            await wait_until(lambda: _backlog_is_zero(store), 10)
+        finally:
+            stop.set()
+            await task
+            archiver.close()
+            await store.close()
+    _assert_whole(root, 1200)
+
+
+async def _backlog_is_zero(store: Store) -> bool:
+    return await store.archive_backlog(AUDIT_KEY) == 0

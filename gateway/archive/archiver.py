@@ -38,6 +38,7 @@ from pathlib import Path
 import orjson
 
 from ..storage.archive_stream import StreamEntry
+from ..storage.clients import StoreUnavailable
 from ..storage.keys import AUDIT_KEY, CHANGES_KEY, CHANGES_MAXLEN
 from ..storage.store import Store
 from . import segments as seg
@@ -182,12 +183,21 @@ class Archiver:
     async def run(self, *, once: bool, stop: asyncio.Event | None = None) -> int:
         """Archive until ``stop`` (or, ``once``, until both streams are drained); returns records archived."""
         stop = stop or asyncio.Event()
-        for spec in self.specs:
-            await self.store.ensure_archive_group(spec.key)
+        ready = False
         while not stop.is_set():
-            read = 0
-            for spec in self.specs:
-                read += await self.round(spec, final=once)
+            try:
+                if not ready:
+                    for spec in self.specs:
+                        await self.store.ensure_archive_group(spec.key)
+                    ready = True
+                read = 0
+                for spec in self.specs:
+                    read += await self.round(spec, final=once)
+            except StoreUnavailable as exc:
+                if once:
+                    raise
+                self._redis_gone(exc)
+                read = 0
             if once and read == 0:
                 break
             if read == 0:
@@ -195,9 +205,23 @@ class Archiver:
                     await asyncio.wait_for(stop.wait(), self.poll_s)
                 except TimeoutError:
                     pass
-        for spec in self.specs:  # a stop writes what was read: it is then durable, not re-read
-            await self.flush(spec)
+        try:
+            for spec in self.specs:  # a stop writes what was read: it is then durable, not re-read
+                await self.flush(spec)
+        except StoreUnavailable as exc:
+            log.warning("stopping with Redis away; the next start acknowledges what was written (%s)", exc)
         return self.archived
+
+    def _redis_gone(self, exc: StoreUnavailable) -> None:
+        """Redis failed mid-round: start over from the pending list, as a restart would.
+
+        What was written is not written again (its ids are at or below the chain head) but is
+        acknowledged when Redis is back; what was read and not written is read again.
+        """
+        log.warning("Redis unavailable; retrying every %.1f s (%s)", self.poll_s, exc)
+        for buffer in self.buffers.values():
+            buffer.entries = []
+            buffer.pending_after = "0"
 
     async def round(self, spec: StreamSpec, *, final: bool) -> int:
         """Read what is there (up to a segment's worth) and write a segment when one is due."""

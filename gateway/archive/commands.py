@@ -21,6 +21,7 @@ def _archive(args: argparse.Namespace) -> int:
 
     from ..logs import setup_logging
     from ..settings import ConfigError, load_settings, read_secret
+    from ..storage.clients import StoreUnavailable
     from ..storage.store import Store
     from .archiver import Archiver, stream_specs
     from .segments import ArchiveError
@@ -70,7 +71,7 @@ def _archive(args: argparse.Namespace) -> int:
 
     try:
         archived = asyncio.run(run())
-    except ArchiveError as exc:
+    except (ArchiveError, StoreUnavailable) as exc:
         print(f"gateway: archive: {exc}", file=sys.stderr)
         return 1
     if args.once:
