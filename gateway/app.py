@@ -8,8 +8,8 @@ from aiohttp import web
 from .admin.api import register_admin_routes
 from .admin.context import AdminContext
 from .errors import decision_label
-from .impact import ImpactLimits, ImpactPreview
 from .health import add_health_routes
+from .impact import ImpactLimits, ImpactPreview
 from .listener import JsonErrorServer
 from .public import PublicPath
 from .runtime import Runtime
