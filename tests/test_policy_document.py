@@ -223,7 +223,7 @@ def test_model_defaults() -> None:
             "timeline[0].at",
             "time zone",
         ),
-        ({"stage": "general", "timeline": [{"at": "2027-01-01T00:00:00Z"}]}, "timeline[0].stage", "required"),
+        ({"stage": "general", "timeline": [{"at": "2027-01-01T00:00:00Z"}]}, "timeline[0]", "sets nothing"),
         (
             {"stage": "general", "timeline": [{"at": "2027-01-01T00:00:00Z", "stage": "ga"}]},
             "timeline[0].stage",
@@ -336,6 +336,16 @@ FULL_DOC: dict[str, Any] = {
         "ip-ranges": {
             "203.0.113.0/24": {"reason": "office", "country": "us"},
             "198.51.100.0/24": {"reason": "old", "country": "DE", "expires_at": "2026-01-01T00:00:00Z"},
+        },
+        "country-groups": {"A:5": {"reason": "EAR group", "source": "15 CFR 740 Supp. 1", "countries": ["gb", "JP"]}},
+        "licences": {
+            "L-1": {
+                "reason": "licence granted",
+                "org": "lab-fr",
+                "models": ["frontier-x"],
+                "countries": ["FR", "@A:5"],
+                "expires_at": "2027-06-01T00:00:00Z",
+            }
         },
     },
     "models": {
@@ -462,7 +472,7 @@ def test_snapshot_types() -> None:
     assert isinstance(key, ApiKey) and key.id == "k1" and key.tier == "partner"
     model = snap.models["frontier-x"]
     assert model.allowed_countries == frozenset({"US", "GB"})
-    assert model.timeline[0][1:] == ("2027-01-01T00:00:00Z", "general")
+    assert (model.timeline[0].at_iso, model.timeline[0].stage) == ("2027-01-01T00:00:00Z", "general")
     assert snap.screening is None and snap.generation == "gen-a"
 
 

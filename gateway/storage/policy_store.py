@@ -14,7 +14,7 @@ import orjson
 from redis.exceptions import RedisError, WatchError
 
 from ..policy.effect import classify_change
-from ..policy.names import LAZY_LISTS, LIST_NAMES
+from ..policy.names import LATER_LISTS, LAZY_LISTS, LIST_NAMES
 from .clients import RedisAccess, StoreUnavailable
 from .keys import (
     APIKEYS_KEY,
@@ -316,6 +316,11 @@ class PolicyStore(RedisAccess):
             pipe.multi()
             if current is None:
                 pipe.set(GENERATION_KEY, uuid.uuid4().hex)
+                # A restore may leave a later list out: whatever a lost policy left there goes.
+                replaced = {op.key for op in chosen if isinstance(op, HashReplace)}
+                for name in sorted(LATER_LISTS):
+                    if list_key(name) not in replaced:
+                        pipe.delete(list_key(name))
             pipe.incr(VERSION_KEY)
             screening_changed = False
             floors: dict[str, int] = {}
@@ -426,13 +431,14 @@ class PolicyStore(RedisAccess):
         )
         if version is None:
             return None
-        lists = {name: _decode_hash(raw) for name, raw in zip(LIST_NAMES, hashes[:4], strict=True)}
+        count = len(LIST_NAMES)
+        lists = {name: _decode_hash(raw) for name, raw in zip(LIST_NAMES, hashes[:count], strict=True)}
         data = PolicyData(
             version=int(version),
             generation=(generation or b"").decode(),
             lists=lists,
-            models=_decode_hash(hashes[4]),
-            api_keys=_decode_hash(hashes[5]),
+            models=_decode_hash(hashes[count]),
+            api_keys=_decode_hash(hashes[count + 1]),
             screening_rev=int(screening_rev or 0),
             revoked=_decode_hash(revoked),
         )
@@ -638,7 +644,8 @@ def _change_dict(change: Change) -> dict[str, Any]:
 def _missing_parts(ops: Sequence[Op]) -> list[str]:
     """The parts a restore leaves out, named as in a policy document (``lists.partners``, ``screening``)."""
     replaced = {op.key for op in ops if isinstance(op, HashReplace)}
-    missing = [f"lists.{name}" for name in LIST_NAMES if list_key(name) not in replaced]
+    # A later list left out is written empty by the restore (it holds nothing in an empty Redis).
+    missing = [f"lists.{name}" for name in LIST_NAMES if list_key(name) not in replaced and name not in LATER_LISTS]
     missing += [name for name, key in (("models", MODELS_KEY), ("api_keys", APIKEYS_KEY)) if key not in replaced]
     if not any(isinstance(op, ScreeningReplace) for op in ops):
         missing.append("screening")
