@@ -61,6 +61,7 @@ def licence(expires_at: str = LATER, **extra: Any) -> dict[str, Any]:
     fields = {"org": "lab", "models": ["m1"], "countries": ["FR"]} | extra
     return entry(expires_at, **fields)
 
+
 CASES: list[tuple[str, str, Any, Any, str]] = [
     # (case, record, before, after, effect)
     *[(f"{r} add", r, None, entry(), "tighten") for r in DENY],
@@ -208,12 +209,36 @@ CASES: list[tuple[str, str, Any, Any, str]] = [
     ("licence shadow grant", LICENCE, None, licence(enforce=False), "tighten"),
     ("licence shadow promoted", LICENCE, licence(enforce=False), licence(), "loosen"),
     # Timeline entries setting each field.
-    ("timeline lift", MODEL, model(suspended=True), model(suspended=True, timeline=step(export_suspended=False)), "loosen"),
+    (
+        "timeline lift",
+        MODEL,
+        model(suspended=True),
+        model(suspended=True, timeline=step(export_suspended=False)),
+        "loosen",
+    ),
     ("timeline suspend", MODEL, model(), model(timeline=step(export_suspended=True)), "tighten"),
-    ("timeline widen", MODEL, model(allowed=US), model(allowed=US, timeline=step(allowed_countries=["US", "GB"])), "loosen"),
-    ("timeline narrow", MODEL, model(allowed=USGB), model(allowed=USGB, timeline=step(allowed_countries=US)), "tighten"),
-    ("timeline any country", MODEL, model(allowed=US), model(allowed=US, timeline=step(allowed_countries=None)), "loosen"),
-]  # fmt: skip
+    (
+        "timeline widen",
+        MODEL,
+        model(allowed=US),
+        model(allowed=US, timeline=step(allowed_countries=["US", "GB"])),
+        "loosen",
+    ),
+    (
+        "timeline narrow",
+        MODEL,
+        model(allowed=USGB),
+        model(allowed=USGB, timeline=step(allowed_countries=US)),
+        "tighten",
+    ),
+    (
+        "timeline any country",
+        MODEL,
+        model(allowed=US),
+        model(allowed=US, timeline=step(allowed_countries=None)),
+        "loosen",
+    ),
+]
 
 
 @pytest.mark.parametrize(("record", "before", "after", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
