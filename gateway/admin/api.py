@@ -37,10 +37,12 @@ from ..errors import (
     not_found,
     policy_incomplete,
     policy_missing,
+    screening_match,
 )
 from ..identity import hash_api_key, new_api_key
 from ..policy.decide import differs
-from ..policy.names import LIST_NAMES, PARTNERS, now_iso
+from ..policy.names import COUNTRY_GROUPS, DENY_COUNTRIES, GROUP_PREFIX, LICENCES, LIST_NAMES, PARTNERS, now_iso
+from ..policy.validate import document_references as _document_references
 from ..policy.validate import (
     document_warnings,
     drop_expired,
@@ -57,9 +59,10 @@ from ..policy.validate import (
     validate_model_name,
     validate_policy_document,
 )
-from ..screening import ScreeningIndex, parse_csl
+from ..policy.wire import model_schedule, references_view
+from ..screening import ScreeningIndex, parse_csl, rescreen
 from ..storage.clients import StoreUnavailable
-from ..storage.keys import APIKEYS_KEY, MODELS_KEY, list_key
+from ..storage.keys import APIKEYS_KEY, APIKEYS_PART, MODELS_KEY, list_key
 from ..storage.ops import (
     HashDelete,
     HashReplace,
@@ -159,6 +162,31 @@ class AdminApi:
             warning for key in keys for warning in entry_warnings(name, key, home_countries=home, partners=partners)
         ]
 
+    def _check_references(
+        self, *, lists: dict[str, dict[str, Any] | None] | None = None, models: dict[str, Any] | None = None
+    ) -> None:
+        """Refuse a write that would leave a ``@GROUP`` naming no group, or a licence naming a model the
+        registry lacks, judged against this process's snapshot with the write applied. ``lists``: list ->
+        {key: entry or None (deleted)}; ``models``: name -> model or None."""
+        view = references_view(self.policy.snapshot)
+        held = view.setdefault("lists", {})
+        for name, changes in (lists or {}).items():
+            if name not in (COUNTRY_GROUPS, DENY_COUNTRIES, LICENCES) or changes is None:
+                continue
+            part = held.setdefault(name, {})
+            for key, value in changes.items():
+                if value is None:
+                    part.pop(key, None)
+                elif name != DENY_COUNTRIES or key[:1] == GROUP_PREFIX:
+                    part[key] = value
+        stored = view.setdefault("models", {})
+        for name, model in (models or {}).items():
+            if model is None:
+                stored.pop(name, None)
+            else:
+                stored[name] = model
+        _document_references({}, view)
+
     # policy
 
     async def get_policy(self, _request: web.Request) -> web.Response:
@@ -191,6 +219,7 @@ class AdminApi:
                 if name not in validated:
                     raise invalid("sections", f"names {name}, which the document does not carry")
         validated, warnings = drop_expired(validated, time.time())
+        _document_references(validated, references_view(self.policy.snapshot))
         warnings += document_warnings(validated, home_countries=self._home_countries(), partners=self._partners())
         if "screening" in validated:
             entries = await screening_section(validated["screening"])
@@ -203,6 +232,8 @@ class AdminApi:
         plan = import_plan(validated, sections, skipped)
         # Into a Redis with no policy this is the restore that starts a new generation.
         version = await self._write(request, plan, "policy", import_whole=True)
+        if "screening" in validated:
+            await self._rescreen(version)
         warnings += [
             f"{name}: not imported; the live {name} are kept (name the section with ?sections= to replace it)"
             for name in skipped
@@ -264,6 +295,7 @@ class AdminApi:
         body = await read_json(request)
         no_meta(body)
         entry = validate_entry(name, key, body, actor=request[ACTOR_KEY], now_iso=now_iso(), now=time.time())
+        self._check_references(lists={name: {key: entry}})
         version = await self._write(request, [HashSet(list_key(name), key, entry)], f"lists/{name}/{key}")
         return _written(version, self._entry_warnings(name, [key]), list=name, key=key)
 
@@ -284,7 +316,9 @@ class AdminApi:
                 )
             merged = merge_patch({k: v for k, v in stored.items() if k not in ("added_by", "added_at")}, patch)
             # Validated whole, as PUT would be; added_by/added_at record this change.
-            return validate_entry(name, key, merged, actor=actor, now_iso=stamp, now=now)
+            entry = validate_entry(name, key, merged, actor=actor, now_iso=stamp, now=now)
+            self._check_references(lists={name: {key: entry}})
+            return entry
 
         version = await self._write(request, [HashUpdate(list_key(name), key, update)], f"lists/{name}/{key}")
         return _written(version, self._entry_warnings(name, [key]), list=name, key=key)
@@ -292,6 +326,7 @@ class AdminApi:
     async def delete_entry(self, request: web.Request) -> web.Response:
         name = list_name(request)
         key = entry_key(request, name)
+        self._check_references(lists={name: {key: None}})
         version = await self._write(request, [HashDelete(list_key(name), key)], f"lists/{name}/{key}")
         return json_response({"version": version, "list": name, "key": key})
 
@@ -306,6 +341,8 @@ class AdminApi:
         entries = validate_list(name, body["entries"], actor=request[ACTOR_KEY], now_iso=now_iso(), now=time.time())
         if not entries and not allow_empty:
             raise invalid("entries", 'is empty; emptying a list needs "allow_empty": true')
+        if name in (COUNTRY_GROUPS, DENY_COUNTRIES, LICENCES):
+            self._check_references(lists={name: _replacing(self.policy.snapshot, name, entries)})
         version = await self._write(request, [HashReplace(list_key(name), entries)], f"lists/{name}")
         return _written(version, self._entry_warnings(name, entries), list=name, count=len(entries))
 
@@ -320,7 +357,9 @@ class AdminApi:
         version, models = await self._read_hash(MODELS_KEY)
         if name not in models:
             raise not_found(f"No model {name[:80]!r} in the registry.")
-        return json_response({"version": version, "name": name, "model": models[name]})
+        answer: dict[str, Any] = {"version": version, "name": name, "model": models[name]}
+        answer.update(model_schedule(name, models[name], self.policy.snapshot, time.time()))
+        return json_response(answer)
 
     async def put_model(self, request: web.Request) -> web.Response:
         """Replace a model whole: a field left out takes its default (PATCH changes only what it names).
@@ -349,6 +388,7 @@ class AdminApi:
                 )
             written.clear()
             written.update(model_write(name, stored, body, patch=patch))
+            self._check_references(models={name: written})
             return written
 
         if not patch and not (isinstance(body, dict) and body.get("enforce") is False):
@@ -370,12 +410,33 @@ class AdminApi:
 
     async def create_key(self, request: web.Request) -> web.Response:
         attributes = validate_api_key_request(await read_json(request), self.tiers, now=time.time())
+        warnings = await self._screen_key(attributes)
         key_id = "key_" + secrets.token_hex(8)
         key = new_api_key()
         # Only the hash is stored; the key itself exists in this one response.
         record = {"hash": hash_api_key(key), **attributes, "created_at": now_iso(), "created_by": request[ACTOR_KEY]}
         version = await self._write(request, [HashSet(APIKEYS_KEY, key_id, record)], f"api-keys/{key_id}")
-        return json_response({"version": version, "id": key_id, "key": key})
+        return _written(version, warnings, id=key_id, key=key)
+
+    async def _screen_key(self, attributes: dict[str, Any]) -> list[str]:
+        """Screen a key's ``org_name`` and ``org`` before it is issued: a match is 409 ``screening_match``
+        (nothing issued), a review-band score a warning."""
+        index, _version = await self._screening_index()
+        if index is None:
+            return []
+        warnings = []
+        for field in ("org_name", "org"):
+            name = attributes.get(field)
+            hit = index.match(name) if isinstance(name, str) and name else None
+            if hit is None or not isinstance(name, str):
+                continue
+            if hit.blocked:
+                raise screening_match(field)
+            warnings.append(
+                f"{field}: {name[:80]!r} is in the screening review band (score {hit.score:.2f} against "
+                f"{hit.name!r}, {hit.source}); review it before the key is used"
+            )
+        return warnings
 
     async def revoke_key(self, request: web.Request) -> web.Response:
         # The key goes and its revocation (hash, who, when) stays, so no import can bring it back.
@@ -389,6 +450,11 @@ class AdminApi:
     async def decide(self, request: web.Request) -> web.Response:
         admission, policy = self.context.admission, self.policy
         body = await read_json(request)
+        explain = body.pop("explain", "first") if isinstance(body, dict) else "first"
+        if explain not in ("first", "all"):
+            raise invalid(
+                "explain", 'must be "first" (the default: the rule that decides) or "all" (every rule that blocks)'
+            )
         identity, ip, model = decide_request(body, self.tiers)
         snapshot = policy.snapshot
         # The public path's steps; a stale policy is answered as its decision would be, not refused.
@@ -398,6 +464,11 @@ class AdminApi:
         if answer.get("screening") is None:
             answer.pop("screening", None)
         answer["ip_country"] = caller.ip_subdivision or caller.ip_country
+        if explain == "all":
+            blocking = admission.explain(snapshot, caller, model, stale=policy.stale())
+            answer["blocking"] = [
+                {name: found.to_dict()[name] for name in ("status", "code", "message")} for found in blocking
+            ]
         shadow = snapshot.shadow if snapshot is not None else None
         if shadow is not None and not policy.stale():
             # What the shadow entries would decide, when it differs from what is enforced.
@@ -417,7 +488,27 @@ class AdminApi:
         # Parsing a whole list takes a while: off the loop that also serves the public listener.
         entries = await asyncio.to_thread(parse_csl, raw, content_type=request.headers.get("Content-Type"))
         version = await self._write(request, [ScreeningReplace(entries)], "screening")
-        return json_response({"version": version, "entries": len(entries)})
+        hits = await self._rescreen(version)
+        return json_response({"version": version, "entries": len(entries), "new_hits": hits})
+
+    async def _rescreen(self, version: int) -> int:
+        """Screen every API key's and partner's names against the list just imported and keep the hits
+        for ``GET /admin/v1/screening/hits``; returns how many are new. Rule 2 blocks them already:
+        each request screens its caller's names against the same list."""
+        found = await self.store.load_parts((APIKEYS_PART, PARTNERS))
+        if found is None:
+            return 0
+        index, _ = await self._screening_index()
+        previous = await self.store.read_screening_hits() or {}
+        document = rescreen(index, found.api_keys, found.lists.get(PARTNERS, {}), previous, version, now_iso())
+        await self.store.write_screening_hits(document)
+        return sum(1 for hit in document["hits"] if hit["new"])
+
+    async def screening_hits(self, request: web.Request) -> web.Response:
+        document = await self.store.read_screening_hits() or {"version": None, "screened_at": None, "hits": []}
+        if request.query.get("new") in ("1", "true"):
+            document = {**document, "hits": [hit for hit in document["hits"] if hit.get("new")]}
+        return json_response(document)
 
     async def search_screening(self, request: web.Request) -> web.Response:
         name = request.query.get("name", "")
@@ -473,6 +564,14 @@ class AdminApi:
         return web.Response(body=self._openapi, content_type="application/json")
 
 
+def _replacing(snapshot: Any, name: str, entries: dict[str, Any]) -> dict[str, dict[str, Any] | None]:
+    """A whole-list replace as entry changes: the new entries, and every held one not among them gone."""
+    held = (snapshot.shadow or snapshot).lists[name] if snapshot is not None else {}
+    changes: dict[str, dict[str, Any] | None] = dict.fromkeys((key for key in held if key not in entries), None)
+    changes.update(entries)
+    return changes
+
+
 def _written(version: int, warnings: Sequence[str], **fields: Any) -> web.Response:
     """A write's answer: the new version, what was written and, when any, the risks it carries."""
     answer: dict[str, Any] = {"version": version, **fields}
@@ -514,5 +613,6 @@ def register_admin_routes(app: web.Application, context: AdminContext) -> None:
     routes.add_post(f"{PREFIX}/decide", api.decide)
     routes.add_post(f"{PREFIX}/screening/import", api.import_screening)
     routes.add_get(f"{PREFIX}/screening/search", api.search_screening)
+    routes.add_get(f"{PREFIX}/screening/hits", api.screening_hits)
     routes.add_get(f"{PREFIX}/audit", api.audit)
     routes.add_get(f"{PREFIX}/changes", api.changes)

@@ -793,3 +793,77 @@ def document_warnings(
     for name, model in (document.get("models") or {}).items():
         warnings += model_warnings(name, model)
     return warnings
+
+
+# --------------------------------------------------------------------------- references between parts
+
+
+def group_references(
+    *,
+    deny_keys: Collection[str] = (),
+    models: Mapping[str, Mapping[str, Any]] | None = None,
+    licences: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, list[str]]:
+    """Which country groups stored parts name, each with where (``deny-countries``, ``models.x``,
+    ``licences.L-1``): a group must exist while anything names it."""
+    found: dict[str, list[str]] = {}
+
+    def note(codes: object, where: str) -> None:
+        for code in codes if isinstance(codes, list | tuple | frozenset | set) else ():
+            if isinstance(code, str) and code[:1] == GROUP_PREFIX:
+                found.setdefault(code[1:], []).append(where)
+
+    note(list(deny_keys), DENY_COUNTRIES)
+    for name, model in (models or {}).items():
+        for state in (model, model.get("shadow") or {}):
+            note(state.get("allowed_countries"), f"models.{name}")
+            for step in state.get("timeline") or ():
+                note(step.get("allowed_countries"), f"models.{name}")
+    for key, licence in (licences or {}).items():
+        note(licence.get("countries"), f"{LICENCES}.{key}")
+    return found
+
+
+def check_references(
+    groups: Collection[str],
+    models: Collection[str],
+    *,
+    deny_keys: Collection[str] = (),
+    model_bodies: Mapping[str, Mapping[str, Any]] | None = None,
+    licences: Mapping[str, Mapping[str, Any]] | None = None,
+    where: str = "",
+) -> None:
+    """Refuse a reference to a country group the policy does not define, or a licence for a model the
+    registry does not hold (``groups`` and ``models``: the names the policy holds after the write)."""
+    referenced = group_references(deny_keys=deny_keys, models=model_bodies, licences=licences)
+    for name, places in sorted(referenced.items()):
+        if name not in groups:
+            raise PolicyValidationError(
+                where or places[0],
+                f"names country group @{name}, which the policy does not define; add it to {COUNTRY_GROUPS} first",
+            )
+    for key, licence in (licences or {}).items():
+        for i, model in enumerate(licence.get("models") or ()):
+            if model not in models:
+                raise PolicyValidationError(
+                    where or f"{LICENCES}.{key}.models[{i}]", f"{_shown(model)} is not a registered model"
+                )
+
+
+def document_references(document: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+    """:func:`check_references` over a validated policy document, the parts it leaves out taken from
+    ``current`` (a policy document of what Redis holds; empty when none)."""
+    lists = document.get("lists") or {}
+    held = current.get("lists") or {}
+
+    def part(name: str) -> Mapping[str, Any]:
+        return lists[name] if name in lists else held.get(name) or {}
+
+    models = document["models"] if "models" in document else current.get("models") or {}
+    check_references(
+        part(COUNTRY_GROUPS),
+        models,
+        deny_keys=list(part(DENY_COUNTRIES)),
+        model_bodies=models,
+        licences=part(LICENCES),
+    )

@@ -487,7 +487,7 @@ def _resolve(lists: Mapping[str, Mapping[str, Entry]]) -> _Resolved:
     groups = {key: frozenset(entry.countries or ()) for key, entry in lists[COUNTRY_GROUPS].items()}
     denied: dict[str, tuple[Entry, ...]] = {}
     deny = lists[DENY_COUNTRIES]
-    for key in _group_keys(deny):
+    for key in group_keys(deny):
         entry = deny[key]
         members = groups.get(key[1:])
         # A group the policy lacks: the entry denies everyone rather than no one (fail closed).
@@ -504,7 +504,7 @@ def _resolve(lists: Mapping[str, Mapping[str, Entry]]) -> _Resolved:
 _GROUP_MARK = GROUP_PREFIX.encode()
 
 
-def _group_keys(deny: Mapping[str, Entry]) -> list[str]:
+def group_keys(deny: Mapping[str, Entry]) -> list[str]:
     """The keys of ``deny`` that name a group; the stored keys are searched without decoding them all."""
     if isinstance(deny, LazyEntries):
         return deny.group_keys()
@@ -574,4 +574,35 @@ def policy_document(snapshot: Snapshot) -> dict[str, Any]:
         "lists": {name: {key: entry_to_dict(e) for key, e in sorted(whole.lists[name].items())} for name in LIST_NAMES},
         "models": {name: model_to_dict(m) for name, m in sorted(snapshot.models.items())},
         "api_keys": {k.id: api_key_to_dict(k) for k in sorted(snapshot.api_keys.values(), key=lambda k: k.id)},
+    }
+
+
+def references_view(snapshot: Snapshot | None) -> dict[str, Any]:
+    """What a write's references are checked against (:func:`~gateway.policy.validate.document_references`):
+    a policy document of the parts that name or are named, shadow entries included, from ``snapshot``."""
+    if snapshot is None:
+        return {}
+    whole = snapshot.shadow or snapshot
+    return {
+        "lists": {
+            COUNTRY_GROUPS: {key: entry_to_dict(e) for key, e in whole.lists[COUNTRY_GROUPS].items()},
+            DENY_COUNTRIES: {key: {} for key in group_keys(whole.lists[DENY_COUNTRIES])},
+            LICENCES: {key: entry_to_dict(e) for key, e in whole.lists[LICENCES].items()},
+        },
+        "models": {name: model_to_dict(m) for name, m in snapshot.models.items()},
+    }
+
+
+def model_schedule(name: str, stored: Mapping[str, Any], snapshot: Snapshot | None, now: float) -> dict[str, Any]:
+    """``models get``'s view of time: the model's ``current`` state (its timeline applied, country
+    groups resolved) and its ``next_change`` (the next timeline entry, or null)."""
+    try:
+        model = model_from_dict(name, stored)
+    except PolicyValidationError:
+        return {}
+    model = model.resolved(snapshot.groups if snapshot is not None else {})
+    upcoming = model.next_change(now)
+    return {
+        "current": state_to_dict(model.state(now)),
+        "next_change": None if upcoming is None else step_to_dict(upcoming),
     }

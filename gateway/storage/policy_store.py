@@ -33,6 +33,7 @@ from .keys import (
     REVOKED_KEY,
     REVS_AT,
     REVS_KEY,
+    SCREENING_HITS_KEY,
     SCREENING_KEY,
     SCREENING_REV_KEY,
     TOUCHED_CAP,
@@ -404,6 +405,15 @@ class PolicyStore(RedisAccess):
     async def read_changes(self, limit: int) -> list[dict[str, Any]]:
         raw = await self._bounded("changes", self.client.xrevrange(CHANGES_KEY, count=limit), self.load_timeout_s)
         return [orjson.loads(fields[b"c"]) for _id, fields in raw]
+
+    async def read_screening_hits(self) -> dict[str, Any] | None:
+        """The hits the last screening import found among API keys and partners, or None before any."""
+        raw = await self._bounded("admin", self.client.get(SCREENING_HITS_KEY), self.load_timeout_s)
+        return dict(orjson.loads(raw)) if raw else None
+
+    async def write_screening_hits(self, document: dict[str, Any]) -> None:
+        """Replace the stored hits (derived from the policy, so written outside its versioned writes)."""
+        await self._bounded("admin", self.client.set(SCREENING_HITS_KEY, orjson.dumps(document)), self.load_timeout_s)
 
     async def policy_exists(self) -> bool:
         version, _ = await self.read_version()
