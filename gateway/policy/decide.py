@@ -172,7 +172,10 @@ def _country_denied(
         return None
     for code in caller.countries:
         entry = deny.get(code)
-        if (entry is not None and entry.active(now)) or (by_group and _group_denies(by_group, code, now)):
+        if entry is not None and entry.active(now):
+            break
+        # Only a code in a denied group (or a subdivision, or an undefined group) costs a call.
+        if by_group and (code in by_group or "-" in code or "*" in by_group) and _group_denies(by_group, code, now):
             break
     else:
         return None
