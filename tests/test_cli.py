@@ -21,7 +21,15 @@ import yaml
 
 from gateway.redis_server import RedisServer, free_port
 
-from .support.gateway_process import ADMIN_TOKEN, BASE_POLICY, ROOT, GatewayProcess, gateway_config, seeded_gateway
+from .support.gateway_process import (
+    ADMIN_TOKEN,
+    BASE_POLICY,
+    ROOT,
+    GatewayProcess,
+    example_policy_file,
+    gateway_config,
+    seeded_gateway,
+)
 from .support.tokens import auth, hs_token
 from .support.upstream import Upstream
 from .support.waiting import wait_until_blocking
@@ -451,16 +459,16 @@ def test_policy_export_then_import_into_an_empty_redis_reproduces_it(
 
 
 def test_policy_import_of_the_example_policy(
-    gateway: GatewayProcess, upstream: Upstream, fresh_redis: RedisServer
+    gateway: GatewayProcess, upstream: Upstream, fresh_redis: RedisServer, tmp_path: Path
 ) -> None:
     restored_gateway = GatewayProcess(gateway_config(upstream.url), redis_url=fresh_redis.url)
     restored_gateway.start(wait_ready=False)
     try:
-        out = ok(restored_gateway, "policy", "import", str(ROOT / "config" / "policy.example.yaml"), "--json")
+        out = ok(restored_gateway, "policy", "import", str(example_policy_file(tmp_path)), "--json")
         assert json.loads(out)["version"] == 1
         policy = admin_get(restored_gateway, "/admin/v1/policy")
-        assert {"CU", "IR", "KP", "UA-43"} <= set(policy["lists"]["deny-countries"])
-        assert policy["lists"]["deny-countries"]["CU"]["added_by"] == "admin"
+        assert {"@E:2", "IR", "KP", "UA-43"} <= set(policy["lists"]["deny-countries"])
+        assert policy["lists"]["deny-countries"]["@E:2"]["added_by"] == "admin"
     finally:
         restored_gateway.stop()
 

@@ -14,6 +14,7 @@ from gateway.policy.model import ApiKey, Caller, Entry
 from gateway.policy.names import LIST_NAMES
 from gateway.policy.validate import (
     PolicyValidationError,
+    document_references,
     format_instant,
     normalize_key,
     parse_instant,
@@ -524,6 +525,8 @@ def test_damaged_suspension_flag_fails_closed() -> None:
 def load_example() -> dict[str, Any]:
     doc = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
     assert isinstance(doc, dict)
+    # The example names EAR Country Groups that config/country-groups.yaml defines (make run loads both).
+    doc["lists"]["country-groups"] = yaml.safe_load((EXAMPLE.parent / "country-groups.yaml").read_text("utf-8"))
     return doc
 
 
@@ -531,10 +534,18 @@ def test_example_policy_validates() -> None:
     doc = load_example()
     # Every section, so the file restores an empty Redis; no API keys in a file, no screening list.
     assert set(doc) == {"lists", "models", "api_keys", "screening"}
-    assert set(doc["lists"]) == {"deny-countries", "deny-entities", "partners", "ip-ranges"}
+    assert set(doc["lists"]) == {
+        "deny-countries",
+        "deny-entities",
+        "partners",
+        "ip-ranges",
+        "country-groups",
+        "licences",
+    }
     assert doc["api_keys"] == {} and doc["screening"] == {"entries": []}
     out = validate_policy_document(doc, actor=ACTOR, now_iso=NOW_ISO, tiers=TIERS)
-    assert set(out["lists"]["deny-countries"]) == {"CU", "IR", "KP", "UA-43", "UA-40", "UA-14", "UA-09"}
+    assert set(out["lists"]["deny-countries"]) == {"@E:2", "IR", "KP", "UA-43", "UA-40", "UA-14", "UA-09"}
+    document_references(out, {})  # every group it names is defined, every licensed model registered
     assert "SY" not in out["lists"]["deny-countries"]  # programme ended 1 Jul 2025; see the file's comment
     for list_name, entries in out["lists"].items():
         for key, stored in entries.items():
