@@ -506,7 +506,10 @@ class AdminApi:
 
     async def screening_hits(self, request: web.Request) -> web.Response:
         document = await self.store.read_screening_hits() or {"version": None, "screened_at": None, "hits": []}
-        if request.query.get("new") in ("1", "true"):
+        only_new = request.query.get("new", "false")
+        if only_new not in ("true", "false", "1", "0"):
+            raise invalid("new", "must be true or false")
+        if only_new in ("1", "true"):
             document = {**document, "hits": [hit for hit in document["hits"] if hit.get("new")]}
         return json_response(document)
 
