@@ -644,3 +644,28 @@ def test_shadow_entries_and_model_shadows_are_written_shown_decided_and_promoted
     model = admin_get(gateway, "/admin/v1/models/gpt-mock")["model"]
     assert model["export_suspended"] is True and "shadow" not in model
     ok(gateway, "models", "lift", "gpt-mock")
+
+
+def test_licence_groups_schedule_and_explain_through_the_cli(gateway: GatewayProcess) -> None:
+    ok(gateway, "lists", "put", "country-groups", "A:5", "--countries", "GB,FR", "--reason", "allies", "--source", "t")
+    ok(gateway, "models", "put", "ctl", "--stage", "general", "--allowed-countries", "US,@A:5")
+    ask = ("decide", "--subject", "r", "--org", "lab-in", "--tier", "partner", "--country", "IN", "--ip", "127.0.0.1")
+    assert "export_restricted" in ok(gateway, *ask, "--model", "ctl")
+    ok(
+        gateway,
+        *("lists", "put", "licences", "D1", "--org", "lab-in", "--models", "ctl", "--countries", "IN"),
+        *("--expires-at", "2099-01-01T00:00:00Z", "--reason", "BIS licence"),
+    )
+    decided = ok(gateway, *ask, "--model", "ctl")
+    assert decided.startswith("allow") and "licence: D1" in decided
+    ok(gateway, "models", "patch", "ctl", "--timeline", '[{"at": "2099-01-01T00:00:00Z", "export_suspended": true}]')
+    shown = ok(gateway, "models", "get", "ctl")
+    assert "2099-01-01T00:00:00Z->suspended" in shown
+    assert "now: stage general, export not suspended, allowed countries FR,GB,US" in shown
+    assert "next change: 2099-01-01T00:00:00Z->suspended" in shown
+    blocked = ok(gateway, *ask[:-4], "--country", "IR", "--ip", "127.0.0.1", "--model", "ctl", "--all")
+    assert "rules that block: 2" in blocked and "country_denied" in blocked and "export_restricted" in blocked
+    # The module's gateway is shared: leave its policy as it was.
+    ok(gateway, "lists", "delete", "licences", "D1")
+    ok(gateway, "models", "delete", "ctl")
+    ok(gateway, "lists", "delete", "country-groups", "A:5")

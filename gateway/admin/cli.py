@@ -71,6 +71,18 @@ def _lists_get(args: argparse.Namespace) -> None:
     emit(args, data, text)
 
 
+def _group_and_licence_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """--countries (country-groups, licences), --org and --models (licences), as the entry's fields."""
+    fields: dict[str, Any] = {}
+    if args.countries is not None:
+        fields["countries"] = _countries(args.countries)
+    if args.org is not None:
+        fields["org"] = args.org
+    if args.models is not None:
+        fields["models"] = _countries(args.models)
+    return fields
+
+
 def _lists_put(args: argparse.Namespace) -> None:
     body: dict[str, Any] = {"reason": args.reason}
     if args.source is not None:
@@ -79,6 +91,7 @@ def _lists_put(args: argparse.Namespace) -> None:
         body["expires_at"] = args.expires_at
     if args.country is not None:
         body["country"] = args.country
+    body.update(_group_and_licence_fields(args))
     if args.shadow:
         body["enforce"] = False
     data = admin_client(args).call("PUT", f"/admin/v1/lists/{segment(args.list)}/{segment(args.key)}", body=body)
@@ -88,6 +101,7 @@ def _lists_put(args: argparse.Namespace) -> None:
 
 def _lists_patch(args: argparse.Namespace) -> None:
     body: dict[str, Any] = {}
+    body.update(_group_and_licence_fields(args))
     for name in ("reason", "source", "expires_at", "country"):
         value = getattr(args, name)
         if value is not None:
@@ -100,7 +114,8 @@ def _lists_patch(args: argparse.Namespace) -> None:
         body["enforce"] = args.enforce
     if not body:
         raise CliError(
-            "nothing to change: give --reason, --source, --expires-at, --no-expiry, --country or --enforce/--shadow"
+            "nothing to change: give --reason, --source, --expires-at, --no-expiry, --country, --countries, "
+            "--org, --models or --enforce/--shadow"
         )
     data = admin_client(args).call("PATCH", f"/admin/v1/lists/{segment(args.list)}/{segment(args.key)}", body=body)
     emit(args, data, written(f"{args.list} {data.get('key', args.key)} changed ({', '.join(body)})"))
@@ -733,6 +748,9 @@ def _add_lists(subparsers: Any, common: argparse.ArgumentParser) -> None:
     put.add_argument("--source")
     put.add_argument("--expires-at", help="ISO-8601 instant with a time zone, e.g. 2027-01-31T00:00:00Z")
     put.add_argument("--country", help="ip-ranges only: the range's country")
+    put.add_argument("--countries", help="country-groups, licences: comma-separated codes (licences: or @GROUP)")
+    put.add_argument("--org", help="licences only: the organisation it is granted to")
+    put.add_argument("--models", help="licences only: comma-separated registered models")
     put.add_argument("--shadow", action="store_true", help=_SHADOW_HELP)
     patch = _leaf(sub, "patch", _lists_patch, "change only the named fields of one entry (merge patch)", common)
     patch.add_argument("list", choices=LIST_NAMES)
@@ -742,6 +760,9 @@ def _add_lists(subparsers: Any, common: argparse.ArgumentParser) -> None:
     patch.add_argument("--expires-at", help="ISO-8601 instant with a time zone, e.g. 2027-01-31T00:00:00Z")
     patch.add_argument("--no-expiry", action="store_true", help="remove the entry's expires_at")
     patch.add_argument("--country", help="ip-ranges only: the range's country")
+    patch.add_argument("--countries", help="country-groups, licences: comma-separated codes (licences: or @GROUP)")
+    patch.add_argument("--org", help="licences only: the organisation it is granted to")
+    patch.add_argument("--models", help="licences only: comma-separated registered models")
     patch.add_argument(
         "--enforce",
         action=argparse.BooleanOptionalAction,
