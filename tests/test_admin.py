@@ -693,6 +693,7 @@ async def test_openapi_describes_every_route(admin: AdminClient, gw: GatewayProc
         ("post", "/admin/v1/decide"),
         ("post", "/admin/v1/screening/import"),
         ("get", "/admin/v1/screening/search"),
+        ("get", "/admin/v1/screening/hits"),
         ("get", "/admin/v1/audit"),
         ("get", "/admin/v1/changes"),
         ("get", "/admin/v1/openapi.json"),
