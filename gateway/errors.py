@@ -280,6 +280,18 @@ def change_conflict(exc: ChangeConflict) -> GatewayError:
     )
 
 
+def screening_match(field: str) -> GatewayError:
+    """An API key refused at issuance: its organisation screens as a match (docs/contract.md §14).
+    Like the public listener's refusal, it names the rule, not the listed entry or the score."""
+    return GatewayError(
+        409,
+        "screening_match",
+        f"{field}: the organisation matches the denied-party screening list, so no API key is issued "
+        "for it. Nothing was changed; check the match with gateway screening search.",
+        error_type="invalid_request_error",
+    )
+
+
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 

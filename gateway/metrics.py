@@ -265,6 +265,11 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.screening_review = Counter(
+            "gateway_screening_review",
+            "Requests whose caller's organisation screened in the review band: recorded, not blocked",
+            registry=r,
+        )
         # Memory, CPU and open files: read at each scrape in one process; with workers, each worker's
         # readings are refreshed with the policy gauges (a scrape reaches one worker, not all of them).
         self._process: WorkerProcessMetrics | None = None

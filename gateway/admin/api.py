@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -37,17 +38,19 @@ from ..errors import (
     not_found,
     policy_incomplete,
     policy_missing,
+    screening_match,
 )
 from ..policy.decide import differs
-from ..policy.names import LIST_NAMES
+from ..policy.names import LIST_NAMES, PARTNERS, now_iso
 from ..policy.validate import (
     missing_parts,
     policy_diff,
     validate_model_name,
 )
-from ..screening import ScreeningIndex
+from ..policy.wire import model_schedule
+from ..screening import ScreeningIndex, rescreen
 from ..storage.clients import StoreUnavailable
-from ..storage.keys import APIKEYS_KEY, MODELS_KEY, list_key
+from ..storage.keys import APIKEYS_KEY, APIKEYS_PART, MODELS_KEY, list_key
 from ..storage.ops import (
     KeyRevoked,
 )
@@ -66,7 +69,7 @@ from .inputs import (
     sorted_by_key,
 )
 from .openapi import openapi_document
-from .write_plans import PREFIX, Planner, WriteCall, WritePlanner, partners_of
+from .write_plans import PREFIX, Planner, WriteCall, WritePlanner
 
 log = logging.getLogger("gateway.admin")
 
@@ -87,9 +90,12 @@ class AdminApi:
         self._refresh_lock = asyncio.Lock()
         self._openapi = orjson.dumps(openapi_document(tiers=self.tiers))
         self.planner = WritePlanner(
-            tiers=self.tiers, rules=context.rules, partners=lambda: partners_of(self.policy.snapshot)
+            tiers=self.tiers,
+            rules=context.rules,
+            snapshot=lambda: self.policy.snapshot,
+            screen_key=self._screen_key,
         )
-        self.changes_control = ChangeControl(context, self.planner, self._catch_up)
+        self.changes_control = ChangeControl(context, self.planner, self._catch_up, rescreen=self._rescreen)
 
     # the write path: plan (write_plans.py), then commit or hold for approval (change_control.py)
 
@@ -218,7 +224,9 @@ class AdminApi:
         version, models = await self._read_hash(MODELS_KEY)
         if name not in models:
             raise not_found(f"No model {name[:80]!r} in the registry.")
-        return json_response({"version": version, "name": name, "model": models[name]})
+        answer: dict[str, Any] = {"version": version, "name": name, "model": models[name]}
+        answer.update(model_schedule(name, models[name], self.policy.snapshot, time.time()))
+        return json_response(answer)
 
     # API keys
 
@@ -226,11 +234,36 @@ class AdminApi:
         version, keys = await self._read_hash(APIKEYS_KEY)
         return json_response({"version": version, "api_keys": sorted_by_key(keys)})
 
+    async def _screen_key(self, attributes: dict[str, Any]) -> list[str]:
+        """Screen a key's ``org_name`` and ``org`` before it is issued: a match is 409 ``screening_match``
+        (nothing issued), a review-band score a warning."""
+        index, _version = await self._screening_index()
+        if index is None:
+            return []
+        warnings = []
+        for field in ("org_name", "org"):
+            name = attributes.get(field)
+            hit = index.match(name) if isinstance(name, str) and name else None
+            if hit is None or not isinstance(name, str):
+                continue
+            if hit.blocked:
+                raise screening_match(field)
+            warnings.append(
+                f"{field}: {name[:80]!r} is in the screening review band (score {hit.score:.2f} against "
+                f"{hit.name!r}, {hit.source}); review it before the key is used"
+            )
+        return warnings
+
     # decisions
 
     async def decide(self, request: web.Request) -> web.Response:
         admission, policy = self.context.admission, self.policy
         body = await read_json(request)
+        explain = body.pop("explain", "first") if isinstance(body, dict) else "first"
+        if explain not in ("first", "all"):
+            raise invalid(
+                "explain", 'must be "first" (the default: the rule that decides) or "all" (every rule that blocks)'
+            )
         identity, ip, model = decide_request(body, self.tiers)
         snapshot = policy.snapshot
         # The public path's steps; a stale policy is answered as its decision would be, not refused.
@@ -240,6 +273,11 @@ class AdminApi:
         if answer.get("screening") is None:
             answer.pop("screening", None)
         answer["ip_country"] = caller.ip_subdivision or caller.ip_country
+        if explain == "all":
+            blocking = admission.explain(snapshot, caller, model, stale=policy.stale())
+            answer["blocking"] = [
+                {name: found.to_dict()[name] for name in ("status", "code", "message")} for found in blocking
+            ]
         shadow = snapshot.shadow if snapshot is not None else None
         if shadow is not None and not policy.stale():
             # What the shadow entries would decide, when it differs from what is enforced.
@@ -251,6 +289,28 @@ class AdminApi:
         return json_response(answer)
 
     # screening
+
+    async def _rescreen(self, version: int) -> int:
+        """Screen every API key's and partner's names against the list just imported and keep the hits
+        for ``GET /admin/v1/screening/hits``; returns how many are new. Rule 2 blocks them already:
+        each request screens its caller's names against the same list."""
+        found = await self.store.load_parts((APIKEYS_PART, PARTNERS))
+        if found is None:
+            return 0
+        index, _ = await self._screening_index()
+        previous = await self.store.read_screening_hits() or {}
+        document = rescreen(index, found.api_keys, found.lists.get(PARTNERS, {}), previous, version, now_iso())
+        await self.store.write_screening_hits(document)
+        return sum(1 for hit in document["hits"] if hit["new"])
+
+    async def screening_hits(self, request: web.Request) -> web.Response:
+        document = await self.store.read_screening_hits() or {"version": None, "screened_at": None, "hits": []}
+        only_new = request.query.get("new", "false")
+        if only_new not in ("true", "false", "1", "0"):
+            raise invalid("new", "must be true or false")
+        if only_new in ("1", "true"):
+            document = {**document, "hits": [hit for hit in document["hits"] if hit.get("new")]}
+        return json_response(document)
 
     async def search_screening(self, request: web.Request) -> web.Response:
         name = request.query.get("name", "")
@@ -344,6 +404,7 @@ def register_admin_routes(app: web.Application, context: AdminContext) -> None:
     routes.add_post(f"{PREFIX}/decide", api.decide)
     routes.add_post(f"{PREFIX}/screening/import", api.writer(plan.import_screening))
     routes.add_get(f"{PREFIX}/screening/search", api.search_screening)
+    routes.add_get(f"{PREFIX}/screening/hits", api.screening_hits)
     routes.add_get(f"{PREFIX}/audit", api.audit)
     routes.add_get(f"{PREFIX}/changes", api.changes)
     control = api.changes_control

@@ -20,9 +20,10 @@ from typing import Any
 from aiohttp import web
 
 from ..errors import GatewayError, invalid, json_response
+from ..policy.effect import SCREENING_RECORD
 from ..policy.names import now_iso
 from ..storage.change_requests import public_request
-from ..storage.ops import ApprovalRequired, PlainOp, PreparedWrite
+from ..storage.ops import ApprovalRequired, Change, PlainOp, PreparedWrite
 from .auth import ACTOR_KEY
 from .context import AdminContext
 from .inputs import json_object, limit_of, optional_text, parse_json
@@ -52,12 +53,27 @@ class ChangeControl:
     """The write path of the admin API: commit or hold a plan; list, approve and reject change requests."""
 
     def __init__(
-        self, context: AdminContext, planner: WritePlanner, catch_up: Callable[[int], Awaitable[None]]
+        self,
+        context: AdminContext,
+        planner: WritePlanner,
+        catch_up: Callable[[int], Awaitable[None]],
+        *,
+        rescreen: Callable[[int], Awaitable[int]] | None = None,
     ) -> None:
         self.context = context
         self.store = context.store
         self.planner = planner
         self._catch_up = catch_up
+        # Screens every API key and partner again once a new screening list is live; how many hits are new.
+        self._rescreen = rescreen
+
+    async def _applied(self, version: int, change: Change) -> int | None:
+        """After a write is applied (at once or approved): load it here, and when it replaced the
+        screening list, screen the keys and partners again (new hits, else None)."""
+        await self._catch_up(version)
+        if self._rescreen is None or SCREENING_RECORD not in (change.after or {}):
+            return None
+        return await self._rescreen(version)
 
     # --- writes ---------------------------------------------------------------------------------
 
@@ -76,8 +92,11 @@ class ChangeControl:
             )
         except ApprovalRequired as held:
             return await self._hold(call, plan, held.prepared)
-        await self._catch_up(version)
-        return json_response({"version": version, **plan.fields()})
+        hits = await self._applied(version, _change)
+        answer = {"version": version, **plan.fields()}
+        if hits is not None and plan.target == SCREENING_RECORD:
+            answer["new_hits"] = hits
+        return json_response(answer)
 
     async def _hold(self, call: WriteCall, plan: WritePlan, prepared: PreparedWrite) -> web.Response:
         ttl_s = self.context.admin.approval.ttl_s
@@ -128,14 +147,14 @@ class ChangeControl:
     async def approve(self, request: web.Request) -> web.Response:
         await _optional_body(request, ())
         now = time.time()
-        version, _change, closed = await self.store.apply_change_request(
+        version, change, closed = await self.store.apply_change_request(
             request.match_info["id"],
             approver=request[ACTOR_KEY],
             now_iso=iso_at(now),
             now=now,
             unknown_model=self.context.rules.unknown_model,
         )
-        await self._catch_up(version)
+        await self._applied(version, change)
         return json_response({"version": version, "change_request": public_request(closed, now)})
 
     async def reject(self, request: web.Request) -> web.Response:

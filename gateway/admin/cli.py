@@ -74,6 +74,18 @@ def _lists_get(args: argparse.Namespace) -> None:
     emit(args, data, text)
 
 
+def _group_and_licence_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """--countries (country-groups, licences), --org and --models (licences), as the entry's fields."""
+    fields: dict[str, Any] = {}
+    if args.countries is not None:
+        fields["countries"] = _countries(args.countries)
+    if args.org is not None:
+        fields["org"] = args.org
+    if args.models is not None:
+        fields["models"] = _countries(args.models)
+    return fields
+
+
 def _lists_put(args: argparse.Namespace) -> None:
     body: dict[str, Any] = {"reason": args.reason}
     if args.source is not None:
@@ -82,6 +94,7 @@ def _lists_put(args: argparse.Namespace) -> None:
         body["expires_at"] = args.expires_at
     if args.country is not None:
         body["country"] = args.country
+    body.update(_group_and_licence_fields(args))
     if args.shadow:
         body["enforce"] = False
     data = write(args, "PUT", f"/admin/v1/lists/{segment(args.list)}/{segment(args.key)}", body=body)
@@ -93,6 +106,7 @@ def _lists_put(args: argparse.Namespace) -> None:
 
 def _lists_patch(args: argparse.Namespace) -> None:
     body: dict[str, Any] = {}
+    body.update(_group_and_licence_fields(args))
     for name in ("reason", "source", "expires_at", "country"):
         value = getattr(args, name)
         if value is not None:
@@ -105,7 +119,8 @@ def _lists_patch(args: argparse.Namespace) -> None:
         body["enforce"] = args.enforce
     if not body:
         raise CliError(
-            "nothing to change: give --reason, --source, --expires-at, --no-expiry, --country or --enforce/--shadow"
+            "nothing to change: give --reason, --source, --expires-at, --no-expiry, --country, --countries, "
+            "--org, --models or --enforce/--shadow"
         )
     data = write(args, "PATCH", f"/admin/v1/lists/{segment(args.list)}/{segment(args.key)}", body=body)
     if data is None:
@@ -148,8 +163,21 @@ def _model_rows(name: str, model: Mapping[str, Any]) -> list[list[Any]]:
     return rows
 
 
+def _step_text(step: Mapping[str, Any]) -> str:
+    """A timeline entry in a table cell: ``at->`` and the fields it sets."""
+    sets = []
+    if "stage" in step:
+        sets.append(str(step["stage"]))
+    if "export_suspended" in step:
+        sets.append("suspended" if step["export_suspended"] else "lifted")
+    if "allowed_countries" in step:
+        allowed = step["allowed_countries"]
+        sets.append("countries any" if allowed is None else "countries " + ",".join(allowed))
+    return f"{step.get('at')}->{' '.join(sets)}"
+
+
 def _model_row(name: str, model: Mapping[str, Any]) -> list[Any]:
-    timeline = [f"{step.get('at')}->{step.get('stage')}" for step in model.get("timeline") or []]
+    timeline = [_step_text(step) for step in model.get("timeline") or []]
     allowed = model.get("allowed_countries")
     return [
         name,
@@ -177,7 +205,26 @@ def _models_list(args: argparse.Namespace) -> None:
 
 def _models_get(args: argparse.Namespace) -> None:
     data = admin_client(args).call("GET", f"/admin/v1/models/{segment(args.name)}")
-    emit(args, data, lambda d: table(_MODEL_HEADERS, _model_rows(d["name"], d["model"])))
+
+    def text(d: Any) -> str:
+        lines = [table(_MODEL_HEADERS, _model_rows(d["name"], d["model"]))]
+        current = d.get("current")
+        if current:
+            # The state in force now (timeline applied, country groups resolved), and what comes next.
+            lines.append("now: " + _state_text(current))
+            upcoming = d.get("next_change")
+            lines.append("next change: " + (_step_text(upcoming) if upcoming else "none scheduled"))
+        return "\n".join(lines)
+
+    emit(args, data, text)
+
+
+def _state_text(state: Mapping[str, Any]) -> str:
+    allowed = state.get("allowed_countries")
+    return (
+        f"stage {state.get('stage')}, export {'suspended' if state.get('export_suspended') else 'not suspended'}, "
+        f"allowed countries {'any' if allowed is None else ','.join(allowed) or 'none'}"
+    )
 
 
 def _timeline(text: str) -> Any:
@@ -368,6 +415,7 @@ def _decide(args: argparse.Namespace) -> None:
         "tier": args.tier,
         "ip": args.ip,
         "model": args.model,
+        "explain": "all" if args.all else None,
     }
     data = admin_client(args).call("POST", "/admin/v1/decide", body={k: v for k, v in body.items() if v is not None})
 
@@ -377,9 +425,15 @@ def _decide(args: argparse.Namespace) -> None:
             d.get("message", ""),
             f"policy version {d.get('policy_version')}; IP country {d.get('ip_country') or 'unknown'}",
         ]
+        if d.get("licence"):
+            lines.append(f"licence: {d['licence']}")
         if d.get("screening"):
             hit = d["screening"]
             lines.append(f"screening: {hit.get('matched_name')} ({hit.get('source')}), score {hit.get('score')}")
+        if "blocking" in d:
+            blocking = d["blocking"]
+            lines.append(f"rules that block: {len(blocking)}" if blocking else "rules that block: none")
+            lines += [f"  {b.get('status')} {b.get('code')}: {b.get('message')}" for b in blocking]
         shadow = d.get("shadow")
         if shadow:
             outcome = f"{shadow.get('decision')} {shadow.get('status')} {shadow.get('code') or ''}".rstrip()
@@ -426,6 +480,36 @@ def _screening_search(args: argparse.Namespace) -> None:
     emit(args, data, text)
 
 
+def _screening_hits(args: argparse.Namespace) -> None:
+    query = {"new": "true"} if args.new else None
+    data = admin_client(args).call("GET", "/admin/v1/screening/hits", query=query)
+
+    def text(d: Any) -> str:
+        hits = d.get("hits", [])
+        if d.get("screened_at") is None:
+            return "no screening import has been made yet"
+        title = f"{len(hits)} hits, screened {d.get('screened_at')} at policy version {d.get('version')}"
+        rows = [
+            [
+                "yes" if h.get("new") else "",
+                h.get("kind"),
+                h.get("id"),
+                h.get("org"),
+                h.get("org_name"),
+                "block" if h.get("blocked") else "review",
+                (h.get("match") or {}).get("score"),
+                (h.get("match") or {}).get("matched_name"),
+                (h.get("match") or {}).get("source"),
+                h.get("first_found"),
+            ]
+            for h in hits
+        ]
+        headers = ["NEW", "KIND", "ID", "ORG", "ORG NAME", "ACTION", "SCORE", "MATCHED NAME", "SOURCE", "FIRST FOUND"]
+        return title + ("\n" + table(headers, rows) if rows else "")
+
+    emit(args, data, text)
+
+
 # --- audit and change history ----------------------------------------------------------------
 
 _AUDIT_HEADERS = [
@@ -439,8 +523,17 @@ _AUDIT_HEADERS = [
     "IP",
     "MODEL",
     "VERSION",
+    "SCREENING",
+    "LICENCE",
     "REQUEST ID",
 ]
+
+
+def _screening_cell(hit: Any) -> str:
+    """A screening hit in the audit table: the action and the score (the entry is in --json)."""
+    if not isinstance(hit, Mapping):
+        return ""
+    return f"{'block' if hit.get('blocked') else 'review'} {hit.get('score')}"
 
 
 def _audit_row(r: Mapping[str, Any]) -> list[Any]:
@@ -456,6 +549,8 @@ def _audit_row(r: Mapping[str, Any]) -> list[Any]:
         r.get("client_ip"),
         r.get("model"),
         r.get("policy_version"),
+        _screening_cell(r.get("screening")),
+        r.get("licence") or "",
         r.get("request_id"),
     ]
 
@@ -750,6 +845,9 @@ def _add_lists(subparsers: Any, common: argparse.ArgumentParser) -> None:
     put.add_argument("--source")
     put.add_argument("--expires-at", help="ISO-8601 instant with a time zone, e.g. 2027-01-31T00:00:00Z")
     put.add_argument("--country", help="ip-ranges only: the range's country")
+    put.add_argument("--countries", help="country-groups, licences: comma-separated codes (licences: or @GROUP)")
+    put.add_argument("--org", help="licences only: the organisation it is granted to")
+    put.add_argument("--models", help="licences only: comma-separated registered models")
     put.add_argument("--shadow", action="store_true", help=_SHADOW_HELP)
     patch = _write_leaf(sub, "patch", _lists_patch, "change only the named fields of one entry (merge patch)", common)
     patch.add_argument("list", choices=LIST_NAMES)
@@ -759,6 +857,9 @@ def _add_lists(subparsers: Any, common: argparse.ArgumentParser) -> None:
     patch.add_argument("--expires-at", help="ISO-8601 instant with a time zone, e.g. 2027-01-31T00:00:00Z")
     patch.add_argument("--no-expiry", action="store_true", help="remove the entry's expires_at")
     patch.add_argument("--country", help="ip-ranges only: the range's country")
+    patch.add_argument("--countries", help="country-groups, licences: comma-separated codes (licences: or @GROUP)")
+    patch.add_argument("--org", help="licences only: the organisation it is granted to")
+    patch.add_argument("--models", help="licences only: comma-separated registered models")
     patch.add_argument(
         "--enforce",
         action=argparse.BooleanOptionalAction,
@@ -861,6 +962,7 @@ def _add_decide(subparsers: Any, common: argparse.ArgumentParser) -> None:
     decide.add_argument("--org-name")
     decide.add_argument("--country")
     decide.add_argument("--model")
+    decide.add_argument("--all", action="store_true", help="list every rule that blocks, not only the first")
 
 
 def _add_screening(subparsers: Any, common: argparse.ArgumentParser) -> None:
@@ -871,6 +973,10 @@ def _add_screening(subparsers: Any, common: argparse.ArgumentParser) -> None:
     search.add_argument("name")
     search.add_argument("--limit", type=_positive, default=10)
     search.add_argument("--min-score", type=float, default=0.5)
+    hits = _leaf(
+        sub, "hits", _screening_hits, "API keys and partners the last import found to match (blocked by rule 2)", common
+    )
+    hits.add_argument("--new", action="store_true", help="only those first found by the last import")
 
 
 def _add_history(subparsers: Any, common: argparse.ArgumentParser) -> None:

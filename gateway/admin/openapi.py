@@ -90,6 +90,18 @@ def _schemas(tiers: Sequence[str]) -> dict[str, Any]:
         "expires_at": _nullable(_FUTURE),
         "country": {**_REGION, "description": "ip-ranges only (required there): " + _REGION["description"]},
         "enforce": {"type": "boolean", "default": True, "description": _ENFORCE_ENTRY},
+        "countries": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "country-groups (required there): the member codes; licences (required there): the "
+            "countries it covers, codes or @GROUP names of country groups",
+        },
+        "org": {**_IDENT, "description": "licences only (required there): the organisation it is granted to"},
+        "models": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "licences only (required there): the registered models it covers",
+        },
     }
     # An empty added_by/added_at counts as absent: the import stamps the entry like a new one.
     stored_props = {
@@ -169,8 +181,15 @@ def _schemas(tiers: Sequence[str]) -> dict[str, Any]:
         "TimelineStep": {
             "type": "object",
             "additionalProperties": False,
-            "required": ["at", "stage"],
-            "properties": {"at": _INSTANT, "stage": {"type": "string", "enum": list(STAGES)}},
+            "required": ["at"],
+            "minProperties": 2,
+            "description": "from at on, the fields named replace the model's own (name at least one)",
+            "properties": {
+                "at": _INSTANT,
+                "stage": {"type": "string", "enum": list(STAGES)},
+                "export_suspended": {"type": "boolean"},
+                "allowed_countries": _nullable({"type": "array", "items": {"type": "string"}}),
+            },
         },
         "Model": {
             "type": "object",
@@ -261,9 +280,7 @@ def _schemas(tiers: Sequence[str]) -> dict[str, Any]:
                 "lists": {
                     "type": "object",
                     "additionalProperties": False,
-                    "properties": {
-                        name: _ref("IpRangeList" if name == "ip-ranges" else "CountryFreeList") for name in LIST_NAMES
-                    },
+                    "properties": {name: _ref("IpRangeList" if name == "ip-ranges" else "List") for name in LIST_NAMES},
                 },
                 "models": {"type": "object", "additionalProperties": _ref("StoredModel")},
                 "api_keys": {"type": "object", "additionalProperties": _ref("ApiKeyRecord")},
@@ -283,6 +300,12 @@ def _schemas(tiers: Sequence[str]) -> dict[str, Any]:
                 "tier": {"type": "string", "enum": list(tiers)},
                 "ip": {"type": "string", "description": "IPv4 or IPv6 address", "maxLength": 64},
                 "model": _nullable({"type": "string", "minLength": 1, "maxLength": MAX_KEY_CHARS}),
+                "explain": {
+                    "type": "string",
+                    "enum": ["first", "all"],
+                    "default": "first",
+                    "description": "all: also list every rule that blocks, in the decision table's order",
+                },
             },
         },
         "Decision": {
@@ -296,6 +319,19 @@ def _schemas(tiers: Sequence[str]) -> dict[str, Any]:
                 "policy_version": {"type": "integer"},
                 "ip_country": _nullable({"type": "string"}),
                 "screening": object_of,
+                "licence": {"type": "string", "description": "the licence that let the caller past row 6"},
+                "blocking": {
+                    "type": "array",
+                    "description": 'with "explain": "all": every rule that blocks (empty when allowed)',
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "status": {"type": "integer"},
+                            "code": {"type": "string"},
+                            "message": {"type": "string"},
+                        },
+                    },
+                },
                 "shadow": {
                     "type": "object",
                     "description": "present when the policy holds shadow entries or model shadows and "
@@ -604,7 +640,8 @@ def _paths() -> dict[str, Any]:
         "/admin/v1/api-keys": {
             "get": _op("Issued keys (hashes, never keys)", _ok("the keys", any_object), errors=("401", "409", "503")),
             "post": _op(
-                "Issue a key; the key is in this answer only",
+                "Issue a key; the key is in this answer only. Its org and org_name are screened first: a match is "
+                "409 screening_match and no key is issued",
                 _ok(
                     "issued",
                     {
@@ -614,6 +651,11 @@ def _paths() -> dict[str, Any]:
                             "version": {"type": "integer"},
                             "id": {"type": "string"},
                             "key": {"type": "string", "pattern": "^gk_"},
+                            "warnings": {
+                                "type": "array",
+                                "items": {"type": "string"},
+                                "description": "the org or org name screens in the review band",
+                            },
                         },
                     },
                 ),
@@ -648,6 +690,32 @@ def _paths() -> dict[str, Any]:
                     },
                 },
                 errors=("400", "401", "409", "413", "503"),
+            ),
+        },
+        "/admin/v1/screening/hits": {
+            "get": _op(
+                "API keys and partners whose names the last screening import found to match (rule 2 blocks them)",
+                _ok(
+                    "the hits",
+                    {
+                        "type": "object",
+                        "properties": {
+                            "version": _nullable({"type": "integer"}),
+                            "screened_at": _nullable({"type": "string"}),
+                            "hits": {"type": "array", "items": any_object},
+                        },
+                    },
+                ),
+                params=[
+                    {
+                        "name": "new",
+                        "in": "query",
+                        "required": False,
+                        "description": "true: only the hits the last import found first",
+                        "schema": {"type": "string", "enum": ["true", "false", "1", "0"]},
+                    }
+                ],
+                errors=("400", "401", "503"),
             ),
         },
         "/admin/v1/screening/search": {

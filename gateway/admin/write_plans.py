@@ -22,8 +22,10 @@ import orjson
 from ..errors import GatewayError, invalid
 from ..identity import hash_api_key, new_api_key
 from ..policy.decide import Rules
-from ..policy.names import PARTNERS, now_iso
+from ..policy.model import Snapshot
+from ..policy.names import COUNTRY_GROUPS, DENY_COUNTRIES, GROUP_PREFIX, LICENCES, PARTNERS, now_iso
 from ..policy.validate import (
+    document_references,
     document_warnings,
     drop_expired,
     entry_warnings,
@@ -37,6 +39,7 @@ from ..policy.validate import (
     validate_model_name,
     validate_policy_document,
 )
+from ..policy.wire import references_view
 from ..screening import parse_csl
 from ..storage.keys import APIKEYS_KEY, MODELS_KEY, list_key
 from ..storage.ops import HashDelete, HashReplace, HashSet, HashUpdate, KeyRevoke, OpsPlan, ScreeningReplace
@@ -109,11 +112,17 @@ class WritePlanner:
     """Builds the plan of each admin write; the rules and snapshot it needs are given, not fetched."""
 
     def __init__(
-        self, *, tiers: tuple[str, ...], rules: Rules, partners: Callable[[], Collection[str]] = tuple
+        self,
+        *,
+        tiers: tuple[str, ...],
+        rules: Rules,
+        snapshot: Callable[[], Snapshot | None] = lambda: None,
+        screen_key: Callable[[dict[str, Any]], Awaitable[list[str]]] | None = None,
     ) -> None:
         self.tiers = tiers
         self.rules = rules
-        self._partners = partners  # the enforced snapshot's partners (for the deny-entities warning)
+        self._snapshot = snapshot  # the enforced snapshot (warnings, @GROUP and licence references)
+        self._screen_key = screen_key  # screens a new API key's names: 409 screening_match or warnings
         self.routes: list[tuple[str, re.Pattern[str], Planner]] = [
             ("PUT", re.compile(r"/policy"), self.put_policy),
             ("PUT", re.compile(r"/lists/(?P<list>[^/]+)"), self.replace_list),
@@ -173,6 +182,7 @@ class WritePlanner:
                 if name not in validated:
                     raise invalid("sections", f"names {name}, which the document does not carry")
         validated, warnings = drop_expired(validated, time.time())
+        document_references(validated, references_view(self._snapshot()))
         warnings += document_warnings(validated, home_countries=self.rules.home_countries, partners=self._partners())
         if "screening" in validated:
             entries = await screening_section(validated["screening"])
@@ -201,6 +211,34 @@ class WritePlanner:
             warning for key in keys for warning in entry_warnings(name, key, home_countries=home, partners=partners)
         ]
 
+    def _partners(self) -> Collection[str]:
+        return partners_of(self._snapshot())
+
+    def _check_references(
+        self, *, lists: dict[str, dict[str, Any] | None] | None = None, models: dict[str, Any] | None = None
+    ) -> None:
+        """Refuse a write that would leave a ``@GROUP`` naming no group, or a licence naming a model the
+        registry lacks, judged against this process's snapshot with the write applied. ``lists``: list ->
+        {key: entry or None (deleted)}; ``models``: name -> model or None."""
+        view = references_view(self._snapshot())
+        held = view.setdefault("lists", {})
+        for name, changes in (lists or {}).items():
+            if name not in (COUNTRY_GROUPS, DENY_COUNTRIES, LICENCES) or changes is None:
+                continue
+            part = held.setdefault(name, {})
+            for key, value in changes.items():
+                if value is None:
+                    part.pop(key, None)
+                elif name != DENY_COUNTRIES or key[:1] == GROUP_PREFIX:
+                    part[key] = value
+        stored = view.setdefault("models", {})
+        for name, model in (models or {}).items():
+            if model is None:
+                stored.pop(name, None)
+            else:
+                stored[name] = model
+        document_references({}, view)
+
     def _entry(self, call: WriteCall) -> tuple[str, str]:
         name = list_name_of(call.params["list"])
         return name, entry_key_of(call.params["key"], name)
@@ -210,6 +248,7 @@ class WritePlanner:
         body = parse_json(call.body)
         no_meta(body)
         entry = validate_entry(name, key, body, actor=call.actor, now_iso=now_iso(), now=time.time())
+        self._check_references(lists={name: {key: entry}})
         return WritePlan(
             [HashSet(list_key(name), key, entry)],
             f"lists/{name}/{key}",
@@ -232,7 +271,9 @@ class WritePlanner:
                 )
             merged = merge_patch({k: v for k, v in stored.items() if k not in ("added_by", "added_at")}, patch)
             # Validated whole, as PUT would be; added_by/added_at record this change.
-            return validate_entry(name, key, merged, actor=actor, now_iso=stamp, now=now)
+            entry = validate_entry(name, key, merged, actor=actor, now_iso=stamp, now=now)
+            self._check_references(lists={name: {key: entry}})
+            return entry
 
         return WritePlan(
             [HashUpdate(list_key(name), key, update)],
@@ -242,6 +283,7 @@ class WritePlanner:
 
     async def delete_entry(self, call: WriteCall) -> WritePlan:
         name, key = self._entry(call)
+        self._check_references(lists={name: {key: None}})
         return WritePlan([HashDelete(list_key(name), key)], f"lists/{name}/{key}", lambda: {"list": name, "key": key})
 
     async def replace_list(self, call: WriteCall) -> WritePlan:
@@ -255,6 +297,8 @@ class WritePlanner:
         entries = validate_list(name, body["entries"], actor=call.actor, now_iso=now_iso(), now=time.time())
         if not entries and not allow_empty:
             raise invalid("entries", 'is empty; emptying a list needs "allow_empty": true')
+        if name in (COUNTRY_GROUPS, DENY_COUNTRIES, LICENCES):
+            self._check_references(lists={name: _replacing(self._snapshot(), name, entries)})
         return WritePlan(
             [HashReplace(list_key(name), entries)],
             f"lists/{name}",
@@ -290,6 +334,7 @@ class WritePlanner:
                 )
             written.clear()
             written.update(model_write(name, stored, body, patch=patch))
+            self._check_references(models={name: written})
             return written
 
         if not patch and not (isinstance(body, dict) and body.get("enforce") is False):
@@ -309,6 +354,7 @@ class WritePlanner:
 
     async def create_key(self, call: WriteCall) -> WritePlan:
         attributes = validate_api_key_request(parse_json(call.body), self.tiers, now=time.time())
+        warnings = await self._screen_key(attributes) if self._screen_key is not None else []
         key_id = "key_" + secrets.token_hex(8)
         key = new_api_key()
         # Only the hash is stored (held in a change request too); the key exists in this one answer.
@@ -316,7 +362,7 @@ class WritePlanner:
         return WritePlan(
             [HashSet(APIKEYS_KEY, key_id, record)],
             f"api-keys/{key_id}",
-            lambda: {"id": key_id, "key": key},
+            lambda: _with_warnings(warnings, id=key_id, key=key),
             held_fields={"id": key_id, "key": key},
         )
 
@@ -334,6 +380,14 @@ class WritePlanner:
         # Parsing a whole list takes a while: off the loop that also serves the public listener.
         entries = await asyncio.to_thread(parse_csl, call.body, content_type=call.content_type)
         return WritePlan([ScreeningReplace(entries)], "screening", lambda: {"entries": len(entries)})
+
+
+def _replacing(snapshot: Any, name: str, entries: dict[str, Any]) -> dict[str, dict[str, Any] | None]:
+    """A whole-list replace as entry changes: the new entries, and every held one not among them gone."""
+    held = (snapshot.shadow or snapshot).lists[name] if snapshot is not None else {}
+    changes: dict[str, dict[str, Any] | None] = dict.fromkeys((key for key in held if key not in entries), None)
+    changes.update(entries)
+    return changes
 
 
 def partners_of(snapshot: Any) -> Collection[str]:

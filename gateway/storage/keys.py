@@ -20,6 +20,8 @@ key                             type     holds
 ``{gw}:touched:<list>``         zset     entry key -> version of its last single-entry change; a reader
                                         whose copy of the list is at least ``<list>:floor`` reads only
                                         the entries changed since (``delta_at``: version these describe)
+``{gw}:screening_hits``         string   JSON: API keys and partners whose names screen as a match,
+                                        found by the last screening import (derived, not policy)
 ``{gw}:changes``                stream   change history (actor, time, before, after, version)
 ``{gw}:write:<id>``             string   version a write produced; read back to confirm it (TTL)
 ``{gw}:change-requests``        hash     change request id -> JSON request (who, when, status, what)
@@ -48,6 +50,7 @@ REVOKED_KEY = PREFIX + "revoked"
 SCREENING_KEY = PREFIX + "screening"
 SCREENING_REV_KEY = PREFIX + "screening_rev"
 CHANGES_KEY = PREFIX + "changes"
+SCREENING_HITS_KEY = PREFIX + "screening_hits"
 AUDIT_KEY = "gw:audit"
 # The hash tag puts every producer's mark in the stream's Cluster slot, so one script touches both.
 AUDIT_MARK_PREFIX = "{gw:audit}:seq:"

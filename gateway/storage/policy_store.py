@@ -15,7 +15,7 @@ import orjson
 from redis.exceptions import RedisError, WatchError
 
 from ..policy.effect import classify_change
-from ..policy.names import LAZY_LISTS, LIST_NAMES
+from ..policy.names import LATER_LISTS, LAZY_LISTS, LIST_NAMES
 from .clients import RedisAccess, StoreUnavailable
 from .keys import (
     APIKEYS_KEY,
@@ -37,6 +37,7 @@ from .keys import (
     REVOKED_KEY,
     REVS_AT,
     REVS_KEY,
+    SCREENING_HITS_KEY,
     SCREENING_KEY,
     SCREENING_REV_KEY,
     TOUCHED_CAP,
@@ -500,6 +501,11 @@ class PolicyStore(RedisAccess):
         pipe.multi()
         if current is None:
             pipe.set(GENERATION_KEY, uuid.uuid4().hex)
+            # A restore may leave a later list out: whatever a lost policy left there goes.
+            replaced = {op.key for op in ops if isinstance(op, HashReplace)}
+            for name in sorted(LATER_LISTS):
+                if list_key(name) not in replaced:
+                    pipe.delete(list_key(name))
         pipe.incr(VERSION_KEY)
         screening_changed = False
         floors: dict[str, int] = {}
@@ -580,6 +586,15 @@ class PolicyStore(RedisAccess):
         raw = await self._bounded("changes", self.client.xrevrange(CHANGES_KEY, count=limit), self.load_timeout_s)
         return [orjson.loads(fields[b"c"]) for _id, fields in raw]
 
+    async def read_screening_hits(self) -> dict[str, Any] | None:
+        """The hits the last screening import found among API keys and partners, or None before any."""
+        raw = await self._bounded("admin", self.client.get(SCREENING_HITS_KEY), self.load_timeout_s)
+        return dict(orjson.loads(raw)) if raw else None
+
+    async def write_screening_hits(self, document: dict[str, Any]) -> None:
+        """Replace the stored hits (derived from the policy, so written outside its versioned writes)."""
+        await self._bounded("admin", self.client.set(SCREENING_HITS_KEY, orjson.dumps(document)), self.load_timeout_s)
+
     async def policy_exists(self) -> bool:
         version, _ = await self.read_version()
         return version is not None
@@ -606,13 +621,14 @@ class PolicyStore(RedisAccess):
         )
         if version is None:
             return None
-        lists = {name: _decode_hash(raw) for name, raw in zip(LIST_NAMES, hashes[:4], strict=True)}
+        count = len(LIST_NAMES)
+        lists = {name: _decode_hash(raw) for name, raw in zip(LIST_NAMES, hashes[:count], strict=True)}
         data = PolicyData(
             version=int(version),
             generation=(generation or b"").decode(),
             lists=lists,
-            models=_decode_hash(hashes[4]),
-            api_keys=_decode_hash(hashes[5]),
+            models=_decode_hash(hashes[count]),
+            api_keys=_decode_hash(hashes[count + 1]),
             screening_rev=int(screening_rev or 0),
             revoked=_decode_hash(revoked),
         )
@@ -818,7 +834,8 @@ def _change_dict(change: Change) -> dict[str, Any]:
 def _missing_parts(ops: Sequence[Op]) -> list[str]:
     """The parts a restore leaves out, named as in a policy document (``lists.partners``, ``screening``)."""
     replaced = {op.key for op in ops if isinstance(op, HashReplace)}
-    missing = [f"lists.{name}" for name in LIST_NAMES if list_key(name) not in replaced]
+    # A later list left out is written empty by the restore (it holds nothing in an empty Redis).
+    missing = [f"lists.{name}" for name in LIST_NAMES if list_key(name) not in replaced and name not in LATER_LISTS]
     missing += [name for name, key in (("models", MODELS_KEY), ("api_keys", APIKEYS_KEY)) if key not in replaced]
     if not any(isinstance(op, ScreeningReplace) for op in ops):
         missing.append("screening")
