@@ -9,6 +9,7 @@ from typing import Any
 from .audit_stream import AuditStream
 from .change_requests import ChangeRequestStore
 from .clients import build_client
+from .console_sessions import ConsoleSessions
 from .wire import RespConnection
 
 # The URL forms a lean RESP connection can serve (it speaks to one server; Sentinel and
@@ -16,7 +17,7 @@ from .wire import RespConnection
 WIRE_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
-class Store(ChangeRequestStore, AuditStream):
+class Store(ChangeRequestStore, AuditStream, ConsoleSessions):
     """Async access to the gateway's Redis; every call is bounded by a deadline.
 
     Its parts share one client, one set of deadlines and one failure count
