@@ -380,7 +380,9 @@ class Console:
                 notice = Notice(kind="ok", message="Rejected; nothing was changed.")
             else:
                 raise web.HTTPBadRequest(text="unknown action")
-        except GatewayError as exc:
+        except web.HTTPException:
+            raise
+        except Exception as exc:  # a domain refusal (approval_self, change_conflict, ...) shown on the page
             notice = refused(exc)
         return await self.change_request(request, notice, _status(notice))
 
