@@ -33,7 +33,7 @@ SHOTS = ROOT / "docs" / "console"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 PHONE = (390, 844)
-DESKTOP = (1280, 900)
+DESKTOP = (1280, 1200)
 
 MODEL = {"stage": "general", "timeline": [], "allowed_countries": None, "export_suspended": False}
 POLICY: dict[str, Any] = {
