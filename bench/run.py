@@ -32,6 +32,7 @@ import yaml
 
 from gateway.redis_server import RedisServer, free_port
 
+from .archive import archive_bench, print_archive
 from .impact import impact_preview
 from .nginx_authz import start_nginx
 
@@ -522,7 +523,9 @@ def main() -> None:
             args.rounds,
             {"redis": redis_pid, "upstream": light_upstream.pid},
         )
+    results["archive"] = archive_bench()
     print_table(results)
+    print_archive(results["archive"])
     out = ROOT / "bench" / "results" / f"{results['time'].replace(':', '')}.json"
     out.write_text(json.dumps(results, indent=2))
     print(f"\nresults written to {out.relative_to(ROOT)}")

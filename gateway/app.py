@@ -3,7 +3,10 @@ every path (public.py), and the admin application (health.py's probes and the op
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from aiohttp import web
+from aiohttp.web_request import BaseRequest
 
 from .admin.api import register_admin_routes
 from .admin.context import AdminContext
@@ -26,6 +29,16 @@ def create_public_server(runtime: Runtime) -> JsonErrorServer:
     request's head is incomplete, so it cuts slow header senders after
     ``header_read_timeout_s`` (aiohttp has no header read timeout of its own).
     """
+    return request_server(
+        runtime, PublicPath(runtime).handle, keepalive_timeout=runtime.settings.limits.header_read_timeout_s
+    )
+
+
+def request_server(
+    runtime: Runtime, handler: Callable[[BaseRequest], Awaitable[web.StreamResponse]], *, keepalive_timeout: float
+) -> JsonErrorServer:
+    """A listener whose one handler decides requests (the public one, the authz one): what the HTTP
+    layer refuses before the handler runs is counted in the request metrics too."""
     limits = runtime.settings.limits
     metrics = runtime.metrics
 
@@ -35,11 +48,11 @@ def create_public_server(runtime: Runtime) -> JsonErrorServer:
         )
 
     return JsonErrorServer(
-        PublicPath(runtime).handle,
+        handler,
         policy_version=runtime.policy_version,
         on_rejected=rejected,
         handler_cancellation=True,
-        keepalive_timeout=limits.header_read_timeout_s,
+        keepalive_timeout=keepalive_timeout,
         access_log=None,
         # Request bodies are decoded by the gateway itself (request_model.py), bounded,
         # once, and sent upstream decoded: never by the server underneath it.

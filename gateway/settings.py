@@ -290,6 +290,8 @@ class AuditSettings(_Section):
     spool_dir: Path = Path("./var/audit")
     flush_ms: int = Field(100, ge=1)
     queue_size: int = Field(100_000, ge=1)
+    # True while `gateway audit archive` runs: only archived records are trimmed from Redis.
+    archive: bool = False
 
 
 class ScreeningSettings(_Section):

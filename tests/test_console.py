@@ -223,3 +223,23 @@ async def test_the_audit_csv_export_holds_the_filtered_records(
     header, *rows = text.strip().splitlines()
     assert header.startswith("time,request_id,subject,org")
     assert rows and all(",csv-caller-ir," in row for row in rows)
+
+
+async def test_the_audit_page_filters_through_the_admin_apis_audit_search(
+    http: aiohttp.ClientSession, gateways: list[GatewayProcess]
+) -> None:
+    gateway = gateways[0]
+    assert await post_chat(http, gateway, hs_token("window-caller-ir", country="IR")) == 451
+    client = ConsoleClient(http, gateway)
+    await client.sign_in(ALICE_TOKEN)
+
+    async def listed() -> bool:
+        status, html, _ = await client.get("/console/audit?subject=window-caller-ir&decision=block")
+        return status == 200 and "country_denied" in html
+
+    await wait_until(listed, 5)
+    # A window that ends before the request holds none of it; a bad instant is the API's 400, on the page.
+    status, html, _ = await client.get("/console/audit?subject=window-caller-ir&until=2001-01-01T00:00:00Z")
+    assert status == 200 and "country_denied" not in html
+    status, html, _ = await client.get("/console/audit?since=yesterday")
+    assert status == 400 and "since" in html and "ISO-8601" in html

@@ -51,6 +51,7 @@ from ..storage.keys import APIKEYS_KEY, MODELS_KEY, list_key
 from ..storage.ops import (
     KeyRevoked,
 )
+from .audit_filters import audit_filter
 from .auth import ACTOR_KEY, token_middleware
 from .change_control import ChangeControl
 from .context import ADMIN_CONTEXT_KEY, AdminContext
@@ -301,7 +302,11 @@ class AdminApi:
     # history
 
     async def audit(self, request: web.Request) -> web.Response:
-        return json_response({"records": await self.store.read_audit(query_limit(request))})
+        limit, match = query_limit(request), audit_filter(request)
+        if not match.fields and match.since is None and match.until is None:
+            return json_response({"records": await self.store.read_audit(limit)})
+        page = await self.store.search_audit(limit, match, since_ms=match.since_ms, until_ms=match.until_ms)
+        return json_response({"records": page.records, "scanned": page.scanned, "complete": page.complete})
 
     async def changes(self, request: web.Request) -> web.Response:
         return json_response({"changes": await self.store.read_changes(query_limit(request))})

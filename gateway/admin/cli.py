@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from ..archive.commands import add_archive_commands
 from ..policy.names import LIST_NAMES, STAGES, now_iso
 from .cli_io import (
     DEFAULT_ADMIN_URL,
@@ -463,6 +464,9 @@ def _audit_key(record: Mapping[str, Any]) -> str:
     return str(record.get("id") or (record.get("time"), record.get("request_id")))
 
 
+# The admin API's audit filters, which `audit tail` passes on as they are.
+_TAIL_FILTERS = ("subject", "org", "model", "code", "since", "until")
+
 # How far back a follower looks on each poll (the admin API's largest page).
 _FOLLOW_WINDOW = 1000
 
@@ -480,7 +484,8 @@ def _audit_tail(args: argparse.Namespace) -> None:
     # A follower reads the whole window once, so that every record already there counts as seen and
     # only those written later are printed; of the old ones it prints the last --limit, as without it.
     window = _FOLLOW_WINDOW if args.follow else args.limit
-    records = list(reversed(client.call("GET", "/admin/v1/audit", query={"limit": window})["records"]))
+    filters = {name: getattr(args, name) for name in _TAIL_FILTERS if getattr(args, name) is not None}
+    records = list(reversed(client.call("GET", "/admin/v1/audit", query={"limit": window, **filters})["records"]))
     _print_audit(args, records[-args.limit :], header=True)
     if not args.follow:
         return
@@ -492,7 +497,7 @@ def _audit_tail(args: argparse.Namespace) -> None:
     try:
         while True:
             time.sleep(args.interval)
-            batch = client.call("GET", "/admin/v1/audit", query={"limit": _FOLLOW_WINDOW})["records"]
+            batch = client.call("GET", "/admin/v1/audit", query={"limit": _FOLLOW_WINDOW, **filters})["records"]
             fresh = [r for r in reversed(batch) if _audit_key(r) not in known]
             for record in fresh:
                 if len(seen) == seen.maxlen:
@@ -874,6 +879,10 @@ def _add_history(subparsers: Any, common: argparse.ArgumentParser) -> None:
     tail.add_argument("--limit", type=_positive, default=20)
     tail.add_argument("--follow", "-f", action="store_true", help="keep printing new records")
     tail.add_argument("--interval", type=float, default=1.0, help="seconds between polls with --follow")
+    for name in _TAIL_FILTERS:
+        hint = "ISO-8601 time" if name in ("since", "until") else "exact value"
+        tail.add_argument(f"--{name}", help=f"only records with this {name} ({hint})")
+    add_archive_commands(sub)
     changes = _leaf(
         subparsers,
         "changes",

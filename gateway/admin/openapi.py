@@ -463,6 +463,28 @@ _LIMIT = {
     "required": False,
     "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
 }
+_AUDIT_FILTERS: list[dict[str, Any]] = [
+    *(
+        {
+            "name": name,
+            "in": "query",
+            "required": False,
+            "description": f"only records whose {name} is exactly this",
+            "schema": {"type": "string", "maxLength": 256},
+        }
+        for name in ("subject", "org", "model", "code")
+    ),
+    *(
+        {
+            "name": name,
+            "in": "query",
+            "required": False,
+            "description": description,
+            "schema": {"type": "string", "format": "date-time"},
+        }
+        for name, description in (("since", "records at or after this time"), ("until", "records before this time"))
+    ),
+]
 _LIST = _path("list", {"type": "string", "enum": list(LIST_NAMES)}, "the list")
 _KEY = _path("key", _IDENT, "the entry key, percent-encoded (a CIDR's '/' as %2F)")
 _MODEL = _path(
@@ -661,9 +683,20 @@ def _paths() -> dict[str, Any]:
         },
         "/admin/v1/audit": {
             "get": _op(
-                "Audit records, newest first",
-                _ok("records", {"type": "object", "properties": {"records": {"type": "array", "items": any_object}}}),
-                params=[_LIMIT],
+                "Audit records, newest first; with filters, the newest that match (``scanned``: entries read, "
+                "``complete``: false when the read stopped at its cap and older matches may exist)",
+                _ok(
+                    "records",
+                    {
+                        "type": "object",
+                        "properties": {
+                            "records": {"type": "array", "items": any_object},
+                            "scanned": {"type": "integer"},
+                            "complete": {"type": "boolean"},
+                        },
+                    },
+                ),
+                params=[_LIMIT, *_AUDIT_FILTERS],
                 errors=("400", "401", "503"),
             ),
         },

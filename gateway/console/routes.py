@@ -23,10 +23,12 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from ..admin.api import AdminApi
+from ..admin.audit_filters import audit_filter_of
 from ..admin.auth import AdminTokens
 from ..errors import BackendUnavailable, GatewayError, error_for
 from ..network import TrustedProxies
 from ..policy.names import LIST_NAMES
+from ..storage.audit_search import AuditPage
 from ..storage.keys import APIKEYS_KEY, MODELS_KEY, list_key
 from .security import add_security_headers, is_secure, same_origin
 from .sessions import (
@@ -42,6 +44,7 @@ from .sessions import (
 from .views import (
     AUDIT_COLUMNS,
     AUDIT_FILTERS,
+    CONSOLE_ONLY_FILTERS,
     audit_csv,
     audit_matches,
     diff_lines,
@@ -56,7 +59,7 @@ ROOT = "/console"
 HERE = Path(__file__).resolve().parent
 ADMIN = "/admin/v1"
 CHANGE_STATUSES = ("pending", "applied", "rejected", "expired")
-AUDIT_SCAN = 5_000  # the newest records a filter searches
+AUDIT_SCAN_CAP = 200_000  # records one audit search reads at most (the API's own bound)
 CHART_RECORDS = 50_000  # at most this many records of the last hour are counted for the chart
 OPEN = frozenset({ROOT + "/signin"})
 SECURE_KEY: web.RequestKey[bool] = web.RequestKey("console_secure", bool)
@@ -393,27 +396,44 @@ class Console:
         rows = [(change, diff_lines(change.get("before"), change.get("after"))) for change in found]
         return self.render(request, "changes.html", rows=rows)
 
-    async def _audit_records(self, request: web.Request) -> tuple[dict[str, str], list[dict[str, Any]], int]:
-        filters = {name: request.query.get(name, "")[:128] for name in AUDIT_FILTERS}
+    async def _audit_records(self, request: web.Request) -> tuple[dict[str, str], AuditPage]:
+        """The records the form's filters select, newest first: the admin API's own audit search
+        (subject, org, model, code, since, until), then the console's decision and country filters."""
+        filters = {name: request.query.get(name, "").strip()[:256] for name in AUDIT_FILTERS}
         limit = _bounded_int(request.query.get("limit"), 100, 1000)
-        scanned = await self.store.read_audit(AUDIT_SCAN)
-        return filters, [r for r in scanned if audit_matches(r, filters)][:limit], len(scanned)
+        chosen = audit_filter_of({k: v for k, v in filters.items() if v and k not in CONSOLE_ONLY_FILTERS})
+        extra = {k: filters[k] for k in CONSOLE_ONLY_FILTERS}
+
+        def match(record: dict[str, Any]) -> bool:
+            return chosen(record) and audit_matches(record, extra)
+
+        page = await self.store.search_audit(
+            limit, match, since_ms=chosen.since_ms, until_ms=chosen.until_ms, scan_cap=AUDIT_SCAN_CAP
+        )
+        return filters, page
 
     async def audit(self, request: web.Request) -> web.Response:
-        filters, records, scanned = await self._audit_records(request)
+        error: str | None = None
+        try:
+            filters, page = await self._audit_records(request)
+        except GatewayError as exc:
+            filters = {name: request.query.get(name, "") for name in AUDIT_FILTERS}
+            page, error = AuditPage([], 0, True), exc.message
         query = urlencode({k: v for k, v in filters.items() if v})
         return self.render(
             request,
             "audit.html",
+            status=400 if error else 200,
             filters=filters,
-            records=records,
-            scanned=scanned,
+            page=page,
+            error=error,
             columns=AUDIT_COLUMNS,
             csv_href=f"{ROOT}/audit.csv" + (f"?{query}" if query else ""),
         )
 
     async def audit_csv(self, request: web.Request) -> web.Response:
-        _filters, records, _scanned = await self._audit_records(request)
+        _filters, page = await self._audit_records(request)
+        records = page.records
         return web.Response(
             text=audit_csv(records),
             content_type="text/csv",

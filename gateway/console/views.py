@@ -35,7 +35,9 @@ AUDIT_COLUMNS = (
     "policy_version",
     "duration_ms",
 )
-AUDIT_FILTERS = ("subject", "org", "model", "code", "decision", "country")
+# The admin API's audit filters (exact), then the console's own two over what they find.
+AUDIT_FILTERS = ("subject", "org", "model", "code", "since", "until", "decision", "country")
+CONSOLE_ONLY_FILTERS = ("decision", "country")
 CHART_MINUTES = 60
 ALERT_COUNTERS = ("gateway_redis_errors_total", "gateway_audit_spooled_total", "gateway_audit_dropped_total")
 # Fixed colours per well-known code so a chart reads the same from day to day (and in screenshots).

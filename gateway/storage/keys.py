@@ -53,6 +53,9 @@ AUDIT_KEY = "gw:audit"
 # The hash tag puts every producer's mark in the stream's Cluster slot, so one script touches both.
 AUDIT_MARK_PREFIX = "{gw:audit}:seq:"
 AUDIT_MARK_TTL_S = 7 * 86400
+# The archiver's consumer group on ``gw:audit`` and ``{gw}:changes`` (its acknowledgements say
+# what is archived, so what may be trimmed).
+ARCHIVE_GROUP = "archiver"
 CHANNEL = "gw:policy"
 RATE_PREFIX = "gw:rl:"
 # Operator console sessions: apart from the policy's hash tag, since no transaction spans both.

@@ -6,6 +6,8 @@ import ssl
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .archive_stream import ArchiveStream
+from .audit_search import AuditSearch
 from .audit_stream import AuditStream
 from .change_requests import ChangeRequestStore
 from .clients import build_client
@@ -17,7 +19,7 @@ from .wire import RespConnection
 WIRE_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
-class Store(ChangeRequestStore, AuditStream, ConsoleSessions):
+class Store(ChangeRequestStore, AuditStream, AuditSearch, ArchiveStream, ConsoleSessions):
     """Async access to the gateway's Redis; every call is bounded by a deadline.
 
     Its parts share one client, one set of deadlines and one failure count
