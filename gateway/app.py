@@ -10,10 +10,12 @@ from aiohttp.web_request import BaseRequest
 
 from .admin.api import register_admin_routes
 from .admin.context import AdminContext
+from .console.routes import register_console_routes
 from .errors import decision_label
 from .health import add_health_routes
 from .impact import ImpactLimits, ImpactPreview
 from .listener import JsonErrorServer
+from .network import TrustedProxies
 from .public import PublicPath
 from .runtime import Runtime
 
@@ -61,11 +63,19 @@ def request_server(
 
 
 def create_admin_app(runtime: Runtime) -> web.Application:
-    """The admin listener: health, readiness, metrics, and the operator API."""
+    """The admin listener: health, readiness, metrics, the operator API and the operator console."""
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[RUNTIME_KEY] = runtime
     add_health_routes(app, watcher=runtime.watcher, metrics=runtime.metrics)
-    register_admin_routes(app, admin_context(runtime))
+    api = register_admin_routes(app, admin_context(runtime))
+    settings = runtime.settings
+    register_console_routes(
+        app,
+        api,
+        trusted=TrustedProxies(settings.network.trusted_proxies),
+        metrics=lambda: runtime.metrics.render(runtime.watcher)[0].decode(),
+        max_staleness_s=settings.policy.max_staleness_s,
+    )
     return app
 
 

@@ -257,8 +257,13 @@ class AdminApi:
     # decisions
 
     async def decide(self, request: web.Request) -> web.Response:
+        return json_response(self.decide_answer(await read_json(request)))
+
+    def decide_answer(self, body: Any) -> dict[str, Any]:
+        """What the gateway would decide now for the caller ``body`` describes (the console's form too)."""
         admission, policy = self.context.admission, self.policy
-        body = await read_json(request)
+        if isinstance(body, dict):
+            body = dict(body)
         explain = body.pop("explain", "first") if isinstance(body, dict) else "first"
         if explain not in ("first", "all"):
             raise invalid(
@@ -286,7 +291,7 @@ class AdminApi:
                 answer["shadow"] = {
                     name: shadow_decision.to_dict()[name] for name in ("decision", "status", "code", "message")
                 }
-        return json_response(answer)
+        return answer
 
     # screening
 
@@ -320,18 +325,20 @@ class AdminApi:
             raise invalid("name", f"must be at most {MAX_SEARCH_CHARS} characters")
         limit = query_limit(request) if "limit" in request.query else 10
         min_score = parse_min_score(request.query.get("min_score"))
+        return json_response(await self.screening_answer(name, limit, min_score))
+
+    async def screening_answer(self, name: str, limit: int, min_score: float) -> dict[str, Any]:
+        """The scored matches of ``name`` in the screening list the public listener screens with."""
         index, version = await self._screening_index()
         hits = index.search(name, limit=limit, min_score=min_score) if index is not None else []
         cfg = self.context.screening
-        return json_response(
-            {
-                "version": version,
-                "name": name,
-                "block_threshold": cfg.block_threshold,
-                "review_threshold": cfg.review_threshold,
-                "matches": [hit.to_dict() for hit in hits],
-            }
-        )
+        return {
+            "version": version,
+            "name": name,
+            "block_threshold": cfg.block_threshold,
+            "review_threshold": cfg.review_threshold,
+            "matches": [hit.to_dict() for hit in hits],
+        }
 
     async def _screening_index(self) -> tuple[ScreeningIndex | None, int]:
         snapshot = self.policy.snapshot
@@ -370,9 +377,9 @@ class AdminApi:
         return web.Response(body=self._openapi, content_type="application/json")
 
 
-def register_admin_routes(app: web.Application, context: AdminContext) -> None:
+def register_admin_routes(app: web.Application, context: AdminContext) -> AdminApi:
     """Mount ``/admin/v1`` on the admin listener, behind the error and token middlewares; ``context`` is
-    kept under :data:`ADMIN_CONTEXT_KEY`."""
+    kept under :data:`ADMIN_CONTEXT_KEY`. The handlers' object is returned for the console to share."""
     app[ADMIN_CONTEXT_KEY] = context
     api = AdminApi(context)
     plan = api.planner
@@ -413,3 +420,4 @@ def register_admin_routes(app: web.Application, context: AdminContext) -> None:
     routes.add_post(f"{PREFIX}/change-requests/{{id}}/approve", control.approve)
     routes.add_post(f"{PREFIX}/change-requests/{{id}}/reject", control.reject)
     routes.add_post(f"{PREFIX}/impact", control.impact)
+    return api

@@ -146,25 +146,34 @@ class ChangeControl:
 
     async def approve(self, request: web.Request) -> web.Response:
         await _optional_body(request, ())
+        return json_response(await self.approve_request(request.match_info["id"], request[ACTOR_KEY]))
+
+    async def approve_request(self, request_id: str, approver: str) -> dict[str, Any]:
+        """Apply a pending change request as ``approver``: ``{"version", "change_request"}``."""
         now = time.time()
         version, change, closed = await self.store.apply_change_request(
-            request.match_info["id"],
-            approver=request[ACTOR_KEY],
+            request_id,
+            approver=approver,
             now_iso=iso_at(now),
             now=now,
             unknown_model=self.context.rules.unknown_model,
         )
         await self._applied(version, change)
-        return json_response({"version": version, "change_request": public_request(closed, now)})
+        return {"version": version, "change_request": public_request(closed, now)}
 
     async def reject(self, request: web.Request) -> web.Response:
         body = await _optional_body(request, ("reason",))
-        reason = optional_text(body.get("reason"), "reason", 1000)
+        answer = await self.reject_request(request.match_info["id"], request[ACTOR_KEY], body.get("reason"))
+        return json_response(answer)
+
+    async def reject_request(self, request_id: str, rejecter: str, reason: Any) -> dict[str, Any]:
+        """Close a pending change request unapplied: ``{"change_request"}``."""
+        text = optional_text(reason, "reason", 1000)
         now = time.time()
         closed = await self.store.reject_change(
-            request.match_info["id"], rejected_by=request[ACTOR_KEY], reason=reason, now=now, now_iso=iso_at(now)
+            request_id, rejected_by=rejecter, reason=text, now=now, now_iso=iso_at(now)
         )
-        return json_response({"change_request": public_request(closed, now)})
+        return {"change_request": public_request(closed, now)}
 
     # --- impact preview -------------------------------------------------------------------------
 

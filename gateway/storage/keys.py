@@ -31,6 +31,7 @@ key                             type     holds
 ``gw:audit``                    stream   audit records (``r``: JSON, ``id``: producer:sequence)
 ``{gw:audit}:seq:<producer>``   string   highest audit sequence appended for one process
 ``gw:rl:{<hash>}:r`` / ``:w``   string / hash   rate-limit state, always with a TTL
+``gw:console:<digest>``         string   operator console session (actor, CSRF token, expiry); TTL
 ==============================  =======  ==================================================
 
 Channel ``gw:policy`` announces each new version. README.md's key table is tested against
@@ -60,6 +61,8 @@ AUDIT_MARK_TTL_S = 7 * 86400
 ARCHIVE_GROUP = "archiver"
 CHANNEL = "gw:policy"
 RATE_PREFIX = "gw:rl:"
+# Operator console sessions: apart from the policy's hash tag, since no transaction spans both.
+CONSOLE_PREFIX = "gw:console:"
 CHANGES_MAXLEN = 100_000
 # Change requests held for a second admin's approval (the two-person rule), beside the policy so one
 # transaction applies a request's operations and closes it.
@@ -102,6 +105,11 @@ def floor_field(name: str) -> str:
 
 PART_KEYS = {**{name: list_key(name) for name in LIST_NAMES}, MODELS_PART: MODELS_KEY, APIKEYS_PART: APIKEYS_KEY}
 PART_OF_KEY = {key: part for part, key in PART_KEYS.items()}
+
+
+def console_session_key(digest: str) -> str:
+    """One operator console session, by the SHA-256 (hex) of its cookie value; always with a TTL."""
+    return f"{CONSOLE_PREFIX}{digest}"
 
 
 def rate_state_keys(digest: str) -> tuple[str, str]:

@@ -11,6 +11,7 @@ from .audit_search import AuditSearch
 from .audit_stream import AuditStream
 from .change_requests import ChangeRequestStore
 from .clients import build_client
+from .console_sessions import ConsoleSessions
 from .wire import RespConnection
 
 # The URL forms a lean RESP connection can serve (it speaks to one server; Sentinel and
@@ -18,7 +19,7 @@ from .wire import RespConnection
 WIRE_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
-class Store(ChangeRequestStore, AuditStream, AuditSearch, ArchiveStream):
+class Store(ChangeRequestStore, AuditStream, AuditSearch, ArchiveStream, ConsoleSessions):
     """Async access to the gateway's Redis; every call is bounded by a deadline.
 
     Its parts share one client, one set of deadlines and one failure count
