@@ -3,6 +3,8 @@ same-origin check, security headers, the admin API's own auth untouched, and wri
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
@@ -243,3 +245,36 @@ async def test_the_audit_page_filters_through_the_admin_apis_audit_search(
     assert status == 200 and "country_denied" not in html
     status, html, _ = await client.get("/console/audit?since=yesterday")
     assert status == 400 and "since" in html and "ISO-8601" in html
+
+
+async def test_country_groups_and_licences_are_written_from_their_list_pages(
+    http: aiohttp.ClientSession, gateways: list[GatewayProcess]
+) -> None:
+    gateway = gateways[0]
+    client = ConsoleClient(http, gateway)
+    await client.sign_in(BOB_TOKEN)
+    run = os.urandom(2).hex().upper()
+    group, licence = f"TEST-{run}", f"lic-{run.lower()}"
+    writes = [
+        ("country-groups", {"key": group, "countries": "fr, de"}),
+        (
+            "licences",
+            {"key": licence, "org": "acme", "models": "gpt-mock", "countries": f"@{group}, JP"}
+            | {"expires_at": "2099-01-01T00:00:00Z"},
+        ),
+    ]
+    for name, fields in writes:
+        form = {"action": "add", "reason": "console test", **fields}
+        status, html, _ = await client.post(f"/console/lists/{name}", {**form, "csrf": await client.csrf()})
+        # Both loosen: held for a second admin, who approves it through the API.
+        assert status == 200 and "Held for approval" in html, html[:2000]
+        request_id = re.search(r"(cr_[0-9a-f]+)", html)
+        assert request_id is not None, html[:2000]
+        url = f"{gateway.admin_url}/admin/v1/change-requests/{request_id.group(1)}/approve"
+        async with http.post(url, headers=ALICE) as response:
+            assert response.status == 200, await response.text()
+    async with http.get(gateway.admin_url + "/admin/v1/lists/licences", headers=ALICE) as response:
+        stored = (await response.json())["entries"][licence]
+    assert (stored["org"], stored["models"], stored["countries"]) == ("acme", ["gpt-mock"], [f"@{group}", "JP"])
+    status, html, _ = await client.get("/console/lists/country-groups")
+    assert status == 200 and group in html and "countries DE, FR" in html  # stored sorted

@@ -27,7 +27,7 @@ from ..admin.audit_filters import audit_filter_of
 from ..admin.auth import AdminTokens
 from ..errors import BackendUnavailable, GatewayError, error_for
 from ..network import TrustedProxies
-from ..policy.names import LIST_NAMES
+from ..policy.names import COUNTRY_GROUPS, LICENCES, LIST_NAMES
 from ..storage.audit_search import AuditPage
 from ..storage.keys import APIKEYS_KEY, MODELS_KEY, list_key
 from .security import add_security_headers, is_secure, same_origin
@@ -287,6 +287,12 @@ class Console:
         fields = {field: str(form.get(field, "")).strip() for field in ("reason", "source", "expires_at", "country")}
         if action == "add":
             body: dict[str, Any] = {k: v for k, v in fields.items() if v and (k != "country" or name == "ip-ranges")}
+            # A country group names its members; a licence its org, models and countries (codes or @GROUPs).
+            if name in (COUNTRY_GROUPS, LICENCES):
+                body["countries"] = _codes(str(form.get("countries", "")))
+            if name == LICENCES:
+                body["org"] = str(form.get("org", "")).strip()
+                body["models"] = [m.strip() for m in str(form.get("models", "")).split(",") if m.strip()]
             if form.get("shadow") == "on":
                 body["enforce"] = False
             notice = await self.write(request, "PUT", path, body)
