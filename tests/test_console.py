@@ -278,3 +278,17 @@ async def test_country_groups_and_licences_are_written_from_their_list_pages(
     assert (stored["org"], stored["models"], stored["countries"]) == ("acme", ["gpt-mock"], [f"@{group}", "JP"])
     status, html, _ = await client.get("/console/lists/country-groups")
     assert status == 200 and group in html and "countries DE, FR" in html  # stored sorted
+
+
+async def test_the_decide_page_lists_every_rule_that_blocks(
+    http: aiohttp.ClientSession, gateways: list[GatewayProcess]
+) -> None:
+    client = ConsoleClient(http, gateways[0])
+    await client.sign_in(ALICE_TOKEN)
+    form = {"subject": "who", "org": "acme", "country": "IR", "tier": "partner", "ip": "192.0.2.1"}
+    form |= {"model": "no-such-model", "csrf": await client.csrf("/console/decide")}
+    status, html, _ = await client.post("/console/decide", form)
+    assert status == 200, html[:2000]
+    listed = html[html.index('<ol id="blocking">') : html.index("</ol>", html.index('<ol id="blocking">'))]
+    # A caller from a denied country asking for an unregistered model: both rules, in the table's order.
+    assert listed.index("country_denied") < listed.index("model_unknown")

@@ -456,7 +456,8 @@ class Console:
             name: str(posted.get(name, "")).strip()
             for name in ("subject", "org", "org_name", "country", "tier", "ip", "model")
         }
-        body = {name: value for name, value in form.items() if value}
+        body: dict[str, Any] = {name: value for name, value in form.items() if value}
+        body["explain"] = "all"  # every rule that blocks, not only the first (docs/contract.md §14)
         answer, error = None, None
         try:
             answer = self.api.decide_answer(body)
