@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -17,6 +18,7 @@ from .support.gateway_process import GatewayProcess, post_chat, seed_policy
 from .support.tokens import hs_token
 from .support.upstream import Upstream
 from .support.waiting import wait_until
+from .test_rules_e2e import csl
 
 ALICE = {"Authorization": f"Bearer {ALICE_TOKEN}"}
 
@@ -292,3 +294,36 @@ async def test_the_decide_page_lists_every_rule_that_blocks(
     listed = html[html.index('<ol id="blocking">') : html.index("</ol>", html.index('<ol id="blocking">'))]
     # A caller from a denied country asking for an unregistered model: both rules, in the table's order.
     assert listed.index("country_denied") < listed.index("model_unknown")
+
+
+async def test_an_approved_screening_import_screens_existing_keys_and_the_page_lists_the_hit(
+    http: aiohttp.ClientSession, gateways: list[GatewayProcess]
+) -> None:
+    gateway = gateways[0]
+    bob = {"Authorization": f"Bearer {BOB_TOKEN}"}
+    run = os.urandom(2).hex()
+    org_name = f"Quillfeather Dynamics {run}"
+
+    async def approved(method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        """A loosening write proposed by alice and approved by bob (the two-person rule is on)."""
+        headers = {**ALICE, **kwargs.pop("headers", {})}
+        async with http.request(method, gateway.admin_url + path, headers=headers, **kwargs) as response:
+            held = await response.json()
+            assert response.status == 202, held
+        request_id = held["change_request"]["id"]
+        async with http.post(f"{gateway.admin_url}/admin/v1/change-requests/{request_id}/approve", headers=bob) as r:
+            assert r.status == 200, await r.text()
+        return dict(held)
+
+    key = {"subject": f"svc-{run}", "org": f"quill-{run}", "org_name": org_name, "country": "US", "tier": "public"}
+    issued = await approved("POST", "/admin/v1/api-keys", json=key)
+    await approved(
+        "POST", "/admin/v1/screening/import", data=csl(org_name), headers={**ALICE, "Content-Type": "text/csv"}
+    )
+    # Approving the import screened the keys again, as an import applied at once does.
+    client = ConsoleClient(http, gateway)
+    await client.sign_in(ALICE_TOKEN)
+    status, html, _ = await client.get("/console/screening")
+    assert status == 200
+    table = html[html.index('<table id="hits">') :]
+    assert issued["id"] in table and org_name in table and "blocks" in table

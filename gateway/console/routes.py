@@ -344,8 +344,10 @@ class Console:
                 answer = await self.api.screening_answer(name[:500], 20, 0.0)
             except GatewayError as exc:
                 error = exc.message
+        # What the last import found among API keys and partners (rule 2 blocks them already).
+        hits = await self.store.read_screening_hits() or {"version": None, "screened_at": None, "hits": []}
         return self.render(
-            request, "screening.html", status=status, name=name, answer=answer, error=error, notice=notice
+            request, "screening.html", status=status, name=name, answer=answer, error=error, notice=notice, hits=hits
         )
 
     async def screening_post(self, request: web.Request) -> web.Response:
