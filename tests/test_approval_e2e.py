@@ -407,3 +407,24 @@ def test_cli_proposes_lists_approves_and_rejects(two_gateways: list[GatewayProce
     assert "impact preview (tighten)" in preview.stderr and "would be blocked" in preview.stderr
     countries = json.loads(run_cli(first, ALICE_TOKEN, "lists", "get", "deny-countries", "--json").stdout)
     assert "AQ" in countries["entries"]
+
+
+async def test_a_reason_given_with_a_write_is_kept_in_the_request_and_the_history(
+    client: aiohttp.ClientSession, two_gateways: list[GatewayProcess]
+) -> None:
+    first = two_gateways[0]
+    why = "Licence D-2026-117 granted to the lab"
+    path = "/admin/v1/lists/partners/reason-lab?reason=" + why.replace(" ", "%20")
+    status, body = await call(client, first, "PUT", path, ALICE, {"reason": "pilot"})
+    assert status == 202, body
+    request_id = body["change_request"]["id"]
+    status, body = await call(client, first, "GET", f"/admin/v1/change-requests/{request_id}", BOB)
+    assert body["change_request"]["reason"] == why
+    status, body = await call(client, first, "POST", f"/admin/v1/change-requests/{request_id}/approve", BOB)
+    assert status == 200, body
+    status, body = await call(client, first, "GET", "/admin/v1/changes?limit=20", BOB)
+    applied = next(c for c in body["changes"] if c["target"] == "lists/partners/reason-lab")
+    assert (applied["reason"], applied["proposed_by"], applied["approved_by"]) == (why, "alice", "bob")
+    # Too long a reason is refused naming it, and nothing is proposed.
+    status, body = await call(client, first, "DELETE", "/admin/v1/lists/deny-countries/IR?reason=" + "x" * 1001, ALICE)
+    assert status == 400 and "reason" in body["error"]["message"], body

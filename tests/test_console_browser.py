@@ -219,10 +219,19 @@ def test_suspend_a_model_and_a_caller_abroad_gets_451_on_the_public_listener(
     assert chat(gateway, caller, "suspend-me") == 200
     sign_in(driver, gateway, ALICE_TOKEN, "alice")
     driver.get(gateway.admin_url + "/console/models/suspend-me")
+    driver.find_element("id", "change-reason").send_keys("Commerce notice 2026-41")
     click(driver, "#suspend")
     assert "Done: policy version" in notice(driver)
     assert driver.find_element("id", "export-state").text == "suspended"
     wait_until_blocking(lambda: chat(gateway, caller, "suspend-me") == 451, 3)
+    # The reason given on the page is in the change history, with the signed-in actor.
+    request = urllib.request.Request(
+        gateway.admin_url + "/admin/v1/changes?limit=20", headers={"Authorization": f"Bearer {ALICE_TOKEN}"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        changes = json.loads(response.read())["changes"]
+    record = next(c for c in changes if c["target"] == "models/suspend-me")
+    assert (record["actor"], record["reason"]) == ("alice", "Commerce notice 2026-41")
 
 
 def test_add_and_remove_a_deny_entry(driver: Any, gateway: GatewayProcess, upstream_models: Upstream) -> None:

@@ -36,6 +36,9 @@ STATUSES = ("pending", "applied", "rejected", "expired")
 MAX_IMPACT_HOURS = 24 * 366
 
 
+MAX_REASON_CHARS = 1000
+
+
 def iso_at(epoch: float) -> str:
     """``epoch`` as the ISO-8601 UTC form every admin timestamp uses."""
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -80,6 +83,8 @@ class ChangeControl:
     async def commit(self, call: WriteCall, plan: WritePlan) -> web.Response:
         """Write ``plan`` now, or hold it as a change request (202) when its effect needs approval."""
         approval = self.context.admin.approval
+        # ?reason= on any write: why, in the operator's words, kept in the change history (and request).
+        reason = optional_text(call.query.get("reason"), "reason", MAX_REASON_CHARS)
         try:
             version, _change = await self.store.write(
                 plan.ops,
@@ -89,6 +94,7 @@ class ChangeControl:
                 import_whole=plan.import_whole,
                 unknown_model=self.context.rules.unknown_model,  # whether a model leaving the registry loosens
                 hold_for=approval.required_for,
+                reason=reason,
             )
         except ApprovalRequired as held:
             return await self._hold(call, plan, held.prepared)
@@ -114,6 +120,7 @@ class ChangeControl:
             ttl_s=ttl_s,
             impact=impact,
             warnings=warnings,
+            reason=optional_text(call.query.get("reason"), "reason", MAX_REASON_CHARS),
         )
         log.info("change request %s proposed by %s (%s)", record["id"], call.actor, prepared.effect)
         return json_response({"change_request": public_request(record, now), **plan.held_fields}, status=202)

@@ -245,6 +245,9 @@ class Console:
             body = {"stage": str(form.get("stage", ""))}
         else:
             raise web.HTTPBadRequest(text="unknown action")
+        reason = str(form.get("reason", "")).strip()
+        if reason:  # why, kept in the change history (and the change request when held)
+            path += "?" + urlencode({"reason": reason})
         notice = await self.write(request, "PATCH", path, body)
         return await self.model(request, notice, _status(notice))
 

@@ -56,6 +56,7 @@ class ChangeRequestStore(PolicyStore):
         ttl_s: float,
         impact: Any = None,
         warnings: list[str] | None = None,
+        reason: str | None = None,
     ) -> dict[str, Any]:
         """Store ``prepared`` as a pending change request and record the proposal in the change history
         (target ``change-requests/<id>``, no version bump); prunes old closed requests. Returns the
@@ -81,6 +82,8 @@ class ChangeRequestStore(PolicyStore):
         }
         if warnings:
             record["warnings"] = list(warnings)
+        if reason:
+            record["reason"] = reason
         history = {
             "actor": proposed_by,
             "time": now_iso,
@@ -92,6 +95,7 @@ class ChangeRequestStore(PolicyStore):
             "change_request": request_id,
             "status": "pending",
             "proposed_target": target,
+            **({"reason": reason} if reason else {}),
         }
         ops = orjson.dumps([op_to_json(op) for op in prepared.ops])
 

@@ -145,6 +145,7 @@ class _Proposed:
     target: str
     import_whole: bool
     hold_for: frozenset[str] = frozenset()
+    reason: str | None = None  # why, as the operator said it: kept in the change record
 
 
 @dataclass(slots=True)
@@ -189,11 +190,14 @@ class _Approving:
             raise ChangeConflict(self.request_id, changed)
 
     def change_extra(self) -> dict[str, Any]:
-        return {
+        extra = {
             "change_request": self.request_id,
             "proposed_by": self.record.get("proposed_by"),
             "approved_by": self.approver,
         }
+        if self.record.get("reason"):
+            extra["reason"] = self.record["reason"]
+        return extra
 
     def queue_close(self, pipe: Any, *, version: int, now_iso: str) -> None:
         closed = {
@@ -317,6 +321,7 @@ class PolicyStore(RedisAccess):
         import_whole: bool = False,
         unknown_model: str = "deny",
         hold_for: Collection[str] = (),
+        reason: str | None = None,
     ) -> tuple[int, Change]:
         """Apply ``ops`` and bump the version in one transaction; publish the new version.
 
@@ -335,7 +340,7 @@ class PolicyStore(RedisAccess):
         reply lost with its connection, or a write lost in a Sentinel or Cluster failover
         between EXEC and the read-back, is found out and applied again, never guessed.
         """
-        source = _Proposed(ops, target=target, import_whole=import_whole, hold_for=frozenset(hold_for))
+        source = _Proposed(ops, target=target, import_whole=import_whole, hold_for=frozenset(hold_for), reason=reason)
         return await self._write_loop(source, actor=actor, now_iso=now_iso, unknown_model=unknown_model)
 
     async def apply_change_request(
@@ -452,7 +457,7 @@ class PolicyStore(RedisAccess):
                 after=prepared.after,
                 version=new_version,
                 effect=prepared.effect,
-                extra=approving.change_extra() if approving is not None else {},
+                extra=approving.change_extra() if approving is not None else _reason(proposed.reason),
             )
             await self._queue_apply(pipe, prepared.ops, current, new_version)
             pipe.xadd(CHANGES_KEY, {"c": orjson.dumps(_change_dict(change))}, maxlen=CHANGES_MAXLEN, approximate=True)
@@ -816,6 +821,10 @@ def _queue_heads(pipe: Any) -> None:
 
 def _strip_prefix(values: dict[str, Any]) -> dict[str, Any]:
     return {key.removeprefix(PREFIX): value for key, value in values.items()}
+
+
+def _reason(reason: str | None) -> dict[str, Any]:
+    return {"reason": reason} if reason else {}
 
 
 def _change_dict(change: Change) -> dict[str, Any]:
