@@ -171,3 +171,11 @@ async def test_charges_are_held_through_an_outage_and_sent_on_close(
     assert direct.hget(rate_keys("gus", "m")[1], "sum") == b"500"
     direct.close()
     await backend.close()
+
+
+@pytest.mark.parametrize("key", ["charge_flush_ms", "lease_ms"])
+def test_a_bad_ratelimit_setting_is_refused_naming_its_key(key: str) -> None:
+    from gateway.settings import ConfigError, parse_settings
+
+    with pytest.raises(ConfigError, match=rf"ratelimit\.{key}"):
+        parse_settings({"upstream": {"url": "http://127.0.0.1:1"}, "ratelimit": {key: -1}}, environ={})
