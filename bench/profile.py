@@ -109,9 +109,11 @@ async def _wrk(url: str, script: Path, seconds: int, connections: int) -> int:
 
 
 def _redis_counters(client: redis_sync.Redis) -> tuple[dict[str, int], float]:
-    """Calls per command (commands run by scripts counted apart from the EVALSHA that ran them) and CPU s."""
+    """Calls per command (commands run by scripts counted apart from the EVALSHA that ran them), the
+    microseconds Redis spent in each (``usec:<command>``), and Redis's CPU seconds."""
     stats = client.info("commandstats")
     calls = {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+    calls.update({"usec:" + name.removeprefix("cmdstat_"): int(v["usec"]) for name, v in stats.items()})
     cpu = client.info("cpu")
     return calls, float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
 
@@ -146,6 +148,8 @@ async def _measure(
     requests = max(1, requests)
     delta = {name: n - calls.get(name, 0) for name, n in calls2.items() if n != calls.get(name, 0)}
     delta.pop("info", None)  # this bench's own
+    delta.pop("usec:info", None)
+    usec = {name: delta.pop(name) for name in list(delta) if name.startswith("usec:")}
     scripts = delta.get("evalsha", 0) + delta.get("eval", 0)
     return {
         "requests": requests,
@@ -154,6 +158,7 @@ async def _measure(
         "redis_cmds": sum(delta.values()) / requests,  # every command, those inside scripts too
         "redis_cpu_us": (rcpu2 - rcpu) / requests * 1e6,
         **{f"cmd_{name}": n / requests for name, n in delta.items()},
+        **{f"us_{name[5:]}": n / requests for name, n in usec.items()},
     }
 
 
@@ -232,7 +237,9 @@ def print_ledger(result: dict[str, Any]) -> None:
             f"{row['redis_cmds']:.3f} commands (those inside scripts too), {row['redis_cpu_us']:.1f} µs CPU"
         )
         by_command = sorted((k[4:], v) for k, v in row.items() if k.startswith("cmd_"))
-        print("    " + ", ".join(f"{name} {value:.3f}" for name, value in by_command))
+        print("    calls: " + ", ".join(f"{name} {value:.3f}" for name, value in by_command))
+        busy = sorted((k[3:], v) for k, v in row.items() if k.startswith("us_") and v >= 0.05)
+        print("    µs in Redis: " + ", ".join(f"{name} {value:.2f}" for name, value in busy))
     gap = plain["full"]["cpu_us"] - plain["forwarder"]["cpu_us"]
     print(f"  gateway's own work: {gap:.1f} µs per request")
     for name in ("full", "forwarder"):
