@@ -32,6 +32,7 @@ import yaml
 
 from gateway.redis_server import RedisServer, free_port
 
+from .archive import archive_bench, print_archive
 from .impact import impact_preview
 from .nginx_authz import start_nginx
 
@@ -289,7 +290,72 @@ def micro_costs() -> dict[str, float]:
     n = 20_000
     jwt_us = timeit.timeit(lambda: authenticator.authenticate(header, {}), number=n) / n * 1e6
     decide_us = timeit.timeit(lambda: decide(snapshot, caller, "gpt-mock", now, rules), number=n) / n * 1e6
-    return {"cached_jwt_check_us": round(jwt_us, 2), "decide_us_100k_entities": round(decide_us, 2)}
+    return {
+        "cached_jwt_check_us": round(jwt_us, 2),
+        "decide_us_100k_entities": round(decide_us, 2),
+        **rules_costs(entry, rules, caller, now),
+    }
+
+
+def rules_costs(entry: dict[str, Any], rules: Any, caller: Any, now: float, rounds: int = 21) -> dict[str, float]:
+    """``decide`` with 50 country groups and 1,000 licences loaded against the same policy without
+    them: the groups are named by deny-countries and by the model's allowed countries, the licences
+    belong to other organisations. Each time is the best of ``rounds`` interleaved runs (the least
+    disturbed by other load); the ratio (with / without) is the median of the rounds' ratios."""
+    import timeit
+
+    from gateway.policy.decide import decide
+    from gateway.policy.validate import format_instant
+    from gateway.policy.wire import build_snapshot
+
+    codes = ["GB", "JP", "DE", "FR", "IT", "ES", "NL", "SE", "NO", "FI", "DK", "PL", "CZ", "AT", "BE", "IE"]
+    groups = {f"G:{i}": entry | {"countries": codes[i % 8 : i % 8 + 8]} for i in range(50)}
+    groups["E:1"] = entry | {"countries": ["IR", "KP", "SY"]}
+    expires = format_instant(now + 86400)
+    licences = {
+        f"L-{i}": entry | {"org": f"org-{i}", "models": ["model"], "countries": ["@G:1"], "expires_at": expires}
+        for i in range(1000)
+    }
+    base_model = {"stage": "general", "timeline": [], "export_suspended": False}
+
+    def snapshot(with_rules: bool) -> Any:
+        allowed = ["US", "@G:0", "@G:7"] if with_rules else ["US", *codes]
+        deny = {"@E:1": entry} if with_rules else {code: entry for code in ("IR", "KP", "SY")}
+        return build_snapshot(
+            version=1,
+            generation="g",
+            loaded_at=now,
+            api_keys={},
+            lists={
+                "deny-countries": deny,
+                "country-groups": groups if with_rules else {},
+                "licences": licences if with_rules else {},
+            },
+            models={
+                "gpt-mock": base_model | {"allowed_countries": None},
+                "model": base_model | {"allowed_countries": allowed},
+            },
+        )
+
+    out: dict[str, float] = {}
+    n = 5_000
+    snapshots = {with_rules: snapshot(with_rules) for with_rules in (False, True)}
+    for label, model in (("open", "gpt-mock"), ("restricted", "model")):
+        timings: dict[bool, list[float]] = {False: [], True: []}
+        for snap in snapshots.values():
+            assert decide(snap, caller, model, now, rules).allowed
+        # Interleaved rounds, each ratio taken within its round: a burst of other load on the machine
+        # skews one round, not the comparison.
+        for _ in range(rounds):
+            for with_rules, snap in snapshots.items():
+                timings[with_rules].append(
+                    timeit.timeit(lambda snap=snap, model=model: decide(snap, caller, model, now, rules), number=n) / n
+                )
+        ratios = sorted(with_ / without for with_, without in zip(timings[True], timings[False], strict=True))
+        out[f"decide_us_{label}_model"] = round(min(timings[False]) * 1e6, 3)
+        out[f"decide_us_{label}_model_50_groups_1000_licences"] = round(min(timings[True]) * 1e6, 3)
+        out[f"decide_ratio_{label}_model_with_groups_licences"] = round(ratios[len(ratios) // 2], 3)
+    return out
 
 
 async def _first_byte_ms(host: str, port: int, path: str) -> float:
@@ -541,7 +607,9 @@ def main() -> None:
             args.rounds,
             {"redis": redis_pid, "upstream": light_upstream.pid},
         )
+    results["archive"] = archive_bench()
     print_table(results)
+    print_archive(results["archive"])
     write_results(results)
 
 

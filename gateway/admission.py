@@ -19,7 +19,7 @@ from typing import Protocol
 from .errors import GatewayError, error_for, policy_stale
 from .geo import GeoResolver
 from .identity import Authenticator, AuthError, Identity
-from .policy.decide import Rules, clip, decide, path_model
+from .policy.decide import Rules, blocking_rules, clip, decide, path_model
 from .policy.model import Caller, Decision, Snapshot
 from .ratelimit import RateLimiter, RateResult, RedisBudget
 
@@ -113,6 +113,14 @@ class Admission:
             method=method,
             path=path,
         )
+
+    def explain(
+        self, snapshot: Snapshot | None, caller: Caller, model: str | None, *, stale: bool = False
+    ) -> list[Decision]:
+        """Every rule of rows 2-8 (and 10 with ``stale``) that refuses ``caller`` now, in order."""
+        if stale:
+            return [decide(snapshot, caller, model, self._clock(), self.rules, stale=True)]
+        return blocking_rules(snapshot, caller, model, self._clock(), self.rules)
 
     def rate(self, identity: Identity, model: str | None, budget: RedisBudget) -> Awaitable[RateResult]:
         """Row 9: the caller's request limit for ``model`` (the check and the charge share ``budget``).

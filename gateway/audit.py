@@ -50,6 +50,7 @@ import orjson
 
 from .settings import AuditSettings
 from .storage.clients import StoreUnavailable
+from .storage.keys import AUDIT_KEY
 from .storage.store import Store
 
 if TYPE_CHECKING:
@@ -63,6 +64,7 @@ RETRY_S = 0.5  # how often a spooling process asks Redis whether it is back
 ORPHAN_SCAN_S = 5.0
 SEND_TIMEOUT_S = 1.0  # a Redis that does not answer in this time is treated as away
 READ_CHUNK = 1 << 20
+BACKLOG_REFRESH_S = 2.0  # how often the archiver's backlog is read (one XINFO)
 SUFFIX = ".jsonl"
 
 Entry = tuple[int, bytes]  # (sequence, record JSON)
@@ -291,6 +293,7 @@ class AuditLog:
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._sender: asyncio.Task[None] | None = None
+        self._backlog: asyncio.Task[None] | None = None
 
     # --- the hot path -----------------------------------------------------------------------
 
@@ -305,12 +308,16 @@ class AuditLog:
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._drain_loop(), name="audit-drain")
+        if self.settings.archive:
+            self._backlog = asyncio.create_task(self._watch_backlog(), name="audit-backlog")
 
     async def close(self) -> None:
         """Flush everything: to Redis, else to the spool; what is left in the spool waits for a restart."""
         self._stop.set()
         if self._task is not None:
             await self._task
+        if self._backlog is not None:
+            await self._backlog
         if self._sender is not None:
             # Not cancelled: a batch in flight must learn whether Redis took it.
             await self._sender
@@ -475,12 +482,7 @@ class AuditLog:
         """Append to Redis in script-sized chunks; returns what Redis did not take."""
         for index in range(0, len(batch), BATCH):
             try:
-                await self.store.append_audit(
-                    self.producer,
-                    batch[index : index + BATCH],
-                    maxlen=self.settings.stream_maxlen,
-                    timeout_s=SEND_TIMEOUT_S,
-                )
+                await self._append(self.producer, batch[index : index + BATCH])
             except StoreUnavailable as exc:
                 self._redis_gone(exc)
                 return batch[index:]
@@ -527,7 +529,24 @@ class AuditLog:
         return True
 
     async def _append(self, producer: str, batch: list[Entry]) -> None:
-        await self.store.append_audit(producer, batch, maxlen=self.settings.stream_maxlen, timeout_s=SEND_TIMEOUT_S)
+        _added, trimmed = await self.store.append_audit_counted(
+            producer, batch, maxlen=self.settings.stream_maxlen, timeout_s=SEND_TIMEOUT_S, archive=self.settings.archive
+        )
+        if trimmed and not self.settings.archive:
+            # Archiving off: what MAXLEN trimmed was never archived (docs/operations.md).
+            self.metrics.audit_trimmed.inc(trimmed)
+
+    async def _watch_backlog(self) -> None:
+        """Archiving on: keep ``gateway_audit_unarchived_records`` current (the archiver's backlog)."""
+        while not self._stop.is_set():
+            try:
+                self.metrics.audit_unarchived.set(await self.store.archive_backlog(AUDIT_KEY))
+            except StoreUnavailable:
+                pass  # the gauge keeps its last reading; the Redis error is counted already
+            try:
+                await asyncio.wait_for(self._stop.wait(), BACKLOG_REFRESH_S)
+            except TimeoutError:
+                pass
 
     async def _replay_orphans(self) -> None:
         """Replay spool files of processes that are gone, a budget of batches per tick."""

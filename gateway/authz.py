@@ -42,7 +42,8 @@ from aiohttp import web
 from aiohttp.web_request import BaseRequest
 
 from .admission import rate_refused
-from .errors import GatewayError, bad_request, decision_label, invalid, json_response, method_not_allowed, not_found
+from .app import request_server
+from .errors import GatewayError, bad_request, invalid, json_response, method_not_allowed, not_found
 from .listener import JsonErrorServer
 from .logs import request_id_for
 from .network import TrustedProxies, UnreadableHop, client_chain
@@ -279,22 +280,5 @@ def _for_nginx(response: web.StreamResponse) -> web.StreamResponse:
 
 def create_authz_server(runtime: Runtime) -> JsonErrorServer:
     """The ``authz`` listener (docs/contract.md §15): only data planes should reach it."""
-    limits = runtime.settings.limits
-    metrics = runtime.metrics
-
-    def rejected(status: int, code: str) -> None:
-        metrics.request_done(
-            decision=decision_label(status), code=code, model="", tier="", duration_s=0.0, upstream_s=0.0
-        )
-
-    return JsonErrorServer(
-        AuthzPath(runtime).serve,
-        policy_version=runtime.policy_version,
-        on_rejected=rejected,
-        handler_cancellation=True,
-        keepalive_timeout=max(limits.header_read_timeout_s, 75.0),  # data planes keep their connections
-        access_log=None,
-        auto_decompress=False,
-        max_field_size=limits.max_header_bytes,
-        max_line_size=limits.max_header_bytes,
-    )
+    keepalive = max(runtime.settings.limits.header_read_timeout_s, 75.0)  # data planes keep their connections
+    return request_server(runtime, AuthzPath(runtime).serve, keepalive_timeout=keepalive)

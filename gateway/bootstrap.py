@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from .policy.names import now_iso
-from .policy.validate import PolicyValidationError, drop_expired, missing_parts, validate_policy_document
+from .policy.validate import (
+    PolicyValidationError,
+    document_references,
+    drop_expired,
+    missing_parts,
+    validate_policy_document,
+)
 from .settings import ConfigError
 from .storage.ops import PolicyIncomplete, policy_ops
 from .storage.store import Store
@@ -44,6 +50,8 @@ async def import_policy(
     """
     validated = validate_policy_document(document, actor=actor, now_iso=now_iso(), tiers=tiers)
     validated, _warnings = drop_expired(validated, time.time())
+    # Into an empty Redis: every @GROUP and licence model must be defined by the document itself.
+    document_references(validated, {})
     if fill_missing:
         lists = validated.setdefault("lists", {})
         for part in missing_parts(validated):
@@ -67,6 +75,10 @@ def check_policy_file(path: Path, tiers: list[str] | tuple[str, ...]) -> None:
     missing = missing_parts(validated)
     if missing:
         raise ConfigError(_incomplete(path, missing))
+    try:
+        document_references(validated, {})
+    except PolicyValidationError as exc:
+        raise ConfigError(f"--bootstrap-policy {path}: {exc}") from None
 
 
 def _incomplete(path: Path, missing: Sequence[str]) -> str:

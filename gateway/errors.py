@@ -18,7 +18,17 @@ from aiohttp import web
 from .identity import AuthError
 from .policy.validate import PolicyValidationError
 from .screening import ScreeningFormatError
-from .storage.ops import KeyRevoked, NotFound, PolicyIncomplete, PolicyMissing
+from .storage.ops import (
+    ApprovalSelf,
+    ChangeClosed,
+    ChangeConflict,
+    ChangeExpired,
+    ChangeRequestMissing,
+    KeyRevoked,
+    NotFound,
+    PolicyIncomplete,
+    PolicyMissing,
+)
 
 ERROR_TYPES: dict[int, str] = {
     400: "invalid_request_error",
@@ -234,6 +244,54 @@ def key_revoked(exc: KeyRevoked) -> GatewayError:
     )
 
 
+def approval_self(request_id: str) -> GatewayError:
+    """403: the two-person rule: a change request is approved by someone other than its proposer."""
+    return GatewayError(
+        403,
+        "approval_self",
+        f"Change request {request_id} was proposed with this admin token; another admin must approve it "
+        "(its proposer may reject it to withdraw it).",
+    )
+
+
+def change_closed(exc: ChangeClosed) -> GatewayError:
+    return GatewayError(
+        409,
+        "change_closed",
+        f"Change request {exc.request_id} is {exc.status}, no longer pending; nothing was changed.",
+    )
+
+
+def change_expired(exc: ChangeExpired) -> GatewayError:
+    return GatewayError(
+        409,
+        "change_expired",
+        f"Change request {exc.request_id} expired before it was approved; nothing was changed. Propose it again.",
+    )
+
+
+def change_conflict(exc: ChangeConflict) -> GatewayError:
+    changed = ", ".join(exc.changed[:5]) + (f" and {len(exc.changed) - 5} more" if len(exc.changed) > 5 else "")
+    return GatewayError(
+        409,
+        "change_conflict",
+        f"What change request {exc.request_id} changes was changed since it was proposed ({changed}); "
+        "nothing was changed. Reject it and propose the change again against the policy as it is now.",
+    )
+
+
+def screening_match(field: str) -> GatewayError:
+    """An API key refused at issuance: its organisation screens as a match (docs/contract.md §14).
+    Like the public listener's refusal, it names the rule, not the listed entry or the score."""
+    return GatewayError(
+        409,
+        "screening_match",
+        f"{field}: the organisation matches the denied-party screening list, so no API key is issued "
+        "for it. Nothing was changed; check the match with gateway screening search.",
+        error_type="invalid_request_error",
+    )
+
+
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
@@ -268,6 +326,11 @@ ERROR_TABLE: dict[type[BaseException], Callable[[Any], GatewayError]] = {
     PolicyMissing: lambda _exc: policy_missing(),
     PolicyIncomplete: lambda exc: policy_incomplete(exc.missing),
     KeyRevoked: key_revoked,
+    ChangeRequestMissing: lambda exc: not_found(f"No change request {str(exc)[:80]!r}."),
+    ApprovalSelf: lambda exc: approval_self(str(exc)[:80]),
+    ChangeClosed: change_closed,
+    ChangeExpired: change_expired,
+    ChangeConflict: change_conflict,
     NotFound: lambda exc: not_found(f"No entry {str(exc)[:80]!r} to change or delete."),
     BackendUnavailable: lambda _exc: storage_unavailable(),
     web.HTTPException: http_error,

@@ -17,7 +17,9 @@ now refused is ended at once:
 Either way the model server's request is closed. A JWT that expires mid-response is not a
 revocation: the credential was valid when the request was admitted, and tokens are short-lived by
 design. Only a new snapshot triggers the re-decision; an entry or key expiring with no new version
-does not.
+does not. A model's timeline does: when one of its entries is reached (a scheduled suspension begins,
+a country set narrows), the watcher builds the snapshot again at its next poll, and every request in
+flight is decided again under the model's new state, as after a write.
 """
 
 from __future__ import annotations
@@ -174,10 +176,12 @@ class InFlightRegistry:
 
 def _changed(previous: Snapshot | None, snapshot: Snapshot) -> bool:
     """Whether ``snapshot`` may decide differently from ``previous``: another version or generation, or
-    the same version with its ip-ranges derived again (an override expired)."""
+    the same version with its ip-ranges derived again (an override expired) or built again because a
+    model's timeline reached its next entry (a scheduled suspension begins, say)."""
     return (
         previous is None
         or snapshot.version != previous.version
         or snapshot.generation != previous.generation
         or snapshot.ip_ranges is not previous.ip_ranges
+        or snapshot.next_change_at != previous.next_change_at
     )

@@ -254,6 +254,22 @@ class Metrics:
             registry=r,
         )
         self._shadow_codes = {code: self.shadow_decisions.labels(code) for code in SHADOW_CODES}
+        self.audit_trimmed = Counter(
+            "gateway_audit_trimmed",
+            "Audit records trimmed from Redis by audit.stream_maxlen unarchived (archiving off)",
+            registry=r,
+        )
+        self.audit_unarchived = Gauge(
+            "gateway_audit_unarchived_records",
+            "Audit records in Redis not yet archived (archiving on); over workers the largest reading",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.screening_review = Counter(
+            "gateway_screening_review",
+            "Requests whose caller's organisation screened in the review band: recorded, not blocked",
+            registry=r,
+        )
         # Memory, CPU and open files: read at each scrape in one process; with workers, each worker's
         # readings are refreshed with the policy gauges (a scrape reaches one worker, not all of them).
         self._process: WorkerProcessMetrics | None = None

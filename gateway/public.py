@@ -278,6 +278,9 @@ class PublicPath:
         snapshot = self.watcher.snapshot
         identity = exchange.identity
         tier = identity.tier if identity else ""
+        screened = exchange.decision.screening if exchange.decision is not None else None
+        if screened is not None and not screened.get("blocked"):
+            self.metrics.screening_review.inc()
         self.metrics.request_done(
             decision=decision,
             code=exchange.code,
@@ -321,6 +324,8 @@ class PublicPath:
             record["key_id"] = identity.key_id
         if exchange.outcome.revoked is not None:
             record["revoked"] = True
+        if exchange.decision is not None and exchange.decision.licence is not None:
+            record["licence"] = exchange.decision.licence
         shadow = exchange.shadow
         if shadow is not None:
             record["shadow"] = {"decision": "allow" if shadow.allowed else "block", "code": shadow.code}

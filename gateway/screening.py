@@ -758,3 +758,55 @@ class ScreeningIndex:
             score=score,
             blocked=score >= self.block_threshold,
         )
+
+
+def rescreen(
+    index: ScreeningIndex | None,
+    api_keys: Mapping[str, Mapping[str, Any]],
+    partners: Mapping[str, Any],
+    previous: Mapping[str, Any],
+    version: int,
+    now_iso: str,
+) -> dict[str, Any]:
+    """Every API key's (``org_name`` and ``org``) and partner's name screened against ``index``: the
+    document ``GET /admin/v1/screening/hits`` answers. A hit is ``new`` when ``previous`` (the last such
+    document) did not hold it for the same key or partner and listed entry; ``first_found`` says when
+    it was first seen. Review-band hits are listed too, with ``blocked`` false."""
+    seen = {
+        (hit.get("kind"), hit.get("id"), (hit.get("match") or {}).get("entry_id")): hit
+        for hit in previous.get("hits") or ()
+    }
+    hits: list[dict[str, Any]] = []
+
+    def screen(kind: str, ident: str, names: Sequence[tuple[str, str | None]], **about: Any) -> None:
+        if index is None:
+            return
+        best: tuple[ScreeningHit, str] | None = None
+        for field_name, name in names:
+            hit = index.match(name) if name else None
+            if hit is not None and (best is None or (hit.blocked, hit.score) > (best[0].blocked, best[0].score)):
+                best = (hit, field_name)
+        if best is None:
+            return
+        hit, field_name = best
+        earlier = seen.get((kind, ident, hit.entry_id))
+        hits.append(
+            {
+                "kind": kind,
+                "id": ident,
+                **about,
+                "screened": field_name,
+                "blocked": hit.blocked,
+                "match": hit.to_dict(),
+                "new": earlier is None,
+                "first_found": earlier.get("first_found", now_iso) if earlier is not None else now_iso,
+            }
+        )
+
+    for key_id, record in sorted(api_keys.items()):
+        org, org_name = record.get("org"), record.get("org_name")
+        names = [("org_name", org_name), ("org", org if org != org_name else None)]
+        screen("api_key", key_id, names, subject=record.get("subject"), org=org, org_name=org_name)
+    for org in sorted(partners):
+        screen("partner", org, [("org", org)], org=org)
+    return {"version": version, "screened_at": now_iso, "hits": hits}

@@ -35,11 +35,36 @@ class Listen(_Section):
     port: int = Field(8080, ge=0, le=65535)
 
 
+class Approval(_Section):
+    """The two-person rule: writes of these effects wait for a second admin's approval."""
+
+    # Empty: off, every write applies at once.
+    required_for: list[Literal["loosen", "tighten"]] = Field(default_factory=list)
+    # A pending change request expires this long after it was proposed.
+    ttl_s: float = Field(86400, gt=0)
+
+    @field_validator("required_for")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        return sorted(set(value))
+
+
+class ImpactSettings(_Section):
+    """Bounds of the impact preview (the audit trail decided again under a proposed policy)."""
+
+    hours: float = Field(24, gt=0)  # the default look-back when a preview names none
+    max_records: int = Field(1_000_000, ge=1)
+    max_callers: int = Field(100_000, ge=1)
+    timeout_s: float = Field(10, gt=0)
+
+
 class Admin(_Section):
     host: str = "127.0.0.1"
     port: int = Field(9901, ge=0, le=65535)
     token_env: str | None = "GATEWAY_ADMIN_TOKEN"
     tokens_file: Path | None = None
+    approval: Approval = Field(default_factory=Approval)
+    impact: ImpactSettings = Field(default_factory=ImpactSettings)
 
 
 class Upstream(_Section):
@@ -265,6 +290,8 @@ class AuditSettings(_Section):
     spool_dir: Path = Path("./var/audit")
     flush_ms: int = Field(100, ge=1)
     queue_size: int = Field(100_000, ge=1)
+    # True while `gateway audit archive` runs: only archived records are trimmed from Redis.
+    archive: bool = False
 
 
 class ScreeningSettings(_Section):

@@ -129,9 +129,12 @@ class PolicyWatcher:
             await self._reload()
             return
         self.confirmed_at = self.monotonic()
-        if current.ip_ranges_expire_at <= self.clock():
-            # An ip-ranges override expired: the country map is derived again from the same
-            # version, so the override stops applying now rather than at the next change.
+        now = self.clock()
+        if current.ip_ranges_expire_at <= now or current.next_change_at <= now:
+            # An ip-ranges override expired, or a model's timeline reached its next entry: the snapshot
+            # is built again from the same version, so the override stops applying now rather than at
+            # the next change, and the requests in flight are decided again under the model's new state
+            # (decide() itself reads each model's state at the request's time, cached nowhere).
             self._swap(
                 build_snapshot(
                     version=current.version,

@@ -81,7 +81,19 @@ if (( start_mock )); then
   $BIN/gateway mock-upstream --host 127.0.0.1 --port "$MOCK_PORT" &
   pids+=($!)
 fi
-$BIN/gateway serve --config "$CONFIG" --bootstrap-policy config/policy.example.yaml &
+# The example policy names EAR Country Groups (@E:1, @A:5); config/country-groups.yaml defines them.
+mkdir -p var
+$BIN/python - <<'PY'
+import yaml
+
+with open("config/policy.example.yaml", encoding="utf-8") as f:
+    policy = yaml.safe_load(f)
+with open("config/country-groups.yaml", encoding="utf-8") as f:
+    policy["lists"]["country-groups"] = yaml.safe_load(f)
+with open("var/dev-policy.yaml", "w", encoding="utf-8") as f:
+    yaml.safe_dump(policy, f, sort_keys=False, allow_unicode=True)
+PY
+$BIN/gateway serve --config "$CONFIG" --bootstrap-policy var/dev-policy.yaml &
 gateway_pid=$!
 pids+=("$gateway_pid")
 

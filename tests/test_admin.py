@@ -148,7 +148,14 @@ async def public_status(
 async def test_get_policy_has_every_section(admin: AdminClient) -> None:
     policy = await admin.ok("GET", "/admin/v1/policy")
     assert set(policy) == {"version", "lists", "models", "api_keys", "screening", "revoked_api_keys"}
-    assert set(policy["lists"]) == {"deny-countries", "deny-entities", "partners", "ip-ranges"}
+    assert set(policy["lists"]) == {
+        "deny-countries",
+        "deny-entities",
+        "partners",
+        "ip-ranges",
+        "country-groups",
+        "licences",
+    }
     ir = policy["lists"]["deny-countries"]["IR"]
     assert ir["reason"] == "test embargo" and ir["added_by"] == "test" and ir["added_at"].endswith("Z")
     assert policy["models"]["gpt-mock"]["stage"] == "general"
@@ -417,7 +424,7 @@ async def test_model_crud_and_enforcement(
     [
         ("m", {"stage": "beta"}, "stage"),
         ("m", {}, "stage"),
-        ("m", {"stage": "general", "timeline": [{"at": "2026-01-01T00:00:00Z"}]}, "timeline[0].stage"),
+        ("m", {"stage": "general", "timeline": [{"at": "2026-01-01T00:00:00Z"}]}, "timeline[0]"),
         ("m", {"stage": "general", "timeline": "soon"}, "timeline"),
         ("m", {"stage": "general", "allowed_countries": ["XX"]}, "allowed_countries[0]"),
         ("m", {"stage": "general", "export_suspended": "false"}, "export_suspended"),
@@ -686,6 +693,7 @@ async def test_openapi_describes_every_route(admin: AdminClient, gw: GatewayProc
         ("post", "/admin/v1/decide"),
         ("post", "/admin/v1/screening/import"),
         ("get", "/admin/v1/screening/search"),
+        ("get", "/admin/v1/screening/hits"),
         ("get", "/admin/v1/audit"),
         ("get", "/admin/v1/changes"),
         ("get", "/admin/v1/openapi.json"),
@@ -693,6 +701,11 @@ async def test_openapi_describes_every_route(admin: AdminClient, gw: GatewayProc
         ("patch", "/admin/v1/models/{model}"),
         ("patch", "/admin/v1/lists/{list}/{key}"),
         ("post", "/admin/v1/policy/diff"),
+        ("get", "/admin/v1/change-requests"),
+        ("get", "/admin/v1/change-requests/{id}"),
+        ("post", "/admin/v1/change-requests/{id}/approve"),
+        ("post", "/admin/v1/change-requests/{id}/reject"),
+        ("post", "/admin/v1/impact"),
     }
     assert {(m, p) for p, ops in paths.items() for m in ops} == expected
     schemas = document["components"]["schemas"]

@@ -21,7 +21,15 @@ import yaml
 
 from gateway.redis_server import RedisServer, free_port
 
-from .support.gateway_process import ADMIN_TOKEN, BASE_POLICY, ROOT, GatewayProcess, gateway_config, seeded_gateway
+from .support.gateway_process import (
+    ADMIN_TOKEN,
+    BASE_POLICY,
+    ROOT,
+    GatewayProcess,
+    example_policy_file,
+    gateway_config,
+    seeded_gateway,
+)
 from .support.tokens import auth, hs_token
 from .support.upstream import Upstream
 from .support.waiting import wait_until_blocking
@@ -451,16 +459,16 @@ def test_policy_export_then_import_into_an_empty_redis_reproduces_it(
 
 
 def test_policy_import_of_the_example_policy(
-    gateway: GatewayProcess, upstream: Upstream, fresh_redis: RedisServer
+    gateway: GatewayProcess, upstream: Upstream, fresh_redis: RedisServer, tmp_path: Path
 ) -> None:
     restored_gateway = GatewayProcess(gateway_config(upstream.url), redis_url=fresh_redis.url)
     restored_gateway.start(wait_ready=False)
     try:
-        out = ok(restored_gateway, "policy", "import", str(ROOT / "config" / "policy.example.yaml"), "--json")
+        out = ok(restored_gateway, "policy", "import", str(example_policy_file(tmp_path)), "--json")
         assert json.loads(out)["version"] == 1
         policy = admin_get(restored_gateway, "/admin/v1/policy")
-        assert {"CU", "IR", "KP", "UA-43"} <= set(policy["lists"]["deny-countries"])
-        assert policy["lists"]["deny-countries"]["CU"]["added_by"] == "admin"
+        assert {"@E:2", "IR", "KP", "UA-43"} <= set(policy["lists"]["deny-countries"])
+        assert policy["lists"]["deny-countries"]["@E:2"]["added_by"] == "admin"
     finally:
         restored_gateway.stop()
 
@@ -636,3 +644,28 @@ def test_shadow_entries_and_model_shadows_are_written_shown_decided_and_promoted
     model = admin_get(gateway, "/admin/v1/models/gpt-mock")["model"]
     assert model["export_suspended"] is True and "shadow" not in model
     ok(gateway, "models", "lift", "gpt-mock")
+
+
+def test_licence_groups_schedule_and_explain_through_the_cli(gateway: GatewayProcess) -> None:
+    ok(gateway, "lists", "put", "country-groups", "A:5", "--countries", "GB,FR", "--reason", "allies", "--source", "t")
+    ok(gateway, "models", "put", "ctl", "--stage", "general", "--allowed-countries", "US,@A:5")
+    ask = ("decide", "--subject", "r", "--org", "lab-in", "--tier", "partner", "--country", "IN", "--ip", "127.0.0.1")
+    assert "export_restricted" in ok(gateway, *ask, "--model", "ctl")
+    ok(
+        gateway,
+        *("lists", "put", "licences", "D1", "--org", "lab-in", "--models", "ctl", "--countries", "IN"),
+        *("--expires-at", "2099-01-01T00:00:00Z", "--reason", "BIS licence"),
+    )
+    decided = ok(gateway, *ask, "--model", "ctl")
+    assert decided.startswith("allow") and "licence: D1" in decided
+    ok(gateway, "models", "patch", "ctl", "--timeline", '[{"at": "2099-01-01T00:00:00Z", "export_suspended": true}]')
+    shown = ok(gateway, "models", "get", "ctl")
+    assert "2099-01-01T00:00:00Z->suspended" in shown
+    assert "now: stage general, export not suspended, allowed countries FR,GB,US" in shown
+    assert "next change: 2099-01-01T00:00:00Z->suspended" in shown
+    blocked = ok(gateway, *ask[:-4], "--country", "IR", "--ip", "127.0.0.1", "--model", "ctl", "--all")
+    assert "rules that block: 2" in blocked and "country_denied" in blocked and "export_restricted" in blocked
+    # The module's gateway is shared: leave its policy as it was.
+    ok(gateway, "lists", "delete", "licences", "D1")
+    ok(gateway, "models", "delete", "ctl")
+    ok(gateway, "lists", "delete", "country-groups", "A:5")

@@ -41,7 +41,15 @@ from gateway.policy.validate import (
 )
 from gateway.redis_server import RedisServer
 
-from .support.gateway_process import ADMIN_TOKEN, BASE_POLICY, ROOT, GatewayProcess, gateway_config, seed_policy
+from .support.gateway_process import (
+    ADMIN_TOKEN,
+    BASE_POLICY,
+    ROOT,
+    GatewayProcess,
+    example_policy_file,
+    gateway_config,
+    seed_policy,
+)
 from .support.tokens import hs_token
 from .support.upstream import Upstream
 
@@ -540,10 +548,10 @@ def test_bootstrap_with_a_partial_file_fails_clearly(own_upstream: Upstream, tmp
             client.close()
 
 
-def test_bootstrap_with_the_example_policy_is_ready(own_upstream: Upstream) -> None:
+def test_bootstrap_with_the_example_policy_is_ready(own_upstream: Upstream, tmp_path: Path) -> None:
     with RedisServer() as redis:
         process = GatewayProcess(
-            gateway_config(own_upstream.url), redis_url=redis.url, bootstrap=ROOT / "config" / "policy.example.yaml"
+            gateway_config(own_upstream.url), redis_url=redis.url, bootstrap=example_policy_file(tmp_path)
         )
         try:
             process.start(timeout=20)

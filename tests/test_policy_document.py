@@ -14,6 +14,7 @@ from gateway.policy.model import ApiKey, Caller, Entry
 from gateway.policy.names import LIST_NAMES
 from gateway.policy.validate import (
     PolicyValidationError,
+    document_references,
     format_instant,
     normalize_key,
     parse_instant,
@@ -223,7 +224,7 @@ def test_model_defaults() -> None:
             "timeline[0].at",
             "time zone",
         ),
-        ({"stage": "general", "timeline": [{"at": "2027-01-01T00:00:00Z"}]}, "timeline[0].stage", "required"),
+        ({"stage": "general", "timeline": [{"at": "2027-01-01T00:00:00Z"}]}, "timeline[0]", "sets nothing"),
         (
             {"stage": "general", "timeline": [{"at": "2027-01-01T00:00:00Z", "stage": "ga"}]},
             "timeline[0].stage",
@@ -336,6 +337,16 @@ FULL_DOC: dict[str, Any] = {
         "ip-ranges": {
             "203.0.113.0/24": {"reason": "office", "country": "us"},
             "198.51.100.0/24": {"reason": "old", "country": "DE", "expires_at": "2026-01-01T00:00:00Z"},
+        },
+        "country-groups": {"A:5": {"reason": "EAR group", "source": "15 CFR 740 Supp. 1", "countries": ["gb", "JP"]}},
+        "licences": {
+            "L-1": {
+                "reason": "licence granted",
+                "org": "lab-fr",
+                "models": ["frontier-x"],
+                "countries": ["FR", "@A:5"],
+                "expires_at": "2027-06-01T00:00:00Z",
+            }
         },
     },
     "models": {
@@ -462,7 +473,7 @@ def test_snapshot_types() -> None:
     assert isinstance(key, ApiKey) and key.id == "k1" and key.tier == "partner"
     model = snap.models["frontier-x"]
     assert model.allowed_countries == frozenset({"US", "GB"})
-    assert model.timeline[0][1:] == ("2027-01-01T00:00:00Z", "general")
+    assert (model.timeline[0].at_iso, model.timeline[0].stage) == ("2027-01-01T00:00:00Z", "general")
     assert snap.screening is None and snap.generation == "gen-a"
 
 
@@ -514,6 +525,8 @@ def test_damaged_suspension_flag_fails_closed() -> None:
 def load_example() -> dict[str, Any]:
     doc = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
     assert isinstance(doc, dict)
+    # The example names EAR Country Groups that config/country-groups.yaml defines (make run loads both).
+    doc["lists"]["country-groups"] = yaml.safe_load((EXAMPLE.parent / "country-groups.yaml").read_text("utf-8"))
     return doc
 
 
@@ -521,10 +534,18 @@ def test_example_policy_validates() -> None:
     doc = load_example()
     # Every section, so the file restores an empty Redis; no API keys in a file, no screening list.
     assert set(doc) == {"lists", "models", "api_keys", "screening"}
-    assert set(doc["lists"]) == {"deny-countries", "deny-entities", "partners", "ip-ranges"}
+    assert set(doc["lists"]) == {
+        "deny-countries",
+        "deny-entities",
+        "partners",
+        "ip-ranges",
+        "country-groups",
+        "licences",
+    }
     assert doc["api_keys"] == {} and doc["screening"] == {"entries": []}
     out = validate_policy_document(doc, actor=ACTOR, now_iso=NOW_ISO, tiers=TIERS)
-    assert set(out["lists"]["deny-countries"]) == {"CU", "IR", "KP", "UA-43", "UA-40", "UA-14", "UA-09"}
+    assert set(out["lists"]["deny-countries"]) == {"@E:2", "IR", "KP", "UA-43", "UA-40", "UA-14", "UA-09"}
+    document_references(out, {})  # every group it names is defined, every licensed model registered
     assert "SY" not in out["lists"]["deny-countries"]  # programme ended 1 Jul 2025; see the file's comment
     for list_name, entries in out["lists"].items():
         for key, stored in entries.items():

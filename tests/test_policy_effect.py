@@ -46,6 +46,21 @@ DENY = ["list:deny-countries#RU", "list:deny-entities#acme"]
 PARTNER = "list:partners#acme"
 IP = "list:ip-ranges#203.0.113.0/24"
 MODEL = "models#frontier-x"
+GROUP = "list:country-groups#A:1"
+LICENCE = "list:licences#L-1"
+
+
+US, USGB = ["US"], ["US", "GB"]
+
+
+def step(**fields: Any) -> list[dict[str, Any]]:
+    return [{"at": T1, **fields}]
+
+
+def licence(expires_at: str = LATER, **extra: Any) -> dict[str, Any]:
+    fields = {"org": "lab", "models": ["m1"], "countries": ["FR"]} | extra
+    return entry(expires_at, **fields)
+
 
 CASES: list[tuple[str, str, Any, Any, str]] = [
     # (case, record, before, after, effect)
@@ -175,6 +190,54 @@ CASES: list[tuple[str, str, Any, Any, str]] = [
     ),
     ("model shadow release promoted", MODEL, shadowed(model("internal"), model("general")), model("general"), "loosen"),
     ("live change beside a shadow", MODEL, shadowed(model(), model()), shadowed(model("general"), model()), "loosen"),
+    # Country groups: any change to a group's members can widen an allowed set or shrink a deny entry.
+    ("group add", GROUP, None, entry(countries=["GB"]), "loosen"),
+    ("group member added", GROUP, entry(countries=["GB"]), entry(countries=["GB", "FR"]), "loosen"),
+    ("group member removed", GROUP, entry(countries=["GB", "FR"]), entry(countries=["GB"]), "loosen"),
+    ("group delete", GROUP, entry(countries=["GB"]), None, "loosen"),
+    # Licences: granting or extending loosens; revoking or shortening tightens.
+    ("licence grant", LICENCE, None, licence(), "loosen"),
+    ("licence revoke", LICENCE, licence(), None, "tighten"),
+    ("licence extended", LICENCE, licence(SOONER), licence(LATER), "loosen"),
+    ("licence shortened", LICENCE, licence(LATER), licence(SOONER), "tighten"),
+    ("licence reason only", LICENCE, licence(), licence(reason="new"), "tighten"),
+    ("licence country added", LICENCE, licence(), licence(countries=["FR", "DE"]), "loosen"),
+    ("licence country removed", LICENCE, licence(countries=["FR", "DE"]), licence(), "tighten"),
+    ("licence model added", LICENCE, licence(), licence(models=["m1", "m2"]), "loosen"),
+    ("licence model removed", LICENCE, licence(models=["m1", "m2"]), licence(), "tighten"),
+    ("licence moved to another org", LICENCE, licence(), licence(org="other"), "loosen"),
+    ("licence shadow grant", LICENCE, None, licence(enforce=False), "tighten"),
+    ("licence shadow promoted", LICENCE, licence(enforce=False), licence(), "loosen"),
+    # Timeline entries setting each field.
+    (
+        "timeline lift",
+        MODEL,
+        model(suspended=True),
+        model(suspended=True, timeline=step(export_suspended=False)),
+        "loosen",
+    ),
+    ("timeline suspend", MODEL, model(), model(timeline=step(export_suspended=True)), "tighten"),
+    (
+        "timeline widen",
+        MODEL,
+        model(allowed=US),
+        model(allowed=US, timeline=step(allowed_countries=["US", "GB"])),
+        "loosen",
+    ),
+    (
+        "timeline narrow",
+        MODEL,
+        model(allowed=USGB),
+        model(allowed=USGB, timeline=step(allowed_countries=US)),
+        "tighten",
+    ),
+    (
+        "timeline any country",
+        MODEL,
+        model(allowed=US),
+        model(allowed=US, timeline=step(allowed_countries=None)),
+        "loosen",
+    ),
 ]
 
 

@@ -79,7 +79,7 @@ async def test_import_csv_replaces_the_list_and_bumps_the_version(
 ) -> None:
     before = await _admin(session, gateway, "GET", "/admin/v1/policy")
     imported = await _import(session, gateway)
-    assert imported == {"version": before["version"] + 1, "entries": 25}
+    assert imported == {"version": before["version"] + 1, "entries": 25, "new_hits": 0}
     policy = await _admin(session, gateway, "GET", "/admin/v1/policy")
     entries = policy["screening"]["entries"]
     assert len(entries) == 25 and {e["id"] for e in entries} >= {"fict-0001", "fict-0003"}
@@ -187,7 +187,8 @@ async def test_screened_org_name_is_denied_with_the_match_audited(
 
 
 async def test_api_key_org_name_is_screened_too(session: aiohttp.ClientSession, gateway: GatewayProcess) -> None:
-    await _import(session, gateway)
+    # Issued before the list named its organisation: the import finds it, and rule 2 blocks it.
+    await _admin(session, gateway, "PUT", "/admin/v1/policy", json={"screening": {"entries": []}})
     issued = await _admin(
         session,
         gateway,
@@ -201,6 +202,7 @@ async def test_api_key_org_name_is_screened_too(session: aiohttp.ClientSession, 
             "tier": "partner",
         },
     )
+    assert (await _import(session, gateway))["new_hits"] == 1
     assert await _public(session, gateway, issued["key"]) == (451, "entity_denied")
 
 

@@ -39,12 +39,26 @@ def test_only_upstream_url_is_required() -> None:
         ({"redis": {"url": "http://x"}}, "redis.url"),
         ({"auth": {"default_tier": "gold"}}, "auth.default_tier"),
         ({"screening": {"block_threshold": 0.8, "review_threshold": 0.9}}, "screening"),
+        ({"admin": {"approval": {"required_for": ["loosen", "widen"]}}}, "admin.approval.required_for.1"),
+        ({"admin": {"approval": {"required_for": "loosen"}}}, "admin.approval.required_for"),
+        ({"admin": {"approval": {"ttl_s": 0}}}, "admin.approval.ttl_s"),
+        ({"admin": {"impact": {"max_callers": 0}}}, "admin.impact.max_callers"),
+        ({"admin": {"impact": {"hour": 1}}}, "admin.impact.hour: unknown key"),
     ],
 )
 def test_bad_values_name_the_key(config: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_settings({"upstream": {"url": "http://up"}, **config}, environ={})
     assert key in str(info.value)
+
+
+def test_approval_is_off_unless_configured() -> None:
+    settings = parse_settings({"upstream": {"url": "http://up"}}, environ={})
+    assert settings.admin.approval.required_for == [] and settings.admin.approval.ttl_s == 86400
+    assert (settings.admin.impact.hours, settings.admin.impact.timeout_s) == (24, 10)
+    environ = {"GATEWAY_ADMIN__APPROVAL__REQUIRED_FOR": "[loosen, loosen]", "GATEWAY_ADMIN__APPROVAL__TTL_S": "60"}
+    on = parse_settings({"upstream": {"url": "http://up"}}, environ=environ)
+    assert on.admin.approval.required_for == ["loosen"] and on.admin.approval.ttl_s == 60
 
 
 def test_environment_overrides_any_key() -> None:

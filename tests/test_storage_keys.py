@@ -15,13 +15,14 @@ BUILT = {
     "list_key": [keys.list_key("<name>")],
     "touched_key": [keys.touched_key("<list>")],
     "rate_state_keys": list(keys.rate_state_keys("<hash>")),
+    "console_session_key": [keys.console_session_key("<digest>")],
 }
 PREFIXED = {
     "WRITE_MARK_PREFIX": keys.WRITE_MARK_PREFIX + "<id>",
     "AUDIT_MARK_PREFIX": keys.AUDIT_MARK_PREFIX + "<producer>",
 }
 # Not keys of their own: the policy keys' common prefix, the one the builders above use, a field name.
-NOT_KEYS = {"PREFIX", "TOUCHED_PREFIX", "RATE_PREFIX", "floor_field"}
+NOT_KEYS = {"PREFIX", "TOUCHED_PREFIX", "RATE_PREFIX", "CONSOLE_PREFIX", "floor_field"}
 
 
 def readme_keys() -> set[str]:

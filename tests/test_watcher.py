@@ -64,6 +64,17 @@ async def put(store: Store, name: str, key: str, **extra: Any) -> int:
     return await write(store, HashSet(list_key(name), key, ENTRY | extra), target=name)
 
 
+def _fields(name: str, country: str = "DE") -> dict[str, Any]:
+    """What an entry of list ``name`` carries beside the common fields."""
+    if name == "ip-ranges":
+        return {"country": country}
+    if name == "country-groups":
+        return {"countries": [country, "PL"]}
+    if name == "licences":
+        return {"org": "lab", "models": ["m1"], "countries": [country], "expires_at": "2099-01-01T00:00:00Z"}
+    return {}
+
+
 def current(watcher: PolicyWatcher) -> Snapshot:
     assert watcher.snapshot is not None
     return watcher.snapshot
@@ -356,7 +367,7 @@ async def test_entry_by_entry_reloads_agree_with_whole_reads_over_random_writes(
         for step in range(120):
             name = rng.choice(LIST_NAMES)
             key = f"k{rng.randrange(30)}"
-            value = ENTRY | ({"country": "DE"} if name == "ip-ranges" else {})
+            value = ENTRY | _fields(name)
             if name == "ip-ranges":
                 key = f"203.0.{rng.randrange(30)}.0/24"
             kind = rng.choices(["set", "delete", "replace", "models", "raw", "several"], [8, 4, 1, 1, 1, 2])[0]
@@ -365,7 +376,7 @@ async def test_entry_by_entry_reloads_agree_with_whole_reads_over_random_writes(
                 # A third of the writes are shadow entries, so a later write to the same key promotes
                 # one, demotes a live one or replaces one shadow with another.
                 shadow = {"enforce": False} if rng.random() < 0.33 else {}
-                await put(store, name, key, **({"country": "DE"} if name == "ip-ranges" else {}), **shadow)
+                await put(store, name, key, **_fields(name), **shadow)
             elif kind == "delete":
                 await write(store, HashDelete(list_key(name), key, must_exist=False), target=name)
             elif kind == "replace":
@@ -384,7 +395,7 @@ async def test_entry_by_entry_reloads_agree_with_whole_reads_over_random_writes(
                     HashSet(
                         list_key(other),
                         f"{key}-s{i}" if other != "ip-ranges" else f"192.0.{i}.0/24",
-                        value | ({"country": "FR"} if other == "ip-ranges" else {}),
+                        ENTRY | _fields(other, "FR"),
                     )
                     for i in range(3)
                 ]

@@ -1,8 +1,11 @@
 """The operator API on the admin listener (docs/contract.md §7): its handlers and routes, one write path.
 
-Every write runs validate -> one :meth:`Store.write` (data, version bump and
-change record in one transaction) -> publish, then refreshes this process's
-snapshot so the operator's next call already sees the change. Reads of the
+Every write is planned (write_plans.py: validated and turned into operations,
+from method, path, query, body and actor) and committed (change_control.py):
+one :meth:`Store.write` (data, version bump and change record in one
+transaction) -> publish, then this process's snapshot is refreshed so the
+operator's next call already sees the change; or, under the two-person rule,
+held as a change request that another admin approves. Reads of the
 policy go to Redis, the authority; ``decide`` and screening searches use the
 snapshot the public listener enforces.
 
@@ -21,78 +24,55 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 from aiohttp import web
 
 from ..errors import (
-    GatewayError,
     invalid,
     json_response,
     key_revoked,
     not_found,
     policy_incomplete,
     policy_missing,
+    screening_match,
 )
-from ..identity import hash_api_key, new_api_key
 from ..policy.decide import differs
 from ..policy.names import LIST_NAMES, PARTNERS, now_iso
 from ..policy.validate import (
-    document_warnings,
-    drop_expired,
-    entry_warnings,
-    merge_patch,
     missing_parts,
-    model_warnings,
-    model_write,
-    patch_body,
     policy_diff,
-    validate_api_key_request,
-    validate_entry,
-    validate_list,
     validate_model_name,
-    validate_policy_document,
 )
-from ..screening import ScreeningIndex, parse_csl
+from ..policy.wire import model_schedule
+from ..screening import ScreeningIndex, rescreen
 from ..storage.clients import StoreUnavailable
-from ..storage.keys import APIKEYS_KEY, MODELS_KEY, list_key
+from ..storage.keys import APIKEYS_KEY, APIKEYS_PART, MODELS_KEY, list_key
 from ..storage.ops import (
-    HashDelete,
-    HashReplace,
-    HashSet,
-    HashUpdate,
-    KeyRevoke,
     KeyRevoked,
-    OpsPlan,
-    ScreeningReplace,
 )
+from .audit_filters import audit_filter
 from .auth import ACTOR_KEY, token_middleware
+from .change_control import ChangeControl
 from .context import ADMIN_CONTEXT_KEY, AdminContext
 from .error_middleware import error_middleware
 from .inputs import (
     IMPORT_SECTIONS,
     decide_request,
-    entry_key,
-    import_plan,
-    import_sections,
-    json_object,
     list_name,
-    no_meta,
     parse_min_score,
     query_limit,
     read_json,
-    screening_section,
     sorted_by_key,
 )
 from .openapi import openapi_document
+from .write_plans import PREFIX, Planner, WriteCall, WritePlanner
 
 log = logging.getLogger("gateway.admin")
 
-PREFIX = "/admin/v1"
 # The search name travels in the query string; 500 characters, percent-encoded, stay inside
 # the request-line limit of the HTTP parser.
 MAX_SEARCH_CHARS = 500
@@ -109,20 +89,32 @@ class AdminApi:
         self.tiers = context.tiers
         self._refresh_lock = asyncio.Lock()
         self._openapi = orjson.dumps(openapi_document(tiers=self.tiers))
-
-    # the write path
-
-    async def _write(self, request: web.Request, ops: OpsPlan, target: str, *, import_whole: bool = False) -> int:
-        version, _change = await self.store.write(
-            ops,
-            actor=request[ACTOR_KEY],
-            now_iso=now_iso(),
-            target=target,
-            import_whole=import_whole,
-            unknown_model=self.context.rules.unknown_model,  # whether a model leaving the registry loosens
+        self.planner = WritePlanner(
+            tiers=self.tiers,
+            rules=context.rules,
+            snapshot=lambda: self.policy.snapshot,
+            screen_key=self._screen_key,
         )
-        await self._catch_up(version)
-        return version
+        self.changes_control = ChangeControl(context, self.planner, self._catch_up, rescreen=self._rescreen)
+
+    # the write path: plan (write_plans.py), then commit or hold for approval (change_control.py)
+
+    def writer(self, planner: Planner) -> Callable[[web.Request], Awaitable[web.Response]]:
+        """The handler of one write route: the request as a :class:`WriteCall`, planned, committed."""
+
+        async def handle(request: web.Request) -> web.Response:
+            call = WriteCall(
+                method=request.method,
+                path=request.raw_path,
+                params=dict(request.match_info),
+                query=dict(request.query),
+                body=await request.read(),
+                actor=request[ACTOR_KEY],
+                content_type=request.headers.get("Content-Type"),
+            )
+            return await self.changes_control.commit(call, await planner(call))
+
+        return handle
 
     async def _catch_up(self, version: int) -> None:
         """Load the version just written into this process's snapshot before answering."""
@@ -145,20 +137,6 @@ class AdminApi:
             raise policy_missing(read=True)
         return found
 
-    def _home_countries(self) -> frozenset[str]:
-        return self.context.rules.home_countries
-
-    def _partners(self) -> Collection[str]:
-        """The partners the enforced snapshot holds (for the deny-entities warning)."""
-        snapshot = self.policy.snapshot
-        return snapshot.lists[PARTNERS] if snapshot is not None else ()
-
-    def _entry_warnings(self, name: str, keys: Collection[str]) -> list[str]:
-        home, partners = self._home_countries(), self._partners()
-        return [
-            warning for key in keys for warning in entry_warnings(name, key, home_countries=home, partners=partners)
-        ]
-
     # policy
 
     async def get_policy(self, _request: web.Request) -> web.Response:
@@ -178,44 +156,21 @@ class AdminApi:
             }
         )
 
-    async def _import_document(self, request: web.Request) -> tuple[dict[str, Any], frozenset[str] | None, list[str]]:
-        """A policy import's body, validated and normalised, its ``?sections=`` and its warnings."""
-        sections = import_sections(request.query.get("sections"))
-        body = await read_json(request)
-        version = body.get("version") if isinstance(body, dict) else None
-        if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
-            raise invalid("version", "must be a whole number (it is ignored on PUT)")
-        validated = validate_policy_document(body, actor=request[ACTOR_KEY], now_iso=now_iso(), tiers=self.tiers)
-        if sections is not None:
-            for name in sections:
-                if name not in validated:
-                    raise invalid("sections", f"names {name}, which the document does not carry")
-        validated, warnings = drop_expired(validated, time.time())
-        warnings += document_warnings(validated, home_countries=self._home_countries(), partners=self._partners())
-        if "screening" in validated:
-            entries = await screening_section(validated["screening"])
-            validated["screening"] = {"entries": entries}
-        return validated, sections, warnings
-
-    async def put_policy(self, request: web.Request) -> web.Response:
-        validated, sections, warnings = await self._import_document(request)
-        skipped: list[str] = []
-        plan = import_plan(validated, sections, skipped)
-        # Into a Redis with no policy this is the restore that starts a new generation.
-        version = await self._write(request, plan, "policy", import_whole=True)
-        warnings += [
-            f"{name}: not imported; the live {name} are kept (name the section with ?sections= to replace it)"
-            for name in skipped
-        ]
-        return _written(version, warnings)
-
     async def diff_policy(self, request: web.Request) -> web.Response:
         """What ``PUT /admin/v1/policy`` with this body would change, per section; changes nothing.
 
         It refuses what the import would refuse (an incomplete restore, a revoked key written back),
         judged against the policy as read now; the import decides again when it runs.
         """
-        validated, sections, warnings = await self._import_document(request)
+        call = WriteCall(
+            method="PUT",
+            path=f"{PREFIX}/policy",
+            params={},
+            query=dict(request.query),
+            body=await request.read(),
+            actor=request[ACTOR_KEY],
+        )
+        validated, sections, warnings = await self.planner.import_document(call)
         found = await self.store.load_document()
         current: dict[str, Any] = {}
         if found is None:
@@ -258,57 +213,6 @@ class AdminApi:
         version, entries = await self._read_hash(list_key(name))
         return json_response({"version": version, "list": name, "entries": sorted_by_key(entries)})
 
-    async def put_entry(self, request: web.Request) -> web.Response:
-        name = list_name(request)
-        key = entry_key(request, name)
-        body = await read_json(request)
-        no_meta(body)
-        entry = validate_entry(name, key, body, actor=request[ACTOR_KEY], now_iso=now_iso(), now=time.time())
-        version = await self._write(request, [HashSet(list_key(name), key, entry)], f"lists/{name}/{key}")
-        return _written(version, self._entry_warnings(name, [key]), list=name, key=key)
-
-    async def patch_entry(self, request: web.Request) -> web.Response:
-        """Merge patch of one entry: fields left out keep their stored values (docs/contract.md §7)."""
-        name = list_name(request)
-        key = entry_key(request, name)
-        patch = patch_body(await read_json(request))
-        no_meta(patch)
-        actor, stamp, now = request[ACTOR_KEY], now_iso(), time.time()
-
-        def update(stored: dict[str, Any] | None) -> dict[str, Any]:
-            if stored is None:
-                raise GatewayError(
-                    404,
-                    "not_found",
-                    f"No entry {key!r} in {name} to patch; create it with PUT /admin/v1/lists/{name}/{{key}}.",
-                )
-            merged = merge_patch({k: v for k, v in stored.items() if k not in ("added_by", "added_at")}, patch)
-            # Validated whole, as PUT would be; added_by/added_at record this change.
-            return validate_entry(name, key, merged, actor=actor, now_iso=stamp, now=now)
-
-        version = await self._write(request, [HashUpdate(list_key(name), key, update)], f"lists/{name}/{key}")
-        return _written(version, self._entry_warnings(name, [key]), list=name, key=key)
-
-    async def delete_entry(self, request: web.Request) -> web.Response:
-        name = list_name(request)
-        key = entry_key(request, name)
-        version = await self._write(request, [HashDelete(list_key(name), key)], f"lists/{name}/{key}")
-        return json_response({"version": version, "list": name, "key": key})
-
-    async def replace_list(self, request: web.Request) -> web.Response:
-        name = list_name(request)
-        body = json_object(await read_json(request), ("entries", "allow_empty"))
-        if "entries" not in body:
-            raise invalid("entries", "is required: an object of key: entry")
-        allow_empty = body.get("allow_empty", False)
-        if not isinstance(allow_empty, bool):
-            raise invalid("allow_empty", "must be true or false")
-        entries = validate_list(name, body["entries"], actor=request[ACTOR_KEY], now_iso=now_iso(), now=time.time())
-        if not entries and not allow_empty:
-            raise invalid("entries", 'is empty; emptying a list needs "allow_empty": true')
-        version = await self._write(request, [HashReplace(list_key(name), entries)], f"lists/{name}")
-        return _written(version, self._entry_warnings(name, entries), list=name, count=len(entries))
-
     # models
 
     async def list_models(self, _request: web.Request) -> web.Response:
@@ -320,47 +224,9 @@ class AdminApi:
         version, models = await self._read_hash(MODELS_KEY)
         if name not in models:
             raise not_found(f"No model {name[:80]!r} in the registry.")
-        return json_response({"version": version, "name": name, "model": models[name]})
-
-    async def put_model(self, request: web.Request) -> web.Response:
-        """Replace a model whole: a field left out takes its default (PATCH changes only what it names).
-        With ``"enforce": false`` only the model's shadow is written; the live model stays."""
-        return await self._write_model(request, patch=False)
-
-    async def patch_model(self, request: web.Request) -> web.Response:
-        """Merge patch of a model, applied to the stored value inside the write's transaction: suspending
-        a model's export leaves its ``allowed_countries`` as they are. ``"enforce": false`` patches the
-        shadow; ``"enforce": true`` promotes it (model_write has the rules)."""
-        return await self._write_model(request, patch=True)
-
-    async def _write_model(self, request: web.Request, *, patch: bool) -> web.Response:
-        name = validate_model_name(request.match_info["model"])
-        body = await read_json(request)
-        if patch:
-            body = patch_body(body)
-        written: dict[str, Any] = {}
-
-        def update(stored: dict[str, Any] | None) -> dict[str, Any]:
-            if stored is None and patch:
-                raise GatewayError(
-                    404,
-                    "not_found",
-                    f"No model {name[:80]!r} in the registry to patch; add it with PUT /admin/v1/models/{{model}}.",
-                )
-            written.clear()
-            written.update(model_write(name, stored, body, patch=patch))
-            return written
-
-        if not patch and not (isinstance(body, dict) and body.get("enforce") is False):
-            # A plain PUT does not depend on the stored model: checked before the write starts.
-            update(None)
-        version = await self._write(request, [HashUpdate(MODELS_KEY, name, update)], f"models/{name}")
-        return _written(version, model_warnings(name, written), name=name)
-
-    async def delete_model(self, request: web.Request) -> web.Response:
-        name = validate_model_name(request.match_info["model"])
-        version = await self._write(request, [HashDelete(MODELS_KEY, name)], f"models/{name}")
-        return json_response({"version": version, "name": name})
+        answer: dict[str, Any] = {"version": version, "name": name, "model": models[name]}
+        answer.update(model_schedule(name, models[name], self.policy.snapshot, time.time()))
+        return json_response(answer)
 
     # API keys
 
@@ -368,27 +234,41 @@ class AdminApi:
         version, keys = await self._read_hash(APIKEYS_KEY)
         return json_response({"version": version, "api_keys": sorted_by_key(keys)})
 
-    async def create_key(self, request: web.Request) -> web.Response:
-        attributes = validate_api_key_request(await read_json(request), self.tiers, now=time.time())
-        key_id = "key_" + secrets.token_hex(8)
-        key = new_api_key()
-        # Only the hash is stored; the key itself exists in this one response.
-        record = {"hash": hash_api_key(key), **attributes, "created_at": now_iso(), "created_by": request[ACTOR_KEY]}
-        version = await self._write(request, [HashSet(APIKEYS_KEY, key_id, record)], f"api-keys/{key_id}")
-        return json_response({"version": version, "id": key_id, "key": key})
-
-    async def revoke_key(self, request: web.Request) -> web.Response:
-        # The key goes and its revocation (hash, who, when) stays, so no import can bring it back.
-        key_id = request.match_info["id"]
-        op = KeyRevoke(key_id, revoked_by=request[ACTOR_KEY], revoked_at=now_iso())
-        version = await self._write(request, [op], f"api-keys/{key_id}")
-        return json_response({"version": version, "id": key_id})
+    async def _screen_key(self, attributes: dict[str, Any]) -> list[str]:
+        """Screen a key's ``org_name`` and ``org`` before it is issued: a match is 409 ``screening_match``
+        (nothing issued), a review-band score a warning."""
+        index, _version = await self._screening_index()
+        if index is None:
+            return []
+        warnings = []
+        for field in ("org_name", "org"):
+            name = attributes.get(field)
+            hit = index.match(name) if isinstance(name, str) and name else None
+            if hit is None or not isinstance(name, str):
+                continue
+            if hit.blocked:
+                raise screening_match(field)
+            warnings.append(
+                f"{field}: {name[:80]!r} is in the screening review band (score {hit.score:.2f} against "
+                f"{hit.name!r}, {hit.source}); review it before the key is used"
+            )
+        return warnings
 
     # decisions
 
     async def decide(self, request: web.Request) -> web.Response:
+        return json_response(self.decide_answer(await read_json(request)))
+
+    def decide_answer(self, body: Any) -> dict[str, Any]:
+        """What the gateway would decide now for the caller ``body`` describes (the console's form too)."""
         admission, policy = self.context.admission, self.policy
-        body = await read_json(request)
+        if isinstance(body, dict):
+            body = dict(body)
+        explain = body.pop("explain", "first") if isinstance(body, dict) else "first"
+        if explain not in ("first", "all"):
+            raise invalid(
+                "explain", 'must be "first" (the default: the rule that decides) or "all" (every rule that blocks)'
+            )
         identity, ip, model = decide_request(body, self.tiers)
         snapshot = policy.snapshot
         # The public path's steps; a stale policy is answered as its decision would be, not refused.
@@ -398,6 +278,11 @@ class AdminApi:
         if answer.get("screening") is None:
             answer.pop("screening", None)
         answer["ip_country"] = caller.ip_subdivision or caller.ip_country
+        if explain == "all":
+            blocking = admission.explain(snapshot, caller, model, stale=policy.stale())
+            answer["blocking"] = [
+                {name: found.to_dict()[name] for name in ("status", "code", "message")} for found in blocking
+            ]
         shadow = snapshot.shadow if snapshot is not None else None
         if shadow is not None and not policy.stale():
             # What the shadow entries would decide, when it differs from what is enforced.
@@ -406,18 +291,31 @@ class AdminApi:
                 answer["shadow"] = {
                     name: shadow_decision.to_dict()[name] for name in ("decision", "status", "code", "message")
                 }
-        return json_response(answer)
+        return answer
 
     # screening
 
-    async def import_screening(self, request: web.Request) -> web.Response:
-        raw = await request.read()
-        if not raw.strip():
-            raise invalid("body", "a Consolidated Screening List CSV or JSON document is required")
-        # Parsing a whole list takes a while: off the loop that also serves the public listener.
-        entries = await asyncio.to_thread(parse_csl, raw, content_type=request.headers.get("Content-Type"))
-        version = await self._write(request, [ScreeningReplace(entries)], "screening")
-        return json_response({"version": version, "entries": len(entries)})
+    async def _rescreen(self, version: int) -> int:
+        """Screen every API key's and partner's names against the list just imported and keep the hits
+        for ``GET /admin/v1/screening/hits``; returns how many are new. Rule 2 blocks them already:
+        each request screens its caller's names against the same list."""
+        found = await self.store.load_parts((APIKEYS_PART, PARTNERS))
+        if found is None:
+            return 0
+        index, _ = await self._screening_index()
+        previous = await self.store.read_screening_hits() or {}
+        document = rescreen(index, found.api_keys, found.lists.get(PARTNERS, {}), previous, version, now_iso())
+        await self.store.write_screening_hits(document)
+        return sum(1 for hit in document["hits"] if hit["new"])
+
+    async def screening_hits(self, request: web.Request) -> web.Response:
+        document = await self.store.read_screening_hits() or {"version": None, "screened_at": None, "hits": []}
+        only_new = request.query.get("new", "false")
+        if only_new not in ("true", "false", "1", "0"):
+            raise invalid("new", "must be true or false")
+        if only_new in ("1", "true"):
+            document = {**document, "hits": [hit for hit in document["hits"] if hit.get("new")]}
+        return json_response(document)
 
     async def search_screening(self, request: web.Request) -> web.Response:
         name = request.query.get("name", "")
@@ -427,18 +325,20 @@ class AdminApi:
             raise invalid("name", f"must be at most {MAX_SEARCH_CHARS} characters")
         limit = query_limit(request) if "limit" in request.query else 10
         min_score = parse_min_score(request.query.get("min_score"))
+        return json_response(await self.screening_answer(name, limit, min_score))
+
+    async def screening_answer(self, name: str, limit: int, min_score: float) -> dict[str, Any]:
+        """The scored matches of ``name`` in the screening list the public listener screens with."""
         index, version = await self._screening_index()
         hits = index.search(name, limit=limit, min_score=min_score) if index is not None else []
         cfg = self.context.screening
-        return json_response(
-            {
-                "version": version,
-                "name": name,
-                "block_threshold": cfg.block_threshold,
-                "review_threshold": cfg.review_threshold,
-                "matches": [hit.to_dict() for hit in hits],
-            }
-        )
+        return {
+            "version": version,
+            "name": name,
+            "block_threshold": cfg.block_threshold,
+            "review_threshold": cfg.review_threshold,
+            "matches": [hit.to_dict() for hit in hits],
+        }
 
     async def _screening_index(self) -> tuple[ScreeningIndex | None, int]:
         snapshot = self.policy.snapshot
@@ -464,7 +364,11 @@ class AdminApi:
     # history
 
     async def audit(self, request: web.Request) -> web.Response:
-        return json_response({"records": await self.store.read_audit(query_limit(request))})
+        limit, match = query_limit(request), audit_filter(request)
+        if not match.fields and match.since is None and match.until is None:
+            return json_response({"records": await self.store.read_audit(limit)})
+        page = await self.store.search_audit(limit, match, since_ms=match.since_ms, until_ms=match.until_ms)
+        return json_response({"records": page.records, "scanned": page.scanned, "complete": page.complete})
 
     async def changes(self, request: web.Request) -> web.Response:
         return json_response({"changes": await self.store.read_changes(query_limit(request))})
@@ -473,46 +377,47 @@ class AdminApi:
         return web.Response(body=self._openapi, content_type="application/json")
 
 
-def _written(version: int, warnings: Sequence[str], **fields: Any) -> web.Response:
-    """A write's answer: the new version, what was written and, when any, the risks it carries."""
-    answer: dict[str, Any] = {"version": version, **fields}
-    if warnings:
-        answer["warnings"] = list(warnings)
-    return json_response(answer)
-
-
-def register_admin_routes(app: web.Application, context: AdminContext) -> None:
+def register_admin_routes(app: web.Application, context: AdminContext) -> AdminApi:
     """Mount ``/admin/v1`` on the admin listener, behind the error and token middlewares; ``context`` is
-    kept under :data:`ADMIN_CONTEXT_KEY`."""
+    kept under :data:`ADMIN_CONTEXT_KEY`. The handlers' object is returned for the console to share."""
     app[ADMIN_CONTEXT_KEY] = context
     api = AdminApi(context)
+    plan = api.planner
     app.middlewares.extend(
         [error_middleware(lambda: context.policy.version), token_middleware(context.admin, context.environ)]
     )
     routes = app.router
     routes.add_get(f"{PREFIX}/openapi.json", api.openapi)
     routes.add_get(f"{PREFIX}/policy", api.get_policy)
-    routes.add_put(f"{PREFIX}/policy", api.put_policy)
+    routes.add_put(f"{PREFIX}/policy", api.writer(plan.put_policy))
     routes.add_post(f"{PREFIX}/policy/diff", api.diff_policy)
     routes.add_get(f"{PREFIX}/lists/{{list}}", api.get_list)
-    routes.add_put(f"{PREFIX}/lists/{{list}}", api.replace_list)
+    routes.add_put(f"{PREFIX}/lists/{{list}}", api.writer(plan.replace_list))
     # ANY_TEXT also takes an unencoded "/" of a CIDR (the encoded form arrives decoded as well),
     # and a decoded control character, so the validator names it instead of the router missing it.
     # An empty key matches too, so it is refused naming the key rather than as an unknown path.
     entry_path = f"{PREFIX}/lists/{{list}}/{{key:{ANY_TEXT[:-1]}*}}"
-    routes.add_put(entry_path, api.put_entry)
-    routes.add_patch(entry_path, api.patch_entry)
-    routes.add_delete(entry_path, api.delete_entry)
+    routes.add_put(entry_path, api.writer(plan.put_entry))
+    routes.add_patch(entry_path, api.writer(plan.patch_entry))
+    routes.add_delete(entry_path, api.writer(plan.delete_entry))
     routes.add_get(f"{PREFIX}/models", api.list_models)
     routes.add_get(f"{PREFIX}/models/{{model:{ANY_TEXT}}}", api.get_model)
-    routes.add_put(f"{PREFIX}/models/{{model:{ANY_TEXT}}}", api.put_model)
-    routes.add_patch(f"{PREFIX}/models/{{model:{ANY_TEXT}}}", api.patch_model)
-    routes.add_delete(f"{PREFIX}/models/{{model:{ANY_TEXT}}}", api.delete_model)
+    routes.add_put(f"{PREFIX}/models/{{model:{ANY_TEXT}}}", api.writer(plan.put_model))
+    routes.add_patch(f"{PREFIX}/models/{{model:{ANY_TEXT}}}", api.writer(plan.patch_model))
+    routes.add_delete(f"{PREFIX}/models/{{model:{ANY_TEXT}}}", api.writer(plan.delete_model))
     routes.add_get(f"{PREFIX}/api-keys", api.list_keys)
-    routes.add_post(f"{PREFIX}/api-keys", api.create_key)
-    routes.add_delete(f"{PREFIX}/api-keys/{{id}}", api.revoke_key)
+    routes.add_post(f"{PREFIX}/api-keys", api.writer(plan.create_key))
+    routes.add_delete(f"{PREFIX}/api-keys/{{id}}", api.writer(plan.revoke_key))
     routes.add_post(f"{PREFIX}/decide", api.decide)
-    routes.add_post(f"{PREFIX}/screening/import", api.import_screening)
+    routes.add_post(f"{PREFIX}/screening/import", api.writer(plan.import_screening))
     routes.add_get(f"{PREFIX}/screening/search", api.search_screening)
+    routes.add_get(f"{PREFIX}/screening/hits", api.screening_hits)
     routes.add_get(f"{PREFIX}/audit", api.audit)
     routes.add_get(f"{PREFIX}/changes", api.changes)
+    control = api.changes_control
+    routes.add_get(f"{PREFIX}/change-requests", control.list_requests)
+    routes.add_get(f"{PREFIX}/change-requests/{{id}}", control.get_request)
+    routes.add_post(f"{PREFIX}/change-requests/{{id}}/approve", control.approve)
+    routes.add_post(f"{PREFIX}/change-requests/{{id}}/reject", control.reject)
+    routes.add_post(f"{PREFIX}/impact", control.impact)
+    return api

@@ -21,6 +21,9 @@ log = logging.getLogger("gateway.admin")
 
 # Monitoring must work without the admin token (docs/contract.md §1).
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+# The operator console signs its people in with the same tokens and keeps them in a session of its
+# own (gateway/console/): its pages pass this middleware and meet the console's session check instead.
+CONSOLE_ROOT = "/console"
 MAX_TOKEN_CHARS = 4096
 _TOKEN_NAME = re.compile(r"[A-Za-z0-9._@-]{1,64}")
 _HEX_DIGEST = re.compile(r"[0-9a-fA-F]{64}")
@@ -97,6 +100,12 @@ class AdminTokens:
         token = _bearer(authorization)
         if token is None:
             return None
+        return self.actor_of_token(token)
+
+    def actor_of_token(self, token: str) -> str | None:
+        """The actor ``token`` belongs to, or None (the console's sign-in form)."""
+        if not token or len(token) > MAX_TOKEN_CHARS:
+            return None
         digest = _digest(token)
         actor: str | None = None
         for name, expected in (*self._env, *self._file_tokens()):
@@ -122,7 +131,8 @@ def token_middleware(settings: Admin, environ: Mapping[str, str]) -> Middleware:
 
     @web.middleware
     async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in OPEN_PATHS:
+        path = request.path
+        if path in OPEN_PATHS or path == CONSOLE_ROOT or path.startswith(CONSOLE_ROOT + "/"):
             return await handler(request)
         header = request.headers.get("Authorization")
         actor = tokens.actor(header)

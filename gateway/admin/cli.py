@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from ..archive.commands import add_archive_commands
 from ..policy.names import LIST_NAMES, STAGES, now_iso
 from .cli_io import (
     DEFAULT_ADMIN_URL,
@@ -29,10 +30,12 @@ from .cli_io import (
     CliError,
     admin_client,
     emit,
+    impact_summary,
     read_bytes,
     read_document,
     segment,
     table,
+    write,
     written,
 )
 
@@ -71,6 +74,18 @@ def _lists_get(args: argparse.Namespace) -> None:
     emit(args, data, text)
 
 
+def _group_and_licence_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """--countries (country-groups, licences), --org and --models (licences), as the entry's fields."""
+    fields: dict[str, Any] = {}
+    if args.countries is not None:
+        fields["countries"] = _countries(args.countries)
+    if args.org is not None:
+        fields["org"] = args.org
+    if args.models is not None:
+        fields["models"] = _countries(args.models)
+    return fields
+
+
 def _lists_put(args: argparse.Namespace) -> None:
     body: dict[str, Any] = {"reason": args.reason}
     if args.source is not None:
@@ -79,15 +94,19 @@ def _lists_put(args: argparse.Namespace) -> None:
         body["expires_at"] = args.expires_at
     if args.country is not None:
         body["country"] = args.country
+    body.update(_group_and_licence_fields(args))
     if args.shadow:
         body["enforce"] = False
-    data = admin_client(args).call("PUT", f"/admin/v1/lists/{segment(args.list)}/{segment(args.key)}", body=body)
+    data = write(args, "PUT", f"/admin/v1/lists/{segment(args.list)}/{segment(args.key)}", body=body)
+    if data is None:
+        return
     done = "written as a shadow entry (not enforced)" if args.shadow else "written"
     emit(args, data, written(f"{args.list} {data.get('key', args.key)} {done}"))
 
 
 def _lists_patch(args: argparse.Namespace) -> None:
     body: dict[str, Any] = {}
+    body.update(_group_and_licence_fields(args))
     for name in ("reason", "source", "expires_at", "country"):
         value = getattr(args, name)
         if value is not None:
@@ -100,14 +119,19 @@ def _lists_patch(args: argparse.Namespace) -> None:
         body["enforce"] = args.enforce
     if not body:
         raise CliError(
-            "nothing to change: give --reason, --source, --expires-at, --no-expiry, --country or --enforce/--shadow"
+            "nothing to change: give --reason, --source, --expires-at, --no-expiry, --country, --countries, "
+            "--org, --models or --enforce/--shadow"
         )
-    data = admin_client(args).call("PATCH", f"/admin/v1/lists/{segment(args.list)}/{segment(args.key)}", body=body)
+    data = write(args, "PATCH", f"/admin/v1/lists/{segment(args.list)}/{segment(args.key)}", body=body)
+    if data is None:
+        return
     emit(args, data, written(f"{args.list} {data.get('key', args.key)} changed ({', '.join(body)})"))
 
 
 def _lists_delete(args: argparse.Namespace) -> None:
-    data = admin_client(args).call("DELETE", f"/admin/v1/lists/{segment(args.list)}/{segment(args.key)}")
+    data = write(args, "DELETE", f"/admin/v1/lists/{segment(args.list)}/{segment(args.key)}")
+    if data is None:
+        return
     emit(args, data, written(f"{args.list} {data.get('key', args.key)} deleted"))
 
 
@@ -121,7 +145,9 @@ def _lists_replace(args: argparse.Namespace) -> None:
     wrapped = isinstance(document.get("entries"), dict) and set(document) <= {"version", "list", "entries"}
     entries = document["entries"] if wrapped else document
     body = {"entries": entries, "allow_empty": args.allow_empty}
-    data = admin_client(args).call("PUT", f"/admin/v1/lists/{segment(args.list)}", body=body)
+    data = write(args, "PUT", f"/admin/v1/lists/{segment(args.list)}", body=body)
+    if data is None:
+        return
     emit(args, data, written(f"{args.list} replaced with {data.get('count', len(entries))} entries"))
 
 
@@ -137,8 +163,21 @@ def _model_rows(name: str, model: Mapping[str, Any]) -> list[list[Any]]:
     return rows
 
 
+def _step_text(step: Mapping[str, Any]) -> str:
+    """A timeline entry in a table cell: ``at->`` and the fields it sets."""
+    sets = []
+    if "stage" in step:
+        sets.append(str(step["stage"]))
+    if "export_suspended" in step:
+        sets.append("suspended" if step["export_suspended"] else "lifted")
+    if "allowed_countries" in step:
+        allowed = step["allowed_countries"]
+        sets.append("countries any" if allowed is None else "countries " + ",".join(allowed))
+    return f"{step.get('at')}->{' '.join(sets)}"
+
+
 def _model_row(name: str, model: Mapping[str, Any]) -> list[Any]:
-    timeline = [f"{step.get('at')}->{step.get('stage')}" for step in model.get("timeline") or []]
+    timeline = [_step_text(step) for step in model.get("timeline") or []]
     allowed = model.get("allowed_countries")
     return [
         name,
@@ -166,7 +205,26 @@ def _models_list(args: argparse.Namespace) -> None:
 
 def _models_get(args: argparse.Namespace) -> None:
     data = admin_client(args).call("GET", f"/admin/v1/models/{segment(args.name)}")
-    emit(args, data, lambda d: table(_MODEL_HEADERS, _model_rows(d["name"], d["model"])))
+
+    def text(d: Any) -> str:
+        lines = [table(_MODEL_HEADERS, _model_rows(d["name"], d["model"]))]
+        current = d.get("current")
+        if current:
+            # The state in force now (timeline applied, country groups resolved), and what comes next.
+            lines.append("now: " + _state_text(current))
+            upcoming = d.get("next_change")
+            lines.append("next change: " + (_step_text(upcoming) if upcoming else "none scheduled"))
+        return "\n".join(lines)
+
+    emit(args, data, text)
+
+
+def _state_text(state: Mapping[str, Any]) -> str:
+    allowed = state.get("allowed_countries")
+    return (
+        f"stage {state.get('stage')}, export {'suspended' if state.get('export_suspended') else 'not suspended'}, "
+        f"allowed countries {'any' if allowed is None else ','.join(allowed) or 'none'}"
+    )
 
 
 def _timeline(text: str) -> Any:
@@ -191,7 +249,9 @@ def _models_put(args: argparse.Namespace) -> None:
         body["allowed_countries"] = _countries(args.allowed_countries)
     if args.shadow:
         body["enforce"] = False
-    data = admin_client(args).call("PUT", f"/admin/v1/models/{segment(args.name)}", body=body)
+    data = write(args, "PUT", f"/admin/v1/models/{segment(args.name)}", body=body)
+    if data is None:
+        return
     if args.shadow:
         emit(args, data, written(f"model {args.name}: shadow written (not enforced; the live model unchanged)"))
         return
@@ -246,12 +306,16 @@ def _models_promote(args: argparse.Namespace) -> None:
 
 def _lists_promote(args: argparse.Namespace) -> None:
     path = f"/admin/v1/lists/{segment(args.list)}/{segment(args.key)}"
-    data = admin_client(args).call("PATCH", path, body={"enforce": True})
+    data = write(args, "PATCH", path, body={"enforce": True})
+    if data is None:
+        return
     emit(args, data, written(f"{args.list} {data.get('key', args.key)} promoted: enforced now"))
 
 
 def _patch_model(args: argparse.Namespace, body: dict[str, Any], done: str) -> None:
-    data = admin_client(args).call("PATCH", f"/admin/v1/models/{segment(args.name)}", body=body)
+    data = write(args, "PATCH", f"/admin/v1/models/{segment(args.name)}", body=body)
+    if data is None:
+        return
     emit(args, data, written(done))
 
 
@@ -278,7 +342,9 @@ def _models_lift(args: argparse.Namespace) -> None:
 
 
 def _models_delete(args: argparse.Namespace) -> None:
-    data = admin_client(args).call("DELETE", f"/admin/v1/models/{segment(args.name)}")
+    data = write(args, "DELETE", f"/admin/v1/models/{segment(args.name)}")
+    if data is None:
+        return
     emit(args, data, written(f"model {args.name} deleted"))
 
 
@@ -291,7 +357,9 @@ def _keys_create(args: argparse.Namespace) -> None:
         body["org_name"] = args.org_name
     if args.expires_at is not None:
         body["expires_at"] = args.expires_at
-    data = admin_client(args).call("POST", "/admin/v1/api-keys", body=body)
+    data = write(args, "POST", "/admin/v1/api-keys", body=body)
+    if data is None:
+        return
     emit(
         args,
         data,
@@ -303,7 +371,9 @@ def _keys_create(args: argparse.Namespace) -> None:
 
 
 def _keys_revoke(args: argparse.Namespace) -> None:
-    data = admin_client(args).call("DELETE", f"/admin/v1/api-keys/{segment(args.id)}")
+    data = write(args, "DELETE", f"/admin/v1/api-keys/{segment(args.id)}")
+    if data is None:
+        return
     emit(args, data, written(f"key {args.id} revoked"))
 
 
@@ -345,6 +415,7 @@ def _decide(args: argparse.Namespace) -> None:
         "tier": args.tier,
         "ip": args.ip,
         "model": args.model,
+        "explain": "all" if args.all else None,
     }
     data = admin_client(args).call("POST", "/admin/v1/decide", body={k: v for k, v in body.items() if v is not None})
 
@@ -354,9 +425,15 @@ def _decide(args: argparse.Namespace) -> None:
             d.get("message", ""),
             f"policy version {d.get('policy_version')}; IP country {d.get('ip_country') or 'unknown'}",
         ]
+        if d.get("licence"):
+            lines.append(f"licence: {d['licence']}")
         if d.get("screening"):
             hit = d["screening"]
             lines.append(f"screening: {hit.get('matched_name')} ({hit.get('source')}), score {hit.get('score')}")
+        if "blocking" in d:
+            blocking = d["blocking"]
+            lines.append(f"rules that block: {len(blocking)}" if blocking else "rules that block: none")
+            lines += [f"  {b.get('status')} {b.get('code')}: {b.get('message')}" for b in blocking]
         shadow = d.get("shadow")
         if shadow:
             outcome = f"{shadow.get('decision')} {shadow.get('status')} {shadow.get('code') or ''}".rstrip()
@@ -373,7 +450,9 @@ def _screening_import(args: argparse.Namespace) -> None:
     raw = read_bytes(args.file)
     json_file = args.file.lower().endswith(".json") or raw.lstrip()[:1] in (b"{", b"[")
     content_type = "application/json" if json_file else "text/csv; charset=utf-8"
-    data = admin_client(args).call("POST", "/admin/v1/screening/import", data=raw, content_type=content_type)
+    data = write(args, "POST", "/admin/v1/screening/import", data=raw, content_type=content_type)
+    if data is None:
+        return
     emit(args, data, written(f"screening list replaced with {data.get('entries')} entries"))
 
 
@@ -401,6 +480,36 @@ def _screening_search(args: argparse.Namespace) -> None:
     emit(args, data, text)
 
 
+def _screening_hits(args: argparse.Namespace) -> None:
+    query = {"new": "true"} if args.new else None
+    data = admin_client(args).call("GET", "/admin/v1/screening/hits", query=query)
+
+    def text(d: Any) -> str:
+        hits = d.get("hits", [])
+        if d.get("screened_at") is None:
+            return "no screening import has been made yet"
+        title = f"{len(hits)} hits, screened {d.get('screened_at')} at policy version {d.get('version')}"
+        rows = [
+            [
+                "yes" if h.get("new") else "",
+                h.get("kind"),
+                h.get("id"),
+                h.get("org"),
+                h.get("org_name"),
+                "block" if h.get("blocked") else "review",
+                (h.get("match") or {}).get("score"),
+                (h.get("match") or {}).get("matched_name"),
+                (h.get("match") or {}).get("source"),
+                h.get("first_found"),
+            ]
+            for h in hits
+        ]
+        headers = ["NEW", "KIND", "ID", "ORG", "ORG NAME", "ACTION", "SCORE", "MATCHED NAME", "SOURCE", "FIRST FOUND"]
+        return title + ("\n" + table(headers, rows) if rows else "")
+
+    emit(args, data, text)
+
+
 # --- audit and change history ----------------------------------------------------------------
 
 _AUDIT_HEADERS = [
@@ -414,8 +523,17 @@ _AUDIT_HEADERS = [
     "IP",
     "MODEL",
     "VERSION",
+    "SCREENING",
+    "LICENCE",
     "REQUEST ID",
 ]
+
+
+def _screening_cell(hit: Any) -> str:
+    """A screening hit in the audit table: the action and the score (the entry is in --json)."""
+    if not isinstance(hit, Mapping):
+        return ""
+    return f"{'block' if hit.get('blocked') else 'review'} {hit.get('score')}"
 
 
 def _audit_row(r: Mapping[str, Any]) -> list[Any]:
@@ -431,6 +549,8 @@ def _audit_row(r: Mapping[str, Any]) -> list[Any]:
         r.get("client_ip"),
         r.get("model"),
         r.get("policy_version"),
+        _screening_cell(r.get("screening")),
+        r.get("licence") or "",
         r.get("request_id"),
     ]
 
@@ -438,6 +558,9 @@ def _audit_row(r: Mapping[str, Any]) -> list[Any]:
 def _audit_key(record: Mapping[str, Any]) -> str:
     return str(record.get("id") or (record.get("time"), record.get("request_id")))
 
+
+# The admin API's audit filters, which `audit tail` passes on as they are.
+_TAIL_FILTERS = ("subject", "org", "model", "code", "since", "until")
 
 # How far back a follower looks on each poll (the admin API's largest page).
 _FOLLOW_WINDOW = 1000
@@ -456,7 +579,8 @@ def _audit_tail(args: argparse.Namespace) -> None:
     # A follower reads the whole window once, so that every record already there counts as seen and
     # only those written later are printed; of the old ones it prints the last --limit, as without it.
     window = _FOLLOW_WINDOW if args.follow else args.limit
-    records = list(reversed(client.call("GET", "/admin/v1/audit", query={"limit": window})["records"]))
+    filters = {name: getattr(args, name) for name in _TAIL_FILTERS if getattr(args, name) is not None}
+    records = list(reversed(client.call("GET", "/admin/v1/audit", query={"limit": window, **filters})["records"]))
     _print_audit(args, records[-args.limit :], header=True)
     if not args.follow:
         return
@@ -468,7 +592,7 @@ def _audit_tail(args: argparse.Namespace) -> None:
     try:
         while True:
             time.sleep(args.interval)
-            batch = client.call("GET", "/admin/v1/audit", query={"limit": _FOLLOW_WINDOW})["records"]
+            batch = client.call("GET", "/admin/v1/audit", query={"limit": _FOLLOW_WINDOW, **filters})["records"]
             fresh = [r for r in reversed(batch) if _audit_key(r) not in known]
             for record in fresh:
                 if len(seen) == seen.maxlen:
@@ -521,6 +645,59 @@ def _change_summary(change: Mapping[str, Any]) -> str:
     return "; ".join(parts)
 
 
+# --- change requests (the two-person rule) ------------------------------------------------------
+
+
+def _request_row(r: Mapping[str, Any]) -> list[Any]:
+    change = r.get("change") or {}
+    return [
+        r.get("id"),
+        r.get("status"),
+        r.get("effect"),
+        r.get("proposed_by"),
+        r.get("created_at"),
+        r.get("expires_at"),
+        f"{change.get('method')} {change.get('path', '').removeprefix('/admin/v1/')}",
+        impact_summary(r.get("impact")) if r.get("impact") is not None else None,
+    ]
+
+
+_REQUEST_HEADERS = ["ID", "STATUS", "EFFECT", "PROPOSED BY", "CREATED AT", "EXPIRES AT", "CHANGE", "IMPACT"]
+
+
+def _changes_pending(args: argparse.Namespace) -> None:
+    query = {"status": None if args.all else "pending", "limit": args.limit}
+    data = admin_client(args).call("GET", "/admin/v1/change-requests", query=query)
+
+    def text(d: Any) -> str:
+        requests = d.get("change_requests", [])
+        if not requests:
+            return "no change requests" if args.all else "no change requests await approval"
+        return table(_REQUEST_HEADERS, [_request_row(r) for r in requests])
+
+    emit(args, data, text)
+
+
+def _changes_approve(args: argparse.Namespace) -> None:
+    data = admin_client(args).call("POST", f"/admin/v1/change-requests/{segment(args.id)}/approve")
+    request = data.get("change_request", {})
+    emit(
+        args,
+        data,
+        lambda d: (
+            f"change request {args.id} approved by {request.get('approved_by')} and applied "
+            f"(proposed by {request.get('proposed_by')}); policy version {d.get('version')}"
+        ),
+    )
+
+
+def _changes_reject(args: argparse.Namespace) -> None:
+    body = {"reason": args.reason} if args.reason is not None else None
+    data = admin_client(args).call("POST", f"/admin/v1/change-requests/{segment(args.id)}/reject", body=body)
+    request = data.get("change_request", {})
+    emit(args, data, lambda _d: f"change request {args.id} rejected by {request.get('rejected_by')}; nothing changed")
+
+
 # --- policy ----------------------------------------------------------------------------------
 
 
@@ -558,7 +735,9 @@ def _policy_import(args: argparse.Namespace) -> None:
         data = admin_client(args).call("POST", "/admin/v1/policy/diff", body=document, query=query)
         emit(args, data, _diff_text)
         return
-    data = admin_client(args).call("PUT", "/admin/v1/policy", body=document, query=query)
+    data = write(args, "PUT", "/admin/v1/policy", body=document, query=query)
+    if data is None:
+        return
     what = f"sections {args.sections}" if args.sections else "policy"
     emit(args, data, written(f"{what} imported from {args.file}"))
 
@@ -634,6 +813,19 @@ def _leaf(
     return parser
 
 
+def _write_leaf(
+    sub: Any, name: str, handler: Callable[[argparse.Namespace], None], help_text: str, common: argparse.ArgumentParser
+) -> argparse.ArgumentParser:
+    """A write command: it also takes ``--preview`` (print the change's impact before writing it)."""
+    parser = _leaf(sub, name, handler, help_text, common)
+    parser.add_argument(
+        "--preview",
+        action="store_true",
+        help="first print the change's impact on recent callers (POST /admin/v1/impact), then write",
+    )
+    return parser
+
+
 def _group(subparsers: Any, name: str, help_text: str) -> Any:
     parser = subparsers.add_parser(name, help=help_text)
     return parser.add_subparsers(dest=f"{name}_command", required=True, metavar="COMMAND")
@@ -646,15 +838,18 @@ def _add_lists(subparsers: Any, common: argparse.ArgumentParser) -> None:
     sub = _group(subparsers, "lists", "show and change the live lists")
     get = _leaf(sub, "get", _lists_get, "show a list", common)
     get.add_argument("list", choices=LIST_NAMES)
-    put = _leaf(sub, "put", _lists_put, "add or change one entry", common)
+    put = _write_leaf(sub, "put", _lists_put, "add or change one entry", common)
     put.add_argument("list", choices=LIST_NAMES)
     put.add_argument("key", help="country code, subject/org, or CIDR for ip-ranges")
     put.add_argument("--reason", required=True)
     put.add_argument("--source")
     put.add_argument("--expires-at", help="ISO-8601 instant with a time zone, e.g. 2027-01-31T00:00:00Z")
     put.add_argument("--country", help="ip-ranges only: the range's country")
+    put.add_argument("--countries", help="country-groups, licences: comma-separated codes (licences: or @GROUP)")
+    put.add_argument("--org", help="licences only: the organisation it is granted to")
+    put.add_argument("--models", help="licences only: comma-separated registered models")
     put.add_argument("--shadow", action="store_true", help=_SHADOW_HELP)
-    patch = _leaf(sub, "patch", _lists_patch, "change only the named fields of one entry (merge patch)", common)
+    patch = _write_leaf(sub, "patch", _lists_patch, "change only the named fields of one entry (merge patch)", common)
     patch.add_argument("list", choices=LIST_NAMES)
     patch.add_argument("key", help="country code, subject/org, or CIDR for ip-ranges")
     patch.add_argument("--reason")
@@ -662,19 +857,22 @@ def _add_lists(subparsers: Any, common: argparse.ArgumentParser) -> None:
     patch.add_argument("--expires-at", help="ISO-8601 instant with a time zone, e.g. 2027-01-31T00:00:00Z")
     patch.add_argument("--no-expiry", action="store_true", help="remove the entry's expires_at")
     patch.add_argument("--country", help="ip-ranges only: the range's country")
+    patch.add_argument("--countries", help="country-groups, licences: comma-separated codes (licences: or @GROUP)")
+    patch.add_argument("--org", help="licences only: the organisation it is granted to")
+    patch.add_argument("--models", help="licences only: comma-separated registered models")
     patch.add_argument(
         "--enforce",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="--enforce makes a shadow entry live; --no-enforce makes the entry a shadow (not enforced)",
     )
-    promote = _leaf(sub, "promote", _lists_promote, "make a shadow entry live (PATCH enforce: true)", common)
+    promote = _write_leaf(sub, "promote", _lists_promote, "make a shadow entry live (PATCH enforce: true)", common)
     promote.add_argument("list", choices=LIST_NAMES)
     promote.add_argument("key")
-    delete = _leaf(sub, "delete", _lists_delete, "remove one entry", common)
+    delete = _write_leaf(sub, "delete", _lists_delete, "remove one entry", common)
     delete.add_argument("list", choices=LIST_NAMES)
     delete.add_argument("key")
-    replace = _leaf(sub, "replace", _lists_replace, "replace a whole list from a YAML/JSON file", common)
+    replace = _write_leaf(sub, "replace", _lists_replace, "replace a whole list from a YAML/JSON file", common)
     replace.add_argument("list", choices=LIST_NAMES)
     replace.add_argument("file", help="YAML or JSON mapping of key: entry ('-' for stdin)")
     replace.add_argument("--allow-empty", action="store_true", help="allow replacing the list with nothing")
@@ -685,7 +883,7 @@ def _add_models(subparsers: Any, common: argparse.ArgumentParser) -> None:
     _leaf(sub, "list", _models_list, "show every model", common)
     get = _leaf(sub, "get", _models_get, "show one model", common)
     get.add_argument("name")
-    put = _leaf(
+    put = _write_leaf(
         sub,
         "put",
         _models_put,
@@ -699,7 +897,7 @@ def _add_models(subparsers: Any, common: argparse.ArgumentParser) -> None:
     put.add_argument("--allowed-countries", help="comma-separated country codes; omit for any country")
     put.add_argument("--export-suspended", action=argparse.BooleanOptionalAction, default=False)
     put.add_argument("--shadow", action="store_true", help=_SHADOW_HELP + "; the live model stays")
-    patch = _leaf(sub, "patch", _models_patch, "change only the named fields of a model (merge patch)", common)
+    patch = _write_leaf(sub, "patch", _models_patch, "change only the named fields of a model (merge patch)", common)
     patch.add_argument("name")
     patch.add_argument("--stage", choices=STAGES)
     patch.add_argument(
@@ -715,11 +913,11 @@ def _add_models(subparsers: Any, common: argparse.ArgumentParser) -> None:
         help="suspend (or, with --no-export-suspended, lift) the model's export",
     )
     patch.add_argument("--shadow", action="store_true", help="change the model's shadow, not the live model")
-    promote = _leaf(
+    promote = _write_leaf(
         sub, "promote", _models_promote, "make a model's shadow the live model (PATCH enforce: true)", common
     )
     promote.add_argument("name")
-    suspend = _leaf(
+    suspend = _write_leaf(
         sub,
         "suspend",
         _models_suspend,
@@ -728,7 +926,7 @@ def _add_models(subparsers: Any, common: argparse.ArgumentParser) -> None:
     )
     suspend.add_argument("name")
     suspend.add_argument("--shadow", action="store_true", help="suspend in the shadow only (not enforced)")
-    lift = _leaf(
+    lift = _write_leaf(
         sub,
         "lift",
         _models_lift,
@@ -737,20 +935,20 @@ def _add_models(subparsers: Any, common: argparse.ArgumentParser) -> None:
     )
     lift.add_argument("name")
     lift.add_argument("--shadow", action="store_true", help="lift in the shadow only (not enforced)")
-    delete = _leaf(sub, "delete", _models_delete, "remove a model", common)
+    delete = _write_leaf(sub, "delete", _models_delete, "remove a model", common)
     delete.add_argument("name")
 
 
 def _add_keys(subparsers: Any, common: argparse.ArgumentParser) -> None:
     sub = _group(subparsers, "keys", "issue, list and revoke API keys")
-    create = _leaf(sub, "create", _keys_create, "issue a key (shown once)", common)
+    create = _write_leaf(sub, "create", _keys_create, "issue a key (shown once)", common)
     create.add_argument("--subject", required=True)
     create.add_argument("--org", required=True)
     create.add_argument("--country", required=True)
     create.add_argument("--tier", required=True)
     create.add_argument("--org-name")
     create.add_argument("--expires-at", help="ISO-8601 instant with a time zone")
-    revoke = _leaf(sub, "revoke", _keys_revoke, "revoke a key by id", common)
+    revoke = _write_leaf(sub, "revoke", _keys_revoke, "revoke a key by id", common)
     revoke.add_argument("id")
     _leaf(sub, "list", _keys_list, "show issued keys", common)
 
@@ -764,16 +962,21 @@ def _add_decide(subparsers: Any, common: argparse.ArgumentParser) -> None:
     decide.add_argument("--org-name")
     decide.add_argument("--country")
     decide.add_argument("--model")
+    decide.add_argument("--all", action="store_true", help="list every rule that blocks, not only the first")
 
 
 def _add_screening(subparsers: Any, common: argparse.ArgumentParser) -> None:
     sub = _group(subparsers, "screening", "the denied-parties screening list")
-    imp = _leaf(sub, "import", _screening_import, "replace the list with a CSL CSV or JSON export", common)
+    imp = _write_leaf(sub, "import", _screening_import, "replace the list with a CSL CSV or JSON export", common)
     imp.add_argument("file", help="Consolidated Screening List CSV or JSON ('-' for stdin)")
     search = _leaf(sub, "search", _screening_search, "scored matches for a name", common)
     search.add_argument("name")
     search.add_argument("--limit", type=_positive, default=10)
     search.add_argument("--min-score", type=float, default=0.5)
+    hits = _leaf(
+        sub, "hits", _screening_hits, "API keys and partners the last import found to match (blocked by rule 2)", common
+    )
+    hits.add_argument("--new", action="store_true", help="only those first found by the last import")
 
 
 def _add_history(subparsers: Any, common: argparse.ArgumentParser) -> None:
@@ -782,15 +985,34 @@ def _add_history(subparsers: Any, common: argparse.ArgumentParser) -> None:
     tail.add_argument("--limit", type=_positive, default=20)
     tail.add_argument("--follow", "-f", action="store_true", help="keep printing new records")
     tail.add_argument("--interval", type=float, default=1.0, help="seconds between polls with --follow")
-    changes = _leaf(subparsers, "changes", _changes, "who changed the policy, newest first", common)
+    for name in _TAIL_FILTERS:
+        hint = "ISO-8601 time" if name in ("since", "until") else "exact value"
+        tail.add_argument(f"--{name}", help=f"only records with this {name} ({hint})")
+    add_archive_commands(sub)
+    changes = _leaf(
+        subparsers,
+        "changes",
+        _changes,
+        "who changed the policy, newest first; pending, approve, reject: change requests",
+        common,
+    )
     changes.add_argument("--limit", type=_positive, default=50)
+    requests = changes.add_subparsers(dest="changes_command", required=False, metavar="COMMAND")
+    pending = _leaf(requests, "pending", _changes_pending, "change requests awaiting approval, newest first", common)
+    pending.add_argument("--all", action="store_true", help="every kept request, whatever its status")
+    pending.add_argument("--limit", type=_positive, default=100)
+    approve = _leaf(requests, "approve", _changes_approve, "approve another admin's change request: apply it", common)
+    approve.add_argument("id")
+    reject = _leaf(requests, "reject", _changes_reject, "reject a change request (or withdraw your own)", common)
+    reject.add_argument("id")
+    reject.add_argument("--reason", help="why, kept with the request and in the change history")
 
 
 def _add_policy(subparsers: Any, common: argparse.ArgumentParser) -> None:
     sub = _group(subparsers, "policy", "export and import the whole policy (YAML)")
     export = _leaf(sub, "export", _policy_export, "write the whole policy as YAML", common)
     export.add_argument("file", help="output file, or '-' for stdout")
-    imp = _leaf(
+    imp = _write_leaf(
         sub,
         "import",
         _policy_import,

@@ -201,3 +201,85 @@ def _plain(value: Any, where: str) -> Any:
             out[str(key)] = _plain(item, where)
         return out
     return value
+
+
+# --- writes: the impact preview first, and writes held for approval ----------------------------
+
+
+def impact_summary(impact: Any) -> str:
+    """One line for an impact preview: callers decided again, and how many would change."""
+    if not isinstance(impact, dict):
+        return "no impact preview"
+    block, allow = impact.get("would_block") or [], impact.get("would_allow") or []
+    blocked = impact.get("would_block_count", len(block))
+    allowed = impact.get("would_allow_count", len(allow))
+    return (
+        f"{impact.get('callers', '?')} recent callers decided again: "
+        f"{blocked} would be blocked, {allowed} would be allowed"
+    )
+
+
+def _impact_text(impact: Mapping[str, Any]) -> str:
+    lines = [f"impact preview ({impact.get('effect', '?')}): {impact_summary(impact)}"]
+    for kind in ("would_block", "would_allow"):
+        rows = [
+            [r.get("subject"), r.get("org"), r.get("tier"), r.get("model"), r.get("code"), r.get("requests")]
+            for r in impact.get(kind) or []
+        ]
+        if rows:
+            lines.append(f"{kind.replace('_', ' ')}:")
+            lines.append(table(["SUBJECT", "ORG", "TIER", "MODEL", "CODE", "REQUESTS"], rows[:50]))
+            if len(rows) > 50:
+                lines.append(f"... and {len(rows) - 50} more (--json shows them all)")
+    return "\n".join(lines)
+
+
+def write(
+    args: argparse.Namespace,
+    method: str,
+    path: str,
+    *,
+    body: Any = None,
+    data: bytes | None = None,
+    content_type: str = "application/json",
+    query: Mapping[str, Any] | None = None,
+) -> Any | None:
+    """Send one admin write; None when it is held for approval (already reported, exit status 0).
+
+    With ``--preview`` the impact of the same change is printed first (on stderr, so ``--json``
+    output stays the write's answer); a preview that cannot be made stops the command unwritten.
+    """
+    client = admin_client(args)
+    if getattr(args, "preview", False):
+        shown = path
+        if query:
+            shown += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
+        described = body if data is None else data.decode("utf-8", "replace")
+        change = {"method": method, "path": shown, "body": described}
+        impact = client.call("POST", "/admin/v1/impact", body={"change": change})
+        print(json.dumps(impact, ensure_ascii=False) if args.json else _impact_text(impact), file=sys.stderr)
+    answer = client.call(method, path, body=body, data=data, content_type=content_type, query=query)
+    if isinstance(answer, dict) and "change_request" in answer and "version" not in answer:
+        emit(args, answer, held_text)
+        request = answer["change_request"]
+        print_warnings(request)
+        return None
+    return answer
+
+
+def held_text(data: Mapping[str, Any]) -> str:
+    """What a write held for a second admin's approval says."""
+    request = data["change_request"]
+    lines = [
+        f"change request {request.get('id')} awaits approval by another admin "
+        f"(effect {request.get('effect')}; expires {request.get('expires_at')}); nothing was changed yet",
+        f"impact: {impact_summary(request.get('impact'))}",
+        f"approve: gateway changes approve {request.get('id')}",
+    ]
+    if "key" in data:
+        lines[1:1] = [
+            f"id:  {data.get('id')}",
+            f"key: {data.get('key')}",
+            "The key is shown only this once; store it now. It works once the request is approved.",
+        ]
+    return "\n".join(lines)

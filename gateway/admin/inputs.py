@@ -30,7 +30,11 @@ IMPORT_SECTIONS = ("lists", "models", "api_keys", "screening")
 
 
 async def read_json(request: web.Request) -> Any:
-    raw = await request.read()
+    return parse_json(await request.read())
+
+
+def parse_json(raw: bytes) -> Any:
+    """A request body as JSON; 400 naming ``body`` when it is empty or not JSON."""
     if not raw.strip():
         raise invalid("body", "a JSON object is required")
     try:
@@ -53,7 +57,11 @@ def json_object(body: Any, allowed: Sequence[str], where: str = "body") -> Mappi
 
 
 def query_limit(request: web.Request) -> int:
-    raw = request.query.get("limit")
+    return limit_of(request.query.get("limit"))
+
+
+def limit_of(raw: str | None) -> int:
+    """``?limit=``: 1 to MAX_LIMIT, DEFAULT_LIMIT when absent."""
     if raw is None:
         return DEFAULT_LIMIT
     if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
@@ -62,7 +70,11 @@ def query_limit(request: web.Request) -> int:
 
 
 def list_name(request: web.Request) -> str:
-    name = request.match_info["list"]
+    return list_name_of(request.match_info["list"])
+
+
+def list_name_of(name: str) -> str:
+    """``name`` if it names a list; 404 otherwise."""
     if name not in LIST_NAMES:
         raise not_found(f"No list named {name[:60]!r}; the lists are {', '.join(LIST_NAMES)}.")
     return name
@@ -83,7 +95,11 @@ def sorted_by_key(mapping: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def entry_key(request: web.Request, name: str) -> str:
-    raw = request.match_info["key"]
+    return entry_key_of(request.match_info["key"], name)
+
+
+def entry_key_of(raw: str, name: str) -> str:
+    """An entry key from the path, normalised for list ``name``; 400 naming ``key`` when empty or invalid."""
     if not raw:
         raise invalid(
             "key",

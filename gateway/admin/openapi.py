@@ -90,6 +90,18 @@ def _schemas(tiers: Sequence[str]) -> dict[str, Any]:
         "expires_at": _nullable(_FUTURE),
         "country": {**_REGION, "description": "ip-ranges only (required there): " + _REGION["description"]},
         "enforce": {"type": "boolean", "default": True, "description": _ENFORCE_ENTRY},
+        "countries": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "country-groups (required there): the member codes; licences (required there): the "
+            "countries it covers, codes or @GROUP names of country groups",
+        },
+        "org": {**_IDENT, "description": "licences only (required there): the organisation it is granted to"},
+        "models": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "licences only (required there): the registered models it covers",
+        },
     }
     # An empty added_by/added_at counts as absent: the import stamps the entry like a new one.
     stored_props = {
@@ -169,8 +181,15 @@ def _schemas(tiers: Sequence[str]) -> dict[str, Any]:
         "TimelineStep": {
             "type": "object",
             "additionalProperties": False,
-            "required": ["at", "stage"],
-            "properties": {"at": _INSTANT, "stage": {"type": "string", "enum": list(STAGES)}},
+            "required": ["at"],
+            "minProperties": 2,
+            "description": "from at on, the fields named replace the model's own (name at least one)",
+            "properties": {
+                "at": _INSTANT,
+                "stage": {"type": "string", "enum": list(STAGES)},
+                "export_suspended": {"type": "boolean"},
+                "allowed_countries": _nullable({"type": "array", "items": {"type": "string"}}),
+            },
         },
         "Model": {
             "type": "object",
@@ -261,9 +280,7 @@ def _schemas(tiers: Sequence[str]) -> dict[str, Any]:
                 "lists": {
                     "type": "object",
                     "additionalProperties": False,
-                    "properties": {
-                        name: _ref("IpRangeList" if name == "ip-ranges" else "CountryFreeList") for name in LIST_NAMES
-                    },
+                    "properties": {name: _ref("IpRangeList" if name == "ip-ranges" else "List") for name in LIST_NAMES},
                 },
                 "models": {"type": "object", "additionalProperties": _ref("StoredModel")},
                 "api_keys": {"type": "object", "additionalProperties": _ref("ApiKeyRecord")},
@@ -283,6 +300,12 @@ def _schemas(tiers: Sequence[str]) -> dict[str, Any]:
                 "tier": {"type": "string", "enum": list(tiers)},
                 "ip": {"type": "string", "description": "IPv4 or IPv6 address", "maxLength": 64},
                 "model": _nullable({"type": "string", "minLength": 1, "maxLength": MAX_KEY_CHARS}),
+                "explain": {
+                    "type": "string",
+                    "enum": ["first", "all"],
+                    "default": "first",
+                    "description": "all: also list every rule that blocks, in the decision table's order",
+                },
             },
         },
         "Decision": {
@@ -296,6 +319,19 @@ def _schemas(tiers: Sequence[str]) -> dict[str, Any]:
                 "policy_version": {"type": "integer"},
                 "ip_country": _nullable({"type": "string"}),
                 "screening": object_of,
+                "licence": {"type": "string", "description": "the licence that let the caller past row 6"},
+                "blocking": {
+                    "type": "array",
+                    "description": 'with "explain": "all": every rule that blocks (empty when allowed)',
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "status": {"type": "integer"},
+                            "code": {"type": "string"},
+                            "message": {"type": "string"},
+                        },
+                    },
+                },
                 "shadow": {
                     "type": "object",
                     "description": "present when the policy holds shadow entries or model shadows and "
@@ -309,6 +345,86 @@ def _schemas(tiers: Sequence[str]) -> dict[str, Any]:
                     },
                 },
             },
+        },
+        "ChangeDescription": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["method", "path"],
+            "description": "An admin write as it would be sent: method, path under /admin/v1 (with its "
+            "query), JSON body (a screening import's CSV as a string)",
+            "properties": {
+                "method": {"type": "string", "enum": ["PUT", "PATCH", "POST", "DELETE"]},
+                "path": {"type": "string", "pattern": "^/admin/v1/", "maxLength": 2048},
+                "body": _nullable({}),
+            },
+        },
+        "ChangeRequest": {
+            "type": "object",
+            "required": ["id", "status", "proposed_by", "created_at", "expires_at", "effect", "change", "impact"],
+            "description": "A write held for a second admin's approval (admin.approval). Once closed it "
+            "also carries approved_by or rejected_by (and reason), closed_at and, when applied, version.",
+            "properties": {
+                "id": {"type": "string"},
+                "status": {"type": "string", "enum": ["pending", "applied", "rejected", "expired"]},
+                "proposed_by": {"type": "string"},
+                "created_at": _INSTANT,
+                "expires_at": _INSTANT,
+                "effect": {"type": "string", "enum": ["loosen", "tighten"]},
+                "change": _ref("ChangeDescription"),
+                "impact": _nullable({**object_of, "description": "the impact preview; null when none was made"}),
+                "warnings": {"type": "array", "items": {"type": "string"}},
+                "before": _nullable({}),
+                "after": _nullable({}),
+                "policy_version": _nullable({"type": "integer", "description": "the version it was proposed on"}),
+                "generation": _nullable({"type": "string"}),
+                "approved_by": {"type": "string"},
+                "rejected_by": {"type": "string"},
+                "reason": {"type": "string"},
+                "closed_at": _INSTANT,
+                "version": {"type": "integer", "description": "the policy version its approval wrote"},
+                "ops": _nullable(
+                    {"type": "array", "items": object_of, "description": "the operations approval applies"}
+                ),
+            },
+            "additionalProperties": True,
+        },
+        "Held": {
+            "type": "object",
+            "required": ["change_request"],
+            "description": "The write was held for approval and changed nothing. An API key issued this "
+            "way carries id and key beside it (shown once; the key works once approved).",
+            "properties": {
+                "change_request": _ref("ChangeRequest"),
+                "id": {"type": "string"},
+                "key": {"type": "string", "pattern": "^gk_"},
+            },
+        },
+        "ImpactRequest": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["change"],
+            "properties": {
+                "change": _ref("ChangeDescription"),
+                "hours": {
+                    "type": "number",
+                    "exclusiveMinimum": True,
+                    "minimum": 0,
+                    "maximum": 24 * 366,
+                    "description": "how far back the audit trail is read (default admin.impact.hours)",
+                },
+            },
+        },
+        "Impact": {
+            "type": "object",
+            "description": "The recent callers decided again under the policy as the change would leave it",
+            "properties": {
+                "callers": {"type": "integer"},
+                "would_block": {"type": "array", "items": object_of},
+                "would_allow": {"type": "array", "items": object_of},
+                "effect": {"type": "string", "enum": ["loosen", "tighten"]},
+                "version": _nullable({"type": "integer", "description": "the policy version judged against"}),
+            },
+            "additionalProperties": True,
         },
         "Written": {
             "type": "object",
@@ -339,11 +455,19 @@ def _ok(description: str, schema: dict[str, Any]) -> dict[str, Any]:
 _ERRORS = {
     "400": "bad input, named in the message; nothing changed",
     "401": "no or wrong admin token",
+    "403": "the proposer approving their own change request (code approval_self)",
     "404": "no such list, entry, model or key",
     "409": "Redis holds no policy (code policy_missing); an incomplete restore (policy_incomplete); "
-    "a revoked key written back (key_revoked)",
+    "a revoked key written back (key_revoked); a change request no longer pending (change_closed, "
+    "change_expired) or whose target changed since it was proposed (change_conflict)",
     "413": "body too large",
-    "503": "Redis unavailable (code redis_unavailable)",
+    "503": "Redis unavailable (code redis_unavailable); no impact previewer (impact_unavailable) or "
+    "a preview past admin.impact.timeout_s (impact_timeout)",
+}
+
+_HELD = {
+    "description": "held for a second admin's approval (admin.approval.required_for names its effect); nothing changed",
+    "content": {"application/json": {"schema": _ref("Held")}},
 }
 
 
@@ -375,6 +499,28 @@ _LIMIT = {
     "required": False,
     "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
 }
+_AUDIT_FILTERS: list[dict[str, Any]] = [
+    *(
+        {
+            "name": name,
+            "in": "query",
+            "required": False,
+            "description": f"only records whose {name} is exactly this",
+            "schema": {"type": "string", "maxLength": 256},
+        }
+        for name in ("subject", "org", "model", "code")
+    ),
+    *(
+        {
+            "name": name,
+            "in": "query",
+            "required": False,
+            "description": description,
+            "schema": {"type": "string", "format": "date-time"},
+        }
+        for name, description in (("since", "records at or after this time"), ("until", "records before this time"))
+    ),
+]
 _LIST = _path("list", {"type": "string", "enum": list(LIST_NAMES)}, "the list")
 _KEY = _path("key", _IDENT, "the entry key, percent-encoded (a CIDR's '/' as %2F)")
 _MODEL = _path(
@@ -494,7 +640,8 @@ def _paths() -> dict[str, Any]:
         "/admin/v1/api-keys": {
             "get": _op("Issued keys (hashes, never keys)", _ok("the keys", any_object), errors=("401", "409", "503")),
             "post": _op(
-                "Issue a key; the key is in this answer only",
+                "Issue a key; the key is in this answer only. Its org and org_name are screened first: a match is "
+                "409 screening_match and no key is issued",
                 _ok(
                     "issued",
                     {
@@ -504,6 +651,11 @@ def _paths() -> dict[str, Any]:
                             "version": {"type": "integer"},
                             "id": {"type": "string"},
                             "key": {"type": "string", "pattern": "^gk_"},
+                            "warnings": {
+                                "type": "array",
+                                "items": {"type": "string"},
+                                "description": "the org or org name screens in the review band",
+                            },
                         },
                     },
                 ),
@@ -540,6 +692,32 @@ def _paths() -> dict[str, Any]:
                 errors=("400", "401", "409", "413", "503"),
             ),
         },
+        "/admin/v1/screening/hits": {
+            "get": _op(
+                "API keys and partners whose names the last screening import found to match (rule 2 blocks them)",
+                _ok(
+                    "the hits",
+                    {
+                        "type": "object",
+                        "properties": {
+                            "version": _nullable({"type": "integer"}),
+                            "screened_at": _nullable({"type": "string"}),
+                            "hits": {"type": "array", "items": any_object},
+                        },
+                    },
+                ),
+                params=[
+                    {
+                        "name": "new",
+                        "in": "query",
+                        "required": False,
+                        "description": "true: only the hits the last import found first",
+                        "schema": {"type": "string", "enum": ["true", "false", "1", "0"]},
+                    }
+                ],
+                errors=("400", "401", "503"),
+            ),
+        },
         "/admin/v1/screening/search": {
             "get": _op(
                 "Scored matches of a name against the screening list",
@@ -573,9 +751,20 @@ def _paths() -> dict[str, Any]:
         },
         "/admin/v1/audit": {
             "get": _op(
-                "Audit records, newest first",
-                _ok("records", {"type": "object", "properties": {"records": {"type": "array", "items": any_object}}}),
-                params=[_LIMIT],
+                "Audit records, newest first; with filters, the newest that match (``scanned``: entries read, "
+                "``complete``: false when the read stopped at its cap and older matches may exist)",
+                _ok(
+                    "records",
+                    {
+                        "type": "object",
+                        "properties": {
+                            "records": {"type": "array", "items": any_object},
+                            "scanned": {"type": "integer"},
+                            "complete": {"type": "boolean"},
+                        },
+                    },
+                ),
+                params=[_LIMIT, *_AUDIT_FILTERS],
                 errors=("400", "401", "503"),
             ),
         },
@@ -585,6 +774,95 @@ def _paths() -> dict[str, Any]:
                 _ok("changes", {"type": "object", "properties": {"changes": {"type": "array", "items": any_object}}}),
                 params=[_LIMIT],
                 errors=("400", "401", "503"),
+            ),
+        },
+    }
+
+
+def _with_held(paths: dict[str, Any]) -> dict[str, Any]:
+    """Every write may be held for approval: a 202 beside its 200."""
+    for path, operations in paths.items():
+        if path in ("/admin/v1/policy/diff", "/admin/v1/decide", "/admin/v1/impact") or "change-requests" in path:
+            continue
+        for method, operation in operations.items():
+            if method in ("put", "patch", "post", "delete"):
+                operation["responses"]["202"] = _HELD
+    return paths
+
+
+def _change_request_paths() -> dict[str, Any]:
+    request_id = _path("id", {"type": "string", "minLength": 1, "maxLength": 64}, "the change request id")
+    one = _ok("the change request", {"type": "object", "properties": {"change_request": _ref("ChangeRequest")}})
+    optional = {"required": False, "content": _json({"type": "object", "additionalProperties": False})}
+    reject_body = {
+        "required": False,
+        "content": _json(
+            {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {"reason": {"type": "string", "minLength": 1, "maxLength": 1000}},
+            }
+        ),
+    }
+    approve = _op(
+        "Approve another admin's change request: apply its stored operations atomically",
+        _ok(
+            "applied",
+            {
+                "type": "object",
+                "required": ["version", "change_request"],
+                "properties": {"version": {"type": "integer"}, "change_request": _ref("ChangeRequest")},
+            },
+        ),
+        params=[request_id],
+        errors=("400", "401", "403", "404", "409", "503"),
+    )
+    approve["requestBody"] = optional
+    reject = _op(
+        "Reject a pending change request (its proposer may withdraw it); nothing is applied",
+        one,
+        params=[request_id],
+        errors=("400", "401", "404", "409", "503"),
+    )
+    reject["requestBody"] = reject_body
+    status = {
+        "name": "status",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string", "enum": ["pending", "applied", "rejected", "expired"]},
+    }
+    return {
+        "/admin/v1/change-requests": {
+            "get": _op(
+                "Change requests, newest first (a pending one past expires_at shows as expired)",
+                _ok(
+                    "change requests",
+                    {
+                        "type": "object",
+                        "properties": {"change_requests": {"type": "array", "items": _ref("ChangeRequest")}},
+                    },
+                ),
+                params=[status, _LIMIT],
+                errors=("400", "401", "503"),
+            ),
+        },
+        "/admin/v1/change-requests/{id}": {
+            "get": _op(
+                "One change request, with the operations its approval applies",
+                one,
+                params=[request_id],
+                errors=("401", "404", "503"),
+            ),
+        },
+        "/admin/v1/change-requests/{id}/approve": {"post": approve},
+        "/admin/v1/change-requests/{id}/reject": {"post": reject},
+        "/admin/v1/impact": {
+            "post": _op(
+                "Preview a change's impact on recent callers; the change is resolved as its write "
+                "would be and nothing is written",
+                _ok("the impact", _ref("Impact")),
+                body=_json(_ref("ImpactRequest")),
+                errors=("400", "401", "404", "409", "413", "503"),
             ),
         },
     }
@@ -603,7 +881,7 @@ def openapi_document(*, tiers: Sequence[str]) -> dict[str, Any]:
         },
         "servers": [{"url": "/"}],
         "security": [{"adminToken": []}],
-        "paths": _paths(),
+        "paths": {**_with_held(_paths()), **_change_request_paths()},
         "components": {
             "securitySchemes": {"adminToken": {"type": "http", "scheme": "bearer"}},
             "schemas": _schemas(tiers),

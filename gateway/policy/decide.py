@@ -12,7 +12,16 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from gateway.policy.model import Caller, Decision, ScreeningHitLike, ScreeningLike, Snapshot, fold_model_name
+from gateway.policy.model import (
+    Caller,
+    Decision,
+    Entry,
+    Model,
+    ScreeningHitLike,
+    ScreeningLike,
+    Snapshot,
+    fold_model_name,
+)
 from gateway.policy.names import (
     AMBIGUOUS_REQUEST,
     COUNTRY_DENIED,
@@ -158,11 +167,15 @@ def _country_denied(
     snapshot: Snapshot, caller: Caller, model: str | None, *, now: float, screening: dict[str, Any] | None
 ) -> Decision | None:
     deny = snapshot.lists[DENY_COUNTRIES]
-    if not deny:
+    by_group = snapshot.group_denied
+    if not deny and not by_group:
         return None
     for code in caller.countries:
         entry = deny.get(code)
         if entry is not None and entry.active(now):
+            break
+        # Only a code in a denied group (or a subdivision, or an undefined group) costs a call.
+        if by_group and (code in by_group or "-" in code or "*" in by_group) and _group_denies(by_group, code, now):
             break
     else:
         return None
@@ -174,7 +187,27 @@ def _country_denied(
                 f"denied countries and regions list (country_denied)."
             )
             return _block(snapshot, COUNTRY_DENIED, message, screening=screening)
+        group = _group_denies(by_group, code, now) if by_group else None
+        if group is not None:
+            message = (
+                f"Access{_to_model(model)} from {_place(code)} is not permitted: {code} is in country group "
+                f"{group.key[1:]}, which is on the denied countries and regions list (country_denied)."
+                if group.key[1:] in snapshot.groups
+                else f"Access{_to_model(model)} is not permitted: the denied countries list names country group "
+                f"{group.key[1:]}, which the policy does not define, so it denies every caller (country_denied)."
+            )
+            return _block(snapshot, COUNTRY_DENIED, message, screening=screening)
     return None  # unreachable: the first loop found a denied code
+
+
+def _group_denies(by_group: Mapping[str, tuple[Entry, ...]], code: str, now: float) -> Entry | None:
+    """The active deny-countries entry naming a group that holds ``code`` (or an undefined group)."""
+    for entry in by_group.get(code, ()) + by_group.get("*", ()):
+        if entry.active(now):
+            return entry
+    if "-" in code:  # a subdivision is denied where its country is
+        return _group_denies(by_group, code.split("-", 1)[0], now)
+    return None
 
 
 def _entity_denied(
@@ -293,7 +326,7 @@ def _request_model(
     return None, _block(snapshot, MODEL_REQUIRED, message, screening=screening)
 
 
-def decide(  # noqa: C901 - complexity 17, the most in its module: to be split
+def decide(
     snapshot: Snapshot | None,
     caller: Caller,
     model: str | None,
@@ -329,33 +362,98 @@ def decide(  # noqa: C901 - complexity 17, the most in its module: to be split
         return snapshot.allow if screening is None else _allow(snapshot, screening)
     entry = snapshot.models.get(model)
     if entry is None:
-        if fold_model_name(model) in snapshot.folded_models:
-            message = (
-                f"Model '{clip(model)}' is not registered, but a model that differs from it only in letter "
-                "case, character width or surrounding spaces is, and a model server may read one as the "
-                "other; send the registered name exactly (ambiguous_request)."
-            )
-            return _block(snapshot, AMBIGUOUS_REQUEST, message, screening=screening)
-        if rules.unknown_model != "allow":
-            message = (
-                f"Model '{clip(model)}' is not in the gateway's model registry, and unregistered models "
-                "are not served (model_unknown)."
-            )
-            return _block(snapshot, MODEL_UNKNOWN, message, screening=screening)
+        refused = _unregistered(snapshot, model, rules, screening)
+        if refused is not None:
+            return refused
         # With nothing registered there is no suspension, country set or stage to apply.
         return snapshot.allow if screening is None else _allow(snapshot, screening)
-    if entry.export_suspended:
-        outside = _outside(caller, rules.home_countries, rules.require_ip_country)
-        if outside is not None:
-            message = _suspended_message(model, outside, rules.home_countries)
-            return _block(snapshot, EXPORT_SUSPENDED, message, screening=screening)
-    allowed_countries = entry.allowed_countries
+    return _model_rows(snapshot, entry, caller, model, now, rules, screening)
+
+
+def _unregistered(snapshot: Snapshot, model: str, rules: Rules, screening: dict[str, Any] | None) -> Decision | None:
+    """Row 4 (and a near spelling of a registered name) for a model the registry lacks."""
+    if fold_model_name(model) in snapshot.folded_models:
+        message = (
+            f"Model '{clip(model)}' is not registered, but a model that differs from it only in letter "
+            "case, character width or surrounding spaces is, and a model server may read one as the "
+            "other; send the registered name exactly (ambiguous_request)."
+        )
+        return _block(snapshot, AMBIGUOUS_REQUEST, message, screening=screening)
+    if rules.unknown_model != "allow":
+        message = (
+            f"Model '{clip(model)}' is not in the gateway's model registry, and unregistered models "
+            "are not served (model_unknown)."
+        )
+        return _block(snapshot, MODEL_UNKNOWN, message, screening=screening)
+    return None
+
+
+def _model_rows(
+    snapshot: Snapshot,
+    entry: Model,
+    caller: Caller,
+    model: str,
+    now: float,
+    rules: Rules,
+    screening: dict[str, Any] | None,
+) -> Decision:
+    """Rows 5-8 for a registered model, in its state at ``now`` (timeline entries applied)."""
+    states = entry.states
+    state = states[0][1] if len(states) == 1 else entry.state(now)
+    if state.export_suspended:
+        refused = _suspended(snapshot, caller, model, rules, screening)
+        if refused is not None:
+            return refused
+    licence = None
+    allowed_countries = state.allowed_countries
     if allowed_countries is not None:
         outside = _outside(caller, allowed_countries, rules.require_ip_country)
         if outside is not None:
-            message = _restricted_message(model, outside)
-            return _block(snapshot, EXPORT_RESTRICTED, message, screening=screening)
-    stage = entry.current_stage(now)
+            licence = _licence(snapshot, caller, model, now, rules)
+            if licence is None:
+                message = _restricted_message(model, outside)
+                return _block(snapshot, EXPORT_RESTRICTED, message, screening=screening)
+    refused = _released(snapshot, caller, model, state.stage, now, rules, screening)
+    if refused is not None:
+        return refused
+    if screening is None and licence is None:
+        return snapshot.allow
+    return _allow(snapshot, screening, licence)
+
+
+def _suspended(
+    snapshot: Snapshot, caller: Caller, model: str, rules: Rules, screening: dict[str, Any] | None
+) -> Decision | None:
+    """Row 5, for a model whose export is suspended now."""
+    outside = _outside(caller, rules.home_countries, rules.require_ip_country)
+    if outside is None:
+        return None
+    message = _suspended_message(model, outside, rules.home_countries)
+    return _block(snapshot, EXPORT_SUSPENDED, message, screening=screening)
+
+
+def _licence(snapshot: Snapshot, caller: Caller, model: str, now: float, rules: Rules) -> str | None:
+    """The id of a licence of the caller's org that covers ``model`` from every one of the caller's
+    countries (claim and IP, as row 6 checks them), or None."""
+    org = caller.org
+    if not org or not snapshot.licences:
+        return None
+    for licence in snapshot.licences.get(org, ()):
+        if licence.covers(model, now) and _outside(caller, licence.countries, rules.require_ip_country) is None:
+            return licence.id
+    return None
+
+
+def _released(
+    snapshot: Snapshot,
+    caller: Caller,
+    model: str,
+    stage: str,
+    now: float,
+    rules: Rules,
+    screening: dict[str, Any] | None,
+) -> Decision | None:
+    """Rows 7 and 8: the model's current stage against the caller's tier and the partners list."""
     stages = rules.tier_stages.get(caller.tier)
     if stages is None or stage not in stages:
         message = (
@@ -373,12 +471,48 @@ def decide(  # noqa: C901 - complexity 17, the most in its module: to be split
                 "partners list (partner_required)."
             )
             return _block(snapshot, PARTNER_REQUIRED, message, screening=screening)
-    return snapshot.allow if screening is None else _allow(snapshot, screening)
+    return None
 
 
-def _allow(snapshot: Snapshot, screening: dict[str, Any]) -> Decision:
+def blocking_rules(
+    snapshot: Snapshot | None, caller: Caller, model: str | None, now: float, rules: Rules
+) -> list[Decision]:
+    """Every rule of rows 2-8 (and 10) that refuses ``caller`` the ``model``, each as its own decision,
+    in the table's order; empty when the request would be allowed. ``decide`` stops at the first."""
+    if snapshot is None:
+        return [_stale(snapshot)]
+    found: list[Decision] = []
+    entity, screening = _entity_denied(snapshot, caller, model, now=now)
+    if entity is not None:
+        found.append(entity)
+    country = _country_denied(snapshot, caller, model, now=now, screening=screening)
+    if country is not None:
+        found.append(country)
+    if model is None:
+        return found
+    entry = snapshot.models.get(model)
+    if entry is None:
+        refused = _unregistered(snapshot, model, rules, screening)
+        return found + ([refused] if refused is not None else [])
+    state = entry.state(now)
+    if state.export_suspended:
+        suspended = _suspended(snapshot, caller, model, rules, screening)
+        if suspended is not None:
+            found.append(suspended)
+    if state.allowed_countries is not None:
+        outside = _outside(caller, state.allowed_countries, rules.require_ip_country)
+        if outside is not None and _licence(snapshot, caller, model, now, rules) is None:
+            found.append(_block(snapshot, EXPORT_RESTRICTED, _restricted_message(model, outside), screening=screening))
+    released = _released(snapshot, caller, model, state.stage, now, rules, screening)
+    if released is not None:
+        found.append(released)
+    return found
+
+
+def _allow(snapshot: Snapshot, screening: dict[str, Any] | None, licence: str | None = None) -> Decision:
     allow = snapshot.allow
-    return Decision(True, 200, "", allow.message, snapshot.version, screening)
+    message = allow.message if licence is None else f"{allow.message[:-1]}, under licence {clip(licence)}."
+    return Decision(True, 200, "", message, snapshot.version, screening, licence)
 
 
 def _suspended_message(model: str, outside: tuple[str, str], home: frozenset[str]) -> str:

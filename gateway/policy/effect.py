@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Literal
 
-from gateway.policy.names import DENY_COUNTRIES, DENY_ENTITIES, IP_RANGES, PARTNERS, STAGES
+from gateway.policy.names import DENY_COUNTRIES, DENY_ENTITIES, IP_RANGES, LICENCES, PARTNERS, STAGES
 
 Effect = Literal["loosen", "tighten"]
 LOOSEN: Effect = "loosen"
@@ -116,7 +116,26 @@ def _entry_effect(list_name: str, before: Mapping[str, Any] | None, after: Mappi
         if before is None:
             return LOOSEN
         return LOOSEN if _ends_sooner(after, before) else TIGHTEN
-    return LOOSEN  # a list this module does not know, as in part_effect
+    if list_name == LICENCES:
+        # A licence lets callers past row 6: granting one loosens, revoking it tightens, and a change
+        # loosens unless it only narrows (same org, fewer models and countries, ending no later).
+        if after is None:
+            return TIGHTEN
+        if before is None:
+            return LOOSEN
+        return TIGHTEN if _licence_narrows(before, after) else LOOSEN
+    # country-groups: a member added widens every allowed set naming the group, one removed shrinks
+    # every deny entry naming it; either way loosening. So is a list this module does not know.
+    return LOOSEN
+
+
+def _licence_narrows(before: Mapping[str, Any], after: Mapping[str, Any]) -> bool:
+    return (
+        before.get("org") == after.get("org")
+        and set(_codes(after.get("models"))) <= set(_codes(before.get("models")))
+        and set(_codes(after.get("countries"))) <= set(_codes(before.get("countries")))
+        and not _ends_sooner(after, before)
+    )
 
 
 def _ends_sooner(first: Mapping[str, Any], second: Mapping[str, Any]) -> bool:

@@ -7,14 +7,15 @@ Pure data: building these from stored bytes is :mod:`gateway.policy.wire`'s job,
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, NamedTuple, Protocol
 
-from gateway.policy.names import LIST_NAMES, CredentialKind
+from gateway.policy.names import GROUP_PREFIX, LIST_NAMES, CredentialKind
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
@@ -61,6 +62,11 @@ class Entry(NamedTuple):
     # False for a shadow entry (``"enforce": false``): stored and versioned, decided alongside the
     # live policy, never enforced.
     enforce: bool = True
+    # country-groups: the member codes; licences: the countries (codes and @GROUP references) as written.
+    countries: tuple[str, ...] | None = None
+    # licences only: the organisation it is granted to and the models it covers.
+    org: str | None = None
+    models: tuple[str, ...] | None = None
 
     def active(self, now: float) -> bool:
         """True until ``expires_at``; from that instant on the entry no longer applies."""
@@ -68,26 +74,125 @@ class Entry(NamedTuple):
         return expires is None or now < expires
 
 
+class Step(NamedTuple):
+    """One timeline entry: from ``at`` on, the fields it names replace the model's own.
+
+    ``allowed_countries`` is as written (codes and ``@GROUP`` references); ``names_allowed`` says
+    whether the entry names it at all (a named null lifts the country restriction).
+    """
+
+    at_ts: float
+    at_iso: str
+    stage: str | None = None
+    export_suspended: bool | None = None
+    allowed_countries: tuple[str, ...] | None = None
+    names_allowed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ModelState:
+    """What a model is at one instant: its stage, suspension and allowed countries (groups resolved)."""
+
+    stage: str
+    export_suspended: bool
+    allowed_countries: frozenset[str] | None
+
+
+def resolve_codes(written: Iterable[str], groups: Mapping[str, frozenset[str]]) -> frozenset[str]:
+    """Codes and ``@GROUP`` references -> codes. A group the policy lacks adds none: a set of allowed
+    countries only shrinks by it (fail closed)."""
+    out: set[str] = set()
+    for code in written:
+        if code[:1] == GROUP_PREFIX:
+            out |= groups.get(code[1:], frozenset())
+        else:
+            out.add(code)
+    return frozenset(out)
+
+
 @dataclass(frozen=True, slots=True)
 class Model:
-    """A registry entry; ``timeline`` holds ``(at_ts, at_iso, stage)`` sorted by time."""
+    """A registry entry as written (``allowed_countries`` may name ``@GROUP``s), ``timeline`` sorted by
+    time, and ``states``: (from when, :class:`ModelState`) with country groups resolved, first from -inf.
+    """
 
     name: str
     stage: str
-    timeline: tuple[tuple[float, str, str], ...] = ()
+    timeline: tuple[Step, ...] = ()
     allowed_countries: frozenset[str] | None = None
     export_suspended: bool = False
     # The model as a shadow write would make it (decided alongside, never enforced); None: no shadow.
     shadow: Model | None = None
+    states: tuple[tuple[float, ModelState], ...] = field(init=False, repr=False, compare=False)
+    # Whether any of its country sets names a group (so a group change resolves it again).
+    uses_groups: bool = field(init=False, repr=False, compare=False)
 
-    def current_stage(self, now: float) -> str:
-        """The stage of the last timeline entry whose ``at`` has passed, else ``stage``."""
-        stage = self.stage
-        for at_ts, _at_iso, next_stage in self.timeline:
+    def __post_init__(self) -> None:
+        written = [self.allowed_countries or ()] + [step.allowed_countries or () for step in self.timeline]
+        object.__setattr__(self, "uses_groups", any(code[:1] == GROUP_PREFIX for codes in written for code in codes))
+        object.__setattr__(self, "states", self._states({}))
+
+    def _states(self, groups: Mapping[str, frozenset[str]]) -> tuple[tuple[float, ModelState], ...]:
+        allowed = self.allowed_countries
+        stage, suspended = self.stage, self.export_suspended
+        resolved = None if allowed is None else resolve_codes(allowed, groups)
+        states = [(-math.inf, ModelState(stage, suspended, resolved))]
+        for step in self.timeline:
+            if step.stage is not None:
+                stage = step.stage
+            if step.export_suspended is not None:
+                suspended = step.export_suspended
+            if step.names_allowed:
+                written = step.allowed_countries
+                resolved = None if written is None else resolve_codes(written, groups)
+            states.append((step.at_ts, ModelState(stage, suspended, resolved)))
+        return tuple(states)
+
+    def resolved(self, groups: Mapping[str, frozenset[str]]) -> Model:
+        """This model with its country groups resolved against ``groups`` (itself when it names none)."""
+        shadow = self.shadow
+        if not self.uses_groups and (shadow is None or not shadow.uses_groups):
+            return self
+        model = self
+        if shadow is not None and shadow.uses_groups:
+            model = dataclasses.replace(self, shadow=shadow.resolved(groups))
+        elif model is self:
+            model = dataclasses.replace(self)
+        object.__setattr__(model, "states", model._states(groups))
+        return model
+
+    def state(self, now: float) -> ModelState:
+        """The model at ``now``: the last timeline entry whose ``at`` has passed, over the fields it
+        names, else the model's own fields."""
+        states = self.states
+        current = states[0][1]
+        for at_ts, state in states[1:]:
             if at_ts > now:
                 break
-            stage = next_stage
-        return stage
+            current = state
+        return current
+
+    def current_stage(self, now: float) -> str:
+        return self.state(now).stage
+
+    def next_change(self, now: float) -> Step | None:
+        """The first timeline entry after ``now``, or None."""
+        for step in self.timeline:
+            if step.at_ts > now:
+                return step
+        return None
+
+
+class Licence(NamedTuple):
+    """A licence as a decision reads it: who, which models, from which countries (groups resolved)."""
+
+    id: str
+    models: frozenset[str]
+    countries: frozenset[str]
+    entry: Entry
+
+    def covers(self, model: str, now: float) -> bool:
+        return model in self.models and self.entry.active(now)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,10 +226,12 @@ class Decision:
     message: str
     policy_version: int
     screening: dict[str, Any] | None = None
+    # The licence that let the caller past row 6 (docs/contract.md §14), when one did.
+    licence: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The shape ``POST /admin/v1/decide`` answers with."""
-        return {
+        answer = {
             "decision": "allow" if self.allowed else "block",
             "status": self.status,
             "code": self.code,
@@ -132,6 +239,9 @@ class Decision:
             "policy_version": self.policy_version,
             "screening": self.screening,
         }
+        if self.licence is not None:
+            answer["licence"] = self.licence
+        return answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +263,16 @@ class Snapshot:
     screening: ScreeningLike | None = None
     ip_ranges: Mapping[str, str] = field(default_factory=dict)
     ip_ranges_expire_at: float = math.inf
+    # country-groups resolved: group name -> member codes.
+    groups: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    # deny-countries entries keyed by a group (``@E:1``), by member code: a code -> those entries. A
+    # reference to a group the policy lacks is under ``"*"`` and denies every caller (fail closed).
+    group_denied: Mapping[str, tuple[Entry, ...]] = field(default_factory=dict)
+    # licences by org, countries resolved.
+    licences: Mapping[str, tuple[Licence, ...]] = field(default_factory=dict)
+    # The first instant after ``loaded_at`` at which a model's timeline changes its state; the watcher
+    # builds the snapshot again then, so requests in flight are decided again when it happens.
+    next_change_at: float = math.inf
     # The policy as it would be with every shadow entry and model shadow enforced, when the policy
     # holds any (None otherwise, so deciding alongside costs the hot path one attribute check).
     shadow: Snapshot | None = field(default=None, repr=False, compare=False)

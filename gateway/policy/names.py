@@ -14,7 +14,14 @@ DENY_COUNTRIES = "deny-countries"
 DENY_ENTITIES = "deny-entities"
 PARTNERS = "partners"
 IP_RANGES = "ip-ranges"
-LIST_NAMES = (DENY_COUNTRIES, DENY_ENTITIES, PARTNERS, IP_RANGES)
+COUNTRY_GROUPS = "country-groups"
+LICENCES = "licences"
+LIST_NAMES = (DENY_COUNTRIES, DENY_ENTITIES, PARTNERS, IP_RANGES, COUNTRY_GROUPS, LICENCES)
+# Lists added after the first four: a whole-policy restore that leaves one out writes it empty. That is
+# safe because every ``@GROUP`` reference must name a group the policy holds, and no licence is looser.
+LATER_LISTS = frozenset({COUNTRY_GROUPS, LICENCES})
+# How ``allowed_countries``, ``deny-countries`` keys and licence countries name a country group.
+GROUP_PREFIX = "@"
 # Lists that can hold hundreds of thousands of entries: kept as stored JSON until an entry is consulted.
 LAZY_LISTS = frozenset({DENY_COUNTRIES, DENY_ENTITIES})
 

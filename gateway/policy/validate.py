@@ -10,13 +10,25 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 import unicodedata
 from collections.abc import Collection, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from gateway.countries import validate_region
-from gateway.policy.names import DENY_COUNTRIES, DENY_ENTITIES, IP_RANGES, LIST_NAMES, PARTNERS, STAGES
+from gateway.policy.names import (
+    COUNTRY_GROUPS,
+    DENY_COUNTRIES,
+    DENY_ENTITIES,
+    GROUP_PREFIX,
+    IP_RANGES,
+    LATER_LISTS,
+    LICENCES,
+    LIST_NAMES,
+    PARTNERS,
+    STAGES,
+)
 
 MAX_REASON_CHARS = 1000
 MAX_KEY_CHARS = 256
@@ -122,6 +134,36 @@ def region_code(value: object, where: str) -> str:
         raise PolicyValidationError(where, str(exc)) from None
 
 
+_GROUP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9:_.-]{0,63}")
+
+
+def group_name(value: object, where: str) -> str:
+    """A country group's name (``E:1``, ``tier-1``): letters, digits, ``:_.-``, at most 64."""
+    if not isinstance(value, str) or not _GROUP_NAME.fullmatch(value):
+        shown = _shown(value) if isinstance(value, str) else _type_name(value)
+        raise PolicyValidationError(
+            where, f"{shown} is not a country group name (letters, digits and :_.- , at most 64, e.g. E:1)"
+        )
+    return value
+
+
+def place_code(value: object, where: str) -> str:
+    """A country or subdivision code, or ``@NAME`` naming a country group."""
+    if isinstance(value, str) and value[:1] == GROUP_PREFIX:
+        return GROUP_PREFIX + group_name(value[1:], where)
+    return region_code(value, where)
+
+
+def _places(value: object, where: str, *, groups: bool = True, required: bool = True) -> list[str]:
+    """A non-empty list of codes (and, with ``groups``, ``@GROUP`` references), sorted, without repeats."""
+    if not isinstance(value, list):
+        raise PolicyValidationError(where, f"must be a list of country codes, got {_type_name(value)}")
+    if required and not value:
+        raise PolicyValidationError(where, "must name at least one country")
+    check = place_code if groups else region_code
+    return sorted({check(code, f"{where}[{i}]") for i, code in enumerate(value)})
+
+
 def _bool(value: object, where: str) -> bool:
     # A string "false" must never read as true: only JSON booleans are accepted.
     if not isinstance(value, bool):
@@ -203,7 +245,11 @@ def normalize_key(list_name: str, key: object, *, where: str = "key") -> str:
     """The stored form of a list key: upper-case region, canonical CIDR, or the checked identifier."""
     check_list(list_name)
     if list_name == DENY_COUNTRIES:
-        return region_code(key, where)
+        return place_code(key, where)
+    if list_name == COUNTRY_GROUPS:
+        return group_name(key, where)
+    if list_name == LICENCES:
+        return _identifier(key, where, spaces=False)
     if list_name == IP_RANGES:
         if not isinstance(key, str) or not key or len(key) > 64:
             raise PolicyValidationError(where, "must be a CIDR such as 203.0.113.0/24 or 2001:db8::/32")
@@ -226,6 +272,10 @@ def validate_model_name(name: object, *, where: str = "model") -> str:
 
 _ENTRY_FIELDS = frozenset({"reason", "source", "expires_at", "added_by", "added_at", "enforce"})
 _IP_ENTRY_FIELDS = _ENTRY_FIELDS | {"country"}
+# A country group is a definition, not a time-bound rule: it does not expire.
+_GROUP_ENTRY_FIELDS = _ENTRY_FIELDS | {"countries"}
+_LICENCE_FIELDS = _ENTRY_FIELDS | {"org", "models", "countries"}
+_FIELDS_OF = {IP_RANGES: _IP_ENTRY_FIELDS, COUNTRY_GROUPS: _GROUP_ENTRY_FIELDS, LICENCES: _LICENCE_FIELDS}
 
 
 def validate_entry(
@@ -252,10 +302,12 @@ def validate_entry(
     normalize_key(list_name, key, where=where or "key")
     data = _mapping(body, where)
     ip_list = list_name == IP_RANGES
-    allowed = _IP_ENTRY_FIELDS if ip_list else _ENTRY_FIELDS
+    allowed = _FIELDS_OF.get(list_name, _ENTRY_FIELDS)
     if not ip_list and "country" in data:
         raise PolicyValidationError(_join(where, "country"), f"only ip-ranges entries carry a country, not {list_name}")
     _no_unknown(data, allowed, where)
+    if list_name == LICENCES and data.get("expires_at") is None:
+        raise PolicyValidationError(_join(where, "expires_at"), "is required: a licence is granted until a date")
     stored: dict[str, Any] = {
         "reason": _text(data.get("reason"), _join(where, "reason"), required=True),
         "source": _text(data.get("source"), _join(where, "source"), required=False),
@@ -273,6 +325,19 @@ def validate_entry(
         if data.get("country") is None:
             raise PolicyValidationError(_join(where, "country"), "is required for ip-ranges entries")
         stored["country"] = region_code(data["country"], _join(where, "country"))
+    if list_name == COUNTRY_GROUPS:
+        if stored["expires_at"] is not None:
+            raise PolicyValidationError(_join(where, "expires_at"), "a country group does not expire; leave it out")
+        # Members are plain codes: a group does not name another group, so resolving one is one step.
+        stored["countries"] = _places(data.get("countries"), _join(where, "countries"), groups=False)
+    elif list_name == LICENCES:
+        stored["org"] = _identifier(data.get("org"), _join(where, "org"))
+        models = data.get("models")
+        if not isinstance(models, list) or not models:
+            raise PolicyValidationError(_join(where, "models"), "must be a non-empty list of registered model names")
+        path = _join(where, "models")
+        stored["models"] = sorted({validate_model_name(name, where=f"{path}[{i}]") for i, name in enumerate(models)})
+        stored["countries"] = _places(data.get("countries"), _join(where, "countries"))
     # A shadow entry: stored and versioned, decided alongside, not enforced. The default (true) is
     # not stored, so an enforced entry reads as it always has.
     if "enforce" in data and not _bool(data["enforce"], _join(where, "enforce")):
@@ -306,7 +371,9 @@ def validate_list(
 
 
 _MODEL_FIELDS = frozenset({"stage", "timeline", "allowed_countries", "export_suspended"})
-_TIMELINE_FIELDS = frozenset({"at", "stage"})
+# A timeline entry sets any of a model's state fields from its ``at`` on.
+_STEP_STATE_FIELDS = ("stage", "export_suspended", "allowed_countries")
+_TIMELINE_FIELDS = frozenset({"at", *_STEP_STATE_FIELDS})
 _SHADOW_SET_BY = 'is kept by the gateway: write a shadow with "enforce": false (PATCH {"shadow": null} discards one)'
 
 
@@ -376,7 +443,7 @@ def _model_fields(data: Mapping[str, Any], where: str) -> dict[str, Any]:
         path = _join(where, "allowed_countries")
         if not isinstance(allowed, list):
             raise PolicyValidationError(path, f"must be a list of country codes or null, got {_type_name(allowed)}")
-        countries = sorted({region_code(code, f"{path}[{i}]") for i, code in enumerate(allowed)})
+        countries = sorted({place_code(code, f"{path}[{i}]") for i, code in enumerate(allowed)})
     suspended = data.get("export_suspended", False)
     return {
         "stage": stage,
@@ -386,12 +453,14 @@ def _model_fields(data: Mapping[str, Any], where: str) -> dict[str, Any]:
     }
 
 
-def _validate_timeline(value: object, where: str) -> list[dict[str, str]]:
+def _validate_timeline(value: object, where: str) -> list[dict[str, Any]]:
     if value is None:
         return []
     if not isinstance(value, list):
-        raise PolicyValidationError(where, f"must be a list of {{at, stage}}, got {_type_name(value)}")
-    steps: list[tuple[float, str, str]] = []
+        raise PolicyValidationError(
+            where, f"must be a list of {{at, stage?, export_suspended?, allowed_countries?}}, got {_type_name(value)}"
+        )
+    steps: list[tuple[float, dict[str, Any]]] = []
     seen: dict[float, int] = {}
     for i, item in enumerate(value):
         path = f"{where}[{i}]"
@@ -399,16 +468,26 @@ def _validate_timeline(value: object, where: str) -> list[dict[str, str]]:
         _no_unknown(step, _TIMELINE_FIELDS, path)
         if "at" not in step:
             raise PolicyValidationError(f"{path}.at", "is required")
-        if "stage" not in step:
-            raise PolicyValidationError(f"{path}.stage", "is required")
+        if not any(name in step for name in _STEP_STATE_FIELDS):
+            raise PolicyValidationError(path, f"sets nothing; name at least one of {', '.join(_STEP_STATE_FIELDS)}")
         at_iso, at_ts = parse_instant(step["at"], f"{path}.at")
-        # Two stages at one instant leave the current stage undefined.
+        # Two entries at one instant leave the state at that instant undefined.
         if at_ts in seen:
             raise PolicyValidationError(f"{path}.at", f"repeats the time of {where}[{seen[at_ts]}]")
         seen[at_ts] = i
-        steps.append((at_ts, at_iso, stage_name(step["stage"], f"{path}.stage")))
-    steps.sort()
-    return [{"at": at_iso, "stage": stage} for _ts, at_iso, stage in steps]
+        out: dict[str, Any] = {"at": at_iso}
+        if "stage" in step:
+            out["stage"] = stage_name(step["stage"], f"{path}.stage")
+        if "export_suspended" in step:
+            out["export_suspended"] = _bool(step["export_suspended"], f"{path}.export_suspended")
+        if "allowed_countries" in step:
+            allowed = step["allowed_countries"]
+            out["allowed_countries"] = (
+                None if allowed is None else _places(allowed, f"{path}.allowed_countries", required=False)
+            )
+        steps.append((at_ts, out))
+    steps.sort(key=lambda item: item[0])
+    return [out for _ts, out in steps]
 
 
 _KEY_REQUEST_FIELDS = frozenset({"subject", "org", "org_name", "country", "tier", "expires_at"})
@@ -470,7 +549,13 @@ def validate_api_key_record(
 
 _DOCUMENT_SECTIONS = frozenset({"version", "lists", "models", "api_keys", "screening", "revoked_api_keys"})
 # What a policy document must carry to restore a Redis that holds none (contract §6).
-WHOLE_POLICY_PARTS = (*(f"lists.{name}" for name in LIST_NAMES), "models", "api_keys", "screening")
+# Lists added later (country groups, licences) may be left out: they are written empty.
+WHOLE_POLICY_PARTS = (
+    *(f"lists.{name}" for name in LIST_NAMES if name not in LATER_LISTS),
+    "models",
+    "api_keys",
+    "screening",
+)
 _REVOCATION_FIELDS = frozenset({"hash", "subject", "org", "revoked_at", "revoked_by"})
 
 
@@ -708,3 +793,77 @@ def document_warnings(
     for name, model in (document.get("models") or {}).items():
         warnings += model_warnings(name, model)
     return warnings
+
+
+# --------------------------------------------------------------------------- references between parts
+
+
+def group_references(
+    *,
+    deny_keys: Collection[str] = (),
+    models: Mapping[str, Mapping[str, Any]] | None = None,
+    licences: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, list[str]]:
+    """Which country groups stored parts name, each with where (``deny-countries``, ``models.x``,
+    ``licences.L-1``): a group must exist while anything names it."""
+    found: dict[str, list[str]] = {}
+
+    def note(codes: object, where: str) -> None:
+        for code in codes if isinstance(codes, list | tuple | frozenset | set) else ():
+            if isinstance(code, str) and code[:1] == GROUP_PREFIX:
+                found.setdefault(code[1:], []).append(where)
+
+    note(list(deny_keys), DENY_COUNTRIES)
+    for name, model in (models or {}).items():
+        for state in (model, model.get("shadow") or {}):
+            note(state.get("allowed_countries"), f"models.{name}")
+            for step in state.get("timeline") or ():
+                note(step.get("allowed_countries"), f"models.{name}")
+    for key, licence in (licences or {}).items():
+        note(licence.get("countries"), f"{LICENCES}.{key}")
+    return found
+
+
+def check_references(
+    groups: Collection[str],
+    models: Collection[str],
+    *,
+    deny_keys: Collection[str] = (),
+    model_bodies: Mapping[str, Mapping[str, Any]] | None = None,
+    licences: Mapping[str, Mapping[str, Any]] | None = None,
+    where: str = "",
+) -> None:
+    """Refuse a reference to a country group the policy does not define, or a licence for a model the
+    registry does not hold (``groups`` and ``models``: the names the policy holds after the write)."""
+    referenced = group_references(deny_keys=deny_keys, models=model_bodies, licences=licences)
+    for name, places in sorted(referenced.items()):
+        if name not in groups:
+            raise PolicyValidationError(
+                where or places[0],
+                f"names country group @{name}, which the policy does not define; add it to {COUNTRY_GROUPS} first",
+            )
+    for key, licence in (licences or {}).items():
+        for i, model in enumerate(licence.get("models") or ()):
+            if model not in models:
+                raise PolicyValidationError(
+                    where or f"{LICENCES}.{key}.models[{i}]", f"{_shown(model)} is not a registered model"
+                )
+
+
+def document_references(document: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+    """:func:`check_references` over a validated policy document, the parts it leaves out taken from
+    ``current`` (a policy document of what Redis holds; empty when none)."""
+    lists = document.get("lists") or {}
+    held = current.get("lists") or {}
+
+    def part(name: str) -> Mapping[str, Any]:
+        return lists[name] if name in lists else held.get(name) or {}
+
+    models = document["models"] if "models" in document else current.get("models") or {}
+    check_references(
+        part(COUNTRY_GROUPS),
+        models,
+        deny_keys=list(part(DENY_COUNTRIES)),
+        model_bodies=models,
+        licences=part(LICENCES),
+    )

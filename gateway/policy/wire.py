@@ -8,14 +8,32 @@ read into a :class:`~gateway.policy.model.Snapshot` (deny lists stay stored JSON
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
-from gateway.policy.model import ApiKey, Entry, Model, ScreeningLike, Snapshot
-from gateway.policy.names import IP_RANGES, LAZY_LISTS, LIST_NAMES
+from gateway.policy.model import (
+    ApiKey,
+    Entry,
+    Licence,
+    Model,
+    ModelState,
+    ScreeningLike,
+    Snapshot,
+    Step,
+    resolve_codes,
+)
+from gateway.policy.names import (
+    COUNTRY_GROUPS,
+    DENY_COUNTRIES,
+    GROUP_PREFIX,
+    IP_RANGES,
+    LAZY_LISTS,
+    LICENCES,
+    LIST_NAMES,
+)
 from gateway.policy.validate import (
     PolicyValidationError,
     check_list,
@@ -92,6 +110,12 @@ class LazyEntries(Mapping[str, "Entry"]):
         view = LazyEntries(self._list, self._raw, shadow=self._shadow, hide=True)
         view._parsed = self._parsed
         return view
+
+    def group_keys(self) -> list[str]:
+        """The keys that name a country group (``@E:1``), as text."""
+        mark: Any = _GROUP_MARK if self._encoded else GROUP_PREFIX
+        keys = [key for key in self._raw if key[:1] == mark and not (self._hide and key in self._shadow)]
+        return [key.decode("utf-8", "surrogatepass") if self._encoded else key for key in keys]
 
     def _raw_key(self, key: str) -> Any:
         return key.encode("utf-8", "surrogatepass") if self._encoded else key
@@ -179,6 +203,12 @@ def entry_from_dict(list_name: str, key: str, d: Mapping[str, Any]) -> Entry:
     country = None
     if list_name == IP_RANGES:
         country = region_code(d.get("country"), f"lists.{list_name}.{key}.country")
+    countries = org = models = None
+    if list_name in (COUNTRY_GROUPS, LICENCES):
+        countries = _codes(d.get("countries"), f"lists.{list_name}.{key}.countries")
+    if list_name == LICENCES:
+        org = str(d.get("org") or "")
+        models = tuple(str(name) for name in d.get("models") or ())
     return Entry(
         key,
         str(d.get("reason") or ""),
@@ -190,7 +220,16 @@ def entry_from_dict(list_name: str, key: str, d: Mapping[str, Any]) -> Entry:
         country,
         # Only an explicit false makes a shadow entry: a damaged flag is enforced.
         d.get("enforce", True) is not False,
+        countries,
+        org,
+        models,
     )
+
+
+def _codes(value: object, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple):
+        raise PolicyValidationError(where, "must be a list of country codes")
+    return tuple(str(code).upper() if str(code)[:1] != GROUP_PREFIX else str(code) for code in value)
 
 
 def entry_to_dict(e: Entry) -> dict[str, Any]:
@@ -203,6 +242,12 @@ def entry_to_dict(e: Entry) -> dict[str, Any]:
     }
     if e.country is not None:
         d["country"] = e.country
+    if e.org is not None:
+        d["org"] = e.org
+    if e.models is not None:
+        d["models"] = list(e.models)
+    if e.countries is not None:
+        d["countries"] = list(e.countries)
     if not e.enforce:
         d["enforce"] = False
     return d
@@ -213,18 +258,31 @@ def model_from_dict(name: str, d: Mapping[str, Any]) -> Model:
     stage = stage_name(d.get("stage"), f"{where}.stage")
     steps = []
     for i, step in enumerate(d.get("timeline") or ()):
+        path = f"{where}.timeline[{i}]"
         if not isinstance(step, Mapping):
-            raise PolicyValidationError(f"{where}.timeline[{i}]", "must be an object with at and stage")
-        at_iso, at_ts = parse_instant(step.get("at"), f"{where}.timeline[{i}].at")
-        steps.append((at_ts, at_iso, stage_name(step.get("stage"), f"{where}.timeline[{i}].stage")))
-    steps.sort()
+            raise PolicyValidationError(path, "must be an object with at and the fields it sets")
+        at_iso, at_ts = parse_instant(step.get("at"), f"{path}.at")
+        step_allowed = step.get("allowed_countries")
+        suspended = step.get("export_suspended")
+        steps.append(
+            Step(
+                at_ts,
+                at_iso,
+                stage_name(step["stage"], f"{path}.stage") if step.get("stage") is not None else None,
+                # Anything but an explicit false suspends: a damaged flag fails closed.
+                None if "export_suspended" not in step else suspended is not False,
+                None if step_allowed is None else _codes(step_allowed, f"{path}.allowed_countries"),
+                "allowed_countries" in step,
+            )
+        )
+    steps.sort(key=lambda step: step.at_ts)
     allowed = d.get("allowed_countries")
     shadow = d.get("shadow")
     return Model(
         name=name,
         stage=stage,
         timeline=tuple(steps),
-        allowed_countries=None if allowed is None else frozenset(str(code).upper() for code in allowed),
+        allowed_countries=None if allowed is None else frozenset(_codes(allowed, f"{where}.allowed_countries")),
         # Anything but an explicit false suspends: a damaged flag fails closed.
         export_suspended=d.get("export_suspended", False) is not False,
         shadow=model_from_dict(name, _without_shadow(shadow)) if isinstance(shadow, Mapping) else None,
@@ -236,16 +294,38 @@ def _without_shadow(d: Mapping[str, Any]) -> Mapping[str, Any]:
     return {key: value for key, value in d.items() if key != "shadow"} if "shadow" in d else d
 
 
+def step_to_dict(step: Step) -> dict[str, Any]:
+    """A timeline entry as stored: ``at`` and only the fields it names."""
+    d: dict[str, Any] = {"at": step.at_iso}
+    if step.stage is not None:
+        d["stage"] = step.stage
+    if step.export_suspended is not None:
+        d["export_suspended"] = step.export_suspended
+    if step.names_allowed:
+        d["allowed_countries"] = None if step.allowed_countries is None else sorted(step.allowed_countries)
+    return d
+
+
 def model_to_dict(m: Model) -> dict[str, Any]:
     d: dict[str, Any] = {
         "stage": m.stage,
-        "timeline": [{"at": at_iso, "stage": stage} for _ts, at_iso, stage in m.timeline],
+        "timeline": [step_to_dict(step) for step in m.timeline],
         "allowed_countries": None if m.allowed_countries is None else sorted(m.allowed_countries),
         "export_suspended": m.export_suspended,
     }
     if m.shadow is not None:
         d["shadow"] = model_to_dict(m.shadow)
     return d
+
+
+def state_to_dict(state: ModelState) -> dict[str, Any]:
+    """A model's state at one instant, country groups resolved (``models get``'s ``current``)."""
+    allowed = state.allowed_countries
+    return {
+        "stage": state.stage,
+        "export_suspended": state.export_suspended,
+        "allowed_countries": None if allowed is None else sorted(allowed),
+    }
 
 
 def api_key_from_dict(key_id: str, d: Mapping[str, Any]) -> ApiKey:
@@ -332,31 +412,51 @@ def build_snapshot(
             key = api_key_from_dict(key_id, d)
             built[key.key_hash] = key
         keys = MappingProxyType(built)
-    typed_models = (
+    models_unchanged = reuse is not None and "models" in unchanged
+    typed_models: Mapping[str, Model] = (
         reuse.models
-        if reuse is not None and "models" in unchanged
+        if reuse is not None and models_unchanged
         else MappingProxyType({name: model_from_dict(name, d) for name, d in models.items()})
     )
+    # Country groups are resolved here, once per version, so a decision looks codes up directly.
+    groups_unchanged = COUNTRY_GROUPS in unchanged
+    if reuse is not None and groups_unchanged and all(name in unchanged for name in (DENY_COUNTRIES, LICENCES)):
+        resolved = _Resolved(reuse.groups, reuse.group_denied, reuse.licences)
+    else:
+        resolved = _resolve(typed_lists)
+    if not (models_unchanged and groups_unchanged):
+        typed_models = _resolve_models(typed_models, resolved.groups)
     ip_ranges, ip_expire_at = _ip_ranges(typed_lists[IP_RANGES], loaded_at)
+    next_change_at = _next_change(typed_models.values(), loaded_at)
     shadow = None
     shadow_lists = any(typed_lists[name] is not all_lists[name] for name in LIST_NAMES)
     if shadow_lists or any(model.shadow is not None for model in typed_models.values()):
         shadow_ip_ranges, shadow_expire_at = ip_ranges, ip_expire_at
         if typed_lists[IP_RANGES] is not all_lists[IP_RANGES]:
             shadow_ip_ranges, shadow_expire_at = _ip_ranges(all_lists[IP_RANGES], loaded_at)
+        shadow_resolved = _resolve(all_lists) if shadow_lists else resolved
+        shadow_models = MappingProxyType(
+            {name: (model.shadow or model).resolved(shadow_resolved.groups) for name, model in typed_models.items()}
+        )
+        shadow_next = _next_change(shadow_models.values(), loaded_at)
         shadow = Snapshot(
             version=version,
             generation=generation,
             loaded_at=loaded_at,
             lists=MappingProxyType(all_lists),
-            models=MappingProxyType({name: model.shadow or model for name, model in typed_models.items()}),
+            models=shadow_models,
             api_keys=keys,
             screening=screening,
             ip_ranges=shadow_ip_ranges,
             ip_ranges_expire_at=shadow_expire_at,
+            groups=shadow_resolved.groups,
+            group_denied=shadow_resolved.group_denied,
+            licences=shadow_resolved.licences,
+            next_change_at=shadow_next,
         )
-        # The watcher rebuilds when the first expiry of either passes.
+        # The watcher rebuilds when the first expiry or scheduled change of either passes.
         ip_expire_at = min(ip_expire_at, shadow_expire_at)
+        next_change_at = min(next_change_at, shadow_next)
     return Snapshot(
         version=version,
         generation=generation,
@@ -367,8 +467,61 @@ def build_snapshot(
         screening=screening,
         ip_ranges=ip_ranges,
         ip_ranges_expire_at=ip_expire_at,
+        groups=resolved.groups,
+        group_denied=resolved.group_denied,
+        licences=resolved.licences,
+        next_change_at=next_change_at,
         shadow=shadow,
     )
+
+
+class _Resolved(NamedTuple):
+    groups: Mapping[str, frozenset[str]]
+    group_denied: Mapping[str, tuple[Entry, ...]]
+    licences: Mapping[str, tuple[Licence, ...]]
+
+
+def _resolve(lists: Mapping[str, Mapping[str, Entry]]) -> _Resolved:
+    """The country groups, the deny-countries entries that name one (by member code) and the licences
+    (by org, countries resolved) of ``lists``."""
+    groups = {key: frozenset(entry.countries or ()) for key, entry in lists[COUNTRY_GROUPS].items()}
+    denied: dict[str, tuple[Entry, ...]] = {}
+    deny = lists[DENY_COUNTRIES]
+    for key in group_keys(deny):
+        entry = deny[key]
+        members = groups.get(key[1:])
+        # A group the policy lacks: the entry denies everyone rather than no one (fail closed).
+        for code in ("*",) if members is None else members:
+            denied[code] = (*denied.get(code, ()), entry)
+    licences: dict[str, tuple[Licence, ...]] = {}
+    for key, entry in lists[LICENCES].items():
+        if entry.org:
+            licence = Licence(key, frozenset(entry.models or ()), resolve_codes(entry.countries or (), groups), entry)
+            licences[entry.org] = (*licences.get(entry.org, ()), licence)
+    return _Resolved(MappingProxyType(groups), MappingProxyType(denied), MappingProxyType(licences))
+
+
+_GROUP_MARK = GROUP_PREFIX.encode()
+
+
+def group_keys(deny: Mapping[str, Entry]) -> list[str]:
+    """The keys of ``deny`` that name a group; the stored keys are searched without decoding them all."""
+    if isinstance(deny, LazyEntries):
+        return deny.group_keys()
+    return [key for key in deny if key[:1] == GROUP_PREFIX]
+
+
+def _resolve_models(models: Mapping[str, Model], groups: Mapping[str, frozenset[str]]) -> Mapping[str, Model]:
+    if not any(
+        model.uses_groups or (model.shadow is not None and model.shadow.uses_groups) for model in models.values()
+    ):
+        return models
+    return MappingProxyType({name: model.resolved(groups) for name, model in models.items()})
+
+
+def _next_change(models: Iterable[Model], now: float) -> float:
+    """The first timeline ``at`` after ``now`` among ``models``."""
+    return min((step.at_ts for model in models for step in model.timeline if step.at_ts > now), default=math.inf)
 
 
 def _typed_list(
@@ -421,4 +574,35 @@ def policy_document(snapshot: Snapshot) -> dict[str, Any]:
         "lists": {name: {key: entry_to_dict(e) for key, e in sorted(whole.lists[name].items())} for name in LIST_NAMES},
         "models": {name: model_to_dict(m) for name, m in sorted(snapshot.models.items())},
         "api_keys": {k.id: api_key_to_dict(k) for k in sorted(snapshot.api_keys.values(), key=lambda k: k.id)},
+    }
+
+
+def references_view(snapshot: Snapshot | None) -> dict[str, Any]:
+    """What a write's references are checked against (:func:`~gateway.policy.validate.document_references`):
+    a policy document of the parts that name or are named, shadow entries included, from ``snapshot``."""
+    if snapshot is None:
+        return {}
+    whole = snapshot.shadow or snapshot
+    return {
+        "lists": {
+            COUNTRY_GROUPS: {key: entry_to_dict(e) for key, e in whole.lists[COUNTRY_GROUPS].items()},
+            DENY_COUNTRIES: {key: {} for key in group_keys(whole.lists[DENY_COUNTRIES])},
+            LICENCES: {key: entry_to_dict(e) for key, e in whole.lists[LICENCES].items()},
+        },
+        "models": {name: model_to_dict(m) for name, m in snapshot.models.items()},
+    }
+
+
+def model_schedule(name: str, stored: Mapping[str, Any], snapshot: Snapshot | None, now: float) -> dict[str, Any]:
+    """``models get``'s view of time: the model's ``current`` state (its timeline applied, country
+    groups resolved) and its ``next_change`` (the next timeline entry, or null)."""
+    try:
+        model = model_from_dict(name, stored)
+    except PolicyValidationError:
+        return {}
+    model = model.resolved(snapshot.groups if snapshot is not None else {})
+    upcoming = model.next_change(now)
+    return {
+        "current": state_to_dict(model.state(now)),
+        "next_change": None if upcoming is None else step_to_dict(upcoming),
     }

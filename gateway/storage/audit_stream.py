@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 from redis.exceptions import NoScriptError
 
-from .keys import AUDIT_KEY, AUDIT_MARK_PREFIX, AUDIT_MARK_TTL_S
+from .keys import ARCHIVE_GROUP, AUDIT_KEY, AUDIT_MARK_PREFIX, AUDIT_MARK_TTL_S
 from .scripts import Scripts
 
 # Records per read of an audit window. One XREVRANGE of 2,000 records holds Redis (and this process's
@@ -26,14 +26,40 @@ class AuditStream(Scripts):
     """Appends to and reads of ``gw:audit``; the append runs ``audit.lua`` over redis-py with its own deadline."""
 
     async def append_audit(
-        self, producer: str, records: Sequence[tuple[int, bytes]], *, maxlen: int, timeout_s: float | None = None
+        self,
+        producer: str,
+        records: Sequence[tuple[int, bytes]],
+        *,
+        maxlen: int,
+        timeout_s: float | None = None,
+        archive: bool = False,
     ) -> int:
         """Append ``(sequence, record JSON)`` pairs in ascending order; returns how many were new."""
+        added, _trimmed = await self.append_audit_counted(
+            producer, records, maxlen=maxlen, timeout_s=timeout_s, archive=archive
+        )
+        return added
+
+    async def append_audit_counted(
+        self,
+        producer: str,
+        records: Sequence[tuple[int, bytes]],
+        *,
+        maxlen: int,
+        timeout_s: float | None = None,
+        archive: bool = False,
+    ) -> tuple[int, int]:
+        """As :meth:`append_audit`; returns (records appended, entries trimmed).
+
+        ``archive``: the archiver's consumer group decides what may go; only acknowledged
+        (archived) entries are trimmed, whatever ``maxlen`` says. Otherwise every trimmed entry
+        went unread.
+        """
         if not records:
-            return 0
+            return 0, 0
         source, sha = self._script("audit")
         keys = (AUDIT_KEY, AUDIT_MARK_PREFIX + producer)
-        args: list[Any] = [maxlen, AUDIT_MARK_TTL_S, producer]
+        args: list[Any] = [maxlen, AUDIT_MARK_TTL_S, producer, ARCHIVE_GROUP if archive else ""]
         for seq, record in records:
             args += (seq, record)
 
@@ -44,7 +70,8 @@ class AuditStream(Scripts):
                 await self._load_script(source)
                 return await self.client.evalsha(sha, len(keys), *keys, *args)
 
-        return int(await self._bounded("audit", run(), timeout_s or self.load_timeout_s))
+        added, trimmed = await self._bounded("audit", run(), timeout_s or self.load_timeout_s)
+        return int(added), int(trimmed)
 
     async def read_audit(self, limit: int) -> list[dict[str, Any]]:
         # Off the hot path (an operator's read): the longer deadline, as for policy reads.

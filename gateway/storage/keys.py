@@ -20,11 +20,18 @@ key                             type     holds
 ``{gw}:touched:<list>``         zset     entry key -> version of its last single-entry change; a reader
                                         whose copy of the list is at least ``<list>:floor`` reads only
                                         the entries changed since (``delta_at``: version these describe)
+``{gw}:screening_hits``         string   JSON: API keys and partners whose names screen as a match,
+                                        found by the last screening import (derived, not policy)
 ``{gw}:changes``                stream   change history (actor, time, before, after, version)
 ``{gw}:write:<id>``             string   version a write produced; read back to confirm it (TTL)
+``{gw}:change-requests``        hash     change request id -> JSON request (who, when, status, what)
+``{gw}:change-ops``             hash     change request id -> JSON plain operations it applies
+``{gw}:change-retire``          zset     change request id -> when it may be pruned (closed_at, or
+                                        expires_at while pending)
 ``gw:audit``                    stream   audit records (``r``: JSON, ``id``: producer:sequence)
 ``{gw:audit}:seq:<producer>``   string   highest audit sequence appended for one process
 ``gw:rl:{<hash>}:r`` / ``:w``   string / hash   rate-limit state, always with a TTL
+``gw:console:<digest>``         string   operator console session (actor, CSRF token, expiry); TTL
 ==============================  =======  ==================================================
 
 Channel ``gw:policy`` announces each new version. README.md's key table is tested against
@@ -44,13 +51,27 @@ REVOKED_KEY = PREFIX + "revoked"
 SCREENING_KEY = PREFIX + "screening"
 SCREENING_REV_KEY = PREFIX + "screening_rev"
 CHANGES_KEY = PREFIX + "changes"
+SCREENING_HITS_KEY = PREFIX + "screening_hits"
 AUDIT_KEY = "gw:audit"
 # The hash tag puts every producer's mark in the stream's Cluster slot, so one script touches both.
 AUDIT_MARK_PREFIX = "{gw:audit}:seq:"
 AUDIT_MARK_TTL_S = 7 * 86400
+# The archiver's consumer group on ``gw:audit`` and ``{gw}:changes`` (its acknowledgements say
+# what is archived, so what may be trimmed).
+ARCHIVE_GROUP = "archiver"
 CHANNEL = "gw:policy"
 RATE_PREFIX = "gw:rl:"
+# Operator console sessions: apart from the policy's hash tag, since no transaction spans both.
+CONSOLE_PREFIX = "gw:console:"
 CHANGES_MAXLEN = 100_000
+# Change requests held for a second admin's approval (the two-person rule), beside the policy so one
+# transaction applies a request's operations and closes it.
+CHANGE_REQUESTS_KEY = PREFIX + "change-requests"
+CHANGE_OPS_KEY = PREFIX + "change-ops"
+CHANGE_RETIRE_KEY = PREFIX + "change-retire"
+# Closed (or expired) requests are kept this long, and at most this many requests in all.
+CHANGE_REQUESTS_KEEP_S = 30 * 86400
+CHANGE_REQUESTS_MAX = 10_000
 # Set in each write's transaction and read back before the write counts (docs/hardening.md 23).
 WRITE_MARK_PREFIX = PREFIX + "write:"
 WRITE_MARK_TTL_S = 600
@@ -84,6 +105,11 @@ def floor_field(name: str) -> str:
 
 PART_KEYS = {**{name: list_key(name) for name in LIST_NAMES}, MODELS_PART: MODELS_KEY, APIKEYS_PART: APIKEYS_KEY}
 PART_OF_KEY = {key: part for part, key in PART_KEYS.items()}
+
+
+def console_session_key(digest: str) -> str:
+    """One operator console session, by the SHA-256 (hex) of its cookie value; always with a TTL."""
+    return f"{CONSOLE_PREFIX}{digest}"
 
 
 def rate_state_keys(digest: str) -> tuple[str, str]:

@@ -4,6 +4,7 @@ the change history, and the pub/sub announcement of each new version."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import uuid
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -14,11 +15,14 @@ import orjson
 from redis.exceptions import RedisError, WatchError
 
 from ..policy.effect import classify_change
-from ..policy.names import LAZY_LISTS, LIST_NAMES
+from ..policy.names import LATER_LISTS, LAZY_LISTS, LIST_NAMES
 from .clients import RedisAccess, StoreUnavailable
 from .keys import (
     APIKEYS_KEY,
     APIKEYS_PART,
+    CHANGE_OPS_KEY,
+    CHANGE_REQUESTS_KEY,
+    CHANGE_RETIRE_KEY,
     CHANGES_KEY,
     CHANGES_MAXLEN,
     CHANNEL,
@@ -33,6 +37,7 @@ from .keys import (
     REVOKED_KEY,
     REVS_AT,
     REVS_KEY,
+    SCREENING_HITS_KEY,
     SCREENING_KEY,
     SCREENING_REV_KEY,
     TOUCHED_CAP,
@@ -44,7 +49,13 @@ from .keys import (
     touched_key,
 )
 from .ops import (
+    ApprovalRequired,
+    ApprovalSelf,
     Change,
+    ChangeClosed,
+    ChangeConflict,
+    ChangeExpired,
+    ChangeRequestMissing,
     HashDelete,
     HashReplace,
     HashSet,
@@ -57,8 +68,11 @@ from .ops import (
     PlainOp,
     PolicyIncomplete,
     PolicyMissing,
+    PreparedWrite,
     RevocationsMerge,
     ScreeningReplace,
+    op_from_json,
+    request_status,
 )
 
 # The logger name the store logged under before the split, so log lines read as before.
@@ -112,6 +126,89 @@ def _summary(values: Mapping[str, Any], limit: int = 200) -> Any:
     if len(values) <= limit:
         return dict(values)
     return {"count": len(values), "keys_sample": sorted(values)[:limit]}
+
+
+def _digest(raw: bytes | None) -> str | None:
+    return None if raw is None else hashlib.sha256(raw).hexdigest()
+
+
+def _framed(key: bytes, value: bytes) -> bytes:
+    """One hash field and value, length-framed so no two different hashes digest alike."""
+    return len(key).to_bytes(4, "big") + key + len(value).to_bytes(4, "big") + value
+
+
+@dataclass(slots=True)
+class _Proposed:
+    """A write as an admin asked for it: applied now unless its effect is in ``hold_for``."""
+
+    ops: OpsPlan
+    target: str
+    import_whole: bool
+    hold_for: frozenset[str] = frozenset()
+
+
+@dataclass(slots=True)
+class _Approving:
+    """The approval of a stored change request, checked and closed inside the write's transaction."""
+
+    request_id: str
+    approver: str
+    now: float
+    record: dict[str, Any] = field(default_factory=dict)
+    closed: dict[str, Any] | None = None
+
+    async def load(self, pipe: Any) -> _Proposed:
+        """The request's stored operations, once it is found pending, unexpired and not the approver's own."""
+        raw = await pipe.hget(CHANGE_REQUESTS_KEY, self.request_id)
+        if raw is None:
+            raise ChangeRequestMissing(self.request_id)
+        record = orjson.loads(raw)
+        status = request_status(record, self.now)
+        if status == "expired":
+            raise ChangeExpired(self.request_id)
+        if status != "pending":
+            raise ChangeClosed(self.request_id, status)
+        if record.get("proposed_by") == self.approver:
+            raise ApprovalSelf(self.request_id)
+        raw_ops = await pipe.hget(CHANGE_OPS_KEY, self.request_id)
+        if raw_ops is None:  # removed by hand: nothing can be applied as proposed
+            raise ChangeConflict(self.request_id, ["its stored operations are gone"])
+        self.record = record
+        ops = [op_from_json(item) for item in orjson.loads(raw_ops)]
+        return _Proposed(ops, target=str(record["target"]), import_whole=bool(record.get("import_whole")))
+
+    def check(self, prepared: PreparedWrite) -> None:
+        """ChangeConflict unless every touched value, and the policy generation, are as proposed on."""
+        stored: dict[str, Any] = self.record.get("guard") or {}
+        changed = [
+            name for name in sorted(set(stored) | set(prepared.guard)) if stored.get(name) != prepared.guard.get(name)
+        ]
+        if self.record.get("generation") != prepared.generation:
+            changed.insert(0, "the policy generation (a restore)")
+        if changed:
+            raise ChangeConflict(self.request_id, changed)
+
+    def change_extra(self) -> dict[str, Any]:
+        return {
+            "change_request": self.request_id,
+            "proposed_by": self.record.get("proposed_by"),
+            "approved_by": self.approver,
+        }
+
+    def queue_close(self, pipe: Any, *, version: int, now_iso: str) -> None:
+        closed = {
+            **self.record,
+            "status": "applied",
+            "approved_by": self.approver,
+            "closed_at": now_iso,
+            "version": version,
+        }
+        pipe.hset(CHANGE_REQUESTS_KEY, self.request_id, orjson.dumps(closed))
+        pipe.zadd(CHANGE_RETIRE_KEY, {self.request_id: self.now})
+        self.closed = closed
+
+
+_Source = _Proposed | _Approving
 
 
 class PolicyStore(RedisAccess):
@@ -219,6 +316,7 @@ class PolicyStore(RedisAccess):
         target: str,
         import_whole: bool = False,
         unknown_model: str = "deny",
+        hold_for: Collection[str] = (),
     ) -> tuple[int, Change]:
         """Apply ``ops`` and bump the version in one transaction; publish the new version.
 
@@ -229,12 +327,46 @@ class PolicyStore(RedisAccess):
         they change under the same WATCH as the version, so they act on the value they replace.
         The change record says whether the write loosens or tightens, judged on the values it
         replaced; ``unknown_model`` (the config's ``policy.unknown_model``) decides that for a model
-        entering or leaving the registry, and an import (``import_whole``) always loosens.
+        entering or leaving the registry, and an import (``import_whole``) always loosens. A write
+        whose effect is in ``hold_for`` applies nothing and raises :class:`ApprovalRequired` with
+        the write as prepared (the two-person rule).
         Concurrent writers retry on WATCH conflicts, so none is lost. A write counts only
         once it is read back from the primary (the transaction leaves a marker key): a
         reply lost with its connection, or a write lost in a Sentinel or Cluster failover
         between EXEC and the read-back, is found out and applied again, never guessed.
         """
+        source = _Proposed(ops, target=target, import_whole=import_whole, hold_for=frozenset(hold_for))
+        return await self._write_loop(source, actor=actor, now_iso=now_iso, unknown_model=unknown_model)
+
+    async def apply_change_request(
+        self, request_id: str, *, approver: str, now_iso: str, now: float, unknown_model: str = "deny"
+    ) -> tuple[int, Change, dict[str, Any]]:
+        """Approve a pending change request: apply exactly its stored operations, bump the version,
+        record the change (naming proposer and approver) and close the request, in one transaction.
+
+        Refused, with nothing changed: an unknown id (ChangeRequestMissing), the proposer approving
+        (ApprovalSelf), a request not pending (ChangeClosed) or past ``expires_at`` (ChangeExpired),
+        and a request whose touched values, or the policy generation, differ from those it was
+        proposed on (ChangeConflict). Same retries and read-back as :meth:`write`.
+        """
+        source = _Approving(request_id, approver=approver, now=now)
+        version, change = await self._write_loop(source, actor=approver, now_iso=now_iso, unknown_model=unknown_model)
+        assert source.closed is not None  # set by the attempt that was applied
+        return version, change, source.closed
+
+    async def prepare(self, ops: OpsPlan, *, import_whole: bool = False, unknown_model: str = "deny") -> PreparedWrite:
+        """A dry run of :meth:`write`: resolve ``ops`` to plain operations and judge them against the
+        policy as stored now, refusing as the write would; applies nothing."""
+
+        async def run() -> PreparedWrite:
+            async with self.client.pipeline(transaction=True) as pipe:
+                await pipe.watch(VERSION_KEY)
+                current = await pipe.get(VERSION_KEY)
+                return await self._prepare(pipe, ops, current, import_whole=import_whole, unknown_model=unknown_model)
+
+        return await self._bounded("prepare", run(), self.load_timeout_s)  # type: ignore[no-any-return]
+
+    async def _write_loop(self, source: _Source, *, actor: str, now_iso: str, unknown_model: str) -> tuple[int, Change]:
         write_id = uuid.uuid4().hex
         changes: list[Change] = []
         loop = asyncio.get_running_loop()
@@ -250,11 +382,9 @@ class PolicyStore(RedisAccess):
                 await self._bounded(
                     "write",
                     self._write_once(
-                        ops,
+                        source,
                         actor=actor,
                         now_iso=now_iso,
-                        target=target,
-                        import_whole=import_whole,
                         unknown_model=unknown_model,
                         write_id=write_id,
                         changes=changes,
@@ -282,112 +412,168 @@ class PolicyStore(RedisAccess):
         raw = await self._bounded("write", self.client.get(WRITE_MARK_PREFIX + write_id), self.load_timeout_s)
         return None if raw is None else int(raw)
 
-    async def _write_once(  # noqa: C901 - complexity 16, the most in its module: to be split
+    async def _write_once(
         self,
-        plan: OpsPlan,
+        source: _Source,
         *,
         actor: str,
         now_iso: str,
-        target: str,
-        import_whole: bool,
         unknown_model: str,
         write_id: str,
         changes: list[Change],
     ) -> None:
         async with self.client.pipeline(transaction=True) as pipe:
-            await pipe.watch(VERSION_KEY)
+            approving = source if isinstance(source, _Approving) else None
+            await pipe.watch(VERSION_KEY, *((CHANGE_REQUESTS_KEY,) if approving is not None else ()))
             current = await pipe.get(VERSION_KEY)
-            if current is None and not import_whole:
-                raise PolicyMissing()
-            chosen = plan(current is not None) if callable(plan) else plan
-            if current is None:
-                missing = _missing_parts(chosen)
-                if missing:
-                    raise PolicyIncomplete(missing)
-            ops = await _resolve(pipe, chosen)
-            stored_revs = {key.decode(): int(value) for key, value in (await pipe.hgetall(REVS_KEY)).items()}
+            if approving is not None:
+                proposed = await approving.load(pipe)
+            else:
+                assert isinstance(source, _Proposed)
+                proposed = source
+            try:
+                prepared = await self._prepare(
+                    pipe, proposed.ops, current, import_whole=proposed.import_whole, unknown_model=unknown_model
+                )
+            except NotFound:
+                if approving is None:
+                    raise
+                raise ChangeConflict(approving.request_id, ["an entry it deletes is gone"]) from None
+            if approving is not None:
+                approving.check(prepared)
+            elif prepared.effect in proposed.hold_for:
+                raise ApprovalRequired(prepared)
             new_version = int(current or 0) + 1
-            # Revisions vouch for unchanged parts only while every write since kept them: a new policy,
-            # or a version they do not describe (a writer that did not keep them), marks every part.
-            trusted = current is not None and stored_revs.get(REVS_AT) == int(current)
-            records_kept = trusted and stored_revs.get(DELTA_AT) == int(current)
-            trims = await _touched_trims(pipe, ops, stored_revs, new_version) if records_kept else {}
-            before, after = await self._read_before(pipe, ops)
-            pipe.multi()
-            if current is None:
-                pipe.set(GENERATION_KEY, uuid.uuid4().hex)
-            pipe.incr(VERSION_KEY)
-            screening_changed = False
-            floors: dict[str, int] = {}
-            if not records_kept:  # nothing vouches for the lists' change records: start them afresh
-                floors = dict.fromkeys(LIST_NAMES, new_version)
-                pipe.delete(*(touched_key(name) for name in LIST_NAMES))
-            for name, (rank, floor) in trims.items():
-                if rank >= 0:
-                    pipe.zremrangebyrank(touched_key(name), 0, rank)
-                floors[name] = floor
-            for op in ops:
-                part = _part_of(op)
-                if isinstance(op, HashSet):
-                    pipe.hset(op.key, op.field, orjson.dumps(op.value))
-                elif isinstance(op, HashDelete):
-                    pipe.hdel(op.key, op.field)
-                elif isinstance(op, HashReplace):
-                    pipe.delete(op.key)
-                    if op.values:
-                        pipe.hset(op.key, mapping={k: orjson.dumps(v) for k, v in op.values.items()})
-                else:
-                    pipe.set(SCREENING_KEY, orjson.dumps(list(op.entries)))
-                    screening_changed = True
-                if part in LIST_NAMES:
-                    if isinstance(op, HashReplace):  # readers of an older copy read the list whole
-                        floors[part] = new_version
-                        pipe.delete(touched_key(part))
-                    else:
-                        assert not isinstance(op, ScreeningReplace)  # it has no key, so no list part
-                        pipe.zadd(touched_key(part), {op.field: new_version})
-            if screening_changed:
-                pipe.set(SCREENING_REV_KEY, new_version)
-            touched = {part for part in map(_part_of, ops) if part is not None}
-            pipe.hset(
-                REVS_KEY,
-                mapping={part: new_version for part in (touched if trusted else POLICY_PARTS)}
-                | {floor_field(name): floor for name, floor in floors.items()}
-                | {REVS_AT: new_version, DELTA_AT: new_version},
-            )
-            effect = classify_change(before, after, unknown_model=unknown_model, policy_import=import_whole)
             change = Change(
-                actor=actor, time=now_iso, target=target, before=before, after=after, version=new_version, effect=effect
+                actor=actor,
+                time=now_iso,
+                target=proposed.target,
+                before=prepared.before,
+                after=prepared.after,
+                version=new_version,
+                effect=prepared.effect,
+                extra=approving.change_extra() if approving is not None else {},
             )
+            await self._queue_apply(pipe, prepared.ops, current, new_version)
             pipe.xadd(CHANGES_KEY, {"c": orjson.dumps(_change_dict(change))}, maxlen=CHANGES_MAXLEN, approximate=True)
+            if approving is not None:
+                approving.queue_close(pipe, version=new_version, now_iso=now_iso)
             pipe.set(WRITE_MARK_PREFIX + write_id, new_version, ex=WRITE_MARK_TTL_S)
             changes.append(change)
             await pipe.execute()
 
-    async def _read_before(self, pipe: Any, ops: Sequence[PlainOp]) -> tuple[Any, Any]:
+    async def _prepare(
+        self, pipe: Any, plan: OpsPlan, current: bytes | None, *, import_whole: bool, unknown_model: str
+    ) -> PreparedWrite:
+        """Resolve ``plan`` under the pipe's WATCH and judge it; queues nothing."""
+        if current is None and not import_whole:
+            raise PolicyMissing()
+        chosen = plan(current is not None) if callable(plan) else plan
+        if current is None:
+            missing = _missing_parts(chosen)
+            if missing:
+                raise PolicyIncomplete(missing)
+        ops = await _resolve(pipe, chosen)
+        before, after, guard = await self._read_before(pipe, ops)
+        generation = await pipe.get(GENERATION_KEY)
+        effect = classify_change(before, after, unknown_model=unknown_model, policy_import=import_whole)
+        return PreparedWrite(
+            ops=tuple(ops),
+            before=before,
+            after=after,
+            effect=effect,
+            version=None if current is None else int(current),
+            generation=None if generation is None else generation.decode(),
+            guard=guard,
+            import_whole=import_whole,
+        )
+
+    async def _queue_apply(self, pipe: Any, ops: Sequence[PlainOp], current: bytes | None, new_version: int) -> None:
+        """Read what the revisions and entry records need (still under WATCH), then start MULTI and queue
+        the operations, the version bump and the revisions; the caller queues the rest and executes."""
+        stored_revs = {key.decode(): int(value) for key, value in (await pipe.hgetall(REVS_KEY)).items()}
+        # Revisions vouch for unchanged parts only while every write since kept them: a new policy,
+        # or a version they do not describe (a writer that did not keep them), marks every part.
+        held = None if current is None else int(current)
+        trusted = held is not None and stored_revs.get(REVS_AT) == held
+        records_kept = trusted and stored_revs.get(DELTA_AT) == held
+        trims = await _touched_trims(pipe, ops, stored_revs, new_version) if records_kept else {}
+        pipe.multi()
+        if current is None:
+            pipe.set(GENERATION_KEY, uuid.uuid4().hex)
+            # A restore may leave a later list out: whatever a lost policy left there goes.
+            replaced = {op.key for op in ops if isinstance(op, HashReplace)}
+            for name in sorted(LATER_LISTS):
+                if list_key(name) not in replaced:
+                    pipe.delete(list_key(name))
+        pipe.incr(VERSION_KEY)
+        screening_changed = False
+        floors: dict[str, int] = {}
+        if not records_kept:  # nothing vouches for the lists' change records: start them afresh
+            floors = dict.fromkeys(LIST_NAMES, new_version)
+            pipe.delete(*(touched_key(name) for name in LIST_NAMES))
+        for name, (rank, floor) in trims.items():
+            if rank >= 0:
+                pipe.zremrangebyrank(touched_key(name), 0, rank)
+            floors[name] = floor
+        for op in ops:
+            part = _part_of(op)
+            if isinstance(op, HashSet):
+                pipe.hset(op.key, op.field, orjson.dumps(op.value))
+            elif isinstance(op, HashDelete):
+                pipe.hdel(op.key, op.field)
+            elif isinstance(op, HashReplace):
+                pipe.delete(op.key)
+                if op.values:
+                    pipe.hset(op.key, mapping={k: orjson.dumps(v) for k, v in op.values.items()})
+            else:
+                pipe.set(SCREENING_KEY, orjson.dumps(list(op.entries)))
+                screening_changed = True
+            if part in LIST_NAMES:
+                if isinstance(op, HashReplace):  # readers of an older copy read the list whole
+                    floors[part] = new_version
+                    pipe.delete(touched_key(part))
+                else:
+                    assert not isinstance(op, ScreeningReplace)  # it has no key, so no list part
+                    pipe.zadd(touched_key(part), {op.field: new_version})
+        if screening_changed:
+            pipe.set(SCREENING_REV_KEY, new_version)
+        touched = {part for part in map(_part_of, ops) if part is not None}
+        pipe.hset(
+            REVS_KEY,
+            mapping={part: new_version for part in (touched if trusted else POLICY_PARTS)}
+            | {floor_field(name): floor for name, floor in floors.items()}
+            | {REVS_AT: new_version, DELTA_AT: new_version},
+        )
+
+    async def _read_before(self, pipe: Any, ops: Sequence[PlainOp]) -> tuple[Any, Any, dict[str, str | None]]:
+        """The change record's before and after, and a digest of each touched value as stored."""
         before: dict[str, Any] = {}
         after: dict[str, Any] = {}
+        guard: dict[str, str | None] = {}
         for op in ops:
-            if isinstance(op, HashSet):
+            if isinstance(op, HashSet | HashDelete):
+                name = f"{op.key}#{op.field}"
                 raw = await pipe.hget(op.key, op.field)
-                before[f"{op.key}#{op.field}"] = orjson.loads(raw) if raw else None
-                after[f"{op.key}#{op.field}"] = op.value
-            elif isinstance(op, HashDelete):
-                raw = await pipe.hget(op.key, op.field)
-                if raw is None and op.must_exist:
+                if raw is None and isinstance(op, HashDelete) and op.must_exist:
                     await pipe.unwatch()
                     raise NotFound(op.field)
-                before[f"{op.key}#{op.field}"] = orjson.loads(raw) if raw else None
-                after[f"{op.key}#{op.field}"] = None
+                before[name] = orjson.loads(raw) if raw else None
+                after[name] = op.value if isinstance(op, HashSet) else None
+                guard[name] = _digest(raw)
             elif isinstance(op, HashReplace):
                 raw_hash = await pipe.hgetall(op.key)
                 before[op.key] = _summary(_decode_hash(raw_hash))
                 after[op.key] = _summary(op.values)
+                guard[op.key] = _digest(b"".join(_framed(k, raw_hash[k]) for k in sorted(raw_hash)))
             else:
                 count = await pipe.strlen(SCREENING_KEY)
                 before[SCREENING_KEY] = {"bytes": count}
                 after[SCREENING_KEY] = {"count": len(op.entries)}
-        return _strip_prefix(before), _strip_prefix(after)
+                # The screening list can be large: the version that last changed it stands for it.
+                rev = await pipe.get(SCREENING_REV_KEY)
+                guard[SCREENING_KEY] = None if rev is None and count == 0 else f"rev:{(rev or b'').decode()}:{count}"
+        return _strip_prefix(before), _strip_prefix(after), _strip_prefix(guard)
 
     async def _publish(self, version: int) -> None:
         try:
@@ -399,6 +585,15 @@ class PolicyStore(RedisAccess):
     async def read_changes(self, limit: int) -> list[dict[str, Any]]:
         raw = await self._bounded("changes", self.client.xrevrange(CHANGES_KEY, count=limit), self.load_timeout_s)
         return [orjson.loads(fields[b"c"]) for _id, fields in raw]
+
+    async def read_screening_hits(self) -> dict[str, Any] | None:
+        """The hits the last screening import found among API keys and partners, or None before any."""
+        raw = await self._bounded("admin", self.client.get(SCREENING_HITS_KEY), self.load_timeout_s)
+        return dict(orjson.loads(raw)) if raw else None
+
+    async def write_screening_hits(self, document: dict[str, Any]) -> None:
+        """Replace the stored hits (derived from the policy, so written outside its versioned writes)."""
+        await self._bounded("admin", self.client.set(SCREENING_HITS_KEY, orjson.dumps(document)), self.load_timeout_s)
 
     async def policy_exists(self) -> bool:
         version, _ = await self.read_version()
@@ -426,13 +621,14 @@ class PolicyStore(RedisAccess):
         )
         if version is None:
             return None
-        lists = {name: _decode_hash(raw) for name, raw in zip(LIST_NAMES, hashes[:4], strict=True)}
+        count = len(LIST_NAMES)
+        lists = {name: _decode_hash(raw) for name, raw in zip(LIST_NAMES, hashes[:count], strict=True)}
         data = PolicyData(
             version=int(version),
             generation=(generation or b"").decode(),
             lists=lists,
-            models=_decode_hash(hashes[4]),
-            api_keys=_decode_hash(hashes[5]),
+            models=_decode_hash(hashes[count]),
+            api_keys=_decode_hash(hashes[count + 1]),
             screening_rev=int(screening_rev or 0),
             revoked=_decode_hash(revoked),
         )
@@ -638,7 +834,8 @@ def _change_dict(change: Change) -> dict[str, Any]:
 def _missing_parts(ops: Sequence[Op]) -> list[str]:
     """The parts a restore leaves out, named as in a policy document (``lists.partners``, ``screening``)."""
     replaced = {op.key for op in ops if isinstance(op, HashReplace)}
-    missing = [f"lists.{name}" for name in LIST_NAMES if list_key(name) not in replaced]
+    # A later list left out is written empty by the restore (it holds nothing in an empty Redis).
+    missing = [f"lists.{name}" for name in LIST_NAMES if list_key(name) not in replaced and name not in LATER_LISTS]
     missing += [name for name, key in (("models", MODELS_KEY), ("api_keys", APIKEYS_KEY)) if key not in replaced]
     if not any(isinstance(op, ScreeningReplace) for op in ops):
         missing.append("screening")

@@ -6,9 +6,12 @@ import ssl
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .archive_stream import ArchiveStream
+from .audit_search import AuditSearch
 from .audit_stream import AuditStream
+from .change_requests import ChangeRequestStore
 from .clients import build_client
-from .policy_store import PolicyStore
+from .console_sessions import ConsoleSessions
 from .wire import RespConnection
 
 # The URL forms a lean RESP connection can serve (it speaks to one server; Sentinel and
@@ -16,7 +19,7 @@ from .wire import RespConnection
 WIRE_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
-class Store(PolicyStore, AuditStream):
+class Store(ChangeRequestStore, AuditStream, AuditSearch, ArchiveStream, ConsoleSessions):
     """Async access to the gateway's Redis; every call is bounded by a deadline.
 
     Its parts share one client, one set of deadlines and one failure count

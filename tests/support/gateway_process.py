@@ -263,3 +263,23 @@ async def first_status(client: Any, gateway: GatewayProcess, token: str, status:
             return time.monotonic() - started
         await asyncio.sleep(0.01)
     raise AssertionError(f"{gateway.url} did not answer {status} within {within}s")
+
+
+def example_policy() -> dict[str, Any]:
+    """config/policy.example.yaml with config/country-groups.yaml as its country-groups list, as
+    ``make run`` loads them (the example names EAR Country Groups the second file defines)."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[2] / "config"
+    policy: dict[str, Any] = yaml.safe_load((root / "policy.example.yaml").read_text(encoding="utf-8"))
+    policy["lists"]["country-groups"] = yaml.safe_load((root / "country-groups.yaml").read_text(encoding="utf-8"))
+    return policy
+
+
+def example_policy_file(directory: Path) -> Path:
+    """:func:`example_policy` written as YAML in ``directory``."""
+    import yaml
+
+    path = directory / "dev-policy.yaml"
+    path.write_text(yaml.safe_dump(example_policy(), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return path
