@@ -470,7 +470,6 @@ class RateLimiter:
         self._flush_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
-        self.calls = 0  # script calls made for checks (the bench reports calls per request)
 
     def budget(self) -> RedisBudget:
         """A new request's wait on Redis: ``redis.timeout_s`` for all its calls together."""
@@ -586,12 +585,13 @@ class RateLimiter:
         unsent = 0 if pending is None else int(pending[0])
         if want > 1 or back_units or owed != (0, 0) or unsent:
             args = (*args, str(owed[0]), str(owed[1] + unsent), str(want), str(back_end), str(back_units))
-        self.calls += 1
         reply = await self._run(CHECK_SCRIPT, (request_key, token_key), args, budget)
         if reply is not None:
             result = _result(limits, reply, fallback=False)
             if self._lease_s > 0 and result.allowed:
-                self._lease_granted(key, tier, reply)
+                left = self._lease_granted(key, tier, reply)
+                if left:  # what this process holds for the caller is left too
+                    result = result._replace(remaining=result.remaining + left)
             return result
         if owed != (0, 0):
             self.local.give_back(subject, model, *owed)
@@ -604,7 +604,8 @@ class RateLimiter:
             self._owe(key)
         return result
 
-    def _lease_granted(self, key: tuple[str, str], tier: str, reply: Sequence[Any]) -> None:
+    def _lease_granted(self, key: tuple[str, str], tier: str, reply: Sequence[Any]) -> int:
+        """Keep the units granted beyond the asking request's one; how many the lease now holds."""
         now = self._clock()
         interval = self._check_args[tier][0]
         lease = _Lease(
@@ -621,6 +622,7 @@ class RateLimiter:
             self._leases.pop(next(iter(self._leases)))  # the oldest; its units are not given back
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        return lease.left
 
     async def _sweep(self) -> None:
         """Every lease interval: give back the unused units of lapsed leases, and forget them."""
