@@ -512,6 +512,9 @@ def main() -> None:
         default=int(os.environ.get("BENCH_ROUNDS", "3")),
         help="interleaved runs per path; medians are reported (the machine is shared)",
     )
+    parser.add_argument(
+        "--paths-only", action="store_true", help="the interleaved paths and the fleet inputs alone (no sections)"
+    )
     args = parser.parse_args()
     ensure_wrk()
     work = Path(tempfile.mkdtemp(prefix="gw-bench-"))
@@ -554,8 +557,24 @@ def main() -> None:
         targets["nginx_authz"] = (chat.format(nginx_authz_port), script)
         results["rounds"] = args.rounds
         results["path_rounds"] = {}
-        results["paths"] = measure_paths(targets, args.seconds, args.rounds, results["path_rounds"])
+        fleet = fleet_counters(redis.url, gateway.pid)
+        results["paths"] = measure_paths(
+            targets,
+            args.seconds,
+            args.rounds,
+            results["path_rounds"],
+            {"gateway": fleet, "gateway_request_limits": fleet},
+        )
         results["ratios"] = path_ratios(results["path_rounds"])
+        results["fleet_inputs"] = {
+            name: {k: v for k, v in results["paths"][name].items() if k.endswith("_per_req")}
+            for name in ("gateway", "gateway_request_limits")
+        }
+        results["load_average"] = os.getloadavg()
+        if args.paths_only:
+            print_table(results, sections=())
+            write_results(results)
+            return
         results["micro"] = micro_costs()
         results["impact"] = impact_preview()
         results["streaming"] = time_to_first_byte({k: v for k, v in ports.items() if k != "upstream"})
@@ -591,6 +610,10 @@ def main() -> None:
     results["archive"] = archive_bench()
     print_table(results)
     print_archive(results["archive"])
+    write_results(results)
+
+
+def write_results(results: dict[str, Any]) -> None:
     out = ROOT / "bench" / "results" / f"{results['time'].replace(':', '')}.json"
     out.write_text(json.dumps(results, indent=2))
     print(f"\nresults written to {out.relative_to(ROOT)}")
@@ -683,11 +706,46 @@ def _children_cpu_s() -> float:
     return times.children_user + times.children_system
 
 
-def measure_path(url: str, script: Path, seconds: int, *, single: bool = True, warm: bool = True) -> dict[str, float]:
+Counters = Callable[[], dict[str, float]]
+
+
+def fleet_counters(redis_url: str, gateway_pid: int) -> Counters:
+    """What the fleet model is computed from, read before and after a run: Redis's script calls and
+    commands (INFO commandstats; those run inside scripts counted too), Redis's CPU (used_cpu_user +
+    used_cpu_sys) and the gateway process's CPU."""
+    import redis as redis_sync
+
+    client = redis_sync.Redis.from_url(redis_url)
+
+    def read() -> dict[str, float]:
+        stats = client.info("commandstats")
+        calls = {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+        cpu = client.info("cpu")
+        return {
+            "redis_calls": calls.get("evalsha", 0) + calls.get("eval", 0),
+            "redis_cmds": sum(n for name, n in calls.items() if name != "info"),
+            "redis_xadd": calls.get("xadd", 0),
+            "redis_cpu_s": float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]),
+            "gateway_cpu_s": process_tree_cpu_s(gateway_pid),
+        }
+
+    return read
+
+
+def measure_path(
+    url: str, script: Path, seconds: int, *, single: bool = True, warm: bool = True, counters: Counters | None = None
+) -> dict[str, float]:
     if warm:
         run_wrk(url, script, connections=8, threads=1, seconds=2)
+    before = counters() if counters is not None else {}
     loaded = run_wrk(url, script, connections=32, threads=2, seconds=seconds)
     row = {"rps_c32": loaded["rps"], "p99_ms_c32": loaded["p99_ms"], "non_2xx": loaded["non_2xx"], "seconds": seconds}
+    if counters is not None:
+        after, requests = counters(), max(1.0, loaded["rps"] * seconds)
+        for key in ("redis_calls", "redis_cmds", "redis_xadd"):
+            row[f"{key}_per_req"] = round((after[key] - before[key]) / requests, 4)
+        row["redis_cpu_us_per_req"] = round((after["redis_cpu_s"] - before["redis_cpu_s"]) / requests * 1e6, 2)
+        row["gateway_cpu_us_per_req"] = round((after["gateway_cpu_s"] - before["gateway_cpu_s"]) / requests * 1e6, 1)
     if single:
         one = run_wrk(url, script, connections=1, threads=1, seconds=max(3, seconds // 2))
         row.update({"p50_ms_c1": one["p50_ms"], "p99_ms_c1": one["p99_ms"], "non_2xx": row["non_2xx"] + one["non_2xx"]})
@@ -726,7 +784,11 @@ def path_ratios(rounds: dict[str, list[dict[str, float]]]) -> dict[str, float]:
 
 
 def measure_paths(
-    targets: dict[str, tuple[str, Path]], seconds: int, rounds: int, runs: dict[str, list[dict[str, float]]]
+    targets: dict[str, tuple[str, Path]],
+    seconds: int,
+    rounds: int,
+    runs: dict[str, list[dict[str, float]]],
+    counters: dict[str, Counters] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Each path measured ``rounds`` times, the paths taking turns, and the median of each figure kept:
     a burst of load from elsewhere on the machine then skews one run of one path, not a ratio.
@@ -736,7 +798,7 @@ def measure_paths(
         run_wrk(url, script, connections=8, threads=1, seconds=2)  # warm-up
     for _ in range(rounds):
         for name, (url, script) in targets.items():
-            runs[name].append(measure_path(url, script, seconds, warm=False))
+            runs[name].append(measure_path(url, script, seconds, warm=False, counters=(counters or {}).get(name)))
     return {
         name: {
             key: (sum(r[key] for r in rows) if key == "non_2xx" else statistics.median(r[key] for r in rows))
@@ -746,7 +808,18 @@ def measure_paths(
     }
 
 
-def print_table(results: dict[str, Any]) -> None:
+SECTIONS = (
+    ("micro", "per-request steps, in process"),
+    ("streaming", "streaming (SSE first byte at c1; 100 MiB to a slow reader)"),
+    ("propagation", "list change visible on every process"),
+    ("policy", "policy scale (100,000 deny-entities + 10,000 partners)"),
+    ("impact", "impact preview (100,000 audit records, 10,000 callers; p50 of 5 runs)"),
+    ("workers", "--workers 2 against one worker (wrk, mock upstream and Redis on the same 2 cores)"),
+    ("workers_light_upstream", "--workers 2 against one worker, light upstream (bench/light_upstream.py)"),
+)
+
+
+def print_table(results: dict[str, Any], sections: tuple[tuple[str, str], ...] = SECTIONS) -> None:
     print(f"\n{'path':<24} {'req/s c32':>10} {'p99 c32':>9} {'p50 c1':>8} {'p99 c1':>8} {'non-2xx':>8}")
     for name, row in results["paths"].items():
         print(
@@ -756,15 +829,10 @@ def print_table(results: dict[str, Any]) -> None:
     print("\nratios (gateway / bare proxy; the median of each round's ratio):")
     for key, value in results["ratios"].items():
         print(f"  {key:<28} {value:.3f}")
-    for section, title in (
-        ("micro", "per-request steps, in process"),
-        ("streaming", "streaming (SSE first byte at c1; 100 MiB to a slow reader)"),
-        ("propagation", "list change visible on every process"),
-        ("policy", "policy scale (100,000 deny-entities + 10,000 partners)"),
-        ("impact", "impact preview (100,000 audit records, 10,000 callers; p50 of 5 runs)"),
-        ("workers", "--workers 2 against one worker (wrk, mock upstream and Redis on the same 2 cores)"),
-        ("workers_light_upstream", "--workers 2 against one worker, light upstream (bench/light_upstream.py)"),
-    ):
+    print(f"\nfleet model inputs at c32 (median of the rounds; load average {results['load_average']}):")
+    for name, row in results["fleet_inputs"].items():
+        print(f"  {name}: " + ", ".join(f"{key} {value}" for key, value in row.items()))
+    for section, title in sections:
         print(f"\n{title}:")
         for key, value in results[section].items():
             print(f"  {key:<32} {value}")

@@ -27,6 +27,7 @@ from gateway.storage.keys import rate_state_keys
 __all__ = [
     "CHARGE_SCRIPT",
     "CHECK_SCRIPT",
+    "RELEASE_SCRIPT",
     "SYNC_SCRIPT",
     "BackendUnavailable",
     "LocalLimiter",
@@ -42,6 +43,9 @@ log = logging.getLogger(__name__)
 CHECK_SCRIPT = "ratelimit"  # gateway/lua/ratelimit.lua
 CHARGE_SCRIPT = "charge"  # gateway/lua/charge.lua
 SYNC_SCRIPT = "sync"  # gateway/lua/sync.lua: what the local limiter admitted, charged to Redis
+RELEASE_SCRIPT = "release"  # gateway/lua/release.lua: a lapsed lease's unused units given back
+MAX_LEASE = 1024  # the most units one process asks for at once for one caller
+TOKEN_SHARE = 8  # a lease decides on tokens locally until its process has charged 1/8 of what was left
 ANY_MODEL = "*"
 WINDOW_S = 60
 _US = 1_000_000
@@ -183,7 +187,7 @@ def _interval_us(tier: Tier) -> int:
 
 def _result(tier: Tier, reply: Sequence[Any], *, fallback: bool) -> RateResult:
     """A RateResult from the script's reply (the LocalLimiter builds the same tuple)."""
-    allowed, code, remaining, reset_us, retry_us, used, token_reset_us = (int(v) for v in reply)
+    allowed, code, remaining, reset_us, retry_us, used, token_reset_us = (int(v) for v in reply[:7])
     tpm = tier.tokens_per_minute
     return RateResult(
         allowed=allowed == 1,
@@ -325,10 +329,93 @@ class LocalLimiter:
         state.unsynced_tokens += tokens
 
 
+class _Lease:
+    """Units of one caller's request limit that this process reserved in Redis, decided on here.
+
+    ``left`` units may be admitted until ``expires`` (local monotonic seconds); the last ``tail`` of
+    them are the newest grant's, which end at ``end_us`` (the TAT it left in Redis) and are the only
+    ones that can be given back (release.lua). The token view is Redis's at the grant plus what this
+    process charged since; it decides locally until that reaches ``token_allowance``.
+    """
+
+    __slots__ = (
+        "end_us",
+        "expires",
+        "granted",
+        "interval",
+        "left",
+        "remaining",
+        "reset_s",
+        "started",
+        "tail",
+        "token_allowance",
+        "token_reset_s",
+        "tokens_since",
+        "tokens_used",
+    )
+
+    def __init__(self, reply: Sequence[Any], *, now: float, lease_s: float, tpm: int | None, interval: str) -> None:
+        granted = int(reply[7])
+        self.interval = interval  # µs, as the scripts take it
+        self.granted = granted
+        self.left = self.tail = granted - 1  # one is the request that asked for them
+        self.end_us = int(reply[8])
+        self.started = now
+        self.expires = now + lease_s
+        self.remaining = max(0, int(reply[2]))
+        self.reset_s = max(0, int(reply[3])) / _US
+        used = max(0, int(reply[5]))
+        self.tokens_used = used
+        self.tokens_since = 0
+        self.token_reset_s = max(0, int(reply[6])) / _US
+        self.token_allowance = math.inf if tpm is None else (tpm - used) // TOKEN_SHARE
+
+    def take(self) -> None:
+        """One unit admitted: the older grants' units first (only the tail can be given back)."""
+        self.left -= 1
+        if self.tail > self.left:
+            self.tail = self.left
+
+    def merge(self, older: _Lease) -> None:
+        """A grant that arrived while ``older`` was live: its units stay usable, but not returnable."""
+        self.left += older.left
+        self.granted += older.granted
+        self.tokens_since += older.tokens_since
+
+    def want(self) -> int:
+        """Units to ask for next: twice what was used if all was used, else what was used."""
+        used = self.granted - self.left
+        return max(1, min(MAX_LEASE, used * 2 if self.left <= 0 else used))
+
+    def result(self, tier: Tier, now: float) -> RateResult:
+        tpm = tier.tokens_per_minute
+        elapsed = now - self.started
+        return RateResult(
+            allowed=True,
+            code="",
+            limit=tier.requests_per_minute,
+            remaining=self.remaining + self.left,
+            reset_s=max(0.0, self.reset_s - elapsed),
+            retry_after_s=0,
+            token_limit=tpm,
+            tokens_remaining=None if tpm is None else max(0, tpm - self.tokens_used - self.tokens_since),
+            token_reset_s=None if tpm is None else max(0.0, self.token_reset_s - elapsed),
+        )
+
+
 class RateLimiter:
     """Request and token limits shared by every process through Redis, local when Redis is away.
 
-    Each check is one script call. A request waits on Redis at most ``timeout_s`` in
+    Each check is one script call, or none while this process holds a lease for the caller
+    (``lease_s`` > 0, docs/contract.md §5): a check that finds no live lease asks Redis for
+    units in the same script call (a share of what remains, one alone near the limit), and
+    later checks spend them here until they run out or the lease lapses; a lapsed lease's
+    unused units are given back. Token charges (``charge_flush_s`` set) are counted here at
+    once and sent to Redis in batches within ``charge_flush_s``, at once when the caller's
+    lease has spent its share of the token budget; a caller's next script call carries its
+    unsent charges too.
+
+    A request waits on Redis at most ``timeout_s`` in
     total: pass one :class:`RedisBudget` (``budget()``) to its check and its charge, and
     once it is spent the local limiter decides. After a failed call Redis is skipped for
     a back-off that starts at ``timeout_s`` and doubles with each further failure up to
@@ -354,6 +441,8 @@ class RateLimiter:
         timeout_s: float = 0.1,
         local_max_keys: int = 100_000,
         script_now: Callable[[], float] | None = None,
+        lease_s: float = 0.0,
+        charge_flush_s: float | None = None,
     ) -> None:
         # script_now (tests only): wall seconds sent to the scripts instead of Redis TIME.
         self._backend = backend
@@ -373,6 +462,14 @@ class RateLimiter:
         # (subject, model) the local limiter admitted or charged that Redis has not seen yet.
         self._unsynced: dict[tuple[str, str], None] = {}
         self._writing_back: asyncio.Task[None] | None = None
+        self._lease_s = lease_s
+        self._leases: dict[tuple[str, str], _Lease] = {}
+        self._flush_s = charge_flush_s
+        # Charges counted here and not sent yet: (subject, model) -> [tokens, tier].
+        self._pending: dict[tuple[str, str], list[Any]] = {}
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
 
     def budget(self) -> RedisBudget:
         """A new request's wait on Redis: ``redis.timeout_s`` for all its calls together."""
@@ -463,38 +560,168 @@ class RateLimiter:
         """Admit or refuse one request now; an admitted request consumes one unit."""
         limits = self._tier(tier)
         model = model or ANY_MODEL
+        key = (subject, model)
+        want, back_end, back_units = 1, 0, 0
+        if self._lease_s > 0:
+            lease = self._leases.get(key)
+            if lease is not None:
+                now = self._clock()
+                if lease.left > 0 and now < lease.expires and lease.tokens_since < lease.token_allowance:
+                    lease.take()
+                    return lease.result(limits, now)
+                # Spent, lapsed, or its token share charged: ask again, giving back its returnable units.
+                del self._leases[key]
+                want = lease.want() if lease.tokens_since < lease.token_allowance else 1
+                if lease.tail > 0:
+                    back_end, back_units = lease.end_us, lease.tail
         request_key, token_key = rate_keys(subject, model)
         args: tuple[str, ...] = (*self._check_args[tier], self._now_arg())
         owed = (0, 0)
-        if self._unsynced and (subject, model) in self._unsynced:
+        if self._unsynced and key in self._unsynced:
             # Spent here while Redis was away: charged in the same call, before the decision.
-            del self._unsynced[(subject, model)]
+            del self._unsynced[key]
             owed = self.local.take_unsynced(subject, model)
-            args = (*args, str(owed[0]), str(owed[1]))
+        pending = self._pending.pop(key, None)
+        unsent = 0 if pending is None else int(pending[0])
+        if want > 1 or back_units or owed != (0, 0) or unsent:
+            args = (*args, str(owed[0]), str(owed[1] + unsent), str(want), str(back_end), str(back_units))
         reply = await self._run(CHECK_SCRIPT, (request_key, token_key), args, budget)
         if reply is not None:
-            return _result(limits, reply, fallback=False)
+            result = _result(limits, reply, fallback=False)
+            if self._lease_s > 0 and result.allowed:
+                left = self._lease_granted(key, tier, reply)
+                if left:  # what this process holds for the caller is left too
+                    result = result._replace(remaining=result.remaining + left)
+            return result
         if owed != (0, 0):
             self.local.give_back(subject, model, *owed)
+        if unsent:
+            self.local.charge(subject, model, limits, unsent)
+            self._owe(key)
         self._fell_back()
         result = self.local.check(subject, model, limits)
         if result.allowed or owed != (0, 0):
-            self._owe((subject, model))
+            self._owe(key)
         return result
+
+    def _lease_granted(self, key: tuple[str, str], tier: str, reply: Sequence[Any]) -> int:
+        """Keep the units granted beyond the asking request's one; how many the lease now holds."""
+        now = self._clock()
+        interval = self._check_args[tier][0]
+        lease = _Lease(
+            reply, now=now, lease_s=self._lease_s, tpm=self._tiers[tier].tokens_per_minute, interval=interval
+        )
+        pending = self._pending.get(key)
+        if pending is not None:  # charged here while the call was out
+            lease.tokens_since = int(pending[0])
+        older = self._leases.get(key)
+        if older is not None and older.left > 0 and now < older.expires:
+            lease.merge(older)  # a concurrent request's grant, answered just before this one
+        self._leases[key] = lease
+        if len(self._leases) > self._local_max_keys:
+            self._leases.pop(next(iter(self._leases)))  # the oldest; its units are not given back
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        return lease.left
+
+    async def _sweep(self) -> None:
+        """Every lease interval: give back the unused units of lapsed leases, and forget them."""
+        try:
+            while self._leases:
+                await asyncio.sleep(self._lease_s)
+                await self.release_lapsed()
+        finally:
+            self._sweeper = None
+
+    async def release_lapsed(self, *, all_leases: bool = False) -> int:
+        """Give back the returnable units of every lapsed lease (every lease with ``all_leases``); the
+        number of script calls made (pipelined on one connection)."""
+        now = self._clock()
+        lapsed = [key for key, lease in self._leases.items() if all_leases or now >= lease.expires]
+        calls = []
+        for key in lapsed:
+            lease = self._leases.pop(key)
+            if lease.tail <= 0:
+                continue
+            calls.append(self._release(key, lease))
+        if calls:
+            await asyncio.gather(*calls)
+        return len(calls)
+
+    async def _release(self, key: tuple[str, str], lease: _Lease) -> None:
+        request_key, _ = rate_keys(*key)
+        args = (lease.interval, str(lease.end_us), str(lease.tail), self._now_arg())
+        await self._run(RELEASE_SCRIPT, (request_key,), args)
 
     async def charge(
         self, subject: str, model: str | None, tier: str, tokens: int, *, budget: RedisBudget | None = None
     ) -> None:
-        """Charge the tokens a response used; a tier without a token limit charges nothing."""
+        """Charge the tokens a response used; a tier without a token limit charges nothing.
+
+        With ``charge_flush_s`` the charge is counted here at once and sent within ``charge_flush_s``
+        without waiting, unless the caller's lease has spent its share of the budget (or there is no
+        lease): then it is sent before this returns, so every process's next decision sees it.
+        """
         limits = self._tier(tier)
         if tokens <= 0 or limits.tokens_per_minute is None:
             return
         model = model or ANY_MODEL
+        key = (subject, model)
+        if self._flush_s is None:
+            _, token_key = rate_keys(subject, model)
+            reply = await self._run(CHARGE_SCRIPT, (token_key,), (str(int(tokens)), self._now_arg()), budget)
+            if reply is None:
+                self.local.charge(subject, model, limits, tokens)
+                self._owe(key)
+            return
+        entry = self._pending.get(key)
+        if entry is None:
+            self._pending[key] = [int(tokens), tier]
+        else:
+            entry[0] += int(tokens)
+        lease = self._leases.get(key)
+        if lease is not None:
+            lease.tokens_since += int(tokens)
+        if lease is None or lease.tokens_since >= lease.token_allowance:
+            # Near the caller's budget (or no lease to decide on): sent now, before the response's
+            # last byte, so the next decision anywhere sees it (the boundary stays exact).
+            tokens, _ = self._pending.pop(key)
+            await self._send_one(key, tokens, tier, budget)
+        elif self._flush_timer is None:
+            self._flush_timer = asyncio.get_running_loop().call_later(self._flush_s, self._flush_due)
+
+    def _flush_due(self) -> None:
+        self._flush_timer = None
+        batch, self._pending = self._pending, {}
+        self._spawn(self._send(list(batch.items())))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, batch: list[tuple[tuple[str, str], list[Any]]]) -> None:
+        """Charge each caller's counted tokens, one script call each, all at once (they share a pipeline)."""
+        if batch:
+            await asyncio.gather(*(self._send_one(key, int(tokens), tier) for key, (tokens, tier) in batch))
+
+    async def _send_one(self, key: tuple[str, str], tokens: int, tier: str, budget: RedisBudget | None = None) -> None:
+        subject, model = key
         _, token_key = rate_keys(subject, model)
-        reply = await self._run(CHARGE_SCRIPT, (token_key,), (str(int(tokens)), self._now_arg()), budget)
-        if reply is None:
-            self.local.charge(subject, model, limits, tokens)
-            self._owe((subject, model))
+        reply = await self._run(CHARGE_SCRIPT, (token_key,), (str(tokens), self._now_arg()), budget)
+        if reply is None:  # held here: the local limiter sees them, the write-back sends them later
+            self.local.charge(subject, model, self._tier(tier), tokens)
+            self._owe(key)
+
+    async def flush(self) -> None:
+        """Send every counted charge now (and wait for the sends in progress)."""
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        batch, self._pending = self._pending, {}
+        await self._send(list(batch.items()))
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def _owe(self, key: tuple[str, str]) -> None:
         """Remember a caller with spend Redis has not seen; as many as the local limiter keeps."""
@@ -526,7 +753,20 @@ class RateLimiter:
             self._writing_back = None
 
     async def close(self) -> None:
-        """Stop a write-back in progress (what it had not written stays owed in this process only)."""
+        """Send the counted charges and give back the leases' unused units (a process stopping on
+        SIGTERM loses no charge Redis can take), then stop a write-back in progress (what it had not
+        written stays owed in this process only)."""
+        sweeper = self._sweeper
+        if sweeper is not None:
+            sweeper.cancel()
+            try:
+                await sweeper
+            except (asyncio.CancelledError, Exception):
+                pass
+        await self.flush()
+        await self.release_lapsed(all_leases=True)
+        if self._unsynced and self._writing_back is None and self._clock() >= self._skip_until:
+            await self._write_back()  # what Redis did not take while it was away: one more try
         task = self._writing_back
         if task is not None:
             task.cancel()

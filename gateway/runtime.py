@@ -122,7 +122,14 @@ async def create_runtime(
             connect_timeout_s=s.upstream.connect_timeout_s,
             clock=time.perf_counter,
         )
-        limiter = RateLimiter(store, s.tiers, on_fallback=metrics.ratelimit_fallback, timeout_s=s.redis.timeout_s)
+        limiter = RateLimiter(
+            store,
+            s.tiers,
+            on_fallback=metrics.ratelimit_fallback,
+            timeout_s=s.redis.timeout_s,
+            lease_s=s.ratelimit.lease_ms / 1000,
+            charge_flush_s=s.ratelimit.charge_flush_ms / 1000,
+        )
         stack.push_async_callback(limiter.close)
         jwks: JwksFetcher | None = None
         if s.auth.jwks_url:

@@ -325,6 +325,13 @@ class Authz(_Section):
         return value
 
 
+class RateLimitSettings(_Section):
+    # Token charges are counted by the process at once and reach Redis within this many ms.
+    charge_flush_ms: int = Field(50, ge=1, le=60_000)
+    # How long a process decides on units it reserved in Redis for a caller (0: every check asks Redis).
+    lease_ms: int = Field(250, ge=0, le=10_000)
+
+
 class Logging(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "text"] = "json"
@@ -341,6 +348,7 @@ class Settings(_Section):
     policy: PolicySettings = Field(default_factory=PolicySettings)
     tiers: dict[str, Tier] = Field(default_factory=_default_tiers)
     limits: Limits = Field(default_factory=Limits)
+    ratelimit: RateLimitSettings = Field(default_factory=RateLimitSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
     screening: ScreeningSettings = Field(default_factory=ScreeningSettings)
     logging: Logging = Field(default_factory=Logging)

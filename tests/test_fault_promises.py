@@ -152,8 +152,14 @@ async def test_a_request_waits_on_redis_at_most_timeout_s_over_all_its_calls(
 
     Before, every call had its own deadline: ~130 ms a request on Redis, and never a fallback.
     """
+    # No leases: every check asks Redis, and with no lease to decide on, the charge is sent before
+    # the last byte, so each request makes the two calls whose shared deadline this test is about.
     config = gateway_config(
-        upstream.url, tiers=TIERS, redis={"timeout_s": 0.1}, policy={"max_staleness_s": 60, "poll_interval_s": 0.1}
+        upstream.url,
+        tiers=TIERS,
+        redis={"timeout_s": 0.1},
+        policy={"max_staleness_s": 60, "poll_interval_s": 0.1},
+        ratelimit={"lease_ms": 0},
     )
     gateway = GatewayProcess(config, redis_url=slow_redis.url).start()
     token = hs_token("tess", tier="partner")

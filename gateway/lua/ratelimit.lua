@@ -9,17 +9,22 @@
 -- ARGV[4]  optional: now in milliseconds (tests); empty means Redis server TIME
 -- ARGV[5]  optional: request spend (µs of GCRA emission) a gateway's local limiter admitted
 --          while Redis was away, charged before the decision (and kept even when it refuses)
--- ARGV[6]  optional: tokens the local limiter charged meanwhile, charged the same way
+-- ARGV[6]  optional: tokens to charge before the decision (what the local limiter charged while
+--          Redis was away, and charges counted by the process and not yet flushed)
+-- ARGV[7]  optional: units wanted (a lease, docs/contract.md §5); empty or absent means 1
+-- ARGV[8]  optional: the end (TAT) of the caller's previous lease from this process, and
+-- ARGV[9]  its unused units: given back first when no one has reserved after it (see release.lua)
 --
 -- Returns {allowed 0|1, code 0 ok|1 rate_limited|2 token_rate_limited,
 --          remaining, reset_us, retry_us, tokens_used (-1 without a token limit),
---          token_reset_us}
+--          token_reset_us, units granted (0 when refused), TAT after the grant}
 
 -- Redis 5-6: TIME is non-deterministic, so writes after it need effects
 -- replication; Redis 7 always replicates effects and ignores this.
 if redis.replicate_commands then redis.replicate_commands() end
 
 -- @include token_window
+-- @include lease_return
 
 local now
 if ARGV[4] and ARGV[4] ~= '' then
@@ -36,6 +41,9 @@ local tpm = tonumber(ARGV[3])
 local capacity = interval * burst
 
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+local back_end = tonumber(ARGV[8] or '') or 0
+local back_units = tonumber(ARGV[9] or '') or 0
+if back_units > 0 and back_end > 0 then tat = give_back(KEYS[1], tat, now, back_end, back_units, interval) end
 if tat < now then tat = now end
 local debt = tonumber(ARGV[5] or '0') or 0
 if debt > 0 then
@@ -84,6 +92,15 @@ end
 local tokens_ok = tpm <= 0 or used < tpm
 
 if rate_ok and tokens_ok then
+  -- A lease: a share of what remains (an eighth), never more than asked for, and one alone
+  -- when little remains, so the last units at the limit are decided one request at a time.
+  local want = tonumber(ARGV[7] or '') or 1
+  local granted = 1
+  if want > 1 then
+    local available = math.floor((capacity - (tat - now)) / interval)
+    granted = math.max(1, math.min(want, math.floor(available / 8)))
+    new_tat = tat + granted * interval
+  end
   local ttl_ms = math.ceil((new_tat - now) / 1000)
   redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', ttl_ms)
   local remaining = math.floor((capacity - (new_tat - now)) / interval)
@@ -92,7 +109,7 @@ if rate_ok and tokens_ok then
     -- Nothing left: say when the next request passes, not when the bucket is full.
     reset = new_tat - now - capacity + interval
   end
-  return {1, 0, remaining, reset, 0, used, token_reset}
+  return {1, 0, remaining, reset, 0, used, token_reset, granted, new_tat}
 end
 
 -- Blocked: nothing is written, so a refused request costs the caller nothing.
@@ -104,4 +121,4 @@ if not rate_ok then
 end
 local reset = retry
 if remaining > 0 then reset = tat - now end
-return {0, code, remaining, reset, retry, used, token_reset}
+return {0, code, remaining, reset, retry, used, token_reset, 0, tat}
