@@ -9,7 +9,6 @@ whose target changed since is refused as a conflict; an expired or closed one ca
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import subprocess
@@ -32,7 +31,7 @@ from .support.gateway_process import (
     seed_policy,
     seeded_gateway,
 )
-from .support.tokens import hs_token
+from .support.tokens import admin_tokens_file, hs_token
 from .support.upstream import Upstream
 from .support.waiting import wait_until
 
@@ -43,14 +42,7 @@ BOB = {"Authorization": f"Bearer {BOB_TOKEN}"}
 
 
 def _tokens_file(directory: Path) -> Path:
-    path = directory / "admin-tokens"
-    path.write_text(
-        "".join(
-            f"{name}: {hashlib.sha256(token.encode()).hexdigest()}\n"
-            for name, token in (("alice", ALICE_TOKEN), ("bob", BOB_TOKEN))
-        )
-    )
-    return path
+    return admin_tokens_file(directory, {"alice": ALICE_TOKEN, "bob": BOB_TOKEN})
 
 
 def approval_config(upstream_url: str, tokens: Path, ttl_s: float = 3600) -> dict[str, Any]:

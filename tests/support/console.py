@@ -3,7 +3,6 @@ and a plain HTTP client that signs in and posts the console's forms as a browser
 
 from __future__ import annotations
 
-import hashlib
 import re
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 import aiohttp
 
 from .gateway_process import GatewayProcess, gateway_config
+from .tokens import admin_tokens_file
 
 ALICE_TOKEN = "console-test-token-alice-0001"
 BOB_TOKEN = "console-test-token-bobby-0002"
@@ -18,14 +18,7 @@ CSRF_FIELD = re.compile(r'name="csrf" value="([^"]+)"')
 
 
 def tokens_file(directory: Path) -> Path:
-    path = directory / "admin-tokens"
-    path.write_text(
-        "".join(
-            f"{name}: {hashlib.sha256(token.encode()).hexdigest()}\n"
-            for name, token in (("alice", ALICE_TOKEN), ("bob", BOB_TOKEN))
-        )
-    )
-    return path
+    return admin_tokens_file(directory, {"alice": ALICE_TOKEN, "bob": BOB_TOKEN})
 
 
 def console_config(upstream_url: str, tokens: Path, **sections: Any) -> dict[str, Any]:

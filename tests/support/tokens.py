@@ -188,3 +188,12 @@ def hs_token(
 
 def auth(token: str | None = None) -> dict[str, str]:
     return {"Authorization": f"Bearer {token or hs_token()}"}
+
+
+def admin_tokens_file(directory: Path, tokens: Mapping[str, str]) -> Path:
+    """An ``admin.tokens_file`` naming each actor (``name: sha256 of its token``) in ``directory``."""
+    path = directory / "admin-tokens"
+    path.write_text(
+        "".join(f"{name}: {hashlib.sha256(token.encode()).hexdigest()}\n" for name, token in tokens.items())
+    )
+    return path
