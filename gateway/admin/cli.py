@@ -320,24 +320,22 @@ def _patch_model(args: argparse.Namespace, body: dict[str, Any], done: str) -> N
 
 
 def _models_suspend(args: argparse.Namespace) -> None:
-    if args.shadow:
-        _patch_model(args, {"export_suspended": True, "enforce": False}, f"model {args.name}: shadow suspension")
-        return
-    _patch_model(
-        args,
-        {"export_suspended": True},
-        f"model {args.name}: export suspended (its stage and allowed countries unchanged)",
-    )
+    _set_export(args, suspended=True)
 
 
 def _models_lift(args: argparse.Namespace) -> None:
+    _set_export(args, suspended=False)
+
+
+def _set_export(args: argparse.Namespace, *, suspended: bool) -> None:
+    """Suspend or lift a model's export (a merge patch of that one field), or only in its shadow."""
     if args.shadow:
-        _patch_model(args, {"export_suspended": False, "enforce": False}, f"model {args.name}: shadow lift")
+        done = f"model {args.name}: shadow {'suspension' if suspended else 'lift'}"
+        _patch_model(args, {"export_suspended": suspended, "enforce": False}, done)
         return
+    what = "export suspended" if suspended else "export suspension lifted"
     _patch_model(
-        args,
-        {"export_suspended": False},
-        f"model {args.name}: export suspension lifted (its stage and allowed countries unchanged)",
+        args, {"export_suspended": suspended}, f"model {args.name}: {what} (its stage and allowed countries unchanged)"
     )
 
 
