@@ -36,6 +36,7 @@ from .cli_io import (
     segment,
     table,
     write,
+    write_reporting,
     written,
 )
 
@@ -122,17 +123,22 @@ def _lists_patch(args: argparse.Namespace) -> None:
             "nothing to change: give --reason, --source, --expires-at, --no-expiry, --country, --countries, "
             "--org, --models or --enforce/--shadow"
         )
-    data = write(args, "PATCH", f"/admin/v1/lists/{segment(args.list)}/{segment(args.key)}", body=body)
-    if data is None:
-        return
-    emit(args, data, written(f"{args.list} {data.get('key', args.key)} changed ({', '.join(body)})"))
+    write_reporting(
+        args,
+        "PATCH",
+        f"/admin/v1/lists/{segment(args.list)}/{segment(args.key)}",
+        body=body,
+        done=lambda data: f"{args.list} {data.get('key', args.key)} changed ({', '.join(body)})",
+    )
 
 
 def _lists_delete(args: argparse.Namespace) -> None:
-    data = write(args, "DELETE", f"/admin/v1/lists/{segment(args.list)}/{segment(args.key)}")
-    if data is None:
-        return
-    emit(args, data, written(f"{args.list} {data.get('key', args.key)} deleted"))
+    write_reporting(
+        args,
+        "DELETE",
+        f"/admin/v1/lists/{segment(args.list)}/{segment(args.key)}",
+        done=lambda data: f"{args.list} {data.get('key', args.key)} deleted",
+    )
 
 
 def _lists_replace(args: argparse.Namespace) -> None:
@@ -145,10 +151,13 @@ def _lists_replace(args: argparse.Namespace) -> None:
     wrapped = isinstance(document.get("entries"), dict) and set(document) <= {"version", "list", "entries"}
     entries = document["entries"] if wrapped else document
     body = {"entries": entries, "allow_empty": args.allow_empty}
-    data = write(args, "PUT", f"/admin/v1/lists/{segment(args.list)}", body=body)
-    if data is None:
-        return
-    emit(args, data, written(f"{args.list} replaced with {data.get('count', len(entries))} entries"))
+    write_reporting(
+        args,
+        "PUT",
+        f"/admin/v1/lists/{segment(args.list)}",
+        body=body,
+        done=lambda data: f"{args.list} replaced with {data.get('count', len(entries))} entries",
+    )
 
 
 # --- models ----------------------------------------------------------------------------------
@@ -306,17 +315,17 @@ def _models_promote(args: argparse.Namespace) -> None:
 
 def _lists_promote(args: argparse.Namespace) -> None:
     path = f"/admin/v1/lists/{segment(args.list)}/{segment(args.key)}"
-    data = write(args, "PATCH", path, body={"enforce": True})
-    if data is None:
-        return
-    emit(args, data, written(f"{args.list} {data.get('key', args.key)} promoted: enforced now"))
+    write_reporting(
+        args,
+        "PATCH",
+        path,
+        body={"enforce": True},
+        done=lambda data: f"{args.list} {data.get('key', args.key)} promoted: enforced now",
+    )
 
 
 def _patch_model(args: argparse.Namespace, body: dict[str, Any], done: str) -> None:
-    data = write(args, "PATCH", f"/admin/v1/models/{segment(args.name)}", body=body)
-    if data is None:
-        return
-    emit(args, data, written(done))
+    write_reporting(args, "PATCH", f"/admin/v1/models/{segment(args.name)}", body=body, done=lambda data: done)
 
 
 def _models_suspend(args: argparse.Namespace) -> None:
@@ -340,10 +349,9 @@ def _set_export(args: argparse.Namespace, *, suspended: bool) -> None:
 
 
 def _models_delete(args: argparse.Namespace) -> None:
-    data = write(args, "DELETE", f"/admin/v1/models/{segment(args.name)}")
-    if data is None:
-        return
-    emit(args, data, written(f"model {args.name} deleted"))
+    write_reporting(
+        args, "DELETE", f"/admin/v1/models/{segment(args.name)}", done=lambda data: f"model {args.name} deleted"
+    )
 
 
 # --- API keys --------------------------------------------------------------------------------
@@ -369,10 +377,9 @@ def _keys_create(args: argparse.Namespace) -> None:
 
 
 def _keys_revoke(args: argparse.Namespace) -> None:
-    data = write(args, "DELETE", f"/admin/v1/api-keys/{segment(args.id)}")
-    if data is None:
-        return
-    emit(args, data, written(f"key {args.id} revoked"))
+    write_reporting(
+        args, "DELETE", f"/admin/v1/api-keys/{segment(args.id)}", done=lambda data: f"key {args.id} revoked"
+    )
 
 
 def _keys_list(args: argparse.Namespace) -> None:
@@ -448,10 +455,14 @@ def _screening_import(args: argparse.Namespace) -> None:
     raw = read_bytes(args.file)
     json_file = args.file.lower().endswith(".json") or raw.lstrip()[:1] in (b"{", b"[")
     content_type = "application/json" if json_file else "text/csv; charset=utf-8"
-    data = write(args, "POST", "/admin/v1/screening/import", data=raw, content_type=content_type)
-    if data is None:
-        return
-    emit(args, data, written(f"screening list replaced with {data.get('entries')} entries"))
+    write_reporting(
+        args,
+        "POST",
+        "/admin/v1/screening/import",
+        data=raw,
+        content_type=content_type,
+        done=lambda data: f"screening list replaced with {data.get('entries')} entries",
+    )
 
 
 def _screening_search(args: argparse.Namespace) -> None:

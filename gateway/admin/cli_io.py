@@ -160,6 +160,16 @@ def written(what: str) -> Callable[[Any], str]:
     return lambda data: f"{what}; policy version {data.get('version')}"
 
 
+def write_reporting(
+    args: argparse.Namespace, method: str, path: str, done: Callable[[Any], str], **kwargs: Any
+) -> Any | None:
+    """:func:`write`, then report it: ``done(answer)`` says what was written (nothing when it is held)."""
+    data = write(args, method, path, **kwargs)
+    if data is not None:
+        emit(args, data, written(done(data)))
+    return data
+
+
 # --- reading files ---------------------------------------------------------------------------
 
 
