@@ -374,6 +374,14 @@ SKIP_AUTO_HEADERS = ("User-Agent", "Content-Type", "Accept-Encoding", "Accept")
 _URL_CACHE_SIZE = 1024
 
 
+class CoalescedResponse(web.StreamResponse):
+    """An answer whose head waits for its first body bytes and leaves in the same write: one send
+    instead of two for most answers (aiohttp's ``web.Response`` does the same for whole bodies).
+    Event streams are not held back: their head leaves at once, so the caller sees the stream open."""
+
+    _send_headers_immediately = False
+
+
 class Forwarder:
     """Relays one admitted request upstream and the answer back, chunk by chunk.
 
@@ -487,7 +495,9 @@ class Forwarder:
             outcome.error_kind = "protocol"
             upstream.close()  # never reuse a connection that carried it
             raise GatewayError(502, "upstream_unreachable", "The model server sent a malformed response.")
-        response = web.StreamResponse(
+        content_type = upstream.headers.get("Content-Type", "")
+        is_sse = content_type.startswith("text/event-stream")
+        response = (web.StreamResponse if is_sse else CoalescedResponse)(
             status=upstream.status, reason=upstream.reason, headers=response_headers(upstream.headers)
         )
         response.headers["X-Request-Id"] = request_id
@@ -495,8 +505,6 @@ class Forwarder:
             response.headers[name] = value
         if upstream.content_length is not None and "Transfer-Encoding" not in upstream.headers:
             response.content_length = upstream.content_length
-        content_type = upstream.headers.get("Content-Type", "")
-        is_sse = content_type.startswith("text/event-stream")
         is_json = "json" in content_type and on_usage is not None
         scanner = SseUsageScanner() if is_sse and on_usage is not None else None
         await response.prepare(request)
@@ -533,9 +541,9 @@ class Forwarder:
             if tokens is not None:
                 outcome.tokens = tokens
                 await on_usage(tokens)  # type: ignore[misc]
-        if pending is not None:
-            await response.write(pending)
-        await response.write_eof()
+        # The last chunk goes with the end of the message: with the head held back, a one-chunk answer
+        # leaves in one write.
+        await response.write_eof(pending or b"")
         return response
 
     @staticmethod
