@@ -12,15 +12,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
-import aiohttp
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict
-from yarl import URL
 
 from .errors import GatewayError
 from .policy.decide import Rules
 from .proxy import Forwarder, ProxyOutcome, response_headers, response_problem, unanswered
+from .upstream_client import UpstreamError, UpstreamPayloadError, origin
 
 MAX_LIST_BYTES = 4 * 1024 * 1024
 # Upstream response fields that describe the body as the upstream sent it, not the filtered one.
@@ -90,13 +89,11 @@ async def forward_model_list(
     # The answer is a new body: the caller's validators and ranges refer to the upstream's, not to it.
     for name in _CONDITIONAL_FIELDS:
         headers.popall(name, None)
-    url = URL(forwarder.router.base_for(None) + target, encoded=True)
+    base = origin(forwarder.router.base_for(None))
     started = time.perf_counter()
     try:
-        upstream = await forwarder.session.get(
-            url, headers=headers, allow_redirects=False, timeout=forwarder.timeout, auto_decompress=False
-        )
-    except (TimeoutError, aiohttp.ClientError) as exc:
+        upstream = await forwarder.pool.request(base, "GET", target, headers, b"")
+    except (TimeoutError, UpstreamError) as exc:
         raise unanswered(exc, outcome) from exc
     try:
         outcome.upstream_status = upstream.status
@@ -118,10 +115,10 @@ async def forward_model_list(
                 if size > MAX_LIST_BYTES:
                     raise _unreadable(outcome, "too large")
                 chunks.append(chunk)
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        except TimeoutError as exc:
             outcome.error_kind = "timeout"
             raise GatewayError(504, "upstream_timeout", "The model server stopped sending mid-response.") from exc
-        except aiohttp.ClientPayloadError as exc:
+        except UpstreamPayloadError as exc:
             raise _unreadable(outcome, "a broken body") from exc
         try:
             body = filter_models(b"".join(chunks), allowed)

@@ -13,19 +13,25 @@ import functools
 import itertools
 import logging
 import re
-import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import aiohttp
 import orjson
 from aiohttp import web
 from aiohttp.web_request import BaseRequest
 from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
 
 from .errors import GatewayError, bad_request, error_body
+from .upstream_client import (
+    Body,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamPayloadError,
+    UpstreamPool,
+    UpstreamResponse,
+    origin,
+)
 
 if TYPE_CHECKING:
     from .policy.model import Decision
@@ -277,7 +283,7 @@ class ProxyOutcome:
     upstream_seconds: float = 0.0
     tokens: int | None = None
     error_kind: str | None = None
-    body: aiohttp.StreamReader | None = None
+    body: Body | None = None
     revoked: Decision | None = None
 
 
@@ -289,12 +295,12 @@ class StreamRevoked(Exception):
         self.decision = decision
 
 
-def unanswered(exc: TimeoutError | aiohttp.ClientError, outcome: ProxyOutcome) -> GatewayError:
+def unanswered(exc: TimeoutError | UpstreamError, outcome: ProxyOutcome) -> GatewayError:
     """The error for a request to the model server that got no response: 504 when it timed out, else 502."""
-    if isinstance(exc, TimeoutError):  # aiohttp's ServerTimeoutError is one too
+    if isinstance(exc, TimeoutError):
         outcome.error_kind = "timeout"
         return GatewayError(504, "upstream_timeout", "The model server did not answer in time.")
-    outcome.error_kind = "connect" if isinstance(exc, aiohttp.ClientConnectorError) else "protocol"
+    outcome.error_kind = "connect" if isinstance(exc, UpstreamConnectError) else "protocol"
     return GatewayError(502, "upstream_unreachable", "The model server could not be reached.")
 
 
@@ -305,42 +311,9 @@ def _sse_error_event(code: str, message: str, request_id: str, status: int | Non
     return b"event: error\ndata: " + body + b"\n\n"
 
 
-def _fail_body_when_connection_lost(upstream: aiohttp.ClientResponse) -> Callable[[], object]:
-    """Make a response body that can no longer complete fail instead of waiting forever.
-
-    With llhttp (aiohttp 3.14), a malformed chunk in the middle of a response body closes the
-    connection, but the error never reaches the body stream, and the close cancels the ``sock_read``
-    timer: a reader would wait for ever (the pure-Python parser does report it). So when the
-    connection goes while the body is unfinished, the body stream gets the error. Returns the undo.
-    """
-    connection = upstream.connection
-    protocol = connection.protocol if connection is not None else None
-    if protocol is None:
-        return _nothing
-    content = upstream.content
-
-    def on_closed(_closed: asyncio.Future[None] | None) -> None:
-        if not content.is_eof() and content.exception() is None:
-            content.set_exception(
-                aiohttp.ClientPayloadError(
-                    "The connection to the model server was lost before the response was complete."
-                )
-            )
-
-    closed = protocol.closed
-    if closed is None or closed.done():  # already gone
-        on_closed(closed)
-        return _nothing
-    if protocol not in _WATCHED:  # once per connection, however many requests it carries
-        _WATCHED.add(protocol)
-        closed.add_done_callback(_retrieve)
-    closed.add_done_callback(on_closed)
-    return lambda: closed.remove_done_callback(on_closed)
-
-
 def _ended_by(
-    exc: TimeoutError | aiohttp.ClientPayloadError | StreamRevoked,
-    upstream: aiohttp.ClientResponse,
+    exc: TimeoutError | UpstreamPayloadError | StreamRevoked,
+    upstream: UpstreamResponse,
     outcome: ProxyOutcome,
 ) -> tuple[int, str, str]:
     """Status, code and message for a response body that stopped before its end, noted in ``outcome``."""
@@ -348,30 +321,11 @@ def _ended_by(
         upstream.close()  # the model server sees the request end, and the connection is never reused
         decision = outcome.revoked = exc.decision
         return decision.status, decision.code, decision.message
-    if isinstance(exc, TimeoutError):  # aiohttp's ServerTimeoutError is one too
+    if isinstance(exc, TimeoutError):
         outcome.error_kind = "timeout"
         return 504, "upstream_timeout", "The model server stopped sending mid-response."
     outcome.error_kind = "protocol"
     return 502, "upstream_unreachable", "The model server broke off the response."
-
-
-# Connections whose close future has a retriever: asking for the future creates it, and a connection
-# that later dies with an error must not leave an exception nobody retrieved.
-_WATCHED: weakref.WeakSet[Any] = weakref.WeakSet()
-
-
-def _retrieve(future: asyncio.Future[None]) -> None:
-    if not future.cancelled():
-        future.exception()
-
-
-def _nothing() -> None:
-    return None
-
-
-# aiohttp adds these to requests that lack them; the upstream must see the caller's headers only.
-SKIP_AUTO_HEADERS = ("User-Agent", "Content-Type", "Accept-Encoding", "Accept")
-_URL_CACHE_SIZE = 1024
 
 
 class CoalescedResponse(web.StreamResponse):
@@ -383,40 +337,12 @@ class CoalescedResponse(web.StreamResponse):
 
 
 class Forwarder:
-    """Relays one admitted request upstream and the answer back, chunk by chunk.
+    """Relays one admitted request upstream (upstream_client.py) and the answer back, chunk by chunk."""
 
-    ``session`` should skip aiohttp's automatic headers (``skip_auto_headers=SKIP_AUTO_HEADERS``):
-    set once on the session, they cost nothing per request.
-    """
-
-    def __init__(
-        self,
-        session: aiohttp.ClientSession,
-        router: Router,
-        *,
-        read_timeout_s: float,
-        connect_timeout_s: float,
-        clock: Callable[[], float],
-    ) -> None:
-        self.session = session
+    def __init__(self, pool: UpstreamPool, router: Router, *, clock: Callable[[], float]) -> None:
+        self.pool = pool
         self.router = router
         self.clock = clock
-        self.timeout = aiohttp.ClientTimeout(
-            total=None, connect=connect_timeout_s, sock_connect=connect_timeout_s, sock_read=read_timeout_s
-        )
-        # Upstream URLs by (base, request-target): most requests name one of a few paths.
-        self._urls: dict[tuple[str, str], URL] = {}
-
-    def _url(self, model: str | None, target: str) -> URL:
-        base = self.router.base_for(model)
-        key = (base, target)
-        url = self._urls.get(key)
-        if url is None:
-            url = URL(base + target, encoded=True)
-            if len(self._urls) >= _URL_CACHE_SIZE:
-                self._urls.clear()
-            self._urls[key] = url
-        return url
 
     async def forward(
         self,
@@ -431,37 +357,28 @@ class Forwarder:
         """Send ``view`` (method, origin-form target, the computed headers, the decoded body) upstream and
         relay the answer to ``request``'s caller. Nothing of the request is read again here, so what
         was decided on is what is sent."""
-        url = self._url(view.model, view.target)
+        base = origin(self.router.base_for(view.model))
         headers = view.headers
+        assert headers is not None  # RequestReader.read filled them before the request reached here
         if on_usage is not None:
             # Usage is read from the response as it passes: a compressed one would hide it, and with it
             # the token budget. Ask for the identity coding (the caller's Accept-Encoding is dropped).
-            assert headers is not None  # RequestReader.read filled them before the request reached here
             headers["Accept-Encoding"] = "identity"
         body = view.body
         started = self.clock()
         try:
-            upstream = await self.session.request(
-                view.method,
-                url,
-                headers=headers,
-                data=body if body else None,
-                allow_redirects=False,
-                timeout=self.timeout,
-                auto_decompress=False,
-            )
-        except (TimeoutError, aiohttp.ClientError) as exc:
+            upstream = await self.pool.request(base, view.method, view.target, headers, body)
+        except (TimeoutError, UpstreamError) as exc:
             raise unanswered(exc, outcome) from exc
         except asyncio.CancelledError:
             # Revoked before the response began (inflight.py cancels the task here, and only here): the
-            # request is refused as admission would refuse it now. aiohttp closed the upstream connection.
+            # request is refused as admission would refuse it now. The pool closed the upstream connection.
             revoked = outcome.revoked
             task = asyncio.current_task()
             if revoked is None or task is None or task.uncancel() > 0:
                 raise
             raise GatewayError(revoked.status, revoked.code, revoked.message) from None
         outcome.body = upstream.content
-        unwatch = _fail_body_when_connection_lost(upstream)
         try:
             return await self._relay(
                 request,
@@ -473,14 +390,13 @@ class Forwarder:
                 started=started,
             )
         finally:
-            unwatch()
             upstream.release()
             outcome.upstream_seconds = self.clock() - started
 
     async def _relay(
         self,
         request: BaseRequest,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamResponse,
         *,
         request_id: str,
         extra: Iterable[tuple[str, str]],
@@ -529,7 +445,7 @@ class Forwarder:
                     pending = chunk
                 else:
                     await response.write(chunk)
-        except (TimeoutError, aiohttp.ClientPayloadError, StreamRevoked) as exc:
+        except (TimeoutError, UpstreamPayloadError, StreamRevoked) as exc:
             status, code, message = _ended_by(exc, upstream, outcome)
             await self._abort_stream(response, is_sse, code, message, request_id, status)
             return response

@@ -25,11 +25,12 @@ from .jwks import JwksFetcher, KeyRing
 from .metrics import Metrics
 from .network import TrustedProxies
 from .policy.decide import Rules
-from .proxy import SKIP_AUTO_HEADERS, Forwarder, Router
+from .proxy import Forwarder, Router
 from .ratelimit import RateLimiter
 from .request_model import RequestReader
 from .settings import Settings, read_secret
 from .storage.store import Store
+from .upstream_client import UpstreamPool
 from .watcher import PolicyWatcher
 
 
@@ -105,23 +106,16 @@ async def create_runtime(
             store = open_store(s, url, env)
             stack.push_async_callback(store.close)
         store.on_error = metrics.redis_error
-        connector = aiohttp.TCPConnector(
-            limit=s.upstream.max_connections, ttl_dns_cache=300, enable_cleanup_closed=True
-        )
-        session = aiohttp.ClientSession(
-            connector=connector,
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=SKIP_AUTO_HEADERS,
-        )
+        # aiohttp's client for the gateway's own calls (the JWKS); the model servers get the pool.
+        session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
         stack.push_async_callback(session.close)
-        forwarder = Forwarder(
-            session,
-            Router(s.upstream.url, s.upstream.routes),
-            read_timeout_s=s.upstream.read_timeout_s,
+        pool = UpstreamPool(
+            limit=s.upstream.max_connections,
             connect_timeout_s=s.upstream.connect_timeout_s,
-            clock=time.perf_counter,
+            read_timeout_s=s.upstream.read_timeout_s,
         )
+        stack.push_async_callback(pool.close)
+        forwarder = Forwarder(pool, Router(s.upstream.url, s.upstream.routes), clock=time.perf_counter)
         limiter = RateLimiter(
             store,
             s.tiers,

@@ -12,7 +12,7 @@ import dataclasses
 import inspect
 
 import aiohttp
-from aiohttp import client_proto, connector, http_exceptions, http_writer, web, web_protocol, web_request, web_runner
+from aiohttp import http_exceptions, http_writer, web, web_protocol, web_request, web_runner
 from aiohttp.web_response import StreamResponse
 
 
@@ -95,11 +95,11 @@ def test_stream_response_keeps_its_request() -> None:
     assert hasattr(web_request.BaseRequest, "transport")
 
 
-def test_client_connection_exposes_its_protocol_and_close_future() -> None:
-    """_fail_body_when_connection_lost reads ``upstream.connection.protocol.closed``."""
-    assert isinstance(inspect.getattr_static(aiohttp.ClientResponse, "connection"), property)
-    assert isinstance(inspect.getattr_static(connector.Connection, "protocol"), property)
-    assert isinstance(inspect.getattr_static(client_proto.ResponseHandler, "closed"), property)
+def test_a_stream_response_can_hold_its_head_for_the_first_body_bytes() -> None:
+    """proxy.CoalescedResponse sets ``_send_headers_immediately = False`` so the head leaves with the body."""
+    assert StreamResponse._send_headers_immediately is True
+    assert "self._send_headers_immediately" in inspect.getsource(StreamResponse._write_headers)
+    assert "_send_headers_with_payload" in inspect.getsource(http_writer.StreamWriter.write)
 
 
 def test_body_streams_take_an_exception_and_an_end() -> None:
