@@ -273,7 +273,7 @@ class AuditLog:
         self.producer = new_producer_id()
         # The audit shard this process appends to (``audit.shards``; see gateway/storage/audit_shards.py).
         self.shard = audit_shard(self.producer, settings.shards)
-        self._orphan_shards: dict[str, int] = {}
+        self._orphan_shard_of: tuple[str, int] | None = None  # (producer, shard) of the spool being replayed
         self.spool = Spool(Path(settings.spool_dir), self.producer)
         self._queue: deque[dict[str, Any]] = deque()
         self._held: list[Entry] = []  # numbered; the spool refused them while the sender read the file
@@ -547,11 +547,9 @@ class AuditLog:
 
     async def _orphan_shard(self, producer: str) -> int:
         """A stopped process's records go to its shard (where its mark is), so each still lands once."""
-        shard = self._orphan_shards.get(producer)
-        if shard is None:
-            shard = await self.store.audit_shard_of(producer, self.settings.shards)
-            self._orphan_shards[producer] = shard
-        return shard
+        if self._orphan_shard_of is None or self._orphan_shard_of[0] != producer:
+            self._orphan_shard_of = (producer, await self.store.audit_shard_of(producer, self.settings.shards))
+        return self._orphan_shard_of[1]
 
     async def _watch_backlog(self) -> None:
         """Archiving on: keep ``gateway_audit_unarchived_records`` current (the archiver's backlog)."""

@@ -13,8 +13,10 @@ Lowering ``audit.shards`` thus leaves the higher shards read and archived, never
 from __future__ import annotations
 
 import asyncio
+from bisect import bisect_right
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any, Generic, TypeVar
 
 from .keys import AUDIT_SHARDS_KEY, AUDIT_SHARDS_MAX, audit_key, audit_mark_key, audit_shard
@@ -22,8 +24,9 @@ from .scripts import Scripts
 
 T = TypeVar("T")
 
-# An entry's place in the merged order: its stream id (milliseconds, sequence), then its shard
-# (negated: of two entries with the same id in two shards, the lower shard's comes first).
+# An entry's place in the merged order, ascending: its stream id negated (milliseconds, sequence:
+# newest first), then its shard (of two entries with the same id in two shards, the lower shard's
+# comes first). Unique across the shards.
 EntryKey = tuple[int, int, int]
 
 
@@ -48,7 +51,7 @@ def _text(value: bytes | str) -> str:
 
 def entry_key(entry_id: bytes | str, shard: int) -> EntryKey:
     ms, _, seq = _text(entry_id).partition("-")
-    return int(ms), int(seq or 0), -shard
+    return -int(ms), -int(seq or 0), shard
 
 
 @dataclass(slots=True)
@@ -56,7 +59,7 @@ class _Cursor(Generic[T]):
     shard: int
     fetch: Fetch[T]
     high: str = "+"
-    buffered: list[tuple[EntryKey, T]] = field(default_factory=list)  # newest first
+    buffered: list[tuple[EntryKey, T]] = field(default_factory=list)  # in merged order (newest first)
     done: bool = False
 
     async def refill(self, count: int) -> None:
@@ -72,8 +75,8 @@ async def merged_newest(fetches: Sequence[Fetch[T]], *, page: int, limit: int) -
     """The shards' entries as one stream, newest first, in batches; ``limit`` entries in all.
 
     Each shard is read ``page`` entries at a time (all shards due a read at once). A batch holds what
-    is certainly newer than anything not yet read: every buffered entry at or above the highest of
-    the shards' oldest buffered ids (a shard read to its end bounds nothing). The shard that set that
+    certainly comes before anything not yet read: every buffered entry up to the newest of the
+    shards' oldest buffered entries (a shard read to its end bounds nothing). The shard that set that
     bound is then empty and read next, so each batch empties at least one shard's page.
     """
     cursors = [_Cursor(shard, fetch) for shard, fetch in enumerate(fetches)]
@@ -87,18 +90,15 @@ async def merged_newest(fetches: Sequence[Fetch[T]], *, page: int, limit: int) -
         if not live:
             return
         open_ends = [c.buffered[-1][0] for c in live if not c.done]
-        bound = max(open_ends) if open_ends else None
+        bound = min(open_ends) if open_ends else None
         ready: list[tuple[EntryKey, T]] = []
         for cursor in live:
             buffered = cursor.buffered
-            cut = len(buffered)
-            if bound is not None:
-                while cut and buffered[cut - 1][0] < bound:
-                    cut -= 1
+            cut = len(buffered) if bound is None else bisect_right(buffered, bound, key=itemgetter(0))
             ready.extend(buffered[:cut])
             cursor.buffered = buffered[cut:]
         # Each shard's part is already in order: a merge of sorted runs.
-        ready.sort(key=lambda item: item[0], reverse=True)
+        ready.sort(key=itemgetter(0))
         batch = [value for _key, value in ready[:left]]
         left -= len(batch)
         yield batch
