@@ -440,3 +440,39 @@ async def test_the_archiver_rides_out_a_redis_outage(tmp_path: Path) -> None:
 
 async def _backlog_is_zero(store: Store) -> bool:
     return await store.archive_backlog(AUDIT_KEY) == 0
+
+
+async def test_a_running_archiver_takes_up_a_shard_gateways_start_appending_to(redis_url: str, tmp_path: Path) -> None:
+    """``audit.shards`` raised while the archiver runs: within SHARD_CHECK_S it archives the new shard too."""
+    import asyncio
+
+    from gateway.archive.archiver import SHARD_CHECK_S
+
+    from .support.clock import FakeClock
+    from .support.waiting import wait_until
+
+    root = tmp_path / "archive"
+    clock = FakeClock(0.0)
+    store = Store.from_url(redis_url, timeout_s=1)  # its config: one shard
+    raised = Store.from_url(redis_url, timeout_s=1, audit_shards=3)  # a gateway with the new count
+    archiver = Archiver(store, root, stream_specs(1000), segment_records=100, poll_s=0.02, monotonic=clock)
+    archiver.open()
+    stop = asyncio.Event()
+    task = asyncio.create_task(archiver.run(once=False, stop=stop))
+    try:
+        await fill(store, 200)
+        await wait_until(lambda: archiver.archived == 200, 10)
+        await fill(raised, 300, start=201, producer="producer-2", shard=2)
+        await asyncio.sleep(0.2)
+        assert archiver.archived == 200 and not (root / "audit-2").exists()  # not looked again yet
+        clock.advance(SHARD_CHECK_S)
+        await wait_until(lambda: archiver.archived == 500, 10)
+        assert await store.audit_backlog() == 0
+    finally:
+        stop.set()
+        await task
+        archiver.close()
+        await store.close()
+        await raised.close()
+    _assert_whole(root, 200)
+    _assert_whole(root, 300, stream="audit-2", first=201)
