@@ -50,7 +50,7 @@ import orjson
 
 from .settings import AuditSettings
 from .storage.clients import StoreUnavailable
-from .storage.keys import AUDIT_KEY
+from .storage.keys import audit_shard
 from .storage.store import Store
 
 if TYPE_CHECKING:
@@ -271,6 +271,9 @@ class AuditLog:
         self.metrics = metrics
         self.monotonic = monotonic
         self.producer = new_producer_id()
+        # The audit shard this process appends to (``audit.shards``; see gateway/storage/audit_shards.py).
+        self.shard = audit_shard(self.producer, settings.shards)
+        self._orphan_shard_of: tuple[str, int] | None = None  # (producer, shard) of the spool being replayed
         self.spool = Spool(Path(settings.spool_dir), self.producer)
         self._queue: deque[dict[str, Any]] = deque()
         self._held: list[Entry] = []  # numbered; the spool refused them while the sender read the file
@@ -529,18 +532,30 @@ class AuditLog:
         return True
 
     async def _append(self, producer: str, batch: list[Entry]) -> None:
+        shard = self.shard if producer == self.producer else await self._orphan_shard(producer)
         _added, trimmed = await self.store.append_audit_counted(
-            producer, batch, maxlen=self.settings.stream_maxlen, timeout_s=SEND_TIMEOUT_S, archive=self.settings.archive
+            producer,
+            batch,
+            maxlen=self.settings.stream_maxlen,
+            timeout_s=SEND_TIMEOUT_S,
+            archive=self.settings.archive,
+            shard=shard,
         )
         if trimmed and not self.settings.archive:
             # Archiving off: what MAXLEN trimmed was never archived (docs/operations.md).
             self.metrics.audit_trimmed.inc(trimmed)
 
+    async def _orphan_shard(self, producer: str) -> int:
+        """A stopped process's records go to its shard (where its mark is), so each still lands once."""
+        if self._orphan_shard_of is None or self._orphan_shard_of[0] != producer:
+            self._orphan_shard_of = (producer, await self.store.audit_shard_of(producer, self.settings.shards))
+        return self._orphan_shard_of[1]
+
     async def _watch_backlog(self) -> None:
         """Archiving on: keep ``gateway_audit_unarchived_records`` current (the archiver's backlog)."""
         while not self._stop.is_set():
             try:
-                self.metrics.audit_unarchived.set(await self.store.archive_backlog(AUDIT_KEY))
+                self.metrics.audit_unarchived.set(await self.store.audit_backlog())
             except StoreUnavailable:
                 pass  # the gauge keeps its last reading; the Redis error is counted already
             try:

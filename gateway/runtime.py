@@ -74,6 +74,7 @@ def open_store(settings: Settings, redis_url: str, environ: Mapping[str, str]) -
         policy_timeout_s=s.policy_timeout_s,
         lean_wire=True,
         ssl_context=s.ssl_context,
+        audit_shards=settings.audit.shards,
     )
 
 
@@ -105,6 +106,8 @@ async def create_runtime(
                 raise ValueError("create_runtime needs a store, a redis_url or redis.url")
             store = open_store(s, url, env)
             stack.push_async_callback(store.close)
+        else:
+            store.audit_shards = s.audit.shards  # a store given as it is: this config's audit shards
         store.on_error = metrics.redis_error
         # aiohttp's client for the gateway's own calls (the JWKS); the model servers get the pool.
         session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())

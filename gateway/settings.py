@@ -16,6 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .storage.keys import AUDIT_SHARDS_MAX
+
 ENV_PREFIX = "GATEWAY_"
 TLS_SCHEMES = ("rediss://", "rediss+sentinel://", "rediss+cluster://")
 REDIS_SCHEMES = ("redis://", "unix://", "redis+sentinel://", "redis+cluster://", *TLS_SCHEMES)
@@ -292,6 +294,8 @@ class AuditSettings(_Section):
     queue_size: int = Field(100_000, ge=1)
     # True while `gateway audit archive` runs: only archived records are trimmed from Redis.
     archive: bool = False
+    # Audit stream shards, one per producer's hash: about one per Redis Cluster primary (operations.md).
+    shards: int = Field(1, ge=1, le=AUDIT_SHARDS_MAX)
 
 
 class ScreeningSettings(_Section):

@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from gateway.archive.archiver import Archiver, stream_specs
-from gateway.archive.segments import list_segments, read_manifest
+from gateway.archive.segments import audit_stream_name, list_segments, read_manifest
 from gateway.archive.verify import ChainBroken, verify_archive
 from gateway.storage.keys import AUDIT_KEY
 from gateway.storage.store import Store
@@ -29,12 +29,13 @@ async def _archive_once(store: Store, root: Path, *, segment_records: int = 400,
         archiver.close()
 
 
-def _assert_whole(root: Path, count: int) -> None:
-    records = archived(root)
+def _assert_whole(root: Path, count: int, *, stream: str = "audit", first: int = 1) -> None:
+    """``stream`` holds records ``req-<first>`` on, ``count`` of them, once each, as one whole chain."""
+    records = archived(root, stream)
     assert [r["seq"] for r in records] == list(range(1, count + 1))
-    assert [r["request_id"] for r in records] == [f"req-{i}" for i in range(1, count + 1)]
-    [summary] = verify_archive(root)
-    assert summary.records == count
+    assert [r["request_id"] for r in records] == [f"req-{i}" for i in range(first, first + count)]
+    summaries = {summary.stream: summary for summary in verify_archive(root)}
+    assert summaries[stream].records == count
 
 
 async def test_archiving_on_keeps_every_unarchived_record_and_trims_only_archived_ones(
@@ -89,26 +90,67 @@ async def test_segments_are_chained_gzipped_json_lines_named_by_seq(redis_url: s
     assert first["seq"] == 1 and len(first["hash"]) == 64 and first["request_id"] == "req-1"
 
 
+@pytest.mark.parametrize("shards", [1, 3])
 @pytest.mark.parametrize("point", ["tmp", "segment", "index", "manifest", "ack"])
 async def test_a_sigkill_at_each_step_and_a_restart_archive_each_record_exactly_once(
-    redis_url: str, tmp_path: Path, point: str
+    redis_url: str, tmp_path: Path, point: str, shards: int
 ) -> None:
+    """With three audit shards each is its own chain, and each is whole after the kill and restart."""
+    per_shard = 1500 // shards
     store = Store.from_url(redis_url, timeout_s=1)
     try:
-        await fill(store, 1500)
+        for shard in range(shards):
+            await fill(store, per_shard, start=shard * per_shard + 1, producer=f"producer-{shard}", shard=shard)
     finally:
         await store.close()
-    config = archive_config(tmp_path, redis_url)
+    config = archive_config(tmp_path, redis_url, shards=shards)
     root = tmp_path / "archive"
     args = ("audit", "archive", "--config", str(config), "--dir", str(root), "--once", "--segment-records", "400")
     killed = gateway_cli(*args, env={"GATEWAY_ARCHIVE_CRASH_AT": f"{point}:2"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     done = gateway_cli(*args)
     assert done.returncode == 0, done.stderr
-    _assert_whole(root, 1500)
+    for shard in range(shards):
+        _assert_whole(root, per_shard, stream=audit_stream_name(shard), first=shard * per_shard + 1)
+        segments, _strays = list_segments(root / audit_stream_name(shard))
+        assert all(s.index.exists() for s in segments)
     assert not list(root.rglob("*.tmp"))
-    segments, _strays = list_segments(root / "audit")
-    assert all(s.index.exists() for s in segments)
+
+
+async def test_an_archiver_told_fewer_shards_archives_every_shard_gateways_appended_to(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """``audit.shards`` lowered (or an archiver's config behind the gateways'): the shards gateways
+    appended to are still archived, each its own chain, and queries read them together."""
+    gateways = Store.from_url(redis_url, timeout_s=1, audit_shards=3)
+    try:
+        for shard in range(3):
+            await fill(gateways, 200, start=shard * 200 + 1, producer=f"producer-{shard}", shard=shard)
+        # One more record in shard 0, appended after the others: its chain goes on.
+        await fill(gateways, 1, start=601, producer="producer-0", shard=0)
+    finally:
+        await gateways.close()
+    root = tmp_path / "archive"
+    config = archive_config(tmp_path, redis_url, shards=1)
+    done = gateway_cli("audit", "archive", "--config", str(config), "--dir", str(root), "--once")
+    assert done.returncode == 0, done.stderr
+    assert "archived 601 records" in done.stdout
+    _assert_whole(root, 200, stream="audit-1", first=201)
+    _assert_whole(root, 200, stream="audit-2", first=401)
+    assert [r["request_id"] for r in archived(root, "audit")][-1] == "req-601"
+    check = gateway_cli("audit", "verify", "--dir", str(root), "--json")
+    assert check.returncode == 0, check.stderr
+    streams = {s["stream"]: s["records"] for s in orjson.loads(check.stdout)["streams"]}
+    assert streams == {"audit": 201, "audit-1": 200, "audit-2": 200}
+    query = gateway_cli("audit", "query", "--dir", str(root), "--json", "--limit", "0")
+    assert query.returncode == 0, query.stderr
+    rows = [orjson.loads(line) for line in query.stdout.splitlines()]
+    assert sorted(r["request_id"] for r in rows) == sorted(f"req-{i}" for i in range(1, 602))
+    # In the order the records reached Redis (by stream id, whichever shard holds them).
+    places = [tuple(int(part) for part in r["stream_id"].split("-")) for r in rows]
+    assert places == sorted(places)
+    report = gateway_cli("audit", "report", "--dir", str(root), "--by", "decision", "--json")
+    assert sum(orjson.loads(line)["requests"] for line in report.stdout.splitlines()) == 601
 
 
 async def test_the_cli_archives_verifies_queries_and_reports(redis_url: str, tmp_path: Path) -> None:
@@ -398,3 +440,39 @@ async def test_the_archiver_rides_out_a_redis_outage(tmp_path: Path) -> None:
 
 async def _backlog_is_zero(store: Store) -> bool:
     return await store.archive_backlog(AUDIT_KEY) == 0
+
+
+async def test_a_running_archiver_takes_up_a_shard_gateways_start_appending_to(redis_url: str, tmp_path: Path) -> None:
+    """``audit.shards`` raised while the archiver runs: within SHARD_CHECK_S it archives the new shard too."""
+    import asyncio
+
+    from gateway.archive.archiver import SHARD_CHECK_S
+
+    from .support.clock import FakeClock
+    from .support.waiting import wait_until
+
+    root = tmp_path / "archive"
+    clock = FakeClock(0.0)
+    store = Store.from_url(redis_url, timeout_s=1)  # its config: one shard
+    raised = Store.from_url(redis_url, timeout_s=1, audit_shards=3)  # a gateway with the new count
+    archiver = Archiver(store, root, stream_specs(1000), segment_records=100, poll_s=0.02, monotonic=clock)
+    archiver.open()
+    stop = asyncio.Event()
+    task = asyncio.create_task(archiver.run(once=False, stop=stop))
+    try:
+        await fill(store, 200)
+        await wait_until(lambda: archiver.archived == 200, 10)
+        await fill(raised, 300, start=201, producer="producer-2", shard=2)
+        await asyncio.sleep(0.2)
+        assert archiver.archived == 200 and not (root / "audit-2").exists()  # not looked again yet
+        clock.advance(SHARD_CHECK_S)
+        await wait_until(lambda: archiver.archived == 500, 10)
+        assert await store.audit_backlog() == 0
+    finally:
+        stop.set()
+        await task
+        archiver.close()
+        await store.close()
+        await raised.close()
+    _assert_whole(root, 200)
+    _assert_whole(root, 300, stream="audit-2", first=201)

@@ -1,7 +1,8 @@
 """The archive end to end: two gateways with ``stream_maxlen: 1000`` and archiving on, requests through
 both, the archiver killed (SIGKILL) at random points and restarted; every request archived exactly once.
 
-``make test`` runs it with 1,000 + 1,000 requests and 5 kills; ``make soak`` with 10,000 + 10,000 and 20.
+``make test`` runs it with 1,000 + 1,000 requests and 5 kills, and with three gateways on three audit
+shards (each shard its own chain); ``make soak`` with 10,000 + 10,000 and 20.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from gateway.archive.segments import audit_streams
 from gateway.archive.verify import verify_archive
 from gateway.redis_server import RedisServer
+from gateway.storage.keys import audit_key
 
 from .support.archive import archive_config, archived
 from .support.gateway_process import ROOT, GatewayProcess, gateway_config, seed_policy
@@ -68,19 +71,33 @@ def _archiver(config: Path, root: Path) -> subprocess.Popen[bytes]:
         )
 
 
-async def _run(tmp_path: Path, redis: RedisServer, upstream: Upstream, *, count: int, kills: int) -> None:
+def _audit_length(redis_url: str, shards: int) -> int:
+    """Entries in every audit shard."""
+    return sum(stream_length(redis_url, audit_key(shard)) for shard in range(shards))
+
+
+async def _run(
+    tmp_path: Path,
+    redis: RedisServer,
+    upstream: Upstream,
+    *,
+    count: int,
+    kills: int,
+    processes: int = 2,
+    shards: int = 1,
+) -> None:
     seed_policy(redis.url)
-    audit = {"stream_maxlen": MAXLEN, "archive": True, "flush_ms": 50}
+    audit = {"stream_maxlen": MAXLEN, "archive": True, "flush_ms": 50, "shards": shards}
     gateways = [
-        GatewayProcess(gateway_config(upstream.url, audit=audit), redis_url=redis.url).start() for _ in range(2)
+        GatewayProcess(gateway_config(upstream.url, audit=audit), redis_url=redis.url).start() for _ in range(processes)
     ]
     root = tmp_path / "archive"
-    config = archive_config(tmp_path, redis.url, maxlen=MAXLEN)
+    config = archive_config(tmp_path, redis.url, maxlen=MAXLEN, shards=shards)
     ids: list[str] = []
     try:
         # The archiver not running: Redis keeps every record, and the gauge says how many wait.
         await _send(gateways, "before", count, ids)
-        await wait_until(lambda: stream_length(redis.url) == count, 10)
+        await wait_until(lambda: _audit_length(redis.url, shards) == count, 10)
 
         async def backlog() -> float:
             return value(await scrape(gateways[0].admin_url), "gateway_audit_unarchived_records")
@@ -99,20 +116,25 @@ async def _run(tmp_path: Path, redis: RedisServer, upstream: Upstream, *, count:
             process.wait(10)
             process = _archiver(config, root)
         await sending
-        await wait_until(lambda: stream_length(redis.url) <= MAXLEN + 200, 120)
+        await wait_until(
+            lambda: all(stream_length(redis.url, audit_key(s)) <= MAXLEN + 200 for s in range(shards)), 120
+        )
         await wait_until(lambda: _equals(backlog(), 0), 60)
         process.send_signal(signal.SIGTERM)
         assert process.wait(20) == 0, (tmp_path / "archiver.log").read_text()
     finally:
         for gateway in gateways:
             gateway.stop()
-    records = archived(root)
-    request_ids = [r["request_id"] for r in records]
+    # Each shard one whole chain; together every request, once.
+    request_ids: list[str] = []
+    for stream in audit_streams(root):
+        records = archived(root, stream)
+        assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
+        request_ids += [r["request_id"] for r in records]
     assert len(request_ids) == len(set(request_ids)) == 2 * count
     assert set(request_ids) == set(ids)
-    assert [r["seq"] for r in records] == list(range(1, 2 * count + 1))
-    [summary] = [s for s in verify_archive(root) if s.stream == "audit"]
-    assert summary.records == 2 * count
+    summaries = [s for s in verify_archive(root) if s.stream != "changes"]
+    assert sum(s.records for s in summaries) == 2 * count
 
 
 async def _equals(reading: object, expected: float) -> bool:
@@ -124,6 +146,12 @@ async def test_two_gateways_and_a_killed_archiver_archive_every_request_once(
     tmp_path: Path, fresh_redis: RedisServer, upstream: Upstream
 ) -> None:
     await _run(tmp_path, fresh_redis, upstream, count=1000, kills=5)
+
+
+async def test_three_gateways_on_three_audit_shards_and_a_killed_archiver_archive_every_request_once(
+    tmp_path: Path, fresh_redis: RedisServer, upstream: Upstream
+) -> None:
+    await _run(tmp_path, fresh_redis, upstream, count=600, kills=5, processes=3, shards=3)
 
 
 @pytest.mark.soak

@@ -55,10 +55,10 @@ def stream(redis_url: str) -> list[tuple[dict[str, Any], str]]:
         client.close()
 
 
-def stream_length(redis_url: str) -> int:
+def stream_length(redis_url: str, key: str = "gw:audit") -> int:
     client = redis_sync.Redis.from_url(redis_url)
     try:
-        return int(client.xlen("gw:audit"))
+        return int(client.xlen(key))
     except redis_sync.RedisError:
         return -1
     finally:

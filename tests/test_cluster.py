@@ -14,11 +14,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 import redis as redis_sync
 
 from gateway.ratelimit import rate_keys
-from gateway.storage.keys import AUDIT_KEY, CHANGES_KEY, VERSION_KEY, list_key
+from gateway.storage.keys import AUDIT_KEY, CHANGES_KEY, VERSION_KEY, audit_key, audit_mark_key, audit_shard, list_key
 from gateway.storage.ops import HashDelete, HashSet, NotFound, PolicyMissing
 from gateway.storage.store import Store
 
@@ -126,6 +127,39 @@ async def test_store_transactions_scripts_and_streams_on_a_cluster(cluster: Clus
         await store.close()
 
 
+async def test_audit_shards_spread_over_the_nodes_and_read_as_one_stream(cluster: ClusterTopology) -> None:
+    """Three audit shards: three slots on three primaries, each stream with its producers' marks; the
+    appends stay idempotent, and every read (latest, window, search, backlog) merges the nodes' shards."""
+    store = Store.from_url(cluster.url, timeout_s=2, audit_shards=3)
+    try:
+        producers = [
+            next(f"producer-{n}" for n in range(100) if audit_shard(f"producer-{n}", 3) == s) for s in range(3)
+        ]
+        for shard, producer in enumerate(producers):
+            records = [(seq, orjson.dumps({"shard": shard, "seq": seq, "subject": f"s{seq}"})) for seq in (1, 2, 3)]
+            assert await store.append_audit(producer, records, maxlen=1000) == 3
+            assert await store.append_audit(producer, records, maxlen=1000) == 0
+        layout = node_keys(cluster)
+        nodes = [cluster.node_for_key(audit_key(shard)) for shard in range(3)]
+        assert len(set(nodes)) == 3, nodes
+        for shard, producer in enumerate(producers):
+            assert {audit_key(shard), audit_mark_key(shard, producer)} <= set(layout[nodes[shard]])
+        assert await store.audit_length() == 9
+        latest = await store.read_audit(100)
+        assert sorted((r["shard"], r["seq"]) for r in latest) == [(s, q) for s in range(3) for q in (1, 2, 3)]
+        for shard in range(3):  # each shard's own order kept in the merge
+            assert [r["seq"] for r in latest if r["shard"] == shard] == [3, 2, 1]
+        window = [orjson.loads(r) async for page in store.read_audit_window(0, limit=100, page=2) for r in page]
+        assert window == latest
+        found = await store.search_audit(100, lambda record: record["subject"] == "s2")
+        assert sorted(r["shard"] for r in found.records) == [0, 1, 2] and found.complete
+        assert await store.audit_backlog() == 9  # no archiver: every shard's entries wait
+        # A spool of a stopped producer: its mark (read across the nodes) says where it belongs.
+        assert await store.audit_shard_of(producers[2], 3) == 2
+    finally:
+        await store.close()
+
+
 async def test_announcements_reach_a_subscriber_on_any_node(cluster: ClusterTopology) -> None:
     seed_policy(cluster.url)
     store = Store.from_url(cluster.url, timeout_s=2)
@@ -158,7 +192,8 @@ async def test_gateway_on_a_cluster_limits_exactly_and_follows_changes(
     cluster: ClusterTopology, upstream: Upstream
 ) -> None:
     seed_policy(cluster.url)
-    gateway = GatewayProcess(gateway_config(upstream.url, tiers=TIERS), redis_url=cluster.url).start()
+    config = gateway_config(upstream.url, tiers=TIERS, audit={"shards": 3})
+    gateway = GatewayProcess(config, redis_url=cluster.url).start()
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=100)) as client:
             # L + k concurrent requests against burst L: exactly L pass.
@@ -189,7 +224,8 @@ async def test_gateway_on_a_cluster_limits_exactly_and_follows_changes(
                 )
                 assert await first_status(client, gateway, french, 451, within=3) < 1.0
 
-                # Audit records reach the stream on the cluster.
+                # Audit records reach the gateway's audit shard on the cluster; a store told of one
+                # shard reads as many as the gateway appends to.
                 async def audited() -> bool:
                     return bool(await store.audit_length() >= len(statuses))
 

@@ -16,13 +16,19 @@ BUILT = {
     "touched_key": [keys.touched_key("<list>")],
     "rate_state_keys": list(keys.rate_state_keys("<hash>")),
     "console_session_key": [keys.console_session_key("<digest>")],
+    # Shard 0 keeps the names of the stream before shards; shard 7 stands for every other one.
+    "audit_key": [keys.audit_key(0), keys.audit_key(7).replace("7", "<shard>")],
+    "audit_mark_key": [
+        keys.audit_mark_key(0, "<producer>"),
+        keys.audit_mark_key(7, "<producer>").replace("7", "<shard>"),
+    ],
 }
 PREFIXED = {
     "WRITE_MARK_PREFIX": keys.WRITE_MARK_PREFIX + "<id>",
-    "AUDIT_MARK_PREFIX": keys.AUDIT_MARK_PREFIX + "<producer>",
 }
-# Not keys of their own: the policy keys' common prefix, the one the builders above use, a field name.
-NOT_KEYS = {"PREFIX", "TOUCHED_PREFIX", "RATE_PREFIX", "CONSOLE_PREFIX", "floor_field"}
+# Not keys of their own: the policy keys' common prefix, the one the builders above use, a field name,
+# the choice of an audit shard.
+NOT_KEYS = {"PREFIX", "TOUCHED_PREFIX", "RATE_PREFIX", "CONSOLE_PREFIX", "floor_field", "audit_shard"}
 
 
 def readme_keys() -> set[str]:
@@ -66,8 +72,8 @@ def test_every_builder_is_placed() -> None:
         if callable(value) and getattr(value, "__module__", None) == keys.__name__
     }
     prefixes = {name for name in vars(keys) if name.endswith("PREFIX")}
-    assert builders == set(BUILT) | {"floor_field"}
-    assert prefixes == set(PREFIXED) | (NOT_KEYS - {"floor_field"})
+    assert builders == set(BUILT) | {"floor_field", "audit_shard"}
+    assert prefixes == set(PREFIXED) | (NOT_KEYS - {"floor_field", "audit_shard"})
 
 
 def test_readme_names_the_policy_channel() -> None:

@@ -1,4 +1,9 @@
-"""``gateway audit archive``: move ``gw:audit`` and ``{gw}:changes`` into the archive, each record once.
+"""``gateway audit archive``: move the audit shards and ``{gw}:changes`` into the archive, each record once.
+
+Each audit shard (``gw:audit``, ``gw:audit:<shard>``) is its own stream with its own chain
+(``audit``, ``audit-<shard>``): as many shards as the config's ``audit.shards`` or as gateways
+appended to (``gw:audit-shards``, checked again every :data:`SHARD_CHECK_S`), so shards added while
+the archiver runs are archived too.
 
 One round per stream: read through the consumer group (first what was delivered before and never
 acknowledged, i.e. what a killed archiver left, then new entries), write a segment and the
@@ -39,11 +44,11 @@ import orjson
 
 from ..storage.archive_stream import StreamEntry
 from ..storage.clients import StoreUnavailable
-from ..storage.keys import AUDIT_KEY, CHANGES_KEY, CHANGES_MAXLEN
+from ..storage.keys import CHANGES_KEY, CHANGES_MAXLEN, audit_key
 from ..storage.store import Store
 from . import segments as seg
 from .columns import write_index
-from .segments import ArchiveError, Head
+from .segments import ArchiveError, Head, audit_stream_name, stream_kind
 from .verify import Chain, ChainBroken
 
 log = logging.getLogger("gateway.archive")
@@ -52,6 +57,7 @@ CONSUMER = "archiver"
 READ_COUNT = 5000
 CRASH_ENV = "GATEWAY_ARCHIVE_CRASH_AT"
 LOCK_NAME = ".archiver.lock"
+SHARD_CHECK_S = 10.0  # how often the running archiver asks whether gateways append to more audit shards
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,9 +70,14 @@ class StreamSpec:
     keep: int
 
 
-def stream_specs(audit_keep: int) -> tuple[StreamSpec, ...]:
+def audit_spec(shard: int, keep: int) -> StreamSpec:
+    return StreamSpec(audit_stream_name(shard), audit_key(shard), b"r", keep)
+
+
+def stream_specs(audit_keep: int, shards: int = 1) -> tuple[StreamSpec, ...]:
+    """The audit shards 0..``shards``-1, each keeping ``audit_keep`` entries in Redis, and the changes."""
     return (
-        StreamSpec("audit", AUDIT_KEY, b"r", audit_keep),
+        *(audit_spec(shard, audit_keep) for shard in range(shards)),
         StreamSpec("changes", CHANGES_KEY, b"c", CHANGES_MAXLEN),
     )
 
@@ -161,6 +172,7 @@ class Archiver:
         self.archived = 0
         self.crash = CrashHook(os.environ.get(CRASH_ENV))
         self._lock_fd: int | None = None
+        self._next_shard_check = 0.0
 
     def open(self) -> None:
         """Lock the directory (one archiver per archive) and find each chain's head."""
@@ -186,6 +198,8 @@ class Archiver:
         ready = False
         while not stop.is_set():
             try:
+                if not ready or self.monotonic() >= self._next_shard_check:
+                    await self._add_shards()
                 if not ready:
                     for spec in self.specs:
                         await self.store.ensure_archive_group(spec.key)
@@ -211,6 +225,24 @@ class Archiver:
         except StoreUnavailable as exc:
             log.warning("stopping with Redis away; the next start acknowledges what was written (%s)", exc)
         return self.archived
+
+    async def _add_shards(self) -> None:
+        """Archive every audit shard gateways append to; a shard new since the start gets its chain
+        (continued, should its directory exist) and its consumer group."""
+        self._next_shard_check = self.monotonic() + SHARD_CHECK_S
+        keeps = [spec.keep for spec in self.specs if stream_kind(spec.name) == "audit"]
+        if not keeps:
+            return  # an archiver of other streams only
+        known = {spec.key for spec in self.specs}
+        for shard in range(await self.store.audit_shard_count()):
+            spec = audit_spec(shard, keeps[0])
+            if spec.key in known:
+                continue
+            self.heads[spec.name] = recover(self.root, spec.name)
+            self.buffers[spec.name] = _Buffer()
+            await self.store.ensure_archive_group(spec.key)
+            self.specs = (*self.specs, spec)
+            log.info("archiving another audit shard", extra={"stream": spec.name, "key": spec.key})
 
     def _redis_gone(self, exc: StoreUnavailable) -> None:
         """Redis failed mid-round: start over from the pending list, as a restart would.

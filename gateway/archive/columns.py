@@ -13,7 +13,7 @@ from pathlib import Path
 
 import duckdb
 
-from .segments import index_path, publish, temporary_for
+from .segments import index_path, publish, stream_kind, temporary_for
 
 AUDIT_COLUMNS: dict[str, str] = {
     "time": "VARCHAR",
@@ -61,8 +61,9 @@ def quoted(path: Path | str) -> str:
 
 
 def read_segments(files: Sequence[Path | str], stream: str) -> str:
-    """SQL reading the segments' declared columns (a field a record lacks reads as NULL)."""
-    columns = ", ".join(f"'{name}': '{kind}'" for name, kind in COLUMNS[stream].items())
+    """SQL reading the segments' declared columns (a field a record lacks reads as NULL); ``stream``
+    is a stream directory's name (an audit shard's reads as ``audit``)."""
+    columns = ", ".join(f"'{name}': '{kind}'" for name, kind in COLUMNS[stream_kind(stream)].items())
     listed = ", ".join(quoted(f) for f in files)
     return f"read_json([{listed}], format='newline_delimited', compression='gzip', columns={{{columns}}})"
 

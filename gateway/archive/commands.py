@@ -50,11 +50,12 @@ def _archive(args: argparse.Namespace) -> int:
             password=read_secret(settings.redis.password_env, os.environ),
             tls=settings.redis.tls_options(),
             policy_timeout_s=settings.redis.policy_timeout_s,
+            audit_shards=settings.audit.shards,
         )
         archiver = Archiver(
             store,
             args.dir,
-            stream_specs(settings.audit.stream_maxlen),
+            stream_specs(settings.audit.stream_maxlen, settings.audit.shards),
             segment_records=args.segment_records,
             segment_seconds=args.segment_seconds,
         )

@@ -4,7 +4,8 @@ DuckDB reads each segment's Parquet index (gateway/archive/columns.py), or, for 
 without one, the gzipped JSON Lines themselves, with the columns declared (no schema guessing,
 fields a record lacks read as NULL). ``--since`` and ``--until`` also choose
 which day directories are read at all, so a question about one month of a five-year archive
-reads one month of files.
+reads one month of files. The audit stream is every audit shard's directory (``audit``,
+``audit-1``...) read together.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .columns import COLUMNS, connect, read_indexed
-from .segments import SUFFIX, day_dirs
+from .segments import SUFFIX, audit_streams, day_dirs
 
 # --by keys: the report's own names for the columns they group by.
 GROUP_KEYS: dict[str, str] = {
@@ -111,16 +112,30 @@ def segment_files(root: Path, stream: str, since: datetime | None, until: dateti
     return files
 
 
+def stream_files(root: Path, stream: str, since: datetime | None, until: datetime | None) -> list[Path]:
+    """The segments of ``stream`` (``audit``: of every audit shard) that can hold records in [since, until)."""
+    names = audit_streams(root) if stream == "audit" else [stream]
+    return [path for name in names for path in segment_files(root, name, since, until)]
+
+
+# Records of several audit shards in the order they reached Redis: by stream id (milliseconds, then
+# sequence), then by their own chain's ``seq`` and hash, so that equal ids sort the same every time.
+# With one shard this is ``seq`` order.
+AUDIT_ORDER = "CAST(split_part(stream_id, '-', 1) AS BIGINT), CAST(split_part(stream_id, '-', 2) AS BIGINT), seq, hash"
+
+
 def query(
     root: Path, filters: Filters, *, stream: str = "audit", limit: int | None = 100
 ) -> tuple[list[str], list[tuple[Any, ...]]]:
-    """Matching records in ``seq`` order (at most ``limit``; None: all)."""
-    files = segment_files(root, stream, filters.since, filters.until)
+    """Matching records in ``seq`` order, audit records of several shards in stream id order (at most
+    ``limit``; None: all)."""
+    files = stream_files(root, stream, filters.since, filters.until)
     names = list(COLUMNS[stream])
     if not files:
         return names, []
     where, params = filters.where(stream)
-    sql = f"SELECT * FROM {read_indexed(files, stream)}{where} ORDER BY seq"
+    order = AUDIT_ORDER if stream == "audit" else "seq"
+    sql = f"SELECT * FROM {read_indexed(files, stream)}{where} ORDER BY {order}"
     if limit is not None:
         sql += f" LIMIT {int(limit)}"
     with connect() as db:
@@ -134,7 +149,7 @@ def report(root: Path, filters: Filters, by: Sequence[str]) -> tuple[list[str], 
     unknown = [key for key in by if key not in GROUP_KEYS]
     if unknown or not by:
         raise QueryError(f"--by takes a comma-separated list of {', '.join(GROUP_KEYS)}; got {','.join(by)!r}")
-    files = segment_files(root, "audit", filters.since, filters.until)
+    files = stream_files(root, "audit", filters.since, filters.until)
     names = [*by, "requests", "allowed", "blocked"]
     if not files:
         return names, []

@@ -5,7 +5,8 @@
     DIR/<stream>/YYYY/MM/DD/<first-seq>-<last-seq>.jsonl.gz   one segment: gzipped JSON Lines
     DIR/<stream>/manifest.json                                the stream's head: records, head hash
 
-``<stream>`` is ``audit`` (``gw:audit``) or ``changes`` (``{gw}:changes``). Every record is the
+``<stream>`` is ``audit`` (``gw:audit``, audit shard 0), ``audit-<shard>`` (``gw:audit:<shard>``)
+or ``changes`` (``{gw}:changes``): one chain per Redis stream. Every record is the
 stream entry's own JSON object with three fields added: ``seq`` (1, 2, 3... per stream, no gaps),
 ``stream_id`` (the Redis entry id it came from) and ``hash``, the SHA-256 (hex) of the previous
 record's ``hash`` (64 zeros before the first) followed by this record's canonical JSON without
@@ -31,7 +32,7 @@ from typing import Any
 import orjson
 
 GENESIS = "0" * 64
-STREAMS = ("audit", "changes")
+AUDIT_SHARD_DIR = re.compile(r"^audit-([1-9]\d*)$")
 MANIFEST = "manifest.json"
 SUFFIX = ".jsonl.gz"
 INDEX_SUFFIX = ".parquet"  # the segment's columns for queries, beside it (see gateway/archive/columns.py)
@@ -44,6 +45,32 @@ COMPRESSLEVEL = 6
 
 class ArchiveError(Exception):
     """The archive on disk is not what its chain and manifest say: the archiver refuses to extend it."""
+
+
+def audit_stream_name(shard: int) -> str:
+    """The archive directory of an audit shard: ``audit`` for shard 0 (as before shards), else ``audit-<shard>``."""
+    return "audit" if shard == 0 else f"audit-{shard}"
+
+
+def stream_kind(stream: str) -> str:
+    """``audit`` or ``changes``: which records (and columns) a stream directory holds."""
+    return "audit" if AUDIT_SHARD_DIR.match(stream) else stream
+
+
+def audit_streams(root: Path) -> list[str]:
+    """The audit stream directories in ``root``, by shard: ``audit``, ``audit-1``, ``audit-2``..."""
+    shards = [0] if (root / "audit").is_dir() else []
+    try:
+        names = [path.name for path in root.iterdir() if path.is_dir()]
+    except OSError:
+        names = []
+    shards += sorted(int(found.group(1)) for name in names if (found := AUDIT_SHARD_DIR.match(name)))
+    return [audit_stream_name(shard) for shard in shards]
+
+
+def archive_streams(root: Path) -> list[str]:
+    """Every stream directory in ``root``: the audit shards', then ``changes``."""
+    return audit_streams(root) + (["changes"] if (root / "changes").is_dir() else [])
 
 
 def canonical(value: Any) -> bytes:

@@ -30,10 +30,10 @@ from .columns import index_mismatch
 from .segments import (
     INDEX_SUFFIX,
     MANIFEST,
-    STREAMS,
     ArchiveError,
     Head,
     Segment,
+    archive_streams,
     canonical,
     list_segments,
     read_lines,
@@ -265,4 +265,4 @@ def verify_archive(root: Path, *, workers: int | None = None) -> list[StreamSumm
     if not root.is_dir():
         raise ChainBroken(Fault("-", None, None, None, f"{root}: no such directory"))
     count = workers if workers is not None else os.cpu_count() or 1
-    return [verify_stream(root, stream, workers=count) for stream in STREAMS if (root / stream).is_dir()]
+    return [verify_stream(root, stream, workers=count) for stream in archive_streams(root)]

@@ -1,21 +1,22 @@
 """The archiver's side of the audit and change streams: a consumer group, acknowledgements, the backlog.
 
-The archiver reads ``gw:audit`` and ``{gw}:changes`` through the consumer group
-:data:`~gateway.storage.keys.ARCHIVE_GROUP`. An entry it has made durable is acknowledged and
-may then be trimmed (``gateway/lua/archive_ack.lua``); one it has not is never trimmed while
-archiving is on (``gateway/lua/audit.lua``). The group's pending list is what makes a restart
-resume where a killed archiver stopped.
+The archiver reads every audit shard (``gw:audit``, ``gw:audit:<shard>``) and ``{gw}:changes``
+through the consumer group :data:`~gateway.storage.keys.ARCHIVE_GROUP`, one group per stream. An
+entry it has made durable is acknowledged and may then be trimmed (``gateway/lua/archive_ack.lua``);
+one it has not is never trimmed while archiving is on (``gateway/lua/audit.lua``). The group's
+pending list is what makes a restart resume where a killed archiver stopped.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .audit_shards import AuditShards
 from .clients import StoreUnavailable
 from .keys import ARCHIVE_GROUP
-from .scripts import Scripts
 
 ACK_CHUNK = 1000  # entry ids per script call: far below Lua's unpack limit
 
@@ -32,7 +33,7 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-class ArchiveStream(Scripts):
+class ArchiveStream(AuditShards):
     """Consumer-group reads, acknowledgements and backlog of an archived stream."""
 
     async def ensure_archive_group(self, key: str) -> None:
@@ -91,3 +92,8 @@ class ArchiveStream(Scripts):
                 return length
             return int(lag) + int(group.get("pending") or 0)
         return length
+
+    async def audit_backlog(self) -> int:
+        """Audit records not yet archived, summed over the shards."""
+        keys = await self.audit_keys()
+        return sum(await asyncio.gather(*(self.archive_backlog(key) for key in keys)))

@@ -3,19 +3,20 @@
 Redis cannot filter a stream by field, so the read walks it newest first in chunks, within the
 stream-id range the time bounds allow, keeping what matches, until it has ``limit`` records or has
 looked at ``scan_cap`` entries: an operator's question never holds Redis or the admin listener for
-long. The archive (``gateway audit query``) answers questions about anything older.
+long. All the audit shards are walked together, merged newest first by stream id. The archive
+(``gateway audit query``) answers questions about anything older.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from .keys import AUDIT_KEY
-from .scripts import Scripts
+from .audit_shards import AuditShards, Fetch, ShardPage, merged_newest
 
 CHUNK = 1000
 # A record is appended to the stream after its decision (batched, or later from a spool): its
@@ -30,7 +31,7 @@ class AuditPage:
     complete: bool  # False: stopped at the scan cap, older matches may exist
 
 
-class AuditSearch(Scripts):
+class AuditSearch(AuditShards):
     async def search_audit(
         self,
         limit: int,
@@ -45,21 +46,30 @@ class AuditSearch(Scripts):
         # Stream ids are milliseconds since 1970: a bound before that is the stream's start.
         high = "+" if until_ms is None else str(max(until_ms + APPEND_SLACK_MS, 0))
         low = "-" if since_ms is None else str(max(since_ms - 60_000, 0))
+        keys = await self.audit_keys()
+
+        def fetch(key: str) -> Fetch[bytes]:
+            async def read(top: str, count: int) -> ShardPage[bytes]:
+                raw = await self._bounded(
+                    "audit",
+                    self.client.xrevrange(key, max=high if top == "+" else top, min=low, count=count),
+                    self.load_timeout_s,
+                )
+                entries = [(entry_id, fields[b"r"]) for entry_id, fields in raw]
+                return ShardPage(entries, len(raw), raw[-1][0] if raw else None)
+
+            return read
+
         records: list[dict[str, Any]] = []
         scanned = 0
-        while len(records) < limit and scanned < scan_cap:
-            count = min(CHUNK, scan_cap - scanned)
-            raw = await self._bounded(
-                "audit", self.client.xrevrange(AUDIT_KEY, max=high, min=low, count=count), self.load_timeout_s
-            )
-            for _id, fields in raw:
-                record = orjson.loads(fields[b"r"])
-                if match(record):
-                    records.append(record)
-                    if len(records) == limit:
-                        break
-            scanned += len(raw)
-            if len(raw) < count:
-                return AuditPage(records, scanned, True)
-            high = "(" + raw[-1][0].decode()
-        return AuditPage(records, scanned, len(records) >= limit)
+        batches = merged_newest([fetch(key) for key in keys], page=CHUNK, limit=scan_cap)
+        async with aclosing(batches):
+            async for batch in batches:
+                scanned += len(batch)
+                for raw_record in batch:
+                    record = orjson.loads(raw_record)
+                    if match(record):
+                        records.append(record)
+                        if len(records) == limit:
+                            return AuditPage(records, scanned, True)
+        return AuditPage(records, scanned, scanned < scan_cap)

@@ -28,8 +28,12 @@ key                             type     holds
 ``{gw}:change-ops``             hash     change request id -> JSON plain operations it applies
 ``{gw}:change-retire``          zset     change request id -> when it may be pruned (closed_at, or
                                         expires_at while pending)
-``gw:audit``                    stream   audit records (``r``: JSON, ``id``: producer:sequence)
-``{gw:audit}:seq:<producer>``   string   highest audit sequence appended for one process
+``gw:audit``                    stream   audit records (``r``: JSON, ``id``: producer:sequence): shard 0
+``gw:audit:<shard>``            stream   audit shard 1..``audit.shards``-1, the same records of other producers
+``{gw:audit}:seq:<producer>``   string   highest audit sequence appended for one process (shard 0)
+``{gw:audit:<shard>}:seq:<p>``  string   the same, for a producer of shard 1.. (in its shard's slot)
+``gw:audit-shards``             set      every ``audit.shards`` above 1 a gateway has appended with; readers
+                                        and the archiver read as many shards as the largest says
 ``gw:rl:{<hash>}:r`` / ``:w``   string / hash   rate-limit state, always with a TTL
 ``gw:console:<digest>``         string   operator console session (actor, CSRF token, expiry); TTL
 ==============================  =======  ==================================================
@@ -39,6 +43,8 @@ this module (tests/test_storage_keys.py), so the two cannot drift apart.
 """
 
 from __future__ import annotations
+
+import zlib
 
 from ..policy.names import LIST_NAMES
 
@@ -52,9 +58,13 @@ SCREENING_KEY = PREFIX + "screening"
 SCREENING_REV_KEY = PREFIX + "screening_rev"
 CHANGES_KEY = PREFIX + "changes"
 SCREENING_HITS_KEY = PREFIX + "screening_hits"
+# The audit stream, sharded by producer (``audit.shards``): shard 0 is ``gw:audit`` itself, so a
+# deployment with one shard (the default) and the data it already holds are unchanged.
 AUDIT_KEY = "gw:audit"
-# The hash tag puts every producer's mark in the stream's Cluster slot, so one script touches both.
-AUDIT_MARK_PREFIX = "{gw:audit}:seq:"
+AUDIT_SHARDS_MAX = 1024
+# Every shard count above 1 that a gateway has appended with (a set; see audit_shard_count in
+# storage/audit_stream.py): lowering ``audit.shards`` must not hide the records of the higher shards.
+AUDIT_SHARDS_KEY = "gw:audit-shards"
 AUDIT_MARK_TTL_S = 7 * 86400
 # The archiver's consumer group on ``gw:audit`` and ``{gw}:changes`` (its acknowledgements say
 # what is archived, so what may be trimmed).
@@ -105,6 +115,26 @@ def floor_field(name: str) -> str:
 
 PART_KEYS = {**{name: list_key(name) for name in LIST_NAMES}, MODELS_PART: MODELS_KEY, APIKEYS_PART: APIKEYS_KEY}
 PART_OF_KEY = {key: part for part, key in PART_KEYS.items()}
+
+
+def audit_key(shard: int) -> str:
+    """The audit stream of one shard: ``gw:audit`` for 0, ``gw:audit:<shard>`` for the others.
+
+    Without braces the whole name is hashed, so ``gw:audit:<shard>`` lands in the same Cluster slot as
+    the hash tag ``{gw:audit:<shard>}`` of its producers' marks.
+    """
+    return AUDIT_KEY if shard == 0 else f"{AUDIT_KEY}:{shard}"
+
+
+def audit_mark_key(shard: int, producer: str) -> str:
+    """A producer's high-water mark, in its shard's Cluster slot, so one script touches both."""
+    return f"{{{audit_key(shard)}}}:seq:{producer}"
+
+
+def audit_shard(producer: str, shards: int) -> int:
+    """The shard a producer appends to: a stable hash of its id (the same in every process, unlike
+    Python's salted ``hash``), so whoever replays a stopped producer's spool picks the same shard."""
+    return zlib.crc32(producer.encode()) % shards if shards > 1 else 0
 
 
 def console_session_key(digest: str) -> str:

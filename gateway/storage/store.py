@@ -38,20 +38,24 @@ class Store(ChangeRequestStore, AuditStream, AuditSearch, ArchiveStream, Console
         policy_timeout_s: float = 2.0,
         lean_wire: bool = False,
         ssl_context: Callable[[], ssl.SSLContext] | None = None,
+        audit_shards: int = 1,
     ) -> Store:
         """A store on ``redis://``, ``rediss://``, ``unix://``, Sentinel or Cluster URLs (see README).
 
         ``lean_wire``: send the hot path's script calls over a lean RESP connection the store owns
         (standalone URLs only; see :mod:`gateway.storage.scripts`). ``ssl_context`` makes its TLS
-        context for ``rediss://``.
+        context for ``rediss://``. ``audit_shards``: ``audit.shards``, the shards this store's audit
+        appends spread over (each producer to one) and its reads merge (at least).
         """
         wire = None
         if lean_wire and url.startswith(WIRE_SCHEMES):
             context = ssl_context() if ssl_context is not None and url.startswith("rediss://") else None
             wire = RespConnection(url, deadline_s=timeout_s, password=password, ssl_context=context)
-        return cls(
+        store = cls(
             build_client(url, password=password, tls=tls),
             timeout_s=timeout_s,
             policy_timeout_s=policy_timeout_s,
             wire=wire,
         )
+        store.audit_shards = audit_shards
+        return store

@@ -49,22 +49,32 @@ def audit_record(i: int, **fields: Any) -> dict[str, Any]:
     return record
 
 
-async def fill(store: Store, count: int, *, maxlen: int = 1000, archive: bool = True, start: int = 1) -> int:
-    """Append ``count`` records as one gateway process would; returns how many were trimmed."""
+async def fill(
+    store: Store,
+    count: int,
+    *,
+    maxlen: int = 1000,
+    archive: bool = True,
+    start: int = 1,
+    producer: str = "producer-1",
+    shard: int | None = None,
+) -> int:
+    """Append ``count`` records as one gateway process would (to ``shard``: default, its producer's);
+    returns how many were trimmed."""
     trimmed = 0
     for first in range(start, start + count, 500):
         batch = [(i, orjson.dumps(audit_record(i))) for i in range(first, min(first + 500, start + count))]
-        _added, cut = await store.append_audit_counted("producer-1", batch, maxlen=maxlen, archive=archive)
+        _added, cut = await store.append_audit_counted(producer, batch, maxlen=maxlen, archive=archive, shard=shard)
         trimmed += cut
     return trimmed
 
 
-def archive_config(directory: Path, redis_url: str, *, maxlen: int = 1000) -> Path:
+def archive_config(directory: Path, redis_url: str, *, maxlen: int = 1000, shards: int = 1) -> Path:
     path = directory / "archiver.yaml"
     config = {
         "upstream": {"url": "http://127.0.0.1:9"},
         "redis": {"url": redis_url},
-        "audit": {"stream_maxlen": maxlen, "archive": True},
+        "audit": {"stream_maxlen": maxlen, "archive": True, "shards": shards},
         "logging": {"level": "warning"},
     }
     path.write_text(yaml.safe_dump(config))
