@@ -9,7 +9,6 @@ test_upstream_hardening.py, through a real gateway process.)
 from __future__ import annotations
 
 import asyncio
-import datetime
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -28,6 +27,8 @@ from gateway.upstream_client import (
     UpstreamTimeoutError,
     origin,
 )
+
+from .support.topology import make_tls_files
 
 Answer = Callable[[bytes, asyncio.StreamWriter], Awaitable[bool]]  # request head -> keep the connection?
 
@@ -330,39 +331,19 @@ async def test_nothing_listening_is_a_connect_error(pool: UpstreamPool) -> None:
         await pool.request(origin(f"http://127.0.0.1:{port}"), "GET", "/", CIMultiDict(), b"")
 
 
-async def test_https_upstreams_are_verified(tmp_path: Path, pool: UpstreamPool) -> None:
-    """A model server whose certificate no trusted authority signed is never talked to."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "key.pem").write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
+async def test_https_upstreams_are_verified(
+    tmp_path: Path, pool: UpstreamPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model server whose certificate no trusted authority signed is never talked to; one that is is."""
+    tls = make_tls_files(tmp_path)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    context.load_cert_chain(tls.server_cert, tls.server_key)
     seen: list[bytes] = []
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             seen.append(await reader.readuntil(b"\r\n\r\n"))
-            writer.write(ok())
+            writer.write(ok(b"over tls"))
             await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
             pass
@@ -370,10 +351,18 @@ async def test_https_upstreams_are_verified(tmp_path: Path, pool: UpstreamPool) 
             writer.close()
 
     server = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=context)
-    port = server.sockets[0].getsockname()[1]
+    url = f"https://localhost:{server.sockets[0].getsockname()[1]}"
     try:
         with pytest.raises(UpstreamConnectError):
-            await pool.request(origin(f"https://localhost:{port}"), "GET", "/", CIMultiDict(), b"")
+            await pool.request(origin(url), "GET", "/", CIMultiDict(), b"")
+        assert seen == []
+        # The same server, its authority now trusted (the default context reads SSL_CERT_FILE).
+        monkeypatch.setenv("SSL_CERT_FILE", str(tls.ca))
+        trusting = UpstreamPool(limit=2, connect_timeout_s=1.0, read_timeout_s=1.0)
+        try:
+            assert await get(trusting, url) == b"over tls"
+        finally:
+            await trusting.close()
+        assert len(seen) == 1 and seen[0].startswith(b"GET /x?a=1 HTTP/1.1\r\nHost: localhost:")
     finally:
         server.close()
-    assert seen == []
