@@ -108,7 +108,7 @@ class PublicPath:
     async def handle(self, request: BaseRequest) -> web.StreamResponse:
         exchange = Exchange(request_id=request_id_for(request.headers.get("X-Request-Id")), started=time.perf_counter())
         bind_request(exchange.request_id, request.method, request.path)
-        self.metrics.in_flight.inc()
+        self.metrics.request_started()
         try:
             response = await self._admit_counting_refusals(request, exchange)
         except GatewayError as err:
@@ -121,7 +121,7 @@ class PublicPath:
             self._finish(exchange)
             raise
         finally:
-            self.metrics.in_flight.dec()
+            self.metrics.request_ended()
         self._finish(exchange)
         return response
 
