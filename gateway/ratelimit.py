@@ -97,13 +97,18 @@ def _format_duration(seconds: float) -> str:
     if seconds <= 0:
         return "0s"
     if seconds < 1:
-        return f"{math.ceil(seconds * 1000)}ms"
+        return _MILLISECONDS[math.ceil(seconds * 1000)]
     if seconds < 60:
-        return f"{math.ceil(seconds * 10) / 10:g}s"
+        return _TENTHS[math.ceil(seconds * 10)]
     whole = math.ceil(seconds)
     hours, rest = divmod(whole, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}h{minutes}m{secs}s" if hours else f"{minutes}m{secs}s"
+
+
+# Every duration under a minute has one of these spellings, so each is formatted once, here.
+_MILLISECONDS = tuple(f"{ms}ms" for ms in range(1001))  # index: milliseconds, rounded up
+_TENTHS = tuple(f"{tenths / 10:g}s" for tenths in range(601))  # index: tenths of a second, rounded up
 
 
 def _sf_string(value: str) -> str:
@@ -157,22 +162,28 @@ class RateResult(NamedTuple):
     def headers(self, tier_name: str) -> list[tuple[str, str]]:
         """IETF ``RateLimit``/``RateLimit-Policy``, OpenAI ``x-ratelimit-*`` and, on a block, Retry-After."""
         strings = _tier_strings(tier_name, self.limit, self.token_limit)
-        reset = math.ceil(self.reset_s)
-        state = f"{strings.request_item}{self.remaining};t={reset}"
-        out = [
-            ("RateLimit-Policy", strings.policy),
-            ("RateLimit", state),
-            ("x-ratelimit-limit-requests", strings.limit),
-            ("x-ratelimit-remaining-requests", str(self.remaining)),
-            ("x-ratelimit-reset-requests", _format_duration(self.reset_s)),
-        ]
-        if self.token_limit is not None:
-            tokens_remaining = self.tokens_remaining or 0
+        remaining = str(self.remaining)
+        reset_s = self.reset_s
+        state = f"{strings.request_item}{remaining};t={math.ceil(reset_s)}"
+        if self.token_limit is None:
+            out = [
+                ("RateLimit-Policy", strings.policy),
+                ("RateLimit", state),
+                ("x-ratelimit-limit-requests", strings.limit),
+                ("x-ratelimit-remaining-requests", remaining),
+                ("x-ratelimit-reset-requests", _format_duration(reset_s)),
+            ]
+        else:
+            tokens_remaining = str(self.tokens_remaining or 0)
             token_reset = self.token_reset_s or 0.0
-            out[1] = ("RateLimit", f"{state}, {strings.token_item}{tokens_remaining};t={math.ceil(token_reset)}")
-            out += [
+            out = [
+                ("RateLimit-Policy", strings.policy),
+                ("RateLimit", f"{state}, {strings.token_item}{tokens_remaining};t={math.ceil(token_reset)}"),
+                ("x-ratelimit-limit-requests", strings.limit),
+                ("x-ratelimit-remaining-requests", remaining),
+                ("x-ratelimit-reset-requests", _format_duration(reset_s)),
                 ("x-ratelimit-limit-tokens", strings.token_limit),
-                ("x-ratelimit-remaining-tokens", str(tokens_remaining)),
+                ("x-ratelimit-remaining-tokens", tokens_remaining),
                 ("x-ratelimit-reset-tokens", _format_duration(token_reset)),
             ]
         if not self.allowed:
