@@ -296,36 +296,45 @@ class PublicPath:
             duration_s=duration,
             subject=identity.subject if identity else None,
         )
-        self.audit.record(self._audit_record(exchange, decision, duration))
+        self.audit.record(self._audit_record(exchange, decision, duration, snapshot.version if snapshot else 0))
 
-    def _audit_record(self, exchange: Exchange, decision: str, duration: float) -> dict[str, Any]:
+    def _audit_record(self, exchange: Exchange, decision: str, duration: float, version: int) -> dict[str, Any]:
         """One decision's audit record; no field holds more than 256 characters of anything a caller sent."""
         identity = exchange.identity
-        screening = exchange.decision.screening if exchange.decision is not None else None
+        if identity is not None:
+            subject, org, org_name, tier, country = _identity_fields(identity)
+        else:
+            subject = org = org_name = tier = country = None
+        model = exchange.model
+        outcome = exchange.outcome
         record: dict[str, Any] = {
             "time": _rfc3339(self.clock()),
             "request_id": exchange.request_id,
-            "subject": _bounded(identity.subject) if identity else None,
-            "org": _bounded(identity.org) if identity else None,
-            "org_name": _bounded(identity.org_name) if identity else None,
-            "tier": _bounded(identity.tier) if identity else None,
-            "claimed_country": _bounded(identity.country) if identity else None,
+            "subject": subject,
+            "org": org,
+            "org_name": org_name,
+            "tier": tier,
+            "claimed_country": country,
             "client_ip": exchange.ip or None,
             "ip_country": exchange.ip_country,
-            "model": _bounded(exchange.model),
+            "model": model if model is None or len(model) <= AUDIT_FIELD_CHARS else model[:AUDIT_FIELD_CHARS],
             "decision": decision,
             "code": exchange.code,
-            "policy_version": self.policy_version(),
+            "policy_version": version,
             "status": exchange.status,
-            "upstream_status": exchange.outcome.upstream_status or None,
+            "upstream_status": outcome.upstream_status or None,
             "duration_ms": round(duration * 1000, 3),
         }
         if identity is not None and identity.key_id is not None:
             record["key_id"] = identity.key_id
-        if exchange.outcome.revoked is not None:
+        if outcome.revoked is not None:
             record["revoked"] = True
-        if exchange.decision is not None and exchange.decision.licence is not None:
-            record["licence"] = exchange.decision.licence
+        decided = exchange.decision
+        screening = None
+        if decided is not None:
+            if decided.licence is not None:
+                record["licence"] = decided.licence
+            screening = decided.screening
         shadow = exchange.shadow
         if shadow is not None:
             record["shadow"] = {"decision": "allow" if shadow.allowed else "block", "code": shadow.code}
@@ -347,12 +356,43 @@ def _bounded(value: str | None) -> str | None:
     return value[:AUDIT_FIELD_CHARS] if value is not None and len(value) > AUDIT_FIELD_CHARS else value
 
 
-_second_cache: list[Any] = [-1, ""]
+IdentityFields = tuple[str | None, str | None, str | None, str | None, str | None]
+# id(identity) -> (identity, its bounded subject, org, org name, tier, claimed country). The
+# authenticator hands out the same Identity for a cached token, so a busy caller's fields are bounded
+# once, not on every record; holding the identity keeps its id from being reused while cached.
+_identity_cache: dict[int, tuple[Identity, IdentityFields]] = {}
+IDENTITY_CACHE_SIZE = 4096
+
+
+def _identity_fields(identity: Identity) -> IdentityFields:
+    cached = _identity_cache.get(id(identity))
+    if cached is not None and cached[0] is identity:
+        return cached[1]
+    fields = (
+        _bounded(identity.subject),
+        _bounded(identity.org),
+        _bounded(identity.org_name),
+        _bounded(identity.tier),
+        _bounded(identity.country),
+    )
+    if len(_identity_cache) >= IDENTITY_CACHE_SIZE:
+        _identity_cache.clear()
+    _identity_cache[id(identity)] = (identity, fields)
+    return fields
+
+
+_cached_second = -1  # the second the audit records' times are in, and its formatting
+_cached_prefix = ""
+_MILLIS = tuple(f".{ms:03d}Z" for ms in range(1000))  # a record's time ends in one of these
 
 
 def _rfc3339(epoch: float) -> str:
     """UTC RFC 3339 with milliseconds; the formatted second is reused (one audit record per request)."""
+    global _cached_second, _cached_prefix
     second = int(epoch)
-    if second != _second_cache[0]:
-        _second_cache[0], _second_cache[1] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-    return f"{_second_cache[1]}.{int((epoch - second) * 1000):03d}Z"
+    if second != _cached_second:
+        _cached_second, _cached_prefix = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    ms = int((epoch - second) * 1000)
+    if 0 <= ms < 1000:
+        return _cached_prefix + _MILLIS[ms]
+    return f"{_cached_prefix}.{ms:03d}Z"  # before 1970 (a test's clock): formatted as it always was

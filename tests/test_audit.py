@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import signal
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ import pytest
 import redis as redis_sync
 
 from gateway.audit import encode_line
+from gateway.public import _rfc3339
 from gateway.redis_server import RedisServer, free_port
 from gateway.screening import parse_csl
 
@@ -329,3 +331,20 @@ async def test_orphan_spool_with_a_torn_last_line_is_replayed(
         gateway.stop()
     assert_exactly(redis_url, [f"orphan-{seq}" for seq in range(1, 6)])
     assert value(samples, "gateway_audit_dropped_total") == 1
+
+
+def test_record_times_are_rfc3339_with_milliseconds_whatever_the_second() -> None:
+    """A record's time is its second, formatted once per second, and its milliseconds from a table:
+    the same text as formatting each one whole."""
+
+    def formatted(epoch: float) -> str:
+        second = int(epoch)
+        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)) + f".{int((epoch - second) * 1000):03d}Z"
+
+    chosen = random.Random(19)
+    now = time.time()
+    epochs = [now + chosen.uniform(-5, 5) for _ in range(5000)] + [chosen.uniform(0, 4e9) for _ in range(5000)]
+    epochs += [0.0, 0.0005, 0.999, 0.9999999, 1.0, 1_800_000_000.0, 1_800_000_000.999, 1_800_000_000.9999]
+    for epoch in epochs:
+        assert _rfc3339(epoch) == formatted(epoch), epoch
+    assert _rfc3339(1_800_000_000.25) == "2027-01-15T08:00:00.250Z"
