@@ -110,7 +110,14 @@ class PublicPath:
         bind_request(exchange.request_id, request.method, request.path)
         self.metrics.request_started()
         try:
-            response = await self._admit_counting_refusals(request, exchange)
+            try:
+                response = await self._admit_and_forward(request, exchange)
+            except GatewayError as err:
+                if err.status not in _BLOCKED_STATUSES:
+                    raise
+                # Refusals count too (one await level less than a method of its own: every resumption
+                # of the request's task passes through each level).
+                raise await self._limit_blocked(err, exchange) from err.__cause__
         except GatewayError as err:
             exchange.code = err.code
             response = self._error(err, exchange)
@@ -124,14 +131,6 @@ class PublicPath:
             self.metrics.request_ended()
         self._finish(exchange)
         return response
-
-    async def _admit_counting_refusals(self, request: BaseRequest, exchange: Exchange) -> web.StreamResponse:
-        try:
-            return await self._admit_and_forward(request, exchange)
-        except GatewayError as err:
-            if err.status not in _BLOCKED_STATUSES:
-                raise
-            raise await self._limit_blocked(err, exchange) from err.__cause__
 
     async def _limit_blocked(self, err: GatewayError, exchange: Exchange) -> GatewayError:
         """Refusals count too (tier ``blocked_per_minute``): past it a caller gets 429, so refusing is not free
