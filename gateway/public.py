@@ -102,6 +102,7 @@ class PublicPath:
         self.upstream_auth = runtime.upstream_auth
         self.policy_version = runtime.policy_version
         self.presentation = Presentation(block_style=s.policy.block_style, blocked_by_url=s.policy.blocked_by_url)
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # --- the public request path ----------------------------------------------------------
 
@@ -216,15 +217,19 @@ class PublicPath:
         tiers = self.settings.tiers
         needs_usage = tiers[identity.tier].tokens_per_minute is not None
         # In flight until forwarded: a new policy version that refuses it ends it (inflight.py).
+        loop = self._loop
+        if loop is None:  # the runtime's loop, the one every request runs on
+            loop = self._loop = asyncio.get_running_loop()
         live = InFlight(
             identity,
-            authorization=request.headers.get("Authorization") if identity.key_id is not None else None,
-            transport=request.transport,
-            ip=view.client_ip,
-            model=model,
-            method=method,
-            path=path,
-            outcome=exchange.outcome,
+            request.headers.get("Authorization") if identity.key_id is not None else None,  # API keys: looked up again
+            request.transport,
+            view.client_ip,
+            model,
+            method,
+            path,
+            exchange.outcome,
+            asyncio.current_task(loop),
         )
         inflight = self.inflight
         inflight.add(live)
