@@ -17,7 +17,7 @@ import orjson
 import pytest
 import redis as redis_sync
 
-from gateway.audit import encode_line
+from gateway.audit import Spool, decode_line, encode_line
 from gateway.public import _rfc3339
 from gateway.redis_server import RedisServer, free_port
 from gateway.screening import parse_csl
@@ -348,3 +348,16 @@ def test_record_times_are_rfc3339_with_milliseconds_whatever_the_second() -> Non
     for epoch in epochs:
         assert _rfc3339(epoch) == formatted(epoch), epoch
     assert _rfc3339(1_800_000_000.25) == "2027-01-15T08:00:00.250Z"
+
+
+def test_spool_lines_are_encode_lines_and_read_back(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, "4242-1700000000000-a1b2c3")
+    entries = [(1, b'{"request_id":"r1","subject":"caf\\u00e9"}'), (12_345, b'{"request_id":"r2"}')]
+    assert spool.append(entries) == spool.size > 0
+    data = spool.path.read_bytes()
+    assert data == b"".join(encode_line(spool.producer, seq, record) for seq, record in entries)
+    read = [decode_line(line) for line in data.splitlines()]
+    assert [(e.producer, e.seq, orjson.loads(e.record)) for e in read if e is not None] == [
+        (spool.producer, seq, orjson.loads(record)) for seq, record in entries
+    ]
+    spool.release()
