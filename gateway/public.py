@@ -199,9 +199,6 @@ class PublicPath:
         if not rate.allowed:
             raise rate_refused(rate, model, tuple(rate_headers))
 
-        async def charge(tokens: int) -> None:
-            await limiter.charge(identity.subject, model, identity.tier, tokens, budget=budget)
-
         if lists_models(method, path, self.rules):  # whatever model a body names: the list is cut down
             assert view.headers is not None
             now = self.clock()
@@ -214,8 +211,10 @@ class PublicPath:
                 outcome=exchange.outcome,
                 allowed=lambda name: admission.decide(snapshot, caller, name, now=now).allowed,
             )
-        tiers = self.settings.tiers
-        needs_usage = tiers[identity.tier].tokens_per_minute is not None
+        charge = None
+        if self.settings.tiers[identity.tier].tokens_per_minute is not None:
+            # The limiter's charge itself, not a coroutine around it: one fewer when the usage arrives.
+            charge = functools.partial(limiter.charge, identity.subject, model, identity.tier, budget=budget)
         # In flight until forwarded: a new policy version that refuses it ends it (inflight.py).
         loop = self._loop
         if loop is None:  # the runtime's loop, the one every request runs on
@@ -239,7 +238,7 @@ class PublicPath:
                 view,
                 request_id=exchange.request_id,
                 extra_response_headers=rate_headers,
-                on_usage=charge if needs_usage else None,
+                on_usage=charge,
                 outcome=exchange.outcome,
             )
         finally:
