@@ -7,8 +7,10 @@ instead of the public path's refusal and no rate step (it consumes no rate limit
 or an authorization listener runs the same steps against a snapshot of its choosing.
 
 The steps other than :meth:`Admission.enforced` and :meth:`Admission.rate` are pure over (snapshot,
-request facts): they read no I/O and change nothing. Each is one call the public path makes anyway
-(collaborators are resolved once, here), so the hot path gains no await, lookup or allocation.
+request facts): they read no I/O and change nothing (the caller step keeps the callers it built, and
+answers the same caller at the same address with the one it built before). Each is one call the public
+path makes anyway (collaborators are resolved once, here), so the hot path gains no await, lookup or
+allocation.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from .policy.model import Caller, Decision, Snapshot
 from .ratelimit import RateLimiter, RateResult, RedisBudget
 
 _NO_RANGES: dict[str, str] = {}
+CALLER_CACHE_SIZE = 4096
 
 
 class PolicyView(Protocol):
@@ -43,7 +46,7 @@ class PolicyView(Protocol):
 class Admission:
     """The admission steps over a policy snapshot; the rate step only when given a limiter."""
 
-    __slots__ = ("_authenticate", "_clock", "_limiter", "_resolve", "policy", "rules")
+    __slots__ = ("_authenticate", "_callers", "_clock", "_limiter", "_resolve", "policy", "rules")
 
     def __init__(
         self,
@@ -61,6 +64,10 @@ class Admission:
         self._resolve = geo.resolve
         self._clock = clock
         self._limiter = limiter
+        # (id(identity), ip) -> (identity, countries, the Caller): a caller that keeps calling from one
+        # address is the same Caller each time (never changed once built); holding the identity keeps
+        # its id from being reused while cached.
+        self._callers: dict[tuple[int, str], tuple[Identity, tuple[str | None, str | None], Caller]] = {}
 
     def enforced(self) -> Snapshot:
         """The snapshot requests are decided on; 503 ``policy_stale`` (row 10) when it is not confirmed."""
@@ -83,8 +90,16 @@ class Admission:
     def caller(self, identity: Identity, ip: str, snapshot: Snapshot | None) -> Caller:
         """The caller decided for: ``identity`` at address ``ip``, whose countries are the snapshot's
         ``ip-ranges`` (longest prefix) or else the geo database's."""
-        ip_country, ip_subdivision = self._resolve(ip, snapshot.ip_ranges if snapshot is not None else _NO_RANGES)
-        return identity.to_caller(ip, ip_country, ip_subdivision)
+        codes = self._resolve(ip, snapshot.ip_ranges if snapshot is not None else _NO_RANGES)
+        key = (id(identity), ip)
+        cached = self._callers.get(key)
+        if cached is not None and cached[0] is identity and cached[1] == codes:
+            return cached[2]
+        caller = identity.to_caller(ip, *codes)
+        if len(self._callers) >= CALLER_CACHE_SIZE:
+            self._callers.clear()
+        self._callers[key] = (identity, codes, caller)
+        return caller
 
     def model(self, named: str | None, method: str, path: str) -> str | None:
         """The model a request is about: the one its body or path pattern names, else the one a

@@ -125,6 +125,7 @@ class Spool:
         self.directory = directory
         self.producer = producer
         self.path = directory / f"{producer}{SUFFIX}"
+        self._line_head = b'{"producer":"%s","seq":' % producer.encode()
         self.fd: int | None = None
         self.size = 0  # bytes written
         self.sent = 0  # bytes acknowledged by Redis
@@ -156,7 +157,8 @@ class Spool:
         """
         if self.fd is None:
             self.fd = self._open()
-        data = b"".join(encode_line(self.producer, seq, record) for seq, record in entries)
+        head = self._line_head  # encode_line's, formatted once: a tick writes hundreds of lines
+        data = b"".join([b'%s%d,"record":%s}\n' % (head, seq, record) for seq, record in entries])
         try:
             view = memoryview(data)
             while view:

@@ -146,6 +146,15 @@ class Authenticator:
         return len(self._cache)
 
     def authenticate(self, authorization: str | None, api_keys: Mapping[str, ApiKeyLike]) -> Identity:
+        if authorization is not None and authorization[:7] == "Bearer ":
+            # The common case, a cached JWT sent as exactly "Bearer <token>": cached tokens are what
+            # parsing a header gives (stripped, bounded, no API key), so parsing this one would give
+            # the very same token, and the cache is asked without it.
+            sent = authorization[7:]
+            cached = self._cache.get(sent)
+            if cached is not None and self._clock() < cached[1] and cached[2] == self._keyring.generation:
+                self._cache.move_to_end(sent)
+                return cached[0]
         token = _bearer_token(authorization)
         if token.startswith(API_KEY_PREFIX):
             return self._api_key_identity(token, api_keys)

@@ -34,10 +34,13 @@ Handler = Callable[[BaseRequest], Awaitable[web.StreamResponse]]
 class _JsonErrorRequestHandler(RequestHandler):
     def data_received(self, data: bytes) -> None:
         request = self._current_request
-        payload = request.content if request is not None else None
+        if request is None:  # no body being read (a request arriving whole, the common case): aiohttp's own
+            super().data_received(data)
+            return
+        payload = request.content
         queued = len(self._messages)
         super().data_received(data)
-        if payload is None or payload.is_eof():
+        if payload.is_eof():
             return
         if len(self._messages) > queued and isinstance(info := self._messages[-1][0], _ErrInfo):
             # The parser failed inside the body being read: that request answers it (400), not a second response.

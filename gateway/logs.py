@@ -47,7 +47,7 @@ def request_id_for(incoming: str | None) -> str:
     """The caller's ``X-Request-Id`` when it is a safe token, else a new id; every listener uses this."""
     if incoming is not None and _REQUEST_ID.fullmatch(incoming):
         return incoming
-    return f"{_REQUEST_ID_PREFIX}{next(_request_counter):012x}"
+    return _REQUEST_ID_PREFIX + format(next(_request_counter), "012x")
 
 
 def bind_request(request_id: str, method: str, path: str) -> None:

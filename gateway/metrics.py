@@ -18,6 +18,15 @@ not carry them, so with workers each worker copies its own readings into gauges
 and a counter that the multiprocess collector combines: memory, CPU seconds and
 open files summed over the workers (the gateway's whole footprint), the file
 limit the lowest and the start time the earliest of any worker.
+
+In one process, the per-request series (requests, the three latency histograms,
+requests in flight) are counted in plain Python integers on the request path and
+handed to prometheus-client whenever its registry is read (a scrape): the same
+series, names, buckets and values, without prometheus-client's lock and calls on
+every request. Everything runs on the one event loop, so nothing else writes them
+meanwhile. With workers, each worker's values must be in its files the moment a
+scrape in another worker reads them, so those series are updated as each request
+ends, as before.
 """
 
 from __future__ import annotations
@@ -25,7 +34,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Iterable
+from bisect import bisect_left
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Literal
 
 from prometheus_client import (
@@ -171,8 +181,56 @@ class WorkerProcessMetrics:
                     self._cpu_counted = sample.value
 
 
+class _Pending:
+    """Observations of one histogram child not yet handed to it: a count per bucket and their sum.
+
+    ``bounds`` are the child's finite upper bounds; an observation's bucket is the first bound at or
+    above it (``bisect_left``), the last slot being ``+Inf``, as prometheus-client places it.
+    """
+
+    __slots__ = ("bounds", "child", "counts", "sum")
+
+    def __init__(self, child: Any, bounds: tuple[float, ...]) -> None:
+        self.child = child
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def fold(self) -> None:
+        counts = self.counts
+        if not any(counts):
+            return
+        # prometheus-client has no public way to add n observations at once; its child keeps one
+        # value per bucket (not cumulative) and one for the sum, which is what is added to here.
+        buckets = self.child._buckets
+        for index, count in enumerate(counts):
+            if count:
+                buckets[index].inc(count)
+                counts[index] = 0
+        self.child._sum.inc(self.sum)
+        self.sum = 0.0
+
+
+class _FoldOnCollect:
+    """Registered first on the registry: every read of it (a scrape) first folds the pending counts in."""
+
+    def __init__(self, fold: Callable[[], None]) -> None:
+        self._fold = fold
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> list[Any]:
+        self._fold()
+        return []
+
+
 class Metrics:
     """All gateway metrics on one registry; methods are what the request path calls."""
+
+    # What the public handler calls as a request starts and ends (requests in flight).
+    request_started: Callable[[], None]
+    request_ended: Callable[[], None]
 
     def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
         # ``*_created`` series double the exposition and no dashboard reads them.
@@ -181,6 +239,10 @@ class Metrics:
         self.multiprocess = multiprocess_dir() is not None
         self.tiers = tuple(settings.tiers)
         r = self.registry
+        # Counted in plain integers in one process (see the module docstring); with workers, at once.
+        self._deferred = not self.multiprocess
+        if self._deferred:
+            r.register(_FoldOnCollect(self.fold))
         self.requests = Counter(
             "gateway_requests",
             "Requests by decision, code, model and tier",
@@ -279,6 +341,17 @@ class Metrics:
             ProcessCollector(registry=r)
         self._requests: dict[RequestKey, Any] = {}
         self._durations = {d: self.duration.labels(d) for d in DECISIONS}
+        self._pending_requests: dict[RequestKey, int] = {}
+        latency, overhead = tuple(map(float, LATENCY_BUCKETS)), tuple(map(float, OVERHEAD_BUCKETS))
+        self._pending_durations = {d: _Pending(child, latency) for d, child in self._durations.items()}
+        self._pending_overhead = _Pending(self.overhead, overhead)
+        self._pending_upstream = _Pending(self.upstream, latency)
+        self.in_flight_now = 0  # requests in flight, in one process; the gauge reads it when scraped
+        if self._deferred:
+            self.request_started, self.request_ended = self._started, self._ended
+            self.in_flight.set_function(lambda: self.in_flight_now)
+        else:
+            self.request_started, self.request_ended = self.in_flight.inc, self.in_flight.dec
         self._redis_errors = {op: self.redis_errors.labels(op) for op in REDIS_OPS}
         for kind in UPSTREAM_ERROR_KINDS:
             self.upstream_errors.labels(kind)
@@ -304,10 +377,31 @@ class Metrics:
             return model
         return "other"
 
+    def _started(self) -> None:
+        self.in_flight_now += 1
+
+    def _ended(self) -> None:
+        self.in_flight_now -= 1
+
     def request_done(
         self, *, decision: str, code: str, model: str, tier: str, duration_s: float, upstream_s: float
     ) -> None:
         key = (decision, code, model, tier)
+        if self._deferred:
+            pending = self._pending_requests
+            pending[key] = pending.get(key, 0) + 1
+            histogram = self._pending_durations[decision]
+            histogram.counts[bisect_left(histogram.bounds, duration_s)] += 1
+            histogram.sum += duration_s
+            overhead = self._pending_overhead
+            if decision == "allow":
+                upstream = self._pending_upstream
+                upstream.counts[bisect_left(upstream.bounds, upstream_s)] += 1
+                upstream.sum += upstream_s
+                duration_s = max(duration_s - upstream_s, 0.0)
+            overhead.counts[bisect_left(overhead.bounds, duration_s)] += 1
+            overhead.sum += duration_s
+            return
         child = self._requests.get(key)
         if child is None:  # a combination not foreseen; still bounded, since every part is
             child = self._requests[key] = self.requests.labels(*key)
@@ -318,6 +412,21 @@ class Metrics:
             self.overhead.observe(max(duration_s - upstream_s, 0.0))
         else:
             self.overhead.observe(duration_s)
+
+    def fold(self) -> None:
+        """Hand the counts taken on the request path to prometheus-client (one process: at each read)."""
+        pending = self._pending_requests
+        if pending:
+            for key, count in pending.items():
+                child = self._requests.get(key)
+                if child is None:  # a combination not foreseen; still bounded, since every part is
+                    child = self._requests[key] = self.requests.labels(*key)
+                child.inc(count)
+            pending.clear()
+        for histogram in self._pending_durations.values():
+            histogram.fold()
+        self._pending_overhead.fold()
+        self._pending_upstream.fold()
 
     def request_revoked(self, code: str) -> None:
         child = self._revoked.get(code)

@@ -102,15 +102,23 @@ class PublicPath:
         self.upstream_auth = runtime.upstream_auth
         self.policy_version = runtime.policy_version
         self.presentation = Presentation(block_style=s.policy.block_style, blocked_by_url=s.policy.blocked_by_url)
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # --- the public request path ----------------------------------------------------------
 
     async def handle(self, request: BaseRequest) -> web.StreamResponse:
         exchange = Exchange(request_id=request_id_for(request.headers.get("X-Request-Id")), started=time.perf_counter())
         bind_request(exchange.request_id, request.method, request.path)
-        self.metrics.in_flight.inc()
+        self.metrics.request_started()
         try:
-            response = await self._admit_counting_refusals(request, exchange)
+            try:
+                response = await self._admit_and_forward(request, exchange)
+            except GatewayError as err:
+                if err.status not in _BLOCKED_STATUSES:
+                    raise
+                # Refusals count too (one await level less than a method of its own: every resumption
+                # of the request's task passes through each level).
+                raise await self._limit_blocked(err, exchange) from err.__cause__
         except GatewayError as err:
             exchange.code = err.code
             response = self._error(err, exchange)
@@ -121,17 +129,9 @@ class PublicPath:
             self._finish(exchange)
             raise
         finally:
-            self.metrics.in_flight.dec()
+            self.metrics.request_ended()
         self._finish(exchange)
         return response
-
-    async def _admit_counting_refusals(self, request: BaseRequest, exchange: Exchange) -> web.StreamResponse:
-        try:
-            return await self._admit_and_forward(request, exchange)
-        except GatewayError as err:
-            if err.status not in _BLOCKED_STATUSES:
-                raise
-            raise await self._limit_blocked(err, exchange) from err.__cause__
 
     async def _limit_blocked(self, err: GatewayError, exchange: Exchange) -> GatewayError:
         """Refusals count too (tier ``blocked_per_minute``): past it a caller gets 429, so refusing is not free
@@ -199,9 +199,6 @@ class PublicPath:
         if not rate.allowed:
             raise rate_refused(rate, model, tuple(rate_headers))
 
-        async def charge(tokens: int) -> None:
-            await limiter.charge(identity.subject, model, identity.tier, tokens, budget=budget)
-
         if lists_models(method, path, self.rules):  # whatever model a body names: the list is cut down
             assert view.headers is not None
             now = self.clock()
@@ -214,18 +211,24 @@ class PublicPath:
                 outcome=exchange.outcome,
                 allowed=lambda name: admission.decide(snapshot, caller, name, now=now).allowed,
             )
-        tiers = self.settings.tiers
-        needs_usage = tiers[identity.tier].tokens_per_minute is not None
+        charge = None
+        if self.settings.tiers[identity.tier].tokens_per_minute is not None:
+            # The limiter's charge itself, not a coroutine around it: one fewer when the usage arrives.
+            charge = functools.partial(limiter.charge, identity.subject, model, identity.tier, budget=budget)
         # In flight until forwarded: a new policy version that refuses it ends it (inflight.py).
+        loop = self._loop
+        if loop is None:  # the runtime's loop, the one every request runs on
+            loop = self._loop = asyncio.get_running_loop()
         live = InFlight(
             identity,
-            authorization=request.headers.get("Authorization") if identity.key_id is not None else None,
-            transport=request.transport,
-            ip=view.client_ip,
-            model=model,
-            method=method,
-            path=path,
-            outcome=exchange.outcome,
+            request.headers.get("Authorization") if identity.key_id is not None else None,  # API keys: looked up again
+            request.transport,
+            view.client_ip,
+            model,
+            method,
+            path,
+            exchange.outcome,
+            asyncio.current_task(loop),
         )
         inflight = self.inflight
         inflight.add(live)
@@ -235,7 +238,7 @@ class PublicPath:
                 view,
                 request_id=exchange.request_id,
                 extra_response_headers=rate_headers,
-                on_usage=charge if needs_usage else None,
+                on_usage=charge,
                 outcome=exchange.outcome,
             )
         finally:
@@ -296,36 +299,45 @@ class PublicPath:
             duration_s=duration,
             subject=identity.subject if identity else None,
         )
-        self.audit.record(self._audit_record(exchange, decision, duration))
+        self.audit.record(self._audit_record(exchange, decision, duration, snapshot.version if snapshot else 0))
 
-    def _audit_record(self, exchange: Exchange, decision: str, duration: float) -> dict[str, Any]:
+    def _audit_record(self, exchange: Exchange, decision: str, duration: float, version: int) -> dict[str, Any]:
         """One decision's audit record; no field holds more than 256 characters of anything a caller sent."""
         identity = exchange.identity
-        screening = exchange.decision.screening if exchange.decision is not None else None
+        if identity is not None:
+            subject, org, org_name, tier, country = _identity_fields(identity)
+        else:
+            subject = org = org_name = tier = country = None
+        model = exchange.model
+        outcome = exchange.outcome
         record: dict[str, Any] = {
             "time": _rfc3339(self.clock()),
             "request_id": exchange.request_id,
-            "subject": _bounded(identity.subject) if identity else None,
-            "org": _bounded(identity.org) if identity else None,
-            "org_name": _bounded(identity.org_name) if identity else None,
-            "tier": _bounded(identity.tier) if identity else None,
-            "claimed_country": _bounded(identity.country) if identity else None,
+            "subject": subject,
+            "org": org,
+            "org_name": org_name,
+            "tier": tier,
+            "claimed_country": country,
             "client_ip": exchange.ip or None,
             "ip_country": exchange.ip_country,
-            "model": _bounded(exchange.model),
+            "model": model if model is None or len(model) <= AUDIT_FIELD_CHARS else model[:AUDIT_FIELD_CHARS],
             "decision": decision,
             "code": exchange.code,
-            "policy_version": self.policy_version(),
+            "policy_version": version,
             "status": exchange.status,
-            "upstream_status": exchange.outcome.upstream_status or None,
+            "upstream_status": outcome.upstream_status or None,
             "duration_ms": round(duration * 1000, 3),
         }
         if identity is not None and identity.key_id is not None:
             record["key_id"] = identity.key_id
-        if exchange.outcome.revoked is not None:
+        if outcome.revoked is not None:
             record["revoked"] = True
-        if exchange.decision is not None and exchange.decision.licence is not None:
-            record["licence"] = exchange.decision.licence
+        decided = exchange.decision
+        screening = None
+        if decided is not None:
+            if decided.licence is not None:
+                record["licence"] = decided.licence
+            screening = decided.screening
         shadow = exchange.shadow
         if shadow is not None:
             record["shadow"] = {"decision": "allow" if shadow.allowed else "block", "code": shadow.code}
@@ -347,12 +359,43 @@ def _bounded(value: str | None) -> str | None:
     return value[:AUDIT_FIELD_CHARS] if value is not None and len(value) > AUDIT_FIELD_CHARS else value
 
 
-_second_cache: list[Any] = [-1, ""]
+IdentityFields = tuple[str | None, str | None, str | None, str | None, str | None]
+# id(identity) -> (identity, its bounded subject, org, org name, tier, claimed country). The
+# authenticator hands out the same Identity for a cached token, so a busy caller's fields are bounded
+# once, not on every record; holding the identity keeps its id from being reused while cached.
+_identity_cache: dict[int, tuple[Identity, IdentityFields]] = {}
+IDENTITY_CACHE_SIZE = 4096
+
+
+def _identity_fields(identity: Identity) -> IdentityFields:
+    cached = _identity_cache.get(id(identity))
+    if cached is not None and cached[0] is identity:
+        return cached[1]
+    fields = (
+        _bounded(identity.subject),
+        _bounded(identity.org),
+        _bounded(identity.org_name),
+        _bounded(identity.tier),
+        _bounded(identity.country),
+    )
+    if len(_identity_cache) >= IDENTITY_CACHE_SIZE:
+        _identity_cache.clear()
+    _identity_cache[id(identity)] = (identity, fields)
+    return fields
+
+
+_cached_second = -1  # the second the audit records' times are in, and its formatting
+_cached_prefix = ""
+_MILLIS = tuple(f".{ms:03d}Z" for ms in range(1000))  # a record's time ends in one of these
 
 
 def _rfc3339(epoch: float) -> str:
     """UTC RFC 3339 with milliseconds; the formatted second is reused (one audit record per request)."""
+    global _cached_second, _cached_prefix
     second = int(epoch)
-    if second != _second_cache[0]:
-        _second_cache[0], _second_cache[1] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-    return f"{_second_cache[1]}.{int((epoch - second) * 1000):03d}Z"
+    if second != _cached_second:
+        _cached_second, _cached_prefix = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    ms = int((epoch - second) * 1000)
+    if 0 <= ms < 1000:
+        return _cached_prefix + _MILLIS[ms]
+    return f"{_cached_prefix}.{ms:03d}Z"  # before 1970 (a test's clock): formatted as it always was

@@ -97,13 +97,18 @@ def _format_duration(seconds: float) -> str:
     if seconds <= 0:
         return "0s"
     if seconds < 1:
-        return f"{math.ceil(seconds * 1000)}ms"
+        return _MILLISECONDS[math.ceil(seconds * 1000)]
     if seconds < 60:
-        return f"{math.ceil(seconds * 10) / 10:g}s"
+        return _TENTHS[math.ceil(seconds * 10)]
     whole = math.ceil(seconds)
     hours, rest = divmod(whole, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}h{minutes}m{secs}s" if hours else f"{minutes}m{secs}s"
+
+
+# Every duration under a minute has one of these spellings, so each is formatted once, here.
+_MILLISECONDS = tuple(f"{ms}ms" for ms in range(1001))  # index: milliseconds, rounded up
+_TENTHS = tuple(f"{tenths / 10:g}s" for tenths in range(601))  # index: tenths of a second, rounded up
 
 
 def _sf_string(value: str) -> str:
@@ -157,22 +162,28 @@ class RateResult(NamedTuple):
     def headers(self, tier_name: str) -> list[tuple[str, str]]:
         """IETF ``RateLimit``/``RateLimit-Policy``, OpenAI ``x-ratelimit-*`` and, on a block, Retry-After."""
         strings = _tier_strings(tier_name, self.limit, self.token_limit)
-        reset = math.ceil(self.reset_s)
-        state = f"{strings.request_item}{self.remaining};t={reset}"
-        out = [
-            ("RateLimit-Policy", strings.policy),
-            ("RateLimit", state),
-            ("x-ratelimit-limit-requests", strings.limit),
-            ("x-ratelimit-remaining-requests", str(self.remaining)),
-            ("x-ratelimit-reset-requests", _format_duration(self.reset_s)),
-        ]
-        if self.token_limit is not None:
-            tokens_remaining = self.tokens_remaining or 0
+        remaining = str(self.remaining)
+        reset_s = self.reset_s
+        state = f"{strings.request_item}{remaining};t={math.ceil(reset_s)}"
+        if self.token_limit is None:
+            out = [
+                ("RateLimit-Policy", strings.policy),
+                ("RateLimit", state),
+                ("x-ratelimit-limit-requests", strings.limit),
+                ("x-ratelimit-remaining-requests", remaining),
+                ("x-ratelimit-reset-requests", _format_duration(reset_s)),
+            ]
+        else:
+            tokens_remaining = str(self.tokens_remaining or 0)
             token_reset = self.token_reset_s or 0.0
-            out[1] = ("RateLimit", f"{state}, {strings.token_item}{tokens_remaining};t={math.ceil(token_reset)}")
-            out += [
+            out = [
+                ("RateLimit-Policy", strings.policy),
+                ("RateLimit", f"{state}, {strings.token_item}{tokens_remaining};t={math.ceil(token_reset)}"),
+                ("x-ratelimit-limit-requests", strings.limit),
+                ("x-ratelimit-remaining-requests", remaining),
+                ("x-ratelimit-reset-requests", _format_duration(reset_s)),
                 ("x-ratelimit-limit-tokens", strings.token_limit),
-                ("x-ratelimit-remaining-tokens", str(tokens_remaining)),
+                ("x-ratelimit-remaining-tokens", tokens_remaining),
                 ("x-ratelimit-reset-tokens", _format_duration(token_reset)),
             ]
         if not self.allowed:
@@ -390,16 +401,15 @@ class _Lease:
     def result(self, tier: Tier, now: float) -> RateResult:
         tpm = tier.tokens_per_minute
         elapsed = now - self.started
+        remaining, reset_s = self.remaining + self.left, max(0.0, self.reset_s - elapsed)
+        # Positional (allowed, code, limit, remaining, reset_s, retry_after_s, token_limit,
+        # tokens_remaining, token_reset_s): half the cost of keywords, on every request a lease decides.
+        if tpm is None:
+            return RateResult(True, "", tier.requests_per_minute, remaining, reset_s, 0, None, None, None)
+        tokens_remaining = max(0, tpm - self.tokens_used - self.tokens_since)
+        token_reset_s = max(0.0, self.token_reset_s - elapsed)
         return RateResult(
-            allowed=True,
-            code="",
-            limit=tier.requests_per_minute,
-            remaining=self.remaining + self.left,
-            reset_s=max(0.0, self.reset_s - elapsed),
-            retry_after_s=0,
-            token_limit=tpm,
-            tokens_remaining=None if tpm is None else max(0, tpm - self.tokens_used - self.tokens_since),
-            token_reset_s=None if tpm is None else max(0.0, self.token_reset_s - elapsed),
+            True, "", tier.requests_per_minute, remaining, reset_s, 0, tpm, tokens_remaining, token_reset_s
         )
 
 
@@ -558,7 +568,7 @@ class RateLimiter:
         self, subject: str, model: str | None, tier: str, *, budget: RedisBudget | None = None
     ) -> RateResult:
         """Admit or refuse one request now; an admitted request consumes one unit."""
-        limits = self._tier(tier)
+        limits = self._tiers.get(tier) or self._tier(tier)  # the latter raises, naming the tier
         model = model or ANY_MODEL
         key = (subject, model)
         want, back_end, back_units = 1, 0, 0
@@ -662,7 +672,7 @@ class RateLimiter:
         without waiting, unless the caller's lease has spent its share of the budget (or there is no
         lease): then it is sent before this returns, so every process's next decision sees it.
         """
-        limits = self._tier(tier)
+        limits = self._tiers.get(tier) or self._tier(tier)  # the latter raises, naming the tier
         if tokens <= 0 or limits.tokens_per_minute is None:
             return
         model = model or ANY_MODEL
@@ -674,14 +684,15 @@ class RateLimiter:
                 self.local.charge(subject, model, limits, tokens)
                 self._owe(key)
             return
+        tokens = int(tokens)
         entry = self._pending.get(key)
         if entry is None:
-            self._pending[key] = [int(tokens), tier]
+            self._pending[key] = [tokens, tier]
         else:
-            entry[0] += int(tokens)
+            entry[0] += tokens
         lease = self._leases.get(key)
         if lease is not None:
-            lease.tokens_since += int(tokens)
+            lease.tokens_since += tokens
         if lease is None or lease.tokens_since >= lease.token_allowance:
             # Near the caller's budget (or no lease to decide on): sent now, before the response's
             # last byte, so the next decision anywhere sees it (the boundary stays exact).

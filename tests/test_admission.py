@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from gateway.admission import Admission, rate_refused
+from gateway.admission import CALLER_CACHE_SIZE, Admission, rate_refused
 from gateway.app import create_admin_app
 from gateway.bootstrap import import_policy
 from gateway.errors import GatewayError, Presentation, error_for
@@ -110,6 +110,25 @@ async def test_countries_step_uses_the_snapshots_ip_ranges(runtime: Runtime) -> 
     caller = admission.caller(identity, "203.0.113.7", snapshot)
     assert (caller.ip, caller.ip_country, caller.claimed_country) == ("203.0.113.7", "IR", "US")
     assert admission.caller(identity, "203.0.113.7", None).ip_country is None  # no snapshot: no ranges
+
+
+async def test_a_caller_calling_again_from_one_address_is_the_caller_built_before(runtime: Runtime) -> None:
+    admission = runtime.admission
+    snapshot = admission.enforced()
+    alice = admission.identify(bearer(subject="alice", country="US"), snapshot)
+    first = admission.caller(alice, "203.0.113.7", snapshot)
+    assert admission.caller(alice, "203.0.113.7", snapshot) is first
+    # Another caller at that address, the same caller at another, or its address placed elsewhere: its own.
+    bob = admission.caller(admission.identify(bearer(subject="bob", country="DE"), snapshot), "203.0.113.7", snapshot)
+    assert (bob.subject, bob.claimed_country, bob.countries) == ("bob", "DE", frozenset({"DE", "IR"}))
+    elsewhere = admission.caller(alice, "198.51.100.1", snapshot)
+    assert (elsewhere.ip, elsewhere.ip_country, elsewhere.countries) == ("198.51.100.1", None, frozenset({"US"}))
+    unplaced = admission.caller(alice, "203.0.113.7", None)
+    assert (unplaced.ip_country, unplaced.countries) == (None, frozenset({"US"}))
+    assert admission.caller(alice, "203.0.113.7", snapshot).countries == frozenset({"US", "IR"})
+    for n in range(CALLER_CACHE_SIZE + 10):  # bounded: many addresses keep it at its size
+        assert admission.caller(alice, f"10.0.{n // 256}.{n % 256}", snapshot).ip == f"10.0.{n // 256}.{n % 256}"
+    assert len(admission._callers) <= CALLER_CACHE_SIZE
 
 
 async def test_model_and_decide_steps(runtime: Runtime) -> None:

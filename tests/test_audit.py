@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import signal
 import time
 from collections.abc import Iterator
@@ -16,7 +17,8 @@ import orjson
 import pytest
 import redis as redis_sync
 
-from gateway.audit import encode_line
+from gateway.audit import Spool, decode_line, encode_line
+from gateway.public import _rfc3339
 from gateway.redis_server import RedisServer, free_port
 from gateway.screening import parse_csl
 
@@ -329,3 +331,33 @@ async def test_orphan_spool_with_a_torn_last_line_is_replayed(
         gateway.stop()
     assert_exactly(redis_url, [f"orphan-{seq}" for seq in range(1, 6)])
     assert value(samples, "gateway_audit_dropped_total") == 1
+
+
+def test_record_times_are_rfc3339_with_milliseconds_whatever_the_second() -> None:
+    """A record's time is its second, formatted once per second, and its milliseconds from a table:
+    the same text as formatting each one whole."""
+
+    def formatted(epoch: float) -> str:
+        second = int(epoch)
+        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)) + f".{int((epoch - second) * 1000):03d}Z"
+
+    chosen = random.Random(19)
+    now = time.time()
+    epochs = [now + chosen.uniform(-5, 5) for _ in range(5000)] + [chosen.uniform(0, 4e9) for _ in range(5000)]
+    epochs += [0.0, 0.0005, 0.999, 0.9999999, 1.0, 1_800_000_000.0, 1_800_000_000.999, 1_800_000_000.9999]
+    for epoch in epochs:
+        assert _rfc3339(epoch) == formatted(epoch), epoch
+    assert _rfc3339(1_800_000_000.25) == "2027-01-15T08:00:00.250Z"
+
+
+def test_spool_lines_are_encode_lines_and_read_back(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, "4242-1700000000000-a1b2c3")
+    entries = [(1, b'{"request_id":"r1","subject":"caf\\u00e9"}'), (12_345, b'{"request_id":"r2"}')]
+    assert spool.append(entries) == spool.size > 0
+    data = spool.path.read_bytes()
+    assert data == b"".join(encode_line(spool.producer, seq, record) for seq, record in entries)
+    read = [decode_line(line) for line in data.splitlines()]
+    assert [(e.producer, e.seq, orjson.loads(e.record)) for e in read if e is not None] == [
+        (spool.producer, seq, orjson.loads(record)) for seq, record in entries
+    ]
+    spool.release()

@@ -776,6 +776,19 @@ def test_cache_never_serves_a_token_at_or_past_its_exp(
     assert authenticator.cached_tokens == 0
 
 
+def test_every_spelling_of_a_cached_tokens_header_is_the_cached_caller(
+    authenticator: Authenticator, clock: FakeClock, rsa_key: SigningKey
+) -> None:
+    token = rsa_key.mint(claims(clock.now))
+    first = accepted(authenticator, token)
+    for header in (f"bearer {token}", f"Bearer   {token}", f" Bearer {token}\t", f"BEARER {token}", f"Bearer {token} "):
+        assert authenticator.authenticate(header, {}) is first, header
+    for header in (f"Bearer {token}x", f"Bearer{token}", f"Basic {token}", f"Bearer {token[:-1]}"):
+        with pytest.raises(AuthError):
+            authenticator.authenticate(header, {})
+    assert authenticator.cached_tokens == 1
+
+
 def test_cache_is_bounded_and_evicts_the_least_recent(
     make_authenticator, clock: FakeClock, rsa_key: SigningKey
 ) -> None:

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
 import pytest
 import redis as redis_sync
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.metrics import DECISIONS, LATENCY_BUCKETS, OVERHEAD_BUCKETS, Metrics
 from gateway.redis_server import RedisServer, free_port
+from gateway.settings import parse_settings
 
 from .support.gateway_process import BASE_POLICY, GatewayProcess, gateway_config, seed_policy
 from .support.tokens import auth, hs_token
@@ -357,3 +361,64 @@ async def test_process_metrics_cover_every_worker(metrics_redis: RedisServer, up
     assert started - 5 <= value(samples, "process_start_time_seconds") <= time.time()
     assert value(samples, "process_virtual_memory_bytes") >= rss
     assert value(samples, "process_cpu_seconds_total") > value(first, "process_cpu_seconds_total") > 0
+
+
+def test_request_counts_taken_in_plain_integers_scrape_as_prometheus_client_counts_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One process counts each request in plain integers and hands the counts to prometheus-client
+    when scraped: the exposition is what observing every request in prometheus-client gives, bucket
+    edges, +Inf and scrapes in between included."""
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    metrics = Metrics(parse_settings({"upstream": {"url": "http://127.0.0.1:9"}}, environ={}))
+    reference = CollectorRegistry()
+    requests = Counter("gateway_requests", "", ["decision", "code", "model", "tier"], registry=reference)
+    duration = Histogram(
+        "gateway_request_duration_seconds", "", ["decision"], buckets=LATENCY_BUCKETS, registry=reference
+    )
+    overhead = Histogram("gateway_overhead_seconds", "", buckets=OVERHEAD_BUCKETS, registry=reference)
+    upstream = Histogram("gateway_upstream_duration_seconds", "", buckets=LATENCY_BUCKETS, registry=reference)
+    for decision in DECISIONS:
+        duration.labels(decision)
+    edges = [0.0, *LATENCY_BUCKETS, *OVERHEAD_BUCKETS, 301.0, 1e9]
+    chosen = random.Random(19)
+    keys = [("allow", "", "", "public"), ("block", "unauthenticated", "", ""), ("error", "upstream_timeout", "x", "z")]
+    for round_ in range(3):
+        for _ in range(400):
+            decision, code, model, tier = chosen.choice(keys)
+            total_s = chosen.choice(edges) if chosen.random() < 0.5 else chosen.uniform(0, 2)
+            upstream_s = chosen.choice([0.0, total_s, total_s / 2, chosen.choice(edges)])
+            metrics.request_done(
+                decision=decision, code=code, model=model, tier=tier, duration_s=total_s, upstream_s=upstream_s
+            )
+            requests.labels(decision, code, model, tier).inc()
+            duration.labels(decision).observe(total_s)
+            if decision == "allow":
+                upstream.observe(upstream_s)
+                overhead.observe(max(total_s - upstream_s, 0.0))
+            else:
+                overhead.observe(total_s)
+        ours = parse(generate_latest(metrics.registry).decode())  # a scrape: the counts so far handed over
+        theirs = parse(generate_latest(reference).decode())
+        compared = [key for key in theirs if not key[0].endswith("_sum")]
+        assert len(compared) > 100, round_
+        assert {key: ours.get(key) for key in compared} == {key: theirs[key] for key in compared}
+        for key in theirs:
+            if key[0].endswith("_sum"):
+                assert ours[key] == pytest.approx(theirs[key], rel=1e-12), key
+
+
+def test_requests_in_flight_are_read_when_scraped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    metrics = Metrics(parse_settings({"upstream": {"url": "http://127.0.0.1:9"}}, environ={}))
+
+    def in_flight() -> float:
+        return value(parse(metrics.render(None)[0].decode()), "gateway_in_flight_requests")
+
+    metrics.request_started()
+    metrics.request_started()
+    assert in_flight() == 2
+    metrics.request_ended()
+    assert in_flight() == 1
+    metrics.request_ended()
+    assert in_flight() == 0

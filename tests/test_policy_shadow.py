@@ -292,6 +292,24 @@ def test_unchanged_parts_keep_their_views_and_the_shadow_is_rebuilt_from_them() 
     assert code(again.shadow, caller(country="FR")) == "export_suspended"
 
 
+def test_a_lazy_lists_get_answers_as_membership_and_lookup_do() -> None:
+    """``get`` answers in one step what ``key in entries`` and ``entries[key]`` answer, for both views,
+    keys stored as bytes or text, entries parsed already or not."""
+    for stored in ({b"a": raw(), b"b": raw(enforce=False)}, {"a": raw(), "b": raw(enforce=False)}):
+        for first in ("get", "index"):
+            full = LazyEntries("deny-entities", stored)
+            views = (full, full.enforced())
+            for view in views:
+                for key in ("a", "b", "c", "\udcff"):
+                    if first == "index" and key in view:
+                        view[key]  # parsed before get
+                    expected = view[key] if key in view else None
+                    assert view.get(key) is expected, (stored, first, view is full, key)
+                    assert view.get(key, "absent") == (expected if key in view else "absent")
+                assert view.get(b"a") is None  # type: ignore[arg-type]
+            assert views[1].get("b") is None and views[0].get("b") is not None
+
+
 def test_the_lazy_views_share_parsed_entries() -> None:
     full = LazyEntries("deny-entities", {b"a": raw(), b"b": raw(enforce=False)})
     enforced = full.enforced()

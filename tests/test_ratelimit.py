@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import random
+
 import pytest
 
 from gateway.ratelimit import LocalLimiter, RateResult, _format_duration, rate_keys
@@ -228,3 +231,20 @@ def test_tier_name_is_escaped_in_structured_fields() -> None:
 )
 def test_duration_format(seconds: float, text: str) -> None:
     assert _format_duration(seconds) == text
+
+
+def test_duration_spellings_under_a_minute_are_the_formatted_ones() -> None:
+    """Durations under a minute come from tables built ahead; each is the spelling formatting gives."""
+
+    def formatted(seconds: float) -> str:
+        if seconds < 1:
+            return f"{math.ceil(seconds * 1000)}ms"
+        return f"{math.ceil(seconds * 10) / 10:g}s"
+
+    chosen = random.Random(19)
+    edges = [1e-300, 0.0005, 0.001, 0.0010001, 0.999, 0.9999, math.nextafter(1.0, 0.0), 1.0, 1.05, 9.95]
+    edges += [59.9, 59.95, math.nextafter(60.0, 0.0)]
+    samples = edges + [chosen.uniform(0, 60) for _ in range(20_000)] + [chosen.uniform(0, 1) for _ in range(20_000)]
+    for seconds in samples:
+        if 0 < seconds < 60:
+            assert _format_duration(seconds) == formatted(seconds), seconds

@@ -131,11 +131,19 @@ class LazyEntries(Mapping[str, "Entry"]):
         return entry
 
     def get(self, key: str, default: Any = None) -> Any:
-        if not self._hide:
-            entry = self._parsed.get(key)
-            if entry is not None:
-                return entry
-        return self[key] if key in self else default
+        # Every decision asks for a key or two, and usually one the list does not hold: answered here
+        # in one step (what ``key in self`` and ``self[key]`` would answer, without their calls).
+        if not isinstance(key, str):
+            return default
+        entry = self._parsed.get(key)
+        if entry is not None and not self._hide:
+            return entry
+        raw_key = key.encode("utf-8", "surrogatepass") if self._encoded else key
+        if raw_key not in self._raw or (self._hide and raw_key in self._shadow):
+            return default
+        if entry is None:
+            entry = self._parsed[key] = self._parse(key, self._raw[raw_key])
+        return entry
 
     def __contains__(self, key: object) -> bool:
         if not isinstance(key, str):
