@@ -1,0 +1,111 @@
+-- An audit shard's record counts, and trimming it by records rather than entries. Included by
+-- audit.lua and archive_ack.lua (with archived_floor, which it includes).
+--
+-- A batch entry holds `n` records (gateway/storage/audit_entries.py); a single-record entry (`r`,
+-- written by older gateways) counts as one. Beside the stream, in its slot, the hash `counts` holds
+-- `appended` (records appended in batch entries, a running total also written into each entry as
+-- `total`) and `trimmed` (records trimmed since): the shard holds `appended - trimmed` records.
+
+-- @include archived_floor
+
+local function entry_count(fields)
+  for i = 1, #fields, 2 do
+    if fields[i] == 'n' then
+      return tonumber(fields[i + 1]) or 1
+    end
+  end
+  return 1
+end
+
+local function entry_field(fields, name)
+  for i = 1, #fields, 2 do
+    if fields[i] == name then
+      return fields[i + 1]
+    end
+  end
+  return nil
+end
+
+-- {appended, trimmed}; when the hash is missing (a new shard, a stream older than batch entries, a
+-- restore without it) it is rebuilt from the stream's two ends: exact when both are batch entries
+-- (their totals span the stream), else every entry counts one record (exact for a stream of
+-- single-record entries; any batch entries in it are then counted short until trimmed).
+local function record_counts(key, counts)
+  local got = redis.call('HMGET', counts, 'appended', 'trimmed')
+  if got[1] then
+    return tonumber(got[1]), tonumber(got[2] or '0')
+  end
+  local length = redis.call('XLEN', key)
+  local held, appended = length, length
+  if length > 0 then
+    local newest = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)[1]
+    local oldest = redis.call('XRANGE', key, '-', '+', 'COUNT', 1)[1]
+    local last_total = tonumber(entry_field(newest[2], 'total') or '')
+    local first_total = tonumber(entry_field(oldest[2], 'total') or '')
+    if last_total then
+      appended = last_total  -- the totals go on from the newest one
+      if first_total then
+        held = math.max(last_total - first_total + entry_count(oldest[2]), length)
+      end
+    end
+  end
+  redis.call('HSET', counts, 'appended', appended, 'trimmed', appended - held)
+  return appended, appended - held
+end
+
+-- Records the shard holds. Never fewer than its entries (each holds one at least): entries an older
+-- gateway appended are not in the counts, and are counted one each that way.
+local function held_records(key, counts, appended, trimmed)
+  local length = redis.call('XLEN', key)
+  local held = appended - trimmed
+  if held < length or (length == 0 and held ~= 0) then
+    held = length
+    redis.call('HSET', counts, 'trimmed', appended - held)
+  end
+  return held
+end
+
+-- Once the shard holds more than maxlen + slack records, remove its oldest entries, whole, down to
+-- about maxlen records (never fewer); with `group` (archiving on) never an entry at or past the first
+-- one the archiver has not acknowledged. `appended` and `trimmed`: the counts as they are now.
+-- Returns the records removed.
+local function trim_records(key, counts, appended, trimmed, maxlen, slack, group)
+  local held = held_records(key, counts, appended, trimmed)
+  if held <= maxlen + slack then
+    return 0
+  end
+  local high = '+'
+  if group ~= '' then
+    local floor = archived_floor(key, group)
+    if not floor then
+      return 0
+    end
+    high = '(' .. floor
+  end
+  local excess = held - maxlen
+  local removed, last, low = 0, nil, '-'
+  while true do
+    local page = redis.call('XRANGE', key, low, high, 'COUNT', 32)
+    local stopped = false
+    for _, entry in ipairs(page) do
+      local n = entry_count(entry[2])
+      if removed + n > excess then
+        stopped = true
+        break
+      end
+      removed = removed + n
+      last = entry[1]
+    end
+    if stopped or #page < 32 or removed >= excess then
+      break
+    end
+    low = '(' .. last
+  end
+  if not last then
+    return 0
+  end
+  local ms, sq = string.match(last, '^(%d+)-(%d+)$')
+  redis.call('XTRIM', key, 'MINID', ms .. '-' .. string.format('%d', tonumber(sq) + 1))
+  redis.call('HINCRBY', counts, 'trimmed', removed)
+  return removed
+end
