@@ -29,7 +29,7 @@
 
 local top = tonumber(redis.call('GET', KEYS[2]) or '0')
 local appended, trimmed = record_counts(KEYS[1], KEYS[3])
-local added, producer = 0, ARGV[3]
+local added, entries, producer = 0, 0, ARGV[3]
 for i = 6, #ARGV, 3 do
   local first, count, batch = tonumber(ARGV[i]), tonumber(ARGV[i + 1]), ARGV[i + 2]
   local last = first + count - 1
@@ -45,6 +45,7 @@ for i = 6, #ARGV, 3 do
     local n = count - skip
     appended = appended + n
     added = added + n
+    entries = entries + 1
     redis.call(
       'XADD', KEYS[1], '*',
       'n', n,
@@ -57,6 +58,7 @@ for i = 6, #ARGV, 3 do
 end
 if added > 0 then
   redis.call('HSET', KEYS[3], 'appended', appended)
+  redis.call('HINCRBY', KEYS[3], 'entries', entries)
 end
 redis.call('SET', KEYS[2], string.format('%d', top), 'EX', ARGV[2])
 return {added, trim_records(KEYS[1], KEYS[3], appended, trimmed, tonumber(ARGV[1]), tonumber(ARGV[5]), ARGV[4])}

@@ -1,9 +1,9 @@
 -- The audit records of one shard the archiver has not yet acknowledged.
 --
--- Counted by the running totals of batch entries (gateway/storage/audit_entries.py): the newest
--- entry's total, less the total before the first entry not yet acknowledged; two entries read,
--- however long the backlog. When either end is a single-record entry (an older gateway appended it)
--- the totals cannot say, and the answer is -1: the caller counts entries instead.
+-- Counted by the running totals of batch entries (gateway/storage/audit_entries.py): the shard's
+-- total so far, less the total before the first entry not yet acknowledged; one entry read, however
+-- long the backlog. When that entry is a single-record one (an older gateway appended it) the totals
+-- cannot say, and the answer is -1: the caller counts entries instead.
 --
 -- KEYS[1]  the audit shard's stream
 -- KEYS[2]  its record counts (see audit_trim.lua)
@@ -25,10 +25,10 @@ local first = redis.call('XRANGE', KEYS[1], floor, '+', 'COUNT', 1)[1]
 if not first then
   return 0
 end
-local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
+-- The counts take in what older gateways appended, so `appended` is the total through the newest entry.
+local appended = record_counts(KEYS[1], KEYS[2])
 local first_total = tonumber(entry_field(first[2], 'total') or '')
-local last_total = tonumber(entry_field(newest[2], 'total') or '')
-if not (first_total and last_total) or last_total < first_total then
+if not first_total or appended < first_total then
   return -1
 end
-return last_total - first_total + entry_count(first[2])
+return appended - first_total + entry_count(first[2])

@@ -3,8 +3,9 @@
 --
 -- A batch entry holds `n` records (gateway/storage/audit_entries.py); a single-record entry (`r`,
 -- written by older gateways) counts as one. Beside the stream, in its slot, the hash `counts` holds
--- `appended` (records appended in batch entries, a running total also written into each entry as
--- `total`) and `trimmed` (records trimmed since): the shard holds `appended - trimmed` records.
+-- `appended` (records appended, a running total also written into each batch entry as `total`),
+-- `trimmed` (records trimmed since) and `entries` (the stream's entries as these counts know them):
+-- the shard holds `appended - trimmed` records.
 
 -- @include archived_floor
 
@@ -26,16 +27,25 @@ local function entry_field(fields, name)
   return nil
 end
 
--- {appended, trimmed}; when the hash is missing (a new shard, a stream older than batch entries, a
--- restore without it) it is rebuilt from the stream's two ends: exact when both are batch entries
--- (their totals span the stream), else every entry counts one record (exact for a stream of
--- single-record entries; any batch entries in it are then counted short until trimmed).
+-- {appended, trimmed}. The hash also counts the shard's entries: entries beyond them were appended
+-- by older gateways (single records) and are taken in here, one record each, so `appended` (and the
+-- next batch entry's `total`) stays the count of every record appended. When the hash is missing (a
+-- new shard, a stream older than batch entries, a restore without it) it is rebuilt from the
+-- stream's two ends: exact when both are batch entries (their totals span the stream), else every
+-- entry counts one record (exact for a stream of single-record entries).
 local function record_counts(key, counts)
-  local got = redis.call('HMGET', counts, 'appended', 'trimmed')
-  if got[1] then
-    return tonumber(got[1]), tonumber(got[2] or '0')
-  end
+  local got = redis.call('HMGET', counts, 'appended', 'trimmed', 'entries')
   local length = redis.call('XLEN', key)
+  if got[1] then
+    local appended, known = tonumber(got[1]), tonumber(got[3] or length)
+    if length > known then
+      appended = appended + length - known
+      redis.call('HSET', counts, 'appended', appended, 'entries', length)
+    elseif length < known then
+      redis.call('HSET', counts, 'entries', length)  -- trimmed by an older gateway
+    end
+    return appended, tonumber(got[2] or '0')
+  end
   local held, appended = length, length
   if length > 0 then
     local newest = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)[1]
@@ -49,7 +59,7 @@ local function record_counts(key, counts)
       end
     end
   end
-  redis.call('HSET', counts, 'appended', appended, 'trimmed', appended - held)
+  redis.call('HSET', counts, 'appended', appended, 'trimmed', appended - held, 'entries', length)
   return appended, appended - held
 end
 
@@ -83,7 +93,7 @@ local function trim_records(key, counts, appended, trimmed, maxlen, slack, group
     high = '(' .. floor
   end
   local excess = held - maxlen
-  local removed, last, low = 0, nil, '-'
+  local removed, entries, last, low = 0, 0, nil, '-'
   while true do
     local page = redis.call('XRANGE', key, low, high, 'COUNT', 32)
     local stopped = false
@@ -94,6 +104,7 @@ local function trim_records(key, counts, appended, trimmed, maxlen, slack, group
         break
       end
       removed = removed + n
+      entries = entries + 1
       last = entry[1]
     end
     if stopped or #page < 32 or removed >= excess then
@@ -107,5 +118,6 @@ local function trim_records(key, counts, appended, trimmed, maxlen, slack, group
   local ms, sq = string.match(last, '^(%d+)-(%d+)$')
   redis.call('XTRIM', key, 'MINID', ms .. '-' .. string.format('%d', tonumber(sq) + 1))
   redis.call('HINCRBY', counts, 'trimmed', removed)
+  redis.call('HINCRBY', counts, 'entries', -entries)
   return removed
 end

@@ -202,18 +202,21 @@ class AuditShards(Scripts):
             return await self._bounded("audit", self.client.evalsha(sha, 1, key, *args), self.load_timeout_s)
 
     async def audit_length(self) -> int:
-        """Records in all the audit shards: each shard's counts (``audit_trim.lua``), or its entries
-        where it has none (a stream only older gateways appended to holds one record per entry)."""
+        """Records in all the audit shards: each shard's counts (``audit_trim.lua``) and any entries
+        appended beyond them, or its entries where it has none (a stream only older gateways appended
+        to holds one record per entry)."""
         keys = await self.audit_keys()
 
         async def held(shard: int) -> int:
             key = audit_key(shard)
-            counts = self.client.hmget(audit_counts_key(shard), ["appended", "trimmed"])
-            appended, trimmed = await self._bounded("audit", counts, self.policy_timeout_s)
+            counts = self.client.hmget(audit_counts_key(shard), ["appended", "trimmed", "entries"])
+            appended, trimmed, entries = await self._bounded("audit", counts, self.policy_timeout_s)
             length = int(await self._bounded("audit", self.client.xlen(key), self.policy_timeout_s))
             if appended is None or length == 0:
                 return length
-            return max(int(appended) - int(trimmed or 0), length)
+            # Entries beyond those counted: an older gateway's single records, one each.
+            foreign = max(length - int(entries), 0) if entries is not None else 0
+            return max(int(appended) - int(trimmed or 0) + foreign, length)
 
         return sum(await asyncio.gather(*(held(shard) for shard in range(len(keys)))))
 
