@@ -34,8 +34,8 @@ key                             type     holds
 ``gw:audit:<shard>``            stream   audit shard 1..``audit.shards``-1, the same records of other producers
 ``{gw:audit}:seq:<producer>``   string   highest audit sequence appended for one process (shard 0)
 ``{gw:audit:<shard>}:seq:<p>``  string   the same, for a producer of shard 1.. (in its shard's slot)
-``{gw:audit}:records``          hash     shard 0's record counts: ``appended`` (running total), ``trimmed``, ``entries``;
-                                        ``{gw:audit:<shard>}:records`` for shard 1.. (in its slot)
+``{gw:audit}:records``          hash     shard 0's record counts: ``appended`` (running total), ``trimmed``,
+                                        ``entries``; ``{gw:audit:<shard>}:records`` for shard 1.. (its slot)
 ``gw:audit-shards``             set      every ``audit.shards`` above 1 a gateway has appended with; readers
                                         and the archiver read as many shards as the largest says
 ``gw:rl:{<hash>}:r`` / ``:w``   string / hash   rate-limit state, always with a TTL
