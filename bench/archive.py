@@ -71,7 +71,7 @@ def build_archive(root: Path, records: int, per_segment: int = 100_000) -> float
                     archiver._write_segment(spec, batch)
                     batch = []
                 day = ms // 86_400_000
-                batch.append(StreamEntry(f"{ms}-0", orjson.dumps(_record(i, ms / 1000))))
+                batch.append(StreamEntry(f"{ms}-0", [orjson.dumps(_record(i, ms / 1000))]))
             if batch:
                 archiver._write_segment(spec, batch)
     finally:

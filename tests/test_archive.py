@@ -78,7 +78,7 @@ async def test_archiving_off_counts_what_maxlen_trimmed_unread(redis_url: str) -
 async def test_segments_are_chained_gzipped_json_lines_named_by_seq(redis_url: str, tmp_path: Path) -> None:
     store = Store.from_url(redis_url, timeout_s=1)
     try:
-        await fill(store, 1000)
+        await fill(store, 1000, batch=200)  # stream entries of 200 records: a segment ends on an entry's end
         await _archive_once(store, tmp_path, segment_records=400)
     finally:
         await store.close()
@@ -211,7 +211,7 @@ def pristine(tmp_path_factory: pytest.TempPathFactory, redis_server: object) -> 
         store = Store.from_url(url, timeout_s=1)
         try:
             await store.client.flushall()
-            await fill(store, 1000)
+            await fill(store, 1000, batch=250)  # stream entries of 250 records: segments end on entry ends
             await _archive_once(store, root, segment_records=250)
         finally:
             await store.close()
@@ -462,7 +462,7 @@ async def test_a_running_archiver_takes_up_a_shard_gateways_start_appending_to(r
     try:
         await fill(store, 200)
         await wait_until(lambda: archiver.archived == 200, 10)
-        await fill(raised, 300, start=201, producer="producer-2", shard=2)
+        await fill(raised, 300, start=201, producer="producer-2", shard=2, batch=100)  # whole segments of 100
         await asyncio.sleep(0.2)
         assert archiver.archived == 200 and not (root / "audit-2").exists()  # not looked again yet
         clock.advance(SHARD_CHECK_S)

@@ -22,6 +22,7 @@ from gateway.public import _rfc3339
 from gateway.redis_server import RedisServer, free_port
 from gateway.screening import parse_csl
 
+from .support.audit_entries import stream_records
 from .support.gateway_process import BASE_POLICY, GatewayProcess, gateway_config, seed_policy
 from .support.tokens import auth, hs_token
 from .support.upstream import Upstream
@@ -49,18 +50,19 @@ FIELDS = {
 
 
 def stream(redis_url: str) -> list[tuple[dict[str, Any], str]]:
-    """The audit stream oldest first: (record, producer:sequence id) per entry."""
+    """The audit stream oldest first: (record, producer:sequence id) per record."""
     client = redis_sync.Redis.from_url(redis_url)
     try:
-        return [(orjson.loads(fields[b"r"]), fields[b"id"].decode()) for _id, fields in client.xrange("gw:audit")]
+        return stream_records(client.xrange("gw:audit"))
     finally:
         client.close()
 
 
 def stream_length(redis_url: str, key: str = "gw:audit") -> int:
+    """Records in the stream (a batch entry holds several)."""
     client = redis_sync.Redis.from_url(redis_url)
     try:
-        return int(client.xlen(key))
+        return sum(int(fields.get(b"n", 1)) for _id, fields in client.xrange(key))
     except redis_sync.RedisError:
         return -1
     finally:

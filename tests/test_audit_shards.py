@@ -19,6 +19,7 @@ from gateway.storage.keys import AUDIT_KEY, AUDIT_SHARDS_KEY, audit_key, audit_m
 from gateway.storage.store import Store
 
 from .support.archive import archive_config, gateway_cli
+from .support.audit_entries import records_of
 from .support.gateway_process import ADMIN_TOKEN, GatewayProcess, gateway_config, seed_policy
 from .support.tokens import auth, hs_token
 from .support.upstream import Upstream
@@ -98,7 +99,7 @@ async def test_each_producer_appends_to_its_own_shard_once_per_sequence(store3: 
         assert await store3.append_audit(producer, records, maxlen=1000) == 0  # its mark is in its shard
     client = redis_sync.Redis.from_url(redis_url)
     try:
-        assert [client.xlen(audit_key(shard)) for shard in range(3)] == [3, 3, 3]
+        assert [client.xlen(audit_key(shard)) for shard in range(3)] == [1, 1, 1]  # one batch entry each
         assert client.exists(audit_mark_key(2, producer_in(2))) and not client.exists(audit_mark_key(0, producer_in(2)))
         assert client.smembers(AUDIT_SHARDS_KEY) == {b"3"}
     finally:
@@ -110,7 +111,7 @@ async def test_one_shard_writes_nothing_beyond_the_stream_and_its_marks(redis_ur
     store = Store.from_url(redis_url, timeout_s=1)
     try:
         assert await store.append_audit("p1", [(1, b"{}")], maxlen=1000) == 1
-        assert sorted(await store.client.keys("*")) == [b"gw:audit", b"{gw:audit}:seq:p1"]
+        assert sorted(await store.client.keys("*")) == [b"gw:audit", b"{gw:audit}:records", b"{gw:audit}:seq:p1"]
     finally:
         await store.close()
 
@@ -193,22 +194,23 @@ async def test_a_stopped_producers_records_go_where_its_mark_is(store3: Store) -
 SHARDED = {"shards": 3, "flush_ms": 20, "archive": True}
 
 
-def shard_entries(redis_url: str, shards: int = 3) -> list[tuple[tuple[int, int, int], dict[str, Any]]]:
-    """Every entry of every shard with its place in the merged order: ((ms, seq, -shard), record)."""
+def shard_entries(redis_url: str, shards: int = 3) -> list[tuple[tuple[int, int, int, int], dict[str, Any]]]:
+    """Every record of every shard with its place in the merged order: ((ms, seq, -shard, place in its
+    entry), record)."""
     client = redis_sync.Redis.from_url(redis_url)
     try:
         found = []
         for shard in range(shards):
             for entry_id, fields in client.xrange(audit_key(shard)):
                 ms, seq = (int(part) for part in entry_id.decode().split("-"))
-                found.append(((ms, seq, -shard), orjson.loads(fields[b"r"])))
+                found += [((ms, seq, -shard, i), record) for i, record in enumerate(records_of(fields))]
         return found
     finally:
         client.close()
 
 
 def shard_of_request(redis_url: str, request_id: str) -> int | None:
-    for (_ms, _seq, negated), record in shard_entries(redis_url):
+    for (_ms, _seq, negated, _place), record in shard_entries(redis_url):
         if record.get("request_id") == request_id:
             return -negated
     return None

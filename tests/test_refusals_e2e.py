@@ -14,6 +14,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
+from gateway.storage.audit_entries import entry_records
 from gateway.storage.keys import AUDIT_KEY
 
 from .support.gateway_process import ADMIN_TOKEN, BASE_POLICY, GatewayProcess, gateway_config, seeded_gateway
@@ -47,6 +48,11 @@ def gateway(upstream: Upstream) -> Iterator[GatewayProcess]:
     config = gateway_config(upstream.url, tiers=TIERS, network={"trusted_proxies": ["127.0.0.1/32"]})
     with seeded_gateway(config, POLICY) as process:
         yield process
+
+
+async def _audit_records(redis: aioredis.Redis) -> int:
+    """Records in ``gw:audit`` (a batch entry holds several)."""
+    return sum(int(fields.get(b"n", 1)) for _id, fields in await redis.xrange("gw:audit"))
 
 
 def _unique(prefix: str) -> str:
@@ -187,7 +193,7 @@ async def test_audit_records_do_not_grow_with_a_callers_claims(
     token = hs_token(_unique("big-org"), org=big, country="US", tier="partner")
     redis = aioredis.Redis.from_url(gateway.config["redis"]["url"])
     try:
-        before_len = await redis.xlen("gw:audit")
+        before_len = await _audit_records(redis)
         before = await redis.memory_usage("gw:audit", samples=0) or 0
         count = 20
         async with aiohttp.ClientSession() as client:
@@ -195,20 +201,23 @@ async def test_audit_records_do_not_grow_with_a_callers_claims(
                 assert (await _chat(client, gateway, "gpt-mock", token=token))[0] == 200
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:  # records are written in batches, off the request path
-            if await redis.xlen("gw:audit") >= before_len + count:
+            if await _audit_records(redis) >= before_len + count:
                 break
             await asyncio.sleep(0.05)
-        assert await redis.xlen("gw:audit") >= before_len + count
+        assert await _audit_records(redis) >= before_len + count
         grown = (await redis.memory_usage("gw:audit", samples=0) or 0) - before
         entries = await redis.xrevrange("gw:audit", count=count)
     finally:
         await redis.aclose()
     print(f"audit stream grew {grown / count:.0f} bytes a record")
+    # The newest records: the entries newest first, each entry's records newest (last) first.
+    stored = [record for _id, fields in entries for record in reversed(entry_records(fields) or [])][:count]
+    assert len(stored) == count
     # Each record as stored: unbounded, each one alone held the 5,000-byte org.
-    assert all(sum(len(key) + len(value) for key, value in fields.items()) < 1500 for _, fields in entries)
+    assert all(len(record) < 1500 for record in stored)
     # And the stream as Redis holds it (unbounded: about 6,300 bytes a record). Redis allocates stream nodes
     # in blocks, so a 20-record sample varies with where earlier tests left the last node: a loose bound.
     assert grown < count * 3000, grown
-    for _id, fields in entries:
-        record = orjson.loads(fields[b"r"])
+    for raw in stored:
+        record = orjson.loads(raw)
         assert all(len(value) <= 256 for value in record.values() if isinstance(value, str))

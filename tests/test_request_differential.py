@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import brotli
-import orjson
 import pytest
 import redis as redis_sync
 from aiohttp import web
@@ -47,6 +46,7 @@ from hypothesis import strategies as st
 
 from gateway.redis_server import RedisServer, free_port
 
+from .support.audit_entries import records_of
 from .support.gateway_process import BASE_POLICY, ROOT, GatewayProcess, gateway_config, seed_policy
 from .support.rawhttp import RawConnection, RawResponse, request
 from .support.servers import AppThread
@@ -235,9 +235,9 @@ def audited_model(redis_url: str, request_id: str) -> str | None:
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             for _id, fields in client.xrevrange("gw:audit", count=50):
-                record = orjson.loads(fields[b"r"])
-                if record["request_id"] == request_id:
-                    return record["model"]
+                for record in records_of(fields):
+                    if record["request_id"] == request_id:
+                        return record["model"]
             time.sleep(0.005)
     finally:
         client.close()

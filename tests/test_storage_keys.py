@@ -18,6 +18,7 @@ BUILT = {
     "console_session_key": [keys.console_session_key("<digest>")],
     # Shard 0 keeps the names of the stream before shards; shard 7 stands for every other one.
     "audit_key": [keys.audit_key(0), keys.audit_key(7).replace("7", "<shard>")],
+    "audit_counts_key": [keys.audit_counts_key(0), keys.audit_counts_key(7).replace("7", "<shard>")],
     "audit_mark_key": [
         keys.audit_mark_key(0, "<producer>"),
         keys.audit_mark_key(7, "<producer>").replace("7", "<shard>"),

@@ -7,9 +7,12 @@ the archiver runs are archived too.
 
 One round per stream: read through the consumer group (first what was delivered before and never
 acknowledged, i.e. what a killed archiver left, then new entries), write a segment and the
-manifest durably, and only then acknowledge and trim. Records are buffered into segments of up
-to ``segment_records`` or ``segment_seconds`` of waiting, whichever comes first; a segment never
-spans two UTC days.
+manifest durably, and only then acknowledge and trim. Records are buffered into segments of about
+``segment_records`` or ``segment_seconds`` of waiting, whichever comes first; a segment never
+spans two UTC days. An audit entry may hold a batch of records (gateway/storage/audit_entries.py):
+each record gets its own ``seq`` and chain link, in order, and a segment ends on an entry boundary
+(it may pass ``segment_records`` by less than one entry), so the chain head's stream id says which
+entries are archived, whole.
 
 Exactly once across a kill at any point:
 
@@ -43,8 +46,9 @@ from pathlib import Path
 import orjson
 
 from ..storage.archive_stream import StreamEntry
+from ..storage.audit_entries import ENTRY_RECORDS
 from ..storage.clients import StoreUnavailable
-from ..storage.keys import CHANGES_KEY, CHANGES_MAXLEN, audit_key
+from ..storage.keys import CHANGES_KEY, CHANGES_MAXLEN, audit_counts_key, audit_key
 from ..storage.store import Store
 from . import segments as seg
 from .columns import write_index
@@ -62,20 +66,23 @@ SHARD_CHECK_S = 10.0  # how often the running archiver asks whether gateways app
 
 @dataclass(frozen=True, slots=True)
 class StreamSpec:
-    """An archived stream: its directory name, Redis key, payload field, and how many to keep in Redis."""
+    """An archived stream: its directory name, Redis key, payload field (None: an audit shard's entries,
+    batches or single records), how many to keep in Redis (records, or entries without ``counts``), and
+    an audit shard's record counts key."""
 
     name: str
     key: str
-    field: bytes
+    field: bytes | None
     keep: int
+    counts: str | None = None
 
 
 def audit_spec(shard: int, keep: int) -> StreamSpec:
-    return StreamSpec(audit_stream_name(shard), audit_key(shard), b"r", keep)
+    return StreamSpec(audit_stream_name(shard), audit_key(shard), None, keep, audit_counts_key(shard))
 
 
 def stream_specs(audit_keep: int, shards: int = 1) -> tuple[StreamSpec, ...]:
-    """The audit shards 0..``shards``-1, each keeping ``audit_keep`` entries in Redis, and the changes."""
+    """The audit shards 0..``shards``-1, each keeping ``audit_keep`` records in Redis, and the changes."""
     return (
         *(audit_spec(shard, audit_keep) for shard in range(shards)),
         StreamSpec("changes", CHANGES_KEY, b"c", CHANGES_MAXLEN),
@@ -144,6 +151,7 @@ class CrashHook:
 @dataclass(slots=True)
 class _Buffer:
     entries: list[StreamEntry] = field(default_factory=list)
+    records: int = 0
     since: float = 0.0
     pending_after: str | None = "0"  # the pending list is read first, from its start
 
@@ -252,15 +260,21 @@ class Archiver:
         """
         log.warning("Redis unavailable; retrying every %.1f s (%s)", self.poll_s, exc)
         for buffer in self.buffers.values():
-            buffer.entries = []
+            buffer.entries, buffer.records = [], 0
             buffer.pending_after = "0"
 
     async def round(self, spec: StreamSpec, *, final: bool) -> int:
-        """Read what is there (up to a segment's worth) and write a segment when one is due."""
+        """Read what is there (up to a segment's worth) and write a segment when one is due.
+
+        A segment ends on an entry boundary: reads ask for as many entries as could hold what the
+        segment still lacks were each a full batch entry, so a segment passes ``segment_records`` by
+        less than one entry's records.
+        """
         buffer = self.buffers[spec.name]
         read = 0
-        while len(buffer.entries) < self.segment_records:
-            count = min(READ_COUNT, self.segment_records - len(buffer.entries))
+        per_entry = 1 if spec.counts is None else ENTRY_RECORDS
+        while buffer.records < self.segment_records:
+            count = min(READ_COUNT, -(-(self.segment_records - buffer.records) // per_entry))
             pending = buffer.pending_after is not None
             got = await self.store.read_archive_batch(
                 spec.key, spec.field, CONSUMER, count, after=buffer.pending_after if pending else None
@@ -275,8 +289,9 @@ class Archiver:
             if not buffer.entries:
                 buffer.since = self.monotonic()
             buffer.entries.extend(got)
+            buffer.records += sum(entry.records for entry in got)
             read += len(got)
-        due = len(buffer.entries) >= self.segment_records or (
+        due = buffer.records >= self.segment_records or (
             buffer.entries and (final or self.monotonic() - buffer.since >= self.segment_seconds)
         )
         if due:
@@ -286,34 +301,37 @@ class Archiver:
     async def flush(self, spec: StreamSpec) -> None:
         """Write the buffer as segments (one per UTC day), the manifest, then acknowledge and trim."""
         buffer = self.buffers[spec.name]
-        entries, buffer.entries = buffer.entries, []
+        entries, buffer.entries, buffer.records = buffer.entries, [], 0
         if not entries:
             return
         head = self.heads[spec.name]
         floor = seg.id_key(head.stream_id)
         fresh = [e for e in entries if seg.id_key(e.id) > floor]
-        gone = [e for e in fresh if e.payload is None]
+        gone = [e for e in fresh if e.payloads is None]
         if gone:
             log.error(
                 "ARCHIVE GAP: %d entries were removed from Redis before they were archived",
                 len(gone),
                 extra={"stream": spec.name, "first": gone[0].id},
             )
-        fresh = [e for e in fresh if e.payload is not None]
+        fresh = [e for e in fresh if e.payloads is not None]
         started = time.perf_counter()
         day_start = 0
         for index in range(1, len(fresh) + 1):
             if index == len(fresh) or seg.day_of(fresh[index].id) != seg.day_of(fresh[day_start].id):
                 self._write_segment(spec, fresh[day_start:index])
                 day_start = index
-        acked, trimmed = await self.store.ack_archived(spec.key, [e.id for e in entries], keep=spec.keep)
+        acked, trimmed = await self.store.ack_archived(
+            spec.key, [e.id for e in entries], keep=spec.keep, counts=spec.counts
+        )
         self.crash("ack")
-        self.archived += len(fresh)
+        records = sum(e.records for e in fresh)
+        self.archived += records
         if fresh:
             elapsed = time.perf_counter() - started
             log.info(
                 "archived %d records",
-                len(fresh),
+                records,
                 extra={
                     "stream": spec.name,
                     "seq": self.heads[spec.name].seq,
@@ -329,18 +347,21 @@ class Archiver:
         digest, seq = head.hash, head.seq
         first_time = last_time = None
         for entry in entries:
-            seq += 1
-            assert entry.payload is not None
-            try:
-                record = orjson.loads(entry.payload)
-            except orjson.JSONDecodeError:
-                record = {"unparsed": entry.payload.decode("utf-8", "replace")}
-            body = seg.archived_body(record, seq, entry.id)
-            line, digest = seg.seal(digest, body)
-            lines.append(line)
-            when = seg.record_time(body)
-            first_time = first_time or when
-            last_time = when or last_time
+            assert entry.payloads is not None
+            # A batch entry's records each get their own seq and chain link, in the order appended;
+            # all carry the entry's id.
+            for payload in entry.payloads:
+                seq += 1
+                try:
+                    record = orjson.loads(payload)
+                except orjson.JSONDecodeError:
+                    record = {"unparsed": payload.decode("utf-8", "replace")}
+                body = seg.archived_body(record, seq, entry.id)
+                line, digest = seg.seal(digest, body)
+                lines.append(line)
+                when = seg.record_time(body)
+                first_time = first_time or when
+                last_time = when or last_time
         stream_dir = self.root / spec.name
         path = seg.segment_path(stream_dir, entries[0].id, head.seq + 1, seq)
         if self.crash.point == "tmp":

@@ -2,7 +2,7 @@
 
 Redis cannot filter a stream by field, so the read walks it newest first in chunks, within the
 stream-id range the time bounds allow, keeping what matches, until it has ``limit`` records or has
-looked at ``scan_cap`` entries: an operator's question never holds Redis or the admin listener for
+looked at ``scan_cap`` records: an operator's question never holds Redis or the admin listener for
 long. All the audit shards are walked together, merged newest first by stream id. The archive
 (``gateway audit query``) answers questions about anything older.
 """
@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from .audit_shards import AuditShards, Fetch, ShardPage, merged_newest
+from .audit_shards import AuditShards
 
 CHUNK = 1000
 # A record is appended to the stream after its decision (batched, or later from a spool): its
@@ -46,23 +46,9 @@ class AuditSearch(AuditShards):
         # Stream ids are milliseconds since 1970: a bound before that is the stream's start.
         high = "+" if until_ms is None else str(max(until_ms + APPEND_SLACK_MS, 0))
         low = "-" if since_ms is None else str(max(since_ms - 60_000, 0))
-        keys = await self.audit_keys()
-
-        def fetch(key: str) -> Fetch[bytes]:
-            async def read(top: str, count: int) -> ShardPage[bytes]:
-                raw = await self._bounded(
-                    "audit",
-                    self.client.xrevrange(key, max=high if top == "+" else top, min=low, count=count),
-                    self.load_timeout_s,
-                )
-                entries = [(entry_id, fields[b"r"]) for entry_id, fields in raw]
-                return ShardPage(entries, len(raw), raw[-1][0] if raw else None)
-
-            return read
-
         records: list[dict[str, Any]] = []
         scanned = 0
-        batches = merged_newest([fetch(key) for key in keys], page=CHUNK, limit=scan_cap)
+        batches = self.read_audit_records(high, low, limit=scan_cap, page=CHUNK)
         async with aclosing(batches):
             async for batch in batches:
                 scanned += len(batch)

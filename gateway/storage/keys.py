@@ -28,10 +28,14 @@ key                             type     holds
 ``{gw}:change-ops``             hash     change request id -> JSON plain operations it applies
 ``{gw}:change-retire``          zset     change request id -> when it may be pruned (closed_at, or
                                         expires_at while pending)
-``gw:audit``                    stream   audit records (``r``: JSON, ``id``: producer:sequence): shard 0
+``gw:audit``                    stream   audit records of shard 0, a batch per entry (``n`` records, ``total``
+                                        running count, ``id``: producer:first-last sequence, ``b``: JSON
+                                        array); older single-record entries (``r``, ``id``) are read too
 ``gw:audit:<shard>``            stream   audit shard 1..``audit.shards``-1, the same records of other producers
 ``{gw:audit}:seq:<producer>``   string   highest audit sequence appended for one process (shard 0)
 ``{gw:audit:<shard>}:seq:<p>``  string   the same, for a producer of shard 1.. (in its shard's slot)
+``{gw:audit}:records``          hash     shard 0's record counts: ``appended`` (running total), ``trimmed``,
+                                        ``entries``; ``{gw:audit:<shard>}:records`` for shard 1.. (its slot)
 ``gw:audit-shards``             set      every ``audit.shards`` above 1 a gateway has appended with; readers
                                         and the archiver read as many shards as the largest says
 ``gw:rl:{<hash>}:r`` / ``:w``   string / hash   rate-limit state, always with a TTL
@@ -129,6 +133,11 @@ def audit_key(shard: int) -> str:
 def audit_mark_key(shard: int, producer: str) -> str:
     """A producer's high-water mark, in its shard's Cluster slot, so one script touches both."""
     return f"{{{audit_key(shard)}}}:seq:{producer}"
+
+
+def audit_counts_key(shard: int) -> str:
+    """A shard's record counts (appended, trimmed), in its slot: what trimming by records reads."""
+    return f"{{{audit_key(shard)}}}:records"
 
 
 def audit_shard(producer: str, shards: int) -> int:

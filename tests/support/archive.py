@@ -58,13 +58,15 @@ async def fill(
     start: int = 1,
     producer: str = "producer-1",
     shard: int | None = None,
+    batch: int = 500,
 ) -> int:
-    """Append ``count`` records as one gateway process would (to ``shard``: default, its producer's);
-    returns how many were trimmed."""
+    """Append ``count`` records as one gateway process would (to ``shard``: default, its producer's),
+    ``batch`` records per call (each call's records are stream entries of up to 256); returns how
+    many were trimmed."""
     trimmed = 0
-    for first in range(start, start + count, 500):
-        batch = [(i, orjson.dumps(audit_record(i))) for i in range(first, min(first + 500, start + count))]
-        _added, cut = await store.append_audit_counted(producer, batch, maxlen=maxlen, archive=archive, shard=shard)
+    for first in range(start, start + count, batch):
+        records = [(i, orjson.dumps(audit_record(i))) for i in range(first, min(first + batch, start + count))]
+        _added, cut = await store.append_audit_counted(producer, records, maxlen=maxlen, archive=archive, shard=shard)
         trimmed += cut
     return trimmed
 
