@@ -35,6 +35,7 @@ from gateway.app import create_public_server
 from gateway.proxy import ProxyOutcome
 from gateway.redis_server import RedisServer, free_port
 from gateway.runtime import Runtime, create_runtime
+from gateway.server import tune_gc
 from gateway.settings import parse_settings
 
 from .run import ROOT, SECRET, seed, token, wait_http, wrk_script
@@ -183,6 +184,7 @@ async def run(seconds: int, rounds: int, connections: int) -> dict[str, Any]:
             await asyncio.to_thread(wait_http, upstream + "/v1/models")
             settings = _settings(upstream, redis.url, work)
             async with create_runtime(settings, environ={"BENCH_HS256_SECRET": SECRET}) as runtime:
+                tune_gc()  # as a served worker runs: the collector's thresholds and frozen start-up objects
                 return await _rounds(runtime, redis.url, work, seconds, rounds, connections)
         finally:
             mock.terminate()
