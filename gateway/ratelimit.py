@@ -474,6 +474,10 @@ class RateLimiter:
         self._writing_back: asyncio.Task[None] | None = None
         self._lease_s = lease_s
         self._leases: dict[tuple[str, str], _Lease] = {}
+        # Renewals in flight, by caller: a request finding its caller's lease spent while one is out
+        # waits for it and takes from the new lease, instead of asking Redis itself (at 32 requests
+        # in flight, every renewal was otherwise asked for up to 32 times).
+        self._renewals: dict[tuple[str, str], asyncio.Future[None]] = {}
         self._flush_s = charge_flush_s
         # Charges counted here and not sent yet: (subject, model) -> [tokens, tier].
         self._pending: dict[tuple[str, str], list[Any]] = {}
@@ -573,17 +577,14 @@ class RateLimiter:
         key = (subject, model)
         want, back_end, back_units = 1, 0, 0
         if self._lease_s > 0:
+            if key in self._renewals and key not in self._leases:
+                await asyncio.shield(self._renewals[key])  # ended (granted or failed) within its budget
             lease = self._leases.get(key)
             if lease is not None:
-                now = self._clock()
-                if lease.left > 0 and now < lease.expires and lease.tokens_since < lease.token_allowance:
-                    lease.take()
-                    return lease.result(limits, now)
-                # Spent, lapsed, or its token share charged: ask again, giving back its returnable units.
-                del self._leases[key]
-                want = lease.want() if lease.tokens_since < lease.token_allowance else 1
-                if lease.tail > 0:
-                    back_end, back_units = lease.end_us, lease.tail
+                taken = self._from_lease(key, lease, limits)
+                if isinstance(taken, RateResult):
+                    return taken
+                want, back_end, back_units = taken
         request_key, token_key = rate_keys(subject, model)
         args: tuple[str, ...] = (*self._check_args[tier], self._now_arg())
         owed = (0, 0)
@@ -595,7 +596,16 @@ class RateLimiter:
         unsent = 0 if pending is None else int(pending[0])
         if want > 1 or back_units or owed != (0, 0) or unsent:
             args = (*args, str(owed[0]), str(owed[1] + unsent), str(want), str(back_end), str(back_units))
-        reply = await self._run(CHECK_SCRIPT, (request_key, token_key), args, budget)
+        renewal: asyncio.Future[None] | None = None
+        if want > 1 and key not in self._renewals:
+            # Near the limit (one unit at a time) every request asks for itself, so the boundary stays exact.
+            renewal = self._renewals[key] = asyncio.get_running_loop().create_future()
+        try:
+            reply = await self._run(CHECK_SCRIPT, (request_key, token_key), args, budget)
+        finally:
+            if renewal is not None:
+                del self._renewals[key]
+                renewal.set_result(None)
         if reply is not None:
             result = _result(limits, reply, fallback=False)
             if self._lease_s > 0 and result.allowed:
@@ -613,6 +623,18 @@ class RateLimiter:
         if result.allowed or owed != (0, 0):
             self._owe(key)
         return result
+
+    def _from_lease(self, key: tuple[str, str], lease: _Lease, limits: Tier) -> RateResult | tuple[int, int, int]:
+        """The decision from ``lease`` while it holds a unit; else (units to ask for, and the end and
+        number of units to give back), the spent lease forgotten."""
+        now = self._clock()
+        if lease.left > 0 and now < lease.expires and lease.tokens_since < lease.token_allowance:
+            lease.take()
+            return lease.result(limits, now)
+        # Spent, lapsed, or its token share charged: ask again, giving back its returnable units.
+        del self._leases[key]
+        want = lease.want() if lease.tokens_since < lease.token_allowance else 1
+        return (want, lease.end_us, lease.tail) if lease.tail > 0 else (want, 0, 0)
 
     def _lease_granted(self, key: tuple[str, str], tier: str, reply: Sequence[Any]) -> int:
         """Keep the units granted beyond the asking request's one; how many the lease now holds."""

@@ -96,6 +96,36 @@ async def test_a_lease_is_not_given_back_over_a_later_reservation(client: Script
     await first.close()
 
 
+async def test_requests_in_flight_wait_for_one_renewal_instead_of_each_asking(
+    client: ScriptClient, redis_url: str
+) -> None:
+    """32 requests find their caller's lease spent at once: one of them renews it, the rest take from it."""
+    clock = FakeClock(T0)
+    limiter = leasing(client, clock)
+    for _ in range(64):  # a lease grown past 32 units, then spent
+        await limiter.check("eve", "m", "slow")
+    while (await limiter.check("eve", "m", "slow")).remaining and limiter._leases[("eve", "m")].left:
+        pass
+    calls = client.calls
+    results = await asyncio.gather(*(limiter.check("eve", "m", "slow") for _ in range(32)))
+    assert all(r.allowed and not r.fallback for r in results)
+    assert client.calls - calls == 1, client.calls - calls
+    # Every unit admitted is reserved in Redis: nothing was taken that no renewal granted.
+    reserved = (tat(redis_url, "eve") - round(T0 * 1_000_000)) // INTERVAL_US
+    assert reserved >= 64 + 32
+    await limiter.close()
+
+
+async def test_near_the_limit_requests_in_flight_still_each_ask(client: ScriptClient) -> None:
+    """One unit at a time near the limit: no one waits on another's renewal, and exactly the burst passes."""
+    clock = FakeClock(T0)
+    limiter = leasing(client, clock)
+    results = await asyncio.gather(*(limiter.check("fay", "m", "tight") for _ in range(12)))
+    assert sum(r.allowed for r in results) == 5
+    assert client.calls == 12
+    await limiter.close()
+
+
 async def test_near_the_limit_leases_are_one_unit_and_exactly_the_burst_passes(client: ScriptClient) -> None:
     clock = FakeClock(T0)
     limiters = [leasing(client, clock) for _ in range(3)]
