@@ -715,7 +715,12 @@ class RateLimiter:
         lease = self._leases.get(key)
         if lease is not None:
             lease.tokens_since += tokens
-        if lease is None or lease.tokens_since >= lease.token_allowance:
+            send_now = lease.tokens_since >= lease.token_allowance
+        else:
+            # No lease: sent now, unless a renewal far from the budget (more than one unit asked
+            # for) is out; this charge then rides the batch like one made under a lease.
+            send_now = key not in self._renewals
+        if send_now:
             # Near the caller's budget (or no lease to decide on): sent now, before the response's
             # last byte, so the next decision anywhere sees it (the boundary stays exact).
             tokens, _ = self._pending.pop(key)

@@ -116,6 +116,33 @@ async def test_requests_in_flight_wait_for_one_renewal_instead_of_each_asking(
     await limiter.close()
 
 
+async def test_a_charge_made_while_a_renewal_is_out_rides_the_batch(client: ScriptClient, redis_url: str) -> None:
+    """Far from the budget, a response ending while its caller's lease is being renewed is charged with
+    the next batch, not in a script call of its own."""
+    clock = FakeClock(T0)
+    limiter = leasing(client, clock, charge_flush_s=60.0)  # the batch leaves only when flushed here
+    for _ in range(8):
+        await limiter.check("gil", "m", "roomy")
+    while limiter._leases[("gil", "m")].left:
+        await limiter.check("gil", "m", "roomy")
+    calls = client.calls
+    renewal = asyncio.create_task(limiter.check("gil", "m", "roomy"))
+    await asyncio.sleep(0)  # the renewal's script call is out; the spent lease is gone
+    assert ("gil", "m") not in limiter._leases
+    await limiter.charge("gil", "m", "roomy", 40)
+    assert client.calls == calls + 1  # the renewal only
+    assert (await renewal).allowed
+    await limiter.flush()
+    assert client.calls == calls + 2
+    reader = redis_sync.Redis.from_url(redis_url)
+    try:
+        charged = sum(int(v) for v in reader.hvals(rate_keys("gil", "m")[1]))
+    finally:
+        reader.close()
+    assert charged >= 40
+    await limiter.close()
+
+
 async def test_near_the_limit_requests_in_flight_still_each_ask(client: ScriptClient) -> None:
     """One unit at a time near the limit: no one waits on another's renewal, and exactly the burst passes."""
     clock = FakeClock(T0)
