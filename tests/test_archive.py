@@ -3,9 +3,12 @@ archived, verify naming the first bad place, and DuckDB answering from the archi
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gzip
 import shutil
 import signal
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import orjson
@@ -417,25 +420,34 @@ async def test_the_archiver_rides_out_a_redis_outage(tmp_path: Path) -> None:
     with RedisServer(extra_args=["--appendonly", "yes", "--appendfsync", "always"]) as redis:
         store = Store.from_url(redis.url, timeout_s=1)
         archiver = Archiver(store, root, stream_specs(1000), segment_records=200, segment_seconds=0.05, poll_s=0.05)
-        archiver.open()
-        stop = asyncio.Event()
-        task = asyncio.create_task(archiver.run(once=False, stop=stop))
         try:
-            await fill(store, 500)
-            await wait_until(lambda: archiver.archived == 500, 10)
-            redis.stop()
-            await asyncio.sleep(0.5)  # rounds fail meanwhile; the archiver keeps going
-            assert not task.done()
-            redis.start()
-            await fill(store, 700, start=501)
-            await wait_until(lambda: archiver.archived == 1200, 20)
-            await wait_until(lambda: _backlog_is_zero(store), 10)
+            async with running(archiver) as task:
+                await fill(store, 500)
+                await wait_until(lambda: archiver.archived == 500, 10)
+                redis.stop()
+                await asyncio.sleep(0.5)  # rounds fail meanwhile; the archiver keeps going
+                assert not task.done()
+                redis.start()
+                await fill(store, 700, start=501)
+                await wait_until(lambda: archiver.archived == 1200, 20)
+                await wait_until(lambda: _backlog_is_zero(store), 10)
         finally:
-            stop.set()
-            await task
-            archiver.close()
             await store.close()
     _assert_whole(root, 1200)
+
+
+@contextlib.asynccontextmanager
+async def running(archiver: Archiver) -> AsyncIterator[asyncio.Task[None]]:
+    """``archiver`` running as ``gateway audit archive`` does until the block ends; then stopped and closed."""
+    archiver.open()
+    stop = asyncio.Event()
+    task = asyncio.create_task(archiver.run(once=False, stop=stop))
+    try:
+        yield task
+    finally:
+        stop.set()
+        await task
+        archiver.close()
 
 
 async def _backlog_is_zero(store: Store) -> bool:
@@ -456,22 +468,17 @@ async def test_a_running_archiver_takes_up_a_shard_gateways_start_appending_to(r
     store = Store.from_url(redis_url, timeout_s=1)  # its config: one shard
     raised = Store.from_url(redis_url, timeout_s=1, audit_shards=3)  # a gateway with the new count
     archiver = Archiver(store, root, stream_specs(1000), segment_records=100, poll_s=0.02, monotonic=clock)
-    archiver.open()
-    stop = asyncio.Event()
-    task = asyncio.create_task(archiver.run(once=False, stop=stop))
     try:
-        await fill(store, 200)
-        await wait_until(lambda: archiver.archived == 200, 10)
-        await fill(raised, 300, start=201, producer="producer-2", shard=2, batch=100)  # whole segments of 100
-        await asyncio.sleep(0.2)
-        assert archiver.archived == 200 and not (root / "audit-2").exists()  # not looked again yet
-        clock.advance(SHARD_CHECK_S)
-        await wait_until(lambda: archiver.archived == 500, 10)
-        assert await store.audit_backlog() == 0
+        async with running(archiver):
+            await fill(store, 200)
+            await wait_until(lambda: archiver.archived == 200, 10)
+            await fill(raised, 300, start=201, producer="producer-2", shard=2, batch=100)  # whole segments of 100
+            await asyncio.sleep(0.2)
+            assert archiver.archived == 200 and not (root / "audit-2").exists()  # not looked again yet
+            clock.advance(SHARD_CHECK_S)
+            await wait_until(lambda: archiver.archived == 500, 10)
+            assert await store.audit_backlog() == 0
     finally:
-        stop.set()
-        await task
-        archiver.close()
         await store.close()
         await raised.close()
     _assert_whole(root, 200)
