@@ -515,7 +515,7 @@ class UpstreamPool:
 class Origin:
     """A model server's scheme, host and port, and the ``Host`` its requests carry."""
 
-    __slots__ = ("_host_line", "host", "key", "port", "tls")
+    __slots__ = ("_host_line", "host", "key", "port", "prefix", "tls")
 
     def __init__(self, base: str) -> None:
         parts = urlsplit(base)
@@ -524,6 +524,8 @@ class Origin:
         self.host = host
         self.port = parts.port or (443 if self.tls else 80)
         self.key = (parts.scheme, host, self.port)
+        # A base URL with a path (``http://host/openai``) puts it before every request's target.
+        self.prefix = parts.path.rstrip("/")
         shown = f"[{host}]" if ":" in host else host
         default = 443 if self.tls else 80
         self._host_line = f"Host: {shown}\r\n" if self.port == default else f"Host: {shown}:{self.port}\r\n"
@@ -535,7 +537,7 @@ class Origin:
         if fields.count("\r") != len(headers) or fields.count("\n") != len(headers):
             raise UpstreamProtocolError("A request header holds a line break.")
         length = f"Content-Length: {len(body)}\r\n" if body or method not in _NO_BODY_METHODS else ""
-        head = f"{method} {target} HTTP/1.1\r\n{self._host_line}{fields}{length}\r\n"
+        head = f"{method} {self.prefix}{target} HTTP/1.1\r\n{self._host_line}{fields}{length}\r\n"
         encoded = head.encode("utf-8", "surrogateescape")
         return encoded + body if body else encoded
 

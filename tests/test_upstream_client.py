@@ -147,6 +147,14 @@ async def test_the_request_is_exactly_the_line_host_fields_length_and_body(
     assert b"content-length" not in raw.heads[2].lower()
 
 
+async def test_a_base_url_with_a_path_prefixes_every_target(
+    serve: Callable[[Answer], Awaitable[RawServer]], pool: UpstreamPool
+) -> None:
+    raw = await serve(send(ok()))
+    await get(pool, raw.url + "/openai")
+    assert raw.heads[0].startswith(b"GET /openai/x?a=1 HTTP/1.1\r\n")
+
+
 async def test_a_line_break_in_a_field_is_refused_before_anything_is_sent(
     serve: Callable[[Answer], Awaitable[RawServer]], pool: UpstreamPool
 ) -> None:
