@@ -374,3 +374,54 @@ async def test_https_upstreams_are_verified(
         assert len(seen) == 1 and seen[0].startswith(b"GET /x?a=1 HTTP/1.1\r\nHost: localhost:")
     finally:
         server.close()
+
+
+NGINX_SITE = """
+server {
+    listen 127.0.0.1:{port};
+    keepalive_requests 10000;
+    location = /status { stub_status; }
+    location = /big.json { root {dir}; default_type application/json; }
+    location = /gz/big.json { alias {dir}/big.json; default_type application/json;
+                              gzip on; gzip_types application/json; gzip_min_length 1; }
+    location = /echo {
+        return 200 "$request_method $request_uri host=$http_host length=$content_length x=$http_x_one\\n";
+    }
+}
+"""
+
+
+def _accepted(status: bytes) -> int:
+    """Connections nginx accepted, from its stub_status page."""
+    return int(status.split(b"\n")[2].split()[0])
+
+
+async def test_a_real_nginx_as_the_model_server(pool: UpstreamPool) -> None:
+    """Framing as an independent HTTP server writes it: lengths, HEAD, chunked gzip, keep-alive reuse."""
+    import gzip as gzip_module
+
+    from .support.dataplanes import running_nginx_site
+
+    with running_nginx_site(NGINX_SITE) as (port, directory):
+        document = b'{"data": [' + b",".join(b'{"id": "model-%d"}' % i for i in range(8000)) + b"]}"
+        (directory / "big.json").write_bytes(document)
+        base = origin(f"http://127.0.0.1:{port}")
+
+        async def ask(method: str, target: str, body: bytes = b"", **headers: str) -> UpstreamResponse:
+            return await pool.request(base, method, target, CIMultiDict(headers), body)
+
+        before = _accepted(await body_of(await ask("GET", "/status")))
+        for _ in range(5):
+            response = await ask("GET", "/big.json")
+            assert response.status == 200 and response.content_length == len(document)
+            assert await body_of(response) == document
+        head = await ask("HEAD", "/big.json")
+        assert head.content_length == len(document)
+        assert await asyncio.wait_for(body_of(head), 2) == b""
+        packed = await ask("GET", "/gz/big.json", **{"Accept-Encoding": "gzip"})
+        assert packed.headers["Content-Encoding"] == "gzip" and packed.headers["Transfer-Encoding"] == "chunked"
+        assert gzip_module.decompress(await body_of(packed)) == document
+        echoed = await body_of(await ask("POST", "/echo?a=%2F", b'{"model": "m"}', **{"X-One": "1"}))
+        assert echoed == f"POST /echo?a=%2F host=127.0.0.1:{port} length=14 x=1\n".encode()
+        after = _accepted(await body_of(await ask("GET", "/status")))
+        assert after == before  # every request above rode the one kept-alive connection

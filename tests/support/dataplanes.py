@@ -145,6 +145,23 @@ def running_nginx(*, upstream_port: int, authz_port: int) -> Iterator[int]:
 
 
 @contextmanager
+def running_nginx_site(site: str) -> Iterator[tuple[int, Path]]:
+    """A real nginx serving ``site`` (an ``http`` block's contents; ``{port}`` and ``{dir}`` filled in);
+    yields its port and its directory (for files to serve)."""
+    directory = Path(tempfile.mkdtemp(prefix="gw-nginx-site-"))
+    directory.chmod(0o755)  # nginx's workers run as an unprivileged user when it starts as root
+    port = free_port()
+    (directory / "gateway.conf").write_text(site.replace("{port}", str(port)).replace("{dir}", str(directory)))
+    (directory / "nginx.conf").write_text(nginx_main_config(directory, "gateway.conf"))
+    args = [binary("nginx"), "-p", str(directory), "-c", str(directory / "nginx.conf")]
+    try:
+        with _process(args, port, directory) as served:
+            yield served, directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@contextmanager
 def running_caddy(*, upstream_port: int, authz_port: int) -> Iterator[int]:
     """deploy/caddy/Caddyfile served by a real Caddy; yields its port."""
     directory = Path(tempfile.mkdtemp(prefix="gw-caddy-"))
