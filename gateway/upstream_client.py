@@ -434,6 +434,9 @@ class UpstreamPool:
                     return connection
                 connection.abort()
         while self._open >= self.limit:
+            # Every place is taken: an idle connection to another model server gives its place up
+            # (its close frees it, and wakes a waiter), so one server's idle pool cannot starve another.
+            self._close_one_idle()
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
             try:
@@ -447,6 +450,14 @@ class UpstreamPool:
                 if not connection.closed:
                     return connection
         return await self._connect(origin)
+
+    def _close_one_idle(self) -> None:
+        for idle in self._idle.values():
+            while idle:
+                connection = idle.popleft()  # the longest idle
+                if not connection.closed:
+                    connection.abort()
+                    return
 
     async def _connect(self, origin: Origin) -> UpstreamConnection:
         loop = asyncio.get_running_loop()

@@ -181,6 +181,20 @@ async def test_never_more_connections_than_the_limit(serve: Callable[[Answer], A
     assert raw.most_open <= 2 and raw.connections == 2
 
 
+async def test_an_idle_connection_to_one_server_gives_its_place_to_another(
+    serve: Callable[[Answer], Awaitable[RawServer]],
+) -> None:
+    first, second = await serve(send(ok(b"one"))), await serve(send(ok(b"two")))
+    single = UpstreamPool(limit=1, connect_timeout_s=1.0, read_timeout_s=1.0)
+    try:
+        assert await get(single, first.url) == b"one"  # its connection now idles in the pool
+        assert await asyncio.wait_for(get(single, second.url), 2) == b"two"
+        assert await asyncio.wait_for(get(single, first.url), 2) == b"one"
+    finally:
+        await single.close()
+    assert first.connections == 2 and second.connections == 1
+
+
 async def test_a_head_answer_ends_at_its_head_and_the_connection_is_reused(
     serve: Callable[[Answer], Awaitable[RawServer]], pool: UpstreamPool
 ) -> None:
