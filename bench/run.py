@@ -400,11 +400,13 @@ def stream_memory(port: int, pid: int, megabytes: int = 100) -> dict[str, float]
         before = rss_mb(pid)
         peak = before
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        body = b'{"model": "gpt-mock"}'  # every proxied request names its model
         writer.write(
             (
-                f"GET /v1/bulk?mb={megabytes} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token()}"
-                "\r\nConnection: close\r\n\r\n"
+                f"POST /v1/bulk?mb={megabytes} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token()}"
+                f"\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
             ).encode()
+            + body
         )
         received = 0
         started = time.perf_counter()
@@ -414,6 +416,8 @@ def stream_memory(port: int, pid: int, megabytes: int = 100) -> dict[str, float]
             if received % (8 * 1024 * 1024) < len(chunk):
                 peak = max(peak, rss_mb(pid))
         writer.close()
+        if received < megabytes * 2**20:
+            raise RuntimeError(f"the stream through the gateway ended after {received} bytes of {megabytes} MiB")
         return {
             "stream_mib": round(received / 2**20, 1),
             "stream_seconds": round(time.perf_counter() - started, 1),

@@ -123,7 +123,7 @@ async def bulk(request: web.Request) -> web.StreamResponse:
 
 def create_mock_app() -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024)
-    app.router.add_get("/v1/bulk", bulk)
+    app.router.add_route("*", "/v1/bulk", bulk)  # the gateway forwards it only with a model named
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/v1/completions", chat)
     app.router.add_get("/v1/models", models)
