@@ -38,7 +38,7 @@ from gateway.runtime import Runtime, create_runtime
 from gateway.server import tune_gc
 from gateway.settings import parse_settings
 
-from .run import ROOT, SECRET, seed, token, wait_http, wrk_script
+from .run import ROOT, SECRET, TIERS, seed, token, wait_http, wrk_script
 
 # (file, function) -> ledger line; the first is the whole request, whatever the path.
 STEPS: list[tuple[str, str, str]] = [
@@ -68,15 +68,7 @@ def _settings(upstream: str, redis_url: str, work: Path) -> Any:
             "upstream": {"url": upstream},
             "redis": {"url": redis_url},
             "auth": {"algorithms": ["HS256"], "hs256_secret_env": "BENCH_HS256_SECRET"},
-            "tiers": {
-                "bench": {
-                    "requests_per_minute": 100_000_000,
-                    "burst": 1_000_000,
-                    "tokens_per_minute": 1_000_000_000_000,
-                    "stages": ["general"],
-                },
-                "public": {"requests_per_minute": 60, "burst": 10, "stages": ["general"]},
-            },
+            "tiers": TIERS,
             "audit": {"spool_dir": str(work / "spool")},
             "logging": {"level": "warning"},
         },

@@ -115,6 +115,20 @@ def ensure_wrk() -> None:
         sys.exit("make bench needs wrk (apt-get install wrk)")
 
 
+# Limits far above any load the bench makes: every request is checked and charged, none refused.
+TIERS: dict[str, dict[str, Any]] = {
+    "bench": {
+        "requests_per_minute": 100_000_000,
+        "burst": 1_000_000,
+        "tokens_per_minute": 1_000_000_000_000,
+        "stages": ["general"],
+    },
+    # The same path with request limits only: no usage capture, no token charge.
+    "bench-requests": {"requests_per_minute": 100_000_000, "burst": 1_000_000, "stages": ["general"]},
+    "public": {"requests_per_minute": 60, "burst": 10, "stages": ["general"]},
+}
+
+
 def gateway_config(directory: Path, upstream: str, redis_url: str) -> tuple[Path, dict[str, Any]]:
     config = {
         "listen": {"host": "127.0.0.1", "port": free_port()},
@@ -122,17 +136,7 @@ def gateway_config(directory: Path, upstream: str, redis_url: str) -> tuple[Path
         "upstream": {"url": upstream},
         "redis": {"url": redis_url},
         "auth": {"algorithms": ["HS256"], "hs256_secret_env": "BENCH_HS256_SECRET"},
-        "tiers": {
-            "bench": {
-                "requests_per_minute": 100_000_000,
-                "burst": 1_000_000,
-                "tokens_per_minute": 1_000_000_000_000,
-                "stages": ["general"],
-            },
-            # The same path with request limits only: one Redis call per request, no usage capture.
-            "bench-requests": {"requests_per_minute": 100_000_000, "burst": 1_000_000, "stages": ["general"]},
-            "public": {"requests_per_minute": 60, "burst": 10, "stages": ["general"]},
-        },
+        "tiers": TIERS,
         "audit": {"spool_dir": str(directory / "spool")},
         "logging": {"level": "warning"},
         # The decision service, for nginx in front of the model server (bench/nginx_authz.py).

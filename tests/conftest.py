@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from hypothesis import settings
 
 from gateway.redis_server import RedisServer
+from gateway.storage.store import Store
 
+from .support.faultproxy import FaultProxy
 from .support.upstream import Upstream
 
 # The property tests check properties, not timings: on a loaded machine (the suite run in the background,
@@ -40,6 +42,27 @@ def fresh_redis() -> Iterator[RedisServer]:
     """A redis-server of the test's own, to kill, pause or restart."""
     with RedisServer() as server:
         yield server
+
+
+@pytest.fixture
+async def store(redis_url: str) -> AsyncIterator[Store]:
+    """A store on the emptied session server, closed after the test."""
+    store = Store.from_url(redis_url, timeout_s=2)
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+@pytest.fixture
+def proxied() -> Iterator[tuple[RedisServer, FaultProxy]]:
+    """A redis-server of the test's own behind a fault proxy (to cut, blackhole or delay it)."""
+    with RedisServer() as server:
+        proxy = FaultProxy(server.port).start()
+        try:
+            yield server, proxy
+        finally:
+            proxy.stop()
 
 
 @pytest.fixture(scope="session")

@@ -46,15 +46,6 @@ def settings_for(tmp_path: Path, **sections: Any) -> Settings:
 
 
 @pytest.fixture
-async def store(redis_url: str) -> AsyncIterator[Store]:
-    store = Store.from_url(redis_url, timeout_s=2)
-    try:
-        yield store
-    finally:
-        await store.close()
-
-
-@pytest.fixture
 def clock() -> FakeClock:
     return FakeClock(time.time() + 60)  # tokens are minted at the real time: never "issued in the future"
 

@@ -5,12 +5,10 @@ beside the single-record entries older gateways wrote."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import orjson
-import pytest
 
 from gateway.archive.archiver import Archiver, stream_specs
 from gateway.archive.verify import verify_archive
@@ -20,13 +18,6 @@ from gateway.storage.store import Store
 
 from .support.archive import archived
 from .support.audit_entries import stream_records
-
-
-@pytest.fixture
-async def store(redis_url: str) -> AsyncIterator[Store]:
-    store = Store.from_url(redis_url, timeout_s=1)
-    yield store
-    await store.close()
 
 
 def _records(first: int, last: int, **fields: Any) -> list[tuple[int, bytes]]:

@@ -54,15 +54,6 @@ def policy() -> dict[str, Any]:
 
 
 @pytest.fixture
-async def store(redis_url: str) -> AsyncIterator[Store]:
-    store = Store.from_url(redis_url, timeout_s=2)
-    try:
-        yield store
-    finally:
-        await store.close()
-
-
-@pytest.fixture
 def clock() -> FakeClock:
     return FakeClock(time.time() + 60)
 

@@ -9,7 +9,7 @@ and reach Redis in batches, or at once near the budget; none is lost to an outag
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 import redis as redis_sync
@@ -193,16 +193,6 @@ async def test_a_charge_near_the_budget_is_sent_before_it_returns(client: Script
     assert not refused.allowed and refused.code == "token_rate_limited"
     await limiter.close()
     await other.close()
-
-
-@pytest.fixture
-def proxied() -> Iterator[tuple[RedisServer, FaultProxy]]:
-    with RedisServer() as server:
-        proxy = FaultProxy(server.port).start()
-        try:
-            yield server, proxy
-        finally:
-            proxy.stop()
 
 
 async def test_charges_are_held_through_an_outage_and_sent_on_close(

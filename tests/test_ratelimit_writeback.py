@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 import redis as redis_sync
@@ -30,16 +30,6 @@ TIERS = {
     "burst5": Tier(requests_per_minute=6, burst=5, tokens_per_minute=None),
     "tokens": Tier(requests_per_minute=6000, burst=100, tokens_per_minute=1000),
 }
-
-
-@pytest.fixture
-def proxied() -> Iterator[tuple[RedisServer, FaultProxy]]:
-    with RedisServer() as server:
-        proxy = FaultProxy(server.port).start()
-        try:
-            yield server, proxy
-        finally:
-            proxy.stop()
 
 
 @pytest.fixture
